@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and installs on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# torch and torchvision must be a matching pair or `import timm` fails; 2.14.1/0.29.1 is the newest pair
+# this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PAIR)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m converters.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -ra -m slow tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_vs_timm.py
+
+clean:
+	rm -rf $(VENV) demo_out build *.egg-info

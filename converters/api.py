@@ -1,0 +1,314 @@
+"""Public converter API: read any supported checkpoint into Flax params, write params in any format.
+
+Every path goes through the flat Flax tree: Google npz layouts are our own tree (renamed at most);
+PyTorch files pass through the family's rule table; orbax holds the tree itself.
+"""
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import vit_flax
+from vit_flax.registry import list_models, model_config
+from vit_flax.summary import param_shapes
+
+from . import google, io, table
+from .errors import ConversionError
+from .families import FAMILIES, Family, detect_flax_family, family_of
+from .resample import DEFAULT_METHOD, resample_pos_embed
+
+HEAD_INITS = ('zeros', 'fresh')
+POS_KEY = 'Transformer/posembed_input/pos_embedding'
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    format: str          # npz | torch | safetensors | orbax
+    layout: str          # released | linen | big_vision | timm | microsoft | flax
+    raw: Dict[str, np.ndarray]
+    flat: Dict[str, np.ndarray]   # flat Flax params, as stored (dtype kept)
+    family: Family
+    model_name: str
+    model: object                 # a module whose tree is exactly `flat`
+    detected: bool                # model_name came from the checkpoint, not the caller
+    notes: List[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- model detection
+
+def _candidates(family: Family, cfg: dict) -> List[str]:
+    out = []
+    for name in list_models():
+        cls, _ = model_config(name)
+        if cls is not family.module_cls:
+            continue
+        core = family.core(vit_flax.create_model(name))
+        if all(cfg.get(k) is None or cfg[k] == v for k, v in core.items()):
+            out.append(name)
+    return out
+
+
+def _preference(family, cfg, name):
+    model = vit_flax.create_model(name)
+    over = family.overrides(cfg, model)
+    changed = sum(getattr(model, k) != v for k, v in over.items())
+    return (changed, name.startswith('deit') and not cfg.get('distilled'), name)
+
+
+def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] = None, arch: Optional[dict] = None):
+    """(name, module) for the checkpoint architecture `cfg`.
+
+    `model_name` pins the registered base, and `arch` overrides its fields (a custom depth, patch size...)
+    before the checkpoint is checked against it.
+    """
+    if model_name:
+        cls, _ = model_config(model_name)
+        if cls is not family.module_cls:
+            raise ConversionError(f'{path}: holds a {family.name} checkpoint, but {model_name} is a {cls.__name__}')
+        base = vit_flax.create_model(model_name, **(arch or {}))
+        core = family.core(base)
+        for k, v in core.items():
+            if cfg.get(k) is not None and cfg[k] != v:
+                raise ConversionError(f'{path}: checkpoint has {k}={cfg[k]}, but {model_name} has {k}={v}')
+        name = model_name
+    else:
+        names = _candidates(family, cfg)
+        family_names = [n for n in list_models() if model_config(n)[0] is family.module_cls]
+        core_keys = family.core(vit_flax.create_model(family_names[0]))
+        if names:
+            name = min(names, key=lambda n: _preference(family, cfg, n))
+            base = vit_flax.create_model(name)
+        elif all(cfg.get(k) is not None for k in core_keys):
+            # An unregistered architecture that the file fully describes (npz/orbax record the heads):
+            # the registered model of the same width, with the file's core fields as overrides.
+            name = min(family_names, key=lambda n: (family.core(vit_flax.create_model(n))['embed_dim'] != cfg['embed_dim'], n))
+            base = vit_flax.create_model(name, **{k: cfg[k] for k in core_keys})
+        else:
+            shown = ', '.join(f'{k}={cfg.get(k)}' for k in core_keys)
+            raise ConversionError(f'{path}: no registered model matches ({shown}); pass --model')
+    try:
+        return name, base.clone(**family.overrides(cfg, base))
+    except ValueError as e:
+        raise ConversionError(f'{path}: {e}') from None
+
+
+# ---------------------------------------------------------------- reading
+
+def _torch_family(state, path) -> Family:
+    for fam in FAMILIES:
+        if fam.detect_torch(state) or (fam.detect_layout and fam.detect_layout(state) != 'timm'):
+            return fam
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin state_dict (first keys: {", ".join(list(state)[:3])})')
+
+
+def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None) -> Checkpoint:
+    """Read any supported file and decode it into the flat Flax tree of a matching model.
+
+    `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
+    """
+    path = str(path)
+    fmt = io.file_format(path)
+    raw = io.read_file(path)
+    if fmt == 'npz' and any(k.endswith('embedding/kernel') for k in raw):
+        flat, layout = google.npz_to_flax(raw, path)
+    elif fmt in ('npz', 'orbax'):
+        flat, layout = dict(raw), 'flax'
+    else:
+        flat, layout = None, 'timm'
+    if flat is not None:
+        family = detect_flax_family(flat)
+        if family is None:
+            raise ConversionError(f'{path}: not a ViT/DeiT/Swin Flax tree (first keys: {", ".join(list(flat)[:3])})')
+        cfg = _read_config(family.config_from_flax, flat, path)
+        name, model = match_model(family, cfg, path, model_name, arch)
+    else:
+        family = _torch_family(raw, path)
+        state = raw
+        if family.detect_layout:
+            layout = family.detect_layout(raw)
+            if layout != 'timm':
+                state = family.layouts[layout][0](raw)
+        cfg = _read_config(family.config_from_torch, state, path)
+        name, model = match_model(family, cfg, path, model_name, arch)
+        try:
+            flat = table.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
+        except ConversionError as e:
+            raise ConversionError(f'{path}: {e}') from None
+    return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None)
+
+
+def _read_config(fn, arrays, path):
+    try:
+        return fn(arrays)
+    except KeyError as e:
+        raise ConversionError(f'{path}: missing key {e.args[0]!r}') from None
+    except (IndexError, AttributeError) as e:
+        raise ConversionError(f'{path}: malformed checkpoint ({e})') from None
+
+
+# ---------------------------------------------------------------- adapting to a target model
+
+def _fresh_head(shape, rng):
+    # timm's head init: truncated normal std 0.02 for the weight, zeros for the bias.
+    if len(shape) == 1:
+        return np.zeros(shape, np.float32)
+    return np.clip(rng.standard_normal(shape), -2, 2).astype(np.float32) * 0.02
+
+
+def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
+          log: Callable[[str], None] = _stderr, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Position-embedding resampling, window-table resizing and head surgery from `src` to `dst`.
+
+    Every change is reported through `log`; nothing is reset silently.
+    """
+    if head_init not in HEAD_INITS:
+        raise ConversionError(f'unknown head init {head_init!r}; choose one of {", ".join(HEAD_INITS)}')
+    flat = dict(flat)
+    if POS_KEY in flat and tuple(src.grid_size) != tuple(dst.grid_size):
+        old = flat[POS_KEY]
+        flat[POS_KEY] = resample_pos_embed(old, dst.grid_size, dst.num_prefix_tokens, src.grid_size, resample)
+        log(f'pos_embedding: grid {tuple(src.grid_size)} -> {tuple(dst.grid_size)} ({resample}), '
+            f'{dst.num_prefix_tokens} prefix token(s) kept aside')
+    family = family_of(dst)
+    if getattr(family, 'adapt', None):
+        flat = family.adapt(flat, src, dst, log)
+    if getattr(src, 'representation_size', None) and not dst.representation_size:
+        for k in [k for k in flat if k.startswith('pre_logits/')]:
+            del flat[k]
+        log(f'pre_logits: dropped (representation {src.representation_size})')
+    rng = np.random.default_rng(seed)
+    for head in ('head', 'head_dist'):
+        keys = [f'{head}/kernel', f'{head}/bias']
+        had = keys[0] in flat
+        if dst.num_classes == 0 or (head == 'head_dist' and not getattr(dst, 'distilled', False)):
+            if had:
+                old = flat.pop(keys[1]).shape[0]
+                flat.pop(keys[0])
+                log(f'{head}: dropped ({old} classes; the model returns features)')
+            continue
+        in_dim = flat[keys[0]].shape[0] if had else None
+        if had and flat[keys[1]].shape[0] == dst.num_classes:
+            continue
+        if in_dim is None:
+            in_dim = dst.representation_size or getattr(dst, 'num_features', None) or dst.embed_dim
+        old = flat[keys[1]].shape[0] if had else 0
+        flat[keys[0]] = np.zeros((in_dim, dst.num_classes), np.float32) if head_init == 'zeros' \
+            else _fresh_head((in_dim, dst.num_classes), rng)
+        flat[keys[1]] = np.zeros((dst.num_classes,), np.float32)
+        log(f'{head}: {old} -> {dst.num_classes} classes, new head initialised with {head_init}')
+    return flat
+
+
+def validate(flat: Dict[str, np.ndarray], model, where: str) -> None:
+    """Raise a one-line error naming the first missing, unexpected or mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(param_shapes(model), sep='/').items()}
+    for k, shape in expected.items():
+        if k not in flat:
+            raise ConversionError(f'{where}: missing key {k!r} (expected shape {shape})')
+        if tuple(flat[k].shape) != shape:
+            raise ConversionError(f'{where}: key {k!r}: expected shape {shape}, found {tuple(flat[k].shape)}')
+    extra = [k for k in flat if k not in expected]
+    if extra:
+        raise ConversionError(f'{where}: unexpected key {extra[0]!r} for this model')
+
+
+def _float32(flat):
+    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+
+
+def load_model(path: str, model_name: Optional[str] = None, *, resample: str = DEFAULT_METHOD,
+               head_init: str = 'zeros', cast: bool = True, log: Callable[[str], None] = _stderr, **overrides):
+    """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top."""
+    ck = read_checkpoint(path, model_name, overrides)
+    try:
+        target = ck.model.clone(**overrides)
+    except TypeError as e:
+        raise ConversionError(f'{path}: {e}') from None
+    flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, log=log)
+    validate(flat, target, path)
+    flat = _float32(flat) if cast else flat
+    return target, unflatten_dict(flat, sep='/'), ck
+
+
+def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
+                log: Callable[[str], None] = _stderr, **overrides):
+    """Flax params for `vit_flax.create_model(model_name, **overrides)`, from any supported file.
+
+    The result always fits that model. A checkpoint head of another size is replaced only when
+    `num_classes` is passed explicitly (and the change is logged); a different input size resamples the
+    position embedding (logged); any other mismatch is an error naming the key and shapes.
+    """
+    target = vit_flax.create_model(model_name, **overrides)
+    ck = read_checkpoint(path, model_name, overrides)
+    src = ck.model
+    if 'num_classes' not in overrides and src.num_classes != target.num_classes:
+        raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
+                              f'{target.num_classes}; pass num_classes={src.num_classes} to keep it or '
+                              f'num_classes=N to replace it')
+    rep = getattr(src, 'representation_size', None)
+    if rep and 'representation_size' not in overrides and not target.representation_size:
+        raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
+                              f'representation_size={rep} to keep it or representation_size=None to drop it')
+    flat = adapt(ck.flat, src, target, resample=resample, head_init=head_init, log=log)
+    validate(flat, target, path)
+    return unflatten_dict(_float32(flat), sep='/')
+
+
+# ---------------------------------------------------------------- writing
+
+def to_torch_state(flat, model, layout: Optional[str] = None) -> Dict[str, np.ndarray]:
+    family = family_of(model)
+    state = table.flax_to_torch(flat, family.rules(model))
+    layout = layout or 'timm'
+    if layout != 'timm':
+        if layout not in family.layouts:
+            raise ConversionError(f'{family.name} has no torch layout {layout!r}; choose timm'
+                                  + ''.join(f' or {n}' for n in family.layouts))
+        state = family.layouts[layout][1](state)
+    return state
+
+
+def output_layouts(model, fmt: str):
+    family = family_of(model)
+    if fmt == 'npz':
+        return google.LAYOUTS if family.name == 'vit' else ('linen',)
+    if fmt in ('torch', 'safetensors'):
+        return ('timm',) + tuple(family.layouts)
+    return ('flax',)
+
+
+def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optional[str] = None,
+               force: bool = False) -> str:
+    """Write a flat Flax tree of `model` to `path` (format from the extension). Returns the layout written."""
+    fmt = io.file_format(path)
+    allowed = output_layouts(model, fmt)
+    layout = layout or allowed[0]
+    if layout not in allowed:
+        raise ConversionError(f'{path}: layout {layout!r} cannot be written as {fmt}; choose {", ".join(allowed)}')
+    if fmt == 'npz':
+        arrays = google.flax_to_npz(flat, layout) if family_of(model).name == 'vit' else dict(flat)
+        io.write_npz(arrays, path, force)
+    elif fmt == 'torch':
+        io.write_torch(to_torch_state(flat, model, layout), path, force,
+                       wrap='model' if layout == 'microsoft' else None)
+    elif fmt == 'safetensors':
+        io.write_safetensors(to_torch_state(flat, model, layout), path, force)
+    else:
+        io.write_orbax(flat, path, force)
+    return layout
+
+
+def save_params(params, path: str, model_name: str, *, layout: Optional[str] = None, force: bool = False,
+                **overrides) -> str:
+    """Write Flax params of `create_model(model_name, **overrides)` to `path`; format from the extension."""
+    model = vit_flax.create_model(model_name, **overrides)
+    flat = {k: np.asarray(v) for k, v in flatten_dict(dict(params), sep='/').items()}
+    validate(flat, model, 'params')
+    return write_flat(flat, model, path, layout=layout, force=force)

@@ -1,0 +1,62 @@
+"""What the converters know about each model family, looked up from a Flax module instance.
+
+A family supplies: its rule table (`rules(model)`), the timm kwargs that rebuild the same
+architecture (`timm_kwargs(model)`), parity points (label, flax intermediate, timm module), torch-side
+keys that are buffers to ignore when reading, and named torch layouts besides timm's own
+(`layouts[name] = (to_timm(state) -> state, from_timm(state) -> state)`).
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Tuple
+
+from vit_flax.vit import VisionTransformer
+
+from . import vit_map
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module_cls: type
+    rules: Callable
+    timm_kwargs: Callable
+    parity_points: Callable
+    ignore_torch: Tuple[str, ...] = ()
+    layouts: Dict[str, Tuple[Callable, Callable]] = field(default_factory=dict)
+    # recognises a timm-layout state_dict (dict of arrays) of this family
+    detect_torch: Callable = lambda state: False
+    # recognises a flat Flax tree of this family
+    detect_flax: Callable = lambda flat: False
+    # architecture read off a checkpoint: dicts of config fields (torch side may leave num_heads None)
+    config_from_flax: Callable = None
+    config_from_torch: Callable = None
+    # the registered model's fields that must equal the checkpoint's, and the overrides for the rest
+    core: Callable = None
+    overrides: Callable = None
+    # which named torch layout a state_dict is in ('timm' or a key of `layouts`); None: always timm
+    detect_layout: Callable = None
+    # family-specific surgery between a checkpoint's model and a target model (e.g. window resizing)
+    adapt: Callable = None
+
+
+FAMILIES = [
+    Family('vit', VisionTransformer, vit_map.vit_rules, vit_map.vit_timm_kwargs, vit_map.vit_parity_points,
+           detect_torch=lambda s: 'patch_embed.proj.weight' in s and any(k.startswith('blocks.') for k in s),
+           detect_flax=lambda f: 'embedding/kernel' in f,
+           config_from_flax=vit_map.vit_config_from_flax, config_from_torch=vit_map.vit_config_from_torch,
+           core=vit_map.vit_core, overrides=vit_map.vit_overrides),
+]
+
+
+def register_family(family: Family) -> None:
+    FAMILIES.append(family)
+
+
+def detect_flax_family(flat) -> Family:
+    return next((fam for fam in FAMILIES if fam.detect_flax(flat)), None)
+
+
+def family_of(model) -> Family:
+    for fam in FAMILIES:
+        if isinstance(model, fam.module_cls):
+            return fam
+    raise TypeError(f'no converter family for {type(model).__name__}')

@@ -1,0 +1,113 @@
+"""Google ViT `.npz` layouts <-> the linen-numbered Flax tree of `vit_flax.VisionTransformer`.
+
+Layouts (see shared REFERENCE.md):
+- released: vit_jax / AugReg files; block children numbered by one counter
+  (LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3). Written by default, since
+  timm's npz reader and Google's `checkpoint.load` both take it.
+- linen: per-class numbering (LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0),
+  i.e. exactly our Flax tree.
+- big_vision: a `params/` (or `opt/target/`, `params/img/`) prefix, linen numbering, `pos_embedding` at the
+  top level without a cls row, optionally scanned blocks (`Transformer/encoderblock/...` with a leading
+  depth axis).
+"""
+import re
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .errors import ConversionError
+
+LAYOUTS = ('released', 'linen', 'big_vision')
+_PREFIXES = ('params/img/', 'opt/target/', 'params/', '')
+# released name -> linen name, for the children of one encoder block
+_RELEASED_TO_LINEN = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
+                      'LayerNorm_2': 'LayerNorm_1', 'MlpBlock_3': 'MlpBlock_0'}
+_LINEN_TO_RELEASED = {v: k for k, v in _RELEASED_TO_LINEN.items()}
+_BLOCK = re.compile(r'^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$')
+
+
+def _rename_block_children(flat, table, path):
+    out = {}
+    for k, v in flat.items():
+        m = _BLOCK.match(k)
+        if m:
+            if m.group(2) not in table:
+                raise ConversionError(f'{path}: unexpected block child {m.group(2)!r} in key {k!r}')
+            k = f'{m.group(1)}/{table[m.group(2)]}{m.group(3)}'
+        out[k] = v
+    return out
+
+
+def _has_cls_row(n: int) -> bool:
+    # Older files put the cls row in the top-level table too: N = grid + 1 with a square grid.
+    return int(round(n ** 0.5)) ** 2 != n and int(round((n - 1) ** 0.5)) ** 2 == n - 1
+
+
+def detect_prefix(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
+    for p in _PREFIXES:
+        if f'{p}embedding/kernel' in arrays:
+            return p
+    raise ConversionError(f"{path}: not a Google ViT checkpoint: no 'embedding/kernel' "
+                          f"under any of the prefixes {', '.join(repr(p) for p in _PREFIXES)}")
+
+
+def detect_layout(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
+    prefix = detect_prefix(arrays, path)
+    if prefix or f'{prefix}pos_embedding' in arrays or any(k.startswith('Transformer/encoderblock/') for k in arrays):
+        return 'big_vision'
+    if any('/MultiHeadDotProductAttention_1/' in k for k in arrays):
+        return 'released'
+    return 'linen'
+
+
+def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dict[str, np.ndarray], str]:
+    """Any Google layout -> (flat linen Flax params, layout name). Keys outside the model prefix are dropped."""
+    layout = detect_layout(arrays, path)
+    prefix = detect_prefix(arrays, path)
+    flat = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if prefix == 'params/':  # a multi-tower (e.g. LiT/SigLIP) file keeps its image tower under img/
+        flat = {k: v for k, v in flat.items() if not k.startswith(('txt/', 'img/'))}
+    scanned = {k: v for k, v in flat.items() if k.startswith('Transformer/encoderblock/')}
+    if scanned:
+        depths = {v.shape[0] for v in scanned.values()}
+        if len(depths) != 1:
+            raise ConversionError(f'{path}: scanned blocks disagree on depth: {sorted(depths)}')
+        for k, v in scanned.items():
+            del flat[k]
+            rest = k[len('Transformer/encoderblock/'):]
+            for i in range(v.shape[0]):
+                flat[f'Transformer/encoderblock_{i}/{rest}'] = v[i]
+    if layout == 'released':
+        flat = _rename_block_children(flat, _RELEASED_TO_LINEN, path)
+    if 'pos_embedding' in flat:
+        # big_vision adds positions before concatenating cls; an all-zero cls row reproduces that exactly.
+        pe = flat.pop('pos_embedding')
+        if pe.ndim == 4:  # some files keep the (1, h, w, D) grid
+            pe = pe.reshape(1, -1, pe.shape[-1])
+        if 'cls' in flat and not _has_cls_row(pe.shape[1]):
+            pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
+        flat['Transformer/posembed_input/pos_embedding'] = pe
+    for k, v in list(flat.items()):
+        if k.endswith(('/scale', '/bias')) and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
+            flat[k] = v.reshape(-1)  # old hybrid files store GroupNorm params as (1,1,1,C)
+    return flat, layout
+
+
+def flax_to_npz(flat: Dict[str, np.ndarray], layout: str = 'released') -> Dict[str, np.ndarray]:
+    """Flat linen Flax params -> arrays keyed for `layout`."""
+    if layout not in LAYOUTS:
+        raise ConversionError(f'unknown npz layout {layout!r}; choose one of {", ".join(LAYOUTS)}')
+    if layout == 'linen':
+        return dict(flat)
+    if layout == 'released':
+        return _rename_block_children(flat, _LINEN_TO_RELEASED, 'params')
+    if 'dist' in flat:
+        raise ConversionError('the big_vision layout cannot hold a distillation token; use released or linen')
+    out = dict(flat)
+    pe = out.pop('Transformer/posembed_input/pos_embedding')
+    if 'cls' in out:
+        # big_vision has no position for cls: fold its row into the token (same function, one rounding).
+        out['cls'] = out['cls'] + pe[:, :1]
+        pe = pe[:, 1:]
+    out['pos_embedding'] = pe
+    return {f'params/{k}': v for k, v in out.items()}

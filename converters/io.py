@@ -1,0 +1,184 @@
+"""Reading and writing checkpoint files as flat dicts of numpy arrays, safely.
+
+No pickle code ever runs: `.npz` is read with `allow_pickle=False`, torch files with
+`weights_only=True`. Writes go to a temporary file beside the target and are renamed into place, so a
+failed conversion leaves no partial output.
+"""
+import os
+import shutil
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from typing import Dict
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ConversionError
+
+TORCH_EXTS = ('.pth', '.pt', '.bin')
+
+
+def file_format(path: str) -> str:
+    """'npz', 'torch', 'safetensors' or 'orbax' (a directory), from the path alone."""
+    p = str(path).rstrip('/')
+    if os.path.isdir(p):
+        return 'orbax'
+    ext = os.path.splitext(p)[1].lower()
+    if ext == '.npz':
+        return 'npz'
+    if ext in TORCH_EXTS:
+        return 'torch'
+    if ext == '.safetensors':
+        return 'safetensors'
+    if ext == '':
+        return 'orbax'  # a directory to be written
+    raise ConversionError(f'{path}: unknown checkpoint extension {ext!r} '
+                          f'(expected .npz, .pth/.pt/.bin, .safetensors or a directory for orbax)')
+
+
+# ---------------------------------------------------------------- reading
+
+def _fix_npz_dtype(a: np.ndarray) -> np.ndarray:
+    # numpy has no bfloat16: such arrays are saved as 2-byte void and come back that way.
+    if a.dtype.kind == 'V' and a.dtype.itemsize == 2:
+        return a.view(ml_dtypes.bfloat16)
+    return a
+
+
+def read_npz(path: str) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: _fix_npz_dtype(z[k]) for k in z.files}
+    except FileNotFoundError:
+        raise ConversionError(f'{path}: no such file') from None
+    except ValueError as e:  # object arrays need pickle: refused
+        raise ConversionError(f'{path}: refused to read: {e}') from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ConversionError(f'{path}: not a readable .npz file ({e})') from None
+
+
+def _unwrap_state(obj, path):
+    if isinstance(obj, dict):
+        for key in ('model', 'state_dict', 'model_state', 'module'):
+            if key in obj and isinstance(obj[key], dict):
+                return _unwrap_state(obj[key], path)
+        return obj
+    raise ConversionError(f'{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}')
+
+
+def _torch_to_numpy(t):
+    import torch
+    if t.dtype == torch.bfloat16:
+        return t.detach().cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.detach().cpu().numpy()
+
+
+def read_torch(path: str) -> Dict[str, np.ndarray]:
+    import torch
+    if not os.path.exists(path):
+        raise ConversionError(f'{path}: no such file')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "not a safe state_dict"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f'{path}: cannot load as a weights-only torch file: {msg}') from None
+    state = _unwrap_state(obj, path)
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # e.g. a saved epoch counter or config beside the weights
+        out[k.removeprefix('module.')] = _torch_to_numpy(v)
+    if not out:
+        raise ConversionError(f'{path}: holds no tensors')
+    return out
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    if not os.path.exists(path):
+        raise ConversionError(f'{path}: no such file')
+    try:
+        return dict(load_file(path))
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f'{path}: not a readable .safetensors file ({e})') from None
+
+
+def read_orbax(path: str) -> Dict[str, np.ndarray]:
+    import orbax.checkpoint as ocp
+    from flax.traverse_util import flatten_dict
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ConversionError(f'{path}: no such orbax checkpoint directory')
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(path)
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f'{path}: not a readable orbax checkpoint ({type(e).__name__})') from None
+    if isinstance(tree, dict) and 'params' in tree and isinstance(tree['params'], dict):
+        tree = tree['params']
+    return {k: np.asarray(v) for k, v in flatten_dict(tree, sep='/').items()}
+
+
+def read_file(path: str) -> Dict[str, np.ndarray]:
+    """Any supported file -> its flat dict of arrays, keys as stored."""
+    return {'npz': read_npz, 'torch': read_torch, 'safetensors': read_safetensors,
+            'orbax': read_orbax}[file_format(path)](str(path))
+
+
+# ---------------------------------------------------------------- writing
+
+@contextmanager
+def atomic_output(path: str, force: bool, is_dir: bool = False):
+    """Yields a temporary path; on success moves it to `path`. Refuses to replace without `force`."""
+    path = os.path.abspath(str(path).rstrip('/'))
+    if os.path.exists(path) and not force:
+        raise ConversionError(f'{path}: exists; pass --force to replace it')
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ConversionError(f'{path}: parent directory does not exist')
+    tmpdir = tempfile.mkdtemp(prefix='.vit-flax-', dir=parent)
+    tmp = os.path.join(tmpdir, os.path.basename(path))
+    try:
+        yield tmp
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_npz(arrays: Dict[str, np.ndarray], path: str, force: bool = False) -> None:
+    with atomic_output(path, force) as tmp:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+
+
+def write_torch(state: Dict[str, np.ndarray], path: str, force: bool = False, wrap: str = None) -> None:
+    import torch
+    tensors = {k: _numpy_to_torch(v) for k, v in state.items()}
+    with atomic_output(path, force) as tmp:
+        torch.save({wrap: tensors} if wrap else tensors, tmp)
+
+
+def _numpy_to_torch(a):
+    import torch
+    a = np.ascontiguousarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def write_safetensors(state: Dict[str, np.ndarray], path: str, force: bool = False) -> None:
+    from safetensors.torch import save_file
+    with atomic_output(path, force) as tmp:
+        save_file({k: _numpy_to_torch(v) for k, v in state.items()}, tmp)
+
+
+def write_orbax(flat: Dict[str, np.ndarray], path: str, force: bool = False) -> None:
+    import orbax.checkpoint as ocp
+    from flax.traverse_util import unflatten_dict
+    with atomic_output(path, force, is_dir=True) as tmp:
+        ckptr = ocp.PyTreeCheckpointer()
+        ckptr.save(os.path.abspath(tmp), {'params': unflatten_dict(flat, sep='/')})

@@ -1,0 +1,55 @@
+"""Position-embedding resampling for a new input grid (fine-tuning at 384 from 224, non-square too).
+
+Methods:
+- 'bicubic' (default): timm's `.pth` loading, `F.interpolate(mode='bicubic', antialias=True)`.
+- 'bilinear': timm's `.npz` loading, `F.interpolate(mode='bilinear', antialias=False)`.
+- 'google': vit_jax / big_vision, `scipy.ndimage.zoom(order=1)` (align-corners linear).
+Prefix tokens (cls, dist) are kept aside and never interpolated.
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ConversionError
+
+METHODS = ('bicubic', 'bilinear', 'google')
+DEFAULT_METHOD = 'bicubic'
+
+
+def square_grid(num_tokens: int, what: str = 'position embedding') -> Tuple[int, int]:
+    side = int(round(math.sqrt(num_tokens)))
+    if side * side != num_tokens:
+        raise ConversionError(f'{what}: {num_tokens} patch positions are not a square grid; give the old grid')
+    return side, side
+
+
+def resample_pos_embed(pe: np.ndarray, new_grid: Sequence[int], num_prefix_tokens: int,
+                       old_grid: Optional[Sequence[int]] = None, method: str = DEFAULT_METHOD) -> np.ndarray:
+    """(1, prefix + h*w, D) -> (1, prefix + H*W, D) on the same dtype."""
+    if method not in METHODS:
+        raise ConversionError(f'unknown resample method {method!r}; choose one of {", ".join(METHODS)}')
+    prefix, grid = pe[:, :num_prefix_tokens], pe[:, num_prefix_tokens:]
+    old_grid = tuple(old_grid) if old_grid else square_grid(grid.shape[1])
+    new_grid = tuple(new_grid)
+    if len(new_grid) == 1 or len(old_grid) == 1:  # 1-D signal model
+        old_grid, new_grid = (1,) + tuple(old_grid)[-1:], (1,) + tuple(new_grid)[-1:]
+    if math.prod(old_grid) != grid.shape[1]:
+        raise ConversionError(f'position embedding has {grid.shape[1]} patch rows, not the grid {old_grid}')
+    if old_grid == new_grid:
+        return pe
+    dim, dtype = grid.shape[-1], grid.dtype
+    g = grid.reshape(old_grid + (dim,)).astype(np.float32)
+    if method == 'google':
+        import scipy.ndimage
+        zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
+        g = scipy.ndimage.zoom(g, zoom, order=1)
+    else:
+        import torch
+        import torch.nn.functional as F
+        t = torch.from_numpy(np.ascontiguousarray(g)).permute(2, 0, 1)[None]
+        t = F.interpolate(t, size=new_grid, mode=method, antialias=(method == 'bicubic'),
+                          align_corners=False)
+        g = t[0].permute(1, 2, 0).numpy()
+    g = g.reshape(1, -1, dim).astype(dtype)
+    return np.concatenate([prefix, g], axis=1)

@@ -1,0 +1,122 @@
+"""Declarative parameter maps between a Flax tree and a PyTorch state_dict.
+
+A family's map is a list of `Rule`s: (flax paths, torch keys, transform). The same list runs in both
+directions, so the inverse cannot drift from the forward map. Transforms are pure reshapes, transposes,
+concatenations and splits, which makes every round trip bit-exact.
+
+Flax paths are the '/'-joined keys of `flax.traverse_util.flatten_dict(params, sep='/')`.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ConversionError
+
+Arrays = List[np.ndarray]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A pair of inverse functions on lists of arrays: flax-side arrays <-> torch-side arrays."""
+    name: str
+    to_torch: Callable[[Arrays], Arrays]
+    to_flax: Callable[[Arrays], Arrays]
+
+
+@dataclass(frozen=True)
+class Rule:
+    flax: Tuple[str, ...]
+    torch: Tuple[str, ...]
+    transform: Transform
+
+
+def rule(flax, torch, transform: 'Transform' = None) -> Rule:
+    as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)
+    return Rule(as_tuple(flax), as_tuple(torch), transform or IDENTITY)
+
+
+def _one(fn):
+    return lambda arrays: [fn(arrays[0])]
+
+
+IDENTITY = Transform('identity', lambda a: list(a), lambda a: list(a))
+# Dense kernel (in, out) <-> Linear weight (out, in).
+LINEAR = Transform('linear', _one(lambda w: w.T), _one(lambda w: w.T))
+
+
+def _conv_to_torch(w):  # (*spatial, in, out) -> (out, in, *spatial); HWIO -> OIHW is transpose(3,2,0,1)
+    n = w.ndim - 2
+    return w.transpose((n + 1, n) + tuple(range(n)))
+
+
+def _conv_to_flax(w):  # (out, in, *spatial) -> (*spatial, in, out); OIHW -> HWIO is transpose(2,3,1,0)
+    n = w.ndim - 2
+    return w.transpose(tuple(range(2, n + 2)) + (1, 0))
+
+
+CONV = Transform('conv', _one(_conv_to_torch), _one(_conv_to_flax))
+
+
+def heads_in(num_heads: int, count: int = 1, kernel: bool = True) -> Transform:
+    """`count` DenseGeneral projections to (H, Dh), fused in order into one Linear ((count*H*Dh, D) or bias).
+
+    Google stores q/k/v kernels as (D, H, Dh) and biases as (H, Dh); timm fuses them into
+    `qkv.weight` (3D, D) / `qkv.bias` (3D,) in q, k, v order (and k, v into `kv` for MAP pooling).
+    """
+    def to_torch(arrays):
+        if kernel:
+            return [np.concatenate([a.reshape(a.shape[0], -1).T for a in arrays], axis=0)]
+        return [np.concatenate([a.reshape(-1) for a in arrays], axis=0)]
+
+    def to_flax(arrays):
+        (w,) = arrays
+        parts = np.split(w, count, axis=0)
+        if kernel:
+            return [p.T.reshape(p.shape[1], num_heads, -1) for p in parts]
+        return [p.reshape(num_heads, -1) for p in parts]
+
+    return Transform(f'heads_in(h={num_heads},n={count},{"kernel" if kernel else "bias"})', to_torch, to_flax)
+
+
+def heads_out(num_heads: int) -> Transform:
+    """DenseGeneral over (H, Dh) -> D, kernel (H, Dh, D) <-> Linear weight (D, H*Dh)."""
+    return Transform(f'heads_out(h={num_heads})',
+                     _one(lambda w: w.reshape(-1, w.shape[-1]).T),
+                     _one(lambda w: w.T.reshape(num_heads, -1, w.shape[0])))
+
+
+def _take(src: Dict[str, np.ndarray], keys: Sequence[str], side: str, used: set) -> Arrays:
+    missing = [k for k in keys if k not in src]
+    if missing:
+        raise ConversionError(f'missing {side} key {missing[0]!r}')
+    used.update(keys)
+    return [np.asarray(src[k]) for k in keys]
+
+
+def _run(src, rules, from_side, to_side, fn_name, ignore=()):
+    used, out = set(), {}
+    for r in rules:
+        arrays = _take(src, getattr(r, from_side), from_side, used)
+        try:
+            results = getattr(r.transform, fn_name)(arrays)
+        except ValueError as e:
+            shapes = ', '.join(f'{k} {tuple(a.shape)}' for k, a in zip(getattr(r, from_side), arrays))
+            raise ConversionError(f'cannot map {shapes} through {r.transform.name}: {e}') from None
+        for k, v in zip(getattr(r, to_side), results):
+            out[k] = np.ascontiguousarray(v)
+    extra = [k for k in src if k not in used and not any(k.endswith(s) for s in ignore)]
+    if extra:
+        raise ConversionError(f'unexpected {from_side} key {extra[0]!r}' +
+                              (f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''))
+    return out
+
+
+def flax_to_torch(flat: Dict[str, np.ndarray], rules: Sequence[Rule]) -> Dict[str, np.ndarray]:
+    """Flat flax params -> torch state_dict arrays (numpy). Every key on both sides must be used."""
+    return _run(flat, rules, 'flax', 'torch', 'to_torch')
+
+
+def torch_to_flax(state: Dict[str, np.ndarray], rules: Sequence[Rule], ignore=()) -> Dict[str, np.ndarray]:
+    """Torch state_dict arrays -> flat flax params; keys ending in one of `ignore` (buffers) are skipped."""
+    return _run(state, rules, 'torch', 'flax', 'to_flax', ignore)

@@ -1,0 +1,152 @@
+"""ViT / DeiT: the Flax (Google linen) tree <-> timm state_dict map, one table for both directions."""
+from typing import List
+
+import numpy as np
+
+from .table import CONV, LINEAR, Rule, heads_in, heads_out, rule
+
+
+def _norm(flax: str, torch: str) -> List[Rule]:
+    return [rule(f'{flax}/scale', f'{torch}.weight'), rule(f'{flax}/bias', f'{torch}.bias')]
+
+
+def _dense(flax: str, torch: str) -> List[Rule]:
+    return [rule(f'{flax}/kernel', f'{torch}.weight', LINEAR), rule(f'{flax}/bias', f'{torch}.bias')]
+
+
+def _mlp(flax: str, torch: str) -> List[Rule]:
+    return _dense(f'{flax}/Dense_0', f'{torch}.fc1') + _dense(f'{flax}/Dense_1', f'{torch}.fc2')
+
+
+def _attention_out(flax: str, torch: str, heads: int) -> List[Rule]:
+    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads)),
+            rule(f'{flax}/out/bias', f'{torch}.bias')]
+
+
+def vit_rules(model) -> List[Rule]:
+    """The map for a `vit_flax.VisionTransformer` instance (its config decides which rows exist)."""
+    h = model.num_heads
+    rules = [rule('embedding/kernel', 'patch_embed.proj.weight', CONV),
+             rule('embedding/bias', 'patch_embed.proj.bias'),
+             rule('Transformer/posembed_input/pos_embedding', 'pos_embed')]
+    if model.has_class_token:
+        rules.append(rule('cls', 'cls_token'))
+    if model.distilled:
+        rules.append(rule('dist', 'dist_token'))
+    for i in range(model.depth):
+        f, t = f'Transformer/encoderblock_{i}', f'blocks.{i}'
+        mha = f'{f}/MultiHeadDotProductAttention_0'
+        rules += _norm(f'{f}/LayerNorm_0', f'{t}.norm1')
+        qkv = tuple(f'{mha}/{n}/kernel' for n in ('query', 'key', 'value'))
+        rules.append(rule(qkv, f'{t}.attn.qkv.weight', heads_in(h, 3)))
+        if model.qkv_bias:
+            qkv_b = tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value'))
+            rules.append(rule(qkv_b, f'{t}.attn.qkv.bias', heads_in(h, 3, kernel=False)))
+        rules += _attention_out(mha, f'{t}.attn.proj', h)
+        rules += _norm(f'{f}/LayerNorm_1', f'{t}.norm2')
+        rules += _mlp(f'{f}/MlpBlock_0', f'{t}.mlp')
+    rules += _norm('Transformer/encoder_norm', 'norm')
+    if model.global_pool == 'map':
+        f, t = 'MAPHead_0', 'attn_pool'
+        mha = f'{f}/MultiHeadDotProductAttention_0'
+        rules += [rule(f'{f}/probe', f'{t}.latent'),
+                  rule(f'{mha}/query/kernel', f'{t}.q.weight', heads_in(h, 1)),
+                  rule(f'{mha}/query/bias', f'{t}.q.bias', heads_in(h, 1, kernel=False)),
+                  rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
+                  rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False))]
+        rules += _attention_out(mha, f'{t}.proj', h)
+        rules += _norm(f'{f}/LayerNorm_0', f'{t}.norm') + _mlp(f'{f}/MlpBlock_0', f'{t}.mlp')
+    if model.representation_size:
+        rules += _dense('pre_logits', 'pre_logits.fc')  # the seeds' name; current timm has no such layer
+    if model.num_classes > 0:
+        rules += _dense('head', 'head')
+        if model.distilled:
+            rules += _dense('head_dist', 'head_dist')
+    return rules
+
+
+def vit_timm_kwargs(model) -> dict:
+    """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`."""
+    kw = dict(num_classes=model.num_classes, img_size=model.img_size, patch_size=model.patch_size,
+              in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
+              mlp_ratio=(model.mlp_dim / model.embed_dim) if model.mlp_dim else model.mlp_ratio,
+              qkv_bias=model.qkv_bias)
+    if model.global_pool != 'token':
+        kw.update(global_pool={'gap': 'avg', 'map': 'map'}[model.global_pool],
+                  class_token=model.has_class_token, fc_norm=False)
+    return kw
+
+
+def vit_parity_points(model):
+    """(label, flax intermediate, timm module) pairs compared by `vit-flax parity`, in forward order."""
+    pts = [('embed', 'Transformer/embed', 'pos_drop')]
+    pts += [(f'block {i}', f'Transformer/block_{i}', f'blocks.{i}') for i in range(model.depth)]
+    pts.append(('norm', 'Transformer/encoded', 'norm'))
+    return pts
+
+
+def _count(keys, pattern):
+    import re
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
+
+
+def vit_config_from_flax(flat) -> dict:
+    """Architecture fields of `VisionTransformer` read off a flat linen tree."""
+    kernel = flat['embedding/kernel']
+    depth = _count(flat, r'^Transformer/encoderblock_(\d+)/')
+    b0 = 'Transformer/encoderblock_0'
+    cfg = dict(embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:-2]),
+               spatial_dims=kernel.ndim - 2, depth=depth,
+               num_heads=flat[f'{b0}/MultiHeadDotProductAttention_0/query/kernel'].shape[1],
+               mlp_dim=flat[f'{b0}/MlpBlock_0/Dense_0/kernel'].shape[1],
+               qkv_bias=f'{b0}/MultiHeadDotProductAttention_0/query/bias' in flat,
+               distilled='dist' in flat, class_token='cls' in flat,
+               global_pool='map' if 'MAPHead_0/probe' in flat else ('token' if 'cls' in flat else 'gap'),
+               representation_size=flat['pre_logits/bias'].shape[0] if 'pre_logits/bias' in flat else None,
+               num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0)
+    cfg['num_patches'] = flat['Transformer/posembed_input/pos_embedding'].shape[1] - cfg['class_token'] - cfg['distilled']
+    return cfg
+
+
+def vit_config_from_torch(state) -> dict:
+    """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
+    w = state['patch_embed.proj.weight']
+    cfg = dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), spatial_dims=w.ndim - 2,
+               depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,
+               mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0], qkv_bias='blocks.0.attn.qkv.bias' in state,
+               distilled='dist_token' in state, class_token='cls_token' in state,
+               global_pool='map' if 'attn_pool.latent' in state else ('token' if 'cls_token' in state else 'gap'),
+               representation_size=state['pre_logits.fc.bias'].shape[0] if 'pre_logits.fc.bias' in state else None,
+               num_classes=state['head.bias'].shape[0] if 'head.bias' in state else 0)
+    cfg['num_patches'] = state['pos_embed'].shape[1] - cfg['class_token'] - cfg['distilled']
+    return cfg
+
+
+VIT_CORE = ('embed_dim', 'depth', 'patch_size', 'mlp_dim', 'spatial_dims', 'num_heads')
+
+
+def vit_core(model) -> dict:
+    from vit_flax.layers import to_tuple
+    return dict(embed_dim=model.embed_dim, depth=model.depth, patch_size=to_tuple(model.patch_size, model.spatial_dims),
+                mlp_dim=model.mlp_dim or int(model.embed_dim * model.mlp_ratio), spatial_dims=model.spatial_dims,
+                num_heads=model.num_heads)
+
+
+def vit_overrides(cfg: dict, model) -> dict:
+    """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`."""
+    from vit_flax.layers import to_tuple
+    current = dict(num_classes=model.num_classes, representation_size=model.representation_size or None,
+                   distilled=model.distilled, class_token=model.has_class_token, global_pool=model.global_pool,
+                   qkv_bias=model.qkv_bias, in_chans=model.in_chans)
+    kw = {k: cfg[k] for k, v in current.items() if cfg[k] != v}
+    if cfg['num_patches'] != int(np.prod(model.grid_size)):
+        patch = to_tuple(model.patch_size, model.spatial_dims)
+        if model.spatial_dims == 1:
+            kw['img_size'] = cfg['num_patches'] * patch[0]
+        else:
+            side = int(round(cfg['num_patches'] ** 0.5))
+            if side * side != cfg['num_patches']:
+                raise ValueError(f"{cfg['num_patches']} positions are not a square grid; pass img_size")
+            kw['img_size'] = side * patch[0] if patch[0] == patch[1] else (side * patch[0], side * patch[1])
+    return kw

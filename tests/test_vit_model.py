@@ -1,0 +1,243 @@
+"""The ViT/DeiT family in Flax: registry, sizes, GMACs, shapes, train/eval behaviour, options."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+
+import vit_flax
+from vit_flax.layers import drop_path_rates
+from vit_flax.summary import count_macs, count_params
+
+from conftest import images, rel_err
+
+ORIGINAL = re.compile(r'(vit_(tiny|small|base|large|huge)_patch(8|14|16|32)_(224|384))|'
+                      r'(deit_(tiny|small|base)(_distilled)?_patch16_(224|384))')
+
+
+def test_registry_has_every_timm_vit_and_deit_name():
+    timm_names = {n for n in timm.list_models('*') if ORIGINAL.fullmatch(n)}
+    ours = {n for n in vit_flax.list_models('*') if ORIGINAL.fullmatch(n)}
+    assert len(timm_names) >= 26
+    assert timm_names == ours
+
+
+@pytest.mark.parametrize('name', [n for n in vit_flax.list_models('*') if ORIGINAL.fullmatch(n)])
+def test_param_count_equals_timm(name):
+    with torch.device('meta'):
+        tm = timm.create_model(name, pretrained=False)
+    expected = sum(p.numel() for p in tm.parameters())
+    assert count_params(vit_flax.create_model(name)) == expected
+
+
+def test_param_counts_match_reference_figures():
+    ref = {'vit_tiny_patch16_224': 5_717_416, 'vit_small_patch16_224': 22_050_664,
+           'vit_base_patch16_224': 86_567_656, 'vit_large_patch16_224': 304_326_632}
+    assert {n: count_params(vit_flax.create_model(n)) for n in ref} == ref
+
+
+@pytest.mark.parametrize('name,paper', [('deit_tiny_patch16_224', 1.3), ('deit_small_patch16_224', 4.6),
+                                        ('deit_base_patch16_224', 17.6), ('deit_base_patch16_384', 55.5)])
+def test_gmacs_within_5pct_of_deit_paper(name, paper):
+    gmacs = count_macs(vit_flax.create_model(name)) / 1e9
+    assert abs(gmacs - paper) / paper < 0.05, gmacs
+
+
+def test_macs_rule_counts_matmuls_exactly():
+    # ViT-B/16: patch conv + 12 x (qkv, q@k, attn@v, proj, fc1, fc2) + head, counted by hand.
+    n, d, m = 197, 768, 3072
+    block = 3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * m
+    expected = 196 * 16 * 16 * 3 * d + 12 * block + d * 1000
+    assert count_macs(vit_flax.create_model('vit_base_patch16_224')) == expected
+
+
+def test_unknown_model_and_option_errors():
+    with pytest.raises(KeyError, match='unknown model'):
+        vit_flax.create_model('vit_nonexistent')
+    with pytest.raises(TypeError, match='unknown option'):
+        vit_flax.create_model('vit_tiny_patch16_224', bogus=1)
+
+
+def tiny(**kw):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7)
+    cfg.update(kw)
+    return vit_flax.VisionTransformer(**cfg)
+
+
+def perturbed(model, seed=0):
+    params = vit_flax.init_params(model, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def test_google_tree_names():
+    p = vit_flax.init_params(vit_flax.create_model('vit_tiny_patch16_224'))
+    assert set(p) == {'embedding', 'cls', 'Transformer', 'head'}
+    assert p['embedding']['kernel'].shape == (16, 16, 3, 192)
+    assert p['cls'].shape == (1, 1, 192)
+    t = p['Transformer']
+    assert t['posembed_input']['pos_embedding'].shape == (1, 197, 192)
+    b = t['encoderblock_11']
+    assert set(b) == {'LayerNorm_0', 'MultiHeadDotProductAttention_0', 'LayerNorm_1', 'MlpBlock_0'}
+    assert b['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (192, 3, 64)
+    assert b['MultiHeadDotProductAttention_0']['out']['kernel'].shape == (3, 64, 192)
+    assert set(b['MlpBlock_0']) == {'Dense_0', 'Dense_1'}
+    assert 'encoder_norm' in t
+    assert jax.tree_util.tree_reduce(lambda a, l: a and l.dtype == jnp.float32, p, True)
+
+
+@pytest.mark.parametrize('kw,out', [({}, (2, 7)), ({'num_classes': 0}, (2, 32)), ({'global_pool': 'gap'}, (2, 7)),
+                                    ({'global_pool': 'map'}, (2, 7)), ({'representation_size': 16}, (2, 7)),
+                                    ({'representation_size': 16, 'num_classes': 0}, (2, 16)),
+                                    ({'img_size': (32, 48)}, (2, 7)), ({'in_chans': 1}, (2, 7))])
+def test_output_shapes(kw, out):
+    m = tiny(**kw)
+    x = images((2,) + m.input_shape)
+    assert m.apply({'params': vit_flax.init_params(m)}, x).shape == out
+
+
+def test_features_and_pooling_values():
+    m = tiny()
+    p = perturbed(m)
+    x = images((2,) + m.input_shape)
+    tokens = m.apply({'params': p}, x, method=m.forward_features)
+    assert tokens.shape == (2, 1 + 16, 32)
+    feats = tiny(num_classes=0).apply({'params': {k: v for k, v in p.items() if k != 'head'}}, x)
+    np.testing.assert_allclose(feats, tokens[:, 0], rtol=1e-6)
+    logits = m.apply({'params': p}, x)
+    np.testing.assert_allclose(logits, tokens[:, 0] @ p['head']['kernel'] + p['head']['bias'], rtol=1e-5, atol=1e-6)
+    gap = tiny(global_pool='gap', class_token=True)
+    tokens = gap.apply({'params': p}, x, method=gap.forward_features)
+    np.testing.assert_allclose(gap.apply({'params': p}, x),
+                               tokens[:, 1:].mean(1) @ p['head']['kernel'] + p['head']['bias'], rtol=1e-5, atol=1e-6)
+
+
+def test_pre_logits_is_dense_tanh():
+    m = tiny(representation_size=16, num_classes=0)
+    p = perturbed(m)
+    x = images((2,) + m.input_shape)
+    tokens = m.apply({'params': p}, x, method=m.forward_features)
+    expected = np.tanh(tokens[:, 0] @ p['pre_logits']['kernel'] + p['pre_logits']['bias'])
+    np.testing.assert_allclose(m.apply({'params': p}, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_is_deterministic_and_train_is_not():
+    m = tiny(drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
+    p = perturbed(m)
+    x = images((4,) + m.input_shape)
+    ev = m.apply({'params': p}, x, train=False)
+    np.testing.assert_array_equal(ev, tiny().apply({'params': p}, x))  # eval ignores every rate
+    t1 = m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
+    t2 = m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(2)})
+    assert rel_err(t1, ev) > 1e-3 and rel_err(t1, t2) > 1e-3
+    with pytest.raises(Exception, match='dropout'):
+        m.apply({'params': p}, x, train=True)
+    # zero rates: train needs no rng and equals eval
+    np.testing.assert_allclose(tiny().apply({'params': p}, x, train=True), ev, rtol=1e-6)
+
+
+def test_drop_path_only_is_active_in_train():
+    m = tiny(drop_path_rate=0.5)
+    p = perturbed(m)
+    x = images((8,) + m.input_shape)
+    t = m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)})
+    assert rel_err(t, m.apply({'params': p}, x)) > 1e-3
+
+
+def test_drop_path_rates_increase_linearly():
+    np.testing.assert_allclose(drop_path_rates(0.1, 5), [0, 0.025, 0.05, 0.075, 0.1])
+    np.testing.assert_allclose(drop_path_rates(0.1, 12), torch.linspace(0, 0.1, 12).numpy(), rtol=1e-6)
+    assert drop_path_rates(0.3, 1) == [0.0]
+
+
+def test_distilled_outputs_in_both_modes():
+    m = tiny(distilled=True)
+    p = perturbed(m)
+    assert p['dist'].shape == (1, 1, 32) and 'head_dist' in p
+    assert p['Transformer']['posembed_input']['pos_embedding'].shape == (1, 2 + 16, 32)
+    x = images((2,) + m.input_shape)
+    tokens = m.apply({'params': p}, x, method=m.forward_features)
+    cls = tokens[:, 0] @ p['head']['kernel'] + p['head']['bias']
+    dist = tokens[:, 1] @ p['head_dist']['kernel'] + p['head_dist']['bias']
+    assert rel_err(cls, dist) > 1e-2
+    np.testing.assert_allclose(m.apply({'params': p}, x), (cls + dist) / 2, rtol=1e-5, atol=1e-6)
+    a, b = m.apply({'params': p}, x, train=True)
+    np.testing.assert_allclose(a, cls, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, dist, rtol=1e-5, atol=1e-6)
+    feats = tiny(distilled=True, num_classes=0).apply(
+        {'params': {k: v for k, v in p.items() if not k.startswith('head')}}, x)
+    np.testing.assert_allclose(feats, (tokens[:, 0] + tokens[:, 1]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_vit1d_patch_embedding_is_a_strided_conv1d():
+    m = vit_flax.create_model('vit1d_tiny_patch16_1024', num_classes=5, depth=2, in_chans=2)
+    p = perturbed(m)
+    assert p['embedding']['kernel'].shape == (16, 2, 192)
+    x = images((3, 1024, 2))
+    assert m.apply({'params': p}, x).shape == (3, 5)
+    # the embedding of patch j is the flattened window x[16j:16j+16] times the kernel
+    emb = m.apply({'params': p}, x, method=lambda mod, x: mod.embedding(x))
+    k = np.asarray(p['embedding']['kernel']).reshape(32, 192)
+    manual = x.reshape(3, 64, 32) @ k + np.asarray(p['embedding']['bias'])
+    np.testing.assert_allclose(emb, manual, rtol=1e-4, atol=1e-5)
+    tokens = m.apply({'params': p}, x, method=m.forward_features)
+    assert tokens.shape == (3, 65, 192)
+
+
+def test_qk_scale_and_gelu_options():
+    p = perturbed(tiny())
+    x = images((2, 32, 32, 3))
+    base = tiny().apply({'params': p}, x)
+    np.testing.assert_allclose(tiny(qk_scale=8 ** -0.5).apply({'params': p}, x), base, rtol=1e-5, atol=1e-6)
+    assert rel_err(tiny(qk_scale=1.0).apply({'params': p}, x), base) > 1e-3
+    tanh = tiny(gelu='tanh').apply({'params': p}, x)
+    assert 0 < rel_err(tanh, base) < 1e-2
+    with pytest.raises(ValueError, match='gelu'):
+        tiny(gelu='fast').apply({'params': p}, x)
+
+
+def test_no_qkv_bias():
+    m = tiny(qkv_bias=False)
+    p = vit_flax.init_params(m)
+    assert 'bias' not in p['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_0']['query']
+    assert 'bias' in p['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_0']['out']
+
+
+def test_bf16_compute_keeps_float32_params():
+    m = tiny(dtype=jnp.bfloat16)
+    p = perturbed(tiny())
+    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(vit_flax.init_params(m)))
+    x = images((2, 32, 32, 3))
+    out = m.apply({'params': p}, x)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, tiny().apply({'params': p}, x)) < 5e-2
+
+
+def test_remat_matches():
+    p = perturbed(tiny())
+    x = images((2, 32, 32, 3))
+    np.testing.assert_allclose(tiny(remat=True).apply({'params': p}, x), tiny().apply({'params': p}, x), rtol=1e-6)
+    g = jax.grad(lambda p: tiny(remat=True, drop_path_rate=0.1).apply(
+        {'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)}).sum())(p)
+    assert np.isfinite(np.asarray(g['Transformer']['encoderblock_0']['LayerNorm_0']['scale'])).all()
+
+
+def test_intermediates_are_returned():
+    m = tiny()
+    p = perturbed(m)
+    x = images((2, 32, 32, 3))
+    logits, state = m.apply({'params': p}, x, mutable=['intermediates'])
+    inter = state['intermediates']['Transformer']
+    assert {'embed', 'block_0', 'block_1', 'block_2', 'encoded'} <= set(inter)
+    tokens = m.apply({'params': p}, x, method=m.forward_features)
+    np.testing.assert_array_equal(inter['encoded'][0], tokens)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    m = tiny()
+    with pytest.raises(ValueError, match=r'input shape \(48, 48, 3\)'):
+        m.apply({'params': vit_flax.init_params(m)}, images((1, 48, 48, 3)))

@@ -1,0 +1,91 @@
+"""Parameter counts and multiply-accumulate counts (the papers' "FLOPs").
+
+MACs are counted by a documented rule over the traced computation (the jaxpr), not estimated:
+every `dot_general` contributes batch x M x N x K and every convolution contributes
+output elements x (input channels / groups) x kernel window. That is fvcore's rule, which the DeiT and
+Swin papers report: attention's two matmuls count, elementwise ops (softmax, GELU, norms) do not.
+"""
+import math
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+
+def input_shape(model, batch: int = 1):
+    return (batch,) + tuple(model.input_shape)
+
+
+def init_params(model, rng=None, batch: int = 1):
+    """Random float32 params for `model` (the init rng only; nothing is downloaded)."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    x = jnp.zeros(input_shape(model, batch), jnp.float32)
+    return jax.jit(lambda r: model.init(r, x, train=False))(rng)['params']
+
+
+def param_shapes(model):
+    x = jax.ShapeDtypeStruct(input_shape(model), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)['params']
+
+
+def count_params(params_or_model) -> int:
+    tree = params_or_model
+    if hasattr(params_or_model, 'apply'):
+        tree = param_shapes(params_or_model)
+    return sum(int(math.prod(l.shape)) for l in jax.tree_util.tree_leaves(tree))
+
+
+def _dot_macs(eqn) -> int:
+    (lc, rc), (lb, _) = eqn.params['dimension_numbers']
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    batch = math.prod(lhs[d] for d in lb)
+    contract = math.prod(lhs[d] for d in lc)
+    m = math.prod(s for d, s in enumerate(lhs) if d not in lc and d not in lb)
+    n = math.prod(s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params['dimension_numbers'][1][1])
+    return batch * m * n * contract
+
+
+def _conv_macs(eqn) -> int:
+    out = eqn.outvars[0].aval.shape
+    rhs = eqn.invars[1].aval.shape
+    dn = eqn.params['dimension_numbers']
+    spec = dn.rhs_spec  # (out_feature_dim, in_feature_dim, *spatial)
+    window = math.prod(rhs[d] for d in spec[2:])
+    in_per_group = rhs[spec[1]]
+    return math.prod(out) * in_per_group * window
+
+
+def _jaxpr_macs(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == 'dot_general':
+            total += _dot_macs(eqn)
+        elif name == 'conv_general_dilated':
+            total += _conv_macs(eqn)
+        mult = eqn.params.get('length', 1) if name == 'scan' else 1
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    total += mult * _jaxpr_macs(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    total += mult * _jaxpr_macs(sub)
+    return total
+
+
+def count_macs(model, params=None, batch: int = 1) -> int:
+    """Multiply-adds of one eval forward pass at the model's input size, per `batch` images."""
+    params = param_shapes(model) if params is None else params
+    x = jax.ShapeDtypeStruct(input_shape(model, batch), jnp.float32)
+    closed = jax.make_jaxpr(lambda p, x: model.apply({'params': p}, x, train=False))(params, x)
+    return _jaxpr_macs(closed.jaxpr)
+
+
+def summarize(name: str, **overrides) -> Dict[str, Any]:
+    from .registry import create_model
+    model = create_model(name, **overrides)
+    shapes = param_shapes(model)
+    return dict(model=name, params=count_params(shapes), gmacs=round(count_macs(model, shapes) / 1e9, 3),
+                input_shape=list(input_shape(model)), num_classes=model.num_classes)

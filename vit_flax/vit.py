@@ -1,0 +1,292 @@
+"""Vision Transformer (ViT) and DeiT in Flax linen, with Google's parameter tree.
+
+The tree is the one Google's linen code builds (`embedding`, `cls`, `Transformer/posembed_input/
+pos_embedding`, `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
+MlpBlock_0}`, `Transformer/encoder_norm`, `pre_logits`, `head`), so a Google checkpoint is this model's
+own state. DeiT's distillation token and head add `dist` and `head_dist`.
+
+Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
+every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
+"""
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from .layers import DropPath, MlpBlock, dense, dense_general, drop_path_rates, to_tuple
+from .registry import register
+
+Dtype = Any
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Attention with Google's `query/key/value/out` DenseGeneral params ((D,H,Dh) kernels).
+
+    Logits and softmax run in float32 whatever the compute dtype, as timm's autocast does.
+    """
+    num_heads: int
+    qkv_bias: bool = True
+    qk_scale: Optional[float] = None
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, deterministic: bool = True):
+        dim = inputs_q.shape[-1]
+        if dim % self.num_heads:
+            raise ValueError(f'embed dim {dim} is not divisible by {self.num_heads} heads')
+        head_dim = dim // self.num_heads
+        proj = lambda name, x: dense_general((self.num_heads, head_dim), -1, self.dtype, name=name,
+                                             use_bias=self.qkv_bias, kernel_init=self.kernel_init)(x)
+        q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
+        scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k,
+                            preferred_element_type=jnp.float32)
+        weights = nn.softmax(logits, axis=-1)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32).astype(v.dtype)
+        return dense_general(dim, (-2, -1), self.dtype, name='out', kernel_init=self.kernel_init)(out)
+
+
+class AddPositionEmbs(nn.Module):
+    """Learned position embedding over all tokens (prefix tokens included), param `pos_embedding`."""
+
+    @nn.compact
+    def __call__(self, x):
+        pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
+        return x + pos.astype(x.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each branch with drop path."""
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    qk_scale: Optional[float] = None
+    dropout_rate: float = 0.0
+    attn_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    gelu: str = 'exact'
+    norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+        y = MultiHeadDotProductAttention(self.num_heads, self.qkv_bias, self.qk_scale, self.attn_dropout_rate,
+                                         self.dtype, name='MultiHeadDotProductAttention_0')(y, y, deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        x = x + DropPath(self.drop_path_rate)(y, deterministic)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_1')(x)
+        y = MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, gelu=self.gelu, dtype=self.dtype,
+                     name='MlpBlock_0')(y, deterministic)
+        return x + DropPath(self.drop_path_rate)(y, deterministic)
+
+
+class Encoder(nn.Module):
+    """Position embedding, the blocks and the final norm: Google's `Transformer` sub-tree."""
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    qk_scale: Optional[float] = None
+    dropout_rate: float = 0.0
+    attn_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    gelu: str = 'exact'
+    norm_eps: float = 1e-6
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        x = AddPositionEmbs(name='posembed_input')(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        self.sow('intermediates', 'embed', x)
+        block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+        for i, dpr in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+            x = block_cls(self.num_heads, self.mlp_dim, self.qkv_bias, self.qk_scale, self.dropout_rate,
+                          self.attn_dropout_rate, dpr, self.gelu, self.norm_eps, self.dtype,
+                          name=f'encoderblock_{i}')(x, deterministic)
+            self.sow('intermediates', f'block_{i}', x)
+        x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='encoder_norm')(x)
+        self.sow('intermediates', 'encoded', x)
+        return x
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision): a learned probe attends over the tokens."""
+    num_heads: int
+    mlp_dim: int
+    gelu: str = 'exact'
+    norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
+        probe = jnp.tile(probe.astype(x.dtype), (x.shape[0], 1, 1))
+        x = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                         name='MultiHeadDotProductAttention_0')(probe, x, deterministic)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+        x = x + MlpBlock(self.mlp_dim, gelu=self.gelu, dtype=self.dtype, name='MlpBlock_0')(y, deterministic)
+        return x[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """ViT / DeiT. Input NHWC images (or (B, L, C) signals with `spatial_dims=1`); output logits.
+
+    `num_classes=0` returns pooled features. DeiT distilled (`distilled=True`) returns the mean of the
+    class and distillation heads in eval and the pair `(logits, dist_logits)` when `train=True`.
+    """
+    num_classes: int = 1000
+    img_size: Union[int, Sequence[int]] = 224
+    patch_size: Union[int, Sequence[int]] = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    mlp_dim: Optional[int] = None
+    qkv_bias: bool = True
+    qk_scale: Optional[float] = None
+    representation_size: Optional[int] = None
+    global_pool: str = 'token'
+    class_token: Optional[bool] = None
+    distilled: bool = False
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    gelu: str = 'exact'
+    norm_eps: float = 1e-6
+    spatial_dims: int = 2
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    # -- derived configuration (plain properties so they work on unbound modules too) --
+    @property
+    def grid_size(self):
+        img, patch = to_tuple(self.img_size, self.spatial_dims), to_tuple(self.patch_size, self.spatial_dims)
+        return tuple(i // p for i, p in zip(img, patch))
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.global_pool == 'token' or self.distilled if self.class_token is None else self.class_token
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.has_class_token) + int(self.distilled)
+
+    @property
+    def input_shape(self):
+        return to_tuple(self.img_size, self.spatial_dims) + (self.in_chans,)
+
+    def setup(self):
+        if self.global_pool not in ('token', 'gap', 'map'):
+            raise ValueError(f"global_pool must be 'token', 'gap' or 'map', got {self.global_pool!r}")
+        if self.distilled and self.global_pool != 'token':
+            raise ValueError('a distilled model reads the class and distillation tokens: global_pool must be token')
+        patch = to_tuple(self.patch_size, self.spatial_dims)
+        mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
+        self.embedding = nn.Conv(self.embed_dim, patch, strides=patch, padding='VALID', dtype=self.dtype)
+        if self.has_class_token:
+            self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.embed_dim))
+        if self.distilled:
+            self.dist = self.param('dist', nn.initializers.zeros, (1, 1, self.embed_dim))
+        self.Transformer = Encoder(self.depth, self.num_heads, mlp_dim, self.qkv_bias, self.qk_scale,
+                                   self.drop_rate, self.attn_drop_rate, self.drop_path_rate, self.gelu,
+                                   self.norm_eps, self.remat, self.dtype)
+        if self.global_pool == 'map':
+            self.MAPHead_0 = MAPHead(self.num_heads, mlp_dim, self.gelu, self.norm_eps, self.dtype)
+        if self.representation_size:
+            self.pre_logits = dense(self.representation_size, self.dtype)
+        self.head_dropout = nn.Dropout(self.drop_rate)
+        if self.num_classes > 0:
+            self.head = dense(self.num_classes, self.dtype, kernel_init=nn.initializers.zeros)
+            if self.distilled:
+                self.head_dist = dense(self.num_classes, self.dtype, kernel_init=nn.initializers.zeros)
+
+    def forward_features(self, x, train: bool = False):
+        """Images -> normed tokens (B, prefix + patches, D)."""
+        expected = self.input_shape
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f'input shape {tuple(x.shape[1:])} does not match the model\'s {expected} '
+                             f'(set img_size/in_chans when creating the model)')
+        x = self.embedding(x.astype(self.dtype))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        prefix = []
+        if self.has_class_token:
+            prefix.append(self.cls)
+        if self.distilled:
+            prefix.append(self.dist)
+        if prefix:
+            tokens = jnp.concatenate(prefix, axis=1).astype(x.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(tokens, (x.shape[0],) + tokens.shape[1:]), x], axis=1)
+        return self.Transformer(x, deterministic=not train)
+
+    def pool(self, x, train: bool = False):
+        if self.distilled:
+            return x[:, 0], x[:, 1]
+        if self.global_pool == 'token':
+            return x[:, 0]
+        if self.global_pool == 'gap':
+            return x[:, self.num_prefix_tokens:].mean(axis=1)
+        return self.MAPHead_0(x, deterministic=not train)
+
+    def forward_head(self, x, train: bool = False, pre_logits: bool = False):
+        """Normed tokens -> logits (or pooled features with `pre_logits=True` or `num_classes=0`)."""
+        pooled = self.pool(x, train)
+        if self.distilled:
+            x, x_dist = pooled
+            if pre_logits or self.num_classes == 0:
+                return (x + x_dist) / 2
+            x = self.head(self.head_dropout(x, deterministic=not train))
+            x_dist = self.head_dist(self.head_dropout(x_dist, deterministic=not train))
+            return (x, x_dist) if train else (x + x_dist) / 2
+        x = pooled
+        if self.representation_size:
+            x = jnp.tanh(self.pre_logits(x))
+        if pre_logits or self.num_classes == 0:
+            return x
+        return self.head(self.head_dropout(x, deterministic=not train))
+
+    def __call__(self, x, train: bool = False):
+        return self.forward_head(self.forward_features(x, train), train)
+
+
+def _vit(name, **cfg):
+    register(name, VisionTransformer, **cfg)
+
+
+_SIZES = dict(
+    tiny=dict(embed_dim=192, depth=12, num_heads=3),
+    small=dict(embed_dim=384, depth=12, num_heads=6),
+    base=dict(embed_dim=768, depth=12, num_heads=12),
+    large=dict(embed_dim=1024, depth=24, num_heads=16),
+    huge=dict(embed_dim=1280, depth=32, num_heads=16),
+)
+
+# timm builds these without a head by default: their default weights (in21k originals, DINO) have none.
+_HEADLESS = {'vit_huge_patch14_224': 0, 'vit_large_patch32_224': 0, 'vit_small_patch8_224': 0}
+
+# The (size, patch, resolution) triples timm registers for the original ViT.
+for _size, _patch, _res in [
+        ('tiny', 16, 224), ('tiny', 16, 384),
+        ('small', 32, 224), ('small', 32, 384), ('small', 16, 224), ('small', 16, 384), ('small', 8, 224),
+        ('base', 32, 224), ('base', 32, 384), ('base', 16, 224), ('base', 16, 384), ('base', 8, 224),
+        ('large', 32, 224), ('large', 32, 384), ('large', 16, 224), ('large', 16, 384), ('large', 14, 224),
+        ('huge', 14, 224)]:
+    _name = f'vit_{_size}_patch{_patch}_{_res}'
+    _vit(_name, img_size=_res, patch_size=_patch, num_classes=_HEADLESS.get(_name, 1000), **_SIZES[_size])
+
+for _size, _res in [('tiny', 224), ('small', 224), ('base', 224), ('base', 384)]:
+    _vit(f'deit_{_size}_patch16_{_res}', img_size=_res, patch_size=16, **_SIZES[_size])
+    _vit(f'deit_{_size}_distilled_patch16_{_res}', img_size=_res, patch_size=16, distilled=True, **_SIZES[_size])
+
+# 1-D ViT for signals: (B, L, C) input, patches of `patch_size` samples (a strided Conv1d).
+for _size in ('tiny', 'small', 'base'):
+    _vit(f'vit1d_{_size}_patch16_1024', spatial_dims=1, img_size=1024, patch_size=16, in_chans=1,
+         **_SIZES[_size])
+

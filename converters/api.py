@@ -20,6 +20,9 @@ from .families import FAMILIES, Family, detect_flax_family, family_of
 from .resample import DEFAULT_METHOD, resample_pos_embed
 
 HEAD_INITS = ('zeros', 'fresh')
+# Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
+# resampling, bias-table resizing), so they take no part in matching a checkpoint to its model.
+TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size')
 POS_KEY = 'Transformer/posembed_input/pos_embedding'
 
 
@@ -87,9 +90,17 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
             base = vit_flax.create_model(name)
         elif all(cfg.get(k) is not None for k in core_keys):
             # An unregistered architecture that the file fully describes (npz/orbax record the heads):
-            # the registered model of the same width, with the file's core fields as overrides.
-            name = min(family_names, key=lambda n: (family.core(vit_flax.create_model(n))['embed_dim'] != cfg['embed_dim'], n))
-            base = vit_flax.create_model(name, **{k: cfg[k] for k in core_keys})
+            # the registered model sharing the most core fields, with the file's core fields set on it.
+            def shared(n):
+                core = family.core(vit_flax.create_model(n))
+                return -sum(core[k] == cfg[k] for k in core_keys), n
+            name = min(family_names, key=shared)
+            registered = vit_flax.create_model(name)
+            core_fields = {k: cfg[k] for k in core_keys}
+            try:
+                return name, registered.clone(**core_fields, **family.overrides(cfg, registered))
+            except ValueError as e:
+                raise ConversionError(f'{path}: {e}') from None
         else:
             shown = ', '.join(f'{k}={cfg.get(k)}' for k in core_keys)
             raise ConversionError(f'{path}: no registered model matches ({shown}); pass --model')
@@ -163,8 +174,11 @@ def _fresh_head(shape, rng):
 
 
 def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
-          log: Callable[[str], None] = _stderr, seed: int = 0) -> Dict[str, np.ndarray]:
+          bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, seed: int = 0) -> Dict[str, np.ndarray]:
     """Position-embedding resampling, window-table resizing and head surgery from `src` to `dst`.
+
+    `resample`: position-embedding method (ViT); `bias_resize`: relative-bias-table method (Swin,
+    'bicubic' as Microsoft's fine-tuning code, or 'timm').
 
     Every change is reported through `log`; nothing is reset silently.
     """
@@ -178,7 +192,7 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
             f'{dst.num_prefix_tokens} prefix token(s) kept aside')
     family = family_of(dst)
     if getattr(family, 'adapt', None):
-        flat = family.adapt(flat, src, dst, log)
+        flat = family.adapt(flat, src, dst, log, bias_resize=bias_resize)
     if getattr(src, 'representation_size', None) and not dst.representation_size:
         for k in [k for k in flat if k.startswith('pre_logits/')]:
             del flat[k]
@@ -219,26 +233,32 @@ def validate(flat: Dict[str, np.ndarray], model, where: str) -> None:
         raise ConversionError(f'{where}: unexpected key {extra[0]!r} for this model')
 
 
+def _arch(overrides):
+    return {k: v for k, v in overrides.items() if k not in TARGET_ONLY}
+
+
 def _float32(flat):
     return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
 def load_model(path: str, model_name: Optional[str] = None, *, resample: str = DEFAULT_METHOD,
-               head_init: str = 'zeros', cast: bool = True, log: Callable[[str], None] = _stderr, **overrides):
+               head_init: str = 'zeros', bias_resize: str = 'bicubic', cast: bool = True,
+               log: Callable[[str], None] = _stderr, **overrides):
     """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top."""
-    ck = read_checkpoint(path, model_name, overrides)
+    ck = read_checkpoint(path, model_name, _arch(overrides))
     try:
         target = ck.model.clone(**overrides)
     except TypeError as e:
         raise ConversionError(f'{path}: {e}') from None
-    flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, log=log)
+    flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
+                 log=log)
     validate(flat, target, path)
     flat = _float32(flat) if cast else flat
     return target, unflatten_dict(flat, sep='/'), ck
 
 
 def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
-                log: Callable[[str], None] = _stderr, **overrides):
+                bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, **overrides):
     """Flax params for `vit_flax.create_model(model_name, **overrides)`, from any supported file.
 
     The result always fits that model. A checkpoint head of another size is replaced only when
@@ -246,7 +266,7 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
     position embedding (logged); any other mismatch is an error naming the key and shapes.
     """
     target = vit_flax.create_model(model_name, **overrides)
-    ck = read_checkpoint(path, model_name, overrides)
+    ck = read_checkpoint(path, model_name, _arch(overrides))
     src = ck.model
     if 'num_classes' not in overrides and src.num_classes != target.num_classes:
         raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
@@ -256,7 +276,7 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
     if rep and 'representation_size' not in overrides and not target.representation_size:
         raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
                               f'representation_size={rep} to keep it or representation_size=None to drop it')
-    flat = adapt(ck.flat, src, target, resample=resample, head_init=head_init, log=log)
+    flat = adapt(ck.flat, src, target, resample=resample, head_init=head_init, bias_resize=bias_resize, log=log)
     validate(flat, target, path)
     return unflatten_dict(_float32(flat), sep='/')
 
@@ -278,7 +298,7 @@ def to_torch_state(flat, model, layout: Optional[str] = None) -> Dict[str, np.nd
 def output_layouts(model, fmt: str):
     family = family_of(model)
     if fmt == 'npz':
-        return google.LAYOUTS if family.name == 'vit' else ('linen',)
+        return google.LAYOUTS if family.name == 'vit' else ('flax',)
     if fmt in ('torch', 'safetensors'):
         return ('timm',) + tuple(family.layouts)
     return ('flax',)

@@ -43,6 +43,8 @@ def _overrides(a):
         over['img_size'] = a.img_size
     if getattr(a, 'drop_pre_logits', False):
         over['representation_size'] = None
+    if getattr(a, 'window_size', None):
+        over['window_size'] = a.window_size
     return over
 
 
@@ -54,8 +56,8 @@ def cmd_convert(a):
     if os.path.abspath(dst) == os.path.abspath(a.src.rstrip('/')):
         raise ConversionError(f'{dst}: source and destination are the same file')
     t0 = time.perf_counter()
-    model, params, ck = api.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init, cast=False,
-                                       **_overrides(a))
+    model, params, ck = api.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
+                                       bias_resize=a.bias_resize, cast=False, **_overrides(a))
     from flax.traverse_util import flatten_dict
     layout = api.write_flat(flatten_dict(params, sep='/'), model, dst, layout=a.layout, force=a.force)
     how = 'detected' if ck.detected else 'given'
@@ -136,6 +138,10 @@ def build_parser():
     s.add_argument('--head-init', choices=('zeros', 'fresh'), default='zeros',
                    help='init of a replaced head: zeros (Google fine-tuning, default) or fresh (trunc normal .02)')
     s.add_argument('--drop-pre-logits', action='store_true', help='drop the pre_logits (representation) layer')
+    s.add_argument('--window-size', type=int, help='Swin: new attention window; bias tables are resized')
+    s.add_argument('--bias-resize', choices=('bicubic', 'timm'), default='bicubic',
+                   help='Swin bias-table resizing (default: bicubic, as Microsoft\'s fine-tuning code; '
+                   'timm: timm\'s resize_rel_pos_bias_table)')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; '
                    'torch timm (default) or microsoft (Swin)')
     s.set_defaults(fn=cmd_convert)

@@ -8,9 +8,10 @@ keys that are buffers to ignore when reading, and named torch layouts besides ti
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
 
+from vit_flax.swin import SwinTransformer
 from vit_flax.vit import VisionTransformer
 
-from . import vit_map
+from . import swin_map, vit_map
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,14 @@ FAMILIES = [
            detect_flax=lambda f: 'embedding/kernel' in f,
            config_from_flax=vit_map.vit_config_from_flax, config_from_torch=vit_map.vit_config_from_torch,
            core=vit_map.vit_core, overrides=vit_map.vit_overrides),
+    Family('swin', SwinTransformer, swin_map.swin_rules, swin_map.swin_timm_kwargs, swin_map.swin_parity_points,
+           ignore_torch=swin_map.SWIN_IGNORE,
+           layouts={'microsoft': (swin_map.microsoft_to_timm, swin_map.timm_to_microsoft)},
+           detect_torch=lambda s: any('relative_position_bias_table' in k for k in s) and 'patch_embed.proj.weight' in s,
+           detect_flax=lambda f: 'patch_embed/proj/kernel' in f and any('relative_position_bias_table' in k for k in f),
+           config_from_flax=swin_map.swin_config_from_flax, config_from_torch=swin_map.swin_config_from_torch,
+           core=swin_map.swin_core, overrides=swin_map.swin_overrides,
+           detect_layout=swin_map.swin_detect_layout, adapt=swin_map.swin_adapt),
 ]
 
 

@@ -1,8 +1,11 @@
+"""Vision Transformers (ViT, DeiT, Swin) in JAX/Flax with Google's parameter trees and timm's names."""
 from .registry import create_model, list_models, model_config, register
 from . import vit  # noqa: F401  (registers the ViT/DeiT family)
 from .vit import VisionTransformer
+from . import swin  # noqa: F401  (registers the Swin family)
+from .swin import SwinTransformer
 from .summary import count_params, count_macs, init_params, summarize
 
-__all__ = ['create_model', 'list_models', 'model_config', 'register', 'VisionTransformer',
+__all__ = ['create_model', 'list_models', 'model_config', 'register', 'VisionTransformer', 'SwinTransformer',
            'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'

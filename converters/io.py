@@ -105,13 +105,19 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def read_orbax(path: str) -> Dict[str, np.ndarray]:
+    import jax
     import orbax.checkpoint as ocp
     from flax.traverse_util import flatten_dict
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ConversionError(f'{path}: no such orbax checkpoint directory')
     try:
-        tree = ocp.PyTreeCheckpointer().restore(path)
+        ckptr = ocp.PyTreeCheckpointer()
+        meta = ckptr.metadata(path)
+        meta = getattr(getattr(meta, 'item_metadata', None), 'tree', None) or meta
+        # Restore as host numpy: a checkpoint saved sharded over 8 devices must read on a machine with one.
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        tree = ckptr.restore(path, restore_args=args)
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f'{path}: not a readable orbax checkpoint ({type(e).__name__})') from None
     if isinstance(tree, dict) and 'params' in tree and isinstance(tree['params'], dict):

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -46,64 +47,54 @@ class Checkpoint:
 
 # ---------------------------------------------------------------- model detection
 
-def _candidates(family: Family, cfg: dict) -> List[str]:
-    out = []
-    for name in list_models():
-        cls, _ = model_config(name)
-        if cls is not family.module_cls:
-            continue
-        core = family.core(vit_flax.create_model(name))
-        if all(cfg.get(k) is None or cfg[k] == v for k, v in core.items()):
-            out.append(name)
-    return out
+def _family_names(family: Family) -> List[str]:
+    return [n for n in list_models() if model_config(n)[0] is family.module_cls]
 
 
-def _preference(family, cfg, name):
+def _with_core(family: Family, model, cfg: dict):
+    """`model` re-shaped to the checkpoint's core fields (a no-op for a registered match)."""
+    core = family.core(model)
+    return model.clone(**{k: cfg[k] for k in core if cfg.get(k) is not None and cfg[k] != core[k]})
+
+
+def _preference(family: Family, cfg: dict, name: str):
+    """Sort key: most core fields shared, then fewest overrides, then ViT before DeiT for undistilled files."""
     model = vit_flax.create_model(name)
-    over = family.overrides(cfg, model)
-    changed = sum(getattr(model, k) != v for k, v in over.items())
-    return (changed, name.startswith('deit') and not cfg.get('distilled'), name)
+    shared = sum(cfg.get(k) is None or cfg[k] == v for k, v in family.core(model).items())
+    try:
+        over = family.overrides(cfg, _with_core(family, model, cfg))
+        changed = sum(getattr(model, k) != v for k, v in over.items())
+    except ValueError:
+        changed = len(cfg)
+    return -shared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
 
 
 def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] = None, arch: Optional[dict] = None):
     """(name, module) for the checkpoint architecture `cfg`.
 
     `model_name` pins the registered base, and `arch` overrides its fields (a custom depth, patch size...)
-    before the checkpoint is checked against it.
+    before the checkpoint is checked against it. Without a name, the registered model sharing the most
+    core fields is taken; an architecture no name has is accepted when the file records every core field
+    (npz/orbax record the heads, a fused torch qkv does not).
     """
     if model_name:
         cls, _ = model_config(model_name)
         if cls is not family.module_cls:
             raise ConversionError(f'{path}: holds a {family.name} checkpoint, but {model_name} is a {cls.__name__}')
         base = vit_flax.create_model(model_name, **(arch or {}))
-        core = family.core(base)
-        for k, v in core.items():
+        for k, v in family.core(base).items():
             if cfg.get(k) is not None and cfg[k] != v:
                 raise ConversionError(f'{path}: checkpoint has {k}={cfg[k]}, but {model_name} has {k}={v}')
         name = model_name
     else:
-        names = _candidates(family, cfg)
-        family_names = [n for n in list_models() if model_config(n)[0] is family.module_cls]
-        core_keys = family.core(vit_flax.create_model(family_names[0]))
-        if names:
-            name = min(names, key=lambda n: _preference(family, cfg, n))
-            base = vit_flax.create_model(name)
-        elif all(cfg.get(k) is not None for k in core_keys):
-            # An unregistered architecture that the file fully describes (npz/orbax record the heads):
-            # the registered model sharing the most core fields, with the file's core fields set on it.
-            def shared(n):
-                core = family.core(vit_flax.create_model(n))
-                return -sum(core[k] == cfg[k] for k in core_keys), n
-            name = min(family_names, key=shared)
-            registered = vit_flax.create_model(name)
-            core_fields = {k: cfg[k] for k in core_keys}
-            try:
-                return name, registered.clone(**core_fields, **family.overrides(cfg, registered))
-            except ValueError as e:
-                raise ConversionError(f'{path}: {e}') from None
-        else:
-            shown = ', '.join(f'{k}={cfg.get(k)}' for k in core_keys)
+        names = _family_names(family)
+        name = min(names, key=lambda n: _preference(family, cfg, n))
+        core = family.core(vit_flax.create_model(name))
+        unknown = [k for k in core if cfg.get(k) is None]
+        if any(cfg[k] != v for k, v in core.items() if k not in unknown) and unknown:
+            shown = ', '.join(f'{k}={cfg.get(k)}' for k in core)
             raise ConversionError(f'{path}: no registered model matches ({shown}); pass --model')
+        base = _with_core(family, vit_flax.create_model(name), cfg)
     try:
         return name, base.clone(**family.overrides(cfg, base))
     except ValueError as e:
@@ -119,10 +110,13 @@ def _torch_family(state, path) -> Family:
     raise ConversionError(f'{path}: not a ViT/DeiT/Swin state_dict (first keys: {", ".join(list(state)[:3])})')
 
 
-def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None) -> Checkpoint:
+def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
+                    img_size=None) -> Checkpoint:
     """Read any supported file and decode it into the flat Flax tree of a matching model.
 
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
+    `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
+    table does not say whether 280 patches are 14x20 or 20x14).
     """
     path = str(path)
     fmt = io.file_format(path)
@@ -137,7 +131,7 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
         family = detect_flax_family(flat)
         if family is None:
             raise ConversionError(f'{path}: not a ViT/DeiT/Swin Flax tree (first keys: {", ".join(list(flat)[:3])})')
-        cfg = _read_config(family.config_from_flax, flat, path)
+        cfg = dict(_read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
         name, model = match_model(family, cfg, path, model_name, arch)
     else:
         family = _torch_family(raw, path)
@@ -146,7 +140,7 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
             layout = family.detect_layout(raw)
             if layout != 'timm':
                 state = family.layouts[layout][0](raw)
-        cfg = _read_config(family.config_from_torch, state, path)
+        cfg = dict(_read_config(family.config_from_torch, state, path), img_size_hint=img_size)
         name, model = match_model(family, cfg, path, model_name, arch)
         try:
             flat = table.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
@@ -178,25 +172,29 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     """Position-embedding resampling, window-table resizing and head surgery from `src` to `dst`.
 
     `resample`: position-embedding method (ViT); `bias_resize`: relative-bias-table method (Swin,
-    'bicubic' as Microsoft's fine-tuning code, or 'timm').
-
-    Every change is reported through `log`; nothing is reset silently.
+    'bicubic' as Microsoft's fine-tuning code, or 'timm'). Every change is reported through `log`;
+    nothing is reset silently.
     """
     if head_init not in HEAD_INITS:
         raise ConversionError(f'unknown head init {head_init!r}; choose one of {", ".join(HEAD_INITS)}')
+    grid = tuple(getattr(dst, 'grid_size', ()))
+    if grid and min(grid) < 1:
+        raise ConversionError(f'img_size {dst.img_size} is smaller than the patch {dst.patch_size}')
     flat = dict(flat)
-    if POS_KEY in flat and tuple(src.grid_size) != tuple(dst.grid_size):
-        old = flat[POS_KEY]
-        flat[POS_KEY] = resample_pos_embed(old, dst.grid_size, dst.num_prefix_tokens, src.grid_size, resample)
-        log(f'pos_embedding: grid {tuple(src.grid_size)} -> {tuple(dst.grid_size)} ({resample}), '
+    if POS_KEY in flat and tuple(src.grid_size) != grid:
+        flat[POS_KEY] = resample_pos_embed(flat[POS_KEY], grid, dst.num_prefix_tokens, src.grid_size, resample)
+        log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
             f'{dst.num_prefix_tokens} prefix token(s) kept aside')
     family = family_of(dst)
-    if getattr(family, 'adapt', None):
+    if family.adapt:
         flat = family.adapt(flat, src, dst, log, bias_resize=bias_resize)
-    if getattr(src, 'representation_size', None) and not dst.representation_size:
+    rep = getattr(src, 'representation_size', None)
+    if rep and not getattr(dst, 'representation_size', None):
         for k in [k for k in flat if k.startswith('pre_logits/')]:
             del flat[k]
-        log(f'pre_logits: dropped (representation {src.representation_size})')
+        log(f'pre_logits: dropped (representation {rep})')
+        if dst.num_classes == src.num_classes and dst.num_classes:
+            log('head: kept, but it now reads un-projected features; pass --num-classes to replace it')
     rng = np.random.default_rng(seed)
     for head in ('head', 'head_dist'):
         keys = [f'{head}/kernel', f'{head}/bias']
@@ -207,11 +205,10 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
                 flat.pop(keys[0])
                 log(f'{head}: dropped ({old} classes; the model returns features)')
             continue
-        in_dim = flat[keys[0]].shape[0] if had else None
         if had and flat[keys[1]].shape[0] == dst.num_classes:
             continue
-        if in_dim is None:
-            in_dim = dst.representation_size or getattr(dst, 'num_features', None) or dst.embed_dim
+        in_dim = flat[keys[0]].shape[0] if had else (
+            getattr(dst, 'representation_size', None) or getattr(dst, 'num_features', None) or dst.embed_dim)
         old = flat[keys[1]].shape[0] if had else 0
         flat[keys[0]] = np.zeros((in_dim, dst.num_classes), np.float32) if head_init == 'zeros' \
             else _fresh_head((in_dim, dst.num_classes), rng)
@@ -220,14 +217,20 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     return flat
 
 
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype).kind == 'f' or np.dtype(dtype) == ml_dtypes.bfloat16
+
+
 def validate(flat: Dict[str, np.ndarray], model, where: str) -> None:
-    """Raise a one-line error naming the first missing, unexpected or mis-shaped key."""
+    """Raise a one-line error naming the first missing, unexpected, mis-shaped or non-float key."""
     expected = {k: tuple(v.shape) for k, v in flatten_dict(param_shapes(model), sep='/').items()}
     for k, shape in expected.items():
         if k not in flat:
             raise ConversionError(f'{where}: missing key {k!r} (expected shape {shape})')
         if tuple(flat[k].shape) != shape:
             raise ConversionError(f'{where}: key {k!r}: expected shape {shape}, found {tuple(flat[k].shape)}')
+        if not _is_float(flat[k].dtype):
+            raise ConversionError(f'{where}: key {k!r}: expected a floating-point array, found {flat[k].dtype}')
     extra = [k for k in flat if k not in expected]
     if extra:
         raise ConversionError(f'{where}: unexpected key {extra[0]!r} for this model')
@@ -237,24 +240,27 @@ def _arch(overrides):
     return {k: v for k, v in overrides.items() if k not in TARGET_ONLY}
 
 
-def _float32(flat):
-    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast):
+    """read -> adapt to the target -> validate: the path shared by load_model and load_params."""
+    ck = read_checkpoint(path, model_name, _arch(overrides), overrides.get('img_size'))
+    try:
+        target = target_of(ck)
+    except TypeError as e:  # an unknown override
+        raise ConversionError(f'{path}: {e}') from None
+    flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
+                 log=log)
+    validate(flat, target, path)
+    if cast:
+        flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    return target, unflatten_dict(flat, sep='/'), ck
 
 
 def load_model(path: str, model_name: Optional[str] = None, *, resample: str = DEFAULT_METHOD,
                head_init: str = 'zeros', bias_resize: str = 'bicubic', cast: bool = True,
                log: Callable[[str], None] = _stderr, **overrides):
     """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top."""
-    ck = read_checkpoint(path, model_name, _arch(overrides))
-    try:
-        target = ck.model.clone(**overrides)
-    except TypeError as e:
-        raise ConversionError(f'{path}: {e}') from None
-    flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
-                 log=log)
-    validate(flat, target, path)
-    flat = _float32(flat) if cast else flat
-    return target, unflatten_dict(flat, sep='/'), ck
+    return _load(path, model_name, overrides, lambda ck: ck.model.clone(**overrides), resample, head_init,
+                 bias_resize, log, cast)
 
 
 def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
@@ -265,20 +271,19 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
     `num_classes` is passed explicitly (and the change is logged); a different input size resamples the
     position embedding (logged); any other mismatch is an error naming the key and shapes.
     """
-    target = vit_flax.create_model(model_name, **overrides)
-    ck = read_checkpoint(path, model_name, _arch(overrides))
-    src = ck.model
-    if 'num_classes' not in overrides and src.num_classes != target.num_classes:
-        raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
-                              f'{target.num_classes}; pass num_classes={src.num_classes} to keep it or '
-                              f'num_classes=N to replace it')
-    rep = getattr(src, 'representation_size', None)
-    if rep and 'representation_size' not in overrides and not target.representation_size:
-        raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
-                              f'representation_size={rep} to keep it or representation_size=None to drop it')
-    flat = adapt(ck.flat, src, target, resample=resample, head_init=head_init, bias_resize=bias_resize, log=log)
-    validate(flat, target, path)
-    return unflatten_dict(_float32(flat), sep='/')
+    def target_of(ck):
+        target = vit_flax.create_model(model_name, **overrides)
+        src = ck.model
+        if 'num_classes' not in overrides and src.num_classes != target.num_classes:
+            raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
+                                  f'{target.num_classes}; pass num_classes={src.num_classes} to keep it or '
+                                  f'num_classes=N to replace it')
+        rep = getattr(src, 'representation_size', None)
+        if rep and 'representation_size' not in overrides and not target.representation_size:
+            raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
+                                  f'representation_size={rep} to keep it or representation_size=None to drop it')
+        return target
+    return _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True)[1]
 
 
 # ---------------------------------------------------------------- writing

@@ -19,6 +19,18 @@ def _img_size(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _at_least(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f'{what} wants an integer >= {lo}, got {text!r}')
+        return v
+    return parse
+
+
 def cmd_summary(a):
     import vit_flax
     over = {k: v for k, v in dict(num_classes=a.num_classes, img_size=a.img_size).items() if v is not None}
@@ -43,7 +55,7 @@ def _overrides(a):
         over['img_size'] = a.img_size
     if getattr(a, 'drop_pre_logits', False):
         over['representation_size'] = None
-    if getattr(a, 'window_size', None):
+    if getattr(a, 'window_size', None) is not None:
         over['window_size'] = a.window_size
     return over
 
@@ -51,10 +63,11 @@ def _overrides(a):
 def cmd_convert(a):
     from . import api
     dst = a.dst.rstrip('/')
-    if os.path.exists(dst) and not a.force:
+    src_real, dst_real = os.path.realpath(a.src), os.path.realpath(dst)
+    if src_real == dst_real or os.path.commonpath([src_real, dst_real]) == dst_real:
+        raise ConversionError(f'{dst}: is the source or contains it; choose another destination')
+    if os.path.exists(dst) and not a.force:  # before the (slow) read; atomic_output checks again
         raise ConversionError(f'{dst}: exists; pass --force to replace it')
-    if os.path.abspath(dst) == os.path.abspath(a.src.rstrip('/')):
-        raise ConversionError(f'{dst}: source and destination are the same file')
     t0 = time.perf_counter()
     model, params, ck = api.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
                                        bias_resize=a.bias_resize, cast=False, **_overrides(a))
@@ -72,7 +85,7 @@ def cmd_inspect(a):
     total = sum(int(np.prod(v.shape)) for v in ck.raw.values())
     nbytes = sum(v.nbytes for v in ck.raw.values())
     dtypes = sorted({str(v.dtype) for v in ck.raw.values()})
-    diff = {k: v for k, v in _config_diff(ck).items()}
+    diff = _config_diff(ck)
     if a.json:
         print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, model=ck.model_name,
                               detected=ck.detected, overrides=diff, keys=len(ck.raw), params=total, bytes=nbytes,
@@ -91,10 +104,25 @@ def cmd_inspect(a):
 
 
 def _config_diff(ck):
+    """Fields where the checkpoint's model differs from the registered one (16 and (16, 16) are equal)."""
     import vit_flax
     base = vit_flax.create_model(ck.model_name)
     fields = [f for f in base.__dataclass_fields__ if f not in ('parent', 'name')]
-    return {f: getattr(ck.model, f) for f in fields if getattr(ck.model, f) != getattr(base, f)}
+    return {f: getattr(ck.model, f) for f in fields
+            if not _same(getattr(ck.model, f), getattr(base, f)) and not (f == 'mlp_dim' and _default_mlp(ck.model))}
+
+
+def _same(a, b) -> bool:
+    a, b = (tuple(v) if isinstance(v, (tuple, list)) else v for v in (a, b))
+    if isinstance(a, int) and isinstance(b, tuple):
+        a = (a,) * len(b)
+    if isinstance(b, int) and isinstance(a, tuple):
+        b = (b,) * len(a)
+    return a == b
+
+
+def _default_mlp(model) -> bool:
+    return getattr(model, 'mlp_dim', None) == int(model.embed_dim * model.mlp_ratio)
 
 
 def cmd_parity(a):
@@ -114,7 +142,7 @@ def build_parser():
     s = sub.add_parser('summary', help='parameter count and GMACs of a registered model')
     s.add_argument('model')
     s.add_argument('--json', action='store_true', help='print one JSON object (keys include params, gmacs)')
-    s.add_argument('--num-classes', type=int)
+    s.add_argument('--num-classes', type=_at_least(0, '--num-classes'))
     s.add_argument('--img-size', type=_img_size)
     s.set_defaults(fn=cmd_summary)
 
@@ -129,7 +157,7 @@ def build_parser():
     s.add_argument('dst')
     s.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
     s.add_argument('--force', action='store_true', help='replace an existing DST')
-    s.add_argument('--num-classes', type=int, help='new head size; a head that does not fit is replaced '
+    s.add_argument('--num-classes', type=_at_least(0, '--num-classes'), help='new head size; a head that does not fit is replaced '
                    '(see --head-init); 0 drops the head')
     s.add_argument('--img-size', type=_img_size, help='new input size S or HxW; position embeddings are resampled')
     s.add_argument('--resample', choices=METHODS, default=DEFAULT_METHOD,
@@ -138,7 +166,7 @@ def build_parser():
     s.add_argument('--head-init', choices=('zeros', 'fresh'), default='zeros',
                    help='init of a replaced head: zeros (Google fine-tuning, default) or fresh (trunc normal .02)')
     s.add_argument('--drop-pre-logits', action='store_true', help='drop the pre_logits (representation) layer')
-    s.add_argument('--window-size', type=int, help='Swin: new attention window; bias tables are resized')
+    s.add_argument('--window-size', type=_at_least(1, '--window-size'), help='Swin: new attention window; bias tables are resized')
     s.add_argument('--bias-resize', choices=('bicubic', 'timm'), default='bicubic',
                    help='Swin bias-table resizing (default: bicubic, as Microsoft\'s fine-tuning code; '
                    'timm: timm\'s resize_rel_pos_bias_table)')

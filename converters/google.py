@@ -38,11 +38,6 @@ def _rename_block_children(flat, table, path):
     return out
 
 
-def _has_cls_row(n: int) -> bool:
-    # Older files put the cls row in the top-level table too: N = grid + 1 with a square grid.
-    return int(round(n ** 0.5)) ** 2 != n and int(round((n - 1) ** 0.5)) ** 2 == n - 1
-
-
 def detect_prefix(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
     for p in _PREFIXES:
         if f'{p}embedding/kernel' in arrays:
@@ -52,12 +47,17 @@ def detect_prefix(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
 
 
 def detect_layout(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
+    """big_vision (as timm decides it: a `params/` prefix, a top-level pos_embedding or scanned blocks),
+    else released or linen by the block numbering, whatever the prefix (an `opt/target/` file may be either)."""
     prefix = detect_prefix(arrays, path)
-    if prefix or f'{prefix}pos_embedding' in arrays or any(k.startswith('Transformer/encoderblock/') for k in arrays):
+    if (prefix.startswith('params/') or f'{prefix}pos_embedding' in arrays
+            or any(k.startswith(f'{prefix}Transformer/encoderblock/') for k in arrays)):
         return 'big_vision'
-    if any('/MultiHeadDotProductAttention_1/' in k for k in arrays):
-        return 'released'
-    return 'linen'
+    return 'released' if _released_numbering(arrays) else 'linen'
+
+
+def _released_numbering(keys) -> bool:
+    return any('/MultiHeadDotProductAttention_1/' in k for k in keys)
 
 
 def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dict[str, np.ndarray], str]:
@@ -77,19 +77,16 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
             rest = k[len('Transformer/encoderblock/'):]
             for i in range(v.shape[0]):
                 flat[f'Transformer/encoderblock_{i}/{rest}'] = v[i]
-    if layout == 'released':
+    if _released_numbering(flat):
         flat = _rename_block_children(flat, _RELEASED_TO_LINEN, path)
     if 'pos_embedding' in flat:
         # big_vision adds positions before concatenating cls; an all-zero cls row reproduces that exactly.
         pe = flat.pop('pos_embedding')
         if pe.ndim == 4:  # some files keep the (1, h, w, D) grid
             pe = pe.reshape(1, -1, pe.shape[-1])
-        if 'cls' in flat and not _has_cls_row(pe.shape[1]):
+        if 'cls' in flat:
             pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
         flat['Transformer/posembed_input/pos_embedding'] = pe
-    for k, v in list(flat.items()):
-        if k.endswith(('/scale', '/bias')) and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
-            flat[k] = v.reshape(-1)  # old hybrid files store GroupNorm params as (1,1,1,C)
     return flat, layout
 
 

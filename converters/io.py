@@ -5,8 +5,10 @@ No pickle code ever runs: `.npz` is read with `allow_pickle=False`, torch files 
 failed conversion leaves no partial output.
 """
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from typing import Dict
@@ -48,7 +50,10 @@ def _fix_npz_dtype(a: np.ndarray) -> np.ndarray:
 
 def read_npz(path: str) -> Dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ConversionError(f'{path}: a single .npy array, not an .npz archive of named arrays')
+        with z:
             return {k: _fix_npz_dtype(z[k]) for k in z.files}
     except FileNotFoundError:
         raise ConversionError(f'{path}: no such file') from None
@@ -79,8 +84,16 @@ def read_torch(path: str) -> Dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise ConversionError(f'{path}: no such file')
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "not a safe state_dict"
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' not in str(e).lower():
+            raise ConversionError(f'{path}: not a readable torch file ({str(e).splitlines()[0][:120]})') from None
+        # torch's own message suggests weights_only=False; we never unpickle arbitrary objects.
+        raise ConversionError(f'{path}: holds pickled objects other than tensors and plain containers; '
+                              f'refused (weights-only loading)') from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "not a readable state_dict"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f'{path}: cannot load as a weights-only torch file: {msg}') from None
     state = _unwrap_state(obj, path)
@@ -88,7 +101,13 @@ def read_torch(path: str) -> Dict[str, np.ndarray]:
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             continue  # e.g. a saved epoch counter or config beside the weights
-        out[k.removeprefix('module.')] = _torch_to_numpy(v)
+        if not isinstance(k, str):
+            raise ConversionError(f'{path}: state_dict key {k!r} is not a string')
+        try:
+            out[k.removeprefix('module.')] = _torch_to_numpy(v)
+        except (TypeError, RuntimeError) as e:
+            raise ConversionError(f'{path}: tensor {k!r} ({v.dtype}, {v.layout}) cannot be read: '
+                                  f'{str(e).splitlines()[0]}') from None
     if not out:
         raise ConversionError(f'{path}: holds no tensors')
     return out
@@ -104,13 +123,21 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
         raise ConversionError(f'{path}: not a readable .safetensors file ({e})') from None
 
 
+def is_orbax_dir(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ('_CHECKPOINT_METADATA', '_METADATA'))
+
+
 def read_orbax(path: str) -> Dict[str, np.ndarray]:
+    import absl.logging
     import jax
     import orbax.checkpoint as ocp
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax logs warnings that would break one-line errors
     from flax.traverse_util import flatten_dict
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ConversionError(f'{path}: no such orbax checkpoint directory')
+    if not is_orbax_dir(path):
+        raise ConversionError(f'{path}: a directory, but not an orbax checkpoint (no _METADATA)')
     try:
         ckptr = ocp.PyTreeCheckpointer()
         meta = ckptr.metadata(path)
@@ -119,7 +146,8 @@ def read_orbax(path: str) -> Dict[str, np.ndarray]:
         args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
         tree = ckptr.restore(path, restore_args=args)
     except Exception as e:  # noqa: BLE001
-        raise ConversionError(f'{path}: not a readable orbax checkpoint ({type(e).__name__})') from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise ConversionError(f'{path}: not a readable orbax checkpoint ({type(e).__name__}: {msg[:200]})') from None
     if isinstance(tree, dict) and 'params' in tree and isinstance(tree['params'], dict):
         tree = tree['params']
     return {k: np.asarray(v) for k, v in flatten_dict(tree, sep='/').items()}
@@ -134,15 +162,25 @@ def read_file(path: str) -> Dict[str, np.ndarray]:
 # ---------------------------------------------------------------- writing
 
 @contextmanager
-def atomic_output(path: str, force: bool, is_dir: bool = False):
-    """Yields a temporary path; on success moves it to `path`. Refuses to replace without `force`."""
+def atomic_output(path: str, force: bool):
+    """Yields a temporary path beside `path`; on success moves it into place.
+
+    Refuses to replace an existing output without `force`, and never replaces a directory that is not an
+    orbax checkpoint (a `--force` typo must not delete a folder of other files).
+    """
     path = os.path.abspath(str(path).rstrip('/'))
-    if os.path.exists(path) and not force:
-        raise ConversionError(f'{path}: exists; pass --force to replace it')
+    if os.path.exists(path):
+        if not force:
+            raise ConversionError(f'{path}: exists; pass --force to replace it')
+        if os.path.isdir(path) and not is_orbax_dir(path):
+            raise ConversionError(f'{path}: is a directory that is not an orbax checkpoint; refusing to replace it')
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise ConversionError(f'{path}: parent directory does not exist')
-    tmpdir = tempfile.mkdtemp(prefix='.vit-flax-', dir=parent)
+    try:
+        tmpdir = tempfile.mkdtemp(prefix='.vit-flax-', dir=parent)
+    except OSError as e:
+        raise ConversionError(f'{path}: cannot write ({e.strerror})') from None
     tmp = os.path.join(tmpdir, os.path.basename(path))
     try:
         yield tmp
@@ -151,6 +189,8 @@ def atomic_output(path: str, force: bool, is_dir: bool = False):
         elif os.path.exists(path):
             os.remove(path)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ConversionError(f'{path}: cannot write ({e.strerror or e})') from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -185,6 +225,6 @@ def write_safetensors(state: Dict[str, np.ndarray], path: str, force: bool = Fal
 def write_orbax(flat: Dict[str, np.ndarray], path: str, force: bool = False) -> None:
     import orbax.checkpoint as ocp
     from flax.traverse_util import unflatten_dict
-    with atomic_output(path, force, is_dir=True) as tmp:
+    with atomic_output(path, force) as tmp:
         ckptr = ocp.PyTreeCheckpointer()
         ckptr.save(os.path.abspath(tmp), {'params': unflatten_dict(flat, sep='/')})

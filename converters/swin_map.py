@@ -92,7 +92,7 @@ def swin_parity_points(model):
 
 
 # ---------------------------------------------------------------- architecture read off a checkpoint
-# Same contract as vit_map's config_from_* / core / overrides (not wired into families.py by this module).
+# Same contract as vit_map's config_from_* / core / overrides (wired in by converters/families.py).
 
 def _blocks_per_stage(keys, pattern) -> Tuple[int, ...]:
     found = {}
@@ -109,7 +109,8 @@ def swin_config_from_flax(flat) -> dict:
     kernel = flat['patch_embed/proj/kernel']
     depths = _blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
     tables = [flat[f'layers_{i}/blocks_0/attn/relative_position_bias_table'] for i in range(len(depths))]
-    return dict(embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:2]),
+    return dict(stage_windows=tuple(_window_of(t) for t in tables),
+                embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:2]),
                 depths=depths, num_heads=tuple(t.shape[1] for t in tables), window_size=_window_of(tables[0]),
                 mlp_ratio=flat['layers_0/blocks_0/mlp/Dense_0/kernel'].shape[1] / kernel.shape[-1],
                 qkv_bias='layers_0/blocks_0/attn/qkv/bias' in flat,
@@ -121,7 +122,8 @@ def swin_config_from_torch(state) -> dict:
     w = state['patch_embed.proj.weight']
     depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
     tables = [state[f'layers.{i}.blocks.0.attn.relative_position_bias_table'] for i in range(len(depths))]
-    return dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), depths=depths,
+    return dict(stage_windows=tuple(_window_of(t) for t in tables),
+                embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), depths=depths,
                 num_heads=tuple(t.shape[1] for t in tables), window_size=_window_of(tables[0]),
                 mlp_ratio=state['layers.0.blocks.0.mlp.fc1.weight'].shape[0] / w.shape[0],
                 qkv_bias='layers.0.blocks.0.attn.qkv.bias' in state,
@@ -137,16 +139,16 @@ def swin_core(model) -> dict:
 
 
 def swin_overrides(cfg: dict, model) -> dict:
-    """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`.
+    """Overrides that make `model` (already holding the file's core fields) hold exactly the checkpoint.
 
-    A Swin checkpoint does not record its image size. It stays the registered one unless the window
-    differs from the model's (a base re-shaped to the file's core fields): then it is the official
-    convention patch * window * 2^(stages-1), where the last stage is exactly one window, so that no
-    stage clamps its window and every bias table keeps the file's shape."""
-    kw = {k: cfg[k] for k in ('num_classes', 'qkv_bias', 'in_chans')}
-    window = to_tuple(cfg.get('window_size', model.window_size), 2)
-    if window != to_tuple(model.window_size, 2):
-        patch = to_tuple(model.patch_size, 2)
+    A Swin checkpoint does not record its image size, but its per-stage bias tables record each stage's
+    window, which the image size decides (a stage no larger than the window uses the whole stage). The
+    registered size is kept when it gives the file's windows; otherwise the official convention
+    patch * window * 2^(stages-1), where the last stage is exactly one window."""
+    kw = {k: cfg[k] for k in ('num_classes', 'qkv_bias', 'in_chans') if cfg[k] != getattr(model, k)}
+    windows = lambda m: tuple(w[0] for w, _ in m.stage_windows())
+    if cfg.get('stage_windows') and windows(model) != tuple(cfg['stage_windows']):
+        patch, window = to_tuple(model.patch_size, 2), to_tuple(model.window_size, 2)
         kw['img_size'] = tuple(p * w * 2 ** (len(model.depths) - 1) for p, w in zip(patch, window))
     return kw
 

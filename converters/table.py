@@ -100,7 +100,7 @@ def _run(src, rules, from_side, to_side, fn_name, ignore=()):
         arrays = _take(src, getattr(r, from_side), from_side, used)
         try:
             results = getattr(r.transform, fn_name)(arrays)
-        except ValueError as e:
+        except (ValueError, IndexError) as e:
             shapes = ', '.join(f'{k} {tuple(a.shape)}' for k, a in zip(getattr(r, from_side), arrays))
             raise ConversionError(f'cannot map {shapes} through {r.transform.name}: {e}') from None
         for k, v in zip(getattr(r, to_side), results):

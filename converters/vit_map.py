@@ -141,12 +141,15 @@ def vit_overrides(cfg: dict, model) -> dict:
                    qkv_bias=model.qkv_bias, in_chans=model.in_chans)
     kw = {k: cfg[k] for k, v in current.items() if cfg[k] != v}
     if cfg['num_patches'] != int(np.prod(model.grid_size)):
+        hint = cfg.get('img_size_hint')
         patch = to_tuple(model.patch_size, model.spatial_dims)
-        if model.spatial_dims == 1:
+        if hint is not None and int(np.prod(model.clone(img_size=hint).grid_size)) == cfg['num_patches']:
+            kw['img_size'] = hint
+        elif model.spatial_dims == 1:
             kw['img_size'] = cfg['num_patches'] * patch[0]
         else:
             side = int(round(cfg['num_patches'] ** 0.5))
             if side * side != cfg['num_patches']:
-                raise ValueError(f"{cfg['num_patches']} positions are not a square grid; pass img_size")
+                raise ValueError(f"{cfg['num_patches']} positions are not a square grid; pass img_size (HxW)")
             kw['img_size'] = side * patch[0] if patch[0] == patch[1] else (side * patch[0], side * patch[1])
     return kw

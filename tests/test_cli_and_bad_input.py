@@ -109,7 +109,9 @@ def test_pickle_code_is_never_run(tmp_path):
         os.remove(MARKER)
     with open(tmp_path / 'evil.pth', 'wb') as f:
         torch.save({'model': Evil()}, f)
-    assert_clean_error(cli('convert', tmp_path / 'evil.pth', tmp_path / 'o.npz'), 'evil.pth', 'weights-only')
+    r = cli('convert', tmp_path / 'evil.pth', tmp_path / 'o.npz')
+    assert_clean_error(r, 'evil.pth', 'refused (weights-only loading)')
+    assert 'weights_only=False' not in r.stderr   # never suggest the unsafe way
     np.save(tmp_path / 'obj.npy', np.array([Evil()], dtype=object), allow_pickle=True)
     with zipfile.ZipFile(tmp_path / 'evil.npz', 'w') as z:
         z.write(tmp_path / 'obj.npy', 'embedding/kernel.npy')
@@ -164,4 +166,41 @@ def test_bad_options(ckpt, tmp_path):
                        "layout 'microsoft' cannot be written as torch")
     r = cli('convert', ckpt / 'tiny.pth', tmp_path / 'o.pth', '--img-size', 'big')
     assert r.returncode == 2 and '--img-size wants S or HxW' in r.stderr
-    assert_clean_error(cli('convert', ckpt / 'tiny.pth', ckpt / 'tiny.pth', '--force'), 'same file')
+    assert_clean_error(cli('convert', ckpt / 'tiny.pth', ckpt / 'tiny.pth', '--force'), 'is the source')
+    for opt, value in [('--num-classes', '-5'), ('--window-size', '0')]:
+        r = cli('convert', ckpt / 'tiny.pth', tmp_path / 'o.pth', opt, value)
+        assert r.returncode == 2 and f'{opt} wants an integer' in r.stderr
+    assert_clean_error(cli('convert', ckpt / 'tiny.pth', tmp_path / 'o.npz', '--img-size', '8'),
+                       'smaller than the patch')
+    assert not (tmp_path / 'o.npz').exists() and not (tmp_path / 'o.pth').exists()
+
+
+def test_force_never_deletes_a_folder_of_other_files(ckpt, tmp_path):
+    victim = tmp_path / 'victim'
+    victim.mkdir()
+    (victim / 'notes.txt').write_text('keep me')
+    assert_clean_error(cli('convert', ckpt / 'tiny.pth', victim, '--force'), 'not an orbax checkpoint')
+    assert (victim / 'notes.txt').read_text() == 'keep me'
+    src = victim / 'w.pth'
+    src.write_bytes((ckpt / 'tiny.pth').read_bytes())
+    assert_clean_error(cli('convert', src, victim, '--force'), 'is the source or contains it')
+    assert src.exists()
+    # an orbax checkpoint, on the other hand, is replaced with --force
+    assert cli('convert', ckpt / 'tiny.pth', tmp_path / 'ob').returncode == 0
+    assert cli('convert', ckpt / 'tiny.pth', tmp_path / 'ob', '--force').returncode == 0
+
+
+def test_malformed_tensors_and_keys(ckpt, tmp_path):
+    sd = torch.load(ckpt / 'tiny.pth', weights_only=True)
+    torch.save({0: torch.zeros(3)}, tmp_path / 'intkey.pth')
+    assert_clean_error(cli('inspect', tmp_path / 'intkey.pth'), 'intkey.pth', 'key 0 is not a string')
+    torch.save({**sd, 'blocks.0.attn.qkv.weight': sd['blocks.0.attn.qkv.weight'].flatten()}, tmp_path / 'q1d.pth')
+    assert_clean_error(cli('convert', tmp_path / 'q1d.pth', tmp_path / 'o.npz'), 'q1d.pth', 'blocks.0.attn.qkv.weight')
+    torch.save({**sd, 'norm.weight': sd['norm.weight'].long()}, tmp_path / 'int.pth')
+    assert_clean_error(cli('convert', tmp_path / 'int.pth', tmp_path / 'o.npz'), 'int.pth', 'encoder_norm/scale',
+                       'floating-point')
+    np.save(tmp_path / 'a.npy', np.zeros(3))
+    os.rename(tmp_path / 'a.npy', tmp_path / 'a.npz')
+    assert_clean_error(cli('inspect', tmp_path / 'a.npz'), 'a.npz', 'not an .npz archive')
+    assert_clean_error(cli('convert', ckpt / 'tiny.pth', '/proc/o.npz'), '/proc/o.npz', 'cannot write')
+    assert not (tmp_path / 'o.npz').exists()

@@ -273,10 +273,13 @@ def test_architecture_read_off_checkpoints(name):
     from_flax = swin_map.swin_config_from_flax(flatten_dict(vit_flax.summary.param_shapes(model), sep='/'))
     assert from_torch == from_flax
     assert all(from_flax[k] == v for k, v in swin_map.swin_core(vit_flax.create_model(name)).items())
-    assert swin_map.swin_overrides(from_flax, model) == dict(num_classes=21841, qkv_bias=True, in_chans=3)
-    # a window-12 file read into a window-7 base gets the image size at which no stage clamps the window
-    window7 = vit_flax.create_model('swin_tiny_patch4_window7_224')
-    assert swin_map.swin_overrides(dict(from_flax, window_size=12), window7)['img_size'] == (384, 384)
+    assert swin_map.swin_overrides(from_flax, vit_flax.create_model(name)) == dict(num_classes=21841)
+    # a window-12 file on a window-7 base re-shaped to window 12: at 224 its last stage would clamp to 7,
+    # which the file's tables deny, so it gets the size at which no stage clamps
+    w12 = swin_map.swin_config_from_flax(flatten_dict(vit_flax.summary.param_shapes(
+        vit_flax.create_model('swin_base_patch4_window12_384')), sep='/'))
+    base = vit_flax.create_model('swin_base_patch4_window7_224').clone(window_size=12)
+    assert swin_map.swin_overrides(w12, base) == dict(img_size=(384, 384))
 
 
 def test_timm_kwargs_refuse_what_timm_cannot_build():

@@ -123,3 +123,11 @@ def test_swin_head_surgery_and_mismatch(tiny):
     r = cli('convert', tiny['dir'] / 'timm.pth', '/tmp/never.pth', '--model', 'swin_small_patch4_window7_224')
     assert r.returncode == 1 and 'depths=(2, 2, 6, 2), but swin_small_patch4_window7_224 has depths=(2, 2, 18, 2)' \
         in r.stderr, r.stderr
+
+
+def test_swin_headless_file_gets_a_new_head(tiny, tmp_path):
+    r = cli('convert', tiny['dir'] / 'timm.pth', tmp_path / 'nohead.pth', '--num-classes', '0')
+    assert r.returncode == 0 and 'head: dropped' in r.stderr, r.stderr
+    r = cli('convert', tmp_path / 'nohead.pth', tmp_path / 'ten.pth', '--num-classes', '10')
+    assert r.returncode == 0 and 'head: 0 -> 10 classes' in r.stderr, r.stderr
+    assert torch.load(tmp_path / 'ten.pth', weights_only=True)['head.fc.weight'].shape == (10, 768)

@@ -297,3 +297,42 @@ def test_google_resample_is_align_corners_linear():
     # output j sits at input j * 3/6: j=2 lands on input 1, j=1 halfway between inputs 0 and 1
     np.testing.assert_allclose(got[0, 2], grid[0, 1], rtol=1e-5)
     np.testing.assert_allclose(got[0, 1], (grid[0, 0] + grid[0, 1]) / 2, rtol=1e-5)
+
+
+def test_opt_target_prefix_with_released_numbering(tmp_path):
+    """A vit_jax-style training checkpoint: released numbering under opt/target/ (timm reads it too)."""
+    tm = timm_model('vit_tiny_patch16_224')
+    model = vit_flax.create_model('vit_tiny_patch16_224')
+    flat = api.table.torch_to_flax(state_np(tm), api.family_of(model).rules(model))
+    np.savez(tmp_path / 'opt.npz', **{f'opt/target/{k}': v for k, v in google.flax_to_npz(flat, 'released').items()})
+    m, p, ck = api.load_model(tmp_path / 'opt.npz')
+    assert ck.layout == 'released' and ck.model_name == 'vit_tiny_patch16_224'
+    x = images((1, 224, 224, 3))
+    assert rel_err(run_flax(m, p, x), run_timm(tm, x)) < 1e-4
+
+
+@pytest.mark.parametrize('layout', ['released', 'big_vision'])
+def test_non_square_grid_written_and_read_back(tmp_path, layout):
+    tm = timm_model('vit_tiny_patch16_224', img_size=(80, 160), depth=2)
+    torch.save(tm.state_dict(), tmp_path / 'w.pth')
+    arch = dict(img_size=(80, 160), depth=2)
+    m, p, _ = api.load_model(tmp_path / 'w.pth', 'vit_tiny_patch16_224', **arch)
+    api.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'w.npz', layout=layout)
+    # 50 patches: the size asked for says 5x10; a big_vision table has no cls row to guess about
+    m2, p2, ck = api.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', **arch)
+    assert tuple(m2.grid_size) == (5, 10)
+    x = images((1, 80, 160, 3))
+    assert rel_err(run_flax(m2, p2, x), run_timm(tm, x)) < 1e-4
+    with pytest.raises(ConversionError, match='not a square grid; pass img_size'):
+        api.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', depth=2)
+
+
+def test_unregistered_npz_architecture_is_rebuilt_from_the_file(tmp_path):
+    tm = timm_model('vit_tiny_patch16_224', patch_size=14, depth=2)
+    torch.save(tm.state_dict(), tmp_path / 'w.pth')
+    m, p, _ = api.load_model(tmp_path / 'w.pth', 'vit_tiny_patch16_224', patch_size=14, depth=2)
+    api.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'p14.npz')
+    m2, p2, ck = api.load_model(tmp_path / 'p14.npz')     # no name: npz records heads, depth, patch
+    assert ck.model_name == 'vit_tiny_patch16_224' and m2.depth == 2 and m2.img_size == 224
+    x = images((1, 224, 224, 3))
+    assert rel_err(run_flax(m2, p2, x), run_timm(tm, x)) < 1e-4

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_timm.py
+
+parity-report: $(STAMP)
+	$(PY) benchmarks/parity_report.py
+
+train: $(STAMP)
+	$(PY) train_flax.py
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

@@ -181,6 +181,9 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     if grid and min(grid) < 1:
         raise ConversionError(f'img_size {dst.img_size} is smaller than the patch {dst.patch_size}')
     flat = dict(flat)
+    if POS_KEY in flat and any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
+        log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
+            f'the last rows/columns of each image are never seen')
     if POS_KEY in flat and tuple(src.grid_size) != grid:
         flat[POS_KEY] = resample_pos_embed(flat[POS_KEY], grid, dst.num_prefix_tokens, src.grid_size, resample)
         log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '

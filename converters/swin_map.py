@@ -18,42 +18,33 @@ from vit_flax.layers import to_tuple
 from vit_flax.swin import relative_position_index, shifted_window_mask
 
 from .errors import ConversionError
-from .table import CONV, LINEAR, Rule, rule
+from .table import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule
 
 # Buffers some files carry (Microsoft's release, timm < 0.9): derived from the config, never read.
 SWIN_IGNORE = ('relative_position_index', 'attn_mask')
-
-
-def _norm(flax: str, torch: str) -> List[Rule]:
-    return [rule(f'{flax}/scale', f'{torch}.weight'), rule(f'{flax}/bias', f'{torch}.bias')]
-
-
-def _dense(flax: str, torch: str, bias: bool = True) -> List[Rule]:
-    rules = [rule(f'{flax}/kernel', f'{torch}.weight', LINEAR)]
-    return rules + [rule(f'{flax}/bias', f'{torch}.bias')] if bias else rules
 
 
 def swin_rules(model) -> List[Rule]:
     """The map for a `vit_flax.SwinTransformer` instance (its config decides which rows exist)."""
     rules = [rule('patch_embed/proj/kernel', 'patch_embed.proj.weight', CONV),
              rule('patch_embed/proj/bias', 'patch_embed.proj.bias')]
-    rules += _norm('patch_embed/norm', 'patch_embed.norm')
+    rules += norm_rules('patch_embed/norm', 'patch_embed.norm')
     for i, depth in enumerate(model.depths):
         f, t = f'layers_{i}', f'layers.{i}'
         if i > 0:
-            rules += _norm(f'{f}/downsample/norm', f'{t}.downsample.norm')
-            rules += _dense(f'{f}/downsample/reduction', f'{t}.downsample.reduction', bias=False)
+            rules += norm_rules(f'{f}/downsample/norm', f'{t}.downsample.norm')
+            rules += dense_rules(f'{f}/downsample/reduction', f'{t}.downsample.reduction', bias=False)
         for j in range(depth):
             fb, tb = f'{f}/blocks_{j}', f'{t}.blocks.{j}'
-            rules += _norm(f'{fb}/norm1', f'{tb}.norm1')
+            rules += norm_rules(f'{fb}/norm1', f'{tb}.norm1')
             rules.append(rule(f'{fb}/attn/relative_position_bias_table', f'{tb}.attn.relative_position_bias_table'))
-            rules += _dense(f'{fb}/attn/qkv', f'{tb}.attn.qkv', bias=model.qkv_bias)
-            rules += _dense(f'{fb}/attn/proj', f'{tb}.attn.proj')
-            rules += _norm(f'{fb}/norm2', f'{tb}.norm2')
-            rules += _dense(f'{fb}/mlp/Dense_0', f'{tb}.mlp.fc1') + _dense(f'{fb}/mlp/Dense_1', f'{tb}.mlp.fc2')
-    rules += _norm('norm', 'norm')
+            rules += dense_rules(f'{fb}/attn/qkv', f'{tb}.attn.qkv', bias=model.qkv_bias)
+            rules += dense_rules(f'{fb}/attn/proj', f'{tb}.attn.proj')
+            rules += norm_rules(f'{fb}/norm2', f'{tb}.norm2')
+            rules += mlp_rules(f'{fb}/mlp', f'{tb}.mlp')
+    rules += norm_rules('norm', 'norm')
     if model.num_classes > 0:
-        rules += _dense('head', 'head.fc')
+        rules += dense_rules('head', 'head.fc')
     return rules
 
 

@@ -86,6 +86,22 @@ def heads_out(num_heads: int) -> Transform:
                      _one(lambda w: w.T.reshape(num_heads, -1, w.shape[0])))
 
 
+def norm_rules(flax: str, torch: str) -> List[Rule]:
+    """LayerNorm: scale/bias <-> weight/bias."""
+    return [rule(f'{flax}/scale', f'{torch}.weight'), rule(f'{flax}/bias', f'{torch}.bias')]
+
+
+def dense_rules(flax: str, torch: str, bias: bool = True) -> List[Rule]:
+    """Dense kernel/bias <-> Linear weight/bias."""
+    rules = [rule(f'{flax}/kernel', f'{torch}.weight', LINEAR)]
+    return rules + [rule(f'{flax}/bias', f'{torch}.bias')] if bias else rules
+
+
+def mlp_rules(flax: str, torch: str) -> List[Rule]:
+    """Google's MlpBlock (Dense_0, Dense_1) <-> timm's Mlp (fc1, fc2)."""
+    return dense_rules(f'{flax}/Dense_0', f'{torch}.fc1') + dense_rules(f'{flax}/Dense_1', f'{torch}.fc2')
+
+
 def _take(src: Dict[str, np.ndarray], keys: Sequence[str], side: str, used: set) -> Arrays:
     missing = [k for k in keys if k not in src]
     if missing:

@@ -3,19 +3,7 @@ from typing import List
 
 import numpy as np
 
-from .table import CONV, LINEAR, Rule, heads_in, heads_out, rule
-
-
-def _norm(flax: str, torch: str) -> List[Rule]:
-    return [rule(f'{flax}/scale', f'{torch}.weight'), rule(f'{flax}/bias', f'{torch}.bias')]
-
-
-def _dense(flax: str, torch: str) -> List[Rule]:
-    return [rule(f'{flax}/kernel', f'{torch}.weight', LINEAR), rule(f'{flax}/bias', f'{torch}.bias')]
-
-
-def _mlp(flax: str, torch: str) -> List[Rule]:
-    return _dense(f'{flax}/Dense_0', f'{torch}.fc1') + _dense(f'{flax}/Dense_1', f'{torch}.fc2')
+from .table import CONV, Rule, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
 
 
 def _attention_out(flax: str, torch: str, heads: int) -> List[Rule]:
@@ -36,16 +24,16 @@ def vit_rules(model) -> List[Rule]:
     for i in range(model.depth):
         f, t = f'Transformer/encoderblock_{i}', f'blocks.{i}'
         mha = f'{f}/MultiHeadDotProductAttention_0'
-        rules += _norm(f'{f}/LayerNorm_0', f'{t}.norm1')
+        rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm1')
         qkv = tuple(f'{mha}/{n}/kernel' for n in ('query', 'key', 'value'))
         rules.append(rule(qkv, f'{t}.attn.qkv.weight', heads_in(h, 3)))
         if model.qkv_bias:
             qkv_b = tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value'))
             rules.append(rule(qkv_b, f'{t}.attn.qkv.bias', heads_in(h, 3, kernel=False)))
         rules += _attention_out(mha, f'{t}.attn.proj', h)
-        rules += _norm(f'{f}/LayerNorm_1', f'{t}.norm2')
-        rules += _mlp(f'{f}/MlpBlock_0', f'{t}.mlp')
-    rules += _norm('Transformer/encoder_norm', 'norm')
+        rules += norm_rules(f'{f}/LayerNorm_1', f'{t}.norm2')
+        rules += mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+    rules += norm_rules('Transformer/encoder_norm', 'norm')
     if model.global_pool == 'map':
         f, t = 'MAPHead_0', 'attn_pool'
         mha = f'{f}/MultiHeadDotProductAttention_0'
@@ -55,13 +43,13 @@ def vit_rules(model) -> List[Rule]:
                   rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
                   rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False))]
         rules += _attention_out(mha, f'{t}.proj', h)
-        rules += _norm(f'{f}/LayerNorm_0', f'{t}.norm') + _mlp(f'{f}/MlpBlock_0', f'{t}.mlp')
+        rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm') + mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
     if model.representation_size:
-        rules += _dense('pre_logits', 'pre_logits.fc')  # the seeds' name; current timm has no such layer
+        rules += dense_rules('pre_logits', 'pre_logits.fc')  # the seeds' name; current timm has no such layer
     if model.num_classes > 0:
-        rules += _dense('head', 'head')
+        rules += dense_rules('head', 'head')
         if model.distilled:
-            rules += _dense('head_dist', 'head_dist')
+            rules += dense_rules('head_dist', 'head_dist')
     return rules
 
 

@@ -167,9 +167,13 @@ class VisionTransformer(nn.Module):
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
+    def patch_size_tuple(self):
+        return to_tuple(self.patch_size, self.spatial_dims)
+
+    @property
     def grid_size(self):
-        img, patch = to_tuple(self.img_size, self.spatial_dims), to_tuple(self.patch_size, self.spatial_dims)
-        return tuple(i // p for i, p in zip(img, patch))
+        img = to_tuple(self.img_size, self.spatial_dims)
+        return tuple(i // p for i, p in zip(img, self.patch_size_tuple))
 
     @property
     def has_class_token(self) -> bool:
@@ -188,7 +192,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'token', 'gap' or 'map', got {self.global_pool!r}")
         if self.distilled and self.global_pool != 'token':
             raise ValueError('a distilled model reads the class and distillation tokens: global_pool must be token')
-        patch = to_tuple(self.patch_size, self.spatial_dims)
+        patch = self.patch_size_tuple
         mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
         self.embedding = nn.Conv(self.embed_dim, patch, strides=patch, padding='VALID', dtype=self.dtype)
         if self.has_class_token:

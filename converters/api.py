@@ -4,7 +4,7 @@ Every path goes through the flat Flax tree: Google npz layouts are our own tree 
 PyTorch files pass through the family's rule table; orbax holds the tree itself.
 """
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import ml_dtypes
@@ -42,7 +42,6 @@ class Checkpoint:
     model_name: str
     model: object                 # a module whose tree is exactly `flat`
     detected: bool                # model_name came from the checkpoint, not the caller
-    notes: List[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- model detection
@@ -161,9 +160,7 @@ def _read_config(fn, arrays, path):
 # ---------------------------------------------------------------- adapting to a target model
 
 def _fresh_head(shape, rng):
-    # timm's head init: truncated normal std 0.02 for the weight, zeros for the bias.
-    if len(shape) == 1:
-        return np.zeros(shape, np.float32)
+    # timm's head init: truncated normal std 0.02 (the bias is zeros)
     return np.clip(rng.standard_normal(shape), -2, 2).astype(np.float32) * 0.02
 
 

@@ -33,7 +33,7 @@ def build_timm(model, model_name: str, flat):
         raise ConversionError(f'timm cannot build {model_name}: {e}') from None
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_torch_state(flat, model).items()}
     missing, unexpected = tm.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(family.ignore_torch or ('\0',))]
+    missing = [k for k in missing if not k.endswith(family.ignore_torch)]
     if missing or unexpected:
         raise ConversionError(f'timm {model_name} rejects the converted weights: missing {missing[:3]}, '
                               f'unexpected {unexpected[:3]}')

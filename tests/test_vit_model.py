@@ -241,3 +241,12 @@ def test_wrong_input_size_is_a_clear_error():
     m = tiny()
     with pytest.raises(ValueError, match=r'input shape \(48, 48, 3\)'):
         m.apply({'params': vit_flax.init_params(m)}, images((1, 48, 48, 3)))
+
+
+def test_vit_flax_imports_neither_torch_nor_converters():
+    import subprocess
+    import sys
+    code = 'import sys, vit_flax; vit_flax.create_model("swin_tiny_patch4_window7_224"); ' \
+           'print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "converters")))'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '[]'

@@ -115,22 +115,20 @@ VIT_CORE = ('embed_dim', 'depth', 'patch_size', 'mlp_dim', 'spatial_dims', 'num_
 
 
 def vit_core(model) -> dict:
-    from vit_flax.layers import to_tuple
-    return dict(embed_dim=model.embed_dim, depth=model.depth, patch_size=to_tuple(model.patch_size, model.spatial_dims),
+    return dict(embed_dim=model.embed_dim, depth=model.depth, patch_size=model.patch_size_tuple,
                 mlp_dim=model.mlp_dim or int(model.embed_dim * model.mlp_ratio), spatial_dims=model.spatial_dims,
                 num_heads=model.num_heads)
 
 
 def vit_overrides(cfg: dict, model) -> dict:
     """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`."""
-    from vit_flax.layers import to_tuple
     current = dict(num_classes=model.num_classes, representation_size=model.representation_size or None,
                    distilled=model.distilled, class_token=model.has_class_token, global_pool=model.global_pool,
                    qkv_bias=model.qkv_bias, in_chans=model.in_chans)
     kw = {k: cfg[k] for k, v in current.items() if cfg[k] != v}
     if cfg['num_patches'] != int(np.prod(model.grid_size)):
         hint = cfg.get('img_size_hint')
-        patch = to_tuple(model.patch_size, model.spatial_dims)
+        patch = model.patch_size_tuple
         if hint is not None and int(np.prod(model.clone(img_size=hint).grid_size)) == cfg['num_patches']:
             kw['img_size'] = hint
         elif model.spatial_dims == 1:

@@ -17,6 +17,8 @@ def vit_rules(model) -> List[Rule]:
     rules = [rule('embedding/kernel', 'patch_embed.proj.weight', CONV),
              rule('embedding/bias', 'patch_embed.proj.bias'),
              rule('Transformer/posembed_input/pos_embedding', 'pos_embed')]
+    if model.embed_norm:
+        rules += norm_rules('embedding_norm', 'patch_embed.norm')
     if model.has_class_token:
         rules.append(rule('cls', 'cls_token'))
     if model.distilled:
@@ -59,6 +61,8 @@ def vit_timm_kwargs(model) -> dict:
               in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
               mlp_ratio=(model.mlp_dim / model.embed_dim) if model.mlp_dim else model.mlp_ratio,
               qkv_bias=model.qkv_bias)
+    if model.embed_norm:
+        kw['embed_norm_layer'] = 'layernorm'  # timm's LayerNorm, eps 1e-6 as the model's norm_eps default
     if model.global_pool != 'token':
         kw.update(global_pool={'gap': 'avg', 'map': 'map'}[model.global_pool],
                   class_token=model.has_class_token, fc_norm=False)
@@ -89,7 +93,7 @@ def vit_config_from_flax(flat) -> dict:
                num_heads=flat[f'{b0}/MultiHeadDotProductAttention_0/query/kernel'].shape[1],
                mlp_dim=flat[f'{b0}/MlpBlock_0/Dense_0/kernel'].shape[1],
                qkv_bias=f'{b0}/MultiHeadDotProductAttention_0/query/bias' in flat,
-               distilled='dist' in flat, class_token='cls' in flat,
+               distilled='dist' in flat, class_token='cls' in flat, embed_norm='embedding_norm/scale' in flat,
                global_pool='map' if 'MAPHead_0/probe' in flat else ('token' if 'cls' in flat else 'gap'),
                representation_size=flat['pre_logits/bias'].shape[0] if 'pre_logits/bias' in flat else None,
                num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0)
@@ -104,6 +108,7 @@ def vit_config_from_torch(state) -> dict:
                depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,
                mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0], qkv_bias='blocks.0.attn.qkv.bias' in state,
                distilled='dist_token' in state, class_token='cls_token' in state,
+               embed_norm='patch_embed.norm.weight' in state,
                global_pool='map' if 'attn_pool.latent' in state else ('token' if 'cls_token' in state else 'gap'),
                representation_size=state['pre_logits.fc.bias'].shape[0] if 'pre_logits.fc.bias' in state else None,
                num_classes=state['head.bias'].shape[0] if 'head.bias' in state else 0)
@@ -124,18 +129,25 @@ def vit_overrides(cfg: dict, model) -> dict:
     """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`."""
     current = dict(num_classes=model.num_classes, representation_size=model.representation_size or None,
                    distilled=model.distilled, class_token=model.has_class_token, global_pool=model.global_pool,
-                   qkv_bias=model.qkv_bias, in_chans=model.in_chans)
+                   qkv_bias=model.qkv_bias, in_chans=model.in_chans, embed_norm=model.embed_norm)
     kw = {k: cfg[k] for k, v in current.items() if cfg[k] != v}
-    if cfg['num_patches'] != int(np.prod(model.grid_size)):
-        hint = cfg.get('img_size_hint')
-        patch = model.patch_size_tuple
-        if hint is not None and int(np.prod(model.clone(img_size=hint).grid_size)) == cfg['num_patches']:
-            kw['img_size'] = hint
-        elif model.spatial_dims == 1:
-            kw['img_size'] = cfg['num_patches'] * patch[0]
-        else:
-            side = int(round(cfg['num_patches'] ** 0.5))
-            if side * side != cfg['num_patches']:
-                raise ValueError(f"{cfg['num_patches']} positions are not a square grid; pass img_size (HxW)")
-            kw['img_size'] = side * patch[0] if patch[0] == patch[1] else (side * patch[0], side * patch[1])
-    return kw
+    img = img_size_override(cfg, model)
+    return {**kw, **({'img_size': img} if img is not None else {})}
+
+
+def img_size_override(cfg: dict, model):
+    """The img_size that gives `model` the checkpoint's `num_patches` positions (None: its own does).
+
+    The caller's size (`img_size_hint`) when it fits, else a square grid (a 1-D model: a line)."""
+    if cfg['num_patches'] == int(np.prod(model.grid_size)):
+        return None
+    hint = cfg.get('img_size_hint')
+    patch = model.patch_size_tuple
+    if hint is not None and int(np.prod(model.clone(img_size=hint).grid_size)) == cfg['num_patches']:
+        return hint
+    if getattr(model, 'spatial_dims', 2) == 1:
+        return cfg['num_patches'] * patch[0]
+    side = int(round(cfg['num_patches'] ** 0.5))
+    if side * side != cfg['num_patches']:
+        raise ValueError(f"{cfg['num_patches']} positions are not a square grid; pass img_size (HxW)")
+    return side * patch[0] if patch[0] == patch[1] else (side * patch[0], side * patch[1])

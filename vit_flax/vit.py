@@ -3,7 +3,8 @@
 The tree is the one Google's linen code builds (`embedding`, `cls`, `Transformer/posembed_input/
 pos_embedding`, `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
 MlpBlock_0}`, `Transformer/encoder_norm`, `pre_logits`, `head`), so a Google checkpoint is this model's
-own state. DeiT's distillation token and head add `dist` and `head_dist`.
+own state. DeiT's distillation token and head add `dist` and `head_dist`; `embed_norm=True` (timm's
+`embed_norm_layer`, torch `patch_embed.norm`; no Google model has one) adds `embedding_norm`.
 
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
@@ -156,6 +157,7 @@ class VisionTransformer(nn.Module):
     global_pool: str = 'token'
     class_token: Optional[bool] = None
     distilled: bool = False
+    embed_norm: bool = False  # LayerNorm on the patch tokens, as the seeds' 1-D ViT passes norm_layer to its PatchEmbed
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -195,6 +197,8 @@ class VisionTransformer(nn.Module):
         patch = self.patch_size_tuple
         mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
         self.embedding = nn.Conv(self.embed_dim, patch, strides=patch, padding='VALID', dtype=self.dtype)
+        if self.embed_norm:
+            self.embedding_norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
         if self.has_class_token:
             self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.embed_dim))
         if self.distilled:
@@ -220,6 +224,8 @@ class VisionTransformer(nn.Module):
                              f'(set img_size/in_chans when creating the model)')
         x = self.embedding(x.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.embed_norm:
+            x = self.embedding_norm(x)
         prefix = []
         if self.has_class_token:
             prefix.append(self.cls)
@@ -289,8 +295,9 @@ for _size, _res in [('tiny', 224), ('small', 224), ('base', 224), ('base', 384)]
     _vit(f'deit_{_size}_patch16_{_res}', img_size=_res, patch_size=16, **_SIZES[_size])
     _vit(f'deit_{_size}_distilled_patch16_{_res}', img_size=_res, patch_size=16, distilled=True, **_SIZES[_size])
 
-# 1-D ViT for signals: (B, L, C) input, patches of `patch_size` samples (a strided Conv1d).
+# 1-D ViT for signals: (B, L, C) input, patches of `patch_size` samples (a strided Conv1d), normed as the
+# seeds' 1-D ViT does (it passes its norm_layer to the patch embedding).
 for _size in ('tiny', 'small', 'base'):
-    _vit(f'vit1d_{_size}_patch16_1024', spatial_dims=1, img_size=1024, patch_size=16, in_chans=1,
+    _vit(f'vit1d_{_size}_patch16_1024', spatial_dims=1, img_size=1024, patch_size=16, in_chans=1, embed_norm=True,
          **_SIZES[_size])
 

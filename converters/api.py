@@ -4,7 +4,7 @@ Every path goes through the flat Flax tree: Google npz layouts are our own tree 
 PyTorch files pass through the family's rule table; orbax holds the tree itself.
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import ml_dtypes
@@ -24,7 +24,6 @@ HEAD_INITS = ('zeros', 'fresh')
 # Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
 # resampling, bias-table resizing), so they take no part in matching a checkpoint to its model.
 TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size')
-POS_KEY = 'Transformer/posembed_input/pos_embedding'
 
 
 def _stderr(msg: str) -> None:
@@ -35,13 +34,14 @@ def _stderr(msg: str) -> None:
 class Checkpoint:
     path: str
     format: str          # npz | torch | safetensors | orbax
-    layout: str          # released | linen | big_vision | timm | microsoft | flax
+    layout: str          # released | linen | big_vision | flax | a family's torch layouts (timm, microsoft, ...)
     raw: Dict[str, np.ndarray]
     flat: Dict[str, np.ndarray]   # flat Flax params, as stored (dtype kept)
     family: Family
     model_name: str
     model: object                 # a module whose tree is exactly `flat`
     detected: bool                # model_name came from the checkpoint, not the caller
+    notes: List[str] = field(default_factory=list)  # what was decided about the file beyond its keys (logged on load)
 
 
 # ---------------------------------------------------------------- model detection
@@ -104,9 +104,9 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
 
 def _torch_family(state, path) -> Family:
     for fam in FAMILIES:
-        if fam.detect_torch(state) or (fam.detect_layout and fam.detect_layout(state) != 'timm'):
+        if fam.detect_torch(state) or (fam.detect_layout and fam.detect_layout(state) != fam.torch_layout):
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin state_dict (first keys: {", ".join(list(state)[:3])})')
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch state_dict (first keys: {", ".join(list(state)[:3])})')
 
 
 def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
@@ -120,32 +120,43 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     path = str(path)
     fmt = io.file_format(path)
     raw = io.read_file(path)
+    notes = []
     if fmt == 'npz' and any(k.endswith('embedding/kernel') for k in raw):
         flat, layout = google.npz_to_flax(raw, path)
     elif fmt in ('npz', 'orbax'):
         flat, layout = dict(raw), 'flax'
     else:
-        flat, layout = None, 'timm'
+        flat = None
     if flat is not None:
         family = detect_flax_family(flat)
         if family is None:
-            raise ConversionError(f'{path}: not a ViT/DeiT/Swin Flax tree (first keys: {", ".join(list(flat)[:3])})')
+            raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch Flax tree (first keys: {", ".join(list(flat)[:3])})')
         cfg = dict(_read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
-        name, model = match_model(family, cfg, path, model_name, arch)
     else:
         family = _torch_family(raw, path)
-        state = raw
+        state, layout = raw, family.torch_layout
         if family.detect_layout:
             layout = family.detect_layout(raw)
-            if layout != 'timm':
-                state = family.layouts[layout][0](raw)
+            if layout != family.torch_layout:
+                try:
+                    state = family.layouts[layout][0](raw)
+                except ConversionError as e:
+                    raise ConversionError(f'{path}: {e}') from None
         cfg = dict(_read_config(family.config_from_torch, state, path), img_size_hint=img_size)
-        name, model = match_model(family, cfg, path, model_name, arch)
+        if layout in family.layout_config:
+            fields, why = family.layout_config[layout]
+            cfg.update(fields)
+            notes.append(f'{layout} layout ({why}): {", ".join(f"{k}={v}" for k, v in fields.items())}')
+    if family.resolve:
+        cfg, arch, resolved = family.resolve(cfg, arch, layout, model_name, path)
+        notes += resolved
+    name, model = match_model(family, cfg, path, model_name, arch)
+    if flat is None:
         try:
             flat = table.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
         except ConversionError as e:
             raise ConversionError(f'{path}: {e}') from None
-    return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None)
+    return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
 
 
 def _read_config(fn, arrays, path):
@@ -178,14 +189,15 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     if grid and min(grid) < 1:
         raise ConversionError(f'img_size {dst.img_size} is smaller than the patch {dst.patch_size}')
     flat = dict(flat)
-    if POS_KEY in flat and any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
+    family = family_of(dst)
+    pos_key = family.pos_key
+    if pos_key in flat and any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
         log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
             f'the last rows/columns of each image are never seen')
-    if POS_KEY in flat and tuple(src.grid_size) != grid:
-        flat[POS_KEY] = resample_pos_embed(flat[POS_KEY], grid, dst.num_prefix_tokens, src.grid_size, resample)
+    if pos_key in flat and tuple(src.grid_size) != grid:
+        flat[pos_key] = resample_pos_embed(flat[pos_key], grid, dst.num_prefix_tokens, src.grid_size, resample)
         log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
             f'{dst.num_prefix_tokens} prefix token(s) kept aside')
-    family = family_of(dst)
     if family.adapt:
         flat = family.adapt(flat, src, dst, log, bias_resize=bias_resize)
     rep = getattr(src, 'representation_size', None)
@@ -236,13 +248,16 @@ def validate(flat: Dict[str, np.ndarray], model, where: str) -> None:
         raise ConversionError(f'{where}: unexpected key {extra[0]!r} for this model')
 
 
-def _arch(overrides):
+def arch_overrides(overrides):
+    """The overrides that describe the checkpoint's architecture (the rest describe the target model)."""
     return {k: v for k, v in overrides.items() if k not in TARGET_ONLY}
 
 
 def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast):
     """read -> adapt to the target -> validate: the path shared by load_model and load_params."""
-    ck = read_checkpoint(path, model_name, _arch(overrides), overrides.get('img_size'))
+    ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'))
+    for note in ck.notes:
+        log(note)
     try:
         target = target_of(ck)
     except TypeError as e:  # an unknown override
@@ -278,6 +293,11 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
             raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
                                   f'{target.num_classes}; pass num_classes={src.num_classes} to keep it or '
                                   f'num_classes=N to replace it')
+        norm = getattr(src, 'embed_norm', False)
+        if norm != getattr(target, 'embed_norm', False):
+            raise ConversionError(f'{path}: checkpoint has {"a" if norm else "no"} patch-embedding norm '
+                                  f'(patch_embed.norm), {model_name} has {"none" if norm else "one"}; '
+                                  f'pass embed_norm={norm}')
         rep = getattr(src, 'representation_size', None)
         if rep and 'representation_size' not in overrides and not target.representation_size:
             raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
@@ -288,15 +308,19 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
 
 # ---------------------------------------------------------------- writing
 
-def to_torch_state(flat, model, layout: Optional[str] = None) -> Dict[str, np.ndarray]:
+def to_torch_state(flat, model, layout: Optional[str] = None,
+                   log: Callable[[str], None] = _stderr) -> Dict[str, np.ndarray]:
     family = family_of(model)
     state = table.flax_to_torch(flat, family.rules(model))
-    layout = layout or 'timm'
-    if layout != 'timm':
+    layout = layout or family.torch_layout
+    if layout != family.torch_layout:
         if layout not in family.layouts:
-            raise ConversionError(f'{family.name} has no torch layout {layout!r}; choose timm'
+            raise ConversionError(f'{family.name} has no torch layout {layout!r}; choose {family.torch_layout}'
                                   + ''.join(f' or {n}' for n in family.layouts))
         state = family.layouts[layout][1](state)
+    note = family.layout_note(model, layout)
+    if note:
+        log(f'warning: {layout} layout: {note}')
     return state
 
 
@@ -305,12 +329,12 @@ def output_layouts(model, fmt: str):
     if fmt == 'npz':
         return google.LAYOUTS if family.name == 'vit' else ('flax',)
     if fmt in ('torch', 'safetensors'):
-        return ('timm',) + tuple(family.layouts)
+        return (family.torch_layout,) + tuple(family.layouts)
     return ('flax',)
 
 
 def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optional[str] = None,
-               force: bool = False) -> str:
+               force: bool = False, log: Callable[[str], None] = _stderr) -> str:
     """Write a flat Flax tree of `model` to `path` (format from the extension). Returns the layout written."""
     fmt = io.file_format(path)
     allowed = output_layouts(model, fmt)
@@ -321,10 +345,10 @@ def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optiona
         arrays = google.flax_to_npz(flat, layout) if family_of(model).name == 'vit' else dict(flat)
         io.write_npz(arrays, path, force)
     elif fmt == 'torch':
-        io.write_torch(to_torch_state(flat, model, layout), path, force,
+        io.write_torch(to_torch_state(flat, model, layout, log), path, force,
                        wrap='model' if layout == 'microsoft' else None)
     elif fmt == 'safetensors':
-        io.write_safetensors(to_torch_state(flat, model, layout), path, force)
+        io.write_safetensors(to_torch_state(flat, model, layout, log), path, force)
     else:
         io.write_orbax(flat, path, force)
     return layout

@@ -19,6 +19,18 @@ def _img_size(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _setting(text: str):
+    """--set KEY=VALUE: the value as a Python literal (16, 0.1, True, None, (2, 2, 6, 2)), else a string."""
+    import ast
+    key, sep, value = text.partition('=')
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f'--set wants KEY=VALUE, got {text!r}')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _at_least(lo: int, what: str):
     def parse(text: str) -> int:
         try:
@@ -57,6 +69,7 @@ def _overrides(a):
         over['representation_size'] = None
     if getattr(a, 'window_size', None) is not None:
         over['window_size'] = a.window_size
+    over.update(getattr(a, 'set', None) or [])
     return over
 
 
@@ -81,14 +94,16 @@ def cmd_convert(a):
 def cmd_inspect(a):
     import numpy as np
     from . import api
-    ck = api.read_checkpoint(a.ckpt, a.model)
+    over = _overrides(a)
+    ck = api.read_checkpoint(a.ckpt, a.model, api.arch_overrides(over), over.get('img_size'))
     total = sum(int(np.prod(v.shape)) for v in ck.raw.values())
     nbytes = sum(v.nbytes for v in ck.raw.values())
     dtypes = sorted({str(v.dtype) for v in ck.raw.values()})
     diff = _config_diff(ck)
     if a.json:
         print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, model=ck.model_name,
-                              detected=ck.detected, overrides=diff, keys=len(ck.raw), params=total, bytes=nbytes,
+                              detected=ck.detected, overrides=diff, notes=ck.notes, keys=len(ck.raw), params=total,
+                              bytes=nbytes,
                               dtypes=dtypes, tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
                               if a.keys else None), default=str))
         return
@@ -96,6 +111,8 @@ def cmd_inspect(a):
     print(f'format:  {ck.format}   layout: {ck.layout}')
     print(f"model:   {ck.model_name} ({'detected' if ck.detected else 'given'})"
           + (f"  with {', '.join(f'{k}={v}' for k, v in diff.items())}" if diff else ''))
+    for note in ck.notes:
+        print(f'note:    {note}')
     print(f'keys:    {len(ck.raw)}   params: {total:,}   bytes: {nbytes:,}   dtypes: {", ".join(dtypes)}')
     if a.keys:
         width = max(len(k) for k in ck.raw)
@@ -122,12 +139,12 @@ def _same(a, b) -> bool:
 
 
 def _default_mlp(model) -> bool:
-    return getattr(model, 'mlp_dim', None) == int(model.embed_dim * model.mlp_ratio)
+    return hasattr(model, 'mlp_ratio') and getattr(model, 'mlp_dim', None) == int(model.embed_dim * model.mlp_ratio)
 
 
 def cmd_parity(a):
     from . import api, parity
-    model, params, ck = api.load_model(a.ckpt, a.model)
+    model, params, ck = api.load_model(a.ckpt, a.model, **_overrides(a))
     rows = parity.compare(model, params, ck.model_name, batch=a.batch)
     print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, float32')
     print(parity.format_table(rows, a.tol))
@@ -170,8 +187,10 @@ def build_parser():
     s.add_argument('--bias-resize', choices=('bicubic', 'timm'), default='bicubic',
                    help='Swin bias-table resizing (default: bicubic, as Microsoft\'s fine-tuning code; '
                    'timm: timm\'s resize_rel_pos_bias_table)')
-    s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; '
-                   'torch timm (default) or microsoft (Swin)')
+    s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
+                   '(default) or microsoft or wzmiaomiao (Swin; the seeds\' swin_transformer/model.py); '
+                   'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, vit-pytorch-1.2, vit-pytorch-0.7')
+    _add_set(s)
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser('inspect', help='format, layout, detected model, keys, shapes, dtypes, totals')
@@ -179,15 +198,24 @@ def build_parser():
     s.add_argument('--model')
     s.add_argument('--keys', action='store_true', help='list every key with shape and dtype')
     s.add_argument('--json', action='store_true')
-    s.set_defaults(fn=cmd_inspect)
+    _add_set(s)
+    s.set_defaults(fn=cmd_inspect, num_classes=None, img_size=None)
 
     s = sub.add_parser('parity', help='run timm and Flax on the same input; per-block differences')
     s.add_argument('ckpt')
     s.add_argument('--model')
     s.add_argument('--tol', type=float, default=1e-4, help='relative tolerance (default 1e-4)')
     s.add_argument('--batch', type=int, default=2)
-    s.set_defaults(fn=cmd_parity)
+    _add_set(s)
+    s.set_defaults(fn=cmd_parity, num_classes=None, img_size=None)
     return p
+
+
+def _add_set(parser):
+    parser.add_argument('--set', type=_setting, action='append', metavar='KEY=VALUE',
+                        help='a model field the file does not record or that should differ, repeatable: '
+                        'heads=8 (vit-pytorch), always_partition=True (Swin), depth=6, in_chans=2, ... '
+                        '(the value is a Python literal)')
 
 
 def main(argv=None) -> int:

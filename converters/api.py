@@ -41,7 +41,7 @@ class Checkpoint:
     model_name: str
     model: object                 # a module whose tree is exactly `flat`
     detected: bool                # model_name came from the checkpoint, not the caller
-    notes: List[str] = field(default_factory=list)  # what was decided about the file beyond its keys (logged on load)
+    notes: List[str] = field(default_factory=list)  # decided beyond the keys (e.g. a layout's config); logged
 
 
 # ---------------------------------------------------------------- model detection
@@ -106,7 +106,8 @@ def _torch_family(state, path) -> Family:
     for fam in FAMILIES:
         if fam.detect_torch(state) or (fam.detect_layout and fam.detect_layout(state) != fam.torch_layout):
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch state_dict (first keys: {", ".join(list(state)[:3])})')
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch state_dict '
+                          f'(first keys: {", ".join(list(state)[:3])})')
 
 
 def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
@@ -130,7 +131,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     if flat is not None:
         family = detect_flax_family(flat)
         if family is None:
-            raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch Flax tree (first keys: {", ".join(list(flat)[:3])})')
+            raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch Flax tree '
+                                  f'(first keys: {", ".join(list(flat)[:3])})')
         cfg = dict(_read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
     else:
         family = _torch_family(raw, path)

@@ -103,8 +103,8 @@ def cmd_inspect(a):
     if a.json:
         print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, model=ck.model_name,
                               detected=ck.detected, overrides=diff, notes=ck.notes, keys=len(ck.raw), params=total,
-                              bytes=nbytes,
-                              dtypes=dtypes, tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
+                              bytes=nbytes, dtypes=dtypes,
+                              tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
                               if a.keys else None), default=str))
         return
     print(f'file:    {ck.path}')
@@ -189,7 +189,7 @@ def build_parser():
                    'timm: timm\'s resize_rel_pos_bias_table)')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
                    '(default) or microsoft or wzmiaomiao (Swin; the seeds\' swin_transformer/model.py); '
-                   'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, vit-pytorch-1.2, vit-pytorch-0.7')
+                   'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, -1.2, -0.7, -0.6 (older releases)')
     _add_set(s)
     s.set_defaults(fn=cmd_convert)
 

@@ -9,10 +9,9 @@ and named torch layouts besides the one its table speaks (`torch_layout`, timm's
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
 
+from vit_flax.lucid_vit import LucidViT
 from vit_flax.swin import SwinTransformer
 from vit_flax.vit import VisionTransformer
-
-from vit_flax.lucid_vit import LucidViT
 
 from . import lucid_map, swin_map, vit_map
 
@@ -60,7 +59,8 @@ FAMILIES = [
            detect_torch=lambda s: 'patch_embed.proj.weight' in s and any(k.startswith('blocks.') for k in s),
            detect_flax=lambda f: 'embedding/kernel' in f,
            config_from_flax=vit_map.vit_config_from_flax, config_from_torch=vit_map.vit_config_from_torch,
-           core=vit_map.vit_core, overrides=vit_map.vit_overrides, pos_key='Transformer/posembed_input/pos_embedding'),
+           core=vit_map.vit_core, overrides=vit_map.vit_overrides,
+           pos_key='Transformer/posembed_input/pos_embedding'),
     Family('swin', SwinTransformer, swin_map.swin_rules, swin_map.swin_timm_kwargs, swin_map.swin_parity_points,
            ignore_torch=swin_map.SWIN_IGNORE,
            layouts={'microsoft': (swin_map.microsoft_to_timm, swin_map.timm_to_microsoft),
@@ -76,8 +76,8 @@ FAMILIES = [
            detect_flax=lucid_map.lucid_detect_flax, config_from_flax=lucid_map.lucid_config_from_flax,
            config_from_torch=lucid_map.lucid_config_from_torch, core=lucid_map.lucid_core,
            overrides=lucid_map.lucid_overrides, detect_layout=lucid_map.lucid_detect_layout,
-           layout_note=lucid_map.lucid_layout_note, torch_layout=lucid_map.CURRENT, resolve=lucid_map.lucid_resolve,
-           torch_model=lucid_map.lucid_torch_model, pos_key='pos_embedding'),
+           layout_note=lucid_map.lucid_layout_note, torch_layout=lucid_map.CURRENT,
+           resolve=lucid_map.lucid_resolve, torch_model=lucid_map.lucid_torch_model, pos_key='pos_embedding'),
 ]
 
 

@@ -6,9 +6,10 @@ here: 0.6.8, 0.7.0, 0.10.1 to 0.40.2, 1.0.0 to 1.2.9, 1.4.0 to 1.16.0, 1.17.0, 1
 
 | layout | releases | differs from the current one by |
 |---|---|---|
-| `vit-pytorch` | 1.17 on | (the table) `cls_token` (n, dim) with n = 0 under `pool='mean'`, `pos_embedding` (N + n, dim) |
+| `vit-pytorch` | 1.17 on | (the table) `cls_token` (n, dim), n = 0 under `pool='mean'`; `pos_embedding` (N + n, dim) |
 | `vit-pytorch-1.16` | 1.4 - 1.16 | tables (1, n, dim) and (1, N + n, dim) |
-| `vit-pytorch-1.2` | 0.10 - 1.2 | tables as 1.16; PreNorm wrappers `layers.{i}.{0,1}.norm`, `.fn.to_qkv`, `.fn.to_out.0`, `.fn.net.{0,3}`; `mlp_head.{0: LayerNorm, 1: Linear}` |
+| `vit-pytorch-1.2` | 0.10 - 1.2 | tables as 1.16; PreNorm wrappers (`layers.{i}.{0,1}.norm`, `.fn.to_qkv`, |
+| | | `.fn.to_out.0`, `.fn.net.{0,3}`); `mlp_head.{0: LayerNorm, 1: Linear}` |
 | `vit-pytorch-0.7` | 0.7 | as 1.2 inside `Residual`: `.fn.norm`, `.fn.fn.*` |
 | `vit-pytorch-0.6` | 0.6 | as 0.7, the patch Linear named `patch_to_embedding` |
 
@@ -61,13 +62,14 @@ def lucid_rules(model) -> List:
     for i in range(model.depth):
         f, t = f'Transformer/layers_{i}', f'transformer.layers.{i}'
         rules += norm_rules(f'{f}/attn/norm', f'{t}.0.norm')
-        rules.append(rule(tuple(f'{f}/attn/{n}/kernel' for n in ('query', 'key', 'value')), f'{t}.0.to_qkv.weight',
-                          heads_in(h, 3)))
+        qkv = tuple(f'{f}/attn/{n}/kernel' for n in ('query', 'key', 'value'))
+        rules.append(rule(qkv, f'{t}.0.to_qkv.weight', heads_in(h, 3)))
         if model.project_out:
             rules += [rule(f'{f}/attn/out/kernel', f'{t}.0.to_out.0.weight', heads_out(h)),
                       rule(f'{f}/attn/out/bias', f'{t}.0.to_out.0.bias')]
         rules += norm_rules(f'{f}/ff/norm', f'{t}.1.net.0')
-        rules += dense_rules(f'{f}/ff/mlp/Dense_0', f'{t}.1.net.1') + dense_rules(f'{f}/ff/mlp/Dense_1', f'{t}.1.net.4')
+        rules += dense_rules(f'{f}/ff/mlp/Dense_0', f'{t}.1.net.1')
+        rules += dense_rules(f'{f}/ff/mlp/Dense_1', f'{t}.1.net.4')
     if model.final_norm == 'tokens':
         rules += norm_rules('Transformer/norm', 'transformer.norm')
         head = 'mlp_head'
@@ -80,69 +82,90 @@ def lucid_rules(model) -> List:
 
 
 # ---------------------------------------------------------------- the older releases' layouts
+# Each step is one table of key-prefix renames (or a reshape) run both ways, so reading cannot drift from
+# writing; an older layout is the current one put through its steps in order.
 
-def _rename(state, pairs):
-    out = {}
-    for k, v in state.items():
-        for pattern, repl in pairs:
-            k, n = re.subn(pattern, repl, k)
-            if n:
-                break
-        out[k] = v
-    return out
+_BLOCK = re.compile(r'^(transformer\.layers\.\d+\.)(.*)$')
+# inside a block: current names -> PreNorm(dim, fn) wrappers (<= 1.2; the attention's own norm keeps its name)
+_PRENORM = {'0.to_qkv.': '0.fn.to_qkv.', '0.to_out.': '0.fn.to_out.', '1.net.0.': '1.norm.',
+            '1.net.1.': '1.fn.net.0.', '1.net.4.': '1.fn.net.3.'}
+# inside a block: PreNorm names -> Residual(PreNorm(dim, fn)) wrappers (0.6, 0.7)
+_RESIDUAL = {'0.norm.': '0.fn.norm.', '0.fn.': '0.fn.fn.', '1.norm.': '1.fn.norm.', '1.fn.': '1.fn.fn.'}
+# top level: 0.6 applied the patch Linear directly
+_PATCH_LINEAR = {'to_patch_embedding.1.': 'patch_to_embedding.'}
 
 
-_BLOCK = r'^(transformer\.layers\.\d+)\.'
-# current keys <-> vit-pytorch <= 1.2 (PreNorm(dim, fn) wrappers); the attention's norm keeps its name
-_PRENORM = [(_BLOCK + r'0\.(to_qkv|to_out)\.', r'\1.0.fn.\2.'), (_BLOCK + r'1\.net\.0\.', r'\1.1.norm.'),
-            (_BLOCK + r'1\.net\.1\.', r'\1.1.fn.net.0.'), (_BLOCK + r'1\.net\.4\.', r'\1.1.fn.net.3.')]
-_FROM_PRENORM = [(_BLOCK + r'0\.fn\.', r'\1.0.'), (_BLOCK + r'1\.norm\.', r'\1.1.net.0.'),
-                 (_BLOCK + r'1\.fn\.net\.0\.', r'\1.1.net.1.'), (_BLOCK + r'1\.fn\.net\.3\.', r'\1.1.net.4.')]
-# PreNorm keys <-> vit-pytorch 0.6/0.7 (Residual(PreNorm(dim, fn)))
-_RESIDUAL = [(_BLOCK + r'([01])\.norm\.', r'\1.\2.fn.norm.'), (_BLOCK + r'([01])\.fn\.', r'\1.\2.fn.fn.')]
-_FROM_RESIDUAL = [(_BLOCK + r'([01])\.fn\.norm\.', r'\1.\2.norm.'), (_BLOCK + r'([01])\.fn\.fn\.', r'\1.\2.fn.')]
-_PATCH_LINEAR_06 = [(r'^to_patch_embedding\.1\.', 'patch_to_embedding.')]
-_FROM_PATCH_LINEAR_06 = [(r'^patch_to_embedding\.', 'to_patch_embedding.1.')]
+def _renames(table: Dict[str, str], in_blocks: bool):
+    """(forward, inverse) key renaming by the longest matching prefix of `table` (block-relative or top-level)."""
+    def run(mapping):
+        prefixes = sorted(mapping, key=len, reverse=True)
+
+        def rename(state):
+            out = {}
+            for k, v in state.items():
+                m = _BLOCK.match(k)
+                head, rest = (m.group(1), m.group(2)) if m else ('', k)
+                if bool(m) == in_blocks:
+                    p = next((p for p in prefixes if rest.startswith(p)), None)
+                    rest = mapping[p] + rest[len(p):] if p else rest
+                out[head + rest] = v
+            return out
+        return rename
+    return run(table), run({v: k for k, v in table.items()})
 
 
 def _tables_3d(state):
-    out = dict(state)
-    for k in ('cls_token', 'pos_embedding'):
-        out[k] = state[k][None]
-    return out
+    return {k: v[None] if k in ('cls_token', 'pos_embedding') else v for k, v in state.items()}
 
 
 def _tables_2d(state):
-    out = dict(state)
     for k in ('cls_token', 'pos_embedding'):
         if k not in state:
             raise ConversionError(f'missing torch key {k!r}')
         if state[k].ndim != 3 or state[k].shape[0] != 1:
             raise ConversionError(f'torch key {k!r}: expected shape (1, n, dim), found {tuple(state[k].shape)}')
-        out[k] = state[k][0]
-    return out
+    return {k: v[0] if k in ('cls_token', 'pos_embedding') else v for k, v in state.items()}
 
 
-def _to_prenorm(state):
+def _prenorm_holds(state):
+    """Releases <= 1.2 norm the pooled vector (mlp_head.0) and always have a class token."""
     if 'transformer.norm.weight' in state:
         raise ConversionError("vit-pytorch <= 1.2 has no transformer.norm: this model norms the tokens "
                               "(final_norm='tokens'); write the vit-pytorch or vit-pytorch-1.16 layout")
     if state['cls_token'].shape[0] != 1:
         raise ConversionError('vit-pytorch <= 1.15 always has a class token: this model has none')
-    return _tables_3d(_rename(state, _PRENORM))
+    return state
 
 
-def _from_prenorm(state):
-    return _rename(_tables_2d(state), _FROM_PRENORM)
+_TO_PRENORM, _FROM_PRENORM = _renames(_PRENORM, in_blocks=True)
+_STEPS = {  # name: (current -> older, older -> current)
+    'tables': (_tables_3d, _tables_2d),
+    'prenorm': (lambda s: _TO_PRENORM(_prenorm_holds(s)), _FROM_PRENORM),
+    'residual': _renames(_RESIDUAL, in_blocks=True),
+    'patch_linear': _renames(_PATCH_LINEAR, in_blocks=False),
+}
+
+
+def _layout(*steps):
+    """(read: older -> current, write: current -> older) for an older layout made of `steps`, in order."""
+    def read(state):
+        for name in reversed(steps):
+            state = _STEPS[name][1](state)
+        return state
+
+    def write(state):
+        for name in steps:
+            state = _STEPS[name][0](state)
+        return state
+    return read, write
 
 
 LUCID_LAYOUTS = {
-    'vit-pytorch-1.16': (_tables_2d, _tables_3d),
-    'vit-pytorch-1.2': (_from_prenorm, _to_prenorm),
-    'vit-pytorch-0.7': (lambda s: _from_prenorm(_rename(s, _FROM_RESIDUAL)), lambda s: _rename(_to_prenorm(s), _RESIDUAL)),
+    'vit-pytorch-1.16': _layout('tables'),
+    'vit-pytorch-1.2': _layout('tables', 'prenorm'),
+    'vit-pytorch-0.7': _layout('tables', 'prenorm', 'residual'),
+    'vit-pytorch-0.6': _layout('tables', 'prenorm', 'residual', 'patch_linear'),
 }
-LUCID_LAYOUTS['vit-pytorch-0.6'] = (lambda s: LUCID_LAYOUTS['vit-pytorch-0.7'][0](_rename(s, _FROM_PATCH_LINEAR_06)),
-                                    lambda s: _rename(LUCID_LAYOUTS['vit-pytorch-0.7'][1](s), _PATCH_LINEAR_06))
 
 
 def lucid_detect_layout(state) -> str:
@@ -150,7 +173,7 @@ def lucid_detect_layout(state) -> str:
         return 'vit-pytorch-0.6'
     if any('.fn.fn.' in k for k in state):
         return 'vit-pytorch-0.7'
-    if any(re.match(_BLOCK + r'0\.fn\.', k) for k in state):
+    if any(re.match(r'^transformer\.layers\.\d+\.0\.fn\.', k) for k in state):
         return 'vit-pytorch-1.2'
     if np.ndim(state.get('pos_embedding')) == 3:
         return 'vit-pytorch-1.16'
@@ -242,15 +265,20 @@ def lucid_resolve(cfg: dict, arch: dict, layout: str, model_name, path: str):
     if cfg['heads'] is None:
         h, d = arch.get('heads'), arch.get('dim_head')
         if h is None and d is None:
-            names = [model_name] if model_name else [n for n in list_models() if model_config(n)[0] is LucidViT]
-            same = lambda m: model_name or (m.dim, m.depth, m.mlp_dim) == (cfg['dim'], cfg['depth'], cfg['mlp_dim'])
-            fits = [(n, m) for n, m in ((n, create_model(n)) for n in names) if same(m) and m.heads * m.dim_head == inner]
+            if model_name:
+                candidates = [(model_name, create_model(model_name))]
+            else:  # a registered model of the same shape
+                candidates = [(n, create_model(n)) for n in list_models() if model_config(n)[0] is LucidViT]
+                candidates = [(n, m) for n, m in candidates
+                              if (m.dim, m.depth, m.mlp_dim) == (cfg['dim'], cfg['depth'], cfg['mlp_dim'])]
+            fits = [(n, m) for n, m in candidates if m.heads * m.dim_head == inner]
             if not fits:
                 raise ConversionError(
                     f"{path}: a vit-pytorch ViT (dim {cfg['dim']}, depth {cfg['depth']}, mlp_dim {cfg['mlp_dim']}) "
                     f'whose fused to_qkv holds heads x dim_head = {inner}, a split the file does not record'
                     + (f' and {model_name} does not have' if model_name else ' and no registered model has')
-                    + f'; pass heads=H (CLI: --set heads=H), dim_head is then {inner}/H (vit-pytorch\'s default is 64)')
+                    + f'; pass heads=H (CLI: --set heads=H), dim_head is then {inner}/H '
+                    "(vit-pytorch's default dim_head is 64)")
             name, m = fits[0]
             h, d = m.heads, m.dim_head
             notes.append(f'heads={h}, dim_head={d} from {name}: a fused to_qkv records only heads x dim_head = '
@@ -269,8 +297,8 @@ def lucid_resolve(cfg: dict, arch: dict, layout: str, model_name, path: str):
         if 'pool' in arch:
             cfg['pool'] = arch['pool']
         else:
-            notes.append("pool=cls: vit-pytorch < 1.16 keeps the class token under pool='mean' too, so the "
-                         "file does not say; pass pool=mean if the model averaged its tokens")
+            notes.append("pool=cls: the file does not record it (vit-pytorch < 1.16 keeps the class token under "
+                         "pool='mean' too); pass pool=mean if the model averaged its tokens")
     return cfg, arch, notes
 
 
@@ -278,13 +306,13 @@ LUCID_CORE = ('dim', 'depth', 'heads', 'dim_head', 'mlp_dim', 'patch_size')
 
 
 def lucid_core(model) -> dict:
-    return dict(dim=model.dim, depth=model.depth, heads=model.heads, dim_head=model.dim_head,
-                mlp_dim=model.mlp_dim, patch_size=model.patch_size_tuple)
+    return {k: model.patch_size_tuple if k == 'patch_size' else getattr(model, k) for k in LUCID_CORE}
 
 
 def lucid_overrides(cfg: dict, model) -> dict:
     """Overrides that make `model` (already holding the file's core fields) hold exactly the checkpoint."""
-    kw = {k: cfg[k] for k in ('num_classes', 'in_chans', 'pool', 'patch_norm', 'final_norm') if cfg[k] != getattr(model, k)}
+    kw = {k: cfg[k] for k in ('num_classes', 'in_chans', 'pool', 'patch_norm', 'final_norm')
+          if cfg[k] != getattr(model, k)}
     if cfg['class_token'] != model.clone(**kw).has_class_token:  # a class token under mean pooling (< 1.16)
         kw['class_token'] = cfg['class_token']
     img = img_size_override(cfg, model.clone(**kw))

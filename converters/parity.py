@@ -37,7 +37,8 @@ def build_timm(model, model_name: str, flat):
         raise
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f'torch cannot build {model_name}: {e}') from None
-    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_torch_state(flat, model).items()}
+    state = to_torch_state(flat, model, log=lambda s: None)  # built to match: no layout warning applies
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}
     missing, unexpected = tm.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(family.ignore_torch)]
     if missing or unexpected:

@@ -221,7 +221,8 @@ def timm_to_microsoft(state: Dict[str, np.ndarray], img_size: Optional[Union[int
             prefix = f'layers.{i}.blocks.{j}.'
             table = state[prefix + 'attn.relative_position_bias_table']
             w = _window_of(table)
-            if masks and j % 2 and min(res) > w:  # the official rule: shift only when the stage is larger than the window
+            # the official rule: shift only when the stage is larger than the window
+            if masks and j % 2 and min(res) > w:
                 if any(r % w for r in res):
                     raise ConversionError(f'stage {i} resolution {res} is not a multiple of window {w}: '
                                           f'the official code cannot build it (pass the right img_size)')
@@ -307,7 +308,8 @@ def swin_detect_layout(state) -> str:
     """
     if 'layers.0.downsample.reduction.weight' not in state:
         return 'timm'
-    if not any(k.endswith('attn_mask') for k in state) and any(k.endswith('relative_position_index') for k in state):
+    has = lambda suffix: any(k.endswith(suffix) for k in state)
+    if has('relative_position_index') and not has('attn_mask'):
         return 'wzmiaomiao'
     return 'microsoft'
 
@@ -327,8 +329,10 @@ def swin_layout_note(model, layout: str) -> Optional[str]:
                 '(always_partition=False) does not on stages no larger than the window, so that code will '
                 'compute other logits from this file')
     if layout == 'microsoft' and model.always_partition:
-        return ("Microsoft's code shrinks the window and drops the shift on stages no larger than the window; "
-                'this model (always_partition=True) does not, so that code will compute other logits from this file')
+        return ("Microsoft's code shrinks the window and drops the shift on stages no larger than the window; this "
+                'model (always_partition=True) does not, so that code will compute other logits from this file')
+    if layout == 'timm' and model.always_partition:
+        return 'this model has always_partition=True: build the timm model with always_partition=True as well'
     return None
 
 

@@ -193,17 +193,6 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x.view(b, -1, 4 * c)))
 
 
-class SwinMlp(nn.Module):
-    def __init__(self, in_features, hidden_features):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class WindowAttention(nn.Module):
     def __init__(self, dim, window_size, num_heads, qkv_bias=True):
         super().__init__()
@@ -241,7 +230,7 @@ class SwinTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, (window_size, window_size), num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = SwinMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # the Swin file's Mlp: the same keys, its dropouts left out
 
     def forward(self, x, attn_mask):
         h, w, ws = self.H, self.W, self.window_size

@@ -183,8 +183,11 @@ def test_swin_writing_a_layout_whose_code_computes_otherwise_warns(seeds_swin, t
                                       **SWIN_FLAX)
     flat = flatten_dict(params, sep='/')
     logs = []
-    api.write_flat(flat, model, tmp_path / 'ms.pth', layout='microsoft', log=logs.append)
-    assert len(logs) == 1 and 'always_partition=True' in logs[0]
-    logs.clear()
+    for layout in ('microsoft', 'timm'):
+        api.write_flat(flat, model, tmp_path / f'{layout}.pth', layout=layout, log=logs.append)
+        assert len(logs) == 1 and 'always_partition=True' in logs[0]
+        logs.clear()
+    api.write_flat(flat, model, tmp_path / 'seeds.pth', layout='wzmiaomiao', log=logs.append)
+    assert not logs
     api.write_flat(flat, model.clone(always_partition=False), tmp_path / 's.pth', layout='wzmiaomiao', log=logs.append)
     assert len(logs) == 1 and 'always_partition=False' in logs[0]

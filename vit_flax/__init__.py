@@ -8,6 +8,6 @@ from . import lucid_vit  # noqa: F401  (registers lucidrains' vit-pytorch ViT)
 from .lucid_vit import LucidViT
 from .summary import count_params, count_macs, init_params, summarize
 
-__all__ = ['create_model', 'list_models', 'model_config', 'register', 'VisionTransformer', 'SwinTransformer', 'LucidViT',
-           'count_params', 'count_macs', 'init_params', 'summarize']
+__all__ = ['create_model', 'list_models', 'model_config', 'register', 'VisionTransformer', 'SwinTransformer',
+           'LucidViT', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'

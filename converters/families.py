@@ -3,7 +3,8 @@
 A family supplies: its rule table (`rules(model)`), the timm kwargs that rebuild the same
 architecture (`timm_kwargs(model)`), parity points (label, flax intermediate, timm module), torch-side
 keys that are buffers to ignore when reading, and named torch layouts besides timm's own
-(`layouts[name] = (to_timm(state) -> state, from_timm(state) -> state)`).
+(`layouts[name] = (to_timm(state) -> state, from_timm(state) -> state)`), and how a tree is stored in
+files that need arrays the model computes (`store`) and read back (`unstore`).
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
@@ -37,6 +38,10 @@ class Family:
     detect_layout: Callable = None
     # family-specific surgery between a checkpoint's model and a target model (e.g. window resizing)
     adapt: Callable = None
+    # store(flat, model, log) -> flat as files with fixed arrays written out hold it (the rules' form);
+    # unstore(flat, model) -> the model's own tree again
+    store: Callable = lambda flat, model, log=None: flat
+    unstore: Callable = lambda flat, model: flat
 
 
 FAMILIES = [
@@ -44,7 +49,8 @@ FAMILIES = [
            detect_torch=lambda s: 'patch_embed.proj.weight' in s and any(k.startswith('blocks.') for k in s),
            detect_flax=lambda f: 'embedding/kernel' in f,
            config_from_flax=vit_map.vit_config_from_flax, config_from_torch=vit_map.vit_config_from_torch,
-           core=vit_map.vit_core, overrides=vit_map.vit_overrides),
+           core=vit_map.vit_core, overrides=vit_map.vit_overrides, store=vit_map.vit_store,
+           unstore=vit_map.vit_unstore),
     Family('swin', SwinTransformer, swin_map.swin_rules, swin_map.swin_timm_kwargs, swin_map.swin_parity_points,
            ignore_torch=swin_map.SWIN_IGNORE,
            layouts={'microsoft': (swin_map.microsoft_to_timm, swin_map.timm_to_microsoft)},

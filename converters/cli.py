@@ -57,6 +57,8 @@ def _overrides(a):
         over['representation_size'] = None
     if getattr(a, 'window_size', None) is not None:
         over['window_size'] = a.window_size
+    if getattr(a, 'posemb', None):
+        over['posemb'] = a.posemb
     return over
 
 
@@ -81,19 +83,22 @@ def cmd_convert(a):
 def cmd_inspect(a):
     import numpy as np
     from . import api
+    from .describe import describe
     ck = api.read_checkpoint(a.ckpt, a.model)
+    family = describe(ck)
     total = sum(int(np.prod(v.shape)) for v in ck.raw.values())
     nbytes = sum(v.nbytes for v in ck.raw.values())
     dtypes = sorted({str(v.dtype) for v in ck.raw.values()})
     diff = _config_diff(ck)
     if a.json:
-        print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, model=ck.model_name,
+        print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, family=family, model=ck.model_name,
                               detected=ck.detected, overrides=diff, keys=len(ck.raw), params=total, bytes=nbytes,
                               dtypes=dtypes, tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
                               if a.keys else None), default=str))
         return
     print(f'file:    {ck.path}')
     print(f'format:  {ck.format}   layout: {ck.layout}')
+    print(f'family:  {family}')
     print(f"model:   {ck.model_name} ({'detected' if ck.detected else 'given'})"
           + (f"  with {', '.join(f'{k}={v}' for k, v in diff.items())}" if diff else ''))
     print(f'keys:    {len(ck.raw)}   params: {total:,}   bytes: {nbytes:,}   dtypes: {", ".join(dtypes)}')
@@ -170,6 +175,9 @@ def build_parser():
     s.add_argument('--bias-resize', choices=('bicubic', 'timm'), default='bicubic',
                    help='Swin bias-table resizing (default: bicubic, as Microsoft\'s fine-tuning code; '
                    'timm: timm\'s resize_rel_pos_bias_table)')
+    s.add_argument('--posemb', choices=('learn', 'sincos2d'),
+                   help='ViT positions: learn (a stored table; fixed sincos2d positions are written out as one) or '
+                   'sincos2d (big_vision\'s fixed table; a learned table is dropped). Default: as the checkpoint')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; '
                    'torch timm (default) or microsoft (Swin)')
     s.set_defaults(fn=cmd_convert)

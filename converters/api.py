@@ -179,12 +179,13 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     if grid and min(grid) < 1:
         raise ConversionError(f'img_size {dst.img_size} is smaller than the patch {dst.patch_size}')
     flat = dict(flat)
-    vit = hasattr(dst, 'posemb')
+    family = family_of(dst)
+    vit = family.name == 'vit'
     if vit and dst.resnet is None and any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
         # (a hybrid's stem pads 'SAME' instead)
         log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
             f'the last rows/columns of each image are never seen')
-    if getattr(dst, 'posemb', 'learn') == 'sincos2d':
+    if vit and dst.posemb == 'sincos2d':
         if flat.pop(POS_KEY, None) is not None:
             log('pos_embedding: learned table dropped, replaced by big_vision\'s fixed sincos2d positions')
         log(f'positions: big_vision\'s fixed sincos2d table for grid {grid} (no stored table)')
@@ -196,7 +197,6 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
         flat[POS_KEY] = resample_pos_embed(flat[POS_KEY], grid, dst.num_prefix_tokens, src.grid_size, resample)
         log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
             f'{dst.num_prefix_tokens} prefix token(s) kept aside')
-    family = family_of(dst)
     if family.adapt:
         flat = family.adapt(flat, src, dst, log, bias_resize=bias_resize)
     rep = getattr(src, 'representation_size', None)

@@ -102,8 +102,8 @@ def vit_config_from_flax(flat) -> dict:
     depth = _count(flat, r'^Transformer/encoderblock_(\d+)/')
     b0 = 'Transformer/encoderblock_0'
     resnet, stem_in = resnet_map.resnet_from_flax(flat)
-    cfg = dict(embed_dim=kernel.shape[-1], in_chans=stem_in or kernel.shape[-2], patch_size=tuple(kernel.shape[:-2]),
-               spatial_dims=kernel.ndim - 2, depth=depth,
+    cfg = dict(embed_dim=kernel.shape[-1], in_chans=stem_in or kernel.shape[-2],
+               patch_size=tuple(kernel.shape[:-2]), spatial_dims=kernel.ndim - 2, depth=depth,
                num_heads=flat[f'{b0}/MultiHeadDotProductAttention_0/query/kernel'].shape[1],
                mlp_dim=flat[f'{b0}/MlpBlock_0/Dense_0/kernel'].shape[1],
                qkv_bias=f'{b0}/MultiHeadDotProductAttention_0/query/bias' in flat,
@@ -118,8 +118,8 @@ def vit_config_from_torch(state) -> dict:
     """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
     w = state['patch_embed.proj.weight']
     resnet, stem_in = resnet_map.resnet_from_torch(state)
-    cfg = dict(embed_dim=w.shape[0], in_chans=stem_in or w.shape[1], patch_size=tuple(w.shape[2:]), spatial_dims=w.ndim - 2,
-               depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,
+    cfg = dict(embed_dim=w.shape[0], in_chans=stem_in or w.shape[1], patch_size=tuple(w.shape[2:]),
+               spatial_dims=w.ndim - 2, depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,
                mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0], qkv_bias='blocks.0.attn.qkv.bias' in state,
                distilled='dist_token' in state, class_token='cls_token' in state,
                global_pool='map' if 'attn_pool.latent' in state else ('token' if 'cls_token' in state else 'gap'),

@@ -392,7 +392,8 @@ def test_sincos2d_through_the_cli(tmp_path, cli):
     assert code == 0, err
     assert same_npz(tmp_path / 'vit.npz', tmp_path / 'back.npz')
     # asked for: a learned table in big_vision's layout (the same function, now trainable)
-    code, out, err = cli('convert', tmp_path / 'vit.npz', tmp_path / 'learn.npz', '--layout', 'big_vision', '--posemb', 'learn')
+    code, out, err = cli('convert', tmp_path / 'vit.npz', tmp_path / 'learn.npz', '--layout', 'big_vision',
+                         '--posemb', 'learn')
     assert code == 0 and 'written out as a learned table' in err, err
     np.testing.assert_array_equal(np.load(tmp_path / 'learn.npz')['params/pos_embedding'], sincos2d(14, 14, 192))
 

@@ -7,8 +7,9 @@ timm holds the stem as a `ResNetV2` (`stem.conv`, `stem.norm`, `stages.{i}.block
 import re
 from typing import List, Optional, Tuple
 
-from .table import CONV, Rule, norm_rules, rule
 from vit_flax.resnet import ROOT_WIDTH
+
+from .table import CONV, Rule, norm_rules, rule
 
 TORCH_PREFIX = 'patch_embed.backbone'
 

@@ -59,6 +59,10 @@ def assert_same_state(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+def to_tuple2(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 # ---------------------------------------------------------------- registry: timm's own configurations
 
 def _timm_configs():
@@ -101,10 +105,6 @@ def test_configuration_equals_timm(name):
     assert m.has_class_token == kw.get('class_token', True)
     assert m.global_pool == {'token': 'token', 'avg': 'gap', 'map': 'map'}[kw.get('global_pool', 'token')]
     assert kw.get('fc_norm', False) is False and m.posemb == 'learn'
-
-
-def to_tuple2(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 @pytest.mark.parametrize('name', ['vit_tiny_r_s16_p8_224', 'vit_base_patch32_siglip_256'])
@@ -226,6 +226,17 @@ def test_registered_hybrid_through_the_cli(tmp_path, cli):
     code, out, err = cli('list', '*_r50_*')
     assert out.split() == ['vit_base_r50_s16_224', 'vit_base_r50_s16_384', 'vit_large_r50_s32_224',
                            'vit_large_r50_s32_384']
+
+
+def test_bad_hybrid_stems_are_clear_errors(tmp_path):
+    base = {'embedding/kernel': np.zeros((1, 1, 1024, 8), np.float32)}
+    np.savez(tmp_path / 'wide.npz', **base, **{'conv_root/kernel': np.zeros((7, 7, 3, 128), np.float32)})
+    with pytest.raises(ConversionError, match=r'wide\.npz: malformed checkpoint \(a ResNet root of 128 channels'):
+        api.read_checkpoint(tmp_path / 'wide.npz')
+    np.savez(tmp_path / 'gap.npz', **base, **{'conv_root/kernel': np.zeros((7, 7, 3, 64), np.float32),
+                                              'block2/unit1/conv1/kernel': np.zeros((1, 1, 64, 64), np.float32)})
+    with pytest.raises(ConversionError, match=r'ResNet stages numbered \[2\], expected 1'):
+        api.read_checkpoint(tmp_path / 'gap.npz')
 
 
 def test_hybrid_stem_only_parity(tmp_path):

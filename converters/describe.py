@@ -1,7 +1,8 @@
 """One line naming a checkpoint's family and layout, for `vit-flax inspect`.
 
 Examples: "Google ViT (released)", "R50+ViT hybrid (released)", "big_vision ViT (sincos2d positions)",
-"big_vision SigLIP image tower (scanned, bf16)", "timm SigLIP image tower", "Swin (microsoft)".
+"big_vision SigLIP image tower (scanned, bf16)", "timm R26+ViT hybrid", "Swin (microsoft)". A SigLIP tower
+is recognised by its file (a two-tower big_vision file's `params/img/`), not by the timm name that fits it.
 """
 import ml_dtypes
 
@@ -9,19 +10,17 @@ from . import google
 from .resnet_map import resnet_label
 
 
-def _architecture(model, model_name: str) -> str:
-    if getattr(model, 'resnet', None) is not None:
+def _architecture(model) -> str:
+    if model.resnet is not None:
         return f'{resnet_label(model.resnet)}+ViT hybrid'
-    if 'siglip' in model_name:
-        return 'SigLIP image tower'
-    return 'DeiT' if model_name.startswith('deit') else 'ViT'
+    return 'DeiT' if model.distilled else 'ViT'
 
 
 def describe(ck) -> str:
     if ck.family.name != 'vit':
         return f'{ck.family.name.capitalize()} ({ck.layout})'
     model = ck.model
-    arch = _architecture(model, ck.model_name)
+    arch = _architecture(model)
     notes = []
     if ck.format == 'npz':
         prefix = google.detect_prefix(ck.raw, ck.path)

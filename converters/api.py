@@ -15,7 +15,7 @@ import vit_flax
 from vit_flax.registry import list_models, model_config
 from vit_flax.summary import param_shapes
 
-from . import google, io, table
+from . import google, io, table, vit_map
 from .errors import ConversionError
 from .families import FAMILIES, Family, detect_flax_family, family_of
 from .resample import DEFAULT_METHOD, resample_pos_embed
@@ -23,7 +23,7 @@ from .resample import DEFAULT_METHOD, resample_pos_embed
 HEAD_INITS = ('zeros', 'fresh')
 # Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
 # resampling, bias-table resizing), so they take no part in matching a checkpoint to its model.
-TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size')
+TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'posemb')
 
 
 def _stderr(msg: str) -> None:
@@ -158,6 +158,7 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
             flat = table.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
         except ConversionError as e:
             raise ConversionError(f'{path}: {e}') from None
+    flat = family.unstore(flat, model)
     return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
 
 
@@ -166,7 +167,7 @@ def _read_config(fn, arrays, path):
         return fn(arrays)
     except KeyError as e:
         raise ConversionError(f'{path}: missing key {e.args[0]!r}') from None
-    except (IndexError, AttributeError) as e:
+    except (IndexError, AttributeError, ValueError) as e:
         raise ConversionError(f'{path}: malformed checkpoint ({e})') from None
 
 
@@ -193,10 +194,21 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     flat = dict(flat)
     family = family_of(dst)
     pos_key = family.pos_key
-    if pos_key in flat and any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
+    vit = family.name == 'vit'
+    if pos_key and getattr(dst, 'resnet', None) is None and \
+            any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
+        # (a hybrid's stem pads 'SAME' instead)
         log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
             f'the last rows/columns of each image are never seen')
-    if pos_key in flat and tuple(src.grid_size) != grid:
+    if vit and dst.posemb == 'sincos2d':
+        if flat.pop(pos_key, None) is not None:
+            log('pos_embedding: learned table dropped, replaced by big_vision\'s fixed sincos2d positions')
+        log(f'positions: big_vision\'s fixed sincos2d table for grid {grid} (no stored table)')
+    elif vit and pos_key not in flat and src.posemb == 'sincos2d':
+        flat[pos_key] = vit_map.sincos2d_pos_embed(dst, flat['embedding/kernel'].dtype)
+        log(f'pos_embedding: big_vision\'s fixed sincos2d positions written out as a learned table '
+            f'(grid {grid}, prefix rows zero)')
+    elif pos_key in flat and tuple(src.grid_size) != grid:
         flat[pos_key] = resample_pos_embed(flat[pos_key], grid, dst.num_prefix_tokens, src.grid_size, resample)
         log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
             f'{dst.num_prefix_tokens} prefix token(s) kept aside')
@@ -313,7 +325,7 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
 def to_torch_state(flat, model, layout: Optional[str] = None,
                    log: Callable[[str], None] = _stderr) -> Dict[str, np.ndarray]:
     family = family_of(model)
-    state = table.flax_to_torch(flat, family.rules(model))
+    state = table.flax_to_torch(family.store(flat, model, log), family.rules(model))
     layout = layout or family.torch_layout
     if layout != family.torch_layout:
         if layout not in family.layouts:
@@ -337,14 +349,22 @@ def output_layouts(model, fmt: str):
 
 def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optional[str] = None,
                force: bool = False, log: Callable[[str], None] = _stderr) -> str:
-    """Write a flat Flax tree of `model` to `path` (format from the extension). Returns the layout written."""
+    """Write a flat Flax tree of `model` to `path` (format from the extension). Returns the layout written.
+
+    Layouts that need arrays the model computes (timm's `pos_embed` of a sincos2d model; vit_jax's released
+    and linen npz) get them written out, said through `log`; big_vision's npz and orbax hold the tree itself.
+    """
     fmt = io.file_format(path)
     allowed = output_layouts(model, fmt)
     layout = layout or allowed[0]
     if layout not in allowed:
         raise ConversionError(f'{path}: layout {layout!r} cannot be written as {fmt}; choose {", ".join(allowed)}')
     if fmt == 'npz':
-        arrays = google.flax_to_npz(flat, layout) if family_of(model).name == 'vit' else dict(flat)
+        family = family_of(model)
+        if family.name != 'vit':
+            arrays = dict(flat)
+        else:
+            arrays = google.flax_to_npz(flat if layout == 'big_vision' else family.store(flat, model, log), layout)
         io.write_npz(arrays, path, force)
     elif fmt == 'torch':
         io.write_torch(to_torch_state(flat, model, layout, log), path, force,

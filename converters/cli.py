@@ -69,6 +69,8 @@ def _overrides(a):
         over['representation_size'] = None
     if getattr(a, 'window_size', None) is not None:
         over['window_size'] = a.window_size
+    if getattr(a, 'posemb', None):
+        over['posemb'] = a.posemb
     over.update(getattr(a, 'set', None) or [])
     return over
 
@@ -94,14 +96,16 @@ def cmd_convert(a):
 def cmd_inspect(a):
     import numpy as np
     from . import api
+    from .describe import describe
     over = _overrides(a)
     ck = api.read_checkpoint(a.ckpt, a.model, api.arch_overrides(over), over.get('img_size'))
+    family = describe(ck)
     total = sum(int(np.prod(v.shape)) for v in ck.raw.values())
     nbytes = sum(v.nbytes for v in ck.raw.values())
     dtypes = sorted({str(v.dtype) for v in ck.raw.values()})
     diff = _config_diff(ck)
     if a.json:
-        print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, model=ck.model_name,
+        print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, family=family, model=ck.model_name,
                               detected=ck.detected, overrides=diff, notes=ck.notes, keys=len(ck.raw), params=total,
                               bytes=nbytes, dtypes=dtypes,
                               tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
@@ -109,6 +113,7 @@ def cmd_inspect(a):
         return
     print(f'file:    {ck.path}')
     print(f'format:  {ck.format}   layout: {ck.layout}')
+    print(f'family:  {family}')
     print(f"model:   {ck.model_name} ({'detected' if ck.detected else 'given'})"
           + (f"  with {', '.join(f'{k}={v}' for k, v in diff.items())}" if diff else ''))
     for note in ck.notes:
@@ -187,6 +192,9 @@ def build_parser():
     s.add_argument('--bias-resize', choices=('bicubic', 'timm'), default='bicubic',
                    help='Swin bias-table resizing (default: bicubic, as Microsoft\'s fine-tuning code; '
                    'timm: timm\'s resize_rel_pos_bias_table)')
+    s.add_argument('--posemb', choices=('learn', 'sincos2d'),
+                   help='ViT positions: learn (a stored table; fixed sincos2d positions are written out as one) or '
+                   'sincos2d (big_vision\'s fixed table; a learned table is dropped). Default: as the checkpoint')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
                    '(default) or microsoft or wzmiaomiao (Swin; the seeds\' swin_transformer/model.py); '
                    'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, -1.2, -0.7, -0.6 (older releases)')

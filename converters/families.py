@@ -4,7 +4,9 @@ A family supplies: its rule table (`rules(model)`), the timm kwargs that rebuild
 architecture (`timm_kwargs(model)`, or `torch_model(model)` for a family timm does not have), parity
 points (label, flax intermediate, torch module), torch-side keys that are buffers to ignore when reading,
 and named torch layouts besides the one its table speaks (`torch_layout`, timm's for timm's families):
-`layouts[name] = (to_table(state) -> state, from_table(state) -> state)`.
+`layouts[name] = (to_table(state) -> state, from_table(state) -> state)`,
+and how a tree is stored in files that need arrays the model computes (`store`) and read back
+(`unstore`).
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
@@ -52,6 +54,10 @@ class Family:
     torch_model: Callable = None
     # the flat Flax key of the learned position table (resampled on a size change), if any
     pos_key: str = None
+    # store(flat, model, log) -> flat as files with fixed arrays written out hold it (the rules' form);
+    # unstore(flat, model) -> the model's own tree again
+    store: Callable = lambda flat, model, log=None: flat
+    unstore: Callable = lambda flat, model: flat
 
 
 FAMILIES = [
@@ -59,8 +65,8 @@ FAMILIES = [
            detect_torch=lambda s: 'patch_embed.proj.weight' in s and any(k.startswith('blocks.') for k in s),
            detect_flax=lambda f: 'embedding/kernel' in f,
            config_from_flax=vit_map.vit_config_from_flax, config_from_torch=vit_map.vit_config_from_torch,
-           core=vit_map.vit_core, overrides=vit_map.vit_overrides,
-           pos_key='Transformer/posembed_input/pos_embedding'),
+           core=vit_map.vit_core, overrides=vit_map.vit_overrides, store=vit_map.vit_store,
+           unstore=vit_map.vit_unstore, pos_key=vit_map.POS_KEY),
     Family('swin', SwinTransformer, swin_map.swin_rules, swin_map.swin_timm_kwargs, swin_map.swin_parity_points,
            ignore_torch=swin_map.SWIN_IGNORE,
            layouts={'microsoft': (swin_map.microsoft_to_timm, swin_map.timm_to_microsoft),

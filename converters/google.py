@@ -24,6 +24,7 @@ _RELEASED_TO_LINEN = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttentio
                       'LayerNorm_2': 'LayerNorm_1', 'MlpBlock_3': 'MlpBlock_0'}
 _LINEN_TO_RELEASED = {v: k for k, v in _RELEASED_TO_LINEN.items()}
 _BLOCK = re.compile(r'^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$')
+_GROUP_NORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 
 
 def _rename_block_children(flat, table, path):
@@ -79,6 +80,9 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
                 flat[f'Transformer/encoderblock_{i}/{rest}'] = v[i]
     if _released_numbering(flat):
         flat = _rename_block_children(flat, _RELEASED_TO_LINEN, path)
+    for k, v in flat.items():  # old hybrid files keep GroupNorm scale/bias as (1, 1, 1, C)
+        if _GROUP_NORM.search(k) and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
+            flat[k] = v.reshape(-1)
     if 'pos_embedding' in flat:
         # big_vision adds positions before concatenating cls; an all-zero cls row reproduces that exactly.
         pe = flat.pop('pos_embedding')
@@ -101,10 +105,11 @@ def flax_to_npz(flat: Dict[str, np.ndarray], layout: str = 'released') -> Dict[s
     if 'dist' in flat:
         raise ConversionError('the big_vision layout cannot hold a distillation token; use released or linen')
     out = dict(flat)
-    pe = out.pop('Transformer/posembed_input/pos_embedding')
-    if 'cls' in out:
-        # big_vision has no position for cls: fold its row into the token (same function, one rounding).
-        out['cls'] = out['cls'] + pe[:, :1]
-        pe = pe[:, 1:]
-    out['pos_embedding'] = pe
+    pe = out.pop('Transformer/posembed_input/pos_embedding', None)
+    if pe is not None:  # (a model with fixed sincos2d positions has no table: big_vision stores none)
+        if 'cls' in out:
+            # big_vision has no position for cls: fold its row into the token (same function, one rounding).
+            out['cls'] = out['cls'] + pe[:, :1]
+            pe = pe[:, 1:]
+        out['pos_embedding'] = pe
     return {f'params/{k}': v for k, v in out.items()}

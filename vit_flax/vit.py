@@ -6,16 +6,22 @@ MlpBlock_0}`, `Transformer/encoder_norm`, `pre_logits`, `head`), so a Google che
 own state. DeiT's distillation token and head add `dist` and `head_dist`; `embed_norm=True` (timm's
 `embed_norm_layer`, torch `patch_embed.norm`; no Google model has one) adds `embedding_norm`.
 
+R+ViT hybrids (`resnet=...`) put vit_jax's ResNet stem (`conv_root`, `gn_root`, `block{i}/unit{j}/...`, see
+resnet.py) at the same top level, before `embedding`. `posemb='sincos2d'` replaces the learned table by
+big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to the patch tokens only.
+
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
 """
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from .layers import DropPath, MlpBlock, dense, dense_general, drop_path_rates, to_tuple
+from .posemb import sincos2d
 from .registry import register
+from .resnet import ResNetStem, stem_output_size, stem_stride
 
 Dtype = Any
 
@@ -100,10 +106,12 @@ class Encoder(nn.Module):
     norm_eps: float = 1e-6
     remat: bool = False
     dtype: Dtype = jnp.float32
+    learned_posemb: bool = True   # False: the caller added fixed positions already
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        x = AddPositionEmbs(name='posembed_input')(x)
+        if self.learned_posemb:
+            x = AddPositionEmbs(name='posembed_input')(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         self.sow('intermediates', 'embed', x)
         block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
@@ -166,6 +174,9 @@ class VisionTransformer(nn.Module):
     spatial_dims: int = 2
     remat: bool = False
     dtype: Dtype = jnp.float32
+    resnet: Optional[Tuple[int, ...]] = None   # hybrid: units per ResNet stage, () = root block only
+    resnet_numerics: str = 'timm'              # 'timm' or 'google' (see resnet.py)
+    posemb: str = 'learn'                      # 'learn' or 'sincos2d' (big_vision's fixed table)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -175,7 +186,15 @@ class VisionTransformer(nn.Module):
     @property
     def grid_size(self):
         img = to_tuple(self.img_size, self.spatial_dims)
+        if self.resnet is not None:
+            img = tuple(stem_output_size(i, self.resnet) for i in img)
         return tuple(i // p for i, p in zip(img, self.patch_size_tuple))
+
+    @property
+    def token_stride(self):
+        """Input pixels per token along each axis: the patch, times the ResNet stem's stride in a hybrid."""
+        s = 1 if self.resnet is None else stem_stride(self.resnet)
+        return tuple(p * s for p in self.patch_size_tuple)
 
     @property
     def has_class_token(self) -> bool:
@@ -194,8 +213,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'token', 'gap' or 'map', got {self.global_pool!r}")
         if self.distilled and self.global_pool != 'token':
             raise ValueError('a distilled model reads the class and distillation tokens: global_pool must be token')
+        if self.posemb not in ('learn', 'sincos2d'):
+            raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+        if (self.resnet is not None or self.posemb == 'sincos2d') and self.spatial_dims != 2:
+            raise ValueError('a ResNet stem and sincos2d positions need 2-D images')
         patch = self.patch_size_tuple
         mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
+        if self.resnet is not None:
+            self.stem = ResNetStem(tuple(self.resnet), self.resnet_numerics, self.dtype)
+            nn.share_scope(self, self.stem)   # Google's tree: conv_root, gn_root, block1... at the top level
         self.embedding = nn.Conv(self.embed_dim, patch, strides=patch, padding='VALID', dtype=self.dtype)
         if self.embed_norm:
             self.embedding_norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
@@ -205,7 +231,7 @@ class VisionTransformer(nn.Module):
             self.dist = self.param('dist', nn.initializers.zeros, (1, 1, self.embed_dim))
         self.Transformer = Encoder(self.depth, self.num_heads, mlp_dim, self.qkv_bias, self.qk_scale,
                                    self.drop_rate, self.attn_drop_rate, self.drop_path_rate, self.gelu,
-                                   self.norm_eps, self.remat, self.dtype)
+                                   self.norm_eps, self.remat, self.dtype, learned_posemb=self.posemb == 'learn')
         if self.global_pool == 'map':
             self.MAPHead_0 = MAPHead(self.num_heads, mlp_dim, self.gelu, self.norm_eps, self.dtype)
         if self.representation_size:
@@ -222,10 +248,15 @@ class VisionTransformer(nn.Module):
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f'input shape {tuple(x.shape[1:])} does not match the model\'s {expected} '
                              f'(set img_size/in_chans when creating the model)')
-        x = self.embedding(x.astype(self.dtype))
+        x = x.astype(self.dtype)
+        if self.resnet is not None:
+            x = self.stem(x)
+        x = self.embedding(x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.embed_norm:
             x = self.embedding_norm(x)
+        if self.posemb == 'sincos2d':  # as big_vision: before the class token, which gets no position
+            x = x + jnp.asarray(sincos2d(*self.grid_size, self.embed_dim), x.dtype)
         prefix = []
         if self.has_class_token:
             prefix.append(self.cls)

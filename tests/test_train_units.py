@@ -347,3 +347,30 @@ def test_grad_accumulation_matches_one_big_batch():
     for k in p1:
         np.testing.assert_allclose(np.asarray(p4[k]), np.asarray(p1[k]), atol=1e-6, err_msg=k)
     assert any(not np.allclose(np.asarray(p1[k]), np.asarray(flat[k])) for k in p1)   # it did train
+
+
+@pytest.mark.slow  # spawning grain's worker processes (each imports jax) takes ~30 s on the shared machine
+def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
+    _images(tmp_path, {'a': 12, 'b': 12}, np.random.default_rng(4))
+    ds = data.load('folder', str(tmp_path), 0.2)
+    tf = data.TrainTransform(8, 'bilinear', (0.3, 1.0), hflip=True)
+
+    def pipeline(workers):
+        return data.train_iterator(ds.train, tf, batch=4, seed=1, process_index=0, process_count=1, workers=workers)
+    threads, procs = pipeline(0), pipeline(2)
+    try:
+        for _ in range(3):
+            a, b = next(threads), next(procs)
+            for k in a:
+                np.testing.assert_array_equal(a[k], np.asarray(b[k]), err_msg=k)
+        state = procs.get_state()
+        want = [next(threads)['image'] for _ in range(2)]
+    finally:
+        procs.close()
+    resumed = pipeline(2)
+    try:
+        resumed.set_state(state)
+        for w in want:
+            np.testing.assert_array_equal(w, np.asarray(next(resumed)['image']))
+    finally:
+        resumed.close()

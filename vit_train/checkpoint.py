@@ -26,7 +26,7 @@ def _sync(name: str) -> None:
 
 class Checkpoints:
     def __init__(self, workdir: str, keep: int):
-        self.root = os.path.join(workdir, fmt.CHECKPOINTS_DIR)
+        self.root = os.path.join(os.path.abspath(workdir), fmt.CHECKPOINTS_DIR)  # orbax wants absolute paths
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_acc'], n=1,

@@ -185,7 +185,7 @@ def select(path: str, which: Union[str, int] = 'best', log: Callable[[str], None
             meta = read_meta(root, step)
             return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step))
         except ConversionError as e:
-            log(f'warning: {e}; falling back to the previous checkpoint')
+            log(f'warning: {e}; trying the next candidate')
     what = 'with a validation accuracy ' if which == 'best' else ''
     raise ConversionError(f'{root}: no readable training checkpoint {what}(steps found: {list_steps(root)})')
 

@@ -71,7 +71,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     d.add_argument('--val-split', type=_fraction, default=0.2,
                    help='validation share of digits and of a folder without train/ and val/ (default 0.2)')
     d.add_argument('--workers', type=_positive(int, 0),
-                   help='grain worker processes (default: 0 for digits, else min(8, cpus))')
+                   help='grain worker processes (default: min(8, cpus) for folders, which decode files; '
+                   '0 for the in-memory digits and CIFAR, where threads suffice)')
     d.add_argument('--mean', type=float, nargs=3, help='normalisation mean (default: what --weights were trained with)')
     d.add_argument('--std', type=float, nargs=3, help='normalisation std (default: as --mean)')
     d.add_argument('--interpolation', choices=INTERPOLATIONS, default='bilinear', help='resize filter (default bilinear)')
@@ -130,7 +131,7 @@ def resolve(args) -> argparse.Namespace:
         if getattr(a, k) is None:
             setattr(a, k, v)
     if a.workers is None:
-        a.workers = 0 if a.dataset == 'digits' else min(8, os.cpu_count() or 1)
+        a.workers = min(8, os.cpu_count() or 1) if a.dataset == 'folder' else 0
     if a.workdir is None:
         a.workdir = os.path.join('runs', f'{a.dataset}-{a.model}')
     a.workdir = os.path.abspath(a.workdir)

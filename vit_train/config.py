@@ -3,6 +3,7 @@ import argparse
 import os
 
 from .data import DATASETS, INTERPOLATIONS
+from .errors import TrainError
 from .optim import OPTIMIZERS
 
 # `python train_flax.py` with no --model: a small ViT that timm also builds
@@ -19,18 +20,6 @@ DATA_DEFAULTS = {
     'folder': (0.875, (0.08, 1.0), True),
 }
 OPTIMIZER_DEFAULTS = {'adamw': dict(lr=1e-3, weight_decay=0.05), 'sgd': dict(lr=1e-3, weight_decay=5e-5)}
-
-
-def _positive(kind, lo=1):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            v = None
-        if v is None or v < lo:
-            raise argparse.ArgumentTypeError(f'wants a {kind.__name__} >= {lo}, got {text!r}')
-        return v
-    return parse
 
 
 def _fraction(text):
@@ -50,10 +39,10 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     m = p.add_argument_group('model')
     m.add_argument('--model', help=f'registered model name (default: {DEMO_MODEL} with '
                    + ', '.join(f'{k}={v}' for k, v in DEMO_OVERRIDES.items()) + ', the demo)')
-    m.add_argument('--img-size', type=_positive(int), help='input size (default: the model\'s own)')
-    m.add_argument('--patch-size', type=_positive(int), help='patch size (default: the model\'s own)')
-    m.add_argument('--depth', type=_positive(int), help='number of blocks (default: the model\'s own)')
-    m.add_argument('--num-classes', type=_positive(int), help='head size (default: the number of classes in the data)')
+    m.add_argument('--img-size', type=int, help='input size (default: the model\'s own)')
+    m.add_argument('--patch-size', type=int, help='patch size (default: the model\'s own)')
+    m.add_argument('--depth', type=int, help='number of blocks (default: the model\'s own)')
+    m.add_argument('--num-classes', type=int, help='head size (default: the number of classes in the data)')
     m.add_argument('--drop-path', type=_fraction, default=0.0, help='stochastic depth rate (default 0)')
     m.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='compute dtype; params and optimizer state stay float32')
@@ -70,7 +59,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     d.add_argument('--data-path', help='folder data set root, or the CIFAR directory / downloaded .tar.gz')
     d.add_argument('--val-split', type=_fraction, default=0.2,
                    help='validation share of digits and of a folder without train/ and val/ (default 0.2)')
-    d.add_argument('--workers', type=_positive(int, 0),
+    d.add_argument('--workers', type=int,
                    help='grain worker processes (default: min(8, cpus) for folders, which decode files; '
                    '0 for the in-memory digits and CIFAR, where threads suffice)')
     d.add_argument('--mean', type=float, nargs=3, help='normalisation mean (default: what --weights were trained with)')
@@ -83,9 +72,9 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     d.add_argument('--hflip', action=argparse.BooleanOptionalAction, help='random horizontal flip (default: on; off for digits)')
 
     o = p.add_argument_group('optimisation')
-    o.add_argument('--epochs', type=_positive(int), default=10)
-    o.add_argument('--batch-size', type=_positive(int), default=32, help='global batch per update (default 32)')
-    o.add_argument('--grad-accum', type=_positive(int), default=1, help='split each batch into N micro-batches')
+    o.add_argument('--epochs', type=int, default=10)
+    o.add_argument('--batch-size', type=int, default=32, help='global batch per update (default 32)')
+    o.add_argument('--grad-accum', type=int, default=1, help='split each batch into N micro-batches')
     o.add_argument('--optimizer', choices=OPTIMIZERS, default='adamw')
     o.add_argument('--lr', type=float, help='peak learning rate (default 1e-3)')
     o.add_argument('--lrf', type=float, default=0.01, help='final learning rate as a fraction of --lr (default 0.01)')
@@ -99,22 +88,31 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
 
     r = p.add_argument_group('run')
     r.add_argument('--workdir', help='checkpoints, logs, summary.json (default: runs/<dataset>-<model>)')
-    r.add_argument('--keep', type=_positive(int), default=2, help='keep the last N checkpoints, plus the best (default 2)')
-    r.add_argument('--save-every', type=_positive(int, 0), default=0,
+    r.add_argument('--keep', type=int, default=2, help='keep the last N checkpoints, plus the best (default 2)')
+    r.add_argument('--save-every', type=int, default=0,
                    help='also checkpoint every N steps inside an epoch (default: at epoch ends only)')
     r.add_argument('--mesh', default='', help="device mesh 'data=N,fsdp=M' (default: data over every device); "
                    'fsdp > 1 shards parameters and optimizer state')
     r.add_argument('--coordinator', help='multi-process: HOST:PORT of process 0 (jax.distributed.initialize)')
-    r.add_argument('--num-processes', type=_positive(int), help='multi-process: number of processes')
-    r.add_argument('--process-id', type=_positive(int, 0), help='multi-process: this process\'s index')
+    r.add_argument('--num-processes', type=int, help='multi-process: number of processes')
+    r.add_argument('--process-id', type=int, help='multi-process: this process\'s index')
     r.add_argument('--distributed', action='store_true',
                    help='call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...)')
     return p
 
 
+# integer flags and their least value
+MINIMA = dict(img_size=1, patch_size=1, depth=1, num_classes=1, epochs=1, batch_size=1, grad_accum=1, keep=1,
+              save_every=0, workers=0, num_processes=1, process_id=0)
+
+
 def resolve(args) -> argparse.Namespace:
-    """Fill the defaults that depend on other flags (the demo preset, per-dataset and per-optimizer values)."""
+    """Check the integer flags; fill the defaults that depend on other flags (the demo preset, per-dataset
+    and per-optimizer values)."""
     a = argparse.Namespace(**vars(args))
+    for k, lo in MINIMA.items():
+        if getattr(a, k) is not None and getattr(a, k) < lo:
+            raise TrainError(f'--{k.replace("_", "-")} wants an integer >= {lo}, got {getattr(a, k)}')
     a.demo = a.model is None
     if a.demo:
         a.model = DEMO_MODEL

@@ -5,7 +5,7 @@ element is a dict {'image', 'label', 'weight', 'unreadable'}: an image that cann
 zero image of weight 0 (it takes no part in the loss or the accuracy) and is counted, so an unreadable
 file never stops a run and never changes which examples the other rows of a batch hold.
 
-This module imports neither jax nor the models: grain's worker processes import it.
+Nothing here imports the models or the converters: grain's worker processes import this module.
 """
 import io
 import os

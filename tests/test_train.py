@@ -145,6 +145,14 @@ def test_resume_refuses_another_run(env, reference):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_unreadable_weights_fail_in_one_line_and_write_nothing(env, tmp_path):
+    (tmp_path / 'w.pth').write_bytes(b'not a torch file')
+    r = run(env, tmp_path / 'run', '--weights', tmp_path / 'w.pth', expect=1)
+    assert r.stderr.startswith('train_flax.py: error: ') and f'{tmp_path}/w.pth' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / 'run').exists()
+
+
 def test_kill_9_then_rerun_resumes_and_ends_bit_identical(env, reference, tmp_path):
     workdir = tmp_path / 'killed'
     e = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=1')

@@ -144,9 +144,6 @@ class EpochMeter:
 
 def run(argv=None, prog=None) -> int:
     args = config.resolve(config.build_parser(prog).parse_args(argv))
-    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        # a rerun (resume) compiles the same programs: keep them beside the run unless the user chose a cache
-        jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'xla_cache'))
     init_distributed(args)
     nproc, pid = jax.process_count(), jax.process_index()
     log, warn = report.printer(pid == 0), report.printer(pid == 0, sys.stderr)
@@ -194,7 +191,17 @@ def run(argv=None, prog=None) -> int:
             f"worker(s); positioning the pipeline from the step instead of its saved state")
         return data_iter(meta['step']), False
 
+    def load_weights():
+        over = {k: v for k, v in overrides.items() if k != 'drop_path_rate'}
+        return weights.load(args.weights, args.model, over, args.resample, warn)
+
     # ---- resumed, or fresh / fine-tuned (a resumed run keeps its weights' record and normalisation)
+    loaded = None
+    if args.weights and not fmt.list_steps(os.path.join(args.workdir, fmt.CHECKPOINTS_DIR)):
+        loaded = load_weights()  # a fresh run reads its weights before it writes anything
+    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        # a rerun (resume) compiles the same programs: keep them beside the run unless the user chose a cache
+        jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'xla_cache'))
     ckpts = Checkpoints(args.workdir, args.keep)
     resumed = ckpts.resume(spec.abstract, resume_iter, lambda m: check_same_run(m, base_meta, args.workdir), warn)
     if resumed:
@@ -212,8 +219,7 @@ def run(argv=None, prog=None) -> int:
     else:
         winfo, wnorm = None, None
         if args.weights:
-            load_over = {k: v for k, v in overrides.items() if k != 'drop_path_rate'}
-            params_np, winfo, wnorm = weights.load(args.weights, args.model, load_over, args.resample, warn)
+            params_np, winfo, wnorm = loaded or load_weights()  # (loaded late: every checkpoint was unusable)
             params = sharding.put(params_np, spec.shardings['params'])
         else:
             params = jax.jit(spec.init_params, out_shardings=spec.shardings['params'])(jax.random.PRNGKey(args.seed))

@@ -122,6 +122,12 @@ def test_run_learns_and_writes_its_workdir(reference):
     model = training_ckpt.model_from_meta(ck.meta)
     from converters import api
     api.validate(ck.flat, model, 'checkpoint')
+    # the params item is also a plain orbax tree for the converters' own reader (convert, inspect, parity)
+    _, params, c = api.load_model(os.path.join(ck.path, 'params'), ck.meta['model'],
+                                  **training_ckpt.model_overrides(ck.meta))
+    from flax.traverse_util import flatten_dict
+    assert c.format == 'orbax' and ck.flat.keys() == flatten_dict(params, sep='/').keys()
+    assert all(np.array_equal(v, ck.flat[k]) for k, v in flatten_dict(params, sep='/').items())
     import timm  # and timm builds the same architecture from the recorded overrides
     t = timm.create_model(ck.meta['model'], **ck.meta['model_overrides'])
     assert sum(p.numel() for p in t.parameters()) == sum(v.size for v in ck.flat.values())

@@ -2,8 +2,9 @@
 
 The runs share one XLA compilation cache and a tiny model (one block, 16px digits, 2 epochs of 22 steps), so
 each costs mostly start-up. One uninterrupted run is the reference the others must reproduce: killed and
-resumed (bit-identical), a corrupt latest checkpoint (bit-identical after the fallback), 4 devices with FSDP
-and two processes (within a stated tolerance).
+resumed (bit-identical), a corrupt latest checkpoint (bit-identical after the fallback), two processes of two
+devices each with FSDP (within a stated tolerance; 4 devices in one process and 2 processes of one device
+are the slow variants).
 """
 import json
 import os

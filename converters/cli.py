@@ -156,6 +156,11 @@ def cmd_parity(a):
     return 0 if all(r.rel <= a.tol for r in rows) else 1
 
 
+def cmd_train(a):
+    from vit_train import main as train_main
+    return train_main(a.args, prog='vit-flax train')  # its own flags, parser and error handling
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog='vit-flax', description='ViT/DeiT/Swin in Flax: summaries and checkpoint '
                                 'conversion between Google .npz, PyTorch (.pth/.pt/.bin, .safetensors) and orbax.')
@@ -216,6 +221,11 @@ def build_parser():
     s.add_argument('--batch', type=int, default=2)
     _add_set(s)
     s.set_defaults(fn=cmd_parity, num_classes=None, img_size=None)
+
+    s = sub.add_parser('train', add_help=False, help='train or fine-tune (the flags of train_flax.py; '
+                       'vit-flax train --help)')
+    s.add_argument('args', nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_train)
     return p
 
 
@@ -227,6 +237,9 @@ def _add_set(parser):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['train']:  # argparse would claim the training flags (and --help) for itself
+        return cmd_train(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

@@ -79,9 +79,15 @@ def _count(keys, pattern):
     return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
 
 
+def _check_kernel(kernel, key):
+    if kernel.ndim not in (3, 4):
+        raise ValueError(f'{key} has shape {kernel.shape}: a 1-D or 2-D convolution kernel has 3 or 4 dims')
+
+
 def vit_config_from_flax(flat) -> dict:
     """Architecture fields of `VisionTransformer` read off a flat linen tree."""
     kernel = flat['embedding/kernel']
+    _check_kernel(kernel, 'embedding/kernel')
     depth = _count(flat, r'^Transformer/encoderblock_(\d+)/')
     b0 = 'Transformer/encoderblock_0'
     cfg = dict(embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:-2]),
@@ -100,6 +106,7 @@ def vit_config_from_flax(flat) -> dict:
 def vit_config_from_torch(state) -> dict:
     """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
     w = state['patch_embed.proj.weight']
+    _check_kernel(w, 'patch_embed.proj.weight')
     cfg = dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), spatial_dims=w.ndim - 2,
                depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,
                mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0], qkv_bias='blocks.0.attn.qkv.bias' in state,

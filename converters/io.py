@@ -5,12 +5,16 @@ a loader that builds nothing but tensors and containers (torchfile.py). Declared
 against the file before anything is allocated (mapped.py). Writes are atomic and durable (durable.py): a
 failed or killed conversion leaves no partial output and never damages an existing one.
 """
+import io as stdio
 import json
+import logging
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
+from contextlib import contextmanager, redirect_stderr
 from typing import Dict
 
 import ml_dtypes
@@ -103,11 +107,31 @@ def is_orbax_dir(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ('_CHECKPOINT_METADATA', '_METADATA'))
 
 
+@contextmanager
+def _quiet_orbax():
+    """Orbax and tensorstore report a failure several times over: absl and asyncio log records with
+    tracebacks, and tracebacks printed from their threads. What went wrong reaches us as the exception
+    raised, so all of that is held back while they run (it would break one-line errors)."""
+    loggers = [logging.getLogger(n) for n in ('absl', 'asyncio')]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with redirect_stderr(stdio.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def read_orbax(path: str) -> Dict[str, np.ndarray]:
-    import absl.logging
+    with _quiet_orbax():
+        return _read_orbax(path)
+
+
+def _read_orbax(path: str) -> Dict[str, np.ndarray]:
     import jax
     import orbax.checkpoint as ocp
-    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax logs warnings that would break one-line errors
     from flax.traverse_util import flatten_dict
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -185,8 +209,8 @@ def write_torch(state: Dict[str, np.ndarray], path: str, force: bool = False, wr
     with atomic_output(path, force) as tmp:
         try:
             torch.save({wrap: tensors} if wrap else tensors, tmp)
-        except RuntimeError as e:   # torch's zip writer reports a failed write (disk full...) this way
-            if 'PytorchStreamWriter' not in str(e) and 'write' not in str(e).lower():
+        except RuntimeError as e:   # how torch's C++ zip writer (inline_container.cc) reports a failed write
+            if 'inline_container' not in str(e) and 'PytorchStreamWriter' not in str(e):
                 raise
             raise OSError(f'torch.save failed: {first_line(e)}') from None
 
@@ -222,5 +246,16 @@ def write_orbax(flat: Dict[str, np.ndarray], path: str, force: bool = False) -> 
     import orbax.checkpoint as ocp
     from flax.traverse_util import unflatten_dict
     with atomic_output(path, force) as tmp:
-        ckptr = ocp.PyTreeCheckpointer()
-        ckptr.save(os.path.abspath(tmp), {'params': unflatten_dict(flat, sep='/')})
+        try:
+            with _quiet_orbax():
+                ocp.PyTreeCheckpointer().save(os.path.abspath(tmp), {'params': unflatten_dict(flat, sep='/')})
+        except ValueError as e:   # tensorstore's failed writes: ValueError('OUT_OF_RANGE: Error writing ...')
+            if not _TENSORSTORE_STATUS.match(str(e)):
+                raise
+            code = re.search(r"os_error_code='(\d+)'", str(e))
+            raise (OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else OSError(first_line(e))) \
+                from None
+
+
+_TENSORSTORE_STATUS = re.compile(r'^(OUT_OF_RANGE|RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DATA_LOSS|'
+                                 r'UNKNOWN|INTERNAL|FAILED_PRECONDITION|ABORTED|NOT_FOUND|ALREADY_EXISTS): ')

@@ -258,5 +258,20 @@ def main(argv=None) -> int:
         return 70
 
 
+def run() -> None:
+    """The `vit-flax` entry point. After a failure, the process ends at once: libraries' threads that are
+    still unwinding (orbax/tensorstore after a corrupt checkpoint) must not add tracebacks, or crash,
+    after the one line already printed; no output is pending then (writes are complete or discarded)."""
+    code = main()
+    if code:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    run()

@@ -107,7 +107,7 @@ def test_valid_files_read_back_exactly(orbax_dir):
 COMMANDS = {
     'inspect': lambda src, out: ['inspect', src],
     'convert-npz': lambda src, out: ['convert', src, out + '.npz'],
-    'convert-pth': lambda src, out: ['convert', src, out + '.pth', '--model', fz.TINY_NAME],
+    'convert-pth': lambda src, out: ['convert', src, out + '.pth'],
     'convert-safetensors': lambda src, out: ['convert', src, out + '.safetensors'],
     'convert-orbax': lambda src, out: ['convert', src, out],
 }

@@ -19,7 +19,7 @@ from converters.durable import PREFIX, atomic_output, clean_stale
 from converters.errors import ConversionError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KILLS = int(os.environ.get('VIT_FLAX_KILLS', '12'))   # per format; `make fuzz` raises it
+KILLS = int(os.environ.get('VIT_FLAX_KILLS', '8'))   # per format; `make fuzz` raises it
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +44,7 @@ def test_killed_writer_leaves_old_or_new_never_a_mix(tiny_pth, tmp_path):
     assert len(counts) == 3
     for c in counts:
         print(c)
-        assert c['kills'] >= KILLS // 2 and c['old'] + c['new'] == KILLS, c
+        assert c['kills'] == KILLS and c['old'] + c['new'] == c['trials'], c
         assert c['temp_left'] >= 1, f'no kill landed inside a write: the test proves nothing ({c})'
         assert c['max_temps'] <= 1 and c['temps_after_next_write'] == 0, c
 
@@ -82,8 +82,8 @@ def _limited(limit):
     return preexec
 
 
-@pytest.mark.parametrize('out', [pytest.param('o.npz', marks=pytest.mark.slow), 'o.pth',
-                                 pytest.param('o.safetensors', marks=pytest.mark.slow), 'ckpt'])
+@pytest.mark.parametrize('out', [pytest.param(o, marks=pytest.mark.slow) for o in ('o.npz', 'o.pth', 'o.safetensors')]
+                         + ['ckpt'])
 def test_disk_full_half_way_keeps_the_old_output(tiny_pth, tmp_path, out):
     """A real failed write (RLIMIT_FSIZE: as a full disk, the writer's write() fails half-way)."""
     dst = tmp_path / out

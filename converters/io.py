@@ -178,7 +178,7 @@ def write_npz(arrays: Dict[str, np.ndarray], path: str, force: bool = False) -> 
         with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
             for k, v in arrays.items():
                 with z.open(k + '.npy', 'w', force_zip64=True) as m:
-                    np.lib.format.write_array(m, np.ascontiguousarray(v), allow_pickle=False)
+                    np.lib.format.write_array(m, np.asarray(v, order='C'), allow_pickle=False)
                 release(v)
 
 

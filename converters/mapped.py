@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import ConversionError, first_line
 
+_byte_bounds = getattr(getattr(np.lib, 'array_utils', np), 'byte_bounds')   # numpy 2 moved it
 PAGE = mmap.PAGESIZE
 CHUNK = 16 << 20
 # deflate never expands more than ~1032:1; a member declaring more than that is lying about its size
@@ -173,7 +174,7 @@ def release(*arrays) -> None:
         if mm is None or mm.closed or not hasattr(mm, 'madvise'):
             continue
         base = np.frombuffer(mm, np.uint8).ctypes.data
-        lo, hi = np.lib.array_utils.byte_bounds(a)
+        lo, hi = _byte_bounds(a)
         start = (lo - base) // PAGE * PAGE
         end = min(len(mm), -(-(hi - base) // PAGE) * PAGE)
         if 0 <= start < end:

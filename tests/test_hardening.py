@@ -176,3 +176,36 @@ def test_conversion_memory_stays_near_one_copy_of_the_weights(tmp_path, directio
     added = (m['peak'] - m['base']) / size
     print(direction, f'adds {added:.2f}x the file size')
     assert added < 1.3, f'{direction} added {added:.2f}x the {size}-byte file to the process'
+
+
+def test_hand_written_formats_match_the_libraries(tmp_path):
+    """Our streaming writers and mapped readers against numpy, safetensors and torch themselves."""
+    import ml_dtypes
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from safetensors.torch import save_file as save_torch
+    rng = np.random.default_rng(0)
+    arrays = {'w': rng.standard_normal((5, 7)).astype(np.float32).T, 'h': np.arange(6, dtype=np.float16),
+              'b': rng.standard_normal(9).astype(ml_dtypes.bfloat16), 'i': np.arange(4, dtype=np.int64),
+              'm': np.array([True, False]), 'e': np.zeros((0, 3), np.float32), 's': np.float64(2.5)}
+    cio.write_safetensors(arrays, str(tmp_path / 'a.safetensors'))
+    lib = load_file(str(tmp_path / 'a.safetensors'))
+    for k, v in arrays.items():
+        assert lib[k].dtype == v.dtype and np.array_equal(lib[k], v), k
+    save_file({k: np.array(v, order='C') for k, v in arrays.items() if k != 'b'}, str(tmp_path / 'lib.safetensors'))
+    save_torch({'b': torch.from_numpy(arrays['b'].view(np.int16)).view(torch.bfloat16)},
+               str(tmp_path / 'bf.safetensors'))
+    ours = {**cio.read_safetensors(str(tmp_path / 'lib.safetensors')), **cio.read_safetensors(str(tmp_path / 'bf.safetensors'))}
+    for k, v in arrays.items():
+        assert ours[k].dtype == v.dtype and np.array_equal(ours[k], v), k
+    cio.write_npz(arrays, str(tmp_path / 'a.npz'))
+    with np.load(tmp_path / 'a.npz') as z:
+        for k, v in arrays.items():
+            got = z[k].view(ml_dtypes.bfloat16) if k == 'b' else z[k]
+            assert np.array_equal(got, v), k
+    cio.write_torch(arrays, str(tmp_path / 'a.pth'))
+    sd = torch.load(tmp_path / 'a.pth', weights_only=True, mmap=True)
+    assert sd['b'].dtype == torch.bfloat16 and sd['w'].is_contiguous()
+    got = cio.read_torch(str(tmp_path / 'a.pth'))
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k

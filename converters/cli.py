@@ -198,7 +198,7 @@ def build_parser():
     s.add_argument('ckpt')
     s.add_argument('--model')
     s.add_argument('--tol', type=float, default=1e-4, help='relative tolerance (default 1e-4)')
-    s.add_argument('--batch', type=int, default=2)
+    s.add_argument('--batch', type=_at_least(1, '--batch'), default=2)
     s.add_argument('--allow-nonfinite', action='store_true', help='compare weights holding NaN/Inf (refused by default)')
     s.set_defaults(fn=cmd_parity)
     return p
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
     """Exit status: 0 success, 1 a refused input or failed conversion (one line naming the file and the
     fault), 2 bad usage, 70 an internal error (one line; `--debug` shows the traceback), 130 interrupted,
     141 output pipe closed."""
-    from vit_flax.registry import UnknownModelError, UnknownOptionError
     args = build_parser().parse_args(argv)
+    from vit_flax.registry import UnknownModelError, UnknownOptionError   # after --help: it imports jax
     debug = getattr(args, 'debug', False)
     try:
         rc = args.fn(args) or 0

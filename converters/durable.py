@@ -116,7 +116,7 @@ def _locked_tempdir(parent: str):
     raise OSError(errno.EEXIST, 'cannot create a temporary folder', parent)
 
 
-def _is_replaceable_dir(path: str) -> bool:
+def is_orbax_dir(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ('_CHECKPOINT_METADATA', '_METADATA'))
 
 
@@ -132,7 +132,7 @@ def atomic_output(path: str, force: bool):
     if os.path.lexists(path):
         if not force:
             raise ConversionError(f'{path}: exists; pass --force to replace it')
-        if os.path.isdir(path) and not _is_replaceable_dir(path):
+        if os.path.isdir(path) and not is_orbax_dir(path):
             raise ConversionError(f'{path}: is a directory that is not an orbax checkpoint; refusing to replace it')
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):

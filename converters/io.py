@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from . import mapped, torchfile
-from .durable import atomic_output
+from .durable import atomic_output, is_orbax_dir
 from .errors import ConversionError, first_line
 
 TORCH_EXTS = ('.pth', '.pt', '.bin')
@@ -56,11 +56,11 @@ def read_npz(path: str) -> Dict[str, np.ndarray]:
     return mapped.read_npz(str(path))
 
 
-def _unwrap_state(obj, path, refused=()):
+def _unwrap_state(obj, path):
     if isinstance(obj, dict):
         for key in ('model', 'state_dict', 'model_state', 'module'):
             if key in obj and isinstance(obj[key], dict):
-                return _unwrap_state(obj[key], path, refused)
+                return _unwrap_state(obj[key], path)
         return obj
     if isinstance(obj, torchfile.Opaque):
         raise ConversionError(f'{path}: holds a pickled {obj.qualname} object, not a state_dict (its code was '
@@ -81,7 +81,7 @@ def read_torch(path: str) -> Dict[str, np.ndarray]:
         obj, refused = torchfile.load_legacy(path, mf)
     else:
         raise ConversionError(f'{path}: not a torch checkpoint (neither torch.save\'s zip archive nor its legacy format)')
-    state = _unwrap_state(obj, path, refused)
+    state = _unwrap_state(obj, path)
     out = {}
     for k, v in state.items():
         if not isinstance(v, np.ndarray):
@@ -101,10 +101,6 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 # What orbax and tensorstore raise on a missing or corrupt file (found by fuzzing, tests/test_fuzz.py).
 ORBAX_FAILURES = (ValueError, OSError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
-
-
-def is_orbax_dir(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ('_CHECKPOINT_METADATA', '_METADATA'))
 
 
 @contextmanager

@@ -545,8 +545,11 @@ def mutate_dir(draw, path: str) -> None:
         data = m_bitflip(draw, data)
     elif kind == 'empty':
         data = b''
-    elif kind == 'json':
-        data = draw(st.sampled_from([b'{}', b'[]', b'null', b'{"tree_metadata": 1}', b'{', b'"x"']))
+    elif kind == 'json':   # JSON of the wrong shape, for _METADATA above all
+        data = draw(st.sampled_from([b'{}', b'[]', b'null', b'{"tree_metadata": 1}', b'{', b'"x"',
+                                     b'{"tree_metadata": {"x": 1}}', b'{"tree_metadata": {"a": {"key_metadata": 5}}}',
+                                     b'{"tree_metadata": {"a": {"key_metadata": [{"key": 1, "key_type": 9}]}}}',
+                                     b'{"tree_metadata": {}, "use_zarr3": 5}']))
     else:
         data = draw(st.binary(max_size=512))
     with open(f, 'wb') as fh:

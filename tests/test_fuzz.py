@@ -134,25 +134,29 @@ def check_command_result(rc: int, stderr: str, argv, src: str, out: str):
     assert not outputs_left(folder, out), os.listdir(folder)
 
 
-@settings(max_examples=fz.examples(60))
-@given(st.data())
-def test_command_in_process(data):
-    reader = data.draw(st.sampled_from(FILE_READERS))
+def mutant_command(data, reader, mutation, command):
+    """(argv, src, out): `command` run on a mutant of `reader`'s valid file, into a fresh empty folder."""
     r = fz.READERS[reader]
-    mutation = data.draw(st.sampled_from(r.mutations))
-    command = data.draw(st.sampled_from(sorted(COMMANDS)))
     src = write(fresh(r.ext), fz.MUTATIONS[mutation](data.draw, r.valid()))
     out_dir = fresh('.out')
     os.mkdir(out_dir)
     out = os.path.join(out_dir, 'o')
-    argv = COMMANDS[command](src, out)
+    return COMMANDS[command](src, out), src, out
+
+
+@settings(max_examples=fz.examples(60))
+@given(st.data())
+def test_command_in_process(data):
+    reader = data.draw(st.sampled_from(FILE_READERS))
+    mutation = data.draw(st.sampled_from(fz.READERS[reader].mutations))
+    argv, src, out = mutant_command(data, reader, mutation, data.draw(st.sampled_from(sorted(COMMANDS))))
     fz.COUNTS[f'vit-flax {argv[0]}'] += 1
     err, sink = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(sink):
         rc = cli.main(argv)
     check_command_result(rc, err.getvalue(), argv, src, out)
     assert not os.path.exists(fz.MARKER)
-    shutil.rmtree(out_dir)
+    shutil.rmtree(os.path.dirname(out))
 
 
 def run_cli(*argv):
@@ -167,16 +171,10 @@ SUBPROCESS_CASES = [('npz', 'truncate', 'convert-pth'), ('torch', 'torch_evil', 
 
 @pytest.mark.parametrize('reader,mutation,command', SUBPROCESS_CASES)
 def test_command_in_a_real_process(reader, mutation, command, tmp_path):
-    r = fz.READERS[reader]
-
     @settings(max_examples=fz.examples(1))
     @given(st.data())
     def run(data):
-        src = write(fresh(r.ext), fz.MUTATIONS[mutation](data.draw, r.valid()))
-        out_dir = fresh('.out')
-        os.mkdir(out_dir)
-        out = os.path.join(out_dir, 'o')
-        argv = COMMANDS[command](src, out)
+        argv, src, out = mutant_command(data, reader, mutation, command)
         fz.COUNTS[f'vit-flax {argv[0]} (process)'] += 1
         p = run_cli(*argv)
         check_command_result(p.returncode, p.stderr, argv, src, out)

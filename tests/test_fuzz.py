@@ -1,6 +1,9 @@
 """Fuzzing every checkpoint reader and `vit-flax convert`/`inspect` (harness and tables: fuzzing.py).
 
 `make test` runs bounded, derandomized examples; `make fuzz` (VIT_FLAX_FUZZ=long) 25x as many, random.
+A reader added to fuzzing.READERS is fuzzed here with no change to this file. A new command goes in
+COMMANDS below (argv from the mutant's path and an output stem): it then runs in-process over mutants
+of every file reader, and SUBPROCESS_CASES can name it for a check in a real process.
 """
 import contextlib
 import io

@@ -14,7 +14,7 @@ import pickle
 import pickletools
 import struct
 from collections import OrderedDict
-from typing import Dict, Set
+from typing import Dict
 
 import ml_dtypes
 import numpy as np
@@ -35,6 +35,7 @@ _TORCH_DTYPES = {
     'bool': np.bool_, 'complex64': np.complex64, 'cfloat': np.complex64, 'complex128': np.complex128,
     'cdouble': np.complex128, 'float8_e4m3fn': ml_dtypes.float8_e4m3fn, 'float8_e5m2': ml_dtypes.float8_e5m2}
 _MEMO_OPS = {'PUT', 'BINPUT', 'LONG_BINPUT', 'GET', 'BINGET', 'LONG_BINGET'}
+_MAX_REFUSED = 1000
 
 
 class _Named:
@@ -171,7 +172,7 @@ class _Unpickler(pickle.Unpickler):
         self.storage_bytes = storage_bytes
         self.big_endian = big_endian
         self.storages: Dict[str, _Storage] = {}
-        self.refused: Set[str] = set()
+        self.refused: Dict[str, type] = {}
 
     def find_class(self, module, name):
         full = f'{module}.{name}'
@@ -181,8 +182,11 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(name, _STORAGE_DTYPES[name])
         if module == 'torch' and name in _TORCH_DTYPES:
             return _DType(name, _TORCH_DTYPES[name])
-        self.refused.add(full)
-        return _opaque(full)
+        if full not in self.refused:
+            if len(self.refused) >= _MAX_REFUSED:   # each stand-in is a class: bound what a pickle can make
+                raise ConversionError(f'refers to more than {_MAX_REFUSED} kinds of non-tensor objects')
+            self.refused[full] = _opaque(full)
+        return self.refused[full]
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ('storage', b'storage')):

@@ -467,7 +467,8 @@ def m_torch_evil(draw, valid):
 def m_torch_pickle_garbage(draw, valid):
     """data.pkl made of random opcodes, absurd memo indices, frames and lengths."""
     members, prefix = torch_zip_members(valid)
-    kind = draw(st.sampled_from(['random', 'memo', 'frame', 'bytes8', 'bytearray8', 'persid', 'deep', 'ext']))
+    kind = draw(st.sampled_from(['random', 'memo', 'frame', 'bytes8', 'bytearray8', 'persid', 'deep', 'ext',
+                                 'globals']))
     if kind == 'random':
         p = b'\x80\x02' + draw(st.binary(max_size=512))
     elif kind == 'memo':
@@ -484,6 +485,8 @@ def m_torch_pickle_garbage(draw, valid):
         p = b'\x80\x02' + pickle.dumps(pid, protocol=2)[2:-1] + b'Q.'
     elif kind == 'deep':
         p = b'\x80\x02' + b']' * 100000 + b'.'
+    elif kind == 'globals':   # a stand-in class per distinct unknown global: a bounded number
+        p = b'\x80\x02(' + b''.join(b'cm%d\nx\n' % i for i in range(draw(st.sampled_from([10, 5000])))) + b'l.'
     else:
         p = b'\x80\x02\x82\x01.'
     return zip_bytes(_replace(members, prefix + 'data.pkl', p))

@@ -53,8 +53,10 @@ def nbytes(shape, dtype) -> int:
 
 
 def check_shape(shape, where: str) -> tuple:
-    """A shape numpy can hold: non-negative dimensions below 2**48 (sizes are checked separately)."""
-    if not all(type(s) is int and 0 <= s < 1 << 48 for s in shape) or len(shape) > 32:
+    """A shape numpy can hold, even empty: dimensions below 2**48 whose non-zero product stays below 2**56
+    (numpy refuses (2**40, 2**40, 0) too). Whether the file backs its bytes is checked separately."""
+    ok = len(shape) <= 32 and all(type(s) is int and 0 <= s < 1 << 48 for s in shape)
+    if not ok or nbytes([max(s, 1) for s in shape], np.dtype(np.uint8)) >= 1 << 56:
         raise ConversionError(f'{where}: impossible shape {tuple(shape)!r}')
     return tuple(shape)
 

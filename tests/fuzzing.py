@@ -324,7 +324,7 @@ def m_npy_header_lies(draw, valid):
     elif kind == 'v2':
         hdr = npy_header((len(body) // 4,), version=2)
     else:
-        hdr = npy_header((0, 10 ** 18))
+        hdr = npy_header(draw(st.sampled_from([(0, 10 ** 18), (2 ** 40, 2 ** 40, 0), (0, 2 ** 30, 2 ** 30)])))
     members[i] = (name, hdr + body)
     return zip_bytes(members)
 

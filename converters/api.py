@@ -209,7 +209,9 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     rng = np.random.default_rng(seed)
     for head in ('head', 'head_dist'):
         keys = [f'{head}/kernel', f'{head}/bias']
-        had = keys[0] in flat
+        # a whole head (kernel (in, classes), bias (classes,)); a stray half is left for validate() to name
+        kernel, bias = flat.get(keys[0]), flat.get(keys[1])
+        had = kernel is not None and bias is not None and kernel.ndim == 2 and bias.ndim == 1
         if dst.num_classes == 0 or (head == 'head_dist' and not getattr(dst, 'distilled', False)):
             if had:
                 old = flat.pop(keys[1]).shape[0]

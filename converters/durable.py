@@ -16,6 +16,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 
 from .errors import ConversionError
@@ -159,5 +160,16 @@ def atomic_output(path: str, force: bool):
     except OSError as e:
         raise ConversionError(f'{path}: cannot write ({e.strerror or e})') from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        _remove(tmpdir)
         os.close(fd)
+
+
+def _remove(path: str, patience: float = 2.0) -> None:
+    """rmtree that outlasts a library thread still writing into the folder (orbax's, after a failed save).
+    What it cannot remove in time is stale once our lock goes, and the next write removes it."""
+    deadline = time.monotonic() + patience
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)

@@ -280,8 +280,9 @@ def m_npz_arrays(draw, valid):
                                                  'head_dist/kernel', 'pre_logits/kernel'])),
                            _np_array(draw, shape, draw(st.sampled_from(_NPZ_DTYPES)))))
         elif what == 'nonfinite':
-            w = np.array(v, np.float32)
-            w.reshape(-1)[draw(st.integers(0, max(w.size - 1, 0)))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+            w = np.array(v, np.float32) if v.dtype.kind in 'fiub' else np.ones(v.shape, np.float32)
+            if w.size:
+                w.reshape(-1)[draw(st.integers(0, w.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
             arrays[i] = (k, w)
         else:
             arrays[i] = (k, np.zeros(tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=3))), np.float32))

@@ -209,3 +209,15 @@ def test_hand_written_formats_match_the_libraries(tmp_path):
     got = cio.read_torch(str(tmp_path / 'a.pth'))
     for k, v in arrays.items():
         assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+
+
+@pytest.mark.parametrize('stray', [{'head_dist/kernel': np.zeros((8, 3), np.float32)},
+                                   {'head/kernel': np.zeros((8, 3), np.float32), 'head/bias': np.zeros((), np.float32)}])
+def test_half_a_head_is_named_not_crashed_on(tmp_path, stray):
+    """Found by `make fuzz`: a head kernel without its bias (or a 0-d bias) was a KeyError in adapt()."""
+    model, flat = fz.tiny()
+    from converters import google
+    arrays = {**google.flax_to_npz(flat, 'released'), **stray}
+    (tmp_path / 'h.npz').write_bytes(fz.npz_bytes(list(arrays.items())))
+    rc, _, err = run_main('convert', tmp_path / 'h.npz', tmp_path / 'o.npz')
+    assert rc == 1 and err.count('\n') == 1 and 'h.npz' in err and 'head' in err, err

@@ -144,8 +144,18 @@ def test_closed_pipes_end_quietly():
 
 
 MEMORY_CHILD = textwrap.dedent('''
-    import json, os, resource, sys
+    import json, os, resource, sys, tempfile
+    import numpy as np, vit_flax
     import converters, converters.api, converters.cli, torch, jax
+    # the same conversion on a 1-block ViT first: code paths faulted in before the baseline is taken
+    tiny = vit_flax.create_model('vit_tiny_patch16_224', img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2)
+    flat = {k: np.ones(v.shape, np.float32) for k, v in
+            converters.api.flatten_dict(vit_flax.summary.param_shapes(tiny), sep='/').items()}
+    warm = tempfile.mkdtemp()
+    converters.api.write_flat(flat, tiny, os.path.join(warm, 't.npz'))
+    converters.cli.main(['convert', os.path.join(warm, 't.npz'), os.path.join(warm, 't.pth')])
+    converters.load_params(os.path.join(warm, 't.pth'), 'vit_tiny_patch16_224', img_size=8, patch_size=4,
+                           embed_dim=8, depth=1, num_heads=2)
     base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
     if sys.argv[1] == 'convert':
         converters.cli.main(['convert', sys.argv[2], sys.argv[3], '--force'])

@@ -69,9 +69,9 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
         flat = {k: v for k, v in flat.items() if not k.startswith(('txt/', 'img/'))}
     scanned = {k: v for k, v in flat.items() if k.startswith('Transformer/encoderblock/')}
     if scanned:
-        flat_ones = [k for k, v in scanned.items() if v.ndim == 0]
-        if flat_ones:
-            raise ConversionError(f'{path}: scanned block key {flat_ones[0]!r} has no depth axis (shape ())')
+        no_depth = [k for k, v in scanned.items() if v.ndim == 0]
+        if no_depth:
+            raise ConversionError(f'{path}: scanned block key {no_depth[0]!r} has no depth axis (shape ())')
         depths = {v.shape[0] for v in scanned.values()}
         if len(depths) != 1:
             raise ConversionError(f'{path}: scanned blocks disagree on depth: {sorted(depths)}')

@@ -162,13 +162,24 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
 
 
+# Architecture fields that may be 0 (every other integer read off a checkpoint's shapes must be >= 1).
+_MAY_BE_ZERO = ('num_classes', 'num_patches')
+
+
 def _read_config(fn, arrays, path):
+    """The family's architecture fields read off the arrays' shapes, which a file may set to anything."""
     try:
-        return fn(arrays)
+        cfg = fn(arrays)
     except KeyError as e:
         raise ConversionError(f'{path}: missing key {e.args[0]!r}') from None
-    except (IndexError, AttributeError, ValueError) as e:
+    except (IndexError, AttributeError, ValueError, ZeroDivisionError) as e:
         raise ConversionError(f'{path}: malformed checkpoint ({e})') from None
+    for k, v in cfg.items():
+        values = v if isinstance(v, tuple) else (v,)
+        lowest = 0 if k in _MAY_BE_ZERO else 1
+        if any(type(x) is int and x < lowest or isinstance(x, float) and not 0 < x < float('inf') for x in values):
+            raise ConversionError(f'{path}: malformed checkpoint: the shapes give {k}={v}')
+    return cfg
 
 
 # ---------------------------------------------------------------- adapting to a target model
@@ -224,7 +235,9 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     rng = np.random.default_rng(seed)
     for head in ('head', 'head_dist'):
         keys = [f'{head}/kernel', f'{head}/bias']
-        had = keys[0] in flat
+        # a whole head (kernel (in, classes), bias (classes,)); a stray half is left for validate() to name
+        kernel, bias = flat.get(keys[0]), flat.get(keys[1])
+        had = kernel is not None and bias is not None and kernel.ndim == 2 and bias.ndim == 1
         if dst.num_classes == 0 or (head == 'head_dist' and not getattr(dst, 'distilled', False)):
             if had:
                 old = flat.pop(keys[1]).shape[0]
@@ -267,7 +280,29 @@ def arch_overrides(overrides):
     return {k: v for k, v in overrides.items() if k not in TARGET_ONLY}
 
 
-def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast):
+def check_finite(flat: Dict[str, np.ndarray], where: str, allow: bool = False,
+                 log: Callable[[str], None] = _stderr) -> Dict[str, int]:
+    """{key: count} of the arrays holding NaN or Inf. Refused (one line naming the first) unless `allow`,
+    then said out loud: weights like that are a broken checkpoint, and a converter must not hide it."""
+    bad = {}
+    for k, v in flat.items():
+        if _is_float(v.dtype):
+            n = int(v.size - np.count_nonzero(np.isfinite(v)))
+            io.release(v)
+            if n:
+                bad[k] = n
+    if bad:
+        k, n = next(iter(bad.items()))
+        more = f' (and {len(bad) - 1} more keys)' if len(bad) > 1 else ''
+        if not allow:
+            raise ConversionError(f'{where}: key {k!r} holds {n} non-finite values (NaN/Inf){more}; '
+                                  f'pass --allow-nonfinite (allow_nonfinite=True) to convert it anyway')
+        log(f'warning: {where}: key {k!r} holds {n} non-finite values (NaN/Inf){more}; kept as they are')
+    return bad
+
+
+def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast,
+          allow_nonfinite=False):
     """read -> adapt to the target -> validate: the path shared by load_model and load_params."""
     ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'))
     for note in ck.notes:
@@ -279,26 +314,33 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
     flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
                  log=log)
     validate(flat, target, path)
-    if cast:
-        flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    check_finite(flat, path, allow_nonfinite, log)
+    if cast:   # private float32 arrays: never views of a file someone may overwrite, one copy at a time
+        flat = {k: np.asarray(io.detach(v), np.float32) for k, v in flat.items()}
     return target, unflatten_dict(flat, sep='/'), ck
 
 
 def load_model(path: str, model_name: Optional[str] = None, *, resample: str = DEFAULT_METHOD,
                head_init: str = 'zeros', bias_resize: str = 'bicubic', cast: bool = True,
-               log: Callable[[str], None] = _stderr, **overrides):
-    """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top."""
+               log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False, **overrides):
+    """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top.
+
+    Weights holding NaN/Inf are refused unless `allow_nonfinite` (then a warning is logged). With `cast`,
+    params are private float32 arrays; without, they keep the file's dtype and may view its memory map.
+    """
     return _load(path, model_name, overrides, lambda ck: ck.model.clone(**overrides), resample, head_init,
-                 bias_resize, log, cast)
+                 bias_resize, log, cast, allow_nonfinite)
 
 
 def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
-                bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, **overrides):
+                bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False,
+                **overrides):
     """Flax params for `vit_flax.create_model(model_name, **overrides)`, from any supported file.
 
     The result always fits that model. A checkpoint head of another size is replaced only when
     `num_classes` is passed explicitly (and the change is logged); a different input size resamples the
-    position embedding (logged); any other mismatch is an error naming the key and shapes.
+    position embedding (logged); any other mismatch is an error naming the key and shapes. Weights
+    holding NaN/Inf are refused unless `allow_nonfinite`.
     """
     def target_of(ck):
         target = vit_flax.create_model(model_name, **overrides)
@@ -317,7 +359,8 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
             raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
                                   f'representation_size={rep} to keep it or representation_size=None to drop it')
         return target
-    return _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True)[1]
+    return _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True,
+                 allow_nonfinite=allow_nonfinite)[1]
 
 
 # ---------------------------------------------------------------- writing

@@ -70,6 +70,9 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
         flat = {k: v for k, v in flat.items() if not k.startswith(('txt/', 'img/'))}
     scanned = {k: v for k, v in flat.items() if k.startswith('Transformer/encoderblock/')}
     if scanned:
+        no_depth = [k for k, v in scanned.items() if v.ndim == 0]
+        if no_depth:
+            raise ConversionError(f'{path}: scanned block key {no_depth[0]!r} has no depth axis (shape ())')
         depths = {v.shape[0] for v in scanned.values()}
         if len(depths) != 1:
             raise ConversionError(f'{path}: scanned blocks disagree on depth: {sorted(depths)}')
@@ -86,6 +89,8 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
     if 'pos_embedding' in flat:
         # big_vision adds positions before concatenating cls; an all-zero cls row reproduces that exactly.
         pe = flat.pop('pos_embedding')
+        if pe.ndim not in (3, 4):
+            raise ConversionError(f'{path}: pos_embedding has shape {pe.shape}: expected (1, N, D) or (1, H, W, D)')
         if pe.ndim == 4:  # some files keep the (1, h, w, D) grid
             pe = pe.reshape(1, -1, pe.shape[-1])
         if 'cls' in flat:

@@ -100,9 +100,15 @@ def _count(keys, pattern):
     return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
 
 
+def _check_kernel(kernel, key):
+    if kernel.ndim not in (3, 4):
+        raise ValueError(f'{key} has shape {kernel.shape}: a 1-D or 2-D convolution kernel has 3 or 4 dims')
+
+
 def vit_config_from_flax(flat) -> dict:
     """Architecture fields of `VisionTransformer` read off a flat linen tree."""
     kernel = flat['embedding/kernel']
+    _check_kernel(kernel, 'embedding/kernel')
     depth = _count(flat, r'^Transformer/encoderblock_(\d+)/')
     b0 = 'Transformer/encoderblock_0'
     resnet, stem_in = resnet_map.resnet_from_flax(flat)
@@ -121,6 +127,7 @@ def vit_config_from_flax(flat) -> dict:
 def vit_config_from_torch(state) -> dict:
     """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
     w = state['patch_embed.proj.weight']
+    _check_kernel(w, 'patch_embed.proj.weight')
     resnet, stem_in = resnet_map.resnet_from_torch(state)
     cfg = dict(embed_dim=w.shape[0], in_chans=stem_in or w.shape[1], patch_size=tuple(w.shape[2:]),
                spatial_dims=w.ndim - 2, depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,

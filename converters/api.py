@@ -194,7 +194,10 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
     fc = timm_folder.read_config(folder, path)
     detected = model_name is None
     if model_name is None or split_tag(model_name)[0] == fc.model_name:
-        model_name, arch = fc.model_name, {**arch_overrides(fc.arch), **(arch or {})}
+        # what config.json records describes the weights (a window size too); the head and input size are
+        # checked against the weights' own below / resolved from the position table
+        recorded = {k: v for k, v in fc.arch.items() if k not in ('num_classes', 'img_size')}
+        model_name, arch = fc.model_name, {**recorded, **(arch or {})}
     ck = read_checkpoint(fc.weights, model_name, arch, img_size or fc.arch.get('img_size'))
     if fc.num_classes is not None and fc.num_classes != ck.model.num_classes:
         raise ConversionError(f'{fc.config_path}: num_classes {fc.num_classes}, but the weights\' head has '

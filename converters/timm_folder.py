@@ -107,8 +107,26 @@ def _model_fields(model_name: str, model_args, where: str):
         if k not in fields:
             ignored.append(k)
             continue
-        arch[k] = tuple(v) if isinstance(v, list) else v
+        arch[k] = _checked(k, v, cls.__dataclass_fields__[k].default, where)
     return arch, ignored
+
+
+def _checked(k, v, default, where):
+    """A model_args value of the kind the field holds: positive sizes, finite rates, flags, names."""
+    ok = lambda x: type(x) is int and (0 if k == 'num_classes' else 1) <= x <= 1 << 20   # noqa: E731
+    if isinstance(v, list) and v and all(ok(x) for x in v) and not isinstance(default, (bool, str, float)):
+        return tuple(v)
+    if isinstance(default, bool) or (default is None and isinstance(v, bool)):
+        good = isinstance(v, bool)
+    elif isinstance(default, float):
+        good = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 << 20
+    elif isinstance(default, str):
+        good = isinstance(v, str)
+    else:   # sizes, counts, (h, w) pairs; None where the field allows it
+        good = ok(v) or (v is None and default is None)
+    if not good:
+        raise ConversionError(f'{where}: model_args {k}={v!r} is not a valid value')
+    return v
 
 
 def read_config(folder: str, where: Optional[str] = None) -> FolderConfig:
@@ -205,6 +223,9 @@ def config_for(model, model_name: str, family, pretrained_cfg: dict, class_names
         kw, base = family.timm_kwargs(model), family.timm_kwargs(vit_flax.create_model(model_name))
     except ValueError as e:
         raise ConversionError(f'timm cannot build this {model_name}: {e}') from None
+    if set(base) - set(kw):
+        raise ConversionError(f'{model_name} builds {", ".join(sorted(set(base) - set(kw)))} this model has not; '
+                              f'pass --model with the registered name of this architecture')
     model_args = {}
     for k, v in kw.items():
         if k == 'embed_layer' and k in base:

@@ -98,7 +98,7 @@ def _model_fields(model_name: str, model_args, where: str):
     for k, v in model_args.items():
         if k in _TIMM_VALUES:
             ours, values = _TIMM_VALUES[k]
-            if v not in values:
+            if not isinstance(v, str) or v not in values:
                 raise ConversionError(f'{where}: model_args {k}={v!r} is not one vit-flax builds '
                                       f'({", ".join(map(repr, values))})')
             k, v = ours, values[v]

@@ -202,6 +202,9 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
     if fc.num_classes is not None and fc.num_classes != ck.model.num_classes:
         raise ConversionError(f'{fc.config_path}: num_classes {fc.num_classes}, but the weights\' head has '
                               f'{ck.model.num_classes} classes')
+    if fc.label_names and len(fc.label_names) > ck.model.num_classes:
+        raise ConversionError(f'{fc.config_path}: {len(fc.label_names)} label_names, but the weights\' head has '
+                              f'{ck.model.num_classes} classes')
     ck.notes, ck.detected = fc.notes + ck.notes, detected
     ck.kind, ck.source, ck.pretrained_cfg, ck.class_names = 'timm-folder', path, fc.pretrained_cfg, fc.label_names
     return ck

@@ -32,7 +32,7 @@ def class_names(ck, model, classes: Optional[str] = None) -> Tuple[List[str], st
     if classes:
         names, where = timm_folder.read_class_indices(classes), classes
     elif ck.class_names:
-        names, where = ck.class_names, 'the checkpoint'
+        names, where = ck.class_names, f'recorded in {ck.source or ck.path}'
     else:
         beside = os.path.join(os.path.dirname(os.path.abspath(ck.path)), training_ckpt.CLASS_INDICES)
         if ck.kind == 'file' and os.path.isfile(beside):

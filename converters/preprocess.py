@@ -28,7 +28,7 @@ def family_default(model_name: str) -> Tuple[tuple, tuple, str]:
     """(mean, std, why): the normalisation of timm's default pretrained weights for the model's family."""
     if model_name.startswith(('deit', 'swin')):
         return IMAGENET + (f"timm's default for {model_name.split('_')[0]} weights (ImageNet mean/std)",)
-    return HALF + ("timm's default for ViT weights (mean/std 0.5)",)
+    return HALF + ("timm's default for ViT weights (0.5/0.5, i.e. [-1, 1])",)
 
 
 def default_config(model, model_name: str, fmt: str) -> Tuple[dict, str]:

@@ -107,14 +107,15 @@ def _model_fields(model_name: str, model_args, where: str):
         if k not in fields:
             ignored.append(k)
             continue
-        arch[k] = _checked(k, v, cls.__dataclass_fields__[k].default, where)
+        arch[k] = _checked(k, v, cls.__dataclass_fields__[k], where)
     return arch, ignored
 
 
-def _checked(k, v, default, where):
+def _checked(k, v, fld, where):
     """A model_args value of the kind the field holds: positive sizes, finite rates, flags, names."""
+    default = fld.default
     ok = lambda x: type(x) is int and (0 if k == 'num_classes' else 1) <= x <= 1 << 20   # noqa: E731
-    if isinstance(v, list) and v and all(ok(x) for x in v) and not isinstance(default, (bool, str, float)):
+    if isinstance(v, list) and v and all(ok(x) for x in v) and any(t in str(fld.type) for t in ('Sequence', 'Tuple')):
         return tuple(v)
     if isinstance(default, bool) or (default is None and isinstance(v, bool)):
         good = isinstance(v, bool)

@@ -178,7 +178,7 @@ def test_predict_images_matches_timm_on_its_own_transform(timm_folder):
     tm, folder, paths = timm_folder
     p = cli('predict', folder, *paths, '--top-k', '5', '--json')
     assert p.returncode == 0, p.stderr
-    assert 'bicubic' in p.stderr and 'crop_pct 0.9' in p.stderr and 'class names: the checkpoint' in p.stderr
+    assert 'bicubic' in p.stderr and 'crop_pct 0.9' in p.stderr and 'class names: recorded in' in p.stderr
     out = json.loads(p.stdout)
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     tf = create_transform(**resolve_data_config({}, model=loaded))

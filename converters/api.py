@@ -202,12 +202,22 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
     if fc.num_classes is not None and fc.num_classes != ck.model.num_classes:
         raise ConversionError(f'{fc.config_path}: num_classes {fc.num_classes}, but the weights\' head has '
                               f'{ck.model.num_classes} classes')
+    size = fc.arch.get('img_size')
+    if size is not None and _pair(size) != _pair(ck.model.img_size):
+        if ck.family.pos_key in ck.flat:   # a learned position table says which size the weights are for
+            raise ConversionError(f'{fc.config_path}: img_size {size}, but the weights\' position table is for '
+                                  f'{ck.model.img_size}')
+        ck.model = ck.model.clone(img_size=size)   # nothing in the weights depends on it (Swin): as recorded
     if fc.label_names and len(fc.label_names) > ck.model.num_classes:
         raise ConversionError(f'{fc.config_path}: {len(fc.label_names)} label_names, but the weights\' head has '
                               f'{ck.model.num_classes} classes')
     ck.notes, ck.detected = fc.notes + ck.notes, detected
     ck.kind, ck.source, ck.pretrained_cfg, ck.class_names = 'timm-folder', path, fc.pretrained_cfg, fc.label_names
     return ck
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
 # Architecture fields that may be 0 (every other integer read off a checkpoint's shapes must be >= 1).

@@ -82,8 +82,16 @@ def test_folder_saved_by_timm_reads_into_flax(tmp_path, name, kw, safe):
     model, params, ck = api.load_model(folder)
     assert (ck.kind, ck.model_name, ck.class_names) == ('timm-folder', name, NAMES)
     assert os.path.basename(ck.path) == ('model.safetensors' if safe else 'pytorch_model.bin')
+    assert model.input_shape[:2] == (32, 32)
     x = images((2, 32, 32, 3))
     assert rel_err(run_flax(model, params, x, train=False), run_timm(tm, x)) < 1e-4
+    # and back to a folder of ours, which timm loads as the same model
+    api.write_model_folder(flatten_dict(params, sep='/'), model, ck.model_name, tmp_path / 'ours',
+                           pretrained_cfg=ck.pretrained_cfg, class_names=ck.class_names)
+    import timm
+    again = timm.create_model(f'local-dir:{tmp_path / "ours"}', pretrained=True).eval()
+    assert again.pretrained_cfg['label_names'] == NAMES and again.pretrained_cfg['interpolation'] == 'bicubic'
+    assert rel_err(run_timm(again, x), run_timm(tm, x)) < 1e-6
 
 
 # ---------------------------------------------------------------- our folders -> timm
@@ -214,7 +222,16 @@ def test_predict_bad_images_fail_in_one_line(timm_folder, tmp_path):
                         (tmp_path / 'cut.jpg', 'image'), (tmp_path, 'is a directory')]:
         one_line_error(cli('predict', folder, paths[0], bad), str(bad), needle)
     (tmp_path / 'notes.txt').write_text('hello')
-    one_line_error(cli_process('predict', folder, paths[0], tmp_path / 'notes.txt'), 'notes.txt: not an image')
+    one_line_error(cli('predict', folder, paths[0], tmp_path / 'notes.txt'), 'notes.txt: not an image')
+
+
+def test_predict_from_safetensors_never_imports_torch(timm_folder):
+    _, folder, paths = timm_folder
+    code = ('import sys; from converters.cli import main; rc = main(["predict", sys.argv[1], sys.argv[2]]); '
+            'assert rc == 0 and "torch" not in sys.modules and "timm" not in sys.modules, sorted(sys.modules)')
+    p = subprocess.run([sys.executable, '-c', code, str(folder), str(paths[0])], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == str(paths[0]) and len(p.stdout.splitlines()) == 6
 
 
 # ---------------------------------------------------------------- training workdirs
@@ -343,6 +360,7 @@ LIES = {
     'model_args patch 0': (lambda c: dict(c, model_args=dict(c['model_args'], patch_size=0)), 'patch_size'),
     'pool': (lambda c: dict(c, model_args=dict(c['model_args'], global_pool='max')), "global_pool='max'"),
     'pretrained_cfg': (lambda c: dict(c, pretrained_cfg=[1]), 'pretrained_cfg is a list'),
+    'img_size': (lambda c: dict(c, model_args=dict(c['model_args'], img_size=64)), 'position table is for 32'),
     'labels': (lambda c: dict(c, label_names=7), 'label_names'),
 }
 

@@ -49,15 +49,16 @@ def input_hw(model) -> Tuple[int, int]:
 
 
 def resolve(recorded: Optional[dict], model, where: str) -> dict:
-    """A complete, checked config: `recorded` (timm's pretrained_cfg vocabulary) on top of timm's own
-    defaults for missing fields (crop_pct 0.875, center, bilinear), input size the model's own."""
+    """A complete, checked config: `recorded` (timm's pretrained_cfg vocabulary) on top of the defaults
+    timm's `resolve_data_config` uses for missing fields (bicubic, crop_pct 0.875, center, ImageNet
+    mean/std), the input size the model's own."""
     if recorded is not None and not isinstance(recorded, dict):
         raise ConversionError(f'{where}: pretrained_cfg is a {type(recorded).__name__}, not an object')
     rec = dict(recorded or {})
     h, w = input_hw(model)
-    cfg = dict(input_size=[3, h, w], interpolation=rec.get('interpolation') or SEEDS_INTERPOLATION,
-               crop_pct=rec.get('crop_pct') or SEEDS_CROP_PCT, crop_mode=rec.get('crop_mode') or 'center',
-               mean=rec.get('mean', HALF[0]), std=rec.get('std', HALF[1]))
+    cfg = dict(input_size=[3, h, w], interpolation=rec.get('interpolation') or 'bicubic',
+               crop_pct=rec.get('crop_pct') or 0.875, crop_mode=rec.get('crop_mode') or 'center',
+               mean=rec.get('mean', IMAGENET[0]), std=rec.get('std', IMAGENET[1]))
     if cfg['interpolation'] not in INTERPOLATIONS:
         raise ConversionError(f'{where}: interpolation {cfg["interpolation"]!r} is not one of {", ".join(INTERPOLATIONS)}')
     if cfg['crop_mode'] not in CROP_MODES:

@@ -225,6 +225,21 @@ def test_predict_bad_images_fail_in_one_line(timm_folder, tmp_path):
     one_line_error(cli('predict', folder, paths[0], tmp_path / 'notes.txt'), 'notes.txt: not an image')
 
 
+def test_missing_preprocessing_fields_take_timms_defaults(timm_folder, tmp_path):
+    import timm
+    from timm.data import resolve_data_config
+    from converters.predict import data_config
+    _, folder, _ = timm_folder
+    shutil.copytree(folder, tmp_path / 'f')
+    cfg = json.loads((folder / 'config.json').read_text())
+    cfg['pretrained_cfg'] = {'input_size': [3, 32, 32], 'crop_pct': 0.95}
+    (tmp_path / 'f' / 'config.json').write_text(json.dumps(cfg))
+    model, _, ck = api.load_model(tmp_path / 'f')
+    ours, _ = data_config(ck, model)
+    want = resolve_data_config({}, model=timm.create_model(f'local-dir:{tmp_path / "f"}', pretrained=True))
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in want.items()} == preprocess.config_for_json(ours)
+
+
 def test_predict_from_safetensors_never_imports_torch(timm_folder):
     _, folder, paths = timm_folder
     code = ('import sys; from converters.cli import main; rc = main(["predict", sys.argv[1], sys.argv[2]]); '

@@ -82,10 +82,13 @@ def train_export_cycle(out: str, epochs: int) -> None:
           f'Flax {(yf == labels).mean():.4f} ({time.perf_counter() - t:.0f}s)', flush=True)
     if same != len(labels):
         raise SystemExit('demo: timm and Flax disagree')
-    print('[D] predict image files with the exported folder:', flush=True)
-    for i in range(2):
-        imgs[i].save(os.path.join(out, f'digit{i}.png'))
-    vit_flax_cmd('predict', folder, *(os.path.join(out, f'digit{i}.png') for i in range(2)), '--top-k', 2)
+    picks = [int(np.flatnonzero(labels == c)[0]) for c in (3, 7)]
+    files = [os.path.join(out, f'digit{labels[i]}.png') for i in picks]
+    for i, f in zip(picks, files):
+        imgs[i].save(f)
+    print(f'[D] predict image files (validation digits {", ".join(str(labels[i]) for i in picks)}) with the exported '
+          f'folder:', flush=True)
+    vit_flax_cmd('predict', folder, *files, '--top-k', 2)
     print(flush=True)
 
 

@@ -12,10 +12,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import vit_flax
-from vit_flax.registry import list_models, model_config
+from vit_flax.registry import list_models, model_config, split_tag
 from vit_flax.summary import param_shapes
 
-from . import google, io, table, vit_map
+from . import google, io, table, timm_folder, training_ckpt, vit_map
 from .errors import ConversionError
 from .families import FAMILIES, Family, detect_flax_family, family_of
 from .resample import DEFAULT_METHOD, resample_pos_embed
@@ -42,6 +42,11 @@ class Checkpoint:
     model: object                 # a module whose tree is exactly `flat`
     detected: bool                # model_name came from the checkpoint, not the caller
     notes: List[str] = field(default_factory=list)  # decided beyond the keys (e.g. a layout's config); logged
+    # what a model folder (config.json), hf-hub snapshot or training run records beside the weights
+    kind: str = 'file'                      # file | timm-folder | training
+    source: Optional[str] = None            # the path or hf-hub name given (path: the weights read)
+    pretrained_cfg: Optional[dict] = None   # preprocessing, timm's vocabulary
+    class_names: Optional[List[str]] = None
 
 
 # ---------------------------------------------------------------- model detection
@@ -77,6 +82,7 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
     (npz/orbax record the heads, a fused torch qkv does not).
     """
     if model_name:
+        model_name = split_tag(model_name)[0]   # a pretrained tag names weights, not an architecture
         cls, _ = model_config(model_name)
         if cls is not family.module_cls:
             raise ConversionError(f'{path}: holds a {family.name} checkpoint, but {model_name} is a {cls.__name__}')
@@ -111,14 +117,23 @@ def _torch_family(state, path) -> Family:
 
 
 def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
-                    img_size=None) -> Checkpoint:
-    """Read any supported file and decode it into the flat Flax tree of a matching model.
+                    img_size=None, step=None, log: Callable[[str], None] = _stderr) -> Checkpoint:
+    """Read any supported checkpoint and decode it into the flat Flax tree of a matching model.
 
+    `path`: a file, an orbax folder, a timm model folder, `hf-hub:ORG/NAME` (local cache only) or a
+    training workdir (`step`: 'best' by default, 'latest' or a number).
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
     `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
     table does not say whether 280 patches are 14x20 or 20x14).
     """
     path = str(path)
+    if training_ckpt.is_training_checkpoint(path):
+        return _read_training(path, step, log)
+    folder = timm_folder.resolve(path)
+    if step is not None:
+        raise ConversionError(f'{path}: a step is chosen only in a training workdir')
+    if folder is not None:
+        return _read_folder(path, folder, model_name, arch, img_size)
     fmt = io.file_format(path)
     raw = io.read_file(path)
     notes = []
@@ -160,6 +175,49 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
             raise ConversionError(f'{path}: {e}') from None
     flat = family.unstore(flat, model)
     return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
+
+
+def _read_training(path, step, log) -> Checkpoint:
+    tck = training_ckpt.select(path, 'best' if step is None else step, log)
+    meta = tck.meta
+    model = training_ckpt.model_from_meta(meta)
+    family = family_of(model)
+    note = (f'training checkpoint step {tck.step} (epoch {meta["epoch"]}, val_acc {meta["val_acc"]}) '
+            f'of {meta["model"]}')
+    return Checkpoint(tck.path, 'training', 'flax', tck.flat, tck.flat, family, meta['model'], model, detected=True,
+                      notes=[note], kind='training', source=path, pretrained_cfg=meta['pretrained_cfg'],
+                      class_names=list(meta['class_names']))
+
+
+def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
+    """A timm model folder: the weights read as any torch file, the model named by config.json."""
+    fc = timm_folder.read_config(folder, path)
+    detected = model_name is None
+    if model_name is None or split_tag(model_name)[0] == fc.model_name:
+        # what config.json records describes the weights (a window size too); the head and input size are
+        # checked against the weights' own below / resolved from the position table
+        recorded = {k: v for k, v in fc.arch.items() if k not in ('num_classes', 'img_size')}
+        model_name, arch = fc.model_name, {**recorded, **(arch or {})}
+    ck = read_checkpoint(fc.weights, model_name, arch, img_size or fc.arch.get('img_size'))
+    if fc.num_classes is not None and fc.num_classes != ck.model.num_classes:
+        raise ConversionError(f'{fc.config_path}: num_classes {fc.num_classes}, but the weights\' head has '
+                              f'{ck.model.num_classes} classes')
+    size = fc.arch.get('img_size')
+    if size is not None and _pair(size) != _pair(ck.model.img_size):
+        if ck.family.pos_key in ck.flat:   # a learned position table says which size the weights are for
+            raise ConversionError(f'{fc.config_path}: img_size {size}, but the weights\' position table is for '
+                                  f'{ck.model.img_size}')
+        ck.model = ck.model.clone(img_size=size)   # nothing in the weights depends on it (Swin): as recorded
+    if fc.label_names and len(fc.label_names) > ck.model.num_classes:
+        raise ConversionError(f'{fc.config_path}: {len(fc.label_names)} label_names, but the weights\' head has '
+                              f'{ck.model.num_classes} classes')
+    ck.notes, ck.detected = fc.notes + ck.notes, detected
+    ck.kind, ck.source, ck.pretrained_cfg, ck.class_names = 'timm-folder', path, fc.pretrained_cfg, fc.label_names
+    return ck
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
 # Architecture fields that may be 0 (every other integer read off a checkpoint's shapes must be >= 1).
@@ -302,9 +360,9 @@ def check_finite(flat: Dict[str, np.ndarray], where: str, allow: bool = False,
 
 
 def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast,
-          allow_nonfinite=False):
+          allow_nonfinite=False, step=None):
     """read -> adapt to the target -> validate: the path shared by load_model and load_params."""
-    ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'))
+    ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'), step, log)
     for note in ck.notes:
         log(note)
     try:
@@ -322,14 +380,15 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
 
 def load_model(path: str, model_name: Optional[str] = None, *, resample: str = DEFAULT_METHOD,
                head_init: str = 'zeros', bias_resize: str = 'bicubic', cast: bool = True,
-               log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False, **overrides):
+               log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False, step=None, **overrides):
     """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top.
 
     Weights holding NaN/Inf are refused unless `allow_nonfinite` (then a warning is logged). With `cast`,
     params are private float32 arrays; without, they keep the file's dtype and may view its memory map.
+    `step` picks the step of a training workdir (default: the best).
     """
     return _load(path, model_name, overrides, lambda ck: ck.model.clone(**overrides), resample, head_init,
-                 bias_resize, log, cast, allow_nonfinite)
+                 bias_resize, log, cast, allow_nonfinite, step)
 
 
 def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
@@ -417,6 +476,16 @@ def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optiona
     else:
         io.write_orbax(flat, path, force)
     return layout
+
+
+def write_model_folder(flat: Dict[str, np.ndarray], model, model_name: str, path: str, *, pretrained_cfg: dict,
+                       class_names: Optional[List[str]] = None, force: bool = False,
+                       log: Callable[[str], None] = _stderr) -> dict:
+    """Write a timm model folder (config.json + model.safetensors, class_indices.json when names are known)
+    that `timm.create_model('local-dir:PATH', pretrained=True)` loads. Returns the config written."""
+    config = timm_folder.config_for(model, split_tag(model_name)[0], family_of(model), pretrained_cfg, class_names)
+    timm_folder.write(to_torch_state(flat, model, None, log), config, path, force, class_names)
+    return config
 
 
 def save_params(params, path: str, model_name: str, *, layout: Optional[str] = None, force: bool = False,

@@ -85,15 +85,72 @@ def cmd_convert(a):
         raise ConversionError(f'{dst}: is the source or contains it; choose another destination')
     if os.path.exists(dst) and not a.force:  # before the (slow) read; atomic_output checks again
         raise ConversionError(f'{dst}: exists; pass --force to replace it')
+    folder = a.format == 'timm-folder'
+    if not folder:
+        from .io import file_format
+        file_format(dst)   # an unknown extension fails before the read
     t0 = time.perf_counter()
     model, params, ck = api.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
                                        bias_resize=a.bias_resize, cast=False, allow_nonfinite=a.allow_nonfinite,
-                                       **_overrides(a))
+                                       step=a.step, **_overrides(a))
     from flax.traverse_util import flatten_dict
-    layout = api.write_flat(flatten_dict(params, sep='/'), model, dst, layout=a.layout, force=a.force)
+    flat = flatten_dict(params, sep='/')
+    names = ck.class_names if ck.class_names and len(ck.class_names) <= model.num_classes else None
+    beside = None if folder or not names else _class_indices_beside(dst, names, a.force)
+    if folder:
+        from .predict import data_config
+        cfg, why = data_config(ck, model)
+        _say(f'preprocessing in config.json: {why}')
+        api.write_model_folder(flat, model, ck.model_name, dst, pretrained_cfg=cfg, class_names=names, force=a.force)
+        layout = 'timm model folder'
+    else:
+        layout = api.write_flat(flat, model, dst, layout=a.layout, force=a.force)
+    if beside:
+        from .durable import atomic_output
+        from .training_ckpt import write_class_indices
+        with atomic_output(beside, True) as tmp:
+            write_class_indices(tmp, names)
     how = 'detected' if ck.detected else 'given'
     print(f'{a.src} ({ck.format}, {ck.layout}) -> {dst} ({layout}); model {ck.model_name} ({how}); '
-          f'{time.perf_counter() - t0:.1f}s')
+          f'{time.perf_counter() - t0:.1f}s' + (f'; class names in {beside}' if beside else ''))
+
+
+def _class_indices_beside(dst: str, names, force: bool):
+    """The seeds' class_indices.json beside a converted file; another one there is replaced only with --force."""
+    from .training_ckpt import CLASS_INDICES
+    path = os.path.join(os.path.dirname(os.path.abspath(dst)), CLASS_INDICES)
+    if os.path.exists(path) and not force:
+        from .timm_folder import read_class_indices
+        try:
+            same = read_class_indices(path) == list(names)
+        except ConversionError:
+            same = False
+        if not same:
+            raise ConversionError(f'{path}: exists with other class names; pass --force to replace it')
+    return path
+
+
+def cmd_predict(a):
+    import numpy as np
+    from . import api, preprocess
+    from . import predict as pr
+    model, params, ck = api.load_model(a.ckpt, a.model, step=a.step, **_overrides(a))
+    cfg, why = pr.data_config(ck, model)
+    names, names_from = pr.class_names(ck, model, a.classes)
+    _say(f'model: {ck.model_name} ({model.num_classes} classes) from {a.ckpt}')
+    _say(f'preprocessing: {preprocess.describe(cfg)} ({why})' + (f'; {cfg["note"]}' if 'note' in cfg else ''))
+    _say(f'class names: {names_from}')
+    x = np.stack([preprocess.load_image(p, cfg) for p in a.images])   # every image reads before any output
+    top = pr.top_k(pr.predict(model, params, x, a.batch), a.top_k, names)
+    if a.json:
+        print(json.dumps(dict(model=ck.model_name, checkpoint=a.ckpt, preprocessing=preprocess.config_for_json(cfg),
+                              predictions=[dict(image=p, top_k=[dict(index=i, label=n, prob=v) for i, n, v in t])
+                                           for p, t in zip(a.images, top)])))
+        return
+    for p, t in zip(a.images, top):
+        print(p)
+        for i, n, v in t:
+            print(f'  {v:.4f}  {n}' + (f'  [{i}]' if n != str(i) else ''))
 
 
 def cmd_inspect(a):
@@ -212,11 +269,31 @@ def build_parser():
                    'sincos2d (big_vision\'s fixed table; a learned table is dropped). Default: as the checkpoint')
     s.add_argument('--allow-nonfinite', action='store_true', help='convert weights holding NaN/Inf (refused by '
                    'default: a checkpoint like that is broken), with a warning')
+    s.add_argument('--format', choices=('auto', 'timm-folder'), default='auto',
+                   help='auto: from DST\'s extension; timm-folder: DST is a folder of config.json + model.safetensors '
+                   'that timm.create_model(\'local-dir:DST\', pretrained=True) loads')
+    s.add_argument('--step', help='SRC is a training workdir: best (default), latest, or a step number')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
                    '(default) or microsoft or wzmiaomiao (Swin; the seeds\' swin_transformer/model.py); '
                    'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, -1.2, -0.7, -0.6 (older releases)')
     _add_set(s)
     s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser('predict', parents=[common], help='top-k classes of images, with the checkpoint\'s own '
+                       'preprocessing and class names',
+                       description='CKPT: a training workdir, a timm model folder, hf-hub:ORG/NAME (local cache '
+                       'only) or any file the converters read. Preprocessing (resize, centre crop, mean/std) comes '
+                       'from what the checkpoint records; the defaults are said on stderr.')
+    s.add_argument('ckpt')
+    s.add_argument('images', nargs='+', metavar='IMAGE')
+    s.add_argument('--model', help='registered model name (default: recorded in, or detected from, the checkpoint)')
+    s.add_argument('--top-k', type=_at_least(1, '--top-k'), default=5)
+    s.add_argument('--classes', help='class names in the seeds\' class_indices.json format ({"0": "daisy", ...})')
+    s.add_argument('--json', action='store_true', help='print one JSON object')
+    s.add_argument('--step', help='CKPT is a training workdir: best (default), latest, or a step number')
+    s.add_argument('--batch', type=_at_least(1, '--batch'), default=32, help='images per forward pass (default 32)')
+    _add_set(s)
+    s.set_defaults(fn=cmd_predict, num_classes=None, img_size=None)
 
     s = sub.add_parser('inspect', parents=[common], help='format, layout, detected model, keys, shapes, dtypes, totals')
     s.add_argument('ckpt')

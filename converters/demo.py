@@ -1,6 +1,11 @@
-"""`make demo`: the main job end to end on an embedded default.
+"""`make demo`: the main jobs end to end on an embedded default.
 
-Build a ViT in Flax, write it as a Google `.npz` (released layout), convert it to a PyTorch `.pth` with the
+First the train -> export -> timm cycle: train a small ViT on scikit-learn's digits in Flax (`vit-flax train`),
+export the best checkpoint as a timm model folder (`vit-flax convert RUN DIR --format timm-folder`), load
+it with `timm.create_model('local-dir:DIR', pretrained=True)`, and check that timm (on timm's own eval
+transform) and Flax (on ours) predict the same class for every validation image.
+
+Then the converters: build a ViT in Flax, write it as a Google `.npz` (released layout), convert it to a PyTorch `.pth` with the
 `vit-flax` command, load that into timm with `strict=True`, and print the parity table on real images
 (scikit-learn's digits, upscaled to the model's input and scaled to [-1, 1] as Google's weights expect).
 """
@@ -35,12 +40,68 @@ def perturbed_params(model, seed: int = 0):
     return jax.tree_util.tree_unflatten(tree, leaves)
 
 
+def vit_flax_cmd(*args):
+    cmd = [sys.executable, '-m', 'converters.cli', *map(str, args)]
+    print('    $ vit-flax ' + ' '.join(map(str, args)), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def train_export_cycle(out: str, epochs: int) -> None:
+    """Train on digits in Flax, export to a timm folder, and compare timm's and Flax's predictions."""
+    import shutil
+    import timm
+    import torch
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+    from converters import api, preprocess
+    from converters.predict import data_config, predict
+    from vit_train.data import digits
+
+    run, folder = os.path.join(out, 'digits-run'), os.path.join(out, 'digits-timm')
+    shutil.rmtree(run, ignore_errors=True)
+    t = time.perf_counter()
+    print(f'[A] train a small ViT on digits in Flax ({epochs} epochs):', flush=True)
+    vit_flax_cmd('train', '--depth', 2, '--epochs', epochs, '--batch-size', 64, '--workdir', run)
+    print('[B] export the best checkpoint as a timm model folder:', flush=True)
+    vit_flax_cmd('convert', run, folder, '--format', 'timm-folder', '--force')
+
+    model, params, ck = api.load_model(run, log=lambda msg: None)
+    cfg, _ = data_config(ck, model)
+    val = digits(0.2).val
+    imgs = [Image.fromarray(val[i]['image']) for i in range(len(val))]
+    labels = np.array([val[i]['label'] for i in range(len(val))])
+    yf = predict(model, params, np.stack([preprocess.transform(im, cfg) for im in imgs])).argmax(-1)
+
+    tm = timm.create_model(f'local-dir:{os.path.abspath(folder)}', pretrained=True).eval()
+    tf = create_transform(**resolve_data_config({}, model=tm))
+    with torch.no_grad():
+        yt = tm(torch.stack([tf(im.convert('RGB')) for im in imgs])).argmax(-1).numpy()
+    same = int((yt == yf).sum())
+    print(f'[C] timm.create_model(\'local-dir:{folder}\', pretrained=True) on timm\'s eval transform vs Flax on '
+          f'ours: the same class for {same}/{len(labels)} validation images; accuracy timm {(yt == labels).mean():.4f}, '
+          f'Flax {(yf == labels).mean():.4f} ({time.perf_counter() - t:.0f}s)', flush=True)
+    if same != len(labels):
+        raise SystemExit('demo: timm and Flax disagree')
+    picks = [int(np.flatnonzero(labels == c)[0]) for c in (3, 7)]
+    files = [os.path.join(out, f'digit{labels[i]}.png') for i in picks]
+    for i, f in zip(picks, files):
+        imgs[i].save(f)
+    print(f'[D] predict image files (validation digits {", ".join(str(labels[i]) for i in picks)}) with the exported '
+          f'folder:', flush=True)
+    vit_flax_cmd('predict', folder, *files, '--top-k', 2)
+    print(flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', default='vit_small_patch16_224')
     p.add_argument('--out', default='demo_out')
     p.add_argument('--batch', type=int, default=4)
+    p.add_argument('--epochs', type=int, default=3, help='training epochs of the digits cycle (0: skip it)')
     a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    if a.epochs:
+        train_export_cycle(a.out, a.epochs)
 
     import torch
     import timm

@@ -121,6 +121,19 @@ def is_orbax_dir(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ('_CHECKPOINT_METADATA', '_METADATA'))
 
 
+# What a timm model folder written by us (or by timm's save_for_hf) holds: such a folder may be replaced.
+MODEL_FOLDER_FILES = frozenset({'config.json', 'model.safetensors', 'pytorch_model.bin', 'class_indices.json',
+                                'README.md'})
+
+
+def is_model_folder(path: str) -> bool:
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return 'config.json' in names and names <= MODEL_FOLDER_FILES
+
+
 @contextmanager
 def atomic_output(path: str, force: bool):
     """Yields a temporary path beside `path`; when the block succeeds, that becomes `path` atomically.
@@ -133,8 +146,9 @@ def atomic_output(path: str, force: bool):
     if os.path.lexists(path):
         if not force:
             raise ConversionError(f'{path}: exists; pass --force to replace it')
-        if os.path.isdir(path) and not is_orbax_dir(path):
-            raise ConversionError(f'{path}: is a directory that is not an orbax checkpoint; refusing to replace it')
+        if os.path.isdir(path) and not is_orbax_dir(path) and not is_model_folder(path):
+            raise ConversionError(f'{path}: is a directory that is not an orbax checkpoint or a model folder; '
+                                  f'refusing to replace it')
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise ConversionError(f'{path}: parent directory does not exist')

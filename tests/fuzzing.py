@@ -560,6 +560,58 @@ def mutate_dir(draw, path: str) -> None:
         fh.write(data)
 
 
+# ---------------------------------------------------------------- timm model folders and images
+
+LABELS = ['a', 'b', 'c']
+
+
+def model_folder_valid(path: str) -> None:
+    """A timm model folder of the tiny model (config.json + model.safetensors), as `convert --format timm-folder`."""
+    from converters import preprocess
+    model, flat = tiny()
+    cfg, _ = preprocess.default_config(model, TINY_NAME, 'npz')
+    api.write_model_folder(flat, model, TINY_NAME, path, pretrained_cfg=cfg, class_names=LABELS, force=True,
+                           log=lambda msg: None)
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.integers(-2, 40),
+                  st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+                  st.lists(st.integers(-3, 2 ** 40), max_size=4), st.lists(st.floats(), max_size=4),
+                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                  st.sampled_from(['vit_base_patch16_224', 'swin_tiny_patch4_window7_224', 'vit_tiny_patch16_224.x',
+                                   'lucid_vit_tiny', 'resnet50', 'avg', 'token', 'map', 'bicubic', 'border', '']))
+_CONFIG_KEYS = {
+    None: ('architecture', 'num_classes', 'num_features', 'label_names', 'labels', 'model_args', 'pretrained_cfg'),
+    'model_args': ('img_size', 'patch_size', 'depth', 'num_classes', 'embed_dim', 'num_heads', 'global_pool',
+                   'mlp_ratio', 'qkv_bias', 'class_token', 'act_layer', 'window_size', 'in_chans', 'posemb'),
+    'pretrained_cfg': ('input_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std', 'label_names'),
+}
+
+
+def m_config_lies(draw, valid):
+    """A timm config.json whose fields lie: wrong names and types, absurd sizes, missing keys."""
+    cfg = json.loads(valid)
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(sorted(_CONFIG_KEYS, key=str)))
+        d = cfg if where is None else cfg.get(where)
+        if not isinstance(d, dict):
+            continue
+        k = draw(st.sampled_from(_CONFIG_KEYS[where]))
+        if draw(st.integers(0, 3)) == 0:
+            d.pop(k, None)
+        else:
+            d[k] = draw(_JUNK)
+    return json.dumps(cfg).encode()
+
+
+def valid_image(fmt: str = 'PNG') -> bytes:
+    from PIL import Image
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
 MUTATIONS: Dict[str, Callable] = {
     'empty': m_empty, 'truncate': m_truncate, 'bitflip': m_bitflip, 'random': m_random, 'splice': m_splice,
     'magic_then_random': m_magic_then_random, 'zip_lies': m_zip_lies, 'npz_arrays': m_npz_arrays,
@@ -567,6 +619,7 @@ MUTATIONS: Dict[str, Callable] = {
     'torch_records': m_torch_records, 'torch_evil': m_torch_evil, 'torch_pickle_garbage': m_torch_pickle_garbage,
     'torch_objects': m_torch_objects, 'legacy': lambda draw, valid: m_bitflip(draw, valid_legacy_torch()),
     'legacy_truncate': lambda draw, valid: m_truncate(draw, valid_legacy_torch()),
+    'config_lies': m_config_lies,
 }
 
 

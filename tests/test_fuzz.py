@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fuzzing as fz
-from converters import cli
+from converters import api, cli
 from converters import io as cio
 from converters.durable import PREFIX
 from converters.errors import ConversionError
@@ -90,6 +90,57 @@ def test_orbax_dir_refused_or_read(orbax_dir, data):
     shutil.rmtree(path)
 
 
+@pytest.fixture(scope='module')
+def model_folder():
+    path = os.path.join(fz.WORKDIR, 'folder-valid')
+    fz.model_folder_valid(path)
+    return path
+
+
+def read_folder_and_preprocessing(path):
+    """What `predict` reads of a model folder: the checkpoint, its preprocessing and class names."""
+    from converters import predict
+    ck = api.read_checkpoint(path)
+    return predict.data_config(ck, ck.model), predict.class_names(ck, ck.model)
+
+
+@settings(max_examples=fz.examples(40))
+@given(st.data())
+def test_model_folder_config_refused_or_read(model_folder, data):
+    """config.json that lies (and mangled bytes): one line naming the folder, or a consistent read."""
+    path = fresh('')
+    shutil.copytree(model_folder, path)
+    cfg = os.path.join(path, 'config.json')
+    with open(cfg, 'rb') as f:
+        valid = f.read()
+    mutation = data.draw(st.sampled_from(fz.GENERIC + ('config_lies',)))
+    write(cfg, fz.MUTATIONS[mutation](data.draw, valid))
+    result = fz.check_outcome('timm-folder', read_folder_and_preprocessing, path)
+    if not isinstance(result, ConversionError):
+        (pre, _), (names, _) = result
+        assert len(names) == 3 and pre['input_size'] == [3, 8, 8]
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize('fmt', ['PNG', 'JPEG', 'GIF'])
+def test_image_refused_or_read(fmt):
+    """predict's image input: a one-line error naming the file, or the model's input array."""
+    from converters import preprocess
+    cfg = preprocess.resolve(None, type('M', (), {'input_shape': (8, 8, 3)})(), 'cfg')
+    valid = fz.valid_image(fmt)
+
+    @settings(max_examples=fz.examples(25))
+    @given(st.data())
+    def run(data):
+        path = write(fresh('.' + fmt.lower()), fz.MUTATIONS[data.draw(st.sampled_from(fz.GENERIC))](data.draw, valid))
+        # (no allocation bound: a few bytes may declare a large image; Pillow's own limit applies)
+        result = fz.check_outcome(f'image-{fmt}', lambda p: preprocess.load_image(p, cfg), path, trace=False)
+        if not isinstance(result, ConversionError):
+            assert result.shape == (8, 8, 3) and result.dtype == np.float32
+        os.remove(path)
+    run()
+
+
 def test_valid_files_read_back_exactly(orbax_dir):
     """The harness' base files are good: what the mutations start from reads, and reads right."""
     model, flat = fz.tiny()
@@ -113,7 +164,16 @@ COMMANDS = {
     'convert-pth': lambda src, out: ['convert', src, out + '.pth'],
     'convert-safetensors': lambda src, out: ['convert', src, out + '.safetensors'],
     'convert-orbax': lambda src, out: ['convert', src, out],
+    'convert-timm-folder': lambda src, out: ['convert', src, out, '--format', 'timm-folder'],
+    'predict': lambda src, out: ['predict', src, image_file()],
 }
+
+
+def image_file() -> str:
+    path = os.path.join(fz.WORKDIR, 'image.png')
+    if not os.path.exists(path):
+        write(path, fz.valid_image())
+    return path
 FILE_READERS = ('npz', 'torch', 'safetensors')
 
 
@@ -128,7 +188,7 @@ def check_command_result(rc: int, stderr: str, argv, src: str, out: str):
     assert 'Traceback' not in stderr, stderr
     if rc == 0:
         if argv[0] == 'convert':
-            cio.read_file(argv[2])
+            cio.read_file(os.path.join(argv[2], 'model.safetensors') if '--format' in argv else argv[2])
         return
     assert rc == 1, (rc, stderr)
     errors = [l for l in lines if l.startswith('vit-flax: error: ')]

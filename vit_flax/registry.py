@@ -29,7 +29,16 @@ def list_models(pattern: str = '*') -> List[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
+def split_tag(name: str) -> Tuple[str, str]:
+    """('vit_base_patch16_224', 'augreg2_in21k_ft_in1k') for timm's 'vit_base_patch16_224.augreg2_in21k_ft_in1k'.
+
+    A pretrained tag names weights, not an architecture: like timm, the registry ignores it."""
+    base, _, tag = name.partition('.')
+    return base, tag
+
+
 def model_config(name: str, **overrides) -> Tuple[type, Dict[str, Any]]:
+    name = split_tag(name)[0]
     if name not in _REGISTRY:
         close = list_models(f'*{name.split("_")[0]}*')[:8]
         raise UnknownModelError(f'unknown model {name!r}' + (f'; similar: {", ".join(close)}' if close else ''))

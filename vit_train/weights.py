@@ -14,15 +14,7 @@ from flax.traverse_util import unflatten_dict
 
 import vit_flax
 from converters import api, io, training_ckpt
-
-HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def family_default(model_name: str) -> Tuple[tuple, tuple, str]:
-    if model_name.startswith(('deit', 'swin')):
-        return IMAGENET + (f"timm's default for {model_name.split('_')[0]} weights (ImageNet mean/std)",)
-    return HALF + ("timm's default for ViT weights (0.5/0.5, i.e. [-1, 1])",)
+from converters.preprocess import HALF, family_default   # predict uses the same defaults
 
 
 def load(path: str, model_name: str, overrides: dict, resample: str, log: Callable[[str], None]):

@@ -1,0 +1,66 @@
+"""Predict with any checkpoint the converters read: its model, its preprocessing, its class names.
+
+    model, params, ck = api.load_model(CKPT)           # a file, model folder, hf-hub:NAME or training workdir
+    cfg, why = data_config(ck, model)                  # what the checkpoint records, else a default (said)
+    x = np.stack([preprocess.load_image(p, cfg) for p in paths])
+    probs = predict(model, params, x)                  # softmax, float32
+    top = top_k(probs, 5, class_names(ck, model, classes_json))
+"""
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import preprocess, timm_folder, training_ckpt
+from .errors import ConversionError
+
+
+def data_config(ck, model) -> Tuple[dict, str]:
+    """(complete preprocessing config, where it came from) for a checkpoint read by `api.read_checkpoint`."""
+    if ck.pretrained_cfg is not None:
+        where = {'training': f'recorded in the training checkpoint {ck.path}',
+                 'timm-folder': f'the pretrained_cfg of {ck.source}'}.get(ck.kind, ck.source)
+        return preprocess.resolve(ck.pretrained_cfg, model, where), where
+    cfg, why = preprocess.default_config(model, ck.model_name, ck.format)
+    return preprocess.resolve(cfg, model, ck.path), f'{ck.path} records no preprocessing: {why}'
+
+
+def class_names(ck, model, classes: Optional[str] = None) -> Tuple[List[str], str]:
+    """(one name per class, where they came from): `classes` (the seeds' class_indices.json), the
+    checkpoint's own names, a class_indices.json beside a checkpoint file, else the indices."""
+    n = model.num_classes
+    if classes:
+        names, where = timm_folder.read_class_indices(classes), classes
+    elif ck.class_names:
+        names, where = ck.class_names, f'recorded in {ck.source or ck.path}'
+    else:
+        beside = os.path.join(os.path.dirname(os.path.abspath(ck.path)), training_ckpt.CLASS_INDICES)
+        if ck.kind == 'file' and os.path.isfile(beside):
+            names, where = timm_folder.read_class_indices(beside), beside
+        else:
+            return [str(i) for i in range(n)], 'none recorded: class indices'
+    if len(names) > n:
+        raise ConversionError(f'{where}: {len(names)} class names, but the model has {n} classes')
+    return list(names) + [str(i) for i in range(len(names), n)], where
+
+
+def predict(model, params, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Softmax probabilities (float32) of NHWC images `x`, in batches of `batch` (one compiled shape)."""
+    import jax
+    import jax.numpy as jnp
+    fn = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x, train=False).astype(jnp.float32), -1))
+    out = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        pad = batch - len(chunk) if len(x) > batch else 0
+        y = fn(params, np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk)
+        out.append(np.asarray(y)[:len(chunk)])
+    return np.concatenate(out)
+
+
+def top_k(probs: np.ndarray, k: int, names: List[str]) -> List[List[Tuple[int, str, float]]]:
+    """Per image, the k most probable classes (index, name, probability), most probable first
+    (ties: the lower index first, as a stable sort gives)."""
+    k = min(k, probs.shape[-1])
+    order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
+    return [[(int(i), names[i], float(p[i])) for i in row] for row, p in zip(order, probs)]

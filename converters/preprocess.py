@@ -1,0 +1,172 @@
+"""Evaluation preprocessing in timm's vocabulary (`pretrained_cfg`), done with Pillow and numpy.
+
+`transform(cfg)` computes what `timm.data.create_transform(**resolve_data_config(...))` computes at eval
+time (torchvision's Resize of the shorter side to input/crop_pct with the named PIL filter, CenterCrop,
+ToTensor, Normalize), as an NHWC float32 array for Flax, with no torch in the way.
+
+Where the preprocessing comes from (`data_config`): what the checkpoint records (a training run's meta, a
+timm config.json), else a default by kind of file: Google `.npz` weights were trained on [-1, 1] pixels
+(mean = std = 0.5); a bare PyTorch file gets the normalisation of timm's default weights for its family;
+resizing follows the seeds' Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear) scaled to the model.
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .errors import ConversionError, first_line
+
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SEEDS_CROP_PCT, SEEDS_INTERPOLATION = 0.875, 'bilinear'   # Resize(256) / CenterCrop(224)
+FIELDS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos', 'box', 'hamming')
+CROP_MODES = ('center', 'squash')
+
+
+def family_default(model_name: str) -> Tuple[tuple, tuple, str]:
+    """(mean, std, why): the normalisation of timm's default pretrained weights for the model's family."""
+    if model_name.startswith(('deit', 'swin')):
+        return IMAGENET + (f"timm's default for {model_name.split('_')[0]} weights (ImageNet mean/std)",)
+    return HALF + ("timm's default for ViT weights (0.5/0.5, i.e. [-1, 1])",)
+
+
+def default_config(model, model_name: str, fmt: str) -> Tuple[dict, str]:
+    """(pretrained_cfg, why) for a checkpoint that records no preprocessing."""
+    if fmt == 'torch' or fmt == 'safetensors':
+        mean, std, why = family_default(model_name)
+    else:
+        (mean, std), why = HALF, ("Google's convention for .npz weights (mean/std 0.5)" if fmt == 'npz'
+                                  else 'mean/std 0.5, the seeds\' choice')
+    h, w = input_hw(model)
+    cfg = dict(input_size=[3, h, w], interpolation=SEEDS_INTERPOLATION, crop_pct=SEEDS_CROP_PCT, crop_mode='center',
+               mean=list(mean), std=list(std))
+    return cfg, f'{why}; resize/crop as the seeds\' Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear)'
+
+
+def input_hw(model) -> Tuple[int, int]:
+    return tuple(int(v) for v in model.input_shape[:2])
+
+
+def resolve(recorded: Optional[dict], model, where: str) -> dict:
+    """A complete, checked config: `recorded` (timm's pretrained_cfg vocabulary) on top of the defaults
+    timm's `resolve_data_config` uses for missing fields (bicubic, crop_pct 0.875, center, ImageNet
+    mean/std), the input size the model's own."""
+    if recorded is not None and not isinstance(recorded, dict):
+        raise ConversionError(f'{where}: pretrained_cfg is a {type(recorded).__name__}, not an object')
+    rec = dict(recorded or {})
+    h, w = input_hw(model)
+    cfg = dict(input_size=[3, h, w], interpolation=rec.get('interpolation') or 'bicubic',
+               crop_pct=rec.get('crop_pct') or 0.875, crop_mode=rec.get('crop_mode') or 'center',
+               mean=rec.get('mean', IMAGENET[0]), std=rec.get('std', IMAGENET[1]))
+    if cfg['interpolation'] not in INTERPOLATIONS:
+        raise ConversionError(f'{where}: interpolation {cfg["interpolation"]!r} is not one of {", ".join(INTERPOLATIONS)}')
+    if cfg['crop_mode'] not in CROP_MODES:
+        raise ConversionError(f'{where}: crop_mode {cfg["crop_mode"]!r} is not supported (only {", ".join(CROP_MODES)})')
+    pct = cfg['crop_pct']
+    if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0.05 <= pct <= 4:
+        raise ConversionError(f'{where}: crop_pct {pct!r} is not a number in [0.05, 4]')
+    for k in ('mean', 'std'):
+        v = cfg[k]
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or \
+                not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+            raise ConversionError(f'{where}: {k} {v!r} is not a list of 3 numbers')
+        cfg[k] = [float(x) for x in v]
+    if not all(cfg['std']):
+        raise ConversionError(f'{where}: std {cfg["std"]} holds a zero')
+    size = rec.get('input_size')
+    if size is not None and (not isinstance(size, (list, tuple)) or list(size)[-2:] != [h, w]):
+        cfg['note'] = f'recorded input_size {size} differs from the model\'s {h}x{w}: the model\'s is used'
+    return cfg
+
+
+def describe(cfg: dict) -> str:
+    h, w = cfg['input_size'][1:]
+    scale = _scale_size(cfg)
+    mean = ', '.join(f'{x:g}' for x in cfg['mean'])
+    std = ', '.join(f'{x:g}' for x in cfg['std'])
+    resize = f'resize shorter side to {scale[0]}' if cfg['crop_mode'] == 'center' and scale[0] == scale[1] \
+        else f'resize to {scale[0]}x{scale[1]}'
+    return (f'{resize} ({cfg["interpolation"]}), centre crop {h}x{w} (crop_pct {cfg["crop_pct"]:g}), '
+            f'mean ({mean}), std ({std})')
+
+
+def _scale_size(cfg) -> Tuple[int, int]:
+    h, w = cfg['input_size'][1:]
+    return math.floor(h / cfg['crop_pct']), math.floor(w / cfg['crop_pct'])
+
+
+def _filter(name: str):
+    from PIL import Image
+    return {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC,
+            'lanczos': Image.LANCZOS, 'box': Image.BOX, 'hamming': Image.HAMMING}[name]
+
+
+def _resize_shorter(img, size: int, resample):
+    """torchvision's Resize(int) on a PIL image: shorter side to `size`, the other truncated, same ratio."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return img if (new_w, new_h) == (w, h) else img.resize((new_w, new_h), resample)
+
+
+def _resize_keep_ratio(img, size: Tuple[int, int], resample):
+    """timm's ResizeKeepRatio (longest=0) for a non-square target: the shorter side fits, ratio kept."""
+    w, h = img.size
+    ratio = min(h / size[0], w / size[1])
+    new_h, new_w = round(h / ratio), round(w / ratio)
+    return img.resize((new_w, new_h), resample)
+
+
+def _center_crop(img, h: int, w: int):
+    """torchvision's CenterCrop (zero padding where the image is smaller, as PIL's crop gives)."""
+    iw, ih = img.size
+    top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
+    if ih < h or iw < w:   # torchvision pads symmetrically first, then crops
+        pad_t, pad_l = (h - ih) // 2 if ih < h else 0, (w - iw) // 2 if iw < w else 0
+        top, left = (0 if ih < h else top) - pad_t, (0 if iw < w else left) - pad_l
+    return img.crop((left, top, left + w, top + h))
+
+
+def transform(img, cfg: dict) -> np.ndarray:
+    """One PIL image -> (H, W, 3) float32, as timm's eval transform (then NCHW -> NHWC)."""
+    img = img.convert('RGB')   # greyscale, palette, RGBA (alpha dropped, as timm's loaders do)
+    h, w = cfg['input_size'][1:]
+    scale = _scale_size(cfg)
+    resample = _filter(cfg['interpolation'])
+    if cfg['crop_mode'] == 'squash':
+        img = img.resize((scale[1], scale[0]), resample) if img.size != (scale[1], scale[0]) else img
+    elif scale[0] == scale[1]:
+        img = _resize_shorter(img, scale[0], resample)
+    else:
+        img = _resize_keep_ratio(img, scale, resample)
+    img = _center_crop(img, h, w)
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return (x - np.asarray(cfg['mean'], np.float32)) / np.asarray(cfg['std'], np.float32)
+
+
+def load_image(path: str, cfg: dict) -> np.ndarray:
+    """Read one image file and transform it; a missing or unreadable file is a one-line error naming it."""
+    import warnings
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return transform(img, cfg)
+    except FileNotFoundError:
+        raise ConversionError(f'{path}: no such image file') from None
+    except IsADirectoryError:
+        raise ConversionError(f'{path}: is a directory, not an image') from None
+    except UnidentifiedImageError:
+        raise ConversionError(f'{path}: not an image Pillow can read') from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ConversionError(f'{path}: image too large ({first_line(e)})') from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:   # truncated or corrupt data, permissions
+        raise ConversionError(f'{path}: unreadable image ({type(e).__name__}: {first_line(e)})') from None
+
+
+def config_for_json(cfg: Dict) -> Dict:
+    return {k: cfg[k] for k in FIELDS}

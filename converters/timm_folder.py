@@ -1,0 +1,267 @@
+"""timm model folders (`config.json` + `model.safetensors`) and the Hugging Face hub cache, read and written.
+
+The layout is what `timm.models.save_for_hf` writes and `timm.create_model('local-dir:DIR', pretrained=True)`
+reads; a hub snapshot (`$HF_HOME/hub/models--timm--NAME/snapshots/<commit>/`) is the same folder. ::
+
+    config.json   {"architecture": "vit_base_patch16_224[.tag]", "num_classes": 1000, "num_features": 768,
+                   "global_pool": "token", "label_names": [...], "model_args": {timm kwargs: img_size, depth...},
+                   "pretrained_cfg": {"input_size": [3, 224, 224], "interpolation", "crop_pct", "crop_mode",
+                                      "mean", "std", "num_classes", ...}}
+    model.safetensors (or pytorch_model.bin: a torch state_dict, read without running pickle code)
+
+`hf-hub:ORG/NAME[@REVISION]` resolves in the local cache only: nothing is ever downloaded.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .errors import ConversionError, first_line
+
+CONFIG = 'config.json'
+# timm's preferred weight files (timm.models._hub._PREFERRED_FILES), those holding a plain state_dict
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+HF_HUB = 'hf-hub:'
+MAX_CONFIG_BYTES = 16 << 20
+# timm kwargs whose values are spelled differently in vit-flax: timm key -> (our field, {timm value: ours})
+_TIMM_VALUES = {'global_pool': ('global_pool', {'token': 'token', 'avg': 'gap', 'map': 'map'}),
+                'act_layer': ('gelu', {'gelu': 'exact', 'gelu_tanh': 'tanh'})}
+DEFAULT_POOL = {'vit': 'token', 'swin': 'avg'}
+
+
+@dataclass
+class FolderConfig:
+    folder: str
+    config_path: str
+    weights: str                       # the weight file read
+    model_name: str                    # registered name, pretrained tag stripped
+    tag: str
+    arch: dict                         # vit-flax fields from model_args (img_size, depth, ...)
+    num_classes: Optional[int]
+    pretrained_cfg: dict
+    label_names: Optional[List[str]]
+    notes: List[str] = field(default_factory=list)
+
+
+def is_model_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+def _load_json(path: str):
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ConversionError(f'{path}: {size:,} bytes, too large for a config file')
+        with open(path, 'rb') as f:
+            return json.loads(f.read().decode('utf-8'))
+    except FileNotFoundError:
+        raise ConversionError(f'{path}: no such file') from None
+    except OSError as e:
+        raise ConversionError(f'{path}: cannot read ({first_line(e)})') from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConversionError(f'{path}: not valid JSON ({first_line(e)})') from None
+
+
+def label_list(names, num_classes: Optional[int], where: str) -> Optional[List[str]]:
+    """timm's label_names (a list, or {index: name} where there are gaps) as a list of num_classes names."""
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        try:
+            pairs = {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError):
+            raise ConversionError(f'{where}: label_names keys must be class indices') from None
+        n = max(num_classes or 0, max(pairs, default=-1) + 1)
+        return [pairs.get(i, str(i)) for i in range(n)]
+    if isinstance(names, list) and all(isinstance(n, (str, int, float)) and not isinstance(n, bool) for n in names):
+        return [str(n) for n in names]
+    raise ConversionError(f'{where}: label_names must be a list of names or an {{index: name}} object')
+
+
+def read_class_indices(path: str) -> List[str]:
+    """The seeds' class_indices.json ({"0": "daisy", ...}) as a list of names."""
+    names = label_list(_load_json(path), None, path)
+    if not names:
+        raise ConversionError(f'{path}: holds no class names')
+    return names
+
+
+def _model_fields(model_name: str, model_args, where: str):
+    """vit-flax fields from timm's model_args; what vit-flax has no field for is ignored (and said)."""
+    from vit_flax.registry import model_config
+    cls = model_config(model_name)[0]
+    fields = set(cls.__dataclass_fields__) - {'parent', 'name', 'dtype'}
+    arch, ignored = {}, []
+    if not isinstance(model_args, dict):
+        raise ConversionError(f'{where}: model_args is a {type(model_args).__name__}, not an object')
+    for k, v in model_args.items():
+        if k in _TIMM_VALUES:
+            ours, values = _TIMM_VALUES[k]
+            if not isinstance(v, str) or v not in values:
+                raise ConversionError(f'{where}: model_args {k}={v!r} is not one vit-flax builds '
+                                      f'({", ".join(map(repr, values))})')
+            k, v = ours, values[v]
+        elif k == 'embed_norm_layer':
+            k, v = 'embed_norm', bool(v)
+        if k not in fields:
+            ignored.append(k)
+            continue
+        arch[k] = _checked(k, v, cls.__dataclass_fields__[k], where)
+    return arch, ignored
+
+
+def _checked(k, v, fld, where):
+    """A model_args value of the kind the field holds: positive sizes, finite rates, flags, names."""
+    default = fld.default
+    ok = lambda x: type(x) is int and (0 if k == 'num_classes' else 1) <= x <= 1 << 20   # noqa: E731
+    if isinstance(v, list) and v and all(ok(x) for x in v) and any(t in str(fld.type) for t in ('Sequence', 'Tuple')):
+        return tuple(v)
+    if isinstance(default, bool) or (default is None and isinstance(v, bool)):
+        good = isinstance(v, bool)
+    elif isinstance(default, float):
+        good = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 << 20
+    elif isinstance(default, str):
+        good = isinstance(v, str)
+    else:   # sizes, counts, (h, w) pairs; None where the field allows it
+        good = ok(v) or (v is None and default is None)
+    if not good:
+        raise ConversionError(f'{where}: model_args {k}={v!r} is not a valid value')
+    return v
+
+
+def read_config(folder: str, where: Optional[str] = None) -> FolderConfig:
+    """Parse and check a model folder's config.json; find its weight file. `where` names the folder in errors."""
+    folder = os.path.abspath(folder)
+    path = os.path.join(folder, CONFIG)
+    cfg = _load_json(path)
+    if not isinstance(cfg, dict):
+        raise ConversionError(f'{path}: a JSON {type(cfg).__name__}, not an object')
+    if 'pretrained_cfg' not in cfg:   # timm's legacy single-dict layout: everything at the top level
+        cfg = dict(architecture=cfg.get('architecture'), num_classes=cfg.get('num_classes'),
+                   label_names=cfg.get('label_names', cfg.get('labels')), pretrained_cfg=cfg)
+    arch_name = cfg.get('architecture')
+    if not isinstance(arch_name, str) or not arch_name:
+        raise ConversionError(f'{path}: no "architecture" (the timm model name)')
+    from vit_flax.registry import list_models, split_tag
+    name, tag = split_tag(arch_name)
+    if name not in list_models():
+        raise ConversionError(f'{path}: architecture {arch_name!r} is not a model vit-flax builds '
+                              f'(see `vit-flax list`)')
+    pcfg = cfg.get('pretrained_cfg')
+    if not isinstance(pcfg, dict):
+        raise ConversionError(f'{path}: pretrained_cfg is a {type(pcfg).__name__}, not an object')
+    num_classes = cfg.get('num_classes', pcfg.get('num_classes'))
+    if num_classes is not None and (type(num_classes) is not int or num_classes < 0):
+        raise ConversionError(f'{path}: num_classes {num_classes!r} is not a non-negative integer')
+    arch, ignored = _model_fields(name, cfg.get('model_args') or {}, path)
+    notes = [f'{path}: model_args {", ".join(ignored)} ignored (no such vit-flax field)'] if ignored else []
+    labels = label_list(cfg.get('label_names', pcfg.get('label_names')), num_classes, path)
+    weights = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
+    if weights is None:
+        raise ConversionError(f'{where or folder}: no weights in the model folder (looked for {", ".join(WEIGHT_FILES)})')
+    return FolderConfig(folder, path, weights, name, tag, arch, num_classes, pcfg, labels, notes)
+
+
+# ---------------------------------------------------------------- the Hugging Face hub cache
+
+def hf_cache_dir() -> str:
+    """Where huggingface_hub keeps its cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get('HF_HUB_CACHE') or os.environ.get('HUGGINGFACE_HUB_CACHE'):
+        return os.environ.get('HF_HUB_CACHE') or os.environ['HUGGINGFACE_HUB_CACHE']
+    home = os.environ.get('HF_HOME') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'huggingface')
+    return os.path.join(home, 'hub')
+
+
+_REPO = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
+
+
+def resolve_hf_hub(spec: str) -> str:
+    """`hf-hub:ORG/NAME[@REV]` -> its snapshot folder in the local cache (`refs/REV`, or REV as a commit)."""
+    repo, _, rev = spec[len(HF_HUB):].partition('@')
+    rev = rev or 'main'
+    if not _REPO.match(repo) or '..' in repo or '/' in rev or rev.startswith('.'):
+        raise ConversionError(f'{spec}: expected hf-hub:ORG/NAME[@REVISION], e.g. hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k')
+    cache = hf_cache_dir()
+    root = os.path.join(cache, 'models--' + repo.replace('/', '--'))
+    commit = rev if re.fullmatch(r'[0-9a-f]{40}', rev) else None
+    if commit is None:
+        try:
+            with open(os.path.join(root, 'refs', rev)) as f:
+                commit = f.read(100).strip()
+        except OSError:
+            commit = None
+    snap = os.path.join(root, 'snapshots', commit) if commit else None
+    if snap is None or not os.path.isfile(os.path.join(snap, CONFIG)):
+        raise ConversionError(f'{spec}: not in the local Hugging Face cache ({cache}); vit-flax never downloads: '
+                              f'fetch it where there is network (huggingface-cli download {repo}) or set HF_HOME '
+                              f'to a cache that holds it')
+    return snap
+
+
+def resolve(path: str) -> Optional[str]:
+    """The model folder `path` names (itself, or an hf-hub snapshot), or None when it names none."""
+    if str(path).startswith(HF_HUB):
+        return resolve_hf_hub(str(path))
+    return os.path.abspath(path) if is_model_folder(str(path)) else None
+
+
+# ---------------------------------------------------------------- writing
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def config_for(model, model_name: str, family, pretrained_cfg: dict, class_names=None) -> dict:
+    """config.json for `model` as timm's save_for_hf writes it: model_args hold what differs from the
+    registered architecture (and num_classes), so `local-dir:` rebuilds exactly this model."""
+    import vit_flax
+    if family.timm_kwargs is None:
+        raise ConversionError(f'timm has no {family.name} models: a timm model folder cannot describe '
+                              f'{model_name}; write a .pth or .safetensors instead')
+    try:
+        kw, base = family.timm_kwargs(model), family.timm_kwargs(vit_flax.create_model(model_name))
+    except ValueError as e:
+        raise ConversionError(f'timm cannot build this {model_name}: {e}') from None
+    if set(base) - set(kw):
+        raise ConversionError(f'{model_name} builds {", ".join(sorted(set(base) - set(kw)))} this model has not; '
+                              f'pass --model with the registered name of this architecture')
+    model_args = {}
+    for k, v in kw.items():
+        if k == 'embed_layer' and k in base:
+            continue   # a hybrid's backbone: the registered name builds it
+        if k == 'num_classes' or k not in base or _plain(v) != _plain(base[k]):
+            try:
+                json.dumps(v)
+            except TypeError:
+                raise ConversionError(f'{model_name}: timm argument {k} cannot be written to config.json') from None
+            model_args[k] = _plain(v)
+    h, w = (int(x) for x in model.input_shape[:2])
+    pcfg = dict(input_size=[3, h, w], interpolation=pretrained_cfg['interpolation'],
+                crop_pct=pretrained_cfg['crop_pct'], crop_mode=pretrained_cfg['crop_mode'],
+                mean=list(pretrained_cfg['mean']), std=list(pretrained_cfg['std']),
+                num_classes=model.num_classes, fixed_input_size=True, first_conv='patch_embed.proj',
+                classifier='head.fc' if family.name == 'swin' else 'head')
+    cfg = dict(architecture=model_name, num_classes=model.num_classes,
+               num_features=int(getattr(model, 'num_features', None) or model.embed_dim),
+               global_pool=kw.get('global_pool', DEFAULT_POOL.get(family.name, 'token')))
+    if class_names:
+        names = list(class_names)[:model.num_classes]
+        cfg['label_names'] = names + [str(i) for i in range(len(names), model.num_classes)]
+    cfg.update(model_args=model_args, pretrained_cfg=pcfg)
+    return cfg
+
+
+def write(state: Dict, config: dict, path: str, force: bool = False, class_names=None) -> None:
+    """Write `config.json` + `model.safetensors` (+ class_indices.json) as one folder, atomically."""
+    from . import io
+    from .durable import atomic_output
+    with atomic_output(path, force) as tmp:
+        os.mkdir(tmp)
+        io.write_safetensors(state, os.path.join(tmp, WEIGHT_FILES[0]))
+        with open(os.path.join(tmp, CONFIG), 'w') as f:
+            json.dump(config, f, indent=2)
+        if class_names:
+            from .training_ckpt import write_class_indices
+            write_class_indices(os.path.join(tmp, 'class_indices.json'), class_names)

@@ -62,15 +62,17 @@ def _with_core(family: Family, model, cfg: dict):
 
 
 def _preference(family: Family, cfg: dict, name: str):
-    """Sort key: most core fields shared, then fewest overrides, then ViT before DeiT for undistilled files."""
+    """Sort key: a ResNet stem exactly when the file has one, most core fields shared, then fewest overrides,
+    then ViT before DeiT for undistilled files."""
     model = vit_flax.create_model(name)
+    stem = (getattr(model, 'resnet', None) is None) != (cfg.get('resnet') is None)   # () is a stem without stages
     shared = sum(cfg.get(k) is None or cfg[k] == v for k, v in family.core(model).items())
     try:
         over = family.overrides(cfg, _with_core(family, model, cfg))
         changed = sum(getattr(model, k) != v for k, v in over.items())
     except ValueError:
         changed = len(cfg)
-    return -shared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
+    return stem, -shared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
 
 
 def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] = None, arch: Optional[dict] = None):

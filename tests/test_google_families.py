@@ -24,7 +24,7 @@ from converters.describe import describe
 from converters.errors import ConversionError
 from vit_flax.posemb import sincos2d
 from vit_flax.resnet import standardize
-from vit_flax.summary import count_macs, count_params
+from vit_flax.summary import count_macs, count_params, param_shapes
 
 from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
 
@@ -129,7 +129,6 @@ def test_hybrid_macs_equal_torch_flop_counter():
 
 def test_hybrid_tree_is_google_tree():
     m = vit_flax.create_model('vit_base_r50_s16_384', num_classes=0)
-    from vit_flax.summary import param_shapes
     flat = {k: tuple(v.shape) for k, v in flatten_dict(param_shapes(m), sep='/').items()}
     assert flat['conv_root/kernel'] == (7, 7, 3, 64) and flat['gn_root/scale'] == (64,)
     assert flat['block1/unit1/conv_proj/kernel'] == (1, 1, 64, 256) and 'block1/unit2/conv_proj/kernel' not in flat
@@ -138,6 +137,18 @@ def test_hybrid_tree_is_google_tree():
     assert flat['embedding/kernel'] == (1, 1, 1024, 768)
     assert flat['Transformer/posembed_input/pos_embedding'] == (1, 1 + 24 * 24, 768)
     assert not any('bias' in k for k in flat if re.search(r'conv\w*/', k))   # bias-free convolutions
+
+
+@pytest.mark.parametrize('name, kw', [('vit_tiny_patch16_224', dict(patch_size=8)),   # shares a stem-less
+                                      ('vit_tiny_r_s16_p8_224', {})])                 # hybrid's core fields
+def test_detection_takes_a_resnet_stem_only_from_a_file_with_one(tmp_path, name, kw):
+    """A plain ViT-Ti/8 and the hybrid R-Ti/16+ViT-Ti (a stem without stages, patch 8) share embed_dim, depth,
+    heads, mlp and patch size; only the stem tells them apart."""
+    m = vit_flax.create_model(name, img_size=32, depth=1, **kw)
+    path = str(tmp_path / 'x.npz')
+    flat = {k: np.ones(v.shape, np.float32) for k, v in flatten_dict(param_shapes(m), sep='/').items()}
+    api.write_flat(flat, m, path)
+    assert api.read_checkpoint(path).model_name == name
 
 
 def _timm_hybrid(layers, seed=0, **kw):

@@ -11,7 +11,7 @@ On disk (`WORKDIR` is the training run's `--workdir`)::
           data/                    item `data`: grain iterator state, `process_<i>-of-<n>.json` per process
           meta/                    item `meta`: one JSON record (JsonSave), see META_FIELDS
           metrics/                 orbax's own copy of {'val_acc'} that its keep-best policy ranks
-          _CHECKPOINT_METADATA     orbax's commit record
+          _CHECKPOINT_METADATA     orbax's commit record (a step without it is half-written: skipped)
         <step>.orbax-checkpoint-tmp-*   a save in flight or killed: never a step
         <step>.corrupt             a step the trainer could not restore, moved aside
       class_indices.json           {"0": "daisy", ...} as the seeds' scripts write it
@@ -49,6 +49,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 PARAMS, TRAIN_STATE, DATA, META = 'params', 'train_state', 'data', 'meta'
 ITEMS = (PARAMS, TRAIN_STATE, DATA, META)
 CORRUPT_SUFFIX = '.corrupt'
+COMMIT_RECORD = '_CHECKPOINT_METADATA'
 CLASS_INDICES = 'class_indices.json'
 SUMMARY = 'summary.json'
 
@@ -121,6 +122,9 @@ def step_dir(root: str, step: int) -> str:
 # ---------------------------------------------------------------- reading one step
 
 def read_meta(root: str, step: int) -> dict:
+    commit = os.path.join(step_dir(root, step), COMMIT_RECORD)
+    if not os.path.isfile(commit):  # orbax writes it before it renames the step into place
+        raise ConversionError(f'{commit}: missing: a half-written or half-copied step')
     path = os.path.join(step_dir(root, step), META)
     try:
         import orbax.checkpoint as ocp

@@ -5,6 +5,7 @@ in a background thread and finalizes the step by renaming its temporary director
 leaves no step behind (only a `*.orbax-checkpoint-tmp-*` directory, cleaned up on the next start).
 """
 import os
+import re
 import time
 from typing import Callable
 
@@ -14,6 +15,8 @@ import orbax.checkpoint as ocp
 
 from converters import training_ckpt as fmt
 from converters.errors import ConversionError
+
+from .errors import TrainError
 
 absl.logging.set_verbosity(absl.logging.ERROR)  # orbax narrates every save at INFO/WARNING
 
@@ -34,7 +37,10 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, best_fn=lambda m: m['val_acc'], best_mode='max',
             enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
-        self.manager = ocp.CheckpointManager(self.root, options=options)
+        try:
+            self.manager = ocp.CheckpointManager(self.root, options=options)
+        except OSError as e:  # not writable after all (a read-only file system; root ignores permissions)
+            raise TrainError(f'--workdir {workdir}: cannot create {self.root} ({type(e).__name__}: {e})') from None
 
     def steps(self):
         return fmt.list_steps(self.root)
@@ -84,6 +90,11 @@ class Checkpoints:
                          step=r[fmt.TRAIN_STATE]['step'])
             return state, it, meta
         return None
+
+    def set_aside(self):
+        """Names of the steps moved aside as unusable, by this run or an earlier one."""
+        pattern = re.compile(r'\d+' + re.escape(fmt.CORRUPT_SUFFIX) + r'\d*')
+        return sorted(n for n in (os.listdir(self.root) if os.path.isdir(self.root) else []) if pattern.fullmatch(n))
 
     def _set_aside(self, step: int, why: str, log) -> None:
         log(f'warning: checkpoint step {step} is unusable: {why}; falling back to the one before it')

@@ -1,6 +1,7 @@
 """The training run, top to bottom: data, model, mesh, state (fresh, fine-tuned or resumed), epochs."""
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from converters import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights
 from .checkpoint import Checkpoints
-from .errors import NonFiniteLoss, TrainError
+from .errors import Interrupted, NonFiniteLoss, TrainError
 
 
 def init_distributed(args) -> None:
@@ -125,7 +126,7 @@ class EpochMeter:
 
     def _fetch(self, step_no, metrics):
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        self.on_loss(step_no, m['loss'])
+        self.on_loss(step_no, m['loss'], m['params_finite'])
         if self.t_first is None:  # time from the first finished step on: compilation is not throughput
             self.t_first = time.perf_counter()
         else:
@@ -217,6 +218,11 @@ def run(argv=None, prog=None) -> int:
         cfg = meta0['pretrained_cfg']
         wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
     else:
+        aside = ckpts.set_aside()
+        if aside and not args.fresh_start:
+            ckpts.close()
+            raise TrainError(f'{ckpts.root}: no usable checkpoint to resume from (set aside: {", ".join(aside)}); '
+                             f'rerun with --fresh-start to train from scratch in this workdir')
         winfo, wnorm = None, None
         if args.weights:
             params_np, winfo, wnorm = loaded or load_weights()  # (loaded late: every checkpoint was unusable)
@@ -260,9 +266,20 @@ def run(argv=None, prog=None) -> int:
         blocked.append(ckpts.save(step_no, state, it, meta))
         return blocked[-1]
 
-    def check_loss(step_no, loss):
+    def check_loss(step_no, loss, params_finite=True):
+        where = f'at step {step_no + 1} (epoch {step_no // spe + 1})'
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step_no + 1} (epoch {step_no // spe + 1})')
+            raise NonFiniteLoss(f'non-finite loss ({loss}) {where}')
+        if not params_finite:
+            raise NonFiniteLoss(f'non-finite parameters after the update {where}')
+
+    def last_good():
+        try:
+            ckpts.wait()  # a save in flight was consistent when it started: let it finish
+        except Exception as e:  # noqa: BLE001 - a save the signal cut short: its temporary never becomes a step
+            warn(f'warning: the save in flight did not finish ({type(e).__name__}); it is discarded')
+        last = ckpts.steps()
+        return f'step {last[-1]} in {ckpts.root}' if last else 'none'
 
     # ---- epochs
     rep, blocked = report.Reporter(args.workdir, pid == 0, resume_epoch=start // spe), []
@@ -284,6 +301,8 @@ def run(argv=None, prog=None) -> int:
             bar.close()
             val = evaluate(eval_step, state['params'], ds.val, eval_tf, batch, pid, nproc, batch_sh)
             step_no = (epoch + 1) * spe
+            if not math.isfinite(val['loss']):  # finite params can still overflow the logits
+                raise NonFiniteLoss(f"non-finite validation loss ({val['loss']}) after epoch {epoch + 1} (step {step_no})")
             rec = dict(epoch=epoch + 1, epochs=args.epochs, step=step_no, train_loss=meter.mean('loss'),
                        train_acc=meter.mean('correct'), val_loss=val['loss'], val_acc=val['acc'],
                        learning_rate=lr_at(step_no - 1), images_per_sec=meter.images_per_sec())
@@ -297,10 +316,11 @@ def run(argv=None, prog=None) -> int:
                            mesh=mesh_sizes, unreadable_images=int(unreadable), checkpoint_step=step_no,
                            checkpoint_save_blocked_s=round(save_s, 4), workdir=args.workdir))
     except NonFiniteLoss as e:
-        ckpts.wait()
-        last = ckpts.steps()
-        raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: '
-                            + (f'step {last[-1]} in {ckpts.root}' if last else 'none')) from None
+        raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: {last_good()}') from None
+    except KeyboardInterrupt as e:
+        signum = getattr(e, 'signum', signal.SIGINT)
+        raise Interrupted(signum, f'interrupted by {signal.Signals(signum).name}; last complete checkpoint: '
+                          f'{last_good()}; rerun the same command to resume') from None
     finally:
         ckpts.close()
         _close(it)

@@ -1,7 +1,7 @@
 """What a run tells its user: a progress bar, one line per epoch, TensorBoard scalars, summary.json.
 
 Only process 0 reports. TensorBoard scalars use the seeds' names (train_loss, train_acc, val_loss, val_acc,
-learning_rate), indexed by epoch, plus images_per_sec.
+learning_rate), indexed by epoch, plus images_per_sec and unreadable_images (files that would not decode, skipped).
 """
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 
 from converters import training_ckpt as fmt
 
-TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec')
+TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')
 
 
 def printer(main: bool, stream=None):
@@ -70,7 +70,7 @@ class Reporter:
         if not self.main:
             return
         self.history.append({k: record[k] for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss',
-                                                     'val_acc', 'learning_rate', 'images_per_sec')})
+                                                     'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')})
         for k in TB_SCALARS:
             self.tb.add_scalar(k, record[k], record['epoch'])
         self.tb.flush()

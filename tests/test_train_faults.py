@@ -1,0 +1,323 @@
+"""Training under faults: corrupt checkpoints, non-finite updates, signals, kill -9, bad input (issue 10).
+
+Every run is a real `train_flax.py` subprocess on test_train.py's tiny configuration (one block, 16px digits,
+2 epochs of 22 steps, a checkpoint every 16 steps and at each epoch end: steps 16 22 32 44, keep 2 + best),
+compared with an uninterrupted reference run. A fault at an exact point (an update that turns the
+parameters into NaN, a kill while an asynchronous save is in flight or during validation) is injected by a
+small wrapper that patches one function of `vit_train` before running its `main`; nothing in the trainer
+knows about tests. The kill loop at random delays is `slow` (`make test-slow`; VIT_FLAX_TRAIN_KILLS kills).
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train import BASE, ROOT, STEPS, TRAIN, assert_same_params, latest, summary
+
+SPE = 22  # steps per epoch
+
+
+def made_by_test_train(tmp_path_factory, name: str, ready: str):
+    """test_train.py's module fixture `name` of this session, when that file ran first (it does in a full run:
+    files run in name order) and finished it: one XLA cache and one reference run for both files."""
+    path = tmp_path_factory.getbasetemp() / f'{name}0'
+    return path if (path / ready).exists() else None
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    cache = made_by_test_train(tmp_path_factory, 'xla_cache', '') or tmp_path_factory.mktemp('xla_cache')
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+
+
+def command(workdir, *args, patch=None):
+    """argv of a training run; `patch` is Python run first in the child (a fault injected at a known point)."""
+    argv = ['--workdir', str(workdir), *map(str, args)]
+    if patch is None:
+        return [sys.executable, TRAIN, *argv]
+    code = f'import sys\n{patch}\nfrom vit_train import main\nsys.exit(main({argv!r}))'
+    return [sys.executable, '-c', code]
+
+
+def run(env, workdir, *args, expect=0, patch=None):
+    r = subprocess.run(command(workdir, *args, patch=patch), capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=900)
+    assert r.returncode == expect, f'exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    return r
+
+
+def errors(stderr: str):
+    """stderr without the progress bars and orbax/tensorstore's closed-event-loop noise from their threads."""
+    lines, skip = [], False
+    for line in stderr.splitlines():
+        if line.startswith('Traceback') or line.startswith('Exception in callback'):
+            skip = True
+        elif skip and re.match(r'^\w*(Error|Exception)\b.*', line):
+            skip = False
+            continue
+        if skip or not line.strip() or '\r' in line or line.startswith('[train epoch') or line.startswith('[eval'):
+            continue
+        lines.append(line)
+    return lines
+
+
+def steps_of(workdir):
+    from converters import training_ckpt
+    return training_ckpt.list_steps(os.path.join(workdir, 'checkpoints'))
+
+
+@pytest.fixture(scope='module')
+def reference(env, tmp_path_factory):
+    """An uninterrupted run of BASE (never modified: tests copy it or compare with it)."""
+    workdir = made_by_test_train(tmp_path_factory, 'reference', 'summary.json')
+    if workdir is None:
+        workdir = tmp_path_factory.mktemp('reference')
+        run(env, workdir, *BASE)
+    return workdir
+
+
+def wait_for(path, proc, timeout=600):
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f'the run ended before {path} appeared'
+
+
+# ---------------------------------------------------------------- corrupt and half-written checkpoints
+
+def _no_commit_record(step):
+    os.remove(step / '_CHECKPOINT_METADATA')
+
+
+def _meta_garbage(step):
+    (step / 'meta' / 'metadata').write_bytes(b'{"format": "vit-flax-train", \x00 garbage')
+
+
+def _meta_missing(step):
+    os.remove(step / 'meta' / 'metadata')
+
+
+def _params_truncated(step):
+    for f in (step / 'params' / 'd').iterdir():
+        f.write_bytes(f.read_bytes()[:7])
+
+
+def _empty_step(step):
+    shutil.rmtree(step)
+    step.mkdir()
+
+
+CORRUPTIONS = dict(no_commit_record=_no_commit_record, meta_garbage=_meta_garbage, meta_missing=_meta_missing,
+                   params_truncated=_params_truncated, empty_step=_empty_step)
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('how', CORRUPTIONS)
+def test_reader_skips_a_corrupt_latest_step_with_a_warning(reference, tmp_path, how):
+    workdir = tmp_path / 'w'
+    shutil.copytree(reference, workdir)
+    CORRUPTIONS[how](workdir / 'checkpoints' / str(STEPS))
+    warnings = []
+    ck = latest(workdir, log=warnings.append)
+    assert ck.step == 32
+    assert len(warnings) == 1 and f'checkpoints/{STEPS}' in warnings[0] and '\n' not in warnings[0], warnings
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_trainer_skips_a_step_without_commit_record_and_ends_bit_identical(env, reference, tmp_path):
+    workdir = tmp_path / 'w'
+    shutil.copytree(reference, workdir)
+    _no_commit_record(workdir / 'checkpoints' / str(STEPS))
+    r = run(env, workdir, *BASE)
+    warn = [line for line in errors(r.stderr) if line.startswith('warning: checkpoint')]
+    assert len(warn) == 1 and f'step {STEPS} is unusable' in warn[0] and '_CHECKPOINT_METADATA' in warn[0], warn
+    assert 'resumed from epoch 1 (step 32)' in r.stdout
+    assert_same_params(latest(reference), latest(workdir))
+    assert summary(workdir)['val_acc'] == summary(reference)['val_acc']
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_no_usable_checkpoint_is_an_error_unless_fresh_start(env, reference, tmp_path):
+    workdir = tmp_path / 'w'
+    shutil.copytree(reference, workdir)
+    _no_commit_record(workdir / 'checkpoints' / str(STEPS))
+    (workdir / 'checkpoints' / '32' / 'data' / 'process_0-of-1.json').write_text('{"not": grain')
+    r = run(env, workdir, *BASE, expect=1)
+    last = errors(r.stderr)[-1]
+    assert last.startswith('train_flax.py: error: ') and 'no usable checkpoint' in last and '--fresh-start' in last
+    assert '44.corrupt' in last and '32.corrupt' in last
+    assert steps_of(workdir) == []
+    r = run(env, workdir, *BASE, expect=1)           # the next rerun does not quietly start over either
+    assert 'no usable checkpoint' in r.stderr
+    r = run(env, workdir, *BASE[:4], '--epochs', '1', *BASE[6:], '--fresh-start')
+    assert 'resumed' not in r.stdout and steps_of(workdir) == [16, SPE]
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['16', '22', '32.corrupt', '44.corrupt']
+
+
+# ---------------------------------------------------------------- non-finite updates
+
+NAN_LR_AT = """
+import vit_train.optim as optim
+_schedule = optim.schedule
+def schedule(*a):
+    f = _schedule(*a)
+    return lambda s: float('nan') if s == {step} else f(s)
+optim.schedule = schedule
+"""
+
+
+def test_nan_update_at_an_epoch_end_never_reaches_a_checkpoint(env, tmp_path):
+    """The loss of the epoch's last update is finite (it is computed before the update) but the update makes
+    every parameter NaN: the epoch-end save must not happen, and the run must say where it stopped."""
+    workdir = tmp_path / 'nan'
+    r = run(env, workdir, *BASE, expect=3, patch=NAN_LR_AT.format(step=SPE - 1))
+    last = errors(r.stderr)[-1]
+    assert last == (f'train_flax.py: error: non-finite parameters after the update at step {SPE} (epoch 1); stopped. '
+                    f'Last good checkpoint: step 16 in {workdir}/checkpoints'), last
+    assert steps_of(workdir) == [16]
+    from converters import training_ckpt
+    import numpy as np
+    assert all(np.isfinite(v).all() for v in training_ckpt.select(workdir, 'latest').flat.values())
+    assert not (workdir / 'summary.json').exists()  # no epoch was reported with NaN figures
+
+
+# ---------------------------------------------------------------- signals
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_sigterm_then_sigint_then_resume_ends_bit_identical(env, reference, tmp_path):
+    workdir = tmp_path / 'sig'
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        after = min(s for s in (16, SPE, 32) if s > max(steps_of(workdir), default=0))  # inside the epoch loop
+        proc = subprocess.Popen(command(workdir, *BASE), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for(workdir / 'checkpoints' / str(after) / '_CHECKPOINT_METADATA', proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == code, (proc.returncode, err[-3000:])
+        last = errors(err)[-1]
+        assert re.fullmatch(rf'train_flax.py: interrupted by {sig.name}; last complete checkpoint: step (\d+) in '
+                            rf'{re.escape(str(workdir))}/checkpoints; rerun the same command to resume', last), last
+        assert 'Traceback' not in err
+        assert int(re.search(r'step (\d+) in', last).group(1)) == steps_of(workdir)[-1] >= after
+        assert not [n for n in os.listdir(workdir / 'checkpoints') if 'tmp' in n]  # the in-flight save finished
+    r = run(env, workdir, *BASE)
+    assert 'resumed from epoch' in r.stdout
+    assert_same_params(latest(reference), latest(workdir))
+
+
+# ---------------------------------------------------------------- kill -9
+
+KILL_DURING_SAVE = """
+import os, signal
+from vit_train import checkpoint
+_save = checkpoint.Checkpoints.save
+def save(self, step, *a, **k):
+    t = _save(self, step, *a, **k)
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)  # the asynchronous write has started, not finished
+    return t
+checkpoint.Checkpoints.save = save
+"""
+
+KILL_DURING_VALIDATION = """
+import os, signal
+from vit_train import loop
+def evaluate(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+loop.evaluate = evaluate
+"""
+
+
+def killed(env, workdir, patch):
+    r = subprocess.run(command(workdir, *BASE, patch=patch), cwd=ROOT, env=env, capture_output=True, timeout=900)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_kill_9_mid_save_and_mid_validation_then_resume_bit_identical(env, reference, tmp_path):
+    workdir = tmp_path / 'k'
+    killed(env, workdir, KILL_DURING_SAVE.format(step=SPE))         # epoch-end save in flight
+    assert steps_of(workdir) == [16]
+    killed(env, workdir, KILL_DURING_SAVE.format(step=32))          # mid-epoch save in flight
+    assert steps_of(workdir) == [16, SPE]
+    killed(env, workdir, KILL_DURING_VALIDATION)                   # in epoch 2's validation
+    assert steps_of(workdir) == [SPE, 32]
+    r = run(env, workdir, *BASE)
+    assert 'resumed from epoch 1 (step 32)' in r.stdout
+    assert_same_params(latest(reference), latest(workdir))
+    ref, got = summary(reference), summary(workdir)
+    assert [h['val_loss'] for h in got['history']] == [h['val_loss'] for h in ref['history']]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_kill_9_at_random_delays_then_resume_bit_identical(env, reference, tmp_path):
+    """VIT_FLAX_TRAIN_KILLS runs (default 6) killed at a random delay each, one after another, then a rerun
+    to the end: the final params must be bit-identical to the reference and the validation figures equal."""
+    kills = int(os.environ.get('VIT_FLAX_TRAIN_KILLS', '6'))
+    workdir, rng, record = tmp_path / 'k', random.Random(int(os.environ.get('VIT_FLAX_KILL_SEED', '0'))), []
+    for _ in range(kills):
+        proc = subprocess.Popen(command(workdir, *BASE), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        delay = rng.uniform(2.0, 20.0)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break  # finished before the kill: the remaining kills would find nothing to do
+        proc.kill()
+        proc.wait()
+        record.append((round(delay, 1), steps_of(workdir)))
+    print(f'kills: {len(record)} (delay s, steps after): {record}')
+    r = run(env, workdir, *BASE)
+    assert 'resumed' in r.stdout or 'already finished' in r.stdout
+    assert_same_params(latest(reference), latest(workdir))
+    got, ref = summary(workdir), summary(reference)
+    assert got['val_acc'] == ref['val_acc'] and got['val_loss'] == ref['val_loss']
+    assert not [n for n in os.listdir(workdir / 'checkpoints') if not n.isdigit()]
+
+
+# ---------------------------------------------------------------- bad input to the training command
+
+def test_workdir_that_is_a_file_fails_in_one_line(env, tmp_path):
+    (tmp_path / 'f').write_text('not a directory')
+    r = run(env, tmp_path / 'f', '--epochs', '1', expect=1)
+    assert r.stderr.strip() == f'train_flax.py: error: --workdir {tmp_path}/f: {tmp_path}/f is a file, not a directory'
+    r = run(env, tmp_path / 'f' / 'run', '--epochs', '1', expect=1)
+    assert 'is a file, not a directory' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_workdir_and_mesh_are_refused_before_anything_is_written(tmp_path):
+    from vit_train import config, main
+    from vit_train.errors import TrainError
+    parser = config.build_parser()
+    ro = tmp_path / 'ro'
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    if os.geteuid() != 0:  # root writes anyway; there the file-system error is caught where it happens
+        with pytest.raises(TrainError, match='is not writable'):
+            config.resolve(parser.parse_args(['--workdir', str(ro / 'run')]))
+    assert main(['--workdir', str(tmp_path / 'm'), '--mesh', 'data=3', '--epochs', '1']) == 1
+    assert not (tmp_path / 'm').exists()
+
+
+def test_unexpected_error_is_one_line_with_a_debug_hint(tmp_path, capsys, monkeypatch):
+    from vit_train import data, main
+
+    def boom(*a):
+        raise RuntimeError('something we did not expect\nsecond line')
+    monkeypatch.setattr(data, 'load', boom)
+    assert main(['--workdir', str(tmp_path / 'w')]) == 70
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('train_flax.py: internal error: RuntimeError: something we did not expect (at ')
+    assert err.endswith('rerun with --debug for the traceback)') and '\n' not in err
+    with pytest.raises(RuntimeError):
+        main(['--workdir', str(tmp_path / 'w'), '--debug'])
+    assert not (tmp_path / 'w').exists()

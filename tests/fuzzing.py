@@ -639,6 +639,22 @@ def read_cifar(path):
     return {'train': ds.train.images, 'val': ds.val.images}
 
 
+def valid_image(fmt: str) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def read_image(path):
+    """The trainer's image decoding (a folder data set's file): never raises; a file it cannot decode is a
+    zero image of weight 0 counted as unreadable."""
+    from vit_train import data
+    row = data.TrainTransform(8, 'bilinear')(data.FileSource([path], [0])[0], np.random.default_rng(0))
+    assert row['image'].shape == (8, 8, 3) and int(row['unreadable']) == int(row['weight'] == 0), row
+    return {k: np.asarray(v) for k, v in row.items()}
+
+
 # ---------------------------------------------------------------- the table of readers
 
 @dataclass
@@ -672,6 +688,8 @@ READERS: Dict[str, Reader] = {
     'decode-safetensors': Reader('.safetensors', decode, lambda: _written('.safetensors'),
                                  ('bitflip', 'safetensors_lies'), examples=20),
     'cifar': Reader('.tar.gz', read_cifar, valid_cifar, GENERIC + ('cifar_members',), examples=15),
+    'image-jpeg': Reader('.jpg', read_image, lambda: valid_image('JPEG'), GENERIC, examples=8),
+    'image-png': Reader('.png', read_image, lambda: valid_image('PNG'), GENERIC, examples=8),
 }
 ORBAX_EXAMPLES = 15
 

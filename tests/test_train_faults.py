@@ -321,3 +321,27 @@ def test_unexpected_error_is_one_line_with_a_debug_hint(tmp_path, capsys, monkey
     with pytest.raises(RuntimeError):
         main(['--workdir', str(tmp_path / 'w'), '--debug'])
     assert not (tmp_path / 'w').exists()
+
+
+def test_corrupt_images_become_counted_zero_weight_rows_named_once(tmp_path, capsys):
+    """A truncated JPEG, a zero-byte file and a text file named .png: each a weight-0 row counted as
+    unreadable (the run trains on; the count reaches the epoch line, summary.json and TensorBoard, see
+    test_train's folder run), its name warned about once per process."""
+    import numpy as np
+    from PIL import Image
+    from vit_train import data
+    good = tmp_path / 'good.jpg'
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(good)
+    bad = [tmp_path / 'cut.jpg', tmp_path / 'empty.jpg', tmp_path / 'text.png']
+    bad[0].write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    bad[1].write_bytes(b'')
+    bad[2].write_text('this is not a png\n')
+    source = data.FileSource([str(p) for p in [good] + bad], [0, 1, 2, 3])
+    tf = data.TrainTransform(8, 'bilinear')
+    rows = [tf(source[i], np.random.default_rng(i)) for i in range(4)] + [tf(source[1], np.random.default_rng(9))]
+    assert [int(r['unreadable']) for r in rows] == [0, 1, 1, 1, 1]
+    assert [float(r['weight']) for r in rows] == [1, 0, 0, 0, 0]
+    assert rows[0]['image'].shape == (8, 8, 3) and rows[0]['image'].any() and not rows[1]['image'].any()
+    err = capsys.readouterr().err
+    for p in bad:
+        assert err.count(f'warning: skipped unreadable image {p} (') == 1, err

@@ -41,6 +41,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from . import io
+from .durable import atomic_output
 from .errors import ConversionError
 
 FORMAT = 'vit-flax-train'
@@ -208,6 +209,6 @@ def model_from_meta(meta: dict, **extra):
 
 
 def write_class_indices(path: str, class_names: List[str]) -> None:
-    """The seeds' `class_indices.json`: {"0": "daisy", ...}, indent 4."""
-    with open(path, 'w') as f:
+    """The seeds' `class_indices.json`: {"0": "daisy", ...}, indent 4 (atomic and durable: rewritten by each run)."""
+    with atomic_output(path, force=True) as tmp, open(tmp, 'w') as f:
         f.write(json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=4))

@@ -4,14 +4,16 @@ multi-process) and resumable orbax checkpoints in the format `converters.trainin
 `main(argv)` is the command line (`train_flax.py`, `vit-flax train`). This module stays light: grain's
 worker processes import `vit_train.data` and must not pay for jax or the models.
 """
+import os
+import signal
 import sys
+import threading
+import traceback
 
 
 def main(argv=None, prog=None) -> int:
     """Run the training command; returns the exit status: 0 done, 1 bad input, 2 usage, 3 non-finite loss,
     70 an internal error (one line; `--debug` shows the traceback), 130 SIGINT, 143 SIGTERM."""
-    import signal
-    import traceback
     from converters.errors import ConversionError, first_line
     from .errors import Interrupted, NonFiniteLoss, TrainError
     from .loop import run
@@ -22,7 +24,6 @@ def main(argv=None, prog=None) -> int:
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
         raise Interrupted(signum)
 
-    import threading
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = [signal.signal(s, on_signal) for s in handled]
     try:
@@ -40,7 +41,7 @@ def main(argv=None, prog=None) -> int:
         if '--debug' in argv:
             raise
         where = traceback.extract_tb(e.__traceback__)[-1]
-        print(f'{name}: internal error: {type(e).__name__}: {first_line(e)} (at {where.filename.rsplit("/", 1)[-1]}:'
+        print(f'{name}: internal error: {type(e).__name__}: {first_line(e)} (at {os.path.basename(where.filename)}:'
               f'{where.lineno}; rerun with --debug for the traceback)', file=sys.stderr)
         return 70
     finally:

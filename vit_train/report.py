@@ -8,6 +8,7 @@ import os
 import sys
 
 from converters import training_ckpt as fmt
+from converters.durable import atomic_output
 
 TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')
 
@@ -74,10 +75,8 @@ class Reporter:
         for k in TB_SCALARS:
             self.tb.add_scalar(k, record[k], record['epoch'])
         self.tb.flush()
-        tmp = self.summary_path + '.tmp'
-        with open(tmp, 'w') as f:
+        with atomic_output(self.summary_path, force=True) as tmp, open(tmp, 'w') as f:
             json.dump(dict(record, history=self.history), f, indent=2)
-        os.replace(tmp, self.summary_path)
         print(f"epoch {record['epoch']}/{record['epochs']}  step {record['step']}  "
                  f"train_loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
                  f"val_loss {record['val_loss']:.4f}  val_acc {record['val_acc']:.4f}  "

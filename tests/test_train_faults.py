@@ -213,6 +213,29 @@ def test_sigterm_then_sigint_then_resume_ends_bit_identical(env, reference, tmp_
     assert_same_params(latest(reference), latest(workdir))
 
 
+@pytest.mark.slow  # grain's worker processes each import jax: ~30 s of start-up here
+def test_ctrl_c_to_the_process_group_with_grain_workers_is_one_line(env, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group: the workers stay quiet, the run says one line."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in 'abc':
+        (tmp_path / 'data' / c).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / 'data' / c / f'{i}.png')
+    workdir = tmp_path / 'w'
+    proc = subprocess.Popen(command(workdir, '--depth', 1, '--img-size', 16, '--patch-size', 8, '--batch-size', 16,
+                                    '--epochs', 20, '--save-every', 3, '--data-path', tmp_path / 'data', '--workers', 2),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(workdir / 'checkpoints' / '3' / '_CHECKPOINT_METADATA', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-3000:]
+    assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+    assert len(errors(err)) == 1 and 'interrupted by SIGINT; last complete checkpoint: step' in err, err[-3000:]
+
+
 # ---------------------------------------------------------------- kill -9
 
 KILL_DURING_SAVE = """

@@ -522,6 +522,13 @@ def _grain():
     return grain
 
 
+def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C reaches the whole process group: the main process stops the run (and these workers with it);
+    a worker must not print a KeyboardInterrupt traceback of its own."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, process_index: int,
                    process_count: int, workers: int = 0, start_step: int = 0):
     """An endless grain iterator of this process's share of each global training batch.
@@ -543,7 +550,7 @@ def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, 
         ds = ds[start_step:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1))))
     if workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_sigint)
     return iter(it)
 
 

@@ -162,6 +162,18 @@ def test_no_usable_checkpoint_is_an_error_unless_fresh_start(env, reference, tmp
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['16', '22', '32.corrupt', '44.corrupt']
 
 
+def test_resume_with_a_state_of_another_shape_is_an_error_not_a_corrupt_step(env, reference, tmp_path):
+    """--clip-grad 0 drops the clipping state from the optimizer state: the checkpoint would not restore into
+    it, and was set aside as corrupt (both steps, then a silent start from scratch)."""
+    workdir = tmp_path / 'w'
+    shutil.copytree(reference, workdir)
+    r = run(env, workdir, *BASE[:4], '--epochs', '3', *BASE[6:], '--clip-grad', '0', expect=1)
+    assert errors(r.stderr) == [f'train_flax.py: error: {workdir} holds a run with gradient_clipping=True, this '
+                                f'command has gradient_clipping=False; use the same flags to resume it, or another '
+                                f'--workdir'], r.stderr
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['32', '44']
+
+
 # ---------------------------------------------------------------- non-finite updates
 
 NAN_LR_AT = """

@@ -62,12 +62,16 @@ def build_model(args, num_classes: int):
 
 def same_run(meta: dict) -> dict:
     """What a resumed run must share with its checkpoint: the model, the data, the batch, the seed, the
-    optimizer. Anything else (epochs, lr, mesh, workers, dtype, grad-accum, drop-path) may change."""
+    optimizer and the shape of its state (clipping and SGD momentum add to it: a checkpoint that differs there
+    would not restore, and must not be taken for a corrupt one). Anything else (epochs, lr, mesh, workers,
+    dtype, grad-accum, drop-path, the clipping norm) may change."""
     cfg = meta['config']
     return dict(model=meta['model'], num_classes=meta['num_classes'], class_names=meta['class_names'],
                 model_overrides={k: v for k, v in meta['model_overrides'].items() if k != 'drop_path_rate'},
                 dataset={k: meta['dataset'][k] for k in ('name', 'num_train', 'num_val')},
-                **{k: cfg[k] for k in ('batch_size', 'seed', 'optimizer', 'freeze_layers')})
+                **{k: cfg[k] for k in ('batch_size', 'seed', 'optimizer', 'freeze_layers')},
+                gradient_clipping=bool(cfg['clip_grad']),
+                sgd_momentum=cfg['optimizer'] == 'sgd' and bool(cfg['momentum']))
 
 
 def check_same_run(old: dict, new: dict, workdir: str) -> None:

@@ -15,7 +15,7 @@ import vit_flax
 from converters import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights
-from .checkpoint import Checkpoints
+from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums
 from .errors import Interrupted, NonFiniteLoss, TrainError
 
 
@@ -208,14 +208,17 @@ def run(argv=None, prog=None) -> int:
         # a rerun (resume) compiles the same programs: keep them beside the run unless the user chose a cache
         jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'xla_cache'))
     ckpts = Checkpoints(args.workdir, args.keep)
-    resumed = ckpts.resume(spec.abstract, resume_iter, lambda m: check_same_run(m, base_meta, args.workdir), warn)
+    sums_fn = jax.jit(device_checksums, in_shardings=(spec.shardings,), out_shardings=sharding.replicated(mesh))
+    checksums = lambda st: checksum_record(jax.device_get(sums_fn(st)))  # noqa: E731
+    resumed = ckpts.resume(spec.abstract, resume_iter, lambda m: check_same_run(m, base_meta, args.workdir), warn,
+                           checksums)
     if resumed:
         state, it, meta0 = resumed
         start, best_acc, winfo = int(state['step']), meta0['best_val_acc'], meta0['weights']
         if start >= total:
             log(f"training already finished: epoch {meta0['epoch']} of {meta0['epochs']} (step {start}) in "
                 f"{args.workdir}; nothing to do (raise --epochs to train further)")
-            _close(it)
+            close_iterator(it)
             ckpts.close()
             return 0
         log(f"resumed from epoch {meta0['epoch']} (step {start})")
@@ -264,7 +267,7 @@ def run(argv=None, prog=None) -> int:
         + sharding.describe(state['params']))
 
     def save(step_no, epoch, rec):
-        meta = dict(base_meta, epoch=epoch, step=step_no, best_val_acc=best_acc,
+        meta = dict(base_meta, epoch=epoch, step=step_no, best_val_acc=best_acc, checksums=checksums(state),
                     saved=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                     **{k: rec.get(k) for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc')})
         blocked.append(ckpts.save(step_no, state, it, meta))
@@ -327,16 +330,11 @@ def run(argv=None, prog=None) -> int:
                           f'{last_good()}; rerun the same command to resume') from None
     finally:
         ckpts.close()
-        _close(it)
+        close_iterator(it)
         rep.close()
     log(f'done: best val_acc {best_acc:.4f}; checkpoints in {ckpts.root} '
         f'(a save blocked the loop {np.median(blocked) * 1000:.0f} ms, median of {len(blocked)})')
     return 0
-
-
-def _close(it) -> None:
-    if hasattr(it, 'close'):  # grain's multiprocess prefetch holds worker processes
-        it.close()
 
 
 def evaluate(eval_step, params, source, transform, batch, pid, nproc, batch_sh) -> dict:

@@ -10,6 +10,9 @@ arrays the file's bytes can back; anything else fails and hypothesis shrinks it 
 another exception type, an allocation bigger than the file justifies (traced with tracemalloc), or code
 run from a pickle (a marker file that must never appear).
 
+The training data readers are READERS too: CIFAR archives (`cifar`, the trainer's TrainError standing for
+ConversionError) and image decoding (`image-jpeg`, `image-png`: never an error, an unreadable row instead).
+
 To fuzz a new reader: add `READERS['x'] = Reader('.x', read_x, valid_x, GENERIC + ('x_lies',))` and, if
 it has a structure worth lying about, a generator in MUTATIONS. A new command goes in COMMANDS
 (test_fuzz.py runs every command over mutants of every reader, in-process and in a subprocess).

@@ -139,6 +139,37 @@ def test_reader_skips_a_corrupt_latest_step_with_a_warning(reference, tmp_path, 
         assert 'does not match its recorded checksum' in warnings[0], warnings
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
+    """One file of the newest step deleted, cut, flipped, emptied or replaced (the fuzz harness' orbax
+    mutations, `make fuzz` for more): the reader returns that step's exact params or the step before's,
+    or says in one line that nothing is readable; never other values."""
+    import tempfile
+    import numpy as np
+    import fuzzing as fz
+    from hypothesis import given, settings, strategies as st
+    from converters import training_ckpt
+    from converters.errors import ConversionError
+    expected = {s: training_ckpt.select(reference, s).flat for s in (32, STEPS)}
+
+    @settings(max_examples=fz.examples(12))
+    @given(st.data())
+    def case(data):
+        with tempfile.TemporaryDirectory(dir=fz.WORKDIR) as tmp:
+            workdir = os.path.join(tmp, 'w')
+            shutil.copytree(reference, workdir)
+            fz.mutate_dir(data.draw, os.path.join(workdir, 'checkpoints', str(STEPS)))
+            fz.COUNTS['training-checkpoint'] += 1
+            try:
+                ck = training_ckpt.select(workdir, 'latest', log=lambda m: None)
+            except ConversionError as e:
+                assert '\n' not in str(e)
+                return
+            assert ck.step in expected and ck.flat.keys() == expected[ck.step].keys()
+            assert all(np.array_equal(ck.flat[k], v) for k, v in expected[ck.step].items())
+    case()
+
+
 def test_checksums_are_the_same_on_the_devices_and_in_numpy_and_catch_one_bit():
     import jax
     import numpy as np
@@ -316,9 +347,10 @@ def test_kill_9_mid_save_and_mid_validation_then_resume_bit_identical(env, refer
     killed(env, workdir, KILL_DURING_SAVE.format(step=32))          # mid-epoch save in flight
     assert steps_of(workdir) == [16, SPE]
     killed(env, workdir, KILL_DURING_VALIDATION)                   # in epoch 2's validation
-    assert steps_of(workdir) == [SPE, 32]
+    # step 32's asynchronous save is finalized by then, or (on a busy machine) still in flight and lost
+    assert steps_of(workdir) in ([SPE, 32], [16, SPE])
     r = run(env, workdir, *BASE)
-    assert 'resumed from epoch 1 (step 32)' in r.stdout
+    assert re.search(r'resumed from epoch 1 \(step (22|32)\)', r.stdout), r.stdout
     assert_same_params(latest(reference), latest(workdir))
     ref, got = summary(reference), summary(workdir)
     assert [h['val_loss'] for h in got['history']] == [h['val_loss'] for h in ref['history']]

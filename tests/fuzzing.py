@@ -734,11 +734,14 @@ def check_outcome(name: str, fn, path: str, trace: bool = True):
     return result
 
 
-def write_counts() -> None:
+def write_counts(only=None) -> None:
+    """Add COUNTS (or its keys in `only`) to the JSON file named by $VIT_FLAX_FUZZ_COUNTS."""
     out = os.environ.get('VIT_FLAX_FUZZ_COUNTS')
     if out:
         old = json.load(open(out)) if os.path.exists(out) else {}
         for k, v in COUNTS.items():
+            if only is not None and k not in only:
+                continue
             old[k] = old.get(k, 0) + v
         with open(out, 'w') as f:
             json.dump(old, f, indent=1, sort_keys=True)

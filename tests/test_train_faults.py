@@ -168,6 +168,8 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
             assert ck.step in expected and ck.flat.keys() == expected[ck.step].keys()
             assert all(np.array_equal(ck.flat[k], v) for k, v in expected[ck.step].items())
     case()
+    fz.write_counts(only=['training-checkpoint'])
+    fz.COUNTS.pop('training-checkpoint')  # written: test_fuzz's own write must not add them again
 
 
 def test_checksums_are_the_same_on_the_devices_and_in_numpy_and_catch_one_bit():

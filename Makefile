@@ -24,11 +24,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -ra -m slow tests
 
-# Hypothesis at 25x the examples of `make test` (random seeds; failures replay from .hypothesis/), more kills.
+# Hypothesis at 25x the examples of `make test` (random seeds; failures replay from .hypothesis/), more kills
+# (of writers, of the CLI, and 20 of a training run at random points before it is resumed).
 fuzz: $(STAMP)
 	rm -f fuzz-counts.json
-	VIT_FLAX_FUZZ=long VIT_FLAX_KILLS=200 VIT_FLAX_CLI_KILLS=10 VIT_FLAX_FUZZ_COUNTS=fuzz-counts.json \
-		$(PY) -m pytest -q -ra -m 'slow or not slow' tests/test_fuzz.py tests/test_durable.py
+	VIT_FLAX_FUZZ=long VIT_FLAX_KILLS=200 VIT_FLAX_CLI_KILLS=10 VIT_FLAX_TRAIN_KILLS=20 VIT_FLAX_FUZZ_COUNTS=fuzz-counts.json \
+		$(PY) -m pytest -q -ra -m 'slow or not slow' tests/test_fuzz.py tests/test_durable.py tests/test_train_faults.py
 	@cat fuzz-counts.json
 
 # Peak RSS of converting ViT-L/16 and ViT-H/14 (files in /tmp, up to ~10 GB of disk), as a ratio to the file size.

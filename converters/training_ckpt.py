@@ -11,7 +11,7 @@ On disk (`WORKDIR` is the training run's `--workdir`)::
           data/                    item `data`: grain iterator state, `process_<i>-of-<n>.json` per process
           meta/                    item `meta`: one JSON record (JsonSave), see META_FIELDS
           metrics/                 orbax's own copy of {'val_acc'} that its keep-best policy ranks
-          _CHECKPOINT_METADATA     orbax's commit record
+          _CHECKPOINT_METADATA     orbax's commit record (a step without it is half-written: skipped)
         <step>.orbax-checkpoint-tmp-*   a save in flight or killed: never a step
         <step>.corrupt             a step the trainer could not restore, moved aside
       class_indices.json           {"0": "daisy", ...} as the seeds' scripts write it
@@ -22,10 +22,14 @@ A reader needs only `params` and `meta`: the params restore as host numpy on any
 (whatever mesh wrote them), and the meta record rebuilds the model and its preprocessing with nothing
 else beside it (`model_from_meta`).
 
+Orbax keeps no checksum: a flipped bit in an array file restores silently. The trainer records one per
+array in `meta['checksums']` (`checksum`: params by flat key, the optimizer state by tree path); `read_params`
+checks the params against it when present (checkpoints written before it have none), the trainer both items.
+
 Which step: `latest` is the highest finalized step; `best` is the step with the highest `val_acc`
 (steps without one, saved mid-epoch, are never best), the later step on a tie. A step whose `params` or
-`meta` cannot be read, or whose meta is not this format, is skipped with a warning and the next
-candidate is used; a step asked for by number is never replaced by another.
+`meta` cannot be read, whose params do not match their checksums, or whose meta is not this format, is
+skipped with a warning and the next candidate is used; a step asked for by number is never replaced.
 
 The trainer keeps the last `--keep` steps and the best one; each epoch end is a step (plus every
 `--save-every` steps when set).
@@ -41,6 +45,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from . import io
+from .durable import atomic_output
 from .errors import ConversionError
 
 FORMAT = 'vit-flax-train'
@@ -49,6 +54,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 PARAMS, TRAIN_STATE, DATA, META = 'params', 'train_state', 'data', 'meta'
 ITEMS = (PARAMS, TRAIN_STATE, DATA, META)
 CORRUPT_SUFFIX = '.corrupt'
+COMMIT_RECORD = '_CHECKPOINT_METADATA'
 CLASS_INDICES = 'class_indices.json'
 SUMMARY = 'summary.json'
 
@@ -79,6 +85,10 @@ def check_meta(meta: dict, where: str = 'meta') -> dict:
     missing = [k for k in META_FIELDS if k not in meta]
     if missing:
         raise ConversionError(f'{where}: metadata lacks {", ".join(missing)}')
+    sums = meta.get('checksums')  # optional: {'params': {flat key: int}, 'train_state': {path: int}}
+    if sums is not None and not (isinstance(sums, dict) and all(
+            isinstance(v, dict) and all(isinstance(c, int) for c in v.values()) for v in sums.values())):
+        raise ConversionError(f'{where}: checksums is not a record of integers')
     cfg = meta['pretrained_cfg']
     missing = [k for k in PRETRAINED_CFG_FIELDS if not isinstance(cfg, dict) or k not in cfg]
     if missing:
@@ -121,6 +131,9 @@ def step_dir(root: str, step: int) -> str:
 # ---------------------------------------------------------------- reading one step
 
 def read_meta(root: str, step: int) -> dict:
+    commit = os.path.join(step_dir(root, step), COMMIT_RECORD)
+    if not os.path.isfile(commit):  # orbax writes it before it renames the step into place
+        raise ConversionError(f'{commit}: missing: a half-written or half-copied step')
     path = os.path.join(step_dir(root, step), META)
     try:
         import orbax.checkpoint as ocp
@@ -130,9 +143,36 @@ def read_meta(root: str, step: int) -> dict:
     return check_meta(meta, path)
 
 
-def read_params(root: str, step: int) -> Dict[str, np.ndarray]:
-    """The flat ('/'-joined) param tree of one step, as host numpy whatever mesh wrote it."""
-    return io.read_orbax(os.path.join(step_dir(root, step), PARAMS))
+def checksum(a: np.ndarray) -> int:
+    """An array's checksum as the trainer records it (`vit_train.checkpoint.checksums`, computed on the
+    devices): sum over elements of bits[i] * (2i + 1) mod 2**32, bits = the element's 32-bit pattern (others
+    cast to uint32). Modular sums do not depend on the order of the additions, so any sharding and any
+    reader give the same number; orbax keeps no checksum of its own, and a flipped bit in an array file
+    otherwise restores silently."""
+    a = np.ascontiguousarray(a).reshape(-1)
+    bits = a.view(np.uint32) if a.dtype.itemsize == 4 else a.astype(np.uint32)
+    weights = np.arange(bits.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    return int(np.sum(bits * weights, dtype=np.uint32))
+
+
+def check_checksums(got: Dict[str, int], recorded: Optional[Dict[str, int]], where: str) -> None:
+    """Raise ConversionError unless `got` (key -> checksum) is `recorded` (None: nothing recorded)."""
+    if recorded is None:
+        return
+    if sorted(got) != sorted(recorded):
+        raise ConversionError(f'{where}: the arrays are not the ones recorded in meta (checksums of other keys)')
+    for k in sorted(got):
+        if got[k] != recorded[k]:
+            raise ConversionError(f'{where}: {k} does not match its recorded checksum (a damaged array file)')
+
+
+def read_params(root: str, step: int, meta: Optional[dict] = None) -> Dict[str, np.ndarray]:
+    """The flat ('/'-joined) param tree of one step, as host numpy whatever mesh wrote it; checked against
+    the checksums in `meta` when it has them."""
+    path = os.path.join(step_dir(root, step), PARAMS)
+    flat = io.read_orbax(path)
+    check_checksums({k: checksum(v) for k, v in flat.items()}, ((meta or {}).get('checksums') or {}).get(PARAMS), path)
+    return flat
 
 
 @dataclass
@@ -176,14 +216,15 @@ def select(path: str, which: Union[str, int] = 'best', log: Callable[[str], None
         step = int(which)
         if step not in list_steps(root):
             raise ConversionError(f'{root}: no finalized checkpoint step {step} (steps: {list_steps(root)})')
-        return TrainCheckpoint(step_dir(root, step), step, read_meta(root, step), read_params(root, step))
+        meta = read_meta(root, step)
+        return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step, meta))
     if which not in ('best', 'latest'):
         raise ConversionError(f"checkpoint selector {which!r}: expected 'best', 'latest' or a step number")
     candidates = _candidates(root, which, log)
     for step in candidates:
         try:
             meta = read_meta(root, step)
-            return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step))
+            return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step, meta))
         except ConversionError as e:
             log(f'warning: {e}; trying the next candidate')
     what = 'with a validation accuracy ' if which == 'best' else ''
@@ -204,6 +245,6 @@ def model_from_meta(meta: dict, **extra):
 
 
 def write_class_indices(path: str, class_names: List[str]) -> None:
-    """The seeds' `class_indices.json`: {"0": "daisy", ...}, indent 4."""
-    with open(path, 'w') as f:
+    """The seeds' `class_indices.json`: {"0": "daisy", ...}, indent 4 (atomic and durable: rewritten by each run)."""
+    with atomic_output(path, force=True) as tmp, open(tmp, 'w') as f:
         f.write(json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=4))

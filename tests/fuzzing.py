@@ -10,6 +10,9 @@ arrays the file's bytes can back; anything else fails and hypothesis shrinks it 
 another exception type, an allocation bigger than the file justifies (traced with tracemalloc), or code
 run from a pickle (a marker file that must never appear).
 
+The training data readers are READERS too: CIFAR archives (`cifar`, the trainer's TrainError standing for
+ConversionError) and image decoding (`image-jpeg`, `image-png`: never an error, an unreadable row instead).
+
 To fuzz a new reader: add `READERS['x'] = Reader('.x', read_x, valid_x, GENERIC + ('x_lies',))` and, if
 it has a structure worth lying about, a generator in MUTATIONS. A new command goes in COMMANDS
 (test_fuzz.py runs every command over mutants of every reader, in-process and in a subprocess).
@@ -623,6 +626,91 @@ MUTATIONS: Dict[str, Callable] = {
 }
 
 
+# ---------------------------------------------------------------- CIFAR archives (the trainer's reader)
+
+CIFAR_DIR = 'cifar-10-batches-py'
+
+
+def tar_bytes(members, mode='w:gz') -> bytes:
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as t:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(f'{CIFAR_DIR}/{name}')
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+def valid_cifar() -> bytes:
+    """A CIFAR-10 python archive of 12 images, as the downloaded cifar-10-python.tar.gz lays it out."""
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        return pickle.dumps({b'batch_label': b'b', b'labels': rng.integers(0, 10, n).tolist(),
+                             b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                             b'filenames': [b'f.png'] * n}, protocol=2)
+    members = {f'data_batch_{i}': batch(2) for i in range(1, 6)}
+    members['test_batch'] = batch(2)
+    members['batches.meta'] = pickle.dumps({b'label_names': [b'c%d' % i for i in range(10)],
+                                            b'num_cases_per_batch': 2}, protocol=2)
+    return tar_bytes(members)
+
+
+def m_cifar_members(draw, valid):
+    """One member of the archive lied about: code in its pickle, cut, flipped, random, the wrong kind of
+    object, or missing; the archive written back compressed or plain."""
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(valid)) as t:
+        members = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    name = draw(st.sampled_from(sorted(members)))
+    how = draw(st.sampled_from(['evil', 'truncate', 'bitflip', 'random', 'object', 'drop']))
+    if how == 'evil':
+        members[name] = draw(st.sampled_from(_raw_evil_pickles() + [pickle.dumps(_Evil(h), protocol=2) for h in
+                                                                     ('system', 'open', 'exec', 'eval', 'call')]))
+    elif how == 'drop':
+        del members[name]
+    elif how == 'object':
+        members[name] = pickle.dumps(draw(st.sampled_from([
+            [1, 2], {b'data': b'xx', b'labels': [1]}, {b'data': np.zeros((2, 3072), np.uint8), b'labels': [99, -1]},
+            {b'data': np.zeros((2, 3072), np.uint8), b'labels': [[1, 2]]}, {b'label_names': 7},
+            {b'data': np.zeros((3, 100), np.float64), b'labels': [1, 2, 3]}, {b'data': [b'a'], b'labels': [2 ** 70]}])),
+            protocol=2)
+    else:
+        members[name] = MUTATIONS[how](draw, members[name])
+    return tar_bytes(members, draw(st.sampled_from(['w:gz', 'w'])))
+
+
+MUTATIONS['cifar_members'] = m_cifar_members
+
+
+def read_cifar(path):
+    """The trainer's CIFAR reader as a file reader: its bad-input error (TrainError) stands for ConversionError."""
+    from vit_train import data
+    from vit_train.errors import TrainError
+    try:
+        ds = data.cifar(path, 'cifar10')
+    except TrainError as e:
+        raise ConversionError(str(e)) from None
+    return {'train': ds.train.images, 'val': ds.val.images}
+
+
+def valid_image(fmt: str) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def read_image(path):
+    """The trainer's image decoding (a folder data set's file): never raises; a file it cannot decode is a
+    zero image of weight 0 counted as unreadable."""
+    from vit_train import data
+    row = data.TrainTransform(8, 'bilinear')(data.FileSource([path], [0])[0], np.random.default_rng(0))
+    assert row['image'].shape == (8, 8, 3) and int(row['unreadable']) == int(row['weight'] == 0), row
+    return {k: np.asarray(v) for k, v in row.items()}
+
+
 # ---------------------------------------------------------------- the table of readers
 
 @dataclass
@@ -655,6 +743,9 @@ READERS: Dict[str, Reader] = {
                            examples=20),
     'decode-safetensors': Reader('.safetensors', decode, lambda: _written('.safetensors'),
                                  ('bitflip', 'safetensors_lies'), examples=20),
+    'cifar': Reader('.tar.gz', read_cifar, valid_cifar, GENERIC + ('cifar_members',), examples=15),
+    'image-jpeg': Reader('.jpg', read_image, lambda: valid_image('JPEG'), GENERIC, examples=8),
+    'image-png': Reader('.png', read_image, lambda: valid_image('PNG'), GENERIC, examples=8),
 }
 ORBAX_EXAMPLES = 15
 
@@ -696,11 +787,14 @@ def check_outcome(name: str, fn, path: str, trace: bool = True):
     return result
 
 
-def write_counts() -> None:
+def write_counts(only=None) -> None:
+    """Add COUNTS (or its keys in `only`) to the JSON file named by $VIT_FLAX_FUZZ_COUNTS."""
     out = os.environ.get('VIT_FLAX_FUZZ_COUNTS')
     if out:
         old = json.load(open(out)) if os.path.exists(out) else {}
         for k, v in COUNTS.items():
+            if only is not None and k not in only:
+                continue
             old[k] = old.get(k, 0) + v
         with open(out, 'w') as f:
             json.dump(old, f, indent=1, sort_keys=True)

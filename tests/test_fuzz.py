@@ -154,6 +154,11 @@ def test_valid_files_read_back_exactly(orbax_dir):
             np.testing.assert_array_equal(ck.flat[k], flat[k])
     ck = fz.decode(orbax_dir)
     np.testing.assert_array_equal(ck.flat['head/kernel'], flat['head/kernel'])
+    r = fz.READERS['cifar']
+    assert fz.check_outcome('cifar', r.read, write(fresh(r.ext), r.valid()))['train'].shape == (10, 32, 32, 3)
+    for name in ('image-jpeg', 'image-png'):
+        r = fz.READERS[name]
+        assert fz.check_outcome(name, r.read, write(fresh(r.ext), r.valid()))['unreadable'] == 0
 
 
 # ---------------------------------------------------------------- the command, in-process and for real

@@ -338,6 +338,7 @@ def test_fine_tune_a_google_npz_on_a_folder_with_an_unreadable_image(env, tmp_pa
         assert json.load(f) == {str(i): c for i, c in enumerate(classes)}
     s = summary(workdir)
     assert s['unreadable_images'] in (0, 1) and np.isfinite(s['train_loss'])
+    assert sum(v for _, v in read_scalars(workdir)['unreadable_images']) >= 1     # counted in TensorBoard too
     ck = latest(workdir)
     assert ck.meta['pretrained_cfg']['mean'] == [0.5] * 3 and ck.meta['weights']['format'] == 'npz'
     assert ck.meta['pretrained_cfg']['crop_pct'] == 0.875 and ck.meta['class_names'] == list(classes)

@@ -4,16 +4,21 @@ Saves are asynchronous: `save` blocks only while the arrays are copied off the d
 in a background thread and finalizes the step by renaming its temporary directory, so a run killed mid-save
 leaves no step behind (only a `*.orbax-checkpoint-tmp-*` directory, cleaned up on the next start).
 """
+import contextlib
 import os
+import re
 import time
 from typing import Callable
 
 import absl.logging
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from converters import training_ckpt as fmt
-from converters.errors import ConversionError
+from converters.errors import ConversionError, first_line
+
+from .errors import TrainError
 
 absl.logging.set_verbosity(absl.logging.ERROR)  # orbax narrates every save at INFO/WARNING
 
@@ -34,7 +39,10 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, best_fn=lambda m: m['val_acc'], best_mode='max',
             enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
-        self.manager = ocp.CheckpointManager(self.root, options=options)
+        try:
+            self.manager = ocp.CheckpointManager(self.root, options=options)
+        except OSError as e:  # not writable after all (a read-only file system; root ignores permissions)
+            raise TrainError(f'--workdir {workdir}: cannot create {self.root} ({type(e).__name__}: {e})') from None
 
     def steps(self):
         return fmt.list_steps(self.root)
@@ -49,16 +57,18 @@ class Checkpoints:
             fmt.TRAIN_STATE: ocp.args.StandardSave({'opt_state': state['opt_state'], 'step': state['step']}),
             fmt.DATA: _grain_save(data_iter),
             fmt.META: ocp.args.JsonSave(meta)})
-        self.manager.save(step, args=args, metrics={'val_acc': acc} if acc is not None else None, force=True)
+        with self._save_errors():  # also the previous save's, which this one waits for
+            self.manager.save(step, args=args, metrics={'val_acc': acc} if acc is not None else None, force=True)
         return time.perf_counter() - t0
 
     def resume(self, abstract_state: dict, make_data_iter: Callable, check: Callable[[dict], None],
-               log: Callable[[str], None]):
+               log: Callable[[str], None], checksums: Callable[[dict], dict] = None):
         """Restore the newest readable step: (state, data iterator, meta), or None when there is none.
 
         `make_data_iter(meta)` returns (a fresh iterator, restore_its_state: bool); `check(meta)` raises when
-        the checkpoint belongs to another run. A step that does not restore is moved aside to
-        `<step>.corrupt` with a warning, and the one before it is tried."""
+        the checkpoint belongs to another run; `checksums(state)` gives the restored state's checksum record,
+        compared with the one in meta (when it has one). A step that does not restore, or does not match its
+        checksums, is moved aside to `<step>.corrupt` with a warning, and the one before it is tried."""
         for step in reversed(self.steps()):
             try:
                 meta = fmt.read_meta(self.root, step)
@@ -74,16 +84,28 @@ class Checkpoints:
                 items[fmt.DATA] = _grain_restore(it)
             try:
                 r = self.manager.restore(step, args=ocp.args.Composite(**items))
+                state = dict(params=r[fmt.PARAMS], opt_state=r[fmt.TRAIN_STATE]['opt_state'],
+                             step=r[fmt.TRAIN_STATE]['step'])
+                if checksums and meta.get('checksums'):
+                    got = checksums(state)
+                    for item in (fmt.PARAMS, fmt.TRAIN_STATE):
+                        fmt.check_checksums(got[item], meta['checksums'].get(item), f'{self.root}/{step}/{item}')
+            except ConversionError as e:
+                self._set_aside(step, str(e), log)
+                close_iterator(it)
+                continue
             except Exception as e:  # noqa: BLE001 - orbax, tensorstore and grain raise many types
                 msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
                 self._set_aside(step, f'{self.root}/{step}: does not restore ({type(e).__name__}: {msg})', log)
-                if hasattr(it, 'close'):
-                    it.close()
+                close_iterator(it)
                 continue
-            state = dict(params=r[fmt.PARAMS], opt_state=r[fmt.TRAIN_STATE]['opt_state'],
-                         step=r[fmt.TRAIN_STATE]['step'])
             return state, it, meta
         return None
+
+    def set_aside(self):
+        """Names of the steps moved aside as unusable, by this run or an earlier one."""
+        pattern = re.compile(r'\d+' + re.escape(fmt.CORRUPT_SUFFIX) + r'\d*')
+        return sorted(n for n in (os.listdir(self.root) if os.path.isdir(self.root) else []) if pattern.fullmatch(n))
 
     def _set_aside(self, step: int, why: str, log) -> None:
         log(f'warning: checkpoint step {step} is unusable: {why}; falling back to the one before it')
@@ -98,10 +120,42 @@ class Checkpoints:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._save_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with self._save_errors():
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """A save that failed in orbax's thread (a full disk, a vanished file system) surfaces at the next
+        save or wait: say so in one line (exit 1), naming what a rerun resumes from."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+            steps = self.steps()
+            raise TrainError(f'{self.root}: saving a checkpoint failed ({type(e).__name__}: {first_line(e)}); '
+                             f'the last complete checkpoint is ' + (f'step {steps[-1]}' if steps else 'none')) from None
+
+
+def device_checksums(state: dict) -> dict:
+    """Every array's checksum (`converters.training_ckpt.checksum`), computed where the arrays live: jit it
+    with the state's shardings. Returns {'params': tree, 'train_state': tree} of uint32 scalars."""
+    def one(x):
+        x = x.reshape(-1)
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32) if x.dtype.itemsize == 4 else x.astype(jnp.uint32)
+        return jnp.sum(bits * (jnp.arange(x.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    return {fmt.PARAMS: jax.tree.map(one, state['params']),
+            fmt.TRAIN_STATE: jax.tree.map(one, {'opt_state': state['opt_state'], 'step': state['step']})}
+
+
+def checksum_record(sums: dict) -> dict:
+    """device_checksums' output (fetched) as the meta record: flat '/'-joined param keys, tree paths for the rest."""
+    from flax.traverse_util import flatten_dict
+    paths = jax.tree_util.tree_flatten_with_path(sums[fmt.TRAIN_STATE])[0]
+    return {fmt.PARAMS: {k: int(v) for k, v in flatten_dict(sums[fmt.PARAMS], sep='/').items()},
+            fmt.TRAIN_STATE: {jax.tree_util.keystr(p): int(v) for p, v in paths}}
 
 
 def _grain_save(it):
@@ -112,3 +166,8 @@ def _grain_save(it):
 def _grain_restore(it):
     import grain
     return grain.checkpoint.CheckpointRestore(it)
+
+
+def close_iterator(it) -> None:
+    if hasattr(it, 'close'):  # grain's multiprocess prefetch holds worker processes
+        it.close()

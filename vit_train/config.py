@@ -91,6 +91,10 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     r.add_argument('--keep', type=int, default=2, help='keep the last N checkpoints, plus the best (default 2)')
     r.add_argument('--save-every', type=int, default=0,
                    help='also checkpoint every N steps inside an epoch (default: at epoch ends only)')
+    r.add_argument('--debug', action='store_true', help='show the traceback of an internal error')
+    r.add_argument('--fresh-start', action='store_true',
+                   help='when no checkpoint in --workdir restores (each is set aside as <step>.corrupt), train '
+                   'from scratch there instead of stopping with an error')
     r.add_argument('--mesh', default='', help="device mesh 'data=N,fsdp=M' (default: data over every device); "
                    'fsdp > 1 shards parameters and optimizer state')
     r.add_argument('--coordinator', help='multi-process: HOST:PORT of process 0 (jax.distributed.initialize)')
@@ -133,4 +137,16 @@ def resolve(args) -> argparse.Namespace:
     if a.workdir is None:
         a.workdir = os.path.join('runs', f'{a.dataset}-{a.model}')
     a.workdir = os.path.abspath(a.workdir)
+    check_workdir(a.workdir)
     return a
+
+
+def check_workdir(path: str) -> None:
+    """Refuse a --workdir that cannot be created or written, before anything is read or written."""
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TrainError(f'--workdir {path}: {parent} is a file, not a directory')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f'--workdir {path}: {parent} is not writable')

@@ -8,11 +8,13 @@ file never stops a run and never changes which examples the other rows of a batc
 Nothing here imports the models or the converters: grain's worker processes import this module.
 """
 import io
+import lzma
 import os
 import pickle
 import random
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -163,6 +165,20 @@ def folder(root: str, val_split: float) -> Dataset:
 
 # ---------------------------------------------------------------- CIFAR archives
 
+# A CIFAR member is at most 150 MB (CIFAR-100's train batch); a larger one is not CIFAR, and reading it whole
+# (a gzip bomb, a tar header that lies) would only exhaust memory.
+MAX_MEMBER = 1 << 30
+# what tarfile, gzip, bz2 and lzma raise on a damaged archive (OSError covers gzip's BadGzipFile)
+_ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, tarfile.ReadError) and 'could not be opened' in str(e):  # one line per method tried
+        return 'neither tar nor tar.gz, tar.bz2 or tar.xz'
+    text = str(e).strip()
+    return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
+
+
 class _Files:
     """Read members of an extracted CIFAR directory or of the downloaded .tar.gz, by base name."""
 
@@ -171,9 +187,10 @@ class _Files:
         if os.path.isfile(path):
             try:
                 self.tar = tarfile.open(path)
-            except (tarfile.TarError, OSError) as e:
-                raise TrainError(f'{path}: not a readable tar archive ({e})') from None
-            for m in self.tar.getmembers():
+                members = self.tar.getmembers()  # reads the whole archive: a cut one fails here
+            except _ARCHIVE_ERRORS as e:
+                raise TrainError(f'{path}: not a readable tar archive ({_why(e)})') from None
+            for m in members:
                 if m.isfile():
                     self.names.setdefault(os.path.basename(m.name), m)
         elif os.path.isdir(path):
@@ -188,14 +205,23 @@ class _Files:
     def has(self, name: str) -> bool:
         return name in self.names
 
+    def where(self, name: str) -> str:
+        return f'{self.path}: {name}'
+
     def read(self, name: str) -> bytes:
         if name not in self.names:
-            raise TrainError(f'{self.path}: {name} not found')
+            raise TrainError(f'{self.where(name)} not found')
         ref = self.names[name]
-        if self.tar:
-            return self.tar.extractfile(ref).read()
-        with open(ref, 'rb') as f:
-            return f.read()
+        size = ref.size if self.tar else os.path.getsize(ref)
+        if size > MAX_MEMBER:
+            raise TrainError(f'{self.where(name)} declares {size:,} bytes, more than a CIFAR file holds')
+        try:
+            if self.tar:
+                return self.tar.extractfile(ref).read()
+            with open(ref, 'rb') as f:
+                return f.read()
+        except _ARCHIVE_ERRORS as e:
+            raise TrainError(f'{self.where(name)} does not read ({_why(e)})') from None
 
 
 def _records(raw: bytes, label_bytes: int, where: str):
@@ -219,16 +245,15 @@ def cifar(path: str, which: str) -> Dataset:
     py_train = [f'data_batch_{i}' for i in range(1, 6)] if ten else ['train']
     if all(files.has(n) for n in bin_train):
         label_bytes = 1 if ten else 2  # CIFAR-100 records are <coarse><fine><pixels>
-        parts = [_records(files.read(n), label_bytes, n) for n in bin_train + ['test_batch.bin' if ten else 'test.bin']]
+        parts = [_records(files.read(n), label_bytes, files.where(n)) for n in bin_train + ['test_batch.bin' if ten else 'test.bin']]
         names = _names(files.read('batches.meta.txt' if ten else 'fine_label_names.txt'))
         split = [parts[:-1], parts[-1:]]
     elif all(files.has(n) for n in py_train):
         label_key = 'labels' if ten else 'fine_labels'
-        split = [[_py_batch(files.read(n), label_key, n) for n in names_]
+        split = [[_py_batch(files.read(n), label_key, files.where(n)) for n in names_]
                  for names_ in (py_train, ['test_batch' if ten else 'test'])]
-        meta = _text_keys(safe_unpickle(files.read('batches.meta' if ten else 'meta'), 'meta'))
-        names = [n.decode() if isinstance(n, bytes) else str(n)
-                 for n in meta['label_names' if ten else 'fine_label_names']]
+        meta_name, names_key = ('batches.meta', 'label_names') if ten else ('meta', 'fine_label_names')
+        names = meta_names(files.read(meta_name), names_key, files.where(meta_name))
     else:
         raise TrainError(f'{path}: no {which} archive here (expected the binary or python version: '
                          f'{dirs[0]}/ or {dirs[1]}/, extracted or as the downloaded .tar.gz)')
@@ -240,18 +265,25 @@ def cifar(path: str, which: str) -> Dataset:
     return Dataset(which, names, tr, va, os.path.abspath(path))
 
 
-def _text_keys(d):
+def _text_keys(d, where: str):
     if not isinstance(d, dict):
-        raise TrainError(f'CIFAR python batch: expected a dict, found {type(d).__name__}')
+        raise TrainError(f'{where}: not a CIFAR python batch (a {type(d).__name__}, not a dict)')
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
+def meta_names(raw: bytes, key: str, where: str) -> List[str]:
+    names = _text_keys(safe_unpickle(raw, where), where).get(key)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, (bytes, str)) for n in names):
+        raise TrainError(f'{where}: not a CIFAR meta file (no list of {key})')
+    return [n.decode('utf-8', 'replace') if isinstance(n, bytes) else n for n in names]
+
+
 def _py_batch(raw: bytes, label_key: str, where: str):
-    d = _text_keys(safe_unpickle(raw, where))
+    d = _text_keys(safe_unpickle(raw, where), where)
     try:
         data = np.asarray(d['data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = np.asarray(d[label_key], np.int32)
-    except (KeyError, ValueError) as e:
+        labels = np.asarray(d[label_key], np.int32).reshape(-1)
+    except (KeyError, ValueError, TypeError, OverflowError) as e:
         raise TrainError(f'{where}: not a CIFAR python batch ({type(e).__name__}: {e})') from None
     if len(labels) != len(data):
         raise TrainError(f'{where}: {len(data)} images but {len(labels)} labels')
@@ -354,9 +386,10 @@ def safe_unpickle(raw: bytes, where: str = 'pickle'):
     try:
         return _unwrap(_SafeUnpickler(io.BytesIO(raw), encoding='bytes').load())
     except pickle.UnpicklingError as e:
-        raise TrainError(f'{where}: {e}') from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise TrainError(f'{where}: not a readable pickle ({type(e).__name__}: {e})') from None
+        raise TrainError(f'{where}: {_why(e).split(": ", 1)[-1]}') from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, RecursionError,
+            MemoryError) as e:
+        raise TrainError(f'{where}: not a readable pickle ({_why(e)})') from None
 
 
 # ---------------------------------------------------------------- choosing a data set
@@ -489,6 +522,13 @@ def _grain():
     return grain
 
 
+def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C reaches the whole process group: the main process stops the run (and these workers with it);
+    a worker must not print a KeyboardInterrupt traceback of its own."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, process_index: int,
                    process_count: int, workers: int = 0, start_step: int = 0):
     """An endless grain iterator of this process's share of each global training batch.
@@ -510,7 +550,7 @@ def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, 
         ds = ds[start_step:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1))))
     if workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_sigint)
     return iter(it)
 
 

@@ -1,6 +1,7 @@
 """The training run, top to bottom: data, model, mesh, state (fresh, fine-tuned or resumed), epochs."""
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ import vit_flax
 from converters import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights
-from .checkpoint import Checkpoints
-from .errors import NonFiniteLoss, TrainError
+from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums
+from .errors import Interrupted, NonFiniteLoss, TrainError
 
 
 def init_distributed(args) -> None:
@@ -61,12 +62,16 @@ def build_model(args, num_classes: int):
 
 def same_run(meta: dict) -> dict:
     """What a resumed run must share with its checkpoint: the model, the data, the batch, the seed, the
-    optimizer. Anything else (epochs, lr, mesh, workers, dtype, grad-accum, drop-path) may change."""
+    optimizer and the shape of its state (clipping and SGD momentum add to it: a checkpoint that differs there
+    would not restore, and must not be taken for a corrupt one). Anything else (epochs, lr, mesh, workers,
+    dtype, grad-accum, drop-path, the clipping norm) may change."""
     cfg = meta['config']
     return dict(model=meta['model'], num_classes=meta['num_classes'], class_names=meta['class_names'],
                 model_overrides={k: v for k, v in meta['model_overrides'].items() if k != 'drop_path_rate'},
                 dataset={k: meta['dataset'][k] for k in ('name', 'num_train', 'num_val')},
-                **{k: cfg[k] for k in ('batch_size', 'seed', 'optimizer', 'freeze_layers')})
+                **{k: cfg[k] for k in ('batch_size', 'seed', 'optimizer', 'freeze_layers')},
+                gradient_clipping=bool(cfg['clip_grad']),
+                sgd_momentum=cfg['optimizer'] == 'sgd' and bool(cfg['momentum']))
 
 
 def check_same_run(old: dict, new: dict, workdir: str) -> None:
@@ -125,7 +130,7 @@ class EpochMeter:
 
     def _fetch(self, step_no, metrics):
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        self.on_loss(step_no, m['loss'])
+        self.on_loss(step_no, m['loss'], m['params_finite'])
         if self.t_first is None:  # time from the first finished step on: compilation is not throughput
             self.t_first = time.perf_counter()
         else:
@@ -203,20 +208,28 @@ def run(argv=None, prog=None) -> int:
         # a rerun (resume) compiles the same programs: keep them beside the run unless the user chose a cache
         jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'xla_cache'))
     ckpts = Checkpoints(args.workdir, args.keep)
-    resumed = ckpts.resume(spec.abstract, resume_iter, lambda m: check_same_run(m, base_meta, args.workdir), warn)
+    sums_fn = jax.jit(device_checksums, in_shardings=(spec.shardings,), out_shardings=sharding.replicated(mesh))
+    checksums = lambda st: checksum_record(jax.device_get(sums_fn(st)))  # noqa: E731
+    resumed = ckpts.resume(spec.abstract, resume_iter, lambda m: check_same_run(m, base_meta, args.workdir), warn,
+                           checksums)
     if resumed:
         state, it, meta0 = resumed
         start, best_acc, winfo = int(state['step']), meta0['best_val_acc'], meta0['weights']
         if start >= total:
             log(f"training already finished: epoch {meta0['epoch']} of {meta0['epochs']} (step {start}) in "
                 f"{args.workdir}; nothing to do (raise --epochs to train further)")
-            _close(it)
+            close_iterator(it)
             ckpts.close()
             return 0
         log(f"resumed from epoch {meta0['epoch']} (step {start})")
         cfg = meta0['pretrained_cfg']
         wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
     else:
+        aside = ckpts.set_aside()
+        if aside and not args.fresh_start:
+            ckpts.close()
+            raise TrainError(f'{ckpts.root}: no usable checkpoint to resume from (set aside: {", ".join(aside)}); '
+                             f'rerun with --fresh-start to train from scratch in this workdir')
         winfo, wnorm = None, None
         if args.weights:
             params_np, winfo, wnorm = loaded or load_weights()  # (loaded late: every checkpoint was unusable)
@@ -254,15 +267,26 @@ def run(argv=None, prog=None) -> int:
         + sharding.describe(state['params']))
 
     def save(step_no, epoch, rec):
-        meta = dict(base_meta, epoch=epoch, step=step_no, best_val_acc=best_acc,
+        meta = dict(base_meta, epoch=epoch, step=step_no, best_val_acc=best_acc, checksums=checksums(state),
                     saved=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                     **{k: rec.get(k) for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc')})
         blocked.append(ckpts.save(step_no, state, it, meta))
         return blocked[-1]
 
-    def check_loss(step_no, loss):
+    def check_loss(step_no, loss, params_finite=True):
+        where = f'at step {step_no + 1} (epoch {step_no // spe + 1})'
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step_no + 1} (epoch {step_no // spe + 1})')
+            raise NonFiniteLoss(f'non-finite loss ({loss}) {where}')
+        if not params_finite:
+            raise NonFiniteLoss(f'non-finite parameters after the update {where}')
+
+    def last_good():
+        try:
+            ckpts.wait()  # a save in flight was consistent when it started: let it finish
+        except Exception as e:  # noqa: BLE001 - a save the signal cut short: its temporary never becomes a step
+            warn(f'warning: the save in flight did not finish ({type(e).__name__}); it is discarded')
+        last = ckpts.steps()
+        return f'step {last[-1]} in {ckpts.root}' if last else 'none'
 
     # ---- epochs
     rep, blocked = report.Reporter(args.workdir, pid == 0, resume_epoch=start // spe), []
@@ -284,6 +308,8 @@ def run(argv=None, prog=None) -> int:
             bar.close()
             val = evaluate(eval_step, state['params'], ds.val, eval_tf, batch, pid, nproc, batch_sh)
             step_no = (epoch + 1) * spe
+            if not math.isfinite(val['loss']):  # finite params can still overflow the logits
+                raise NonFiniteLoss(f"non-finite validation loss ({val['loss']}) after epoch {epoch + 1} (step {step_no})")
             rec = dict(epoch=epoch + 1, epochs=args.epochs, step=step_no, train_loss=meter.mean('loss'),
                        train_acc=meter.mean('correct'), val_loss=val['loss'], val_acc=val['acc'],
                        learning_rate=lr_at(step_no - 1), images_per_sec=meter.images_per_sec())
@@ -297,22 +323,18 @@ def run(argv=None, prog=None) -> int:
                            mesh=mesh_sizes, unreadable_images=int(unreadable), checkpoint_step=step_no,
                            checkpoint_save_blocked_s=round(save_s, 4), workdir=args.workdir))
     except NonFiniteLoss as e:
-        ckpts.wait()
-        last = ckpts.steps()
-        raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: '
-                            + (f'step {last[-1]} in {ckpts.root}' if last else 'none')) from None
+        raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: {last_good()}') from None
+    except KeyboardInterrupt as e:
+        signum = getattr(e, 'signum', signal.SIGINT)
+        raise Interrupted(signum, f'interrupted by {signal.Signals(signum).name}; last complete checkpoint: '
+                          f'{last_good()}; rerun the same command to resume') from None
     finally:
         ckpts.close()
-        _close(it)
+        close_iterator(it)
         rep.close()
     log(f'done: best val_acc {best_acc:.4f}; checkpoints in {ckpts.root} '
         f'(a save blocked the loop {np.median(blocked) * 1000:.0f} ms, median of {len(blocked)})')
     return 0
-
-
-def _close(it) -> None:
-    if hasattr(it, 'close'):  # grain's multiprocess prefetch holds worker processes
-        it.close()
 
 
 def evaluate(eval_step, params, source, transform, batch, pid, nproc, batch_sh) -> dict:

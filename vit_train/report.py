@@ -1,15 +1,16 @@
 """What a run tells its user: a progress bar, one line per epoch, TensorBoard scalars, summary.json.
 
 Only process 0 reports. TensorBoard scalars use the seeds' names (train_loss, train_acc, val_loss, val_acc,
-learning_rate), indexed by epoch, plus images_per_sec.
+learning_rate), indexed by epoch, plus images_per_sec and unreadable_images (files that would not decode, skipped).
 """
 import json
 import os
 import sys
 
 from converters import training_ckpt as fmt
+from converters.durable import atomic_output
 
-TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec')
+TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')
 
 
 def printer(main: bool, stream=None):
@@ -70,14 +71,12 @@ class Reporter:
         if not self.main:
             return
         self.history.append({k: record[k] for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss',
-                                                     'val_acc', 'learning_rate', 'images_per_sec')})
+                                                     'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')})
         for k in TB_SCALARS:
             self.tb.add_scalar(k, record[k], record['epoch'])
         self.tb.flush()
-        tmp = self.summary_path + '.tmp'
-        with open(tmp, 'w') as f:
+        with atomic_output(self.summary_path, force=True) as tmp, open(tmp, 'w') as f:
             json.dump(dict(record, history=self.history), f, indent=2)
-        os.replace(tmp, self.summary_path)
         print(f"epoch {record['epoch']}/{record['epochs']}  step {record['step']}  "
                  f"train_loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
                  f"val_loss {record['val_loss']:.4f}  val_acc {record['val_acc']:.4f}  "

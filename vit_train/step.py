@@ -64,8 +64,11 @@ def make_train_step(model, tx, trainable, *, mean, std, label_smoothing=0.0, gra
         grads = jax.tree.map(lambda g: g / jnp.maximum(wsum, 1.0), grads)
         train_p, opt_state = optim.apply(tx, grads, state['opt_state'], train_p, lr)
         params = unflatten_dict({**frozen_p, **train_p}, sep='/')
+        # a finite loss can still give non-finite params (an overflowing update): the loop checks both
+        # before it saves, so no checkpoint ever holds a NaN
+        finite = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in jax.tree.leaves(train_p)]))
         metrics = dict(loss=lsum / jnp.maximum(wsum, 1.0), correct=correct, count=wsum,
-                       unreadable=batch['unreadable'].sum())
+                       unreadable=batch['unreadable'].sum(), params_finite=finite)
         return dict(params=params, opt_state=opt_state, step=state['step'] + 1), metrics
 
     return step

@@ -23,7 +23,7 @@ from .resample import DEFAULT_METHOD, resample_pos_embed
 HEAD_INITS = ('zeros', 'fresh')
 # Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
 # resampling, bias-table resizing), so they take no part in matching a checkpoint to its model.
-TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size')
+TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'scan_blocks')
 POS_KEY = 'Transformer/posembed_input/pos_embedding'
 
 
@@ -37,10 +37,10 @@ class Checkpoint:
     format: str          # npz | torch | safetensors | orbax
     layout: str          # released | linen | big_vision | timm | microsoft | flax
     raw: Dict[str, np.ndarray]
-    flat: Dict[str, np.ndarray]   # flat Flax params, as stored (dtype kept)
+    flat: Dict[str, np.ndarray]   # flat Flax params, as stored (dtype kept), blocks unrolled
     family: Family
     model_name: str
-    model: object                 # a module whose tree is exactly `flat`
+    model: object                 # a module whose tree is `flat` (stacked when model.scan_blocks: the file's form)
     detected: bool                # model_name came from the checkpoint, not the caller
 
 
@@ -120,10 +120,14 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     path = str(path)
     fmt = io.file_format(path)
     raw = io.read_file(path)
+    scanned = False
     if fmt == 'npz' and any(k.endswith('embedding/kernel') for k in raw):
+        prefix = google.detect_prefix(raw, path)
+        scanned = google.is_scanned(k[len(prefix):] for k in raw if k.startswith(prefix))
         flat, layout = google.npz_to_flax(raw, path)
     elif fmt in ('npz', 'orbax'):
-        flat, layout = dict(raw), 'flax'
+        scanned = google.is_scanned(raw)
+        flat, layout = google.unstack_blocks(dict(raw), path), 'flax'
     else:
         flat, layout = None, 'timm'
     if flat is not None:
@@ -132,6 +136,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
             raise ConversionError(f'{path}: not a ViT/DeiT/Swin Flax tree (first keys: {", ".join(list(flat)[:3])})')
         cfg = dict(_read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
         name, model = match_model(family, cfg, path, model_name, arch)
+        if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
+            model = model.clone(scan_blocks=True)
     else:
         family = _torch_family(raw, path)
         state = raw
@@ -249,6 +255,8 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
         raise ConversionError(f'{path}: {e}') from None
     flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
                  log=log)
+    if getattr(target, 'scan_blocks', False):
+        flat = google.stack_blocks(flat)
     validate(flat, target, path)
     if cast:
         flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
@@ -290,7 +298,7 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
 
 def to_torch_state(flat, model, layout: Optional[str] = None) -> Dict[str, np.ndarray]:
     family = family_of(model)
-    state = table.flax_to_torch(flat, family.rules(model))
+    state = table.flax_to_torch(google.unstack_blocks(flat), family.rules(model))
     layout = layout or 'timm'
     if layout != 'timm':
         if layout not in family.layouts:

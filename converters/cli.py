@@ -57,6 +57,8 @@ def _overrides(a):
         over['representation_size'] = None
     if getattr(a, 'window_size', None) is not None:
         over['window_size'] = a.window_size
+    if getattr(a, 'scan_blocks', None) is not None:
+        over['scan_blocks'] = a.scan_blocks
     return over
 
 
@@ -172,6 +174,10 @@ def build_parser():
                    'timm: timm\'s resize_rel_pos_bias_table)')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; '
                    'torch timm (default) or microsoft (Swin)')
+    s.add_argument('--scan-blocks', action=argparse.BooleanOptionalAction, default=None,
+                   help='ViT: stack the blocks as nn.scan does (Transformer/encoderblock/... with a leading depth '
+                   'axis) in npz linen/big_vision and orbax output; --no-scan-blocks unrolls them '
+                   '(default: as the source; released npz and torch files are always unrolled)')
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser('inspect', help='format, layout, detected model, keys, shapes, dtypes, totals')

@@ -3,7 +3,7 @@ import functools
 import math
 import os
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -80,22 +80,25 @@ def native_bf16_matmul() -> bool:
     return jax.default_backend() != 'cpu' or _cpu_has_bf16() is not False
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _low_precision_einsum(spec, a, b, out_dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _low_precision_einsum(spec, a, b, out_dtype, widen):
+    if widen:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _low_precision_einsum_fwd(spec, a, b, out_dtype):
-    return _low_precision_einsum(spec, a, b, out_dtype), (a, b)
+def _low_precision_einsum_fwd(spec, a, b, out_dtype, widen):
+    return _low_precision_einsum(spec, a, b, out_dtype, widen), (a, b)
 
 
-def _low_precision_einsum_bwd(spec, out_dtype, res, ct):
-    # Each gradient is itself a product of two low-precision operands with float32 accumulation.
+def _low_precision_einsum_bwd(spec, out_dtype, widen, res, ct):
+    # The cotangent is rounded to the operands' dtype (as autocast's backward does) and each gradient is a
+    # product of two low-precision operands accumulated in float32, whichever kernel runs it.
     a, b = res
     (sa, sb), so = spec.split('->')[0].split(','), spec.split('->')[1]
     ct = ct.astype(a.dtype)
-    return (_low_precision_einsum(f'{so},{sb}->{sa}', ct, b, a.dtype),
-            _low_precision_einsum(f'{sa},{so}->{sb}', a, ct, b.dtype))
+    return (_low_precision_einsum(f'{so},{sb}->{sa}', ct, b, a.dtype, widen),
+            _low_precision_einsum(f'{sa},{so}->{sb}', a, ct, b.dtype, widen))
 
 
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
@@ -111,37 +114,41 @@ def matmul(spec: str, a, b, out_dtype=None):
     out_dtype = dtype if out_dtype is None else out_dtype
     if jnp.finfo(dtype).bits >= 32:
         return jnp.einsum(spec, a, b, preferred_element_type=dtype).astype(out_dtype)
-    if not native_bf16_matmul():
-        f32 = jnp.float32
-        return jnp.einsum(spec, a.astype(f32), b.astype(f32), preferred_element_type=f32).astype(out_dtype)
-    return _low_precision_einsum(spec, a.astype(dtype), b.astype(dtype), out_dtype)
+    return _low_precision_einsum(spec, a.astype(dtype), b.astype(dtype), out_dtype, not native_bf16_matmul())
 
 
-def _dot_general_spec(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> str:
-    """The einsum spec of a dot_general (output: batch, lhs free, rhs free dims, as dot_general orders them)."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    letters = iter('abcdefghijklmnopqrstuvwxyz')
-    lhs = [next(letters) for _ in range(lhs_ndim)]
-    rhs = [None] * rhs_ndim
-    for l, r in zip(tuple(lc) + tuple(lb), tuple(rc) + tuple(rb)):
-        rhs[r] = lhs[l]
-    rhs = [c or next(letters) for c in rhs]
-    out = [lhs[d] for d in lb] + [c for d, c in enumerate(lhs) if d not in lc and d not in lb]
-    out += [c for d, c in enumerate(rhs) if d not in rc and d not in rb]
-    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+def _dense_params(mdl: nn.Module, in_shape, features, use_bias: bool, kernel_init, bias_init):
+    """`kernel` (*in_shape, *features) and `bias` (*features) created exactly as nn.Dense/nn.DenseGeneral
+    create them (names, shapes, initialisation of the flattened (in, out) matrix)."""
+    in_shape, features = tuple(in_shape), tuple(features)
+    n_in, n_out = math.prod(in_shape), math.prod(features)
+    kernel = mdl.param('kernel', lambda rng, shape: kernel_init(rng, (n_in, n_out)).reshape(shape), in_shape + features)
+    bias = mdl.param('bias', lambda rng, shape: bias_init(rng, (n_out,)).reshape(shape), features) if use_bias else None
+    return kernel, bias
 
 
-def f32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-    """flax's `dot_general` hook for Dense layers: `matmul`'s policy (float32 accumulation, one rounding)."""
-    if jnp.finfo(jnp.result_type(lhs, rhs)).bits >= 32:
-        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
-    return matmul(_dot_general_spec(lhs.ndim, rhs.ndim, dimension_numbers), lhs, rhs)
+class Dense(nn.Module):
+    """nn.Dense (or nn.DenseGeneral over the last `in_axes` input axes) with the same params, computed by
+    `matmul`: float32 accumulation, the bias added in float32, one rounding to `dtype`."""
+    features: Union[int, Sequence[int]]
+    dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    in_axes: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.in_axes:]
+        kernel, bias = _dense_params(self, in_shape, features, self.use_bias, self.kernel_init, self.bias_init)
+        y = fused_projection(x.reshape(x.shape[:x.ndim - self.in_axes] + (-1,)), [(kernel, bias)], self.dtype)
+        return y.astype(self.dtype).reshape(y.shape[:-1] + features)
 
 
 class ProjectionParams(nn.Module):
-    """The `kernel` (in_dim, *features) and `bias` of an nn.DenseGeneral over the last input axis, created
-    exactly as nn.DenseGeneral creates them (names, shapes, init), and returned rather than applied, so
-    that attention can fuse several projections into one matmul at trace time."""
+    """The params of a `Dense` over the last input axis, returned rather than applied, so that attention
+    can fuse several projections into one matmul at trace time."""
     features: Sequence[int]
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.xavier_uniform()
@@ -149,13 +156,7 @@ class ProjectionParams(nn.Module):
 
     @nn.compact
     def __call__(self, in_dim: int):
-        features, size = tuple(self.features), int(np.prod(self.features))
-        kernel = self.param('kernel', lambda rng, shape: self.kernel_init(rng, (in_dim, size)).reshape(shape),
-                            (in_dim,) + features)
-        bias = None
-        if self.use_bias:
-            bias = self.param('bias', lambda rng, shape: self.bias_init(rng, (size,)).reshape(shape), features)
-        return kernel, bias
+        return _dense_params(self, (in_dim,), self.features, self.use_bias, self.kernel_init, self.bias_init)
 
 
 def fused_projection(x, params, dtype):
@@ -230,13 +231,16 @@ class PatchConv(nn.Module):
         return (y + bias.astype(self.dtype)).reshape((b,) + grid + (self.features,))
 
 
-def dense(features, dtype, name=None, **kw) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, dot_general=f32_accumulating_dot_general, name=name, **kw)
+def dense(features, dtype, name=None, **kw) -> Dense:
+    return Dense(features, dtype, name=name, **kw)
 
 
-def dense_general(features, axis, dtype, name=None, **kw) -> nn.DenseGeneral:
-    return nn.DenseGeneral(features, axis=axis, dtype=dtype, dot_general=f32_accumulating_dot_general,
-                           name=name, **kw)
+def dense_general(features, axis, dtype, name=None, **kw) -> Dense:
+    """A Dense over the trailing input axes `axis` (e.g. (-2, -1): heads and head dim)."""
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    if sorted(axis) != list(range(-len(axis), 0)):
+        raise ValueError(f'dense_general contracts trailing axes only, got {axis}')
+    return Dense(features, dtype, name=name, in_axes=len(axis), **kw)
 
 
 class MlpBlock(nn.Module):

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench parity-report train clean
+.PHONY: demo test test-slow fuzz memory bench parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -ra -m slow tests
 
+# Hypothesis at 25x the examples of `make test` (random seeds; failures replay from .hypothesis/), more kills.
+fuzz: $(STAMP)
+	rm -f fuzz-counts.json
+	VIT_FLAX_FUZZ=long VIT_FLAX_KILLS=200 VIT_FLAX_CLI_KILLS=10 VIT_FLAX_FUZZ_COUNTS=fuzz-counts.json \
+		$(PY) -m pytest -q -ra -m 'slow or not slow' tests/test_fuzz.py tests/test_durable.py
+	@cat fuzz-counts.json
+
+# Peak RSS of converting ViT-L/16 and ViT-H/14 (files in /tmp, up to ~10 GB of disk), as a ratio to the file size.
+memory: $(STAMP)
+	$(PY) benchmarks/convert_memory.py
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_timm.py
 
@@ -34,4 +45,4 @@ train: $(STAMP)
 	$(PY) train_flax.py
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) demo_out build *.egg-info .hypothesis fuzz-counts.json

@@ -4,7 +4,7 @@ Every path goes through the flat Flax tree: Google npz layouts are our own tree 
 PyTorch files pass through the family's rule table; orbax holds the tree itself.
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import ml_dtypes
@@ -15,7 +15,7 @@ import vit_flax
 from vit_flax.registry import list_models, model_config
 from vit_flax.summary import param_shapes
 
-from . import google, io, table
+from . import google, io, table, vit_map
 from .errors import ConversionError
 from .families import FAMILIES, Family, detect_flax_family, family_of
 from .resample import DEFAULT_METHOD, resample_pos_embed
@@ -23,8 +23,7 @@ from .resample import DEFAULT_METHOD, resample_pos_embed
 HEAD_INITS = ('zeros', 'fresh')
 # Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
 # resampling, bias-table resizing), so they take no part in matching a checkpoint to its model.
-TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'scan_blocks')
-POS_KEY = 'Transformer/posembed_input/pos_embedding'
+TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'posemb', 'scan_blocks')
 
 
 def _stderr(msg: str) -> None:
@@ -35,13 +34,14 @@ def _stderr(msg: str) -> None:
 class Checkpoint:
     path: str
     format: str          # npz | torch | safetensors | orbax
-    layout: str          # released | linen | big_vision | timm | microsoft | flax
+    layout: str          # released | linen | big_vision | flax | a family's torch layouts (timm, microsoft, ...)
     raw: Dict[str, np.ndarray]
     flat: Dict[str, np.ndarray]   # flat Flax params, as stored (dtype kept), blocks unrolled
     family: Family
     model_name: str
     model: object                 # a module whose tree is `flat` (stacked when model.scan_blocks: the file's form)
     detected: bool                # model_name came from the checkpoint, not the caller
+    notes: List[str] = field(default_factory=list)  # decided beyond the keys (e.g. a layout's config); logged
 
 
 # ---------------------------------------------------------------- model detection
@@ -104,9 +104,10 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
 
 def _torch_family(state, path) -> Family:
     for fam in FAMILIES:
-        if fam.detect_torch(state) or (fam.detect_layout and fam.detect_layout(state) != 'timm'):
+        if fam.detect_torch(state) or (fam.detect_layout and fam.detect_layout(state) != fam.torch_layout):
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin state_dict (first keys: {", ".join(list(state)[:3])})')
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch state_dict '
+                          f'(first keys: {", ".join(list(state)[:3])})')
 
 
 def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
@@ -120,7 +121,7 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     path = str(path)
     fmt = io.file_format(path)
     raw = io.read_file(path)
-    scanned = False
+    scanned, notes = False, []
     if fmt == 'npz' and any(k.endswith('embedding/kernel') for k in raw):
         prefix = google.detect_prefix(raw, path)
         scanned = google.is_scanned(k[len(prefix):] for k in raw if k.startswith(prefix))
@@ -129,38 +130,61 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
         scanned = google.is_scanned(raw)
         flat, layout = google.unstack_blocks(dict(raw), path), 'flax'
     else:
-        flat, layout = None, 'timm'
+        flat = None
     if flat is not None:
         family = detect_flax_family(flat)
         if family is None:
-            raise ConversionError(f'{path}: not a ViT/DeiT/Swin Flax tree (first keys: {", ".join(list(flat)[:3])})')
+            raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch Flax tree '
+                                  f'(first keys: {", ".join(list(flat)[:3])})')
         cfg = dict(_read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
-        name, model = match_model(family, cfg, path, model_name, arch)
-        if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
-            model = model.clone(scan_blocks=True)
     else:
         family = _torch_family(raw, path)
-        state = raw
+        state, layout = raw, family.torch_layout
         if family.detect_layout:
             layout = family.detect_layout(raw)
-            if layout != 'timm':
-                state = family.layouts[layout][0](raw)
+            if layout != family.torch_layout:
+                try:
+                    state = family.layouts[layout][0](raw)
+                except ConversionError as e:
+                    raise ConversionError(f'{path}: {e}') from None
         cfg = dict(_read_config(family.config_from_torch, state, path), img_size_hint=img_size)
-        name, model = match_model(family, cfg, path, model_name, arch)
+        if layout in family.layout_config:
+            fields, why = family.layout_config[layout]
+            cfg.update(fields)
+            notes.append(f'{layout} layout ({why}): {", ".join(f"{k}={v}" for k, v in fields.items())}')
+    if family.resolve:
+        cfg, arch, resolved = family.resolve(cfg, arch, layout, model_name, path)
+        notes += resolved
+    name, model = match_model(family, cfg, path, model_name, arch)
+    if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
+        model = model.clone(scan_blocks=True)
+    if flat is None:
         try:
             flat = table.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
         except ConversionError as e:
             raise ConversionError(f'{path}: {e}') from None
-    return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None)
+    flat = family.unstore(flat, model)
+    return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
+
+
+# Architecture fields that may be 0 (every other integer read off a checkpoint's shapes must be >= 1).
+_MAY_BE_ZERO = ('num_classes', 'num_patches')
 
 
 def _read_config(fn, arrays, path):
+    """The family's architecture fields read off the arrays' shapes, which a file may set to anything."""
     try:
-        return fn(arrays)
+        cfg = fn(arrays)
     except KeyError as e:
         raise ConversionError(f'{path}: missing key {e.args[0]!r}') from None
-    except (IndexError, AttributeError) as e:
+    except (IndexError, AttributeError, ValueError, ZeroDivisionError) as e:
         raise ConversionError(f'{path}: malformed checkpoint ({e})') from None
+    for k, v in cfg.items():
+        values = v if isinstance(v, tuple) else (v,)
+        lowest = 0 if k in _MAY_BE_ZERO else 1
+        if any(type(x) is int and x < lowest or isinstance(x, float) and not 0 < x < float('inf') for x in values):
+            raise ConversionError(f'{path}: malformed checkpoint: the shapes give {k}={v}')
+    return cfg
 
 
 # ---------------------------------------------------------------- adapting to a target model
@@ -184,14 +208,26 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     if grid and min(grid) < 1:
         raise ConversionError(f'img_size {dst.img_size} is smaller than the patch {dst.patch_size}')
     flat = dict(flat)
-    if POS_KEY in flat and any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
+    family = family_of(dst)
+    pos_key = family.pos_key
+    vit = family.name == 'vit'
+    if pos_key and getattr(dst, 'resnet', None) is None and \
+            any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
+        # (a hybrid's stem pads 'SAME' instead)
         log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
             f'the last rows/columns of each image are never seen')
-    if POS_KEY in flat and tuple(src.grid_size) != grid:
-        flat[POS_KEY] = resample_pos_embed(flat[POS_KEY], grid, dst.num_prefix_tokens, src.grid_size, resample)
+    if vit and dst.posemb == 'sincos2d':
+        if flat.pop(pos_key, None) is not None:
+            log('pos_embedding: learned table dropped, replaced by big_vision\'s fixed sincos2d positions')
+        log(f'positions: big_vision\'s fixed sincos2d table for grid {grid} (no stored table)')
+    elif vit and pos_key not in flat and src.posemb == 'sincos2d':
+        flat[pos_key] = vit_map.sincos2d_pos_embed(dst, flat['embedding/kernel'].dtype)
+        log(f'pos_embedding: big_vision\'s fixed sincos2d positions written out as a learned table '
+            f'(grid {grid}, prefix rows zero)')
+    elif pos_key in flat and tuple(src.grid_size) != grid:
+        flat[pos_key] = resample_pos_embed(flat[pos_key], grid, dst.num_prefix_tokens, src.grid_size, resample)
         log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
             f'{dst.num_prefix_tokens} prefix token(s) kept aside')
-    family = family_of(dst)
     if family.adapt:
         flat = family.adapt(flat, src, dst, log, bias_resize=bias_resize)
     rep = getattr(src, 'representation_size', None)
@@ -204,7 +240,9 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     rng = np.random.default_rng(seed)
     for head in ('head', 'head_dist'):
         keys = [f'{head}/kernel', f'{head}/bias']
-        had = keys[0] in flat
+        # a whole head (kernel (in, classes), bias (classes,)); a stray half is left for validate() to name
+        kernel, bias = flat.get(keys[0]), flat.get(keys[1])
+        had = kernel is not None and bias is not None and kernel.ndim == 2 and bias.ndim == 1
         if dst.num_classes == 0 or (head == 'head_dist' and not getattr(dst, 'distilled', False)):
             if had:
                 old = flat.pop(keys[1]).shape[0]
@@ -242,13 +280,38 @@ def validate(flat: Dict[str, np.ndarray], model, where: str) -> None:
         raise ConversionError(f'{where}: unexpected key {extra[0]!r} for this model')
 
 
-def _arch(overrides):
+def arch_overrides(overrides):
+    """The overrides that describe the checkpoint's architecture (the rest describe the target model)."""
     return {k: v for k, v in overrides.items() if k not in TARGET_ONLY}
 
 
-def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast):
+def check_finite(flat: Dict[str, np.ndarray], where: str, allow: bool = False,
+                 log: Callable[[str], None] = _stderr) -> Dict[str, int]:
+    """{key: count} of the arrays holding NaN or Inf. Refused (one line naming the first) unless `allow`,
+    then said out loud: weights like that are a broken checkpoint, and a converter must not hide it."""
+    bad = {}
+    for k, v in flat.items():
+        if _is_float(v.dtype):
+            n = int(v.size - np.count_nonzero(np.isfinite(v)))
+            io.release(v)
+            if n:
+                bad[k] = n
+    if bad:
+        k, n = next(iter(bad.items()))
+        more = f' (and {len(bad) - 1} more keys)' if len(bad) > 1 else ''
+        if not allow:
+            raise ConversionError(f'{where}: key {k!r} holds {n} non-finite values (NaN/Inf){more}; '
+                                  f'pass --allow-nonfinite (allow_nonfinite=True) to convert it anyway')
+        log(f'warning: {where}: key {k!r} holds {n} non-finite values (NaN/Inf){more}; kept as they are')
+    return bad
+
+
+def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast,
+          allow_nonfinite=False):
     """read -> adapt to the target -> validate: the path shared by load_model and load_params."""
-    ck = read_checkpoint(path, model_name, _arch(overrides), overrides.get('img_size'))
+    ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'))
+    for note in ck.notes:
+        log(note)
     try:
         target = target_of(ck)
     except TypeError as e:  # an unknown override
@@ -258,26 +321,33 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
     if getattr(target, 'scan_blocks', False):
         flat = google.stack_blocks(flat)
     validate(flat, target, path)
-    if cast:
-        flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    check_finite(flat, path, allow_nonfinite, log)
+    if cast:   # private float32 arrays: never views of a file someone may overwrite, one copy at a time
+        flat = {k: np.asarray(io.detach(v), np.float32) for k, v in flat.items()}
     return target, unflatten_dict(flat, sep='/'), ck
 
 
 def load_model(path: str, model_name: Optional[str] = None, *, resample: str = DEFAULT_METHOD,
                head_init: str = 'zeros', bias_resize: str = 'bicubic', cast: bool = True,
-               log: Callable[[str], None] = _stderr, **overrides):
-    """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top."""
+               log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False, **overrides):
+    """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top.
+
+    Weights holding NaN/Inf are refused unless `allow_nonfinite` (then a warning is logged). With `cast`,
+    params are private float32 arrays; without, they keep the file's dtype and may view its memory map.
+    """
     return _load(path, model_name, overrides, lambda ck: ck.model.clone(**overrides), resample, head_init,
-                 bias_resize, log, cast)
+                 bias_resize, log, cast, allow_nonfinite)
 
 
 def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
-                bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, **overrides):
+                bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False,
+                **overrides):
     """Flax params for `vit_flax.create_model(model_name, **overrides)`, from any supported file.
 
     The result always fits that model. A checkpoint head of another size is replaced only when
     `num_classes` is passed explicitly (and the change is logged); a different input size resamples the
-    position embedding (logged); any other mismatch is an error naming the key and shapes.
+    position embedding (logged); any other mismatch is an error naming the key and shapes. Weights
+    holding NaN/Inf are refused unless `allow_nonfinite`.
     """
     def target_of(ck):
         target = vit_flax.create_model(model_name, **overrides)
@@ -286,25 +356,35 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
             raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
                                   f'{target.num_classes}; pass num_classes={src.num_classes} to keep it or '
                                   f'num_classes=N to replace it')
+        norm = getattr(src, 'embed_norm', False)
+        if norm != getattr(target, 'embed_norm', False):
+            raise ConversionError(f'{path}: checkpoint has {"a" if norm else "no"} patch-embedding norm '
+                                  f'(patch_embed.norm), {model_name} has {"none" if norm else "one"}; '
+                                  f'pass embed_norm={norm}')
         rep = getattr(src, 'representation_size', None)
         if rep and 'representation_size' not in overrides and not target.representation_size:
             raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
                                   f'representation_size={rep} to keep it or representation_size=None to drop it')
         return target
-    return _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True)[1]
+    return _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True,
+                 allow_nonfinite=allow_nonfinite)[1]
 
 
 # ---------------------------------------------------------------- writing
 
-def to_torch_state(flat, model, layout: Optional[str] = None) -> Dict[str, np.ndarray]:
+def to_torch_state(flat, model, layout: Optional[str] = None,
+                   log: Callable[[str], None] = _stderr) -> Dict[str, np.ndarray]:
     family = family_of(model)
-    state = table.flax_to_torch(google.unstack_blocks(flat), family.rules(model))
-    layout = layout or 'timm'
-    if layout != 'timm':
+    state = table.flax_to_torch(family.store(google.unstack_blocks(flat), model, log), family.rules(model))
+    layout = layout or family.torch_layout
+    if layout != family.torch_layout:
         if layout not in family.layouts:
-            raise ConversionError(f'{family.name} has no torch layout {layout!r}; choose timm'
+            raise ConversionError(f'{family.name} has no torch layout {layout!r}; choose {family.torch_layout}'
                                   + ''.join(f' or {n}' for n in family.layouts))
         state = family.layouts[layout][1](state)
+    note = family.layout_note(model, layout)
+    if note:
+        log(f'warning: {layout} layout: {note}')
     return state
 
 
@@ -313,26 +393,34 @@ def output_layouts(model, fmt: str):
     if fmt == 'npz':
         return google.LAYOUTS if family.name == 'vit' else ('flax',)
     if fmt in ('torch', 'safetensors'):
-        return ('timm',) + tuple(family.layouts)
+        return (family.torch_layout,) + tuple(family.layouts)
     return ('flax',)
 
 
 def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optional[str] = None,
-               force: bool = False) -> str:
-    """Write a flat Flax tree of `model` to `path` (format from the extension). Returns the layout written."""
+               force: bool = False, log: Callable[[str], None] = _stderr) -> str:
+    """Write a flat Flax tree of `model` to `path` (format from the extension). Returns the layout written.
+
+    Layouts that need arrays the model computes (timm's `pos_embed` of a sincos2d model; vit_jax's released
+    and linen npz) get them written out, said through `log`; big_vision's npz and orbax hold the tree itself.
+    """
     fmt = io.file_format(path)
     allowed = output_layouts(model, fmt)
     layout = layout or allowed[0]
     if layout not in allowed:
         raise ConversionError(f'{path}: layout {layout!r} cannot be written as {fmt}; choose {", ".join(allowed)}')
     if fmt == 'npz':
-        arrays = google.flax_to_npz(flat, layout) if family_of(model).name == 'vit' else dict(flat)
+        family = family_of(model)
+        if family.name != 'vit':
+            arrays = dict(flat)
+        else:
+            arrays = google.flax_to_npz(flat if layout == 'big_vision' else family.store(flat, model, log), layout)
         io.write_npz(arrays, path, force)
     elif fmt == 'torch':
-        io.write_torch(to_torch_state(flat, model, layout), path, force,
+        io.write_torch(to_torch_state(flat, model, layout, log), path, force,
                        wrap='model' if layout == 'microsoft' else None)
     elif fmt == 'safetensors':
-        io.write_safetensors(to_torch_state(flat, model, layout), path, force)
+        io.write_safetensors(to_torch_state(flat, model, layout, log), path, force)
     else:
         io.write_orbax(flat, path, force)
     return layout

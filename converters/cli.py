@@ -2,10 +2,12 @@
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+import traceback
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .resample import DEFAULT_METHOD, METHODS
 
 
@@ -17,6 +19,18 @@ def _img_size(text: str):
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise argparse.ArgumentTypeError(f'--img-size wants S or HxW, got {text!r}')
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _setting(text: str):
+    """--set KEY=VALUE: the value as a Python literal (16, 0.1, True, None, (2, 2, 6, 2)), else a string."""
+    import ast
+    key, sep, value = text.partition('=')
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f'--set wants KEY=VALUE, got {text!r}')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _at_least(lo: int, what: str):
@@ -57,8 +71,11 @@ def _overrides(a):
         over['representation_size'] = None
     if getattr(a, 'window_size', None) is not None:
         over['window_size'] = a.window_size
+    if getattr(a, 'posemb', None):
+        over['posemb'] = a.posemb
     if getattr(a, 'scan_blocks', None) is not None:
         over['scan_blocks'] = a.scan_blocks
+    over.update(getattr(a, 'set', None) or [])
     return over
 
 
@@ -72,7 +89,8 @@ def cmd_convert(a):
         raise ConversionError(f'{dst}: exists; pass --force to replace it')
     t0 = time.perf_counter()
     model, params, ck = api.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
-                                       bias_resize=a.bias_resize, cast=False, **_overrides(a))
+                                       bias_resize=a.bias_resize, cast=False, allow_nonfinite=a.allow_nonfinite,
+                                       **_overrides(a))
     from flax.traverse_util import flatten_dict
     layout = api.write_flat(flatten_dict(params, sep='/'), model, dst, layout=a.layout, force=a.force)
     how = 'detected' if ck.detected else 'given'
@@ -83,22 +101,33 @@ def cmd_convert(a):
 def cmd_inspect(a):
     import numpy as np
     from . import api
-    ck = api.read_checkpoint(a.ckpt, a.model)
+    from .describe import describe
+    over = _overrides(a)
+    ck = api.read_checkpoint(a.ckpt, a.model, api.arch_overrides(over), over.get('img_size'))
+    family = describe(ck)
     total = sum(int(np.prod(v.shape)) for v in ck.raw.values())
     nbytes = sum(v.nbytes for v in ck.raw.values())
     dtypes = sorted({str(v.dtype) for v in ck.raw.values()})
     diff = _config_diff(ck)
+    nonfinite = api.check_finite(ck.flat, ck.path, allow=True, log=lambda msg: None)
     if a.json:
-        print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, model=ck.model_name,
-                              detected=ck.detected, overrides=diff, keys=len(ck.raw), params=total, bytes=nbytes,
-                              dtypes=dtypes, tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
+        print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, family=family, model=ck.model_name,
+                              detected=ck.detected, overrides=diff, notes=ck.notes, keys=len(ck.raw), params=total,
+                              bytes=nbytes, nonfinite=nonfinite, dtypes=dtypes,
+                              tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
                               if a.keys else None), default=str))
         return
     print(f'file:    {ck.path}')
     print(f'format:  {ck.format}   layout: {ck.layout}')
+    print(f'family:  {family}')
     print(f"model:   {ck.model_name} ({'detected' if ck.detected else 'given'})"
           + (f"  with {', '.join(f'{k}={v}' for k, v in diff.items())}" if diff else ''))
+    for note in ck.notes:
+        print(f'note:    {note}')
     print(f'keys:    {len(ck.raw)}   params: {total:,}   bytes: {nbytes:,}   dtypes: {", ".join(dtypes)}')
+    if nonfinite:
+        k, n = next(iter(nonfinite.items()))
+        print(f'WARNING: {len(nonfinite)} key(s) hold NaN/Inf values, first {k!r} ({n} values)')
     if a.keys:
         width = max(len(k) for k in ck.raw)
         for k, v in ck.raw.items():
@@ -124,35 +153,43 @@ def _same(a, b) -> bool:
 
 
 def _default_mlp(model) -> bool:
-    return getattr(model, 'mlp_dim', None) == int(model.embed_dim * model.mlp_ratio)
+    return hasattr(model, 'mlp_ratio') and getattr(model, 'mlp_dim', None) == int(model.embed_dim * model.mlp_ratio)
 
 
 def cmd_parity(a):
     from . import api, parity
-    model, params, ck = api.load_model(a.ckpt, a.model)
+    model, params, ck = api.load_model(a.ckpt, a.model, allow_nonfinite=a.allow_nonfinite, **_overrides(a))
     rows = parity.compare(model, params, ck.model_name, batch=a.batch)
     print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, float32')
     print(parity.format_table(rows, a.tol))
     return 0 if all(r.rel <= a.tol for r in rows) else 1
 
 
+def cmd_train(a):
+    from vit_train import main as train_main
+    return train_main(a.args, prog='vit-flax train')  # its own flags, parser and error handling
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog='vit-flax', description='ViT/DeiT/Swin in Flax: summaries and checkpoint '
                                 'conversion between Google .npz, PyTorch (.pth/.pt/.bin, .safetensors) and orbax.')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='show the traceback of an error')
     sub = p.add_subparsers(dest='cmd', required=True)
 
-    s = sub.add_parser('summary', help='parameter count and GMACs of a registered model')
+    s = sub.add_parser('summary', parents=[common], help='parameter count and GMACs of a registered model')
     s.add_argument('model')
     s.add_argument('--json', action='store_true', help='print one JSON object (keys include params, gmacs)')
     s.add_argument('--num-classes', type=_at_least(0, '--num-classes'))
     s.add_argument('--img-size', type=_img_size)
     s.set_defaults(fn=cmd_summary)
 
-    s = sub.add_parser('list', help='registered model names')
+    s = sub.add_parser('list', parents=[common], help='registered model names')
     s.add_argument('pattern', nargs='?', default='*')
     s.set_defaults(fn=cmd_list)
 
-    s = sub.add_parser('convert', help='convert a checkpoint; formats follow the extensions',
+    s = sub.add_parser('convert', parents=[common], help='convert a checkpoint; formats follow the extensions',
                        description='Formats by extension: .npz (Google), .pth/.pt/.bin (PyTorch state_dict), '
                        '.safetensors, a directory (orbax). Head and position-embedding changes are reported.')
     s.add_argument('src')
@@ -172,42 +209,123 @@ def build_parser():
     s.add_argument('--bias-resize', choices=('bicubic', 'timm'), default='bicubic',
                    help='Swin bias-table resizing (default: bicubic, as Microsoft\'s fine-tuning code; '
                    'timm: timm\'s resize_rel_pos_bias_table)')
-    s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; '
-                   'torch timm (default) or microsoft (Swin)')
+    s.add_argument('--posemb', choices=('learn', 'sincos2d'),
+                   help='ViT positions: learn (a stored table; fixed sincos2d positions are written out as one) or '
+                   'sincos2d (big_vision\'s fixed table; a learned table is dropped). Default: as the checkpoint')
+    s.add_argument('--allow-nonfinite', action='store_true', help='convert weights holding NaN/Inf (refused by '
+                   'default: a checkpoint like that is broken), with a warning')
+    s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
+                   '(default) or microsoft or wzmiaomiao (Swin; the seeds\' swin_transformer/model.py); '
+                   'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, -1.2, -0.7, -0.6 (older releases)')
     s.add_argument('--scan-blocks', action=argparse.BooleanOptionalAction, default=None,
                    help='ViT: stack the blocks as nn.scan does (Transformer/encoderblock/... with a leading depth '
                    'axis) in npz linen/big_vision and orbax output; --no-scan-blocks unrolls them '
                    '(default: as the source; released npz and torch files are always unrolled)')
+    _add_set(s)
     s.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser('inspect', help='format, layout, detected model, keys, shapes, dtypes, totals')
+    s = sub.add_parser('inspect', parents=[common], help='format, layout, detected model, keys, shapes, dtypes, totals')
     s.add_argument('ckpt')
     s.add_argument('--model')
     s.add_argument('--keys', action='store_true', help='list every key with shape and dtype')
     s.add_argument('--json', action='store_true')
-    s.set_defaults(fn=cmd_inspect)
+    _add_set(s)
+    s.set_defaults(fn=cmd_inspect, num_classes=None, img_size=None)
 
-    s = sub.add_parser('parity', help='run timm and Flax on the same input; per-block differences')
+    s = sub.add_parser('parity', parents=[common], help='run timm and Flax on the same input; per-block differences')
     s.add_argument('ckpt')
     s.add_argument('--model')
     s.add_argument('--tol', type=float, default=1e-4, help='relative tolerance (default 1e-4)')
-    s.add_argument('--batch', type=int, default=2)
-    s.set_defaults(fn=cmd_parity)
+    s.add_argument('--batch', type=_at_least(1, '--batch'), default=2)
+    s.add_argument('--allow-nonfinite', action='store_true', help='compare weights holding NaN/Inf (refused by default)')
+    _add_set(s)
+    s.set_defaults(fn=cmd_parity, num_classes=None, img_size=None)
+
+    s = sub.add_parser('train', add_help=False, help='train or fine-tune (the flags of train_flax.py; '
+                       'vit-flax train --help)')
+    s.add_argument('args', nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_train)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _add_set(parser):
+    parser.add_argument('--set', type=_setting, action='append', metavar='KEY=VALUE',
+                        help='a model field the file does not record or that should differ, repeatable: '
+                        'heads=8 (vit-pytorch), always_partition=True (Swin), depth=6, in_chans=2, ... '
+                        '(the value is a Python literal)')
+
+
+def _say(msg: str) -> None:
     try:
-        return args.fn(args) or 0
-    except ConversionError as e:
-        print(f'vit-flax: error: {e}', file=sys.stderr)
+        print(msg, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):   # stderr closed too: nothing left to tell
+        pass
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (`vit-flax list | head`): stop quietly, as coreutils do.
+
+    Python would otherwise print a traceback, and again at exit when it flushes stdout; pointing stdout
+    at /dev/null stops the second one. The exit status is the shell's for a process killed by SIGPIPE.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def main(argv=None) -> int:
+    """Exit status: 0 success, 1 a refused input or failed conversion (one line naming the file and the
+    fault), 2 bad usage, 70 an internal error (one line; `--debug` shows the traceback), 130 interrupted,
+    141 output pipe closed. `train` keeps the exit codes of train_flax.py."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['train']:  # argparse would claim the training flags (and --help) for itself
+        return cmd_train(argparse.Namespace(args=argv[1:]))
+    args = build_parser().parse_args(argv)
+    from vit_flax.registry import UnknownModelError, UnknownOptionError   # after --help: it imports jax
+    debug = getattr(args, 'debug', False)
+    try:
+        rc = args.fn(args) or 0
+        sys.stdout.flush()   # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _say('vit-flax: interrupted')
+        return 130
+    except (ConversionError, UnknownModelError, UnknownOptionError) as e:
+        if debug:
+            raise
+        _say(f'vit-flax: error: {e}')
         return 1
-    except (KeyError, TypeError, ValueError) as e:  # bad model names / options from the registry
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f'vit-flax: error: {msg}', file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - anything else is our bug: say so, never dress it up as bad input
+        if debug:
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        _say(f'vit-flax: internal error: {type(e).__name__}: {first_line(e)} (at {os.path.basename(where.filename)}:'
+             f'{where.lineno}; rerun with --debug for the traceback)')
+        return 70
+
+
+def run() -> None:
+    """The `vit-flax` entry point. After a failure, the process ends at once: libraries' threads that are
+    still unwinding (orbax/tensorstore after a corrupt checkpoint) must not add tracebacks, or crash,
+    after the one line already printed; no output is pending then (writes are complete or discarded)."""
+    code = main()
+    if code and sys.argv[1:2] != ['train']:  # training waits for its own checkpoint threads before it returns
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run()

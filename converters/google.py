@@ -25,6 +25,7 @@ _RELEASED_TO_LINEN = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttentio
 _LINEN_TO_RELEASED = {v: k for k, v in _RELEASED_TO_LINEN.items()}
 _BLOCK = re.compile(r'^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$')
 SCANNED = 'Transformer/encoderblock/'  # nn.scan over the blocks: every leaf has a leading depth axis
+_GROUP_NORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 
 
 def _rename_block_children(flat, table, path):
@@ -71,9 +72,14 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
     flat = unstack_blocks(flat, path)
     if _released_numbering(flat):
         flat = _rename_block_children(flat, _RELEASED_TO_LINEN, path)
+    for k, v in flat.items():  # old hybrid files keep GroupNorm scale/bias as (1, 1, 1, C)
+        if _GROUP_NORM.search(k) and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
+            flat[k] = v.reshape(-1)
     if 'pos_embedding' in flat:
         # big_vision adds positions before concatenating cls; an all-zero cls row reproduces that exactly.
         pe = flat.pop('pos_embedding')
+        if pe.ndim not in (3, 4):
+            raise ConversionError(f'{path}: pos_embedding has shape {pe.shape}: expected (1, N, D) or (1, H, W, D)')
         if pe.ndim == 4:  # some files keep the (1, h, w, D) grid
             pe = pe.reshape(1, -1, pe.shape[-1])
         if 'cls' in flat:
@@ -92,9 +98,12 @@ def unstack_blocks(flat: Dict[str, np.ndarray], path: str = 'params') -> Dict[st
     scanned = {k: v for k, v in flat.items() if k.startswith(SCANNED)}
     if not scanned:
         return flat
-    depths = {v.shape[0] if v.ndim else None for v in scanned.values()}
-    if len(depths) != 1 or None in depths:
-        raise ConversionError(f'{path}: scanned blocks disagree on depth: {sorted(map(str, depths))}')
+    no_depth = [k for k, v in scanned.items() if v.ndim == 0]
+    if no_depth:
+        raise ConversionError(f'{path}: scanned block key {no_depth[0]!r} has no depth axis (shape ())')
+    depths = {v.shape[0] for v in scanned.values()}
+    if len(depths) != 1:
+        raise ConversionError(f'{path}: scanned blocks disagree on depth: {sorted(depths)}')
     if any(k.startswith('Transformer/encoderblock_') for k in flat):
         raise ConversionError(f'{path}: holds both scanned (Transformer/encoderblock/) and unrolled blocks')
     out = {k: v for k, v in flat.items() if k not in scanned}
@@ -129,10 +138,11 @@ def flax_to_npz(flat: Dict[str, np.ndarray], layout: str = 'released') -> Dict[s
     if 'dist' in flat:
         raise ConversionError('the big_vision layout cannot hold a distillation token; use released or linen')
     out = dict(flat)
-    pe = out.pop('Transformer/posembed_input/pos_embedding')
-    if 'cls' in out:
-        # big_vision has no position for cls: fold its row into the token (same function, one rounding).
-        out['cls'] = out['cls'] + pe[:, :1]
-        pe = pe[:, 1:]
-    out['pos_embedding'] = pe
+    pe = out.pop('Transformer/posembed_input/pos_embedding', None)
+    if pe is not None:  # (a model with fixed sincos2d positions has no table: big_vision stores none)
+        if 'cls' in out:
+            # big_vision has no position for cls: fold its row into the token (same function, one rounding).
+            out['cls'] = out['cls'] + pe[:, :1]
+            pe = pe[:, 1:]
+        out['pos_embedding'] = pe
     return {f'params/{k}': v for k, v in out.items()}

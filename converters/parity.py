@@ -1,4 +1,4 @@
-"""Run timm and Flax on the same input and compare them point by point (blocks, norm, logits)."""
+"""Run timm (or vit-pytorch) and Flax on the same input and compare them point by point (blocks, norm, logits)."""
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -19,8 +19,8 @@ class Row:
 
 
 def build_timm(model, model_name: str, flat):
-    """The timm model with the same architecture as `model`, holding the same weights (strict load)."""
-    import timm
+    """The timm model (or the family's own torch model) with the same architecture as `model`, holding the
+    same weights (strict load)."""
     import torch
     family = family_of(model)
     if getattr(model, 'spatial_dims', 2) != 2:
@@ -28,10 +28,17 @@ def build_timm(model, model_name: str, flat):
     if getattr(model, 'representation_size', None):
         raise ConversionError(f'{model_name}: current timm has no pre_logits layer; drop it to compare')
     try:
-        tm = timm.create_model(model_name, pretrained=False, **family.timm_kwargs(model))
+        if family.torch_model:
+            tm = family.torch_model(model)
+        else:
+            import timm
+            tm = timm.create_model(model_name, pretrained=False, **family.timm_kwargs(model))
+    except ConversionError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise ConversionError(f'timm cannot build {model_name}: {e}') from None
-    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_torch_state(flat, model).items()}
+        raise ConversionError(f'torch cannot build {model_name}: {e}') from None
+    state = to_torch_state(flat, model, log=lambda s: None)  # built to match: no layout warning applies
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}
     missing, unexpected = tm.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(family.ignore_torch)]
     if missing or unexpected:

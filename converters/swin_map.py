@@ -8,6 +8,11 @@ Layouts:
   block and `attn_mask` (float32 (nW, w², w²)) in shifted blocks of stages larger than the window.
   `microsoft_to_timm` does what timm's own `checkpoint_filter_fn` does for such files (tested equal);
   `timm_to_microsoft` regenerates the buffers so the result reads like an official file.
+- WZMIAOMIAO's `pytorch_classification/swin_transformer/model.py` (the seeds' code, layout `wzmiaomiao`):
+  Microsoft's keys (merging at the end of a stage, `head`) and `relative_position_index` buffers, but no
+  `attn_mask` (it builds the mask in forward), saved unwrapped. That code never shrinks the window nor
+  drops the shift on a stage no larger than the window (timm's `always_partition=True`), so a file in
+  this layout is read into a model with `always_partition=True` (see `swin_detect_layout`).
 """
 import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -136,9 +141,10 @@ def swin_overrides(cfg: dict, model) -> dict:
     window, which the image size decides (a stage no larger than the window uses the whole stage). The
     registered size is kept when it gives the file's windows; otherwise the official convention
     patch * window * 2^(stages-1), where the last stage is exactly one window."""
-    kw = {k: cfg[k] for k in ('num_classes', 'qkv_bias', 'in_chans') if cfg[k] != getattr(model, k)}
+    kw = {k: cfg[k] for k in ('num_classes', 'qkv_bias', 'in_chans', 'always_partition')
+          if k in cfg and cfg[k] != getattr(model, k)}
     windows = lambda m: tuple(w[0] for w, _ in m.stage_windows())
-    if cfg.get('stage_windows') and windows(model) != tuple(cfg['stage_windows']):
+    if cfg.get('stage_windows') and windows(model.clone(**kw)) != tuple(cfg['stage_windows']):
         patch, window = to_tuple(model.patch_size, 2), to_tuple(model.window_size, 2)
         kw['img_size'] = tuple(p * w * 2 ** (len(model.depths) - 1) for p, w in zip(patch, window))
     return kw
@@ -184,8 +190,9 @@ def _window_of(table: np.ndarray) -> int:
 
 
 def timm_to_microsoft(state: Dict[str, np.ndarray], img_size: Optional[Union[int, Sequence[int]]] = None,
-                      ) -> Dict[str, np.ndarray]:
+                      masks: bool = True) -> Dict[str, np.ndarray]:
     """timm layout -> official layout, with the buffers the official code saves, in its key order.
+    `masks=False` leaves out the `attn_mask` buffers: the seeds' layout (`timm_to_wzmiaomiao`).
 
     The masks depend on each stage's resolution, which a state_dict does not record: `img_size` gives it.
     Left out, it is what every official model uses, patch * window * 2^(stages-1) (224 for window 7,
@@ -214,7 +221,8 @@ def timm_to_microsoft(state: Dict[str, np.ndarray], img_size: Optional[Union[int
             prefix = f'layers.{i}.blocks.{j}.'
             table = state[prefix + 'attn.relative_position_bias_table']
             w = _window_of(table)
-            if j % 2 and min(res) > w:  # the official rule: shift only when the stage is larger than the window
+            # the official rule: shift only when the stage is larger than the window
+            if masks and j % 2 and min(res) > w:
                 if any(r % w for r in res):
                     raise ConversionError(f'stage {i} resolution {res} is not a multiple of window {w}: '
                                           f'the official code cannot build it (pass the right img_size)')
@@ -284,9 +292,48 @@ def resize_relative_bias_table(table: np.ndarray, new_window: Union[int, Tuple[i
     return out.contiguous().numpy().astype(table.dtype)
 
 
+def timm_to_wzmiaomiao(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """timm layout -> the seeds' layout: Microsoft's keys and index buffers, no `attn_mask`."""
+    return timm_to_microsoft(state, masks=False)
+
+
 def swin_detect_layout(state) -> str:
-    # Microsoft keeps each stage's patch merging at the end of that stage, so stage 0 has one.
-    return 'microsoft' if 'layers.0.downsample.reduction.weight' in state else 'timm'
+    """'timm', 'microsoft' or 'wzmiaomiao' (the seeds' code), from the keys alone.
+
+    Microsoft and the seeds keep each stage's patch merging at the end of that stage, so stage 0 has one.
+    Both save `relative_position_index`; only Microsoft's code saves `attn_mask`, in the shifted blocks
+    of every stage larger than the window (every official configuration has such stages). So: index
+    buffers and no mask anywhere -> the seeds' code. A file with no buffers at all is read as Microsoft's
+    (pass `always_partition=True` to read it as the seeds' computation).
+    """
+    if 'layers.0.downsample.reduction.weight' not in state:
+        return 'timm'
+    has = lambda suffix: any(k.endswith(suffix) for k in state)
+    if has('relative_position_index') and not has('attn_mask'):
+        return 'wzmiaomiao'
+    return 'microsoft'
+
+
+# What a layout says about the computation, beyond the weights: (config fields, why), said out loud on read.
+SWIN_LAYOUT_CONFIG = {
+    'wzmiaomiao': (dict(always_partition=True),
+                   "relative_position_index buffers and no attn_mask: WZMIAOMIAO's swin_transformer/model.py, "
+                   'which never shrinks the window nor drops the shift on a stage no larger than the window'),
+}
+
+
+def swin_layout_note(model, layout: str) -> Optional[str]:
+    """A warning when `model` computes differently from the code that reads `layout`."""
+    if layout == 'wzmiaomiao' and not model.always_partition:
+        return ("the seeds' code shifts and keeps the full window on every stage; this model "
+                '(always_partition=False) does not on stages no larger than the window, so that code will '
+                'compute other logits from this file')
+    if layout == 'microsoft' and model.always_partition:
+        return ("Microsoft's code shrinks the window and drops the shift on stages no larger than the window; this "
+                'model (always_partition=True) does not, so that code will compute other logits from this file')
+    if layout == 'timm' and model.always_partition:
+        return 'this model has always_partition=True: build the timm model with always_partition=True as well'
+    return None
 
 
 def swin_adapt(flat, src, dst, log, bias_resize: str = 'bicubic'):

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from .errors import ConversionError
+from .mapped import release
 
 Arrays = List[np.ndarray]
 
@@ -121,6 +122,7 @@ def _run(src, rules, from_side, to_side, fn_name, ignore=()):
             raise ConversionError(f'cannot map {shapes} through {r.transform.name}: {e}') from None
         for k, v in zip(getattr(r, to_side), results):
             out[k] = np.ascontiguousarray(v)
+        release(*arrays)   # a memory-mapped source's pages are not needed again: keep memory near one copy
     extra = [k for k in src if k not in used and not any(k.endswith(s) for s in ignore)]
     if extra:
         raise ConversionError(f'unexpected {from_side} key {extra[0]!r}' +

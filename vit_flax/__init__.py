@@ -2,10 +2,13 @@
 from .registry import create_model, list_models, model_config, register
 from . import vit  # noqa: F401  (registers the ViT/DeiT family)
 from .vit import VisionTransformer
+from . import vit_google  # noqa: F401  (R+ViT hybrids, SigLIP towers: timm's names)
 from . import swin  # noqa: F401  (registers the Swin family)
 from .swin import SwinTransformer
+from . import lucid_vit  # noqa: F401  (registers lucidrains' vit-pytorch ViT)
+from .lucid_vit import LucidViT
 from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'VisionTransformer', 'SwinTransformer',
-           'count_params', 'count_macs', 'init_params', 'summarize']
+           'LucidViT', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'

@@ -3,20 +3,27 @@
 The tree is the one Google's linen code builds (`embedding`, `cls`, `Transformer/posembed_input/
 pos_embedding`, `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
 MlpBlock_0}`, `Transformer/encoder_norm`, `pre_logits`, `head`), so a Google checkpoint is this model's
-own state. DeiT's distillation token and head add `dist` and `head_dist`.
+own state. DeiT's distillation token and head add `dist` and `head_dist`; `embed_norm=True` (timm's
+`embed_norm_layer`, torch `patch_embed.norm`; no Google model has one) adds `embedding_norm`.
+
+R+ViT hybrids (`resnet=...`) put vit_jax's ResNet stem (`conv_root`, `gn_root`, `block{i}/unit{j}/...`, see
+resnet.py) at the same top level, before `embedding`. `posemb='sincos2d'` replaces the learned table by
+big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to the patch tokens only.
 
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
 """
 from functools import partial
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, dense, dense_general, dot_product_attention,
                      drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
+from .posemb import sincos2d
 from .registry import register
+from .resnet import ResNetStem, stem_output_size, stem_stride
 
 Dtype = Any
 
@@ -118,12 +125,14 @@ class Encoder(nn.Module):
     norm_eps: float = 1e-6
     remat: bool = False
     dtype: Dtype = jnp.float32
+    learned_posemb: bool = True   # False: the caller added fixed positions already
     scan: bool = False
     remat_policy: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        x = AddPositionEmbs(name='posembed_input')(x)
+        if self.learned_posemb:
+            x = AddPositionEmbs(name='posembed_input')(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         self.sow('intermediates', 'embed', x)
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
@@ -189,6 +198,7 @@ class VisionTransformer(nn.Module):
     global_pool: str = 'token'
     class_token: Optional[bool] = None
     distilled: bool = False
+    embed_norm: bool = False  # LayerNorm on the patch tokens, as the seeds' 1-D ViT passes norm_layer to its PatchEmbed
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -197,8 +207,11 @@ class VisionTransformer(nn.Module):
     spatial_dims: int = 2
     remat: bool = False
     dtype: Dtype = jnp.float32
-    scan_blocks: bool = False
-    remat_policy: Optional[str] = None
+    resnet: Optional[Tuple[int, ...]] = None   # hybrid: units per ResNet stage, () = root block only
+    resnet_numerics: str = 'timm'              # 'timm' or 'google' (see resnet.py)
+    posemb: str = 'learn'                      # 'learn' or 'sincos2d' (big_vision's fixed table)
+    scan_blocks: bool = False                  # nn.scan over the blocks (big_vision's scanned tree)
+    remat_policy: Optional[str] = None         # jax.checkpoint_policies name used with remat (None: save nothing)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -208,7 +221,15 @@ class VisionTransformer(nn.Module):
     @property
     def grid_size(self):
         img = to_tuple(self.img_size, self.spatial_dims)
+        if self.resnet is not None:
+            img = tuple(stem_output_size(i, self.resnet) for i in img)
         return tuple(i // p for i, p in zip(img, self.patch_size_tuple))
+
+    @property
+    def token_stride(self):
+        """Input pixels per token along each axis: the patch, times the ResNet stem's stride in a hybrid."""
+        s = 1 if self.resnet is None else stem_stride(self.resnet)
+        return tuple(p * s for p in self.patch_size_tuple)
 
     @property
     def has_class_token(self) -> bool:
@@ -227,16 +248,27 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'token', 'gap' or 'map', got {self.global_pool!r}")
         if self.distilled and self.global_pool != 'token':
             raise ValueError('a distilled model reads the class and distillation tokens: global_pool must be token')
+        if self.posemb not in ('learn', 'sincos2d'):
+            raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+        if (self.resnet is not None or self.posemb == 'sincos2d') and self.spatial_dims != 2:
+            raise ValueError('a ResNet stem and sincos2d positions need 2-D images')
         patch = self.patch_size_tuple
         mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
+        if self.resnet is not None:
+            self.stem = ResNetStem(tuple(self.resnet), self.resnet_numerics, self.dtype)
+            nn.share_scope(self, self.stem)   # Google's tree: conv_root, gn_root, block1... at the top level
         self.embedding = PatchConv(self.embed_dim, patch, self.dtype)
+        if self.embed_norm:  # float32 output: the residual stream's dtype (see forward_features)
+            self.embedding_norm = nn.LayerNorm(epsilon=self.norm_eps,
+                                               dtype=jnp.promote_types(self.dtype, jnp.float32))
         if self.has_class_token:
             self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.embed_dim))
         if self.distilled:
             self.dist = self.param('dist', nn.initializers.zeros, (1, 1, self.embed_dim))
         self.Transformer = Encoder(self.depth, self.num_heads, mlp_dim, self.qkv_bias, self.qk_scale,
                                    self.drop_rate, self.attn_drop_rate, self.drop_path_rate, self.gelu,
-                                   self.norm_eps, self.remat, self.dtype, self.scan_blocks, self.remat_policy)
+                                   self.norm_eps, self.remat, self.dtype, learned_posemb=self.posemb == 'learn',
+                                   scan=self.scan_blocks, remat_policy=self.remat_policy)
         if self.global_pool == 'map':
             self.MAPHead_0 = MAPHead(self.num_heads, mlp_dim, self.gelu, self.norm_eps, self.dtype)
         if self.representation_size:
@@ -253,10 +285,17 @@ class VisionTransformer(nn.Module):
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f'input shape {tuple(x.shape[1:])} does not match the model\'s {expected} '
                              f'(set img_size/in_chans when creating the model)')
+        x = x.astype(self.dtype)
+        if self.resnet is not None:
+            x = self.stem(x)
         x = self.embedding(x)
         # The residual stream stays float32 under a bf16 compute dtype (as timm's under autocast, where the
         # float32 position embedding promotes it): only matmul operands and branch activations are rounded.
         x = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.promote_types(self.dtype, jnp.float32))
+        if self.embed_norm:
+            x = self.embedding_norm(x)
+        if self.posemb == 'sincos2d':  # as big_vision: before the class token, which gets no position
+            x = x + jnp.asarray(sincos2d(*self.grid_size, self.embed_dim), x.dtype)
         prefix = []
         if self.has_class_token:
             prefix.append(self.cls)
@@ -326,8 +365,9 @@ for _size, _res in [('tiny', 224), ('small', 224), ('base', 224), ('base', 384)]
     _vit(f'deit_{_size}_patch16_{_res}', img_size=_res, patch_size=16, **_SIZES[_size])
     _vit(f'deit_{_size}_distilled_patch16_{_res}', img_size=_res, patch_size=16, distilled=True, **_SIZES[_size])
 
-# 1-D ViT for signals: (B, L, C) input, patches of `patch_size` samples (a strided Conv1d).
+# 1-D ViT for signals: (B, L, C) input, patches of `patch_size` samples (a strided Conv1d), normed as the
+# seeds' 1-D ViT does (it passes its norm_layer to the patch embedding).
 for _size in ('tiny', 'small', 'base'):
-    _vit(f'vit1d_{_size}_patch16_1024', spatial_dims=1, img_size=1024, patch_size=16, in_chans=1,
+    _vit(f'vit1d_{_size}_patch16_1024', spatial_dims=1, img_size=1024, patch_size=16, in_chans=1, embed_norm=True,
          **_SIZES[_size])
 

@@ -1,0 +1,209 @@
+"""The training checkpoint format (written by `vit_train`, read here): layout, metadata, and the reader.
+
+On disk (`WORKDIR` is the training run's `--workdir`)::
+
+    WORKDIR/
+      checkpoints/                 an orbax CheckpointManager root
+        <step>/                    one finalized step (the optimizer step count; plain decimal name)
+          params/                  item `params`: the model's Flax param tree (StandardSave, float32)
+          train_state/             item `train_state`: {'opt_state', 'step'} (StandardSave); its structure
+                                   depends on the optimizer: readers other than the trainer ignore it
+          data/                    item `data`: grain iterator state, `process_<i>-of-<n>.json` per process
+          meta/                    item `meta`: one JSON record (JsonSave), see META_FIELDS
+          metrics/                 orbax's own copy of {'val_acc'} that its keep-best policy ranks
+          _CHECKPOINT_METADATA     orbax's commit record
+        <step>.orbax-checkpoint-tmp-*   a save in flight or killed: never a step
+        <step>.corrupt             a step the trainer could not restore, moved aside
+      class_indices.json           {"0": "daisy", ...} as the seeds' scripts write it
+      summary.json                 the last epoch's figures (rewritten each epoch)
+      events.out.tfevents.*        TensorBoard scalars
+
+A reader needs only `params` and `meta`: the params restore as host numpy on any number of devices
+(whatever mesh wrote them), and the meta record rebuilds the model and its preprocessing with nothing
+else beside it (`model_from_meta`).
+
+Which step: `latest` is the highest finalized step; `best` is the step with the highest `val_acc`
+(steps without one, saved mid-epoch, are never best), the later step on a tie. A step whose `params` or
+`meta` cannot be read, or whose meta is not this format, is skipped with a warning and the next
+candidate is used; a step asked for by number is never replaced by another.
+
+The trainer keeps the last `--keep` steps and the best one; each epoch end is a step (plus every
+`--save-every` steps when set).
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+from flax.traverse_util import unflatten_dict
+
+from . import io
+from .errors import ConversionError
+
+FORMAT = 'vit-flax-train'
+VERSION = 1
+CHECKPOINTS_DIR = 'checkpoints'
+PARAMS, TRAIN_STATE, DATA, META = 'params', 'train_state', 'data', 'meta'
+ITEMS = (PARAMS, TRAIN_STATE, DATA, META)
+CORRUPT_SUFFIX = '.corrupt'
+CLASS_INDICES = 'class_indices.json'
+SUMMARY = 'summary.json'
+
+# Every meta record holds these keys (values may be None where noted in CONTRACT: val_* on mid-epoch steps,
+# weights when trained from scratch).
+META_FIELDS = (
+    'format', 'version',
+    'model', 'model_overrides', 'num_classes', 'class_names', 'dtype',
+    'pretrained_cfg',                       # timm's vocabulary, see PRETRAINED_CFG_FIELDS
+    'epoch', 'step', 'steps_per_epoch', 'epochs',
+    'train_loss', 'train_acc', 'val_loss', 'val_acc', 'best_val_acc',
+    'weights',                              # None or {'path', 'format', 'normalization'}
+    'dataset', 'num_processes', 'data_workers', 'config',
+)
+PRETRAINED_CFG_FIELDS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def check_meta(meta: dict, where: str = 'meta') -> dict:
+    """Raise ConversionError unless `meta` is a complete record of this format (the writer calls it too)."""
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+        raise ConversionError(f'{where}: not a {FORMAT} metadata record')
+    if meta.get('version') != VERSION:
+        raise ConversionError(f'{where}: {FORMAT} version {meta.get("version")!r}; this reader knows {VERSION}')
+    missing = [k for k in META_FIELDS if k not in meta]
+    if missing:
+        raise ConversionError(f'{where}: metadata lacks {", ".join(missing)}')
+    cfg = meta['pretrained_cfg']
+    missing = [k for k in PRETRAINED_CFG_FIELDS if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ConversionError(f'{where}: pretrained_cfg lacks {", ".join(missing)}')
+    return meta
+
+
+# ---------------------------------------------------------------- locating checkpoints
+
+def checkpoint_root(path: str):
+    """(root, step or None) for a workdir, its `checkpoints/` directory, or one step directory in it."""
+    path = os.path.abspath(str(path).rstrip('/'))
+    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+        return os.path.join(path, CHECKPOINTS_DIR), None
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, META)):
+        return os.path.dirname(path), int(name)
+    return path, None
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """True for a training workdir, its checkpoints root, or a step in it (an existing step, or none yet)."""
+    root, step = checkpoint_root(path)
+    if step is not None:
+        return True
+    return os.path.isdir(root) and any(n.isdigit() and os.path.isdir(os.path.join(root, n, META))
+                                       for n in os.listdir(root))
+
+
+def list_steps(root: str) -> List[int]:
+    """Finalized steps under an orbax root, ascending (in-flight `*.orbax-checkpoint-tmp-*` excluded)."""
+    import orbax.checkpoint as ocp
+    return sorted(ocp.utils.checkpoint_steps(root)) if os.path.isdir(root) else []
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, str(step))
+
+
+# ---------------------------------------------------------------- reading one step
+
+def read_meta(root: str, step: int) -> dict:
+    path = os.path.join(step_dir(root, step), META)
+    try:
+        import orbax.checkpoint as ocp
+        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+    except Exception as e:  # noqa: BLE001 - orbax/json raise many types; all mean "unreadable"
+        raise ConversionError(f'{path}: unreadable metadata ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""})') from None
+    return check_meta(meta, path)
+
+
+def read_params(root: str, step: int) -> Dict[str, np.ndarray]:
+    """The flat ('/'-joined) param tree of one step, as host numpy whatever mesh wrote it."""
+    return io.read_orbax(os.path.join(step_dir(root, step), PARAMS))
+
+
+@dataclass
+class TrainCheckpoint:
+    path: str                       # the step directory
+    step: int
+    meta: dict
+    flat: Dict[str, np.ndarray]     # flat Flax params, host numpy
+
+    @property
+    def params(self):
+        return unflatten_dict(self.flat, sep='/')
+
+
+def _candidates(root: str, which: str, log) -> List[int]:
+    steps = list_steps(root)
+    if which == 'latest':
+        return steps[::-1]
+    scored = []
+    for s in steps:
+        try:
+            acc = read_meta(root, s).get('val_acc')
+        except ConversionError as e:
+            log(f'warning: {e}; skipped')
+            continue
+        if isinstance(acc, (int, float)) and math.isfinite(acc):
+            scored.append((acc, s))
+    return [s for _, s in sorted(scored, reverse=True)]
+
+
+def select(path: str, which: Union[str, int] = 'best', log: Callable[[str], None] = _stderr) -> TrainCheckpoint:
+    """Restore params + meta of one step: 'best' (by val_acc), 'latest', or a step number.
+
+    `path` is a workdir, its checkpoints root or a step directory (which then fixes the step). A corrupt or
+    half-written candidate is skipped with a warning through `log`; an explicit step is never replaced.
+    """
+    root, fixed = checkpoint_root(path)
+    if fixed is not None:
+        which = fixed
+    if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
+        step = int(which)
+        if step not in list_steps(root):
+            raise ConversionError(f'{root}: no finalized checkpoint step {step} (steps: {list_steps(root)})')
+        return TrainCheckpoint(step_dir(root, step), step, read_meta(root, step), read_params(root, step))
+    if which not in ('best', 'latest'):
+        raise ConversionError(f"checkpoint selector {which!r}: expected 'best', 'latest' or a step number")
+    candidates = _candidates(root, which, log)
+    for step in candidates:
+        try:
+            meta = read_meta(root, step)
+            return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step))
+        except ConversionError as e:
+            log(f'warning: {e}; trying the next candidate')
+    what = 'with a validation accuracy ' if which == 'best' else ''
+    raise ConversionError(f'{root}: no readable training checkpoint {what}(steps found: {list_steps(root)})')
+
+
+# ---------------------------------------------------------------- rebuilding from the record
+
+def model_overrides(meta: dict) -> dict:
+    """The overrides for `vit_flax.create_model(meta['model'], **...)`, JSON lists back to tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model_overrides'].items()}
+
+
+def model_from_meta(meta: dict, **extra):
+    """The float32 model the checkpoint's params belong to (pass dtype=... for another compute dtype)."""
+    import vit_flax
+    return vit_flax.create_model(meta['model'], **{**model_overrides(meta), **extra})
+
+
+def write_class_indices(path: str, class_names: List[str]) -> None:
+    """The seeds' `class_indices.json`: {"0": "daisy", ...}, indent 4."""
+    with open(path, 'w') as f:
+        f.write(json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=4))

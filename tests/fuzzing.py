@@ -1,0 +1,653 @@
+"""The fuzz harness for the checkpoint readers and the `vit-flax` command (hypothesis).
+
+Two tables say what is fuzzed:
+- READERS: name -> Reader(ext, read, valid, mutations). `read(path)` is the function under test,
+  `valid()` the bytes of a small good file (a tiny ViT written by the project or by torch itself),
+  `mutations` the generators that turn those bytes into bad ones.
+- MUTATIONS: name -> generator `(draw, valid: bytes) -> bytes` (`draw` is hypothesis' `data.draw`).
+Every case must end in a ConversionError whose message is one line naming the file, or in a read whose
+arrays the file's bytes can back; anything else fails and hypothesis shrinks it to a minimal file:
+another exception type, an allocation bigger than the file justifies (traced with tracemalloc), or code
+run from a pickle (a marker file that must never appear).
+
+To fuzz a new reader: add `READERS['x'] = Reader('.x', read_x, valid_x, GENERIC + ('x_lies',))` and, if
+it has a structure worth lying about, a generator in MUTATIONS. A new command goes in COMMANDS
+(test_fuzz.py runs every command over mutants of every reader, in-process and in a subprocess).
+
+Profiles (env VIT_FLAX_FUZZ): `ci` (default, `make test`: derandomized, `examples(n)` = n) and `long`
+(`make fuzz`: random, 25x the examples, failures kept in .hypothesis/ to replay). Cases tried are
+counted per reader in COUNTS and written to $VIT_FLAX_FUZZ_COUNTS (JSON) when that is set.
+"""
+import io
+import json
+import os
+import pickle
+import struct
+import tempfile
+import tracemalloc
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import ml_dtypes
+import numpy as np
+import torch  # noqa: F401  (imported here, not inside a traced read: its import is not the reader's allocation)
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from converters import api, io as cio
+from converters.errors import ConversionError
+
+PROFILE = os.environ.get('VIT_FLAX_FUZZ', 'ci')
+SCALE = {'ci': 1, 'long': 25}[PROFILE]
+_common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+settings.register_profile('ci', derandomize=True, database=None, **_common)
+settings.register_profile('long', **_common)
+settings.load_profile(PROFILE)
+
+COUNTS: Counter = Counter()
+WORKDIR = tempfile.mkdtemp(prefix='vit-flax-fuzz-')
+MARKER = os.path.join(WORKDIR, 'PICKLE-CODE-RAN')
+ALLOC_SLACK = 32 << 20
+
+
+def examples(n: int) -> int:
+    return n * SCALE
+
+
+# ---------------------------------------------------------------- the tiny model and its valid files
+
+TINY = dict(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
+TINY_NAME = 'vit_tiny_patch16_224'
+_cache: Dict[str, object] = {}
+
+
+def tiny():
+    """(model, flat Flax params with every value perturbed) of a 1-block ViT of 1083 parameters."""
+    if 'tiny' not in _cache:
+        import vit_flax
+        from flax.traverse_util import flatten_dict
+        from vit_flax.summary import param_shapes
+        model = vit_flax.create_model(TINY_NAME, **TINY)
+        rng = np.random.default_rng(0)
+        flat = {k: rng.standard_normal(v.shape).astype(np.float32)
+                for k, v in flatten_dict(param_shapes(model), sep='/').items()}
+        _cache['tiny'] = model, flat
+    return _cache['tiny']
+
+
+def _written(ext: str, **kw) -> bytes:
+    key = ext + repr(sorted(kw.items()))
+    if key not in _cache:
+        model, flat = tiny()
+        path = os.path.join(WORKDIR, f'valid{len(_cache)}{ext}')
+        api.write_flat(flat, model, path, force=True, **kw)
+        with open(path, 'rb') as f:
+            _cache[key] = f.read()
+        os.remove(path)
+    return _cache[key]
+
+
+def torch_state():
+    model, flat = tiny()
+    return api.to_torch_state(flat, model)
+
+
+def valid_torch_by_torch() -> bytes:
+    """A timm-layout file written by torch itself, wrapped as training scripts do, with non-tensor extras."""
+    if 'torch' not in _cache:
+        import argparse
+        import torch
+        sd = {k: torch.from_numpy(np.array(v)) for k, v in torch_state().items()}
+        buf = io.BytesIO()
+        torch.save({'model': sd, 'epoch': 3, 'args': argparse.Namespace(lr=0.1)}, buf)
+        _cache['torch'] = buf.getvalue()
+    return _cache['torch']
+
+
+def valid_legacy_torch() -> bytes:
+    if 'legacy' not in _cache:
+        import torch
+        buf = io.BytesIO()
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in torch_state().items()}, buf,
+                   _use_new_zipfile_serialization=False)
+        _cache['legacy'] = buf.getvalue()
+        torch.load(io.BytesIO(_cache['legacy']), weights_only=True)   # torch's first load builds caches (~30 MB)
+    return _cache['legacy']
+
+
+# ---------------------------------------------------------------- generic mutations (any format)
+
+def m_empty(draw, valid):
+    return b''
+
+
+def m_truncate(draw, valid):
+    return valid[:draw(st.integers(0, len(valid) - 1))]
+
+
+def m_bitflip(draw, valid):
+    out = bytearray(valid)
+    # half the flips land in the first 4 KiB, where the headers and most of the structure live
+    for _ in range(draw(st.integers(1, 8))):
+        hi = len(out) - 1 if draw(st.booleans()) else min(len(out) - 1, 4095)
+        i = draw(st.integers(0, hi))
+        out[i] ^= 1 << draw(st.integers(0, 7))
+    return bytes(out)
+
+
+def m_random(draw, valid):
+    return draw(st.binary(max_size=4096))
+
+
+def m_splice(draw, valid):
+    a = draw(st.integers(0, len(valid)))
+    b = draw(st.integers(a, min(len(valid), a + 256)))
+    return valid[:a] + draw(st.binary(max_size=64)) + valid[b:]
+
+
+def m_magic_then_random(draw, valid):
+    return valid[:draw(st.integers(1, 64))] + draw(st.binary(max_size=2048))
+
+
+GENERIC = ('empty', 'truncate', 'bitflip', 'random', 'splice', 'magic_then_random')
+
+
+# ---------------------------------------------------------------- zip archives (npz, torch)
+
+def zip_bytes(members, compress=zipfile.ZIP_STORED) -> bytes:
+    """An archive of (name, bytes) members, duplicates allowed (zipfile warns, then writes them)."""
+    import warnings
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with zipfile.ZipFile(buf, 'w', compress) as z:
+            for name, data in members:
+                z.writestr(name, data)
+    return buf.getvalue()
+
+
+def unzip(data: bytes):
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return [(i.filename, z.read(i)) for i in z.infolist()]
+
+
+def patch_zip_sizes(data: bytes, index: int, usize=None, csize=None, offset=None, flags=None, method=None) -> bytes:
+    """Overwrite fields of the index-th central-directory entry (and its local header): the archive lies."""
+    out = bytearray(data)
+    pos = -1
+    for _ in range(index + 1):
+        pos = out.find(b'PK\x01\x02', pos + 1)
+        if pos < 0:
+            return bytes(out)
+    local = struct.unpack_from('<I', out, pos + 42)[0]
+    for value, cd_off, lh_off, fmt in ((flags, 8, 6, '<H'), (method, 10, 8, '<H'), (csize, 20, 18, '<I'),
+                                       (usize, 24, 22, '<I'), (offset, 42, None, '<I')):
+        if value is None:
+            continue
+        struct.pack_into(fmt, out, pos + cd_off, value)
+        if lh_off is not None and out[local:local + 4] == b'PK\x03\x04':
+            struct.pack_into(fmt, out, local + lh_off, value)
+    return bytes(out)
+
+
+def m_zip_lies(draw, valid):
+    """Archives whose directory lies: sizes, offsets, methods, flags, duplicate or foreign members."""
+    members = unzip(valid)
+    kind = draw(st.sampled_from(['usize', 'csize', 'offset', 'flags', 'method', 'duplicate', 'extra_member',
+                                 'drop_member', 'deflate', 'deflate_lie']))
+    i = draw(st.integers(0, len(members) - 1))
+    big = draw(st.sampled_from([0, 1, 2 ** 31, 2 ** 32 - 2, 10 ** 9]))
+    if kind == 'usize':
+        return patch_zip_sizes(valid, i, usize=big)
+    if kind == 'csize':
+        return patch_zip_sizes(valid, i, csize=big)
+    if kind == 'offset':
+        return patch_zip_sizes(valid, i, offset=draw(st.sampled_from([0, 1, len(valid), big])))
+    if kind == 'flags':
+        return patch_zip_sizes(valid, i, flags=draw(st.sampled_from([1, 8, 0xFFFF])))
+    if kind == 'method':
+        return patch_zip_sizes(valid, i, method=draw(st.sampled_from([1, 12, 14, 99])))
+    if kind == 'duplicate':
+        return zip_bytes(members + [(members[i][0], draw(st.sampled_from([members[i][1], b'', b'x' * 10])))])
+    if kind == 'extra_member':
+        name = draw(st.sampled_from(['readme.txt', 'x.npy', '../evil.npy', 'a/b/c.npy', 'data.pkl', '']))
+        return zip_bytes(members + [(name or 'noname', draw(st.binary(max_size=256)))])
+    if kind == 'drop_member':
+        return zip_bytes(members[:i] + members[i + 1:])
+    if kind == 'deflate':
+        return zip_bytes(members, zipfile.ZIP_DEFLATED)
+    deflated = zip_bytes(members, zipfile.ZIP_DEFLATED)
+    return patch_zip_sizes(deflated, i, usize=draw(st.sampled_from([2 ** 32 - 2, 10 ** 9, 1, 0])))
+
+
+# ---------------------------------------------------------------- .npz
+
+_NPZ_DTYPES = ['f4', 'f2', 'f8', 'bf16', 'i4', 'i8', 'u1', '?', 'c8', 'c16', '<U3', 'S2', 'V4', '>f4', 'O']
+
+
+def _np_array(draw, shape, dtype):
+    n = int(np.prod(shape))
+    if dtype == 'O':
+        return np.array([_Evil()] * max(n, 1), dtype=object)[:n].reshape(shape)
+    if dtype == 'bf16':
+        return np.asarray(draw(st.lists(st.floats(width=32), min_size=n, max_size=n)), np.float32) \
+            .astype(ml_dtypes.bfloat16).reshape(shape)
+    dt = np.dtype(dtype)
+    if dt.kind in 'US':
+        return np.full(shape, 'ab', dt)
+    if dt.kind == 'V':
+        return np.zeros(shape, dt)
+    if dt.kind in 'fc':
+        vals = draw(st.lists(st.sampled_from([0.0, 1.5, -2.0, np.nan, np.inf, -np.inf]), min_size=n, max_size=n))
+        return np.asarray(vals, np.float64).astype(dt).reshape(shape)
+    return np.ones(shape, dt)
+
+
+def npz_bytes(arrays) -> bytes:
+    members = []
+    for k, v in arrays:
+        m = io.BytesIO()
+        np.lib.format.write_array(m, np.asarray(v), allow_pickle=True)   # object arrays pickle _Evil
+        members.append((k + '.npy', m.getvalue()))
+    return zip_bytes(members)
+
+
+def m_npz_arrays(draw, valid):
+    """The tiny ViT's arrays with keys renamed or dropped, ranks, dtypes and values changed, arrays added."""
+    _, flat = tiny()
+    from converters import google
+    arrays = list(google.flax_to_npz(flat, 'released').items())
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(arrays) - 1))
+        k, v = arrays[i]
+        what = draw(st.sampled_from(['rank', 'dtype', 'rename', 'drop', 'add', 'nonfinite', 'shape']))
+        if what == 'rank':
+            arrays[i] = (k, v.reshape(v.shape + (1,)) if draw(st.booleans()) or not v.size else v.reshape(-1)[0])
+        elif what == 'dtype':
+            dt = draw(st.sampled_from(_NPZ_DTYPES))
+            arrays[i] = (k, _np_array(draw, v.shape if v.size < 64 else (2,), dt))
+        elif what == 'rename':
+            arrays[i] = (draw(st.sampled_from(['foo', 'embedding/kernel', 'cls', 'params/cls', 'Transformer',
+                                               'head/kernel/x', 'pos_embedding', 'a' * 300, 'é/ü'])), v)
+        elif what == 'drop':
+            del arrays[i]
+        elif what == 'add':
+            shape = tuple(draw(st.lists(st.integers(0, 4), max_size=4)))
+            arrays.append((draw(st.sampled_from(['x', 'Transformer/encoderblock_1/LayerNorm_0/scale', 'dist',
+                                                 'head_dist/kernel', 'pre_logits/kernel'])),
+                           _np_array(draw, shape, draw(st.sampled_from(_NPZ_DTYPES)))))
+        elif what == 'nonfinite':
+            w = np.array(v, np.float32) if v.dtype.kind in 'fiub' else np.ones(v.shape, np.float32)
+            if w.size:
+                w.reshape(-1)[draw(st.integers(0, w.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+            arrays[i] = (k, w)
+        else:
+            arrays[i] = (k, np.zeros(tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=3))), np.float32))
+        if not arrays:
+            break
+    return npz_bytes(arrays)
+
+
+def npy_header(shape, descr='<f4', fortran=False, version=1) -> bytes:
+    d = repr({'descr': descr, 'fortran_order': fortran, 'shape': shape}).encode('latin1')
+    if version == 1:
+        pad = -(10 + len(d) + 1) % 64
+        return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(d) + pad + 1) + d + b' ' * pad + b'\n'
+    pad = -(12 + len(d) + 1) % 64
+    return b'\x93NUMPY\x02\x00' + struct.pack('<I', len(d) + pad + 1) + d + b' ' * pad + b'\n'
+
+
+def m_npy_header_lies(draw, valid):
+    """Members whose .npy header declares shapes the data cannot back (10^12 elements...), bad headers."""
+    members = unzip(valid)
+    i = draw(st.integers(0, len(members) - 1))
+    name, data = members[i]
+    kind = draw(st.sampled_from(['huge', 'overflow', 'negative', 'descr', 'syntax', 'long', 'fortran', 'v2', 'zero']))
+    body = data[128:] if len(data) > 128 else b''
+    if kind == 'huge':
+        hdr = npy_header(draw(st.sampled_from([(10 ** 12,), (10 ** 6, 10 ** 6), (2 ** 40, 4), (4, 2 ** 31)])))
+    elif kind == 'overflow':
+        hdr = npy_header((2 ** 62, 2 ** 62, 2 ** 62))
+    elif kind == 'negative':
+        hdr = npy_header((-1, 4))
+    elif kind == 'descr':
+        hdr = npy_header((2,), descr=draw(st.sampled_from(['|O', '<f16', 'xyz', '<U1000000', "[('a','<f4')]", '|V8'])))
+    elif kind == 'syntax':
+        hdr = b'\x93NUMPY\x01\x00' + struct.pack('<H', 40) + draw(st.sampled_from(
+            [b'{' * 39 + b'\n', b"{'descr': '<f4'" + b' ' * 24 + b'\n', b'(' * 39 + b'\n', b'x' * 39 + b'\n']))
+    elif kind == 'long':
+        hdr = b'\x93NUMPY\x02\x00' + struct.pack('<I', draw(st.sampled_from([2 ** 31, 10 ** 6, 20000])))
+    elif kind == 'fortran':
+        hdr = npy_header((3, 4), fortran=True)
+    elif kind == 'v2':
+        hdr = npy_header((len(body) // 4,), version=2)
+    else:
+        hdr = npy_header(draw(st.sampled_from([(0, 10 ** 18), (2 ** 40, 2 ** 40, 0), (0, 2 ** 30, 2 ** 30)])))
+    members[i] = (name, hdr + body)
+    return zip_bytes(members)
+
+
+# ---------------------------------------------------------------- .safetensors
+
+def st_bytes(header, data: bytes, length=None) -> bytes:
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack('<Q', len(blob) if length is None else length) + blob + data
+
+
+def m_safetensors_lies(draw, valid):
+    """Headers that lie: offsets past the end or overlapping, huge shapes, unknown dtypes, bad JSON..."""
+    (n,) = struct.unpack('<Q', valid[:8])
+    header, data = json.loads(valid[8:8 + n]), valid[8 + n:]
+    names = [k for k in header if k != '__metadata__']
+    k = draw(st.sampled_from(names))
+    kind = draw(st.sampled_from(['offsets', 'overlap', 'shape', 'dtype', 'fields', 'metadata', 'length', 'json',
+                                 'deep', 'not_object', 'duplicate', 'gap', 'trailing']))
+    if kind == 'offsets':
+        header[k]['data_offsets'] = draw(st.sampled_from([[0, len(data) + 4], [len(data), len(data) + 8], [8, 4],
+                                                          [-4, 4], [0, 2 ** 64], ['0', '4'], [0], [0.0, 4.0]]))
+    elif kind == 'overlap':
+        other = draw(st.sampled_from(names))
+        header[k]['data_offsets'] = list(header[other]['data_offsets'])
+    elif kind == 'shape':
+        header[k]['shape'] = draw(st.sampled_from([[10 ** 12], [10 ** 6, 10 ** 6], [2 ** 64], [-1], [1.5], 'abc',
+                                                   [True], [], [0], [2 ** 62, 2 ** 62]]))
+    elif kind == 'dtype':
+        header[k]['dtype'] = draw(st.sampled_from(['F128', 'f32', '', 'C64', 'STR', 7, None, 'F8_E4M3']))
+    elif kind == 'fields':
+        header[k] = draw(st.sampled_from([{}, {'dtype': 'F32'}, [], 'x', {**header[k], 'extra': 1}]))
+    elif kind == 'metadata':
+        header['__metadata__'] = draw(st.sampled_from([[], 'x', {'a': 1}, None]))
+    elif kind == 'length':
+        return st_bytes(header, data, draw(st.sampled_from([2 ** 63, 2 ** 64 - 1, n + 10 ** 6, 0, 1, n - 1])))
+    elif kind == 'json':
+        return st_bytes(draw(st.binary(max_size=64)) + b' ' * 8, data)
+    elif kind == 'deep':
+        return st_bytes(b'[' * 100000 + b']' * 100000, data)
+    elif kind == 'not_object':
+        return st_bytes(draw(st.sampled_from([b'[]', b'1', b'"x"', b'null'])), data)
+    elif kind == 'duplicate':
+        blob = json.dumps(header).encode()
+        entry = json.dumps({k: header[k]})[1:-1].encode()
+        return st_bytes(blob[:-1] + b', ' + entry + b'}', data)
+    elif kind == 'gap':
+        return st_bytes(header, data + b'\0' * 8)
+    else:
+        data = data[:-draw(st.integers(1, min(len(data), 64)))]
+    return st_bytes(header, data)
+
+
+# ---------------------------------------------------------------- torch files
+
+class _Evil:
+    """Pickles to a call that would create the marker file if anything ever ran it."""
+
+    def __init__(self, how='system'):
+        self.how = how
+
+    def __reduce__(self):
+        if self.how == 'system':
+            return os.system, (f'touch {MARKER}',)
+        if self.how == 'open':
+            return open, (MARKER, 'w')
+        if self.how == 'exec':
+            return exec, (f'open({MARKER!r}, "w")',)
+        if self.how == 'eval':
+            return eval, (f'open({MARKER!r}, "w")',)
+        import subprocess
+        return subprocess.call, (['touch', MARKER],)
+
+
+def _raw_evil_pickles():
+    """Hand-made pickles reaching code through each opcode that can call: REDUCE, INST, OBJ, NEWOBJ, BUILD."""
+    cmd = f'touch {MARKER}'.encode()
+    return [b"cos\nsystem\n(S'" + cmd + b"'\ntR.",                       # GLOBAL + REDUCE, protocol 0
+            b"(S'" + cmd + b"'\nios\nsystem\n.",                          # INST
+            b"(cos\nsystem\nS'" + cmd + b"'\no.",                         # OBJ
+            b"\x80\x04\x8c\x02os\x8c\x06system\x93\x8c" + bytes([len(cmd)]) + cmd + b"\x85R.",  # STACK_GLOBAL
+            b"\x80\x02csubprocess\nPopen\n)\x81}b.",                        # NEWOBJ then BUILD
+            b"\x80\x02cbuiltins\ngetattr\ncos\nsystem\n\x85R."]           # getattr games
+
+
+def torch_zip_members(valid: bytes):
+    members = unzip(valid)
+    prefix = next(n for n, _ in members if n.endswith('/data.pkl'))[:-len('data.pkl')]
+    return members, prefix
+
+
+def _replace(members, name, data):
+    return [(n, data if n == name else d) for n, d in members]
+
+
+def m_torch_records(draw, valid):
+    """A torch zip whose storage records are the wrong size, missing, renamed; byteorder or data.pkl broken."""
+    members, prefix = torch_zip_members(valid)
+    records = [n for n, _ in members if n.startswith(prefix + 'data/')]
+    r = draw(st.sampled_from(records))
+    data = dict(members)[r]
+    kind = draw(st.sampled_from(['short', 'long', 'empty', 'drop', 'rename', 'byteorder', 'no_pkl', 'two_pkl',
+                                 'pkl_truncated', 'pkl_bitflip']))
+    if kind == 'short':
+        return zip_bytes(_replace(members, r, data[:draw(st.integers(0, max(len(data) - 1, 0)))]))
+    if kind == 'long':
+        return zip_bytes(_replace(members, r, data + bytes(draw(st.integers(1, 64)))))
+    if kind == 'empty':
+        return zip_bytes(_replace(members, r, b''))
+    if kind == 'drop':
+        return zip_bytes([(n, d) for n, d in members if n != r])
+    if kind == 'rename':
+        return zip_bytes([(n + 'x' if n == r else n, d) for n, d in members])
+    if kind == 'byteorder':
+        return zip_bytes(_replace(members, prefix + 'byteorder', draw(st.sampled_from([b'big', b'junk', b'']))))
+    pkl = prefix + 'data.pkl'
+    if kind == 'no_pkl':
+        return zip_bytes([(n, d) for n, d in members if n != pkl])
+    if kind == 'two_pkl':
+        return zip_bytes(members + [('other/data.pkl', dict(members)[pkl])])
+    p = dict(members)[pkl]
+    if kind == 'pkl_truncated':
+        return zip_bytes(_replace(members, pkl, p[:draw(st.integers(0, len(p) - 1))]))
+    return zip_bytes(_replace(members, pkl, m_bitflip(draw, p)))
+
+
+def m_torch_evil(draw, valid):
+    """data.pkl replaced by pickles that try to run code (the marker file must never appear)."""
+    members, prefix = torch_zip_members(valid)
+    if draw(st.booleans()):
+        p = draw(st.sampled_from(_raw_evil_pickles()))
+    else:
+        evil = _Evil(draw(st.sampled_from(['system', 'open', 'exec', 'eval', 'subprocess'])))
+        obj = draw(st.sampled_from([evil, {'model': evil}, {'blocks.0.x': evil, 'epoch': 1},
+                                    {'model': {'a': [1, {'b': evil}]}}, {evil: 1}]))
+        p = pickle.dumps(obj, protocol=draw(st.sampled_from([0, 1, 2, 4, 5])))
+    return zip_bytes(_replace(members, prefix + 'data.pkl', p))
+
+
+def m_torch_pickle_garbage(draw, valid):
+    """data.pkl made of random opcodes, absurd memo indices, frames and lengths."""
+    members, prefix = torch_zip_members(valid)
+    kind = draw(st.sampled_from(['random', 'memo', 'frame', 'bytes8', 'bytearray8', 'persid', 'deep', 'ext',
+                                 'globals']))
+    if kind == 'random':
+        p = b'\x80\x02' + draw(st.binary(max_size=512))
+    elif kind == 'memo':
+        p = b'\x80\x02N' + b'r' + struct.pack('<I', draw(st.sampled_from([2 ** 26, 2 ** 30, 2 ** 32 - 1]))) + b'.'
+    elif kind == 'frame':
+        p = b'\x80\x04\x95' + struct.pack('<Q', 2 ** 40) + b'N.'
+    elif kind == 'bytes8':
+        p = b'\x80\x04\x8e' + struct.pack('<Q', 2 ** 40) + b'xx.'
+    elif kind == 'bytearray8':
+        p = b'\x80\x05\x96' + struct.pack('<Q', 2 ** 33) + b'xx.'
+    elif kind == 'persid':
+        pid = draw(st.sampled_from([('storage',), ('storage', 1, '0', 'cpu', 5), ('x', 1, 2, 3, 4),
+                                    ('storage', None, 0, 'cpu', -1)]))
+        p = b'\x80\x02' + pickle.dumps(pid, protocol=2)[2:-1] + b'Q.'
+    elif kind == 'deep':
+        p = b'\x80\x02' + b']' * 100000 + b'.'
+    elif kind == 'globals':   # a stand-in class per distinct unknown global: a bounded number
+        p = b'\x80\x02(' + b''.join(b'cm%d\nx\n' % i for i in range(draw(st.sampled_from([10, 5000])))) + b'l.'
+    else:
+        p = b'\x80\x02\x82\x01.'
+    return zip_bytes(_replace(members, prefix + 'data.pkl', p))
+
+
+def m_torch_objects(draw, valid):
+    """Real torch.save files of odd but legal state: dtypes, views, shared storages, extras, wrappers."""
+    import torch
+    sd = {}
+    for i in range(draw(st.integers(1, 5))):
+        dt = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                                   torch.int8, torch.bool, torch.complex64, torch.uint8]))
+        shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+        t = (torch.arange(int(np.prod(shape)), dtype=torch.float64).reshape(shape) * 0.5).to(dt)
+        view = draw(st.sampled_from(['plain', 'T', 'slice', 'expand', 'param']))
+        if view == 'T' and t.ndim >= 2:
+            t = t.T
+        elif view == 'slice' and t.ndim >= 1 and t.shape[0] > 1:
+            t = t[1:]
+        elif view == 'expand' and t.ndim == 1 and t.numel() == 1:
+            t = t.expand(3)
+        elif view == 'param' and dt.is_floating_point:
+            t = torch.nn.Parameter(t)
+        sd[f'k{i}'] = t
+    extras = draw(st.sampled_from([{}, {'epoch': 3}, {'cfg': {'a': [1, 2]}}, {'name': 'x', 'f': 1.5}]))
+    wrap = draw(st.sampled_from([None, 'model', 'state_dict', 'module']))
+    obj = {**({wrap: sd} if wrap else sd), **extras}
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=draw(st.booleans()))
+    _cache['last_torch_objects'] = sd
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- orbax directories (mutated on disk)
+
+def orbax_valid_dir(path: str) -> None:
+    model, flat = tiny()
+    cio.write_orbax(flat, path, force=True)
+
+
+def mutate_dir(draw, path: str) -> None:
+    """Delete, truncate, flip, empty or replace one file (or delete a folder) of an orbax checkpoint."""
+    import shutil
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    dirs = sorted(os.path.join(r, d) for r, ds, _ in os.walk(path) for d in ds)
+    kind = draw(st.sampled_from(['delete', 'truncate', 'bitflip', 'empty', 'random', 'rmdir', 'json']))
+    if kind == 'rmdir' and dirs:
+        shutil.rmtree(draw(st.sampled_from(dirs)))
+        return
+    f = draw(st.sampled_from(files))
+    if kind == 'delete':
+        os.remove(f)
+        return
+    with open(f, 'rb') as fh:
+        data = fh.read()
+    if kind == 'truncate':
+        data = data[:draw(st.integers(0, max(len(data) - 1, 0)))]
+    elif kind == 'bitflip' and data:
+        data = m_bitflip(draw, data)
+    elif kind == 'empty':
+        data = b''
+    elif kind == 'json':   # JSON of the wrong shape, for _METADATA above all
+        data = draw(st.sampled_from([b'{}', b'[]', b'null', b'{"tree_metadata": 1}', b'{', b'"x"',
+                                     b'{"tree_metadata": {"x": 1}}', b'{"tree_metadata": {"a": {"key_metadata": 5}}}',
+                                     b'{"tree_metadata": {"a": {"key_metadata": [{"key": 1, "key_type": 9}]}}}',
+                                     b'{"tree_metadata": {}, "use_zarr3": 5}']))
+    else:
+        data = draw(st.binary(max_size=512))
+    with open(f, 'wb') as fh:
+        fh.write(data)
+
+
+MUTATIONS: Dict[str, Callable] = {
+    'empty': m_empty, 'truncate': m_truncate, 'bitflip': m_bitflip, 'random': m_random, 'splice': m_splice,
+    'magic_then_random': m_magic_then_random, 'zip_lies': m_zip_lies, 'npz_arrays': m_npz_arrays,
+    'npy_header_lies': m_npy_header_lies, 'safetensors_lies': m_safetensors_lies,
+    'torch_records': m_torch_records, 'torch_evil': m_torch_evil, 'torch_pickle_garbage': m_torch_pickle_garbage,
+    'torch_objects': m_torch_objects, 'legacy': lambda draw, valid: m_bitflip(draw, valid_legacy_torch()),
+    'legacy_truncate': lambda draw, valid: m_truncate(draw, valid_legacy_torch()),
+}
+
+
+# ---------------------------------------------------------------- the table of readers
+
+@dataclass
+class Reader:
+    ext: str
+    read: Callable[[str], object]
+    valid: Callable[[], bytes]        # None for directory formats
+    mutations: Tuple[str, ...]
+    examples: int = 30                # per mutation, in the ci profile
+
+
+def decode(path):
+    """The whole read path of `inspect`/`convert`: read, detect the layout and model, map to Flax."""
+    model_name, arch = (TINY_NAME, {k: v for k, v in TINY.items() if k != 'num_classes'}) \
+        if cio.file_format(path) in ('torch', 'safetensors') else (None, None)
+    return api.read_checkpoint(path, model_name, arch)
+
+
+READERS: Dict[str, Reader] = {
+    'npz': Reader('.npz', cio.read_npz, lambda: _written('.npz'),
+                  GENERIC + ('zip_lies', 'npz_arrays', 'npy_header_lies')),
+    'torch': Reader('.pth', cio.read_torch, valid_torch_by_torch,
+                    GENERIC + ('zip_lies', 'torch_records', 'torch_evil', 'torch_pickle_garbage', 'torch_objects',
+                               'legacy', 'legacy_truncate')),
+    'safetensors': Reader('.safetensors', cio.read_safetensors, lambda: _written('.safetensors'),
+                          GENERIC + ('safetensors_lies',)),
+    'decode-npz': Reader('.npz', decode, lambda: _written('.npz'), ('bitflip', 'zip_lies', 'npz_arrays',
+                                                                     'npy_header_lies'), examples=20),
+    'decode-torch': Reader('.pth', decode, lambda: _written('.pth'), ('bitflip', 'torch_records', 'torch_objects'),
+                           examples=20),
+    'decode-safetensors': Reader('.safetensors', decode, lambda: _written('.safetensors'),
+                                 ('bitflip', 'safetensors_lies'), examples=20),
+}
+ORBAX_EXAMPLES = 15
+
+
+# ---------------------------------------------------------------- the property
+
+def file_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def check_outcome(name: str, fn, path: str, trace: bool = True):
+    """Run fn(path): a ConversionError of one line naming the file, or a result; bounded allocation.
+
+    `trace=False` for orbax: tensorstore's threads outlive a failed read, and stopping tracemalloc under
+    them crashes the interpreter (its allocations are not traced anyway; its sizes are checked up front).
+    """
+    COUNTS[name] += 1
+    size = file_size(path)
+    if trace:
+        tracemalloc.start()
+    try:
+        result = fn(path)
+    except ConversionError as e:
+        msg = str(e)
+        assert '\n' not in msg and len(msg) < 600, msg
+        assert os.path.basename(path.rstrip('/')) in msg, (path, msg)
+        result = e
+    finally:
+        peak = tracemalloc.get_traced_memory()[1] if trace else 0
+        if trace:
+            tracemalloc.stop()
+    assert peak < ALLOC_SLACK + 4 * size, f'{name}: allocated {peak} bytes reading a {size}-byte file'
+    assert not os.path.exists(MARKER), 'code in a pickle ran'
+    if isinstance(result, dict):
+        assert all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in result.items())
+        assert not any(v.dtype.hasobject for v in result.values())
+    return result
+
+
+def write_counts() -> None:
+    out = os.environ.get('VIT_FLAX_FUZZ_COUNTS')
+    if out:
+        old = json.load(open(out)) if os.path.exists(out) else {}
+        for k, v in COUNTS.items():
+            old[k] = old.get(k, 0) + v
+        with open(out, 'w') as f:
+            json.dump(old, f, indent=1, sort_keys=True)

@@ -1,0 +1,199 @@
+"""Fuzzing every checkpoint reader and `vit-flax convert`/`inspect` (harness and tables: fuzzing.py).
+
+`make test` runs bounded, derandomized examples; `make fuzz` (VIT_FLAX_FUZZ=long) 25x as many, random.
+A reader added to fuzzing.READERS is fuzzed here with no change to this file. A new command goes in
+COMMANDS below (argv from the mutant's path and an output stem): it then runs in-process over mutants
+of every file reader, and SUBPROCESS_CASES can name it for a check in a real process.
+"""
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fuzzing as fz
+from converters import cli
+from converters import io as cio
+from converters.durable import PREFIX
+from converters.errors import ConversionError
+
+CASES = [(name, m) for name, r in fz.READERS.items() for m in r.mutations]
+_serial = iter(range(10 ** 9))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _report_counts():
+    yield
+    fz.write_counts()
+    shutil.rmtree(fz.WORKDIR, ignore_errors=True)
+
+
+def fresh(ext: str) -> str:
+    """A new path per case: a previous case's arrays may still map the previous file."""
+    return os.path.join(fz.WORKDIR, f'case{next(_serial)}{ext}')
+
+
+def write(path: str, blob: bytes) -> str:
+    with open(path, 'wb') as f:
+        f.write(blob)
+    return path
+
+
+def _as_numpy(t):
+    import torch
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(fz.ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+@pytest.mark.parametrize('reader,mutation', CASES, ids=[f'{r}-{m}' for r, m in CASES])
+def test_reader_refuses_or_reads(reader, mutation):
+    r = fz.READERS[reader]
+    valid = r.valid()
+
+    @settings(max_examples=fz.examples(r.examples))
+    @given(st.data())
+    def run(data):
+        path = write(fresh(r.ext), fz.MUTATIONS[mutation](data.draw, valid))
+        result = fz.check_outcome(reader, r.read, path)
+        if mutation == 'torch_objects' and reader == 'torch' and not isinstance(result, ConversionError):
+            # a legal file must read back exactly as torch itself reads it
+            expected = fz._cache['last_torch_objects']
+            assert sorted(result) == sorted(expected)
+            for k, t in expected.items():
+                np.testing.assert_array_equal(result[k], _as_numpy(t), err_msg=k)
+        os.remove(path)
+    run()
+
+
+@pytest.fixture(scope='module')
+def orbax_dir():
+    path = os.path.join(fz.WORKDIR, 'orbax-valid')
+    fz.orbax_valid_dir(path)
+    return path
+
+
+@settings(max_examples=fz.examples(fz.ORBAX_EXAMPLES))
+@given(st.data())
+def test_orbax_dir_refused_or_read(orbax_dir, data):
+    path = fresh('')
+    shutil.copytree(orbax_dir, path)
+    fz.mutate_dir(data.draw, path)
+    fz.check_outcome('orbax', fz.decode, path, trace=False)
+    shutil.rmtree(path)
+
+
+def test_valid_files_read_back_exactly(orbax_dir):
+    """The harness' base files are good: what the mutations start from reads, and reads right."""
+    model, flat = fz.tiny()
+    for name in ('npz', 'torch', 'safetensors'):
+        r = fz.READERS[name]
+        assert isinstance(fz.check_outcome(name, r.read, write(fresh(r.ext), r.valid())), dict)
+    for r in (fz.READERS['decode-npz'], fz.READERS['decode-torch'], fz.READERS['decode-safetensors']):
+        ck = fz.decode(write(fresh(r.ext), r.valid()))
+        assert sorted(ck.flat) == sorted(flat)
+        for k in flat:
+            np.testing.assert_array_equal(ck.flat[k], flat[k])
+    ck = fz.decode(orbax_dir)
+    np.testing.assert_array_equal(ck.flat['head/kernel'], flat['head/kernel'])
+
+
+# ---------------------------------------------------------------- the command, in-process and for real
+
+COMMANDS = {
+    'inspect': lambda src, out: ['inspect', src],
+    'convert-npz': lambda src, out: ['convert', src, out + '.npz'],
+    'convert-pth': lambda src, out: ['convert', src, out + '.pth'],
+    'convert-safetensors': lambda src, out: ['convert', src, out + '.safetensors'],
+    'convert-orbax': lambda src, out: ['convert', src, out],
+}
+FILE_READERS = ('npz', 'torch', 'safetensors')
+
+
+def outputs_left(folder: str, out: str):
+    return [n for n in os.listdir(folder) if n.startswith(os.path.basename(out)) or n.startswith(PREFIX)]
+
+
+def check_command_result(rc: int, stderr: str, argv, src: str, out: str):
+    """0 with a readable output, or 1 with one line naming the file and nothing written."""
+    folder = os.path.dirname(out)
+    lines = stderr.strip().splitlines()
+    assert 'Traceback' not in stderr, stderr
+    if rc == 0:
+        if argv[0] == 'convert':
+            cio.read_file(argv[2])
+        return
+    assert rc == 1, (rc, stderr)
+    errors = [l for l in lines if l.startswith('vit-flax: error: ')]
+    assert len(errors) == 1 and errors[0] == lines[-1], stderr
+    assert os.path.basename(src) in errors[0] or os.path.basename(argv[2]) in errors[0], errors[0]
+    assert not outputs_left(folder, out), os.listdir(folder)
+
+
+def mutant_command(data, reader, mutation, command):
+    """(argv, src, out): `command` run on a mutant of `reader`'s valid file, into a fresh empty folder."""
+    r = fz.READERS[reader]
+    src = write(fresh(r.ext), fz.MUTATIONS[mutation](data.draw, r.valid()))
+    out_dir = fresh('.out')
+    os.mkdir(out_dir)
+    out = os.path.join(out_dir, 'o')
+    return COMMANDS[command](src, out), src, out
+
+
+@settings(max_examples=fz.examples(60))
+@given(st.data())
+def test_command_in_process(data):
+    reader = data.draw(st.sampled_from(FILE_READERS))
+    mutation = data.draw(st.sampled_from(fz.READERS[reader].mutations))
+    argv, src, out = mutant_command(data, reader, mutation, data.draw(st.sampled_from(sorted(COMMANDS))))
+    fz.COUNTS[f'vit-flax {argv[0]}'] += 1
+    err, sink = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(sink):
+        rc = cli.main(argv)
+    check_command_result(rc, err.getvalue(), argv, src, out)
+    assert not os.path.exists(fz.MARKER)
+    shutil.rmtree(os.path.dirname(out))
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, argv)], capture_output=True, text=True)
+
+
+# One real process per reader in `make test` (each costs an interpreter start); `make fuzz` runs more.
+SUBPROCESS_CASES = [('npz', 'truncate', 'convert-pth'), ('torch', 'torch_evil', 'convert-npz'),
+                    pytest.param('safetensors', 'safetensors_lies', 'inspect', marks=pytest.mark.slow),
+                    pytest.param('npz', 'npy_header_lies', 'convert-orbax', marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('reader,mutation,command', SUBPROCESS_CASES)
+def test_command_in_a_real_process(reader, mutation, command, tmp_path):
+    @settings(max_examples=fz.examples(1))
+    @given(st.data())
+    def run(data):
+        argv, src, out = mutant_command(data, reader, mutation, command)
+        fz.COUNTS[f'vit-flax {argv[0]} (process)'] += 1
+        p = run_cli(*argv)
+        check_command_result(p.returncode, p.stderr, argv, src, out)
+        assert not os.path.exists(fz.MARKER)
+    run()
+
+
+def test_orbax_dir_with_corrupt_data_in_a_real_process(orbax_dir, tmp_path):
+    """tensorstore reports a damaged chunk from several threads; the command still says one line."""
+    broken = tmp_path / 'ckpt'
+    shutil.copytree(orbax_dir, broken)
+    for root, _, files in os.walk(broken / 'd'):
+        for f in files:
+            with open(os.path.join(root, f), 'r+b') as fh:
+                fh.truncate(8)
+    p = run_cli('convert', broken, tmp_path / 'o.npz')
+    assert p.returncode == 1 and p.stderr.count('\n') == 1, p.stderr
+    assert p.stderr.startswith('vit-flax: error: ') and 'ckpt: not a readable orbax checkpoint' in p.stderr
+    assert sorted(os.listdir(tmp_path)) == ['ckpt']

@@ -1,0 +1,114 @@
+"""Writing and resuming training checkpoints: the orbax CheckpointManager side of `converters.training_ckpt`.
+
+Saves are asynchronous: `save` blocks only while the arrays are copied off the devices, then orbax writes
+in a background thread and finalizes the step by renaming its temporary directory, so a run killed mid-save
+leaves no step behind (only a `*.orbax-checkpoint-tmp-*` directory, cleaned up on the next start).
+"""
+import os
+import time
+from typing import Callable
+
+import absl.logging
+import jax
+import orbax.checkpoint as ocp
+
+from converters import training_ckpt as fmt
+from converters.errors import ConversionError
+
+absl.logging.set_verbosity(absl.logging.ERROR)  # orbax narrates every save at INFO/WARNING
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+class Checkpoints:
+    def __init__(self, workdir: str, keep: int):
+        self.root = os.path.join(os.path.abspath(workdir), fmt.CHECKPOINTS_DIR)  # orbax wants absolute paths
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_acc'], n=1,
+                                          keep_checkpoints_without_metrics=False)])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, best_fn=lambda m: m['val_acc'], best_mode='max',
+            enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(self.root, options=options)
+
+    def steps(self):
+        return fmt.list_steps(self.root)
+
+    def save(self, step: int, state: dict, data_iter, meta: dict) -> float:
+        """Start an asynchronous save; returns the seconds the caller was blocked."""
+        fmt.check_meta(meta, 'meta to save')
+        t0 = time.perf_counter()
+        acc = meta.get('val_acc')
+        args = ocp.args.Composite(**{
+            fmt.PARAMS: ocp.args.StandardSave(state['params']),
+            fmt.TRAIN_STATE: ocp.args.StandardSave({'opt_state': state['opt_state'], 'step': state['step']}),
+            fmt.DATA: _grain_save(data_iter),
+            fmt.META: ocp.args.JsonSave(meta)})
+        self.manager.save(step, args=args, metrics={'val_acc': acc} if acc is not None else None, force=True)
+        return time.perf_counter() - t0
+
+    def resume(self, abstract_state: dict, make_data_iter: Callable, check: Callable[[dict], None],
+               log: Callable[[str], None]):
+        """Restore the newest readable step: (state, data iterator, meta), or None when there is none.
+
+        `make_data_iter(meta)` returns (a fresh iterator, restore_its_state: bool); `check(meta)` raises when
+        the checkpoint belongs to another run. A step that does not restore is moved aside to
+        `<step>.corrupt` with a warning, and the one before it is tried."""
+        for step in reversed(self.steps()):
+            try:
+                meta = fmt.read_meta(self.root, step)
+            except ConversionError as e:
+                self._set_aside(step, str(e), log)
+                continue
+            check(meta)  # another run's checkpoint is an error, not a corrupt step
+            it, restore_data = make_data_iter(meta)
+            items = {fmt.PARAMS: ocp.args.StandardRestore(abstract_state['params']),
+                     fmt.TRAIN_STATE: ocp.args.StandardRestore(
+                         {'opt_state': abstract_state['opt_state'], 'step': abstract_state['step']})}
+            if restore_data:
+                items[fmt.DATA] = _grain_restore(it)
+            try:
+                r = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - orbax, tensorstore and grain raise many types
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+                self._set_aside(step, f'{self.root}/{step}: does not restore ({type(e).__name__}: {msg})', log)
+                if hasattr(it, 'close'):
+                    it.close()
+                continue
+            state = dict(params=r[fmt.PARAMS], opt_state=r[fmt.TRAIN_STATE]['opt_state'],
+                         step=r[fmt.TRAIN_STATE]['step'])
+            return state, it, meta
+        return None
+
+    def _set_aside(self, step: int, why: str, log) -> None:
+        log(f'warning: checkpoint step {step} is unusable: {why}; falling back to the one before it')
+        src = os.path.join(self.root, str(step))
+        if jax.process_index() == 0 and os.path.isdir(src):
+            dst, n = src + fmt.CORRUPT_SUFFIX, 1
+            while os.path.exists(dst):
+                dst, n = f'{src}{fmt.CORRUPT_SUFFIX}{n}', n + 1
+            os.replace(src, dst)
+            log(f'warning: moved it to {dst}')
+        _sync(f'set_aside_{step}')
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _grain_save(it):
+    import grain
+    return grain.checkpoint.CheckpointSave(it)
+
+
+def _grain_restore(it):
+    import grain
+    return grain.checkpoint.CheckpointRestore(it)

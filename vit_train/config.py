@@ -1,0 +1,136 @@
+"""Command-line flags (train_flax.py and `vit-flax train` share them) and their defaults."""
+import argparse
+import os
+
+from .data import DATASETS, INTERPOLATIONS
+from .errors import TrainError
+from .optim import OPTIMIZERS
+
+# `python train_flax.py` with no --model: a small ViT that timm also builds
+# (timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=4)).
+DEMO_MODEL = 'vit_tiny_patch16_224'
+DEMO_OVERRIDES = dict(img_size=16, patch_size=8, depth=4)
+
+# Per data set: (crop_pct, RandomResizedCrop scale, horizontal flip). Digits are tiny and not mirror
+# symmetric; the others follow the seeds (RandomResizedCrop + flip, Resize(256)/CenterCrop(224) for folders).
+DATA_DEFAULTS = {
+    'digits': (1.0, (0.85, 1.0), False),
+    'cifar10': (1.0, (0.08, 1.0), True),
+    'cifar100': (1.0, (0.08, 1.0), True),
+    'folder': (0.875, (0.08, 1.0), True),
+}
+OPTIMIZER_DEFAULTS = {'adamw': dict(lr=1e-3, weight_decay=0.05), 'sgd': dict(lr=1e-3, weight_decay=5e-5)}
+
+
+def _fraction(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f'wants a fraction in [0, 1), got {text!r}')
+    return v
+
+
+def build_parser(prog=None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description='Train or fine-tune a ViT/DeiT/Swin with optax, grain, orbax and jax.sharding. '
+        'With no arguments: a small ViT on scikit-learn digits. Rerunning the same command resumes.')
+    m = p.add_argument_group('model')
+    m.add_argument('--model', help=f'registered model name (default: {DEMO_MODEL} with '
+                   + ', '.join(f'{k}={v}' for k, v in DEMO_OVERRIDES.items()) + ', the demo)')
+    m.add_argument('--img-size', type=int, help='input size (default: the model\'s own)')
+    m.add_argument('--patch-size', type=int, help='patch size (default: the model\'s own)')
+    m.add_argument('--depth', type=int, help='number of blocks (default: the model\'s own)')
+    m.add_argument('--num-classes', type=int, help='head size (default: the number of classes in the data)')
+    m.add_argument('--drop-path', type=_fraction, default=0.0, help='stochastic depth rate (default 0)')
+    m.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='compute dtype; params and optimizer state stay float32')
+    m.add_argument('--weights', help='checkpoint to fine-tune from: any format the converters read (.npz, .pth, '
+                   '.safetensors, orbax) or a training workdir (its best step); the head is replaced and the '
+                   'position embedding resampled to fit, every change logged')
+    m.add_argument('--resample', choices=('bicubic', 'bilinear', 'google'), default='bicubic',
+                   help='position-embedding resampling for --weights (default bicubic, as timm for .pth)')
+    m.add_argument('--freeze-layers', action='store_true',
+                   help='train only the head (and pre_logits, head_dist); every other parameter stays bit-identical')
+
+    d = p.add_argument_group('data')
+    d.add_argument('--dataset', choices=DATASETS, help='default: folder when --data-path is given, else digits')
+    d.add_argument('--data-path', help='folder data set root, or the CIFAR directory / downloaded .tar.gz')
+    d.add_argument('--val-split', type=_fraction, default=0.2,
+                   help='validation share of digits and of a folder without train/ and val/ (default 0.2)')
+    d.add_argument('--workers', type=int,
+                   help='grain worker processes (default: min(8, cpus) for folders, which decode files; '
+                   '0 for the in-memory digits and CIFAR, where threads suffice)')
+    d.add_argument('--mean', type=float, nargs=3, help='normalisation mean (default: what --weights were trained with)')
+    d.add_argument('--std', type=float, nargs=3, help='normalisation std (default: as --mean)')
+    d.add_argument('--interpolation', choices=INTERPOLATIONS, default='bilinear', help='resize filter (default bilinear)')
+    d.add_argument('--crop-pct', type=float, help='evaluation: resize to img/crop_pct, centre crop img '
+                   '(default 0.875 for folders, as the seeds; 1.0 for digits and CIFAR)')
+    d.add_argument('--crop-scale', type=float, nargs=2, metavar=('MIN', 'MAX'),
+                   help='training RandomResizedCrop area range (default 0.08 1, digits 0.85 1)')
+    d.add_argument('--hflip', action=argparse.BooleanOptionalAction, help='random horizontal flip (default: on; off for digits)')
+
+    o = p.add_argument_group('optimisation')
+    o.add_argument('--epochs', type=int, default=10)
+    o.add_argument('--batch-size', type=int, default=32, help='global batch per update (default 32)')
+    o.add_argument('--grad-accum', type=int, default=1, help='split each batch into N micro-batches')
+    o.add_argument('--optimizer', choices=OPTIMIZERS, default='adamw')
+    o.add_argument('--lr', type=float, help='peak learning rate (default 1e-3)')
+    o.add_argument('--lrf', type=float, default=0.01, help='final learning rate as a fraction of --lr (default 0.01)')
+    o.add_argument('--warmup-epochs', type=float, default=1.0, help='linear warmup (default 1 epoch)')
+    o.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
+    o.add_argument('--weight-decay', type=float, help='default: 0.05 (adamw), 5e-5 (sgd, the seeds); never on '
+                   'biases, norms, position embeddings, tokens or relative-position tables')
+    o.add_argument('--label-smoothing', type=_fraction, default=0.0)
+    o.add_argument('--clip-grad', type=float, default=1.0, help='clip the global gradient norm (0: off; default 1)')
+    o.add_argument('--seed', type=int, default=0)
+
+    r = p.add_argument_group('run')
+    r.add_argument('--workdir', help='checkpoints, logs, summary.json (default: runs/<dataset>-<model>)')
+    r.add_argument('--keep', type=int, default=2, help='keep the last N checkpoints, plus the best (default 2)')
+    r.add_argument('--save-every', type=int, default=0,
+                   help='also checkpoint every N steps inside an epoch (default: at epoch ends only)')
+    r.add_argument('--mesh', default='', help="device mesh 'data=N,fsdp=M' (default: data over every device); "
+                   'fsdp > 1 shards parameters and optimizer state')
+    r.add_argument('--coordinator', help='multi-process: HOST:PORT of process 0 (jax.distributed.initialize)')
+    r.add_argument('--num-processes', type=int, help='multi-process: number of processes')
+    r.add_argument('--process-id', type=int, help='multi-process: this process\'s index')
+    r.add_argument('--distributed', action='store_true',
+                   help='call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...)')
+    return p
+
+
+# integer flags and their least value
+MINIMA = dict(img_size=1, patch_size=1, depth=1, num_classes=1, epochs=1, batch_size=1, grad_accum=1, keep=1,
+              save_every=0, workers=0, num_processes=1, process_id=0)
+
+
+def resolve(args) -> argparse.Namespace:
+    """Check the integer flags; fill the defaults that depend on other flags (the demo preset, per-dataset
+    and per-optimizer values)."""
+    a = argparse.Namespace(**vars(args))
+    for k, lo in MINIMA.items():
+        if getattr(a, k) is not None and getattr(a, k) < lo:
+            raise TrainError(f'--{k.replace("_", "-")} wants an integer >= {lo}, got {getattr(a, k)}')
+    a.demo = a.model is None
+    if a.demo:
+        a.model = DEMO_MODEL
+        for k, v in DEMO_OVERRIDES.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+    if a.dataset is None:
+        a.dataset = 'folder' if a.data_path else 'digits'
+    crop_pct, scale, hflip = DATA_DEFAULTS[a.dataset]
+    a.crop_pct = crop_pct if a.crop_pct is None else a.crop_pct
+    a.crop_scale = tuple(scale if a.crop_scale is None else a.crop_scale)
+    a.hflip = hflip if a.hflip is None else a.hflip
+    for k, v in OPTIMIZER_DEFAULTS[a.optimizer].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.workers is None:
+        a.workers = min(8, os.cpu_count() or 1) if a.dataset == 'folder' else 0
+    if a.workdir is None:
+        a.workdir = os.path.join('runs', f'{a.dataset}-{a.model}')
+    a.workdir = os.path.abspath(a.workdir)
+    return a

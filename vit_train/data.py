@@ -1,0 +1,524 @@
+"""Data sets (digits, CIFAR-10/100, image folders), the seeds' split, image transforms, the grain pipeline.
+
+Images travel as uint8 HWC arrays; normalisation happens on the device, inside the jitted step. Every
+element is a dict {'image', 'label', 'weight', 'unreadable'}: an image that cannot be decoded becomes a
+zero image of weight 0 (it takes no part in the loss or the accuracy) and is counted, so an unreadable
+file never stops a run and never changes which examples the other rows of a batch hold.
+
+Nothing here imports the models or the converters: grain's worker processes import this module.
+"""
+import io
+import os
+import pickle
+import random
+import sys
+import tarfile
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .errors import TrainError
+
+DATASETS = ('digits', 'cifar10', 'cifar100', 'folder')
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos')
+
+
+# ---------------------------------------------------------------- sources (random access, picklable)
+
+class ArraySource:
+    """In-memory uint8 images (N, H, W[, C]) and their labels."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int]):
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {'image': self.images[i], 'label': int(self.labels[i])}
+
+
+class FileSource:
+    """Image files decoded on read (in the pipeline's workers)."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int]):
+        self.paths, self.labels = list(paths), np.asarray(labels, np.int32)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return {'path': self.paths[i], 'label': int(self.labels[i])}
+
+
+class Padded:
+    """`source` followed by padding elements up to `length` (a whole number of evaluation batches)."""
+
+    def __init__(self, source, length: int):
+        self.source, self.length = source, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.source[i] if i < len(self.source) else {'pad': True, 'label': 0}
+
+
+@dataclass
+class Dataset:
+    name: str
+    class_names: List[str]
+    train: object
+    val: object
+    path: Optional[str] = None
+
+
+# ---------------------------------------------------------------- the seeds' split
+
+def seeds_split(per_class: Sequence[Sequence], val_rate: float):
+    """The seeds' `read_split_data` rule: `random.seed(0)`, then for each class in order a
+    `random.sample` of int(n * val_rate) of its sorted items goes to validation. Returns
+    (train, val) as lists of (item, class index) in class order, items in sorted order."""
+    rnd = random.Random(0)  # the same stream as random.seed(0) followed by module-level random.sample
+    train, val = [], []
+    for c, items in enumerate(per_class):
+        items = sorted(items)
+        chosen = set(rnd.sample(items, k=int(len(items) * val_rate)))
+        for it in items:
+            (val if it in chosen else train).append((it, c))
+    return train, val
+
+
+def _split_source(train, val, make):
+    return (make([i for i, _ in train], [c for _, c in train]),
+            make([i for i, _ in val], [c for _, c in val]))
+
+
+# ---------------------------------------------------------------- digits (embedded)
+
+def _digits_arrays():
+    """(images (1797, 8, 8) in 0..16, labels): scikit-learn's digits.csv.gz read directly, as load_digits
+    reads it, without importing scikit-learn itself (seconds of start-up for every run)."""
+    import importlib.util
+    spec = importlib.util.find_spec('sklearn')
+    csv = os.path.join(spec.submodule_search_locations[0], 'datasets', 'data', 'digits.csv.gz') if spec else ''
+    if os.path.isfile(csv):
+        table = np.loadtxt(csv, delimiter=',')
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.images, d.target
+
+
+def digits(val_split: float) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits (grey levels 0..16 scaled to 0..255), split by the seeds' rule."""
+    raw, target = _digits_arrays()
+    images = np.round(raw * (255 / 16)).astype(np.uint8)
+    per_class = [np.flatnonzero(target == c).tolist() for c in range(10)]
+    train, val = seeds_split(per_class, val_split)
+    tr, va = _split_source(train, val, lambda idx, lab: ArraySource(images[idx], lab))
+    return Dataset('digits', [str(c) for c in range(10)], tr, va)
+
+
+# ---------------------------------------------------------------- image folders
+
+def _image_files(folder: str) -> List[str]:
+    return [os.path.join(folder, f) for f in os.listdir(folder)
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTS and not f.startswith('.')]
+
+
+def _class_dirs(root: str) -> List[str]:
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
+
+
+def folder(root: str, val_split: float) -> Dataset:
+    """`root/<class>/*.jpg` split by the seeds' rule, or `root/train/<class>/` with `root/val/<class>/`."""
+    if not os.path.isdir(root):
+        raise TrainError(f'{root}: no such data directory')
+    if all(os.path.isdir(os.path.join(root, s)) for s in ('train', 'val')):
+        classes = _class_dirs(os.path.join(root, 'train'))
+        extra = sorted(set(_class_dirs(os.path.join(root, 'val'))) - set(classes))
+        if extra:
+            raise TrainError(f'{root}/val: class folder {extra[0]!r} has no counterpart in {root}/train')
+        sides = []
+        for side in ('train', 'val'):
+            items = [(p, c) for c, name in enumerate(classes)
+                     if os.path.isdir(os.path.join(root, side, name))
+                     for p in sorted(_image_files(os.path.join(root, side, name)))]
+            sides.append(items)
+        train, val = sides
+    else:
+        classes = _class_dirs(root)
+        train, val = seeds_split([_image_files(os.path.join(root, c)) for c in classes], val_split)
+    if not classes:
+        raise TrainError(f'{root}: no class sub-folders (expected {root}/<class>/*.jpg or train/ and val/)')
+    for side, items in (('training', train), ('validation', val)):
+        if not items:
+            raise TrainError(f'{root}: no {side} images ({", ".join(IMAGE_EXTS)}; --val-split {val_split})')
+    tr, va = _split_source(train, val, FileSource)
+    return Dataset('folder', classes, tr, va, root)
+
+
+# ---------------------------------------------------------------- CIFAR archives
+
+class _Files:
+    """Read members of an extracted CIFAR directory or of the downloaded .tar.gz, by base name."""
+
+    def __init__(self, path: str, candidates: Sequence[str]):
+        self.path, self.tar, self.names = path, None, {}
+        if os.path.isfile(path):
+            try:
+                self.tar = tarfile.open(path)
+            except (tarfile.TarError, OSError) as e:
+                raise TrainError(f'{path}: not a readable tar archive ({e})') from None
+            for m in self.tar.getmembers():
+                if m.isfile():
+                    self.names.setdefault(os.path.basename(m.name), m)
+        elif os.path.isdir(path):
+            for d in [path] + [os.path.join(path, c) for c in candidates]:
+                if os.path.isdir(d):
+                    for f in os.listdir(d):
+                        if os.path.isfile(os.path.join(d, f)):
+                            self.names.setdefault(f, os.path.join(d, f))
+        else:
+            raise TrainError(f'{path}: no such file or directory')
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def read(self, name: str) -> bytes:
+        if name not in self.names:
+            raise TrainError(f'{self.path}: {name} not found')
+        ref = self.names[name]
+        if self.tar:
+            return self.tar.extractfile(ref).read()
+        with open(ref, 'rb') as f:
+            return f.read()
+
+
+def _records(raw: bytes, label_bytes: int, where: str):
+    size = label_bytes + 3072
+    if len(raw) % size:
+        raise TrainError(f'{where}: {len(raw)} bytes is not a whole number of {size}-byte CIFAR records')
+    rec = np.frombuffer(raw, np.uint8).reshape(-1, size)
+    return rec[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), rec[:, label_bytes - 1].astype(np.int32)
+
+
+def _names(raw: bytes) -> List[str]:
+    return [line.strip() for line in raw.decode('utf-8', 'replace').splitlines() if line.strip()]
+
+
+def cifar(path: str, which: str) -> Dataset:
+    """CIFAR-10 or CIFAR-100 (fine labels) from the binary or the python version; test split = validation."""
+    ten = which == 'cifar10'
+    dirs = ('cifar-10-batches-bin', 'cifar-10-batches-py') if ten else ('cifar-100-binary', 'cifar-100-python')
+    files = _Files(path, dirs)
+    bin_train = [f'data_batch_{i}.bin' for i in range(1, 6)] if ten else ['train.bin']
+    py_train = [f'data_batch_{i}' for i in range(1, 6)] if ten else ['train']
+    if all(files.has(n) for n in bin_train):
+        label_bytes = 1 if ten else 2  # CIFAR-100 records are <coarse><fine><pixels>
+        parts = [_records(files.read(n), label_bytes, n) for n in bin_train + ['test_batch.bin' if ten else 'test.bin']]
+        names = _names(files.read('batches.meta.txt' if ten else 'fine_label_names.txt'))
+        split = [parts[:-1], parts[-1:]]
+    elif all(files.has(n) for n in py_train):
+        label_key = 'labels' if ten else 'fine_labels'
+        split = [[_py_batch(files.read(n), label_key, n) for n in names_]
+                 for names_ in (py_train, ['test_batch' if ten else 'test'])]
+        meta = _text_keys(safe_unpickle(files.read('batches.meta' if ten else 'meta'), 'meta'))
+        names = [n.decode() if isinstance(n, bytes) else str(n)
+                 for n in meta['label_names' if ten else 'fine_label_names']]
+    else:
+        raise TrainError(f'{path}: no {which} archive here (expected the binary or python version: '
+                         f'{dirs[0]}/ or {dirs[1]}/, extracted or as the downloaded .tar.gz)')
+    tr, va = (ArraySource(np.concatenate([x for x, _ in s]), np.concatenate([y for _, y in s])) for s in split)
+    n = len(names)
+    for src in (tr, va):
+        if len(src) and (src.labels.min() < 0 or src.labels.max() >= n):
+            raise TrainError(f'{path}: label {int(src.labels.max())} outside the {n} class names')
+    return Dataset(which, names, tr, va, os.path.abspath(path))
+
+
+def _text_keys(d):
+    if not isinstance(d, dict):
+        raise TrainError(f'CIFAR python batch: expected a dict, found {type(d).__name__}')
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _py_batch(raw: bytes, label_key: str, where: str):
+    d = _text_keys(safe_unpickle(raw, where))
+    try:
+        data = np.asarray(d['data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(d[label_key], np.int32)
+    except (KeyError, ValueError) as e:
+        raise TrainError(f'{where}: not a CIFAR python batch ({type(e).__name__}: {e})') from None
+    if len(labels) != len(data):
+        raise TrainError(f'{where}: {len(data)} images but {len(labels)} labels')
+    return data, labels
+
+
+# ---------------------------------------------------------------- a pickle reader that runs no code
+
+_NUMERIC = {'b1', 'u1', 'u2', 'u4', 'u8', 'i1', 'i2', 'i4', 'i8', 'f2', 'f4', 'f8'}
+
+
+class _DType:
+    """Stand-in for numpy.dtype during unpickling: only plain numeric dtypes are accepted."""
+
+    def __init__(self, name, align=False, copy=True):
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        if name not in _NUMERIC:
+            raise pickle.UnpicklingError(f'refused dtype {name!r} (only plain numeric arrays are read)')
+        self.name, self.order = name, '|'
+
+    def __setstate__(self, state):
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else '|'
+        self.order = order.decode() if isinstance(order, bytes) else order
+
+    def dtype(self):
+        return np.dtype(self.name).newbyteorder('>' if self.order == '>' else '<')
+
+
+class _Array:
+    """Stand-in for numpy.ndarray: rebuilt from (version, shape, dtype, fortran, raw bytes) only."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _DType)):
+            raise pickle.UnpicklingError('refused: malformed array state')
+        _, shape, dtype, fortran, raw = state
+        raw = raw.encode('latin1') if isinstance(raw, str) else raw
+        if not isinstance(raw, (bytes, bytearray)) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise pickle.UnpicklingError('refused: array data is not raw bytes')
+        dt = dtype.dtype()
+        if len(raw) != int(np.prod(shape)) * dt.itemsize:
+            raise pickle.UnpicklingError(f'array of shape {tuple(shape)} {dt} does not match its {len(raw)} bytes')
+        self.array = np.frombuffer(bytes(raw), dt).reshape(shape, order='F' if fortran else 'C').astype(dt.newbyteorder('='))
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _Array:
+        raise pickle.UnpicklingError('refused: _reconstruct of something other than an ndarray')
+    return _Array()
+
+
+def _frombuffer(buf, dtype, shape, order):
+    a = _Array()
+    a.__setstate__((1, tuple(shape), dtype, order == 'F', bytes(buf)))
+    return a
+
+
+def _latin1(text, encoding='latin1'):
+    # Python 3's protocol-2 pickles write bytes as _codecs.encode(str, 'latin1')
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError('refused: _codecs.encode other than latin1 text')
+    return text.encode('latin1')
+
+
+_ALLOWED = {
+    ('numpy.core.multiarray', '_reconstruct'): _reconstruct,
+    ('numpy._core.multiarray', '_reconstruct'): _reconstruct,
+    ('numpy.core.numeric', '_frombuffer'): _frombuffer,
+    ('numpy._core.numeric', '_frombuffer'): _frombuffer,
+    ('numpy', 'ndarray'): _Array,
+    ('numpy', 'dtype'): _DType,
+    ('_codecs', 'encode'): _latin1,
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f'refused to load {module}.{name} (only containers, bytes, str, numbers '
+                                     f'and plain numeric arrays are read)')
+
+
+def _unwrap(obj):
+    if isinstance(obj, _Array):
+        return obj.array
+    if isinstance(obj, (_DType,)):
+        return obj.dtype()
+    if isinstance(obj, dict):
+        return {_unwrap(k): _unwrap(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwrap(v) for v in obj)
+    return obj
+
+
+def safe_unpickle(raw: bytes, where: str = 'pickle'):
+    """Unpickle plain data only (dicts, lists, tuples, bytes, str, numbers, numeric numpy arrays).
+
+    Any other global (a class, a function such as os.system) is refused before anything runs: the CIFAR
+    python batches need nothing more. `encoding='bytes'` reads the Python 2 originals."""
+    try:
+        return _unwrap(_SafeUnpickler(io.BytesIO(raw), encoding='bytes').load())
+    except pickle.UnpicklingError as e:
+        raise TrainError(f'{where}: {e}') from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise TrainError(f'{where}: not a readable pickle ({type(e).__name__}: {e})') from None
+
+
+# ---------------------------------------------------------------- choosing a data set
+
+def load(name: str, path: Optional[str], val_split: float) -> Dataset:
+    if name == 'digits':
+        return digits(val_split)
+    if not path:
+        raise TrainError(f'--dataset {name} needs --data-path')
+    if name == 'folder':
+        return folder(os.path.abspath(path), val_split)
+    return cifar(path, name)
+
+
+# ---------------------------------------------------------------- transforms
+
+def _pil(name: str):
+    from PIL import Image
+    return {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC,
+            'lanczos': Image.LANCZOS}[name]
+
+
+def random_resized_crop(h: int, w: int, scale, ratio, rng: np.random.Generator):
+    """(top, left, height, width) of an Inception-style crop: area fraction in `scale`, log-uniform aspect
+    ratio in `ratio`, ten tries, then the largest centred crop within the ratio range."""
+    area = h * w
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(*log_ratio)))
+        cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+_WARNED = set()  # unreadable files already reported by this process
+
+
+class _Transform:
+    """Decode (or take) the image, then `self.image(...)`; unreadable images become weight-0 zeros."""
+
+    def __init__(self, size: int, interpolation: str):
+        self.size, self.interpolation = size, interpolation
+
+    def _open(self, rec):
+        from PIL import Image
+        if 'image' in rec:
+            return Image.fromarray(rec['image'])
+        try:
+            with Image.open(rec['path']) as im:
+                im.load()
+                return im.convert('RGB') if im.mode != 'RGB' else im.copy()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+            if rec['path'] not in _WARNED:
+                _WARNED.add(rec['path'])
+                print(f'warning: skipped unreadable image {rec["path"]} ({type(e).__name__}: {e})', file=sys.stderr)
+            return None
+
+    def _out(self, img, label, weight=1.0, unreadable=0):
+        if img is None:
+            arr = np.zeros((self.size, self.size, 3), np.uint8)
+        else:
+            arr = np.asarray(img.convert('RGB') if img.mode != 'RGB' else img, np.uint8)
+        return {'image': arr, 'label': np.int32(label), 'weight': np.float32(weight),
+                'unreadable': np.int32(unreadable)}
+
+    def apply(self, rec, rng):
+        if rec.get('pad'):
+            return self._out(None, 0, weight=0.0)
+        img = self._open(rec)
+        if img is None:
+            return self._out(None, rec['label'], weight=0.0, unreadable=1)
+        return self._out(self.image(img, rng), rec['label'])
+
+
+class TrainTransform(_Transform):
+    """RandomResizedCrop(size, scale) + horizontal flip (p=0.5), as the seeds' training transform."""
+
+    def __init__(self, size, interpolation, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True):
+        super().__init__(size, interpolation)
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+
+    def image(self, img, rng):
+        from PIL import Image
+        top, left, ch, cw = random_resized_crop(img.height, img.width, self.scale, self.ratio, rng)
+        img = img.resize((self.size, self.size), _pil(self.interpolation), box=(left, top, left + cw, top + ch))
+        if self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img
+
+    def __call__(self, rec, rng):  # grain's random_map signature
+        return self.apply(rec, rng)
+
+
+class EvalTransform(_Transform):
+    """Resize the short side to int(size / crop_pct), then CenterCrop(size): the seeds' Resize(256) +
+    CenterCrop(224) is crop_pct 0.875 (timm's `crop_mode='center'`)."""
+
+    def __init__(self, size, interpolation, crop_pct=0.875):
+        super().__init__(size, interpolation)
+        self.crop_pct = crop_pct
+
+    def image(self, img, rng=None):
+        w, h = img.size
+        short = int(self.size / self.crop_pct)
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((nw, nh), _pil(self.interpolation))
+        top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def __call__(self, rec):  # grain's map signature
+        return self.apply(rec, None)
+
+
+# ---------------------------------------------------------------- the grain pipeline
+
+def _grain():
+    import grain
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; we do not use absl.app
+        flags.FLAGS.mark_as_parsed()
+    return grain
+
+
+def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, process_index: int,
+                   process_count: int, workers: int = 0, start_step: int = 0):
+    """An endless grain iterator of this process's share of each global training batch.
+
+    Each epoch is a fresh shuffle (grain reshuffles per epoch) cut to whole global batches; global batch k
+    is the shuffled positions [k*batch, (k+1)*batch) and process p yields rows [p*b, (p+1)*b) of it
+    (b = batch / process_count), so any number of processes sees the same global batches in the same
+    order. Augmentation is seeded by the element's position, so it is the same too. `start_step` skips
+    ahead without reading (the iterator state, restored instead, does the same)."""
+    grain = _grain()
+    steps_per_epoch = len(source) // batch
+    if steps_per_epoch == 0:
+        raise TrainError(f'{len(source)} training images are fewer than one batch of {batch}')
+    local = batch // process_count
+    ds = (grain.MapDataset.source(source).shuffle(seed=seed % 2 ** 32)[:steps_per_epoch * batch]
+          .repeat(None).random_map(transform, seed=seed % 2 ** 32)
+          .batch(local, drop_remainder=True)[process_index::process_count])
+    if start_step:
+        ds = ds[start_step:]
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1))))
+    if workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+def eval_batches(source, transform: EvalTransform, *, batch: int, process_index: int, process_count: int):
+    """This process's rows of every global evaluation batch; the last batch is padded with weight-0 rows."""
+    grain = _grain()
+    n = -(-len(source) // batch) * batch
+    local = batch // process_count
+    ds = (grain.MapDataset.source(Padded(source, n)).map(transform)
+          .batch(local, drop_remainder=True)[process_index::process_count])
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1))))

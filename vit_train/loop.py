@@ -1,0 +1,325 @@
+"""The training run, top to bottom: data, model, mesh, state (fresh, fine-tuned or resumed), epochs."""
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+import vit_flax
+from converters import training_ckpt as fmt
+
+from . import config, data, optim, report, sharding, step as steps, weights
+from .checkpoint import Checkpoints
+from .errors import NonFiniteLoss, TrainError
+
+
+def init_distributed(args) -> None:
+    if not (args.coordinator or args.num_processes or args.distributed):
+        return
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives across processes
+    if args.coordinator or args.num_processes:
+        missing = [f for f, v in (('--coordinator', args.coordinator), ('--num-processes', args.num_processes),
+                                  ('--process-id', args.process_id)) if v is None]
+        if missing:
+            raise TrainError(f'multi-process runs need --coordinator, --num-processes and --process-id '
+                             f'(missing {", ".join(missing)})')
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def build_model(args, num_classes: int):
+    """(model, JSON-able overrides for create_model, square input size)."""
+    over = dict(num_classes=num_classes)
+    for k in ('img_size', 'patch_size', 'depth'):
+        if getattr(args, k) is not None:
+            over[k] = getattr(args, k)
+    if args.drop_path:
+        over['drop_path_rate'] = args.drop_path
+    try:
+        model = vit_flax.create_model(args.model, **over, dtype=jnp.dtype(args.dtype))
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainError(f'--model {args.model}: {e.args[0] if isinstance(e, KeyError) else e}') from None
+    height, width, _ = model.input_shape
+    if height != width:
+        raise TrainError(f'{args.model}: training needs a square input, the model takes {height}x{width}')
+    return model, _jsonable(over), height
+
+
+def same_run(meta: dict) -> dict:
+    """What a resumed run must share with its checkpoint: the model, the data, the batch, the seed, the
+    optimizer. Anything else (epochs, lr, mesh, workers, dtype, grad-accum, drop-path) may change."""
+    cfg = meta['config']
+    return dict(model=meta['model'], num_classes=meta['num_classes'], class_names=meta['class_names'],
+                model_overrides={k: v for k, v in meta['model_overrides'].items() if k != 'drop_path_rate'},
+                dataset={k: meta['dataset'][k] for k in ('name', 'num_train', 'num_val')},
+                **{k: cfg[k] for k in ('batch_size', 'seed', 'optimizer', 'freeze_layers')})
+
+
+def check_same_run(old: dict, new: dict, workdir: str) -> None:
+    a, b = same_run(old), same_run(new)
+    for k in a:
+        if a[k] != b[k]:
+            raise TrainError(f'{workdir} holds a run with {k}={a[k]!r}, this command has {k}={b[k]!r}; '
+                             f'use the same flags to resume it, or another --workdir')
+
+
+@dataclass
+class StateSpec:
+    """Shapes and shardings of the train state {'params', 'opt_state', 'step'}, and how to make one."""
+    init_params: callable        # rng -> params
+    init_opt: callable           # params -> opt_state (trainable params only)
+    abstract: dict               # ShapeDtypeStructs carrying their shardings
+    shardings: dict
+    tx: object
+    trainable: list
+    num_params: int
+    num_trainable: int
+
+
+def state_spec(model, args, mesh) -> StateSpec:
+    init_params = lambda rng: model.init(rng, jnp.zeros((1,) + model.input_shape, jnp.float32), train=False)['params']
+    params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    flat = flatten_dict(params, sep='/')
+    trainable = optim.trainable_keys(flat, args.freeze_layers)
+    tx = optim.make(args.optimizer, args.weight_decay, {k: optim.decays(k) for k in trainable}, args.momentum,
+                    args.clip_grad)
+    init_opt = lambda p: tx.init({k: v for k, v in flatten_dict(p, sep='/').items() if k in trainable})
+    abstract = dict(params=params, opt_state=jax.eval_shape(init_opt, params), step=jax.ShapeDtypeStruct((), jnp.int32))
+    shardings = dict(params=sharding.tree_shardings(abstract['params'], mesh),
+                     opt_state=sharding.tree_shardings(abstract['opt_state'], mesh), step=sharding.replicated(mesh))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    size = lambda keys: sum(int(np.prod(flat[k].shape)) for k in keys)
+    return StateSpec(init_params, init_opt, abstract, shardings, tx, trainable, size(flat), size(trainable))
+
+
+class EpochMeter:
+    """Sums of the step metrics, fetched one step late so the host never waits on the device's queue."""
+
+    def __init__(self, on_loss):
+        self.on_loss, self.pending = on_loss, []
+        self.sums = dict(loss=0.0, correct=0.0, count=0.0, unreadable=0.0)
+        self.t_first, self.images_timed = None, 0
+
+    def add(self, step_no: int, metrics) -> None:
+        self.pending.append((step_no, metrics))
+        if len(self.pending) > 1:
+            self._fetch(*self.pending.pop(0))
+
+    def flush(self) -> None:
+        while self.pending:
+            self._fetch(*self.pending.pop(0))
+
+    def _fetch(self, step_no, metrics):
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.on_loss(step_no, m['loss'])
+        if self.t_first is None:  # time from the first finished step on: compilation is not throughput
+            self.t_first = time.perf_counter()
+        else:
+            self.images_timed += m['count'] + m['unreadable']
+        self.sums['loss'] += m['loss'] * m['count']
+        for k in ('correct', 'count', 'unreadable'):
+            self.sums[k] += m[k]
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.sums['count'], 1.0)
+
+    def images_per_sec(self) -> float:
+        dt = time.perf_counter() - self.t_first if self.t_first else 0.0
+        return self.images_timed / dt if dt > 0 else 0.0
+
+
+def run(argv=None, prog=None) -> int:
+    args = config.resolve(config.build_parser(prog).parse_args(argv))
+    init_distributed(args)
+    nproc, pid = jax.process_count(), jax.process_index()
+    log, warn = report.printer(pid == 0), report.printer(pid == 0, sys.stderr)
+
+    # ---- data and model
+    ds = data.load(args.dataset, args.data_path, args.val_split)
+    num_classes = args.num_classes or len(ds.class_names)
+    if not len(ds.val):
+        raise TrainError(f'no validation images (--val-split {args.val_split})')
+    if num_classes < len(ds.class_names):
+        raise TrainError(f'--num-classes {num_classes} is fewer than the {len(ds.class_names)} classes in the data')
+    model, overrides, size = build_model(args, num_classes)
+
+    # ---- devices, batch, schedule, state
+    mesh_sizes = sharding.parse_mesh(args.mesh, jax.device_count())
+    mesh = sharding.make_mesh(mesh_sizes)
+    ndev, batch = jax.device_count(), args.batch_size
+    if batch % ndev or batch % nproc or (batch // ndev) % args.grad_accum:
+        raise TrainError(f'--batch-size {batch} must split evenly over {ndev} devices, {nproc} processes and '
+                         f'--grad-accum {args.grad_accum} micro-batches per device')
+    spe = len(ds.train) // batch
+    if spe == 0:
+        raise TrainError(f'{len(ds.train)} training images are fewer than one --batch-size {batch}')
+    total = args.epochs * spe
+    lr_at = optim.schedule(args.lr, args.lrf, round(args.warmup_epochs * spe), total)
+    spec = state_spec(model, args, mesh)
+    base_meta = dict(format=fmt.FORMAT, version=fmt.VERSION, model=args.model, model_overrides=overrides,
+                     num_classes=num_classes, class_names=ds.class_names, dtype=args.dtype, steps_per_epoch=spe,
+                     epochs=args.epochs, dataset=dict(name=args.dataset, path=ds.path, val_split=args.val_split,
+                                                      num_train=len(ds.train), num_val=len(ds.val)),
+                     num_processes=nproc, data_workers=args.workers, mesh=mesh_sizes,
+                     config=_jsonable(dict(vars(args), crop_scale=list(args.crop_scale))))
+
+    train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip)
+    eval_tf = data.EvalTransform(size, args.interpolation, args.crop_pct)
+
+    def data_iter(start_step=0):
+        return data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,
+                                   process_count=nproc, workers=args.workers, start_step=start_step)
+
+    def resume_iter(meta):
+        if meta['num_processes'] == nproc and meta['data_workers'] == args.workers:
+            return data_iter(), True
+        log(f"data: checkpoint written by {meta['num_processes']} process(es) with {meta['data_workers']} "
+            f"worker(s); positioning the pipeline from the step instead of its saved state")
+        return data_iter(meta['step']), False
+
+    def load_weights():
+        over = {k: v for k, v in overrides.items() if k != 'drop_path_rate'}
+        return weights.load(args.weights, args.model, over, args.resample, warn)
+
+    # ---- resumed, or fresh / fine-tuned (a resumed run keeps its weights' record and normalisation)
+    loaded = None
+    if args.weights and not fmt.list_steps(os.path.join(args.workdir, fmt.CHECKPOINTS_DIR)):
+        loaded = load_weights()  # a fresh run reads its weights before it writes anything
+    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        # a rerun (resume) compiles the same programs: keep them beside the run unless the user chose a cache
+        jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'xla_cache'))
+    ckpts = Checkpoints(args.workdir, args.keep)
+    resumed = ckpts.resume(spec.abstract, resume_iter, lambda m: check_same_run(m, base_meta, args.workdir), warn)
+    if resumed:
+        state, it, meta0 = resumed
+        start, best_acc, winfo = int(state['step']), meta0['best_val_acc'], meta0['weights']
+        if start >= total:
+            log(f"training already finished: epoch {meta0['epoch']} of {meta0['epochs']} (step {start}) in "
+                f"{args.workdir}; nothing to do (raise --epochs to train further)")
+            _close(it)
+            ckpts.close()
+            return 0
+        log(f"resumed from epoch {meta0['epoch']} (step {start})")
+        cfg = meta0['pretrained_cfg']
+        wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
+    else:
+        winfo, wnorm = None, None
+        if args.weights:
+            params_np, winfo, wnorm = loaded or load_weights()  # (loaded late: every checkpoint was unusable)
+            params = sharding.put(params_np, spec.shardings['params'])
+        else:
+            params = jax.jit(spec.init_params, out_shardings=spec.shardings['params'])(jax.random.PRNGKey(args.seed))
+        state = dict(params=params, opt_state=jax.jit(spec.init_opt, out_shardings=spec.shardings['opt_state'])(params),
+                     step=sharding.put(np.int32(0), spec.shardings['step']))
+        it, start, best_acc = data_iter(), 0, None
+    mean, std, norm_why = weights.normalization(args, wnorm)
+    base_meta.update(weights=winfo, pretrained_cfg=dict(input_size=[3, size, size], interpolation=args.interpolation,
+                                                        crop_pct=args.crop_pct, crop_mode='center',
+                                                        mean=list(mean), std=list(std)))
+
+    # ---- the compiled steps
+    replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    batch_shardings = {k: batch_sh for k in ('image', 'label', 'weight', 'unreadable')}
+    train_step = jax.jit(
+        steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
+                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum),
+        in_shardings=(spec.shardings, batch_shardings, replicated), out_shardings=(spec.shardings, replicated),
+        donate_argnums=0)
+    eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),
+                        in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
+
+    if pid == 0:
+        os.makedirs(args.workdir, exist_ok=True)
+        fmt.write_class_indices(os.path.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
+    log(f'data: {args.dataset} {len(ds.train)} train / {len(ds.val)} val images, {num_classes} classes, '
+        f'{size}px, {spe} steps of {batch} per epoch')
+    log(f'model: {args.model} {overrides} {args.dtype}, {spec.num_params:,} params'
+        + (f', {spec.num_trainable:,} trainable (--freeze-layers)' if args.freeze_layers else ''))
+    log(f'normalisation: mean {list(mean)} std {list(std)} ({norm_why})')
+    log(f'mesh: data={mesh_sizes["data"]} fsdp={mesh_sizes["fsdp"]} over {ndev} device(s) in {nproc} process(es); '
+        + sharding.describe(state['params']))
+
+    def save(step_no, epoch, rec):
+        meta = dict(base_meta, epoch=epoch, step=step_no, best_val_acc=best_acc,
+                    saved=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                    **{k: rec.get(k) for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc')})
+        blocked.append(ckpts.save(step_no, state, it, meta))
+        return blocked[-1]
+
+    def check_loss(step_no, loss):
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step_no + 1} (epoch {step_no // spe + 1})')
+
+    # ---- epochs
+    rep, blocked = report.Reporter(args.workdir, pid == 0, resume_epoch=start // spe), []
+    try:
+        for epoch in range(start // spe, args.epochs):
+            meter = EpochMeter(check_loss)
+            first = max(start, epoch * spe)
+            bar = rep.bar(spe, f'[train epoch {epoch + 1}]', initial=first - epoch * spe)
+            for s in range(first, (epoch + 1) * spe):
+                state, metrics = train_step(state, sharding.global_batch(next(it), batch_sh), np.float32(lr_at(s)))
+                meter.add(s, metrics)
+                bar.update()
+                bar.set_postfix_str(f"loss {meter.mean('loss'):.3f} acc {meter.mean('correct'):.3f} "
+                                    f"{meter.images_per_sec():.0f} img/s")
+                if args.save_every and (s + 1) % args.save_every == 0 and (s + 1) % spe:
+                    meter.flush()  # never save parameters whose loss was not checked
+                    save(s + 1, epoch, {})
+            meter.flush()
+            bar.close()
+            val = evaluate(eval_step, state['params'], ds.val, eval_tf, batch, pid, nproc, batch_sh)
+            step_no = (epoch + 1) * spe
+            rec = dict(epoch=epoch + 1, epochs=args.epochs, step=step_no, train_loss=meter.mean('loss'),
+                       train_acc=meter.mean('correct'), val_loss=val['loss'], val_acc=val['acc'],
+                       learning_rate=lr_at(step_no - 1), images_per_sec=meter.images_per_sec())
+            best_acc = max(best_acc or 0.0, rec['val_acc'])
+            save_s = save(step_no, epoch + 1, rec)
+            unreadable = meter.sums['unreadable'] + val['unreadable']
+            if unreadable:
+                warn(f'epoch {epoch + 1}: skipped {int(unreadable)} unreadable image(s) '
+                     f'({int(meter.sums["unreadable"])} train, {int(val["unreadable"])} val)')
+            rep.epoch(dict(rec, best_val_acc=best_acc, model=args.model, num_devices=ndev, num_processes=nproc,
+                           mesh=mesh_sizes, unreadable_images=int(unreadable), checkpoint_step=step_no,
+                           checkpoint_save_blocked_s=round(save_s, 4), workdir=args.workdir))
+    except NonFiniteLoss as e:
+        ckpts.wait()
+        last = ckpts.steps()
+        raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: '
+                            + (f'step {last[-1]} in {ckpts.root}' if last else 'none')) from None
+    finally:
+        ckpts.close()
+        _close(it)
+        rep.close()
+    log(f'done: best val_acc {best_acc:.4f}; checkpoints in {ckpts.root} '
+        f'(a save blocked the loop {np.median(blocked) * 1000:.0f} ms, median of {len(blocked)})')
+    return 0
+
+
+def _close(it) -> None:
+    if hasattr(it, 'close'):  # grain's multiprocess prefetch holds worker processes
+        it.close()
+
+
+def evaluate(eval_step, params, source, transform, batch, pid, nproc, batch_sh) -> dict:
+    sums = None
+    for local in data.eval_batches(source, transform, batch=batch, process_index=pid, process_count=nproc):
+        m = eval_step(params, sharding.global_batch(local, batch_sh))
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    s = {k: float(v) for k, v in jax.device_get(sums).items()}
+    n = max(s['count'], 1.0)
+    return dict(loss=s['loss'] / n, acc=s['correct'] / n, unreadable=s['unreadable'])

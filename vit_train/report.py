@@ -1,0 +1,88 @@
+"""What a run tells its user: a progress bar, one line per epoch, TensorBoard scalars, summary.json.
+
+Only process 0 reports. TensorBoard scalars use the seeds' names (train_loss, train_acc, val_loss, val_acc,
+learning_rate), indexed by epoch, plus images_per_sec.
+"""
+import json
+import os
+import sys
+
+from converters import training_ckpt as fmt
+
+TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec')
+
+
+def printer(main: bool, stream=None):
+    """print() to `stream` (stdout by default) on process 0, nothing elsewhere."""
+    def say(msg: str) -> None:
+        if main:
+            print(msg, file=stream or sys.stdout, flush=True)
+    return say
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def summary_writer(logdir: str):
+    """tensorboardX's SummaryWriter, imported without torch when torch is not loaded yet: tensorboardX imports
+    it only to accept torch tensors (we log floats), and it costs seconds of start-up and a second thread
+    pool beside XLA's."""
+    if 'torch' not in sys.modules and 'tensorboardX' not in sys.modules:
+        sys.modules['torch'] = None  # makes `import torch` raise ImportError, which tensorboardX tolerates
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules['torch']
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(logdir)
+
+
+class Reporter:
+    def __init__(self, workdir: str, main: bool, resume_epoch: int = 0):
+        self.workdir, self.main = workdir, main
+        self.summary_path = os.path.join(workdir, fmt.SUMMARY)
+        self.history = []
+        self.tb = None
+        if main:
+            self.tb = summary_writer(workdir)
+            try:
+                with open(self.summary_path) as f:
+                    self.history = [h for h in json.load(f).get('history', []) if h['epoch'] <= resume_epoch]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.history = []
+
+    def bar(self, total: int, desc: str, initial: int = 0):
+        if not (self.main and sys.stderr.isatty()):
+            return _NoBar()
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def epoch(self, record: dict) -> None:
+        """Print the epoch's line, write its scalars, rewrite summary.json (atomically)."""
+        if not self.main:
+            return
+        self.history.append({k: record[k] for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss',
+                                                     'val_acc', 'learning_rate', 'images_per_sec')})
+        for k in TB_SCALARS:
+            self.tb.add_scalar(k, record[k], record['epoch'])
+        self.tb.flush()
+        tmp = self.summary_path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(dict(record, history=self.history), f, indent=2)
+        os.replace(tmp, self.summary_path)
+        print(f"epoch {record['epoch']}/{record['epochs']}  step {record['step']}  "
+                 f"train_loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
+                 f"val_loss {record['val_loss']:.4f}  val_acc {record['val_acc']:.4f}  "
+                 f"lr {record['learning_rate']:.2e}  {record['images_per_sec']:.0f} img/s", flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

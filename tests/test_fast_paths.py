@@ -224,3 +224,26 @@ def test_unknown_remat_policy_is_a_clear_error():
     m = vit_flax.VisionTransformer(remat=True, remat_policy='dots_savable', **TINY)
     with pytest.raises(ValueError, match='unknown remat_policy .*dots_saveable'):
         vit_flax.init_params(m)
+
+
+
+def test_vit_train_bf16_step_stays_on_one_matmul_path(monkeypatch):
+    """vit_train's step (forward, backward, AdamW) of a bf16 model: every matmul, the backward's included,
+    takes operands of one dtype (bf16 on the native path, float32 widened on the other), never a mixed
+    f32 x bf16 dot that XLA would run as a float32 GEMM on converted copies."""
+    from vit_train import optim, step as train_step
+    model = vit_flax.VisionTransformer(dtype=jnp.bfloat16, **TINY)
+    params = vit_flax.summary.param_shapes(model)
+    flat = flatten_dict(params, sep='/')
+    tx = optim.make('adamw', 0.05, {k: optim.decays(k) for k in flat})
+    fn = train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
+    state = dict(params=params, opt_state=jax.eval_shape(tx.init, flat), step=jnp.zeros((), jnp.int32))
+    batch = dict(image=jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8), label=jax.ShapeDtypeStruct((4,), jnp.int32),
+                 weight=jax.ShapeDtypeStruct((4,), jnp.float32), unreadable=jax.ShapeDtypeStruct((4,), jnp.int32))
+    for path, want in (('native', 'bfloat16'), ('float32', 'float32')):
+        monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)
+        jaxpr = jax.make_jaxpr(fn)(state, batch, 1e-3)
+        dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr)
+                if e.primitive.name == 'dot_general']
+        # (3 blocks x (qkv, logits, weights x v, out, 2 MLP) + patch embedding + head) x (forward, 2 gradients)
+        assert len(dots) == (3 * 6 + 2) * 3 and set(dots) == {(want, want)}, (path, sorted(set(dots)))

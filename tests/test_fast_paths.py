@@ -236,12 +236,12 @@ def test_vit_train_bf16_step_stays_on_one_matmul_path(monkeypatch):
     params = vit_flax.summary.param_shapes(model)
     flat = flatten_dict(params, sep='/')
     tx = optim.make('adamw', 0.05, {k: optim.decays(k) for k in flat})
-    fn = train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
     state = dict(params=params, opt_state=jax.eval_shape(tx.init, flat), step=jnp.zeros((), jnp.int32))
     batch = dict(image=jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8), label=jax.ShapeDtypeStruct((4,), jnp.int32),
                  weight=jax.ShapeDtypeStruct((4,), jnp.float32), unreadable=jax.ShapeDtypeStruct((4,), jnp.int32))
     for path, want in (('native', 'bfloat16'), ('float32', 'float32')):
-        monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)
+        monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)  # (read at trace time: a fresh step function each)
+        fn = train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
         jaxpr = jax.make_jaxpr(fn)(state, batch, 1e-3)
         dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr)
                 if e.primitive.name == 'dot_general']

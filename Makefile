@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow fuzz memory bench parity-report train clean
+.PHONY: demo test test-slow fuzz memory bench bench-quick parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,12 @@ fuzz: $(STAMP)
 memory: $(STAMP)
 	$(PY) benchmarks/convert_memory.py
 
+# Flax against timm, each in its own process, alternated over rounds (~1 hour here); see benchmarks/README.md.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_vs_timm.py
+	$(PY) benchmarks/bench_vs_timm.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench_vs_timm.py --quick $(BENCH_ARGS)
 
 parity-report: $(STAMP)
 	$(PY) benchmarks/parity_report.py

@@ -23,7 +23,7 @@ from .resample import DEFAULT_METHOD, resample_pos_embed
 HEAD_INITS = ('zeros', 'fresh')
 # Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
 # resampling, bias-table resizing), so they take no part in matching a checkpoint to its model.
-TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'posemb')
+TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'posemb', 'scan_blocks')
 
 
 def _stderr(msg: str) -> None:
@@ -36,10 +36,10 @@ class Checkpoint:
     format: str          # npz | torch | safetensors | orbax
     layout: str          # released | linen | big_vision | flax | a family's torch layouts (timm, microsoft, ...)
     raw: Dict[str, np.ndarray]
-    flat: Dict[str, np.ndarray]   # flat Flax params, as stored (dtype kept)
+    flat: Dict[str, np.ndarray]   # flat Flax params, as stored (dtype kept), blocks unrolled
     family: Family
     model_name: str
-    model: object                 # a module whose tree is exactly `flat`
+    model: object                 # a module whose tree is `flat` (stacked when model.scan_blocks: the file's form)
     detected: bool                # model_name came from the checkpoint, not the caller
     notes: List[str] = field(default_factory=list)  # decided beyond the keys (e.g. a layout's config); logged
     # what a model folder (config.json), hf-hub snapshot or training run records beside the weights
@@ -138,11 +138,14 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
         return _read_folder(path, folder, model_name, arch, img_size)
     fmt = io.file_format(path)
     raw = io.read_file(path)
-    notes = []
+    scanned, notes = False, []
     if fmt == 'npz' and any(k.endswith('embedding/kernel') for k in raw):
+        prefix = google.detect_prefix(raw, path)
+        scanned = google.is_scanned(k[len(prefix):] for k in raw if k.startswith(prefix))
         flat, layout = google.npz_to_flax(raw, path)
     elif fmt in ('npz', 'orbax'):
-        flat, layout = dict(raw), 'flax'
+        scanned = google.is_scanned(raw)
+        flat, layout = google.unstack_blocks(dict(raw), path), 'flax'
     else:
         flat = None
     if flat is not None:
@@ -170,6 +173,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
         cfg, arch, resolved = family.resolve(cfg, arch, layout, model_name, path)
         notes += resolved
     name, model = match_model(family, cfg, path, model_name, arch)
+    if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
+        model = model.clone(scan_blocks=True)
     if flat is None:
         try:
             flat = table.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
@@ -373,6 +378,8 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
         raise ConversionError(f'{path}: {e}') from None
     flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
                  log=log)
+    if getattr(target, 'scan_blocks', False):
+        flat = google.stack_blocks(flat)
     validate(flat, target, path)
     check_finite(flat, path, allow_nonfinite, log)
     if cast:   # private float32 arrays: never views of a file someone may overwrite, one copy at a time
@@ -429,7 +436,7 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
 def to_torch_state(flat, model, layout: Optional[str] = None,
                    log: Callable[[str], None] = _stderr) -> Dict[str, np.ndarray]:
     family = family_of(model)
-    state = table.flax_to_torch(family.store(flat, model, log), family.rules(model))
+    state = table.flax_to_torch(family.store(google.unstack_blocks(flat), model, log), family.rules(model))
     layout = layout or family.torch_layout
     if layout != family.torch_layout:
         if layout not in family.layouts:

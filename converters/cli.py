@@ -73,6 +73,8 @@ def _overrides(a):
         over['window_size'] = a.window_size
     if getattr(a, 'posemb', None):
         over['posemb'] = a.posemb
+    if getattr(a, 'scan_blocks', None) is not None:
+        over['scan_blocks'] = a.scan_blocks
     over.update(getattr(a, 'set', None) or [])
     return over
 
@@ -276,6 +278,10 @@ def build_parser():
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
                    '(default) or microsoft or wzmiaomiao (Swin; the seeds\' swin_transformer/model.py); '
                    'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, -1.2, -0.7, -0.6 (older releases)')
+    s.add_argument('--scan-blocks', action=argparse.BooleanOptionalAction, default=None,
+                   help='ViT: stack the blocks as nn.scan does (Transformer/encoderblock/... with a leading depth '
+                   'axis) in npz linen/big_vision and orbax output; --no-scan-blocks unrolls them '
+                   '(default: as the source; released npz and torch files are always unrolled)')
     _add_set(s)
     s.set_defaults(fn=cmd_convert)
 

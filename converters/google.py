@@ -24,6 +24,7 @@ _RELEASED_TO_LINEN = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttentio
                       'LayerNorm_2': 'LayerNorm_1', 'MlpBlock_3': 'MlpBlock_0'}
 _LINEN_TO_RELEASED = {v: k for k, v in _RELEASED_TO_LINEN.items()}
 _BLOCK = re.compile(r'^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$')
+SCANNED = 'Transformer/encoderblock/'  # nn.scan over the blocks: every leaf has a leading depth axis
 _GROUP_NORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 
 
@@ -68,19 +69,7 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
     flat = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     if prefix == 'params/':  # a multi-tower (e.g. LiT/SigLIP) file keeps its image tower under img/
         flat = {k: v for k, v in flat.items() if not k.startswith(('txt/', 'img/'))}
-    scanned = {k: v for k, v in flat.items() if k.startswith('Transformer/encoderblock/')}
-    if scanned:
-        no_depth = [k for k, v in scanned.items() if v.ndim == 0]
-        if no_depth:
-            raise ConversionError(f'{path}: scanned block key {no_depth[0]!r} has no depth axis (shape ())')
-        depths = {v.shape[0] for v in scanned.values()}
-        if len(depths) != 1:
-            raise ConversionError(f'{path}: scanned blocks disagree on depth: {sorted(depths)}')
-        for k, v in scanned.items():
-            del flat[k]
-            rest = k[len('Transformer/encoderblock/'):]
-            for i in range(v.shape[0]):
-                flat[f'Transformer/encoderblock_{i}/{rest}'] = v[i]
+    flat = unstack_blocks(flat, path)
     if _released_numbering(flat):
         flat = _rename_block_children(flat, _RELEASED_TO_LINEN, path)
     for k, v in flat.items():  # old hybrid files keep GroupNorm scale/bias as (1, 1, 1, C)
@@ -99,14 +88,53 @@ def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dic
     return flat, layout
 
 
+def is_scanned(flat) -> bool:
+    return any(k.startswith(SCANNED) for k in flat)
+
+
+def unstack_blocks(flat: Dict[str, np.ndarray], path: str = 'params') -> Dict[str, np.ndarray]:
+    """nn.scan's stacked `Transformer/encoderblock/...` (leading depth axis) -> `encoderblock_{i}/...`.
+    A tree without stacked blocks comes back unchanged."""
+    scanned = {k: v for k, v in flat.items() if k.startswith(SCANNED)}
+    if not scanned:
+        return flat
+    no_depth = [k for k, v in scanned.items() if v.ndim == 0]
+    if no_depth:
+        raise ConversionError(f'{path}: scanned block key {no_depth[0]!r} has no depth axis (shape ())')
+    depths = {v.shape[0] for v in scanned.values()}
+    if len(depths) != 1:
+        raise ConversionError(f'{path}: scanned blocks disagree on depth: {sorted(depths)}')
+    if any(k.startswith('Transformer/encoderblock_') for k in flat):
+        raise ConversionError(f'{path}: holds both scanned (Transformer/encoderblock/) and unrolled blocks')
+    out = {k: v for k, v in flat.items() if k not in scanned}
+    for k, v in scanned.items():
+        for i in range(v.shape[0]):
+            out[f'Transformer/encoderblock_{i}/{k[len(SCANNED):]}'] = v[i]
+    return out
+
+
+def stack_blocks(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """`Transformer/encoderblock_{i}/...` -> nn.scan's `Transformer/encoderblock/...` with a leading depth axis."""
+    blocks = {}
+    for k, v in flat.items():
+        m = re.match(r'^Transformer/encoderblock_(\d+)/(.*)$', k)
+        if m:
+            blocks.setdefault(m.group(2), {})[int(m.group(1))] = v
+    out = {k: v for k, v in flat.items() if not k.startswith('Transformer/encoderblock_')}
+    for rest, layers in blocks.items():
+        out[SCANNED + rest] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
+    return out
+
+
 def flax_to_npz(flat: Dict[str, np.ndarray], layout: str = 'released') -> Dict[str, np.ndarray]:
-    """Flat linen Flax params -> arrays keyed for `layout`."""
+    """Flat linen Flax params -> arrays keyed for `layout`. Stacked (scanned) blocks stay stacked in the
+    linen and big_vision layouts; `released` (vit_jax) has no scanned form and unrolls them."""
     if layout not in LAYOUTS:
         raise ConversionError(f'unknown npz layout {layout!r}; choose one of {", ".join(LAYOUTS)}')
     if layout == 'linen':
         return dict(flat)
     if layout == 'released':
-        return _rename_block_children(flat, _LINEN_TO_RELEASED, 'params')
+        return _rename_block_children(unstack_blocks(flat), _LINEN_TO_RELEASED, 'params')
     if 'dist' in flat:
         raise ConversionError('the big_vision layout cannot hold a distillation token; use released or linen')
     out = dict(flat)

@@ -325,7 +325,8 @@ def test_registered_siglip_tower_detected_from_a_bf16_scanned_file(tmp_path, cli
     code, out, err = cli('inspect', tmp_path / 'siglip_b16.npz', '--json')
     info = json.loads(out)
     assert info['family'] == 'big_vision SigLIP image tower (scanned, bf16)'
-    assert info['model'] == 'vit_base_patch16_siglip_224' and info['overrides'] == {}
+    # the model that holds a scanned tree as it is: create_model(name, scan_blocks=True)
+    assert info['model'] == 'vit_base_patch16_siglip_224' and info['overrides'] == {'scan_blocks': True}
 
 
 # ---------------------------------------------------------------- fixed sincos2d positions

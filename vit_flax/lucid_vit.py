@@ -23,12 +23,14 @@ output projection: heads == 1 and dim_head == dim), `Transformer/layers_{i}/ff/{
 `Transformer/norm`, `head_norm`, `head`. Intermediates as in `vit.py`: `Transformer/embed`,
 `Transformer/block_{i}`, `Transformer/encoded`.
 """
+from functools import partial
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .layers import MlpBlock, dense, dense_general, to_tuple
+from .layers import (MlpBlock, ProjectionParams, dense, dense_general, dot_product_attention, fused_projection,
+                     merge_heads, split_heads, to_tuple)
 from .registry import register
 
 Dtype = Any
@@ -49,17 +51,17 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        dim = x.shape[-1]
+        dim, heads = x.shape[-1], self.heads
         y = _norm(self.dtype, 'norm')(x)
-        proj = lambda name: dense_general((self.heads, self.dim_head), -1, self.dtype, name=name, use_bias=False)(y)
-        q, k, v = proj('query'), proj('key'), proj('value')
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * self.dim_head ** -0.5
-        weights = nn.Dropout(self.dropout)(nn.softmax(logits, axis=-1), deterministic=deterministic)
-        out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v,
-                         preferred_element_type=jnp.float32).astype(v.dtype)
+        # one matmul for q, k, v (kernels concatenated at trace time, the tree keeps three), as vit.py does
+        qkv = [ProjectionParams((heads, self.dim_head), False, nn.initializers.lecun_normal(), name=n)(dim)
+               for n in ('query', 'key', 'value')]
+        q, k, v = split_heads(fused_projection(y, qkv, self.dtype), 3, heads, self.dtype, self.dim_head ** -0.5)
+        drop = nn.Dropout(self.dropout)
+        out = dot_product_attention(q, k, v, dropout=partial(drop, deterministic=deterministic))  # (B, H, N, Dh)
         if not self.project_out:  # vit-pytorch's to_out is Identity: one head as wide as the model
-            return out.reshape(out.shape[:2] + (dim,))
-        out = dense_general(dim, (-2, -1), self.dtype, name='out')(out)
+            return merge_heads(out)
+        out = dense_general(dim, (-2, -1), self.dtype, name='out')(out.transpose(0, 2, 1, 3))
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 

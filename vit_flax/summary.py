@@ -75,6 +75,12 @@ def _jaxpr_macs(jaxpr) -> int:
     return total
 
 
+def jaxpr_macs(jaxpr) -> int:
+    """Multiply-adds of every matmul and convolution in a traced computation (`jax.make_jaxpr(fn)(...).jaxpr`),
+    loops and nested calls included: e.g. a whole training step, backward pass and all."""
+    return _jaxpr_macs(jaxpr)
+
+
 def count_macs(model, params=None, batch: int = 1) -> int:
     """Multiply-adds of one eval forward pass at the model's input size, per `batch` images."""
     params = param_shapes(model) if params is None else params

@@ -22,13 +22,15 @@ each stage's output `stage_{i}` (= timm's `layers.{i}`, NHWC) and the normed map
 (Flax forbids sowing under a name a submodule already uses, hence not `patch_embed`/`layers_{i}`/`norm`.)
 """
 import math
+from functools import partial
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import DropPath, MlpBlock, dense, drop_path_rates, to_tuple
+from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, dense, dot_product_attention,
+                     drop_path_rates, fused_projection, merge_heads, remat_block, split_heads, to_tuple)
 from .registry import register
 
 Dtype = Any
@@ -92,7 +94,7 @@ def stage_window_shift(resolution: Pair, window: Pair, always_partition: bool) -
 class WindowAttention(nn.Module):
     """Multi-head self attention inside windows, with the learned relative position bias and an optional mask.
 
-    timm's non-fused path: q is scaled before q @ k^T, then bias, then mask, then softmax (in float32).
+    timm's order: q is scaled before q @ k^T, then bias and mask are added, then softmax (in float32).
     """
     num_heads: int
     window_size: Pair
@@ -109,23 +111,18 @@ class WindowAttention(nn.Module):
         head_dim = dim // heads
         wh, ww = self.window_size
         table = self.param('relative_position_bias_table', _trunc02, ((2 * wh - 1) * (2 * ww - 1), heads))
-        qkv = dense(3 * dim, self.dtype, name='qkv', use_bias=self.qkv_bias, kernel_init=_trunc02)(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(bw, n, 3, heads, head_dim), 2, 0)
+        qkv = ProjectionParams((3 * dim,), self.qkv_bias, _trunc02, name='qkv')(dim)
         scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k,
-                            preferred_element_type=jnp.float32)
+        q, k, v = split_heads(fused_projection(x, [qkv], self.dtype), 3, heads, self.dtype, scale)
         index = relative_position_index(self.window_size).reshape(-1)
-        bias = jnp.take(table, index, axis=0).reshape(n, n, heads).transpose(2, 0, 1)
-        logits = logits + bias.astype(jnp.float32)[None]
-        if mask is not None:
+        bias = jnp.take(table, index, axis=0).reshape(n, n, heads).transpose(2, 0, 1).astype(jnp.float32)
+        if mask is not None:  # windows of one image are consecutive: (B, nW, heads, n, .) against (nW, n, n)
             nw = mask.shape[0]
-            logits = logits.reshape(-1, nw, heads, n, n) + jnp.asarray(mask)[None, :, None]
-            logits = logits.reshape(-1, heads, n, n)
-        weights = nn.softmax(logits, axis=-1)
-        weights = nn.Dropout(self.attn_drop_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v,
-                         preferred_element_type=jnp.float32).astype(v.dtype)
-        out = dense(dim, self.dtype, name='proj', kernel_init=_trunc02)(out.reshape(bw, n, dim))
+            bias = bias[None] + jnp.asarray(mask)[:, None]
+            q, k, v = (t.reshape(-1, nw, heads, n, head_dim) for t in (q, k, v))
+        drop = nn.Dropout(self.attn_drop_rate)
+        out = dot_product_attention(q, k, v, bias, partial(drop, deterministic=deterministic))
+        out = dense(dim, self.dtype, name='proj', kernel_init=_trunc02)(merge_heads(out.reshape(bw, heads, n, head_dim)))
         return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
 
@@ -200,7 +197,7 @@ class PatchMerging(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Strided conv patchify (zero-padding the image right/bottom to a multiple of the patch) + LayerNorm."""
+    """Patchify (zero-padding the image right/bottom to a multiple of the patch), project, LayerNorm."""
     patch_size: Pair
     embed_dim: int
     norm_eps: float = 1e-5
@@ -212,8 +209,7 @@ class PatchEmbed(nn.Module):
         pad_h, pad_w = (ph - x.shape[1] % ph) % ph, (pw - x.shape[2] % pw) % pw
         if pad_h or pad_w:
             x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        x = nn.Conv(self.embed_dim, self.patch_size, strides=self.patch_size, padding='VALID',
-                    dtype=self.dtype, name='proj')(x)
+        x = PatchConv(self.embed_dim, self.patch_size, self.dtype, name='proj')(x)
         return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
 
 
@@ -235,11 +231,12 @@ class SwinStage(nn.Module):
     norm_eps: float = 1e-5
     remat: bool = False
     dtype: Dtype = jnp.float32
+    remat_policy: Optional[str] = None
 
     def setup(self):
         if self.has_downsample:
             self.downsample = PatchMerging(self.out_dim, self.norm_eps, self.dtype)
-        block_cls = nn.remat(SwinTransformerBlock, static_argnums=(2,)) if self.remat else SwinTransformerBlock
+        block_cls = remat_block(SwinTransformerBlock, self.remat, self.remat_policy)
         self.blocks = [
             block_cls(self.num_heads, self.window_size, self.shift_size if j % 2 else (0, 0), self.mlp_ratio,
                       self.qkv_bias, self.qk_scale, self.proj_drop_rate, self.attn_drop_rate,
@@ -276,6 +273,7 @@ class SwinTransformer(nn.Module):
     norm_eps: float = 1e-5
     remat: bool = False
     dtype: Dtype = jnp.float32
+    remat_policy: Optional[str] = None  # jax.checkpoint_policies name used with remat (None: save nothing)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -319,7 +317,7 @@ class SwinTransformer(nn.Module):
             stages.append(SwinStage(int(self.embed_dim * 2 ** i), depth, self.num_heads[i], window, shift,
                                     i > 0, tuple(dpr[start:start + depth]), self.mlp_ratio, self.qkv_bias,
                                     self.qk_scale, self.proj_drop_rate, self.attn_drop_rate, self.gelu,
-                                    self.norm_eps, self.remat, self.dtype))
+                                    self.norm_eps, self.remat, self.dtype, self.remat_policy))
             start += depth
         self.layers = stages
         self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)

@@ -13,12 +13,14 @@ big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
 """
+from functools import partial
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .layers import DropPath, MlpBlock, dense, dense_general, drop_path_rates, to_tuple
+from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, dense, dense_general, dot_product_attention,
+                     drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
 from .posemb import sincos2d
 from .registry import register
 from .resnet import ResNetStem, stem_output_size, stem_stride
@@ -29,7 +31,9 @@ Dtype = Any
 class MultiHeadDotProductAttention(nn.Module):
     """Attention with Google's `query/key/value/out` DenseGeneral params ((D,H,Dh) kernels).
 
-    Logits and softmax run in float32 whatever the compute dtype, as timm's autocast does.
+    The projections that read the same input run as one matmul (their kernels are concatenated at trace
+    time; the parameter tree stays Google's). Logits and softmax run in float32 whatever the compute
+    dtype, as timm's do under autocast.
     """
     num_heads: int
     qkv_bias: bool = True
@@ -40,21 +44,22 @@ class MultiHeadDotProductAttention(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, deterministic: bool = True):
-        dim = inputs_q.shape[-1]
-        if dim % self.num_heads:
-            raise ValueError(f'embed dim {dim} is not divisible by {self.num_heads} heads')
-        head_dim = dim // self.num_heads
-        proj = lambda name, x: dense_general((self.num_heads, head_dim), -1, self.dtype, name=name,
-                                             use_bias=self.qkv_bias, kernel_init=self.kernel_init)(x)
-        q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
+        dim, heads = inputs_q.shape[-1], self.num_heads
+        if dim % heads:
+            raise ValueError(f'embed dim {dim} is not divisible by {heads} heads')
+        head_dim = dim // heads
+        q_p, k_p, v_p = (ProjectionParams((heads, head_dim), self.qkv_bias, self.kernel_init, name=n)(x.shape[-1])
+                         for n, x in (('query', inputs_q), ('key', inputs_kv), ('value', inputs_kv)))
         scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k,
-                            preferred_element_type=jnp.float32)
-        weights = nn.softmax(logits, axis=-1)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v,
-                         preferred_element_type=jnp.float32).astype(v.dtype)
-        return dense_general(dim, (-2, -1), self.dtype, name='out', kernel_init=self.kernel_init)(out)
+        if inputs_kv is inputs_q:
+            q, k, v = split_heads(fused_projection(inputs_q, [q_p, k_p, v_p], self.dtype), 3, heads, self.dtype, scale)
+        else:
+            (q,) = split_heads(fused_projection(inputs_q, [q_p], self.dtype), 1, heads, self.dtype, scale)
+            k, v = split_heads(fused_projection(inputs_kv, [k_p, v_p], self.dtype), 2, heads, self.dtype)
+        drop = nn.Dropout(self.dropout_rate)
+        out = dot_product_attention(q, k, v, dropout=partial(drop, deterministic=deterministic))
+        return dense_general(dim, (-2, -1), self.dtype, name='out', kernel_init=self.kernel_init)(
+            out.transpose(0, 2, 1, 3))
 
 
 class AddPositionEmbs(nn.Module):
@@ -80,20 +85,34 @@ class Encoder1DBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
         y = MultiHeadDotProductAttention(self.num_heads, self.qkv_bias, self.qk_scale, self.attn_dropout_rate,
                                          self.dtype, name='MultiHeadDotProductAttention_0')(y, y, deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        x = x + DropPath(self.drop_path_rate)(y, deterministic)
+        x = x + DropPath()(y, deterministic, rate)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_1')(x)
         y = MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, gelu=self.gelu, dtype=self.dtype,
                      name='MlpBlock_0')(y, deterministic)
-        return x + DropPath(self.drop_path_rate)(y, deterministic)
+        return x + DropPath()(y, deterministic, rate)
+
+
+class ScanStep(Encoder1DBlock):
+    """One step of nn.scan over the blocks: carry in, (carry, the block's output when `collect`) out."""
+    collect: bool = False
+
+    def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
+        x = super().__call__(x, deterministic, drop_path_rate)
+        return x, (x if self.collect else None)
 
 
 class Encoder(nn.Module):
-    """Position embedding, the blocks and the final norm: Google's `Transformer` sub-tree."""
+    """Position embedding, the blocks and the final norm: Google's `Transformer` sub-tree.
+
+    `scan=True` runs the blocks with nn.scan (one block compiled, not `depth`): the params are then
+    big_vision's scanned layout, `encoderblock/...` with a leading depth axis.
+    """
     depth: int
     num_heads: int
     mlp_dim: int
@@ -107,6 +126,8 @@ class Encoder(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     learned_posemb: bool = True   # False: the caller added fixed positions already
+    scan: bool = False
+    remat_policy: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -114,12 +135,24 @@ class Encoder(nn.Module):
             x = AddPositionEmbs(name='posembed_input')(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         self.sow('intermediates', 'embed', x)
-        block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
-        for i, dpr in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-            x = block_cls(self.num_heads, self.mlp_dim, self.qkv_bias, self.qk_scale, self.dropout_rate,
-                          self.attn_dropout_rate, dpr, self.gelu, self.norm_eps, self.dtype,
-                          name=f'encoderblock_{i}')(x, deterministic)
-            self.sow('intermediates', f'block_{i}', x)
+        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+                  dropout_rate=self.dropout_rate, attn_dropout_rate=self.attn_dropout_rate, gelu=self.gelu,
+                  norm_eps=self.norm_eps, dtype=self.dtype)
+        rates = drop_path_rates(self.drop_path_rate, self.depth)
+        if self.scan:
+            collect = self.is_mutable_collection('intermediates')
+            per_block = (jnp.asarray(rates, jnp.float32),) if self.drop_path_rate else ()
+            blocks = nn.scan(remat_block(ScanStep, self.remat, self.remat_policy, scanned=True),
+                             variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                             in_axes=(nn.broadcast,) + (0,) * len(per_block), length=self.depth)
+            x, outs = blocks(collect=collect, name='encoderblock', **kw)(x, deterministic, *per_block)
+            for i in range(self.depth if collect else 0):
+                self.sow('intermediates', f'block_{i}', outs[i])
+        else:
+            block_cls = remat_block(Encoder1DBlock, self.remat, self.remat_policy)
+            for i, rate in enumerate(rates):
+                x = block_cls(drop_path_rate=rate, name=f'encoderblock_{i}', **kw)(x, deterministic)
+                self.sow('intermediates', f'block_{i}', x)
         x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='encoder_norm')(x)
         self.sow('intermediates', 'encoded', x)
         return x
@@ -177,6 +210,8 @@ class VisionTransformer(nn.Module):
     resnet: Optional[Tuple[int, ...]] = None   # hybrid: units per ResNet stage, () = root block only
     resnet_numerics: str = 'timm'              # 'timm' or 'google' (see resnet.py)
     posemb: str = 'learn'                      # 'learn' or 'sincos2d' (big_vision's fixed table)
+    scan_blocks: bool = False                  # nn.scan over the blocks (big_vision's scanned tree)
+    remat_policy: Optional[str] = None         # jax.checkpoint_policies name used with remat (None: save nothing)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -222,16 +257,18 @@ class VisionTransformer(nn.Module):
         if self.resnet is not None:
             self.stem = ResNetStem(tuple(self.resnet), self.resnet_numerics, self.dtype)
             nn.share_scope(self, self.stem)   # Google's tree: conv_root, gn_root, block1... at the top level
-        self.embedding = nn.Conv(self.embed_dim, patch, strides=patch, padding='VALID', dtype=self.dtype)
-        if self.embed_norm:
-            self.embedding_norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
+        self.embedding = PatchConv(self.embed_dim, patch, self.dtype)
+        if self.embed_norm:  # float32 output: the residual stream's dtype (see forward_features)
+            self.embedding_norm = nn.LayerNorm(epsilon=self.norm_eps,
+                                               dtype=jnp.promote_types(self.dtype, jnp.float32))
         if self.has_class_token:
             self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.embed_dim))
         if self.distilled:
             self.dist = self.param('dist', nn.initializers.zeros, (1, 1, self.embed_dim))
         self.Transformer = Encoder(self.depth, self.num_heads, mlp_dim, self.qkv_bias, self.qk_scale,
                                    self.drop_rate, self.attn_drop_rate, self.drop_path_rate, self.gelu,
-                                   self.norm_eps, self.remat, self.dtype, learned_posemb=self.posemb == 'learn')
+                                   self.norm_eps, self.remat, self.dtype, learned_posemb=self.posemb == 'learn',
+                                   scan=self.scan_blocks, remat_policy=self.remat_policy)
         if self.global_pool == 'map':
             self.MAPHead_0 = MAPHead(self.num_heads, mlp_dim, self.gelu, self.norm_eps, self.dtype)
         if self.representation_size:
@@ -252,7 +289,9 @@ class VisionTransformer(nn.Module):
         if self.resnet is not None:
             x = self.stem(x)
         x = self.embedding(x)
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        # The residual stream stays float32 under a bf16 compute dtype (as timm's under autocast, where the
+        # float32 position embedding promotes it): only matmul operands and branch activations are rounded.
+        x = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.promote_types(self.dtype, jnp.float32))
         if self.embed_norm:
             x = self.embedding_norm(x)
         if self.posemb == 'sincos2d':  # as big_vision: before the class token, which gets no position

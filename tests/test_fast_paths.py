@@ -1,0 +1,249 @@
+"""The speed-motivated code paths compute what the references compute: attention, GELU, patch embedding,
+the bf16 matmul policy and its backward, nn.scan over the blocks and its checkpoint layout."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import converters
+import vit_flax
+from converters import api, google
+from vit_flax import layers
+
+from conftest import images, rel_err, run_flax, run_timm, state_np, timm_model
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7)
+
+
+def perturbed(params, seed=0, scale=0.05):
+    rng = np.random.default_rng(seed)  # numpy: an op-by-op jax.random per leaf compiles for each shape
+    return jax.tree_util.tree_map(lambda l: (l + scale * rng.standard_normal(l.shape)).astype(np.float32), params)
+
+
+def random_params(model, seed=0):
+    """Params of `model`'s shapes drawn at random (norm scales around 1): no init to compile, nothing at zero."""
+    rng = np.random.default_rng(seed)
+    draw = lambda path, l: ((path[-1].key == 'scale') + 0.1 * rng.standard_normal(l.shape)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(draw, vit_flax.summary.param_shapes(model))
+
+
+def stacked(params):
+    return unflatten_dict(google.stack_blocks(flatten_dict(params, sep='/')), sep='/')
+
+
+# ---------------------------------------------------------------- attention, GELU, patch embedding
+
+def test_attention_matches_torch_sdpa_with_bias_and_broadcast_batch_dims():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 4, 10, 8)).astype(np.float32) for _ in range(3))
+    bias = rng.standard_normal((3, 4, 10, 10)).astype(np.float32)  # broadcast over the leading batch dim
+    ours = layers.dot_product_attention(jnp.asarray(q) * 8 ** -0.5, k, v, bias)
+    ref = F.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)), attn_mask=torch.from_numpy(bias))
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_exact_matches_torch_values_and_gradient():
+    x = np.linspace(-9, 9, 2001, dtype=np.float32)
+    xt = torch.from_numpy(x).requires_grad_()
+    F.gelu(xt).sum().backward()
+    # (the far negative tail differs by < 1e-6 absolute: the erf approximations saturate at different points)
+    np.testing.assert_allclose(layers.gelu_exact(x), F.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: layers.gelu_exact(x).sum())(x), xt.grad.numpy(), rtol=1e-5,
+                               atol=1e-6)
+    xb = jnp.asarray(x, jnp.bfloat16)  # bf16 in, bf16 out, computed in float32 like PyTorch: within one bf16 ulp
+    ref = F.gelu(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
+    np.testing.assert_allclose(np.asarray(layers.gelu_exact(xb), np.float32), ref, rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape,patch', [((1, 15, 11, 3), (7, 5)), ((2, 50, 2), (8,))])
+def test_patch_conv_is_the_strided_convolution_values_and_grads(shape, patch):
+    x = images(shape)
+    mod = layers.PatchConv(6, patch)
+    params = perturbed(mod.init(jax.random.PRNGKey(0), x)['params'])
+    conv = layers.nn.Conv(6, patch, strides=patch, padding='VALID')  # same params, same init
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        conv.init(jax.random.PRNGKey(0), x)['params'])
+    run = lambda m: jax.jit(jax.value_and_grad(lambda p: (m.apply({'params': p}, x) ** 2).sum()))(params)
+    (l1, g1), (l2, g2) = run(mod), run(conv)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mod.apply({'params': params}, x), conv.apply({'params': params}, x), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize('ours,flax_ref,shape', [
+    (layers.Dense(6), layers.nn.Dense(6), (2, 3, 5)),
+    (layers.dense_general(6, (-2, -1), jnp.float32, kernel_init=layers.nn.initializers.xavier_uniform()),
+     layers.nn.DenseGeneral(6, axis=(-2, -1), kernel_init=layers.nn.initializers.xavier_uniform()), (2, 3, 4, 5)),
+    (layers.ProjectionParams((4, 5)), layers.nn.DenseGeneral((4, 5), kernel_init=layers.nn.initializers.xavier_uniform()),
+     (2, 7)),
+])
+def test_dense_layers_have_flax_params_and_init(ours, flax_ref, shape):
+    x = images(shape)
+    args = (shape[-1],) if isinstance(ours, layers.ProjectionParams) else (x,)
+    p = ours.init(jax.random.PRNGKey(3), *args)['params']
+    ref = flax_ref.init(jax.random.PRNGKey(3), x)['params']
+    assert jax.tree_util.tree_map(np.shape, p) == jax.tree_util.tree_map(np.shape, ref)
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    if not isinstance(ours, layers.ProjectionParams):
+        p = perturbed(p)
+        np.testing.assert_allclose(ours.apply({'params': p}, x), flax_ref.apply({'params': p}, x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bf16
+
+@pytest.mark.parametrize('path', ['native', 'float32'])
+def test_bf16_matmul_gradients_are_bf16_products_accumulated_in_float32(path, monkeypatch):
+    monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((6, 300), (300, 5)))
+    ct = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
+    out, vjp = jax.vjp(lambda a, b: layers.matmul('mk,kn->mn', a, b, out_dtype=jnp.float32), a, b)
+    da, db = vjp(ct)
+    assert out.dtype == jnp.float32 and da.dtype == db.dtype == jnp.bfloat16
+    f64 = lambda t: np.asarray(t, np.float64)
+    ct16 = f64(ct.astype(jnp.bfloat16))  # the cotangent rounded to bf16 first, as autocast's backward does
+    np.testing.assert_allclose(f64(out), f64(a) @ f64(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(da), ct16 @ f64(b).T, rtol=8e-3, atol=1e-2)
+    np.testing.assert_allclose(f64(db), f64(a).T @ ct16, rtol=8e-3, atol=1e-2)
+    # every matmul of the forward and backward takes operands of one dtype: bf16 on the native path (no
+    # mixed f32 x bf16 dot, which XLA would widen to a float32 GEMM), float32 on the widened one
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: layers.matmul('mk,kn->mn', a, b, out_dtype=jnp.float32).sum(),
+                                    argnums=(0, 1)))(a, b)
+    dots = {tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == 'dot_general'}
+    assert dots == {('bfloat16', 'bfloat16') if path == 'native' else ('float32', 'float32')}, dots
+
+
+def all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, 'jaxpr', sub)
+                if hasattr(inner, 'eqns'):
+                    yield from all_eqns(inner)
+
+
+def bf16_errors(name, kw, tm, x, path):
+    """(flax bf16 vs flax f32, timm autocast bf16 vs timm f32) relative errors of the logits."""
+    torch.save(tm.state_dict(), path)
+    params = api.load_params(path, name, **kw)
+    f32 = run_flax(vit_flax.create_model(name, **kw), params, x)
+    bf16 = vit_flax.create_model(name, dtype=jnp.bfloat16, **kw)
+    ours = np.asarray(jax.jit(lambda p, x: bf16.apply({'params': p}, x))(params, x), np.float32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        yt = tm(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).float().numpy()
+    return rel_err(ours, f32), rel_err(yt, run_timm(tm, x))
+
+
+@pytest.mark.parametrize('name,kw,bound', [
+    ('vit_small_patch16_224', dict(img_size=64, depth=3), 3e-2),
+    ('swin_tiny_patch4_window7_224', dict(img_size=56, depths=(2, 2), num_heads=(3, 6)), 3e-2),
+])
+def test_bf16_logits_error_is_small_and_no_worse_than_timm_autocast(name, kw, bound, tmp_path):
+    torch.manual_seed(0)  # timm's own init draws from the global generator
+    tm = timm_model(name, **kw)
+    ours, timm_err = bf16_errors(name, kw, tm, images((2, kw['img_size'], kw['img_size'], 3)), tmp_path / 'm.pth')
+    print(name, 'bf16 logits rel err: flax', ours, 'timm autocast', timm_err)
+    assert 0 < ours < bound and ours < 2 * timm_err, (ours, timm_err)
+
+
+# ---------------------------------------------------------------- nn.scan
+
+def test_scanned_blocks_compute_what_the_unrolled_blocks_compute():
+    unrolled = vit_flax.VisionTransformer(**TINY)
+    scanned = vit_flax.VisionTransformer(scan_blocks=True, remat=True, remat_policy='dots_saveable', **TINY)
+    params = random_params(unrolled)
+    sp = stacked(params)
+    shapes = flatten_dict(vit_flax.summary.param_shapes(scanned), sep='/')
+    assert {k: v.shape for k, v in flatten_dict(sp, sep='/').items()} == {k: v.shape for k, v in shapes.items()}
+    assert shapes['Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel'].shape == (3, 32, 4, 8)
+    x = images((2, 32, 32, 3))
+    run = lambda m, p: jax.jit(jax.value_and_grad(lambda p: (m.apply({'params': p}, x) ** 2).sum()))(p)
+    (l1, g1), (l2, g2) = run(unrolled, params), run(scanned, sp)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(stacked(g1))):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+    inter = lambda m, p: jax.jit(lambda p: m.apply({'params': p}, x, mutable=['intermediates'])[1])(p)
+    np.testing.assert_allclose(inter(scanned, sp)['intermediates']['Transformer']['block_1'][0],
+                               inter(unrolled, params)['intermediates']['Transformer']['block_1'][0], rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_drop_path_rates_still_increase_per_block():
+    m = vit_flax.VisionTransformer(scan_blocks=True, drop_path_rate=0.5, **dict(TINY, img_size=16))
+    params = random_params(m)
+    inter = jax.jit(lambda p: m.apply({'params': p}, images((64, 16, 16, 3)), train=True, mutable=['intermediates'],
+                                      rngs={'dropout': jax.random.PRNGKey(0)})[1])(params)
+    t = {k: np.asarray(v[0]) for k, v in inter['intermediates']['Transformer'].items()}
+    dropped = [float(np.mean(np.all(t[f'block_{i}'] == prev, axis=(1, 2))))
+               for i, prev in enumerate([t['embed'], t['block_0'], t['block_1']])]
+    # block 0 never drops (rate 0); block 2 (rate 0.5) drops both branches of a quarter of the samples
+    assert dropped[0] == 0 and 0.1 < dropped[2] < 0.45, dropped
+
+
+def test_checkpoints_move_between_scanned_and_unrolled_models(tmp_path):
+    name, kw = 'vit_tiny_patch16_224', dict(img_size=64, depth=3)
+    tm = timm_model(name, **kw)
+    torch.save(tm.state_dict(), tmp_path / 'timm.pth')
+    x = images((2, 64, 64, 3))
+    y = run_timm(tm, x)
+    # an unrolled torch file into a scanned model
+    params = converters.load_params(tmp_path / 'timm.pth', name, scan_blocks=True, **kw)
+    assert params['Transformer']['encoderblock']['MlpBlock_0']['Dense_0']['kernel'].shape == (3, 192, 768)
+    scanned = vit_flax.create_model(name, scan_blocks=True, **kw)
+    assert rel_err(run_flax(scanned, params, x), y) < 1e-4
+    # a scanned Flax tree to torch and to a scanned big_vision npz (Google's key names, stacked)
+    converters.save_params(params, tmp_path / 'back.pth', name, scan_blocks=True, **kw)
+    back = torch.load(tmp_path / 'back.pth', weights_only=True)
+    assert set(back) == set(tm.state_dict()) and all(torch.equal(back[k], v) for k, v in tm.state_dict().items())
+    converters.save_params(params, tmp_path / 'scan.npz', name, layout='big_vision', scan_blocks=True, **kw)
+    z = np.load(tmp_path / 'scan.npz')
+    assert z['params/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel'].shape == (3, 192, 3, 64)
+    assert not any('encoderblock_' in k for k in z.files)
+    # the scanned npz reads back as a scanned model, converts to an unrolled torch file, and unrolls on demand
+    model, p, ck = api.load_model(tmp_path / 'scan.npz')
+    assert model.scan_blocks and ck.layout == 'big_vision' and rel_err(run_flax(model, p, x), y) < 1e-4
+    r = subprocess.run([sys.executable, '-m', 'converters.cli', 'convert', tmp_path / 'scan.npz',
+                        tmp_path / 'unrolled.npz', '--layout', 'linen', '--no-scan-blocks'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert 'Transformer/encoderblock_2/MlpBlock_0/Dense_1/kernel' in np.load(tmp_path / 'unrolled.npz').files
+    back = timm_model(name, **kw)  # big_vision folds the cls row of pos_embed into cls: same function
+    back.load_state_dict({k: torch.from_numpy(v) for k, v in api.to_torch_state(flatten_dict(p, sep='/'), model).items()})
+    assert rel_err(run_timm(back, x), y) < 1e-4
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+    m = vit_flax.VisionTransformer(remat=True, remat_policy='dots_savable', **TINY)
+    with pytest.raises(ValueError, match='unknown remat_policy .*dots_saveable'):
+        vit_flax.init_params(m)
+
+
+
+def test_vit_train_bf16_step_stays_on_one_matmul_path(monkeypatch):
+    """vit_train's step (forward, backward, AdamW) of a bf16 model: every matmul, the backward's included,
+    takes operands of one dtype (bf16 on the native path, float32 widened on the other), never a mixed
+    f32 x bf16 dot that XLA would run as a float32 GEMM on converted copies."""
+    from vit_train import optim, step as train_step
+    model = vit_flax.VisionTransformer(dtype=jnp.bfloat16, **TINY)
+    params = vit_flax.summary.param_shapes(model)
+    flat = flatten_dict(params, sep='/')
+    tx = optim.make('adamw', 0.05, {k: optim.decays(k) for k in flat})
+    state = dict(params=params, opt_state=jax.eval_shape(tx.init, flat), step=jnp.zeros((), jnp.int32))
+    batch = dict(image=jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8), label=jax.ShapeDtypeStruct((4,), jnp.int32),
+                 weight=jax.ShapeDtypeStruct((4,), jnp.float32), unreadable=jax.ShapeDtypeStruct((4,), jnp.int32))
+    for path, want in (('native', 'bfloat16'), ('float32', 'float32')):
+        monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)  # (read at trace time: a fresh step function each)
+        fn = train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
+        jaxpr = jax.make_jaxpr(fn)(state, batch, 1e-3)
+        dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr)
+                if e.primitive.name == 'dot_general']
+        # (3 blocks x (qkv, logits, weights x v, out, 2 MLP) + patch embedding + head) x (forward, 2 gradients)
+        assert len(dots) == (3 * 6 + 2) * 3 and set(dots) == {(want, want)}, (path, sorted(set(dots)))

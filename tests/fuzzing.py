@@ -695,13 +695,6 @@ def read_cifar(path):
     return {'train': ds.train.images, 'val': ds.val.images}
 
 
-def valid_image(fmt: str) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, fmt)
-    return buf.getvalue()
-
-
 def read_image(path):
     """The trainer's image decoding (a folder data set's file): never raises; a file it cannot decode is a
     zero image of weight 0 counted as unreadable."""

@@ -274,15 +274,30 @@ def test_nan_update_at_an_epoch_end_never_reaches_a_checkpoint(env, tmp_path):
 
 # ---------------------------------------------------------------- signals
 
+SIGNAL_AT_SAVE = """
+import os, signal, orbax.checkpoint as ocp
+_save = ocp.CheckpointManager.save
+def save(self, step, *a, **k):
+    if step == {step}:
+        os.kill(os.getpid(), signal.{sig})  # arrives inside the save: the save must still start whole
+    return _save(self, step, *a, **k)
+ocp.CheckpointManager.save = save
+"""
+
+
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_sigterm_then_sigint_then_resume_ends_bit_identical(env, reference, tmp_path):
+    """SIGTERM from outside once a checkpoint exists, then SIGINT at the start of a save (injected: the moment an
+    outside signal hits only by chance); each run ends after its in-flight save, naming it."""
     workdir = tmp_path / 'sig'
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
-        after = min(s for s in (16, SPE, 32) if s > max(steps_of(workdir), default=0))  # inside the epoch loop
-        proc = subprocess.Popen(command(workdir, *BASE), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    for sig, code, inside_save in ((signal.SIGTERM, 143, False), (signal.SIGINT, 130, True)):
+        after = min(s for s in (16, SPE, 32, 2 * SPE) if s > max(steps_of(workdir), default=0))
+        patch = SIGNAL_AT_SAVE.format(step=after, sig=sig.name) if inside_save else None
+        proc = subprocess.Popen(command(workdir, *BASE, patch=patch), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        wait_for(workdir / 'checkpoints' / str(after) / '_CHECKPOINT_METADATA', proc)
-        proc.send_signal(sig)
+        if not inside_save:
+            wait_for(workdir / 'checkpoints' / str(after) / '_CHECKPOINT_METADATA', proc)
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == code, (proc.returncode, err[-3000:])
         last = errors(err)[-1]
@@ -290,6 +305,8 @@ def test_sigterm_then_sigint_then_resume_ends_bit_identical(env, reference, tmp_
                             rf'{re.escape(str(workdir))}/checkpoints; rerun the same command to resume', last), last
         assert 'Traceback' not in err
         assert int(re.search(r'step (\d+) in', last).group(1)) == steps_of(workdir)[-1] >= after
+        if inside_save:
+            assert steps_of(workdir)[-1] == after  # the save the signal interrupted was finished, not dropped
         assert not [n for n in os.listdir(workdir / 'checkpoints') if 'tmp' in n]  # the in-flight save finished
     r = run(env, workdir, *BASE)
     assert 'resumed from epoch' in r.stdout

@@ -15,14 +15,10 @@ def main(argv=None, prog=None) -> int:
     """Run the training command; returns the exit status: 0 done, 1 bad input, 2 usage, 3 non-finite loss,
     70 an internal error (one line; `--debug` shows the traceback), 130 SIGINT, 143 SIGTERM."""
     from converters.errors import ConversionError, first_line
-    from .errors import Interrupted, NonFiniteLoss, TrainError
+    from .errors import Interrupted, NonFiniteLoss, TrainError, on_signal
     from .loop import run
     name = prog or 'train_flax.py'
     argv = sys.argv[1:] if argv is None else list(argv)
-
-    def on_signal(signum, frame):
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-        raise Interrupted(signum)
 
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = [signal.signal(s, on_signal) for s in handled]

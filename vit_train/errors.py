@@ -1,3 +1,4 @@
+import contextlib
 import signal
 
 
@@ -18,3 +19,31 @@ class Interrupted(KeyboardInterrupt):
 
     def __str__(self):
         return self.args[0]
+
+
+_deferred = {'depth': 0, 'pending': None}
+
+
+def on_signal(signum, frame):
+    """The SIGINT/SIGTERM handler `main` installs: raise Interrupted, or only note the signal while a
+    `signals_deferred` block runs. A second signal ends the process at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    if _deferred['depth']:
+        _deferred['pending'] = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold off Interrupted until the block ends: an exception raised inside orbax's save, between its
+    temporary directory and the background commit, would strand a `*.orbax-checkpoint-tmp` directory that
+    no wait can finish."""
+    _deferred['depth'] += 1
+    try:
+        yield
+    finally:
+        _deferred['depth'] -= 1
+        if not _deferred['depth'] and _deferred['pending'] is not None:
+            signum, _deferred['pending'] = _deferred['pending'], None
+            raise Interrupted(signum)

@@ -16,7 +16,7 @@ from converters import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights
 from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums
-from .errors import Interrupted, NonFiniteLoss, TrainError
+from .errors import Interrupted, NonFiniteLoss, TrainError, signals_deferred
 
 
 def init_distributed(args) -> None:
@@ -270,7 +270,8 @@ def run(argv=None, prog=None) -> int:
         meta = dict(base_meta, epoch=epoch, step=step_no, best_val_acc=best_acc, checksums=checksums(state),
                     saved=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                     **{k: rec.get(k) for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc')})
-        blocked.append(ckpts.save(step_no, state, it, meta))
+        with signals_deferred():  # a save is started whole or not at all
+            blocked.append(ckpts.save(step_no, state, it, meta))
         return blocked[-1]
 
     def check_loss(step_no, loss, params_finite=True):

@@ -48,6 +48,27 @@ def test_attention_matches_torch_sdpa_with_bias_and_broadcast_batch_dims():
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('bias_shape', [None, (3, 4, 10, 10), (1, 4, 1, 10)])
+def test_attention_gradients_match_torch_autograd(bias_shape):
+    """The hand-written VJP (`layers._attention`) against PyTorch's autograd of the same formula, for q, k, v
+    and a bias broadcast over batch, head or query axes (Swin's relative position bias and mask)."""
+    rng = np.random.default_rng(1)
+    q, k, v, ct = (rng.standard_normal((2, 3, 4, 10, 8)).astype(np.float32) for _ in range(4))
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape).astype(np.float32)
+    args = [q, k, v] + ([] if bias is None else [bias])
+    fn = lambda q, k, v, *b: layers.dot_product_attention(q * 8 ** -0.5, k, v, *b)
+    out, vjp = jax.vjp(fn, *map(jnp.asarray, args))
+    ours = vjp(jnp.asarray(ct))
+    tq, tk, tv, *tb = (torch.from_numpy(a).requires_grad_() for a in args)
+    logits = (tq * 8 ** -0.5) @ tk.transpose(-1, -2) + (tb[0] if tb else 0)
+    ref = torch.softmax(logits, -1) @ tv
+    ref.backward(torch.from_numpy(ct))
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(ours, [t.grad.numpy() for t in (tq, tk, tv, *tb)]):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_gelu_exact_matches_torch_values_and_gradient():
     x = np.linspace(-9, 9, 2001, dtype=np.float32)
     xt = torch.from_numpy(x).requires_grad_()

@@ -195,15 +195,62 @@ def dot_product_attention(q, k, v, bias=None, dropout: Optional[Callable] = None
     """softmax(q k^T + bias) v over (..., N, Dh) arrays, q already scaled.
 
     Logits, bias and softmax in float32 (as timm under autocast: its attention kernel keeps the softmax
-    in float32); both matmuls through `matmul`. Returns (..., N, Dh) in v's dtype.
+    in float32); both matmuls through `matmul`. Returns (..., N, Dh) in v's dtype. `dropout` (on the
+    attention weights) is None when it cannot drop anything (see `active_dropout`): then the gradient is
+    `_attention`'s hand-written one.
     """
+    if dropout is None:
+        return _attention(q, k, v, bias)
+    weights = jax.nn.softmax(_attention_logits(q, k, bias), axis=-1)
+    return matmul('...qk,...kd->...qd', dropout(weights).astype(v.dtype), v)
+
+
+def active_dropout(drop: nn.Module, deterministic: bool) -> Optional[Callable]:
+    """`drop` (an nn.Dropout) as a callable when it can drop something, else None."""
+    return None if deterministic or drop.rate == 0 else partial(drop, deterministic=False)
+
+
+def _attention_logits(q, k, bias):
     logits = matmul('...qd,...kd->...qk', q, k, out_dtype=jnp.float32)
-    if bias is not None:
-        logits = logits + bias
-    weights = jax.nn.softmax(logits, axis=-1)
-    if dropout is not None:
-        weights = dropout(weights)
-    return matmul('...qk,...kd->...qd', weights.astype(v.dtype), v)
+    return logits if bias is None else logits + bias
+
+
+@jax.custom_vjp
+def _attention(q, k, v, bias):
+    return _attention_fwd(q, k, v, bias)[0]
+
+
+def _attention_fwd(q, k, v, bias):
+    logits = _attention_logits(q, k, bias)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    p = e / jnp.sum(e, axis=-1, keepdims=True)  # jax.nn.softmax's formula
+    pc = p.astype(v.dtype)
+    return matmul('...qk,...kd->...qd', pc, v), (q, k, v, p, bias)
+
+
+def _attention_bwd(res, do):
+    """The gradient autodiff would give for the steps above (matmul's low-precision VJP included: each
+    cotangent rounded to its operand's dtype), written so that XLA:CPU keeps the probabilities as the one
+    saved N x N array: autodiff of softmax also materialises the broadcast normaliser and runs an extra pass."""
+    q, k, v, p, bias = res
+    pc = p.astype(v.dtype)
+    dv = matmul('...qk,...qd->...kd', pc, do.astype(v.dtype), out_dtype=v.dtype)
+    dp = matmul('...qd,...kd->...qk', do.astype(v.dtype), v, out_dtype=pc.dtype).astype(jnp.float32)
+    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
+    dsc = ds.astype(q.dtype)
+    dq = matmul('...qk,...kd->...qd', dsc, k, out_dtype=q.dtype)
+    dk = matmul('...qk,...qd->...kd', dsc, q, out_dtype=k.dtype)
+    return dq, dk, dv, None if bias is None else _sum_to_shape(ds, bias.shape).astype(bias.dtype)
+
+
+def _sum_to_shape(x, shape):
+    """x summed over the axes that broadcasting `shape` to x.shape added or stretched."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class PatchConv(nn.Module):

@@ -23,14 +23,13 @@ output projection: heads == 1 and dim_head == dim), `Transformer/layers_{i}/ff/{
 `Transformer/norm`, `head_norm`, `head`. Intermediates as in `vit.py`: `Transformer/embed`,
 `Transformer/block_{i}`, `Transformer/encoded`.
 """
-from functools import partial
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .layers import (MlpBlock, ProjectionParams, dense, dense_general, dot_product_attention, fused_projection,
-                     merge_heads, split_heads, to_tuple)
+from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, dot_product_attention,
+                     fused_projection, merge_heads, split_heads, to_tuple)
 from .registry import register
 
 Dtype = Any
@@ -58,7 +57,7 @@ class Attention(nn.Module):
                for n in ('query', 'key', 'value')]
         q, k, v = split_heads(fused_projection(y, qkv, self.dtype), 3, heads, self.dtype, self.dim_head ** -0.5)
         drop = nn.Dropout(self.dropout)
-        out = dot_product_attention(q, k, v, dropout=partial(drop, deterministic=deterministic))  # (B, H, N, Dh)
+        out = dot_product_attention(q, k, v, dropout=active_dropout(drop, deterministic))  # (B, H, N, Dh)
         if not self.project_out:  # vit-pytorch's to_out is Identity: one head as wide as the model
             return merge_heads(out)
         out = dense_general(dim, (-2, -1), self.dtype, name='out')(out.transpose(0, 2, 1, 3))

@@ -22,14 +22,13 @@ each stage's output `stage_{i}` (= timm's `layers.{i}`, NHWC) and the normed map
 (Flax forbids sowing under a name a submodule already uses, hence not `patch_embed`/`layers_{i}`/`norm`.)
 """
 import math
-from functools import partial
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, dense, dot_product_attention,
+from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dot_product_attention,
                      drop_path_rates, fused_projection, merge_heads, remat_block, split_heads, to_tuple)
 from .registry import register
 
@@ -121,7 +120,7 @@ class WindowAttention(nn.Module):
             bias = bias[None] + jnp.asarray(mask)[:, None]
             q, k, v = (t.reshape(-1, nw, heads, n, head_dim) for t in (q, k, v))
         drop = nn.Dropout(self.attn_drop_rate)
-        out = dot_product_attention(q, k, v, bias, partial(drop, deterministic=deterministic))
+        out = dot_product_attention(q, k, v, bias, active_dropout(drop, deterministic))
         out = dense(dim, self.dtype, name='proj', kernel_init=_trunc02)(merge_heads(out.reshape(bw, heads, n, head_dim)))
         return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 

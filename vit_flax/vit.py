@@ -13,14 +13,13 @@ big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
 """
-from functools import partial
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, dense, dense_general, dot_product_attention,
-                     drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
+from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dense_general,
+                     dot_product_attention, drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
 from .posemb import sincos2d
 from .registry import register
 from .resnet import ResNetStem, stem_output_size, stem_stride
@@ -57,7 +56,7 @@ class MultiHeadDotProductAttention(nn.Module):
             (q,) = split_heads(fused_projection(inputs_q, [q_p], self.dtype), 1, heads, self.dtype, scale)
             k, v = split_heads(fused_projection(inputs_kv, [k_p, v_p], self.dtype), 2, heads, self.dtype)
         drop = nn.Dropout(self.dropout_rate)
-        out = dot_product_attention(q, k, v, dropout=partial(drop, deterministic=deterministic))
+        out = dot_product_attention(q, k, v, dropout=active_dropout(drop, deterministic))
         return dense_general(dim, (-2, -1), self.dtype, name='out', kernel_init=self.kernel_init)(
             out.transpose(0, 2, 1, 3))
 

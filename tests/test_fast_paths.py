@@ -69,6 +69,19 @@ def test_attention_gradients_match_torch_autograd(bias_shape):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_forward_mode_matches_autodiff_of_softmax():
+    """Float32 attention keeps forward mode (jax.jvp, Hessian-vector products): its JVP against autodiff
+    of jax.nn.softmax over the same logits."""
+    rng = np.random.default_rng(2)
+    primals = [jnp.asarray(rng.standard_normal((2, 4, 10, 8)), jnp.float32) for _ in range(3)]
+    tangents = [jnp.asarray(rng.standard_normal((2, 4, 10, 8)), jnp.float32) for _ in range(3)]
+    ref = lambda q, k, v: jax.nn.softmax(jnp.einsum('bhqd,bhkd->bhqk', q, k), axis=-1) @ v
+    out, tan = jax.jvp(lambda q, k, v: layers.dot_product_attention(q, k, v), primals, tangents)
+    want_out, want_tan = jax.jvp(ref, primals, tangents)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tan, want_tan, rtol=1e-4, atol=1e-5)
+
+
 def test_gelu_exact_matches_torch_values_and_gradient():
     x = np.linspace(-9, 9, 2001, dtype=np.float32)
     xt = torch.from_numpy(x).requires_grad_()

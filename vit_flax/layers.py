@@ -196,11 +196,12 @@ def dot_product_attention(q, k, v, bias=None, dropout: Optional[Callable] = None
 
     Logits, bias and softmax in float32 (as timm under autocast: its attention kernel keeps the softmax
     in float32); both matmuls through `matmul`. Returns (..., N, Dh) in v's dtype. `dropout` (on the
-    attention weights) is None when it cannot drop anything (see `active_dropout`): then the gradient is
-    `_attention`'s hand-written one.
+    attention weights) is None when it cannot drop anything (see `active_dropout`): then the derivatives
+    are the hand-written ones below.
     """
     if dropout is None:
-        return _attention(q, k, v, bias)
+        exact = jnp.finfo(jnp.result_type(q, k, v)).bits >= 32
+        return (_attention_f32 if exact else _attention)(q, k, v, bias)
     weights = jax.nn.softmax(_attention_logits(q, k, bias), axis=-1)
     return matmul('...qk,...kd->...qd', dropout(weights).astype(v.dtype), v)
 
@@ -215,23 +216,46 @@ def _attention_logits(q, k, bias):
     return logits if bias is None else logits + bias
 
 
+def _attention_probs(q, k, bias):
+    logits = _attention_logits(q, k, bias)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    return e / jnp.sum(e, axis=-1, keepdims=True)  # jax.nn.softmax's formula
+
+
+# Hand-written derivatives: autodiff of softmax makes XLA:CPU materialise the broadcast normaliser and run
+# extra passes over the N x N array; these keep the probabilities as the one saved N x N array. Float32
+# gets a JVP (forward mode, jax.jvp and Hessian-vector products keep working; reverse mode is its
+# transpose); low precision gets a VJP, as `matmul`'s own low-precision path does.
+@jax.custom_jvp
+def _attention_f32(q, k, v, bias):
+    return matmul('...qk,...kd->...qd', _attention_probs(q, k, bias), v)
+
+
+@_attention_f32.defjvp
+def _attention_f32_jvp(primals, tangents):
+    (q, k, v, bias), (dq, dk, dv, dbias) = primals, tangents
+    p = _attention_probs(q, k, bias)
+    ds = matmul('...qd,...kd->...qk', dq, k) + matmul('...qd,...kd->...qk', q, dk)
+    if bias is not None:
+        ds = ds + dbias
+    dp = p * (ds - jnp.sum(p * ds, axis=-1, keepdims=True))
+    return (matmul('...qk,...kd->...qd', p, v),
+            matmul('...qk,...kd->...qd', dp, v) + matmul('...qk,...kd->...qd', p, dv))
+
+
 @jax.custom_vjp
 def _attention(q, k, v, bias):
     return _attention_fwd(q, k, v, bias)[0]
 
 
 def _attention_fwd(q, k, v, bias):
-    logits = _attention_logits(q, k, bias)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    p = e / jnp.sum(e, axis=-1, keepdims=True)  # jax.nn.softmax's formula
-    pc = p.astype(v.dtype)
-    return matmul('...qk,...kd->...qd', pc, v), (q, k, v, p, bias)
+    p = _attention_probs(q, k, bias)
+    return matmul('...qk,...kd->...qd', p.astype(v.dtype), v), (q, k, v, p, bias)
 
 
 def _attention_bwd(res, do):
-    """The gradient autodiff would give for the steps above (matmul's low-precision VJP included: each
-    cotangent rounded to its operand's dtype), written so that XLA:CPU keeps the probabilities as the one
-    saved N x N array: autodiff of softmax also materialises the broadcast normaliser and runs an extra pass."""
+    """What autodiff would give for the forward above, `matmul`'s low-precision VJP included (each
+    cotangent rounded to its operand's dtype before the product, accumulated in float32)."""
     q, k, v, p, bias = res
     pc = p.astype(v.dtype)
     dv = matmul('...qk,...qd->...kd', pc, do.astype(v.dtype), out_dtype=v.dtype)

@@ -22,6 +22,9 @@ def main(argv=None, prog=None) -> int:
 
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = [signal.signal(s, on_signal) for s in handled]
+    unraisablehook = sys.unraisablehook
+    if '--debug' not in argv:  # orbax's asyncio threads report 'Exception ignored' tracebacks after a failed save
+        sys.unraisablehook = lambda unraisable: None
     try:
         return run(argv, prog)
     except Interrupted as e:
@@ -43,3 +46,4 @@ def main(argv=None, prog=None) -> int:
     finally:
         for s, h in zip(handled, previous):
             signal.signal(s, h)
+        sys.unraisablehook = unraisablehook

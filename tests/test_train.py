@@ -243,6 +243,18 @@ def _leaves(tree):
     return [tree]
 
 
+def test_remat_recomputes_the_same_training(env, reference, tmp_path):
+    """--remat changes what the backward pass recomputes, not what it computes; a policy name is checked
+    before anything runs, and remat stays out of the model overrides that checkpoints record."""
+    r = run(env, tmp_path / 'bad', *BASE, '--remat', 'nope', expect=1)
+    assert r.stderr.startswith('train_flax.py: error: --remat nope: unknown remat_policy') and \
+        len(r.stderr.strip().splitlines()) == 1, r.stderr
+    workdir = tmp_path / 'remat'
+    run(env, workdir, *BASE, '--remat', 'dots_saveable')
+    assert_matches_reference(reference[0], workdir)
+    assert 'remat' not in str(latest(workdir).meta['model_overrides'])
+
+
 @pytest.mark.slow  # the default suite runs FSDP inside the multi-process test below
 def test_fsdp_on_4_devices_matches_1_device_with_params_sharded(env, reference, tmp_path):
     workdir = tmp_path / 'fsdp'

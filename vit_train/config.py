@@ -51,6 +51,9 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                    'position embedding resampled to fit, every change logged')
     m.add_argument('--resample', choices=('bicubic', 'bilinear', 'google'), default='bicubic',
                    help='position-embedding resampling for --weights (default bicubic, as timm for .pth)')
+    m.add_argument('--remat', nargs='?', const='full', metavar='POLICY',
+                   help='recompute each block in the backward pass to save memory (jax.checkpoint): bare for the '
+                   'whole block, or a jax.checkpoint_policies name that saves some values, e.g. dots_saveable')
     m.add_argument('--freeze-layers', action='store_true',
                    help='train only the head (and pre_logits, head_dist); every other parameter stays bit-identical')
 

@@ -12,6 +12,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 import vit_flax
+from vit_flax.layers import checkpoint_policy
 from converters import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights
@@ -50,8 +51,15 @@ def build_model(args, num_classes: int):
             over[k] = getattr(args, k)
     if args.drop_path:
         over['drop_path_rate'] = args.drop_path
+    # remat changes what the backward pass recomputes, not the parameters: it stays out of the overrides
+    # that checkpoints record and exports rebuild the model from
+    remat = {} if args.remat is None else dict(remat=True, remat_policy=None if args.remat == 'full' else args.remat)
     try:
-        model = vit_flax.create_model(args.model, **over, dtype=jnp.dtype(args.dtype))
+        checkpoint_policy(remat.get('remat_policy'))
+    except ValueError as e:
+        raise TrainError(f'--remat {args.remat}: {e}') from None
+    try:
+        model = vit_flax.create_model(args.model, **over, **remat, dtype=jnp.dtype(args.dtype))
     except (KeyError, TypeError, ValueError) as e:
         raise TrainError(f'--model {args.model}: {e.args[0] if isinstance(e, KeyError) else e}') from None
     height, width, _ = model.input_shape

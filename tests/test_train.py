@@ -243,12 +243,17 @@ def _leaves(tree):
     return [tree]
 
 
-def test_remat_recomputes_the_same_training(env, reference, tmp_path):
-    """--remat changes what the backward pass recomputes, not what it computes; a policy name is checked
-    before anything runs, and remat stays out of the model overrides that checkpoints record."""
+def test_unknown_remat_policy_is_one_line_before_anything_runs(env, tmp_path):
     r = run(env, tmp_path / 'bad', *BASE, '--remat', 'nope', expect=1)
     assert r.stderr.startswith('train_flax.py: error: --remat nope: unknown remat_policy') and \
         len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / 'bad').exists()
+
+
+@pytest.mark.slow  # a whole run (~30 s); the remat forward/backward itself is tested in test_fast_paths
+def test_remat_recomputes_the_same_training(env, reference, tmp_path):
+    """--remat changes what the backward pass recomputes, not what it computes, and stays out of the model
+    overrides that checkpoints record."""
     workdir = tmp_path / 'remat'
     run(env, workdir, *BASE, '--remat', 'dots_saveable')
     assert_matches_reference(reference[0], workdir)

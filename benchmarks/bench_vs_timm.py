@@ -364,7 +364,7 @@ def main():
 
     compiles = []
     if a.compile_cases:
-        print(f'\nFlax compile time (s, trace+lower+compile, float32), blocks unrolled -> nn.scan (scan_blocks=True)')
+        print('\nFlax compile time (s, trace+lower+compile, float32), blocks unrolled -> nn.scan (scan_blocks=True)')
         for model, mode, batch in compile_cases:
             res = {scan: spawn(['--worker', 'compile', '--model', model, '--mode', mode, '--batch', batch]
                                + (['--scan'] if scan else []), a.timeout) for scan in (False, True)}

@@ -12,6 +12,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import vit_flax
+from vit_flax.layers import to_tuple
 from vit_flax.registry import list_models, model_config, split_tag
 from vit_flax.summary import param_shapes
 
@@ -210,7 +211,7 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
         raise ConversionError(f'{fc.config_path}: num_classes {fc.num_classes}, but the weights\' head has '
                               f'{ck.model.num_classes} classes')
     size = fc.arch.get('img_size')
-    if size is not None and _pair(size) != _pair(ck.model.img_size):
+    if size is not None and to_tuple(size, 2) != to_tuple(ck.model.img_size, 2):
         if ck.family.pos_key in ck.flat:   # a learned position table says which size the weights are for
             raise ConversionError(f'{fc.config_path}: img_size {size}, but the weights\' position table is for '
                                   f'{ck.model.img_size}')
@@ -222,9 +223,6 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
     ck.kind, ck.source, ck.pretrained_cfg, ck.class_names = 'timm-folder', path, fc.pretrained_cfg, fc.label_names
     return ck
 
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
 # Architecture fields that may be 0 (every other integer read off a checkpoint's shapes must be >= 1).

@@ -108,10 +108,8 @@ def cmd_convert(a):
     else:
         layout = api.write_flat(flat, model, dst, layout=a.layout, force=a.force)
     if beside:
-        from .durable import atomic_output
         from .training_ckpt import write_class_indices
-        with atomic_output(beside, True) as tmp:
-            write_class_indices(tmp, names)
+        write_class_indices(beside, names)   # atomic and durable itself
     how = 'detected' if ck.detected else 'given'
     print(f'{a.src} ({ck.format}, {ck.layout}) -> {dst} ({layout}); model {ck.model_name} ({how}); '
           f'{time.perf_counter() - t0:.1f}s' + (f'; class names in {beside}' if beside else ''))

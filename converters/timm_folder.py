@@ -263,5 +263,5 @@ def write(state: Dict, config: dict, path: str, force: bool = False, class_names
         with open(os.path.join(tmp, CONFIG), 'w') as f:
             json.dump(config, f, indent=2)
         if class_names:
-            from .training_ckpt import write_class_indices
-            write_class_indices(os.path.join(tmp, 'class_indices.json'), class_names)
+            from .training_ckpt import CLASS_INDICES, write_class_indices
+            write_class_indices(os.path.join(tmp, CLASS_INDICES), class_names)

@@ -8,7 +8,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 Dtype = Any
@@ -263,9 +262,9 @@ def _attention_bwd(res, do):
     """What autodiff would give for the forward above, `matmul`'s low-precision VJP included (each
     cotangent rounded to its operand's dtype before the product, accumulated in float32)."""
     q, k, v, p, bias = res
-    pc = p.astype(v.dtype)
-    dv = matmul('...qk,...qd->...kd', pc, do.astype(v.dtype), out_dtype=v.dtype)
-    dp = matmul('...qd,...kd->...qk', do.astype(v.dtype), v, out_dtype=pc.dtype).astype(jnp.float32)
+    pc, do = p.astype(v.dtype), do.astype(v.dtype)
+    dv = matmul('...qk,...qd->...kd', pc, do, out_dtype=v.dtype)
+    dp = matmul('...qd,...kd->...qk', do, v, out_dtype=pc.dtype).astype(jnp.float32)
     ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
     dsc = ds.astype(q.dtype)
     dq = matmul('...qk,...kd->...qd', dsc, k, out_dtype=q.dtype)

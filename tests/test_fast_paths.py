@@ -82,6 +82,25 @@ def test_attention_forward_mode_matches_autodiff_of_softmax():
     np.testing.assert_allclose(tan, want_tan, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('path', ['native', 'float32'])
+def test_bf16_attention_gradients_are_autodiffs(path, monkeypatch):
+    """bf16 attention's hand-written VJP against JAX autodiff of the same steps (jax.nn.softmax and `matmul`,
+    whose own VJP rounds each cotangent to bf16): the same numbers, a broadcast bias included."""
+    monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)
+    rng = np.random.default_rng(3)
+    q, k, v, ct = (jnp.asarray(rng.standard_normal((2, 3, 4, 10, 8)), jnp.bfloat16) for _ in range(4))
+    bias = jnp.asarray(rng.standard_normal((3, 1, 10, 10)), jnp.float32)
+
+    def ref(q, k, v, bias):
+        logits = layers.matmul('...qd,...kd->...qk', q, k, out_dtype=jnp.float32) + bias
+        return layers.matmul('...qk,...kd->...qd', jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+    got = jax.vjp(layers.dot_product_attention, q, k, v, bias)[1](ct)
+    want = jax.vjp(ref, q, k, v, bias)[1](ct)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
+
+
 def test_gelu_exact_matches_torch_values_and_gradient():
     x = np.linspace(-9, 9, 2001, dtype=np.float32)
     xt = torch.from_numpy(x).requires_grad_()

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow fuzz memory bench bench-quick parity-report train clean
+.PHONY: demo test test-slow fuzz memory bench bench-quick bench-parts parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench_vs_timm.py --quick $(BENCH_ARGS)
+
+# The training step part by part (block, attention, MLP, matmuls, LayerNorm), Flax against torch (~3 min).
+bench-parts: $(STAMP)
+	$(PY) benchmarks/parts_vs_torch.py $(BENCH_ARGS)
 
 parity-report: $(STAMP)
 	$(PY) benchmarks/parity_report.py

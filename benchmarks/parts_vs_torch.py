@@ -1,0 +1,212 @@
+"""Where a ViT training step spends its time, part by part, in Flax/XLA against PyTorch (timm's modules).
+
+    make bench-parts                                  # ViT-S/16 shapes, batch 16, 3 rounds
+    python benchmarks/parts_vs_torch.py --dim 768 --heads 12 --batch 8 --rounds 5
+
+Each part is run forward + backward (the input's and the weights' gradients, as a training step needs
+them) on random float32 data: a whole pre-norm block, its attention half and its MLP half (LayerNorm
+included, residual added), the attention core alone (softmax(q k^T) v over (B, H, N, Dh): ours against
+torch's scaled_dot_product_attention), one batched q k^T product (forward only), one linear layer of each MLP shape and
+one LayerNorm. The rate columns are the parts' matmul FLOPs per second. As in bench_vs_timm.py, each
+framework runs in its own process, alternated over rounds, and a round's time is the fastest of the
+timed calls (the parts are short, so the minimum is the least disturbed figure); the table gives the
+median over rounds. A ratio below 1 is where Flax loses.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = ['block', 'attention half', 'mlp half', 'attention core', 'q k^T (batched)', 'linear d->4d',
+         'linear 4d->d', 'layernorm']
+
+
+def fastest(fn, iters: int, budget: float) -> float:
+    fn(), fn()
+    times, start = [], time.perf_counter()
+    while len(times) < iters and (time.perf_counter() - start < budget or len(times) < 3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def flops(a) -> dict:
+    """Matmul FLOPs of each part's forward + backward (3x the forward's for the layers, whose weight
+    and input gradients are both taken)."""
+    m, d, n, h = a.batch * a.tokens, a.dim, a.tokens, a.heads
+    attn_core = 2 * 2 * a.batch * n * n * d  # q k^T and p v
+    lin = 2 * m * d * 4 * d
+    attn_half = 3 * (2 * m * d * 3 * d + 2 * m * d * d) + 3 * attn_core
+    mlp_half = 3 * 2 * lin
+    return {'block': attn_half + mlp_half, 'attention half': attn_half, 'mlp half': mlp_half,
+            'attention core': 3 * attn_core, 'q k^T (batched)': attn_core / 2,
+            'linear d->4d': 3 * lin, 'linear 4d->d': 3 * lin, 'layernorm': 0}
+
+
+def run_jax(a) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from vit_flax.layers import MlpBlock, dot_product_attention
+    from vit_flax.vit import Encoder1DBlock, MultiHeadDotProductAttention
+
+    rng = np.random.default_rng(0)
+    b, n, d, h = a.batch, a.tokens, a.dim, a.heads
+    x = jnp.asarray(rng.standard_normal((b, n, d), np.float32))
+
+    class AttnHalf(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.LayerNorm(epsilon=1e-6)(x)
+            return x + MultiHeadDotProductAttention(h)(y, y)
+
+    class MlpHalf(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + MlpBlock(4 * d)(nn.LayerNorm(epsilon=1e-6)(x))
+
+    def module_part(module, inp):
+        params = jax.tree.map(lambda t: t + 0.01, module.init(jax.random.PRNGKey(0), inp))
+        ct = jnp.asarray(rng.standard_normal(jax.eval_shape(module.apply, params, inp).shape, np.float32))
+
+        def fwd_bwd(p, x):
+            y, pullback = jax.vjp(module.apply, p, x)
+            return y, pullback(ct)
+        f = jax.jit(fwd_bwd)
+        return lambda: jax.block_until_ready(f(params, inp))
+
+    def fn_part(fn, *args):
+        ct = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, *args).shape, np.float32))
+
+        def fwd_bwd(*args):
+            y, pullback = jax.vjp(fn, *args)
+            return y, pullback(ct)
+        f = jax.jit(fwd_bwd)
+        return lambda: jax.block_until_ready(f(*args))
+
+    heads = [jnp.asarray(rng.standard_normal((b, h, n, d // h), np.float32)) for _ in range(3)]
+    x2 = jnp.asarray(rng.standard_normal((b * n, d), np.float32))
+    x4 = jnp.asarray(rng.standard_normal((b * n, 4 * d), np.float32))
+    w = jnp.asarray(rng.standard_normal((d, 4 * d), np.float32) * 0.05)
+    qk = jax.jit(lambda q, k: jnp.einsum('bhqd,bhkd->bhqk', q, k))
+    parts = {
+        'block': module_part(Encoder1DBlock(num_heads=h, mlp_dim=4 * d), x),
+        'attention half': module_part(AttnHalf(), x),
+        'mlp half': module_part(MlpHalf(), x),
+        'attention core': fn_part(lambda q, k, v: dot_product_attention(q, k, v), *heads),
+        'q k^T (batched)': lambda: qk(heads[0], heads[1]).block_until_ready(),
+        'linear d->4d': fn_part(lambda x, w: x @ w, x2, w),
+        'linear 4d->d': fn_part(lambda x, w: x @ w.T, x4, w),
+        'layernorm': module_part(nn.LayerNorm(epsilon=1e-6), x),
+    }
+    return {k: fastest(fn, a.iters, a.budget) for k, fn in parts.items()}
+
+
+def run_torch(a) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import Attention, Block, Mlp
+
+    torch.manual_seed(0)
+    b, n, d, h = a.batch, a.tokens, a.dim, a.heads
+    x = torch.randn(b, n, d, requires_grad=True)
+
+    class AttnHalf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.attn = torch.nn.LayerNorm(d, eps=1e-6), Attention(d, h, qkv_bias=True)
+
+        def forward(self, x):
+            return x + self.attn(self.norm(x))
+
+    class MlpHalf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mlp = torch.nn.LayerNorm(d, eps=1e-6), Mlp(d, 4 * d)
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    def part(fn, *args, params=()):
+        ct = torch.randn(fn(*args).shape)
+
+        def call():
+            for t in (*args, *params):
+                t.grad = None  # as zero_grad(set_to_none=True): no accumulation into old gradients
+            fn(*args).backward(ct)
+        return call
+
+    def module_part(module, inp):
+        return part(module, inp, params=list(module.parameters()))
+
+    heads = [torch.randn(b, h, n, d // h, requires_grad=True) for _ in range(3)]
+    x2 = torch.randn(b * n, d, requires_grad=True)
+    x4 = torch.randn(b * n, 4 * d, requires_grad=True)
+    w = (torch.randn(d, 4 * d) * 0.05).requires_grad_()
+
+    def qk():
+        with torch.no_grad():
+            torch.matmul(heads[0], heads[1].transpose(-1, -2))
+    parts = {
+        'block': module_part(Block(d, h, qkv_bias=True), x),
+        'attention half': module_part(AttnHalf(), x),
+        'mlp half': module_part(MlpHalf(), x),
+        'attention core': part(F.scaled_dot_product_attention, *heads),
+        'q k^T (batched)': qk,
+        'linear d->4d': part(lambda x, w: x @ w, x2, w),
+        'linear 4d->d': part(lambda x, w: x @ w.t(), x4, w),
+        'layernorm': module_part(torch.nn.LayerNorm(d, eps=1e-6), x),
+    }
+    return {k: fastest(fn, a.iters, a.budget) for k, fn in parts.items()}
+
+
+def spawn(framework: str, a) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', framework, '--batch', str(a.batch),
+           '--dim', str(a.dim), '--heads', str(a.heads), '--tokens', str(a.tokens), '--iters', str(a.iters),
+           '--budget', str(a.budget)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f'{framework} worker failed: {(out.stderr.strip().splitlines() or ["no output"])[-1]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--batch', type=int, default=16)
+    ap.add_argument('--dim', type=int, default=384, help='embed dim (ViT-S 384, ViT-B 768)')
+    ap.add_argument('--heads', type=int, default=6)
+    ap.add_argument('--tokens', type=int, default=197)
+    ap.add_argument('--rounds', type=int, default=3)
+    ap.add_argument('--iters', type=int, default=15)
+    ap.add_argument('--budget', type=float, default=10.0, help='seconds per part per process')
+    ap.add_argument('--worker', choices=['jax', 'torch'], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps((run_jax if a.worker == 'jax' else run_torch)(a)))
+        return
+    results = {'jax': [], 'torch': []}
+    for r in range(a.rounds):
+        for fw in (('jax', 'torch') if r % 2 == 0 else ('torch', 'jax')):
+            results[fw].append(spawn(fw, a))
+    fl = flops(a)
+    print(f'{os.cpu_count()} CPU cores; float32; x ({a.batch}, {a.tokens}, {a.dim}), {a.heads} heads; '
+          f'forward + backward; {a.rounds} round(s), each framework in its own process, alternated')
+    print(f'{"part":18s} {"flax ms":>8s} {"torch ms":>9s} {"flax/torch speed":>17s} {"flax GFLOP/s":>13s} {"torch GFLOP/s":>14s}')
+    for part in PARTS:
+        tj = statistics.median(r[part] for r in results['jax'])
+        tt = statistics.median(r[part] for r in results['torch'])
+        gj, gt = (f'{fl[part] / t / 1e9:.0f}' if fl[part] else '-' for t in (tj, tt))
+        print(f'{part:18s} {tj * 1e3:8.2f} {tt * 1e3:9.2f} {tt / tj:17.2f} {gj:>13s} {gt:>14s}')
+
+
+if __name__ == '__main__':
+    main()

@@ -235,8 +235,10 @@ def worker(a) -> dict:
 
 # ---------------------------------------------------------------- orchestration
 
-def spawn(args, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *map(str, args)]
+def spawn(args, timeout: float, script: str = __file__) -> dict:
+    """Run `script` (this file, or another benchmark's worker) with `args` in a process of its own; its
+    last stdout line is the JSON result, or dict(error=...) with its last line or the timeout."""
+    cmd = [sys.executable, os.path.abspath(script), *map(str, args)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -16,31 +16,23 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_vs_timm import spawn, timed_calls  # this folder: the same process and timing rules
 PARTS = ['block', 'attention half', 'mlp half', 'attention core', 'q k^T (batched)', 'linear d->4d',
          'linear 4d->d', 'layernorm']
 
 
 def fastest(fn, iters: int, budget: float) -> float:
-    fn(), fn()
-    times, start = [], time.perf_counter()
-    while len(times) < iters and (time.perf_counter() - start < budget or len(times) < 3):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timed_calls(fn, iters, warmup=1, budget=budget)[1])
 
 
 def flops(a) -> dict:
     """Matmul FLOPs of each part's forward + backward (3x the forward's for the layers, whose weight
     and input gradients are both taken)."""
-    m, d, n, h = a.batch * a.tokens, a.dim, a.tokens, a.heads
+    m, d, n = a.batch * a.tokens, a.dim, a.tokens
     attn_core = 2 * 2 * a.batch * n * n * d  # q k^T and p v
     lin = 2 * m * d * 4 * d
     attn_half = 3 * (2 * m * d * 3 * d + 2 * m * d * d) + 3 * attn_core
@@ -168,35 +160,41 @@ def run_torch(a) -> dict:
     return {k: fastest(fn, a.iters, a.budget) for k, fn in parts.items()}
 
 
-def spawn(framework: str, a) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), '--worker', framework, '--batch', str(a.batch),
-           '--dim', str(a.dim), '--heads', str(a.heads), '--tokens', str(a.tokens), '--iters', str(a.iters),
-           '--budget', str(a.budget)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode:
-        sys.exit(f'{framework} worker failed: {(out.stderr.strip().splitlines() or ["no output"])[-1]}')
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure(framework: str, a) -> dict:
+    result = spawn(['--worker', framework, '--batch', a.batch, '--dim', a.dim, '--heads', a.heads,
+                    '--tokens', a.tokens, '--iters', a.iters, '--budget', a.budget],
+                   timeout=60 + 2 * len(PARTS) * a.budget, script=__file__)
+    if 'error' in result:
+        sys.exit(f'{framework} worker failed: {result["error"]}')
+    return result
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
+    return int(text)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--batch', type=int, default=16)
-    ap.add_argument('--dim', type=int, default=384, help='embed dim (ViT-S 384, ViT-B 768)')
-    ap.add_argument('--heads', type=int, default=6)
-    ap.add_argument('--tokens', type=int, default=197)
-    ap.add_argument('--rounds', type=int, default=3)
-    ap.add_argument('--iters', type=int, default=15)
+    ap.add_argument('--batch', type=positive, default=16)
+    ap.add_argument('--dim', type=positive, default=384, help='embed dim (ViT-S 384, ViT-B 768)')
+    ap.add_argument('--heads', type=positive, default=6)
+    ap.add_argument('--tokens', type=positive, default=197)
+    ap.add_argument('--rounds', type=positive, default=3)
+    ap.add_argument('--iters', type=positive, default=15)
     ap.add_argument('--budget', type=float, default=10.0, help='seconds per part per process')
     ap.add_argument('--worker', choices=['jax', 'torch'], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.dim % a.heads:
+        ap.error(f'--dim {a.dim} is not divisible by --heads {a.heads}')
     if a.worker:
         print(json.dumps((run_jax if a.worker == 'jax' else run_torch)(a)))
         return
     results = {'jax': [], 'torch': []}
     for r in range(a.rounds):
         for fw in (('jax', 'torch') if r % 2 == 0 else ('torch', 'jax')):
-            results[fw].append(spawn(fw, a))
+            results[fw].append(measure(fw, a))
     fl = flops(a)
     print(f'{os.cpu_count()} CPU cores; float32; x ({a.batch}, {a.tokens}, {a.dim}), {a.heads} heads; '
           f'forward + backward; {a.rounds} round(s), each framework in its own process, alternated')

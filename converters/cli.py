@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 
-from .errors import ConversionError, first_line
+from .errors import ConversionError, first_line, quiet_unraisable
 from .resample import DEFAULT_METHOD, METHODS
 
 
@@ -391,8 +391,7 @@ def run() -> None:
     """The `vit-flax` entry point. After a failure, the process ends at once: libraries' threads that are
     still unwinding (orbax/tensorstore after a corrupt checkpoint) must not add tracebacks, or crash,
     after the one line already printed; no output is pending then (writes are complete or discarded)."""
-    if '--debug' not in sys.argv[1:]:  # orbax's asyncio threads print 'Exception ignored' tracebacks after a
-        sys.unraisablehook = lambda unraisable: None  # failed save, racing our one line on stderr
+    quiet_unraisable(sys.argv[1:])  # for good: threads may still be unwinding when the process ends
     code = main()
     if code and sys.argv[1:2] != ['train']:  # training waits for its own checkpoint threads before it returns
         for stream in (sys.stdout, sys.stderr):

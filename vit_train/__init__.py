@@ -14,7 +14,7 @@ import traceback
 def main(argv=None, prog=None) -> int:
     """Run the training command; returns the exit status: 0 done, 1 bad input, 2 usage, 3 non-finite loss,
     70 an internal error (one line; `--debug` shows the traceback), 130 SIGINT, 143 SIGTERM."""
-    from converters.errors import ConversionError, first_line
+    from converters.errors import ConversionError, first_line, quiet_unraisable
     from .errors import Interrupted, NonFiniteLoss, TrainError, on_signal
     from .loop import run
     name = prog or 'train_flax.py'
@@ -22,9 +22,7 @@ def main(argv=None, prog=None) -> int:
 
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = [signal.signal(s, on_signal) for s in handled]
-    unraisablehook = sys.unraisablehook
-    if '--debug' not in argv:  # orbax's asyncio threads report 'Exception ignored' tracebacks after a failed save
-        sys.unraisablehook = lambda unraisable: None
+    unraisablehook = quiet_unraisable(argv)
     try:
         return run(argv, prog)
     except Interrupted as e:

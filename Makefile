@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m converters.demo
+	$(PY) -m vit_flax_cli.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

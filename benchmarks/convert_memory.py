@@ -25,8 +25,8 @@ import zipfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPORTS = 'import converters, converters.cli, converters.api'
-CONVERT = 'import sys; from converters.cli import main; sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--force"]))'
+IMPORTS = 'import converters, vit_flax_cli.cli, converters.pipeline'
+CONVERT = 'import sys; from vit_flax_cli.cli import main; sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--force"]))'
 LOAD = ('import sys, converters; p = converters.load_params(sys.argv[1], sys.argv[2]); '
         'print(sum(v.size for v in __import__("jax").tree_util.tree_leaves(p)))')
 
@@ -36,9 +36,9 @@ def write_random_npz(model_name: str, path: str, seed: int = 0) -> None:
     import vit_flax
     from flax.traverse_util import flatten_dict
     from vit_flax.summary import param_shapes
-    from converters import google
+    from converters.families.vit import flax_to_npz
     shapes = flatten_dict(param_shapes(vit_flax.create_model(model_name)), sep='/')
-    names = google.flax_to_npz({k: k for k in shapes}, 'released')   # key renaming only
+    names = flax_to_npz({k: k for k in shapes}, 'released')   # key renaming only
     rng = np.random.default_rng(seed)
     with zipfile.ZipFile(path + '.part', 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
         for npz_key, flax_key in names.items():

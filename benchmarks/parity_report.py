@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from flax.traverse_util import flatten_dict
 
-from converters import api
+from converters import pipeline
 
 DEFAULT = ['vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224', 'vit_small_patch32_224',
            'vit_base_patch32_384', 'deit_tiny_distilled_patch16_224', 'deit_base_distilled_patch16_384',
@@ -39,7 +39,7 @@ def main():
                     prm.add_(torch.randn(prm.shape, generator=g) * 0.02)
             src = os.path.join(d, 'timm.pth')
             torch.save(tm.state_dict(), src)
-            model, params, _ = api.load_model(src, name, cast=False)
+            model, params, _ = pipeline.load_model(src, name, cast=False)
             flat = flatten_dict(params, sep='/')
             x = np.random.default_rng(0).standard_normal((a.batch,) + tuple(model.input_shape)).astype(np.float32)
             with torch.no_grad():
@@ -50,13 +50,13 @@ def main():
                     if layout == 'big_vision' and model.distilled:
                         continue
                     files[layout] = os.path.join(d, f'{layout}.npz')
-                    api.write_flat(flat, model, files[layout], layout=layout, force=True)
+                    pipeline.write_flat(flat, model, files[layout], layout=layout, force=True)
             else:
                 files['microsoft'] = os.path.join(d, 'ms.pth')
-                api.write_flat(flat, model, files['microsoft'], layout='microsoft', force=True)
+                pipeline.write_flat(flat, model, files['microsoft'], layout='microsoft', force=True)
             worst = 0.0
             for layout, path in files.items():
-                m, prm, _ = api.load_model(path, name, log=lambda s: None)
+                m, prm, _ = pipeline.load_model(path, name, log=lambda s: None)
                 y = np.asarray(jax.jit(lambda p, x: m.apply({'params': p}, x, train=False))(prm, x))
                 err = float(np.abs(y - ref).max() / np.abs(ref).max())
                 worst = max(worst, err)

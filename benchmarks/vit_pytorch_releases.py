@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flax.traverse_util import flatten_dict
 
-from converters import api
+from converters import pipeline
 
 CFG = dict(image_size=80, patch_size=16, num_classes=7, dim=96, depth=2, heads=4, dim_head=32, mlp_dim=160)
 
@@ -58,11 +58,11 @@ def main():
                     want = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
                 path = os.path.join(d, f'{version}-{pool}.pth')
                 torch.save(ref.state_dict(), path)
-                model, params, ck = api.load_model(path, heads=CFG['heads'], pool=pool, log=lambda s: None)
+                model, params, ck = pipeline.load_model(path, heads=CFG['heads'], pool=pool, log=lambda s: None)
                 y = np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x))(params, x))
                 err = float(np.abs(y - want).max() / np.abs(want).max())
                 back = {k: torch.from_numpy(v) for k, v in
-                        api.to_torch_state(flatten_dict(params, sep='/'), model, ck.layout).items()}
+                        pipeline.to_torch_state(flatten_dict(params, sep='/'), model, ck.layout).items()}
                 vit(**CFG, pool=pool).load_state_dict(back, strict=True)
                 exact = all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
                 failed |= not exact or err > 1e-4

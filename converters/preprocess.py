@@ -7,7 +7,7 @@ ToTensor, Normalize), as an NHWC float32 array for Flax, with no torch in the wa
 Where the preprocessing comes from (`data_config`): what the checkpoint records (a training run's meta, a
 timm config.json), else a default by kind of file: Google `.npz` weights were trained on [-1, 1] pixels
 (mean = std = 0.5); a bare PyTorch file gets the normalisation of timm's default weights for its family;
-resizing follows the seeds' Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear) scaled to the model.
+resizing follows WZMIAOMIAO's Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear) scaled to the model.
 """
 import math
 from typing import Dict, Optional, Tuple
@@ -18,7 +18,7 @@ from .errors import ConversionError, first_line
 
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-SEEDS_CROP_PCT, SEEDS_INTERPOLATION = 0.875, 'bilinear'   # Resize(256) / CenterCrop(224)
+WZMIAOMIAO_CROP_PCT, WZMIAOMIAO_INTERPOLATION = 0.875, 'bilinear'   # Resize(256) / CenterCrop(224)
 FIELDS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos', 'box', 'hamming')
 CROP_MODES = ('center', 'squash')
@@ -37,11 +37,11 @@ def default_config(model, model_name: str, fmt: str) -> Tuple[dict, str]:
         mean, std, why = family_default(model_name)
     else:
         (mean, std), why = HALF, ("Google's convention for .npz weights (mean/std 0.5)" if fmt == 'npz'
-                                  else 'mean/std 0.5, the seeds\' choice')
+                                  else 'mean/std 0.5, WZMIAOMIAO\'s choice')
     h, w = input_hw(model)
-    cfg = dict(input_size=[3, h, w], interpolation=SEEDS_INTERPOLATION, crop_pct=SEEDS_CROP_PCT, crop_mode='center',
+    cfg = dict(input_size=[3, h, w], interpolation=WZMIAOMIAO_INTERPOLATION, crop_pct=WZMIAOMIAO_CROP_PCT, crop_mode='center',
                mean=list(mean), std=list(std))
-    return cfg, f'{why}; resize/crop as the seeds\' Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear)'
+    return cfg, f'{why}; resize/crop as WZMIAOMIAO\'s Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear)'
 
 
 def input_hw(model) -> Tuple[int, int]:
@@ -129,9 +129,9 @@ def _center_crop(img, h: int, w: int):
     return img.crop((left, top, left + w, top + h))
 
 
-def transform(img, cfg: dict) -> np.ndarray:
-    """One PIL image -> (H, W, 3) float32, as timm's eval transform (then NCHW -> NHWC)."""
-    img = img.convert('RGB')   # greyscale, palette, RGBA (alpha dropped, as timm's loaders do)
+def resize_and_crop(img, cfg: dict):
+    """timm's eval resize and crop of one RGB PIL image (a PIL image of `cfg['input_size']`): the scale
+    `input_size / crop_pct`, then a centre crop ('center'), or a plain resize ('squash')."""
     h, w = cfg['input_size'][1:]
     scale = _scale_size(cfg)
     resample = _filter(cfg['interpolation'])
@@ -141,8 +141,13 @@ def transform(img, cfg: dict) -> np.ndarray:
         img = _resize_shorter(img, scale[0], resample)
     else:
         img = _resize_keep_ratio(img, scale, resample)
-    img = _center_crop(img, h, w)
-    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return _center_crop(img, h, w)
+
+
+def transform(img, cfg: dict) -> np.ndarray:
+    """One PIL image -> (H, W, 3) float32, as timm's eval transform (then NCHW -> NHWC)."""
+    img = img.convert('RGB')   # greyscale, palette, RGBA (alpha dropped, as timm's loaders do)
+    x = np.asarray(resize_and_crop(img, cfg), dtype=np.uint8).astype(np.float32) / np.float32(255)
     return (x - np.asarray(cfg['mean'], np.float32)) / np.asarray(cfg['std'], np.float32)
 
 

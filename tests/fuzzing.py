@@ -40,7 +40,7 @@ import torch  # noqa: F401  (imported here, not inside a traced read: its import
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from converters import api, io as cio
+from converters import pipeline, formats
 from converters.errors import ConversionError
 
 PROFILE = os.environ.get('VIT_FLAX_FUZZ', 'ci')
@@ -86,7 +86,7 @@ def _written(ext: str, **kw) -> bytes:
     if key not in _cache:
         model, flat = tiny()
         path = os.path.join(WORKDIR, f'valid{len(_cache)}{ext}')
-        api.write_flat(flat, model, path, force=True, **kw)
+        pipeline.write_flat(flat, model, path, force=True, **kw)
         with open(path, 'rb') as f:
             _cache[key] = f.read()
         os.remove(path)
@@ -95,7 +95,7 @@ def _written(ext: str, **kw) -> bytes:
 
 def torch_state():
     model, flat = tiny()
-    return api.to_torch_state(flat, model)
+    return pipeline.to_torch_state(flat, model)
 
 
 def valid_torch_by_torch() -> bytes:
@@ -261,8 +261,8 @@ def npz_bytes(arrays) -> bytes:
 def m_npz_arrays(draw, valid):
     """The tiny ViT's arrays with keys renamed or dropped, ranks, dtypes and values changed, arrays added."""
     _, flat = tiny()
-    from converters import google
-    arrays = list(google.flax_to_npz(flat, 'released').items())
+    from converters.families import vit as vit_family
+    arrays = list(vit_family.flax_to_npz(flat, 'released').items())
     for _ in range(draw(st.integers(1, 4))):
         i = draw(st.integers(0, len(arrays) - 1))
         k, v = arrays[i]
@@ -528,7 +528,7 @@ def m_torch_objects(draw, valid):
 
 def orbax_valid_dir(path: str) -> None:
     model, flat = tiny()
-    cio.write_orbax(flat, path, force=True)
+    formats.write_orbax(flat, path, force=True)
 
 
 def mutate_dir(draw, path: str) -> None:
@@ -573,7 +573,7 @@ def model_folder_valid(path: str) -> None:
     from converters import preprocess
     model, flat = tiny()
     cfg, _ = preprocess.default_config(model, TINY_NAME, 'npz')
-    api.write_model_folder(flat, model, TINY_NAME, path, pretrained_cfg=cfg, class_names=LABELS, force=True,
+    pipeline.write_model_folder(flat, model, TINY_NAME, path, pretrained_cfg=cfg, class_names=LABELS, force=True,
                            log=lambda msg: None)
 
 
@@ -718,17 +718,17 @@ class Reader:
 def decode(path):
     """The whole read path of `inspect`/`convert`: read, detect the layout and model, map to Flax."""
     model_name, arch = (TINY_NAME, {k: v for k, v in TINY.items() if k != 'num_classes'}) \
-        if cio.file_format(path) in ('torch', 'safetensors') else (None, None)
-    return api.read_checkpoint(path, model_name, arch)
+        if formats.file_format(path) in ('torch', 'safetensors') else (None, None)
+    return pipeline.read_checkpoint(path, model_name, arch)
 
 
 READERS: Dict[str, Reader] = {
-    'npz': Reader('.npz', cio.read_npz, lambda: _written('.npz'),
+    'npz': Reader('.npz', formats.read_npz, lambda: _written('.npz'),
                   GENERIC + ('zip_lies', 'npz_arrays', 'npy_header_lies')),
-    'torch': Reader('.pth', cio.read_torch, valid_torch_by_torch,
+    'torch': Reader('.pth', formats.read_torch, valid_torch_by_torch,
                     GENERIC + ('zip_lies', 'torch_records', 'torch_evil', 'torch_pickle_garbage', 'torch_objects',
                                'legacy', 'legacy_truncate')),
-    'safetensors': Reader('.safetensors', cio.read_safetensors, lambda: _written('.safetensors'),
+    'safetensors': Reader('.safetensors', formats.read_safetensors, lambda: _written('.safetensors'),
                           GENERIC + ('safetensors_lies',)),
     'decode-npz': Reader('.npz', decode, lambda: _written('.npz'), ('bitflip', 'zip_lies', 'npz_arrays',
                                                                      'npy_header_lies'), examples=20),

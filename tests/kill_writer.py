@@ -23,11 +23,11 @@ def checksums(arrays) -> dict:
 
 
 def main(src: str, dst: str, kills: int, seed: int) -> dict:
-    from converters import io
-    from converters.durable import PREFIX
-    fmt = io.file_format(dst)
-    write = {'npz': io.write_npz, 'torch': io.write_torch, 'safetensors': io.write_safetensors}[fmt]
-    a = {k: np.array(v) for k, v in io.read_file(src).items()}
+    from converters import formats
+    from converters.formats.durable import PREFIX
+    fmt = formats.file_format(dst)
+    write = {'npz': formats.write_npz, 'torch': formats.write_torch, 'safetensors': formats.write_safetensors}[fmt]
+    a = {k: np.array(v) for k, v in formats.read_file(src).items()}
     versions = [a, {k: v + 1 for k, v in a.items()}]
     sums = [checksums(ver) for ver in versions]
     folder = os.path.dirname(os.path.abspath(dst))
@@ -69,7 +69,7 @@ def main(src: str, dst: str, kills: int, seed: int) -> dict:
         version = 1 - current
         rc = run(version, rng.uniform(0, duration))
         counts['kills'] += rc == -signal.SIGKILL
-        got = checksums(io.read_file(dst))   # raises on a damaged file: the test fails
+        got = checksums(formats.read_file(dst))   # raises on a damaged file: the test fails
         if got == sums[current]:
             counts['old'] += 1
         elif got == sums[version]:

@@ -13,7 +13,7 @@ from conftest import timm_model
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 def assert_clean_error(r, *fragments):
@@ -66,8 +66,10 @@ def test_parity_passes_and_fails_with_first_divergence(ckpt):
 
 def test_parity_catches_a_wrong_mapping(ckpt, tmp_path, monkeypatch):
     """A swapped q/k order in the map must show up as a divergence at block 0, not pass."""
-    from converters import api, parity, table, vit_map
-    orig = vit_map.heads_in
+    from converters import pipeline, rules as table
+    from vit_flax_cli import parity
+    from converters.families import vit as vit_family
+    orig = table.heads_in
 
     def swapped(num_heads, count=1, kernel=True):
         t = orig(num_heads, count, kernel)
@@ -75,8 +77,8 @@ def test_parity_catches_a_wrong_mapping(ckpt, tmp_path, monkeypatch):
             return t
         return table.Transform(t.name, lambda a: t.to_torch([a[1], a[0], a[2]]),
                                lambda a: (lambda q, k, v: [k, q, v])(*t.to_flax(a)))
-    model, params, ck = api.load_model(ckpt / 'tiny.pth')
-    monkeypatch.setattr(vit_map, 'heads_in', swapped)
+    model, params, ck = pipeline.load_model(ckpt / 'tiny.pth')
+    monkeypatch.setattr(vit_family, 'heads_in', swapped)
     rows = parity.compare(model, params, ck.model_name)
     table_text = parity.format_table(rows, 1e-4)
     assert 'first divergence at block 0' in table_text

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import timm_model
-from converters import io as cio
-from converters.durable import PREFIX, atomic_output, clean_stale
+from converters import formats
+from converters.formats.durable import PREFIX, atomic_output, clean_stale
 from converters.errors import ConversionError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,7 +50,7 @@ def test_killed_writer_leaves_old_or_new_never_a_mix(tiny_pth, tmp_path):
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, '-m', 'converters.cli', *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -59,7 +59,7 @@ def test_killed_cli_conversion_keeps_the_old_output(tiny_pth, tmp_path, out):
     """The whole command, killed at a random point of its write (orbax folders too), then run again."""
     dst = tmp_path / out
     assert _cli('convert', tiny_pth, dst).wait() == 0
-    before = np.array(cio.read_file(str(dst))['cls'])
+    before = np.array(formats.read_file(str(dst))['cls'])
     rng = np.random.default_rng(1)
     mid_write = 0
     for _ in range(int(os.environ.get('VIT_FLAX_CLI_KILLS', '1'))):
@@ -70,7 +70,7 @@ def test_killed_cli_conversion_keeps_the_old_output(tiny_pth, tmp_path, out):
         mid_write += p.poll() is None and bool(temps(tmp_path))
         p.kill()
         p.wait()
-        got = cio.read_file(str(dst))
+        got = formats.read_file(str(dst))
         assert np.array_equal(got['cls'], before)
         assert got['head/bias'].shape in ((1000,), (7,))
     assert mid_write, 'no kill landed inside a write: the test proves nothing'
@@ -91,14 +91,14 @@ def test_disk_full_half_way_keeps_the_old_output(tiny_pth, tmp_path, out):
     """A real failed write (RLIMIT_FSIZE: as a full disk, the writer's write() fails half-way)."""
     dst = tmp_path / out
     assert _cli('convert', tiny_pth, dst).wait() == 0
-    old = {k: np.array(v) for k, v in cio.read_file(str(dst)).items()}
+    old = {k: np.array(v) for k, v in formats.read_file(str(dst)).items()}
     p = _cli('convert', tiny_pth, dst, '--force', '--num-classes', '7', preexec_fn=_limited(4 << 20))
     assert p.wait() == 1, p.stderr.read()
     err = p.stderr.read().strip().splitlines()   # the head surgery is reported first, then the one error
     assert [l for l in err if 'vit-flax' in l] == err[-1:] and err[-1].startswith('vit-flax: error: '), err
     assert not [l for l in err if 'Traceback' in l], err  # orbax's threads' ignored exceptions stay quiet
     assert f'{out}: cannot write' in err[-1], err
-    got = cio.read_file(str(dst))
+    got = formats.read_file(str(dst))
     assert sorted(got) == sorted(old) and all(np.array_equal(got[k], old[k]) for k in old)
     assert temps(tmp_path) == []
 
@@ -108,7 +108,7 @@ def test_writer_failing_half_way(tmp_path, monkeypatch, writer):
     """A patched write() that raises ENOSPC after some bytes: old file untouched, no temporary left."""
     dst = tmp_path / f'out.{ {"torch": "pth"}.get(writer, writer) }'
     arrays = {f'w{i}': np.full((256, 256), i, np.float32) for i in range(8)}
-    getattr(cio, f'write_{writer}')(arrays, str(dst))
+    getattr(formats, f'write_{writer}')(arrays, str(dst))
     before = dst.read_bytes()
     import builtins
     real_open = builtins.open
@@ -145,7 +145,7 @@ def test_writer_failing_half_way(tmp_path, monkeypatch, writer):
                                'file data/3: file write failed')
         monkeypatch.setattr(torch, 'save', failing_save)
     with pytest.raises(ConversionError, match='cannot write'):
-        getattr(cio, f'write_{writer}')({k: v + 1 for k, v in arrays.items()}, str(dst), force=True)
+        getattr(formats, f'write_{writer}')({k: v + 1 for k, v in arrays.items()}, str(dst), force=True)
     assert dst.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == [dst.name]
 
@@ -159,7 +159,7 @@ def test_stale_temporaries_are_cleaned_but_a_live_writers_is_not(tmp_path):
     fd = os.open(live, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)        # as a writer still running holds it
     try:
-        cio.write_npz({'a': np.ones(3, np.float32)}, str(tmp_path / 'o.npz'))
+        formats.write_npz({'a': np.ones(3, np.float32)}, str(tmp_path / 'o.npz'))
         assert not stale.exists() and live.exists()
     finally:
         os.close(fd)
@@ -174,7 +174,7 @@ def test_every_write_is_fsynced_before_and_after_the_rename(tmp_path, monkeypatc
     real_replace = os.replace
     monkeypatch.setattr(os, 'replace', lambda a, b: (renamed.append((len(synced), str(b))), real_replace(a, b))[1])
     dst = tmp_path / 'o.safetensors'
-    cio.write_safetensors({'a': np.ones(3, np.float32)}, str(dst))
+    formats.write_safetensors({'a': np.ones(3, np.float32)}, str(dst))
     (n_before, target), = renamed
     assert target == str(dst)
     assert any(p.endswith('/o.safetensors') and PREFIX in p for p in synced[:n_before]), synced   # the data
@@ -183,7 +183,7 @@ def test_every_write_is_fsynced_before_and_after_the_rename(tmp_path, monkeypatc
 
 def test_force_swaps_a_folder_in_one_step(tmp_path, monkeypatch):
     """An existing orbax folder stays whole until the instant the new one takes its name."""
-    from converters import durable
+    from converters.formats import durable
     dst = tmp_path / 'ckpt'
     dst.mkdir()
     (dst / '_METADATA').write_text('old')
@@ -203,7 +203,7 @@ def test_no_output_without_force_and_no_temporary_on_refusal(tmp_path):
     dst = tmp_path / 'o.npz'
     dst.write_bytes(b'precious')
     with pytest.raises(ConversionError, match='exists; pass --force'):
-        cio.write_npz({'a': np.ones(2)}, str(dst))
+        formats.write_npz({'a': np.ones(2)}, str(dst))
     with pytest.raises(ConversionError, match='cannot hold dtype'):
-        cio.write_safetensors({'a': np.ones(2, np.complex64)}, str(tmp_path / 'c.safetensors'))
+        formats.write_safetensors({'a': np.ones(2, np.complex64)}, str(tmp_path / 'c.safetensors'))
     assert sorted(os.listdir(tmp_path)) == ['o.npz'] and dst.read_bytes() == b'precious'

@@ -13,7 +13,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import converters
 import vit_flax
-from converters import api, google
+from converters import pipeline
+from converters import scan
+from converters.families import vit as vit_family
 from vit_flax import layers
 
 from conftest import images, rel_err, run_flax, run_timm, timm_model
@@ -34,7 +36,7 @@ def random_params(model, seed=0):
 
 
 def stacked(params):
-    return unflatten_dict(google.stack_blocks(flatten_dict(params, sep='/')), sep='/')
+    return unflatten_dict(scan.stack_blocks(flatten_dict(params, sep='/')), sep='/')
 
 
 # ---------------------------------------------------------------- attention, GELU, patch embedding
@@ -188,7 +190,7 @@ def all_eqns(jaxpr):
 def bf16_errors(name, kw, tm, x, path):
     """(flax bf16 vs flax f32, timm autocast bf16 vs timm f32) relative errors of the logits."""
     torch.save(tm.state_dict(), path)
-    params = api.load_params(path, name, **kw)
+    params = pipeline.load_params(path, name, **kw)
     f32 = run_flax(vit_flax.create_model(name, **kw), params, x)
     bf16 = vit_flax.create_model(name, dtype=jnp.bfloat16, **kw)
     ours = np.asarray(jax.jit(lambda p, x: bf16.apply({'params': p}, x))(params, x), np.float32)
@@ -262,14 +264,14 @@ def test_checkpoints_move_between_scanned_and_unrolled_models(tmp_path):
     assert z['params/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel'].shape == (3, 192, 3, 64)
     assert not any('encoderblock_' in k for k in z.files)
     # the scanned npz reads back as a scanned model, converts to an unrolled torch file, and unrolls on demand
-    model, p, ck = api.load_model(tmp_path / 'scan.npz')
+    model, p, ck = pipeline.load_model(tmp_path / 'scan.npz')
     assert model.scan_blocks and ck.layout == 'big_vision' and rel_err(run_flax(model, p, x), y) < 1e-4
-    r = subprocess.run([sys.executable, '-m', 'converters.cli', 'convert', tmp_path / 'scan.npz',
+    r = subprocess.run([sys.executable, '-m', 'vit_flax_cli', 'convert', tmp_path / 'scan.npz',
                         tmp_path / 'unrolled.npz', '--layout', 'linen', '--no-scan-blocks'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert 'Transformer/encoderblock_2/MlpBlock_0/Dense_1/kernel' in np.load(tmp_path / 'unrolled.npz').files
     back = timm_model(name, **kw)  # big_vision folds the cls row of pos_embed into cls: same function
-    back.load_state_dict({k: torch.from_numpy(v) for k, v in api.to_torch_state(flatten_dict(p, sep='/'), model).items()})
+    back.load_state_dict({k: torch.from_numpy(v) for k, v in pipeline.to_torch_state(flatten_dict(p, sep='/'), model).items()})
     assert rel_err(run_timm(back, x), y) < 1e-4
 
 

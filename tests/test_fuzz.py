@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fuzzing as fz
-from converters import api, cli
-from converters import io as cio
-from converters.durable import PREFIX
+from converters import pipeline
+from vit_flax_cli import cli
+from converters import formats
+from converters.formats.durable import PREFIX
 from converters.errors import ConversionError
 
 CASES = [(name, m) for name, r in fz.READERS.items() for m in r.mutations]
@@ -99,8 +100,8 @@ def model_folder():
 
 def read_folder_and_preprocessing(path):
     """What `predict` reads of a model folder: the checkpoint, its preprocessing and class names."""
-    from converters import predict
-    ck = api.read_checkpoint(path)
+    from vit_flax_cli import predict
+    ck = pipeline.read_checkpoint(path)
     return predict.data_config(ck, ck.model), predict.class_names(ck, ck.model)
 
 
@@ -193,7 +194,7 @@ def check_command_result(rc: int, stderr: str, argv, src: str, out: str):
     assert 'Traceback' not in stderr, stderr
     if rc == 0:
         if argv[0] == 'convert':
-            cio.read_file(os.path.join(argv[2], 'model.safetensors') if '--format' in argv else argv[2])
+            formats.read_file(os.path.join(argv[2], 'model.safetensors') if '--format' in argv else argv[2])
         return
     assert rc == 1, (rc, stderr)
     errors = [l for l in lines if l.startswith('vit-flax: error: ')]
@@ -228,7 +229,7 @@ def test_command_in_process(data):
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, argv)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, argv)], capture_output=True, text=True)
 
 
 # One real process per reader in `make test` (each costs an interpreter start); `make fuzz` runs more.

@@ -19,8 +19,9 @@ from timm.models import vision_transformer_hybrid as timm_hybrid
 from timm.models.vision_transformer import _load_weights as timm_load_npz
 
 import vit_flax
-from converters import api, google, parity
-from converters.describe import describe
+from converters import pipeline
+from converters.families import vit as vit_family
+from vit_flax_cli import parity
 from converters.errors import ConversionError
 from vit_flax.posemb import sincos2d
 from vit_flax.resnet import standardize
@@ -35,7 +36,7 @@ SIGLIP = re.compile(r'vit_\w+_siglip(_gap)?_\d+')
 @pytest.fixture
 def cli(capsys):
     """`vit-flax ARGS` in this process (the subprocess path is tested elsewhere): (exit code, stdout, stderr)."""
-    from converters.cli import main
+    from vit_flax_cli.cli import main
 
     def run(*args):
         code = main([str(a) for a in args])
@@ -50,7 +51,7 @@ def same_npz(a, b):
 
 
 def to_flat(tm, model):
-    return api.table.torch_to_flax(state_np(tm), api.family_of(model).rules(model))
+    return pipeline.rules.torch_to_flax(state_np(tm), pipeline.family_of(model).rules(model))
 
 
 def assert_same_state(a, b):
@@ -147,8 +148,8 @@ def test_detection_takes_a_resnet_stem_only_from_a_file_with_one(tmp_path, name,
     m = vit_flax.create_model(name, img_size=32, depth=1, **kw)
     path = str(tmp_path / 'x.npz')
     flat = {k: np.ones(v.shape, np.float32) for k, v in flatten_dict(param_shapes(m), sep='/').items()}
-    api.write_flat(flat, m, path)
-    assert api.read_checkpoint(path).model_name == name
+    pipeline.write_flat(flat, m, path)
+    assert pipeline.read_checkpoint(path).model_name == name
 
 
 def _timm_hybrid(layers, seed=0, **kw):
@@ -171,14 +172,14 @@ def hybrid(tmp_path_factory):
 
 
 def test_hybrid_pth_parity_and_released_npz_old_group_norm_shapes(hybrid):
-    model, params, ck = api.load_model(hybrid['pth'], 'vit_base_r50_s16_224', **HYBRID_ARCH)
+    model, params, ck = pipeline.load_model(hybrid['pth'], 'vit_base_r50_s16_224', **HYBRID_ARCH)
     assert model.resnet == (1, 1) and model.num_classes == 10 and model.grid_size == (8, 8)
     assert rel_err(run_flax(model, params, hybrid['x']), hybrid['y']) < 1e-4
     # the timm model `vit-flax parity` builds for a hybrid is timm's own, holding the same weights
     rebuilt = parity.build_timm(model, 'vit_tiny_r_s16_p8_224', flatten_dict(params, sep='/'))
     np.testing.assert_array_equal(run_timm(rebuilt, hybrid['x']), hybrid['y'])
     npz = hybrid['dir'] / 'released.npz'
-    api.write_flat(flatten_dict(params, sep='/'), model, npz)
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, npz)
     arrays = dict(np.load(npz))
     assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel' in arrays
     # the original R50+ViT-B_16 files keep GroupNorm scale/bias as (1, 1, 1, C)
@@ -189,13 +190,13 @@ def test_hybrid_pth_parity_and_released_npz_old_group_norm_shapes(hybrid):
                                        patch_size=1, num_classes=10, **HYBRID_ARCH).eval()
     timm_load_npz(fresh, str(hybrid['dir'] / 'old.npz'))     # timm's own reader of Google's hybrid files
     np.testing.assert_array_equal(run_timm(fresh, hybrid['x']), hybrid['y'])
-    m2, p2, ck2 = api.load_model(hybrid['dir'] / 'old.npz')  # npz records the whole architecture
+    m2, p2, ck2 = pipeline.load_model(hybrid['dir'] / 'old.npz')  # npz records the whole architecture
     assert ck2.layout == 'released' and m2.resnet == (1, 1)
-    assert describe(ck2) == 'R8+ViT hybrid (released)'
+    assert ck2.family.describe(ck2) == 'R8+ViT hybrid (released)'
     f2 = flatten_dict(p2, sep='/')
     assert all(np.array_equal(f2[k], v) for k, v in flatten_dict(params, sep='/').items())
     back = hybrid['dir'] / 'back.pth'
-    api.write_flat(f2, m2, back)
+    pipeline.write_flat(f2, m2, back)
     b = torch.load(back, weights_only=True)
     assert_same_state(torch.load(hybrid['pth'], weights_only=True), b)
     fresh.load_state_dict(b, strict=True)
@@ -213,7 +214,7 @@ def test_hybrid_google_numerics(hybrid):
         ref = torch.nn.functional.batch_norm(conv.weight.reshape(1, 16, -1), None, None, training=True,
                                              momentum=0., eps=conv.eps).reshape_as(conv.weight)
     np.testing.assert_allclose(standardize(w, 'timm'), ref.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-6)
-    model, params, _ = api.load_model(hybrid['pth'], 'vit_base_r50_s16_224', resnet_numerics='google',
+    model, params, _ = pipeline.load_model(hybrid['pth'], 'vit_base_r50_s16_224', resnet_numerics='google',
                                       **HYBRID_ARCH)
     assert 1e-7 < rel_err(run_flax(model, params, hybrid['x']), hybrid['y']) < 1e-3
 
@@ -243,18 +244,18 @@ def test_bad_hybrid_stems_are_clear_errors(tmp_path):
     base = {'embedding/kernel': np.zeros((1, 1, 1024, 8), np.float32)}
     np.savez(tmp_path / 'wide.npz', **base, **{'conv_root/kernel': np.zeros((7, 7, 3, 128), np.float32)})
     with pytest.raises(ConversionError, match=r'wide\.npz: malformed checkpoint \(a ResNet root of 128 channels'):
-        api.read_checkpoint(tmp_path / 'wide.npz')
+        pipeline.read_checkpoint(tmp_path / 'wide.npz')
     np.savez(tmp_path / 'gap.npz', **base, **{'conv_root/kernel': np.zeros((7, 7, 3, 64), np.float32),
                                               'block2/unit1/conv1/kernel': np.zeros((1, 1, 64, 64), np.float32)})
     with pytest.raises(ConversionError, match=r'ResNet stages numbered \[2\], expected 1'):
-        api.read_checkpoint(tmp_path / 'gap.npz')
+        pipeline.read_checkpoint(tmp_path / 'gap.npz')
 
 
 def test_hybrid_stem_only_parity(tmp_path):
     tm = timm_model('vit_tiny_r_s16_p8_224', img_size=64, depth=2, num_classes=5)
     torch.save(tm.state_dict(), tmp_path / 'w.pth')
     x = images((2, 64, 64, 3))
-    model, params, ck = api.load_model(tmp_path / 'w.pth', 'vit_tiny_r_s16_p8_224', img_size=64, depth=2)
+    model, params, ck = pipeline.load_model(tmp_path / 'w.pth', 'vit_tiny_r_s16_p8_224', img_size=64, depth=2)
     assert model.resnet == () and model.grid_size == (2, 2) and 'block1/unit1/conv1/kernel' not in flatten_dict(
         params, sep='/')
     assert rel_err(run_flax(model, params, x), run_timm(tm, x)) < 1e-4
@@ -269,7 +270,7 @@ SIGLIP_ARCH = dict(img_size=64, embed_dim=64, depth=2, num_heads=4)
 
 def _two_tower(flat, dtype=None):
     """A big_vision SigLIP file: the image tower under params/img/ with scanned blocks, a text tower, t and b."""
-    img = {k[len('params/'):]: v for k, v in google.flax_to_npz(flat, 'big_vision').items()}
+    img = {k[len('params/'):]: v for k, v in vit_family.flax_to_npz(flat, 'big_vision').items()}
     depth = len({k.split('/')[1] for k in img if k.startswith('Transformer/encoderblock_')})
     for k in [k for k in img if k.startswith('Transformer/encoderblock_0/')]:
         rest = k[len('Transformer/encoderblock_0/'):]
@@ -288,28 +289,28 @@ def test_siglip_tower_big_vision_to_timm_and_back(tmp_path):
     model = vit_flax.create_model('vit_so400m_patch16_siglip_256', **SIGLIP_ARCH)
     assert model.gelu == 'tanh' and model.global_pool == 'map' and not model.has_class_token
     np.savez(tmp_path / 'siglip.npz', **_two_tower(to_flat(tm, model)))
-    m, p, ck = api.load_model(tmp_path / 'siglip.npz', 'vit_so400m_patch16_siglip_256', **SIGLIP_ARCH)
+    m, p, ck = pipeline.load_model(tmp_path / 'siglip.npz', 'vit_so400m_patch16_siglip_256', **SIGLIP_ARCH)
     assert (ck.layout, m.num_classes, m.mlp_dim or int(m.embed_dim * m.mlp_ratio)) == ('big_vision', 0, 239)
-    assert describe(ck) == 'big_vision SigLIP image tower (scanned)'
+    assert ck.family.describe(ck) == 'big_vision SigLIP image tower (scanned)'
     assert rel_err(run_flax(m, p, x), y) < 1e-4
     np.testing.assert_array_equal(run_timm(parity.build_timm(m, 'vit_so400m_patch16_siglip_256',
                                                              flatten_dict(p, sep='/')), x), y)
     fresh = timm.create_model('vit_so400m_patch16_siglip_256', pretrained=False, **SIGLIP_KW).eval()
     timm_load_npz(fresh, str(tmp_path / 'siglip.npz'))          # timm reads the same tower
     assert rel_err(run_timm(fresh, x), y) < 1e-6
-    api.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'tower.pth')
+    pipeline.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'tower.pth')
     sd = torch.load(tmp_path / 'tower.pth', weights_only=True)
     assert_same_state(tm.state_dict(), sd)                        # timm's names, exactly its tensors
     fresh.load_state_dict(sd, strict=True)
     # .pth -> big_vision npz -> .pth is bit-exact, and the npz holds the tower's arrays unchanged
-    m2, p2, _ = api.load_model(tmp_path / 'tower.pth', 'vit_so400m_patch16_siglip_256', **SIGLIP_ARCH)
-    api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'bv.npz', layout='big_vision')
+    m2, p2, _ = pipeline.load_model(tmp_path / 'tower.pth', 'vit_so400m_patch16_siglip_256', **SIGLIP_ARCH)
+    pipeline.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'bv.npz', layout='big_vision')
     z, src = np.load(tmp_path / 'bv.npz'), np.load(tmp_path / 'siglip.npz')
     scanned = 'params/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel'
     np.testing.assert_array_equal(z['params/Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel'], src[scanned][1])
     np.testing.assert_array_equal(z['params/pos_embedding'], src['params/img/pos_embedding'])
-    m3, p3, _ = api.load_model(tmp_path / 'bv.npz', 'vit_so400m_patch16_siglip_256', **SIGLIP_ARCH)
-    api.write_flat(flatten_dict(p3, sep='/'), m3, tmp_path / 'back.pth')
+    m3, p3, _ = pipeline.load_model(tmp_path / 'bv.npz', 'vit_so400m_patch16_siglip_256', **SIGLIP_ARCH)
+    pipeline.write_flat(flatten_dict(p3, sep='/'), m3, tmp_path / 'back.pth')
     assert_same_state(sd, torch.load(tmp_path / 'back.pth', weights_only=True))
 
 
@@ -319,9 +320,9 @@ def test_registered_siglip_tower_detected_from_a_bf16_scanned_file(tmp_path, cli
     from vit_flax.summary import param_shapes
     flat = {k: np.full(v.shape, 0.5, ml_dtypes.bfloat16) for k, v in flatten_dict(param_shapes(model), sep='/').items()}
     np.savez(tmp_path / 'siglip_b16.npz', **_two_tower(flat))
-    ck = api.read_checkpoint(tmp_path / 'siglip_b16.npz')
+    ck = pipeline.read_checkpoint(tmp_path / 'siglip_b16.npz')
     assert ck.model_name == 'vit_base_patch16_siglip_224' and ck.detected and ck.model.num_classes == 0
-    assert describe(ck) == 'big_vision SigLIP image tower (scanned, bf16)'
+    assert ck.family.describe(ck) == 'big_vision SigLIP image tower (scanned, bf16)'
     code, out, err = cli('inspect', tmp_path / 'siglip_b16.npz', '--json')
     info = json.loads(out)
     assert info['family'] == 'big_vision SigLIP image tower (scanned, bf16)'
@@ -367,32 +368,32 @@ def test_table_less_big_vision_file_parity_and_round_trips(tmp_path, pool):
     y = run_timm(tm, x)
     flat = to_flat(tm, vit_flax.create_model('vit_small_patch16_224', **ours))
     del flat['Transformer/posembed_input/pos_embedding']       # big_vision stores no sincos2d table
-    np.savez(tmp_path / 'bv.npz', **google.flax_to_npz(flat, 'big_vision'))
+    np.savez(tmp_path / 'bv.npz', **vit_family.flax_to_npz(flat, 'big_vision'))
     logs = []
-    m, p, ck = api.load_model(tmp_path / 'bv.npz', 'vit_small_patch16_224', log=logs.append, **SINCOS_ARCH)
+    m, p, ck = pipeline.load_model(tmp_path / 'bv.npz', 'vit_small_patch16_224', log=logs.append, **SINCOS_ARCH)
     assert m.posemb == 'sincos2d' and 'pos_embedding' not in p.get('Transformer', {}).get('posembed_input', {})
     assert any('fixed sincos2d table for grid (4, 4)' in l for l in logs)
-    assert describe(ck) == 'big_vision ViT (sincos2d positions)'
+    assert ck.family.describe(ck) == 'big_vision ViT (sincos2d positions)'
     assert rel_err(run_flax(m, p, x), y) < 1e-4
     # to timm: the table is written out, said out loud, and timm holding it computes the same function
     logs = []
-    api.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'w.pth', log=logs.append)
+    pipeline.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'w.pth', log=logs.append)
     assert any('written out as a learned table' in l for l in logs)
     sd = torch.load(tmp_path / 'w.pth', weights_only=True)
     fresh = timm.create_model('vit_small_patch16_224', pretrained=False, **kw).eval()
     fresh.load_state_dict(sd, strict=True)
     assert rel_err(run_timm(fresh, x), y) < 1e-5
     # ... and back: a table equal to sincos2d bit for bit reads as the fixed one; big_vision stores none
-    m2, p2, _ = api.load_model(tmp_path / 'w.pth', 'vit_small_patch16_224', **SINCOS_ARCH)
+    m2, p2, _ = pipeline.load_model(tmp_path / 'w.pth', 'vit_small_patch16_224', **SINCOS_ARCH)
     assert m2.posemb == 'sincos2d'
-    api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.npz', layout='big_vision')
+    pipeline.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.npz', layout='big_vision')
     assert same_npz(tmp_path / 'bv.npz', tmp_path / 'back.npz')
     # released layout: vit_jax and timm's npz reader need a table, so it is written out there
-    api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'rel.npz', layout='released')
+    pipeline.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'rel.npz', layout='released')
     fresh2 = timm.create_model('vit_small_patch16_224', pretrained=False, **kw).eval()
     timm_load_npz(fresh2, str(tmp_path / 'rel.npz'))
     np.testing.assert_array_equal(run_timm(fresh2, x), run_timm(fresh, x))
-    m3, _, _ = api.load_model(tmp_path / 'rel.npz', 'vit_small_patch16_224', **SINCOS_ARCH)
+    m3, _, _ = pipeline.load_model(tmp_path / 'rel.npz', 'vit_small_patch16_224', **SINCOS_ARCH)
     assert m3.posemb == 'sincos2d'
 
 
@@ -403,7 +404,7 @@ def test_sincos2d_through_the_cli(tmp_path, cli):
     rng = np.random.default_rng(0)
     flat = {k: rng.standard_normal(v.shape, np.float32) * 0.02
             for k, v in flatten_dict(param_shapes(model), sep='/').items()}
-    np.savez(tmp_path / 'vit.npz', **google.flax_to_npz(flat, 'big_vision'))   # (no 'pos_embedding')
+    np.savez(tmp_path / 'vit.npz', **vit_family.flax_to_npz(flat, 'big_vision'))   # (no 'pos_embedding')
     code, out, err = cli('inspect', tmp_path / 'vit.npz')
     assert 'family:  big_vision ViT (sincos2d positions)' in out, out + err
     assert 'vit_tiny_patch16_224 (detected)' in out and 'posemb=sincos2d' in out
@@ -425,14 +426,14 @@ def test_sincos2d_into_a_learned_model_and_a_new_grid(tmp_path):
     model = vit_flax.create_model('vit_tiny_patch16_224', posemb='sincos2d', depth=1)
     from vit_flax.summary import param_shapes
     flat = {k: np.ones(v.shape, np.float32) for k, v in flatten_dict(param_shapes(model), sep='/').items()}
-    np.savez(tmp_path / 't.npz', **google.flax_to_npz(flat, 'big_vision'))
+    np.savez(tmp_path / 't.npz', **vit_family.flax_to_npz(flat, 'big_vision'))
     logs = []
-    p = api.load_params(tmp_path / 't.npz', 'vit_tiny_patch16_224', depth=1, log=logs.append)
+    p = pipeline.load_params(tmp_path / 't.npz', 'vit_tiny_patch16_224', depth=1, log=logs.append)
     np.testing.assert_array_equal(p['Transformer']['posembed_input']['pos_embedding'][0, 1:], sincos2d(14, 14, 192)[0])
     assert not p['Transformer']['posembed_input']['pos_embedding'][0, 0].any()
     assert any('written out as a learned table' in l for l in logs)
     # fine-tuning at 384: the fixed table is recomputed for the new grid, not resampled
-    m384, p384, _ = api.load_model(tmp_path / 't.npz', 'vit_tiny_patch16_224', depth=1, img_size=384, log=logs.append)
+    m384, p384, _ = pipeline.load_model(tmp_path / 't.npz', 'vit_tiny_patch16_224', depth=1, img_size=384, log=logs.append)
     assert m384.posemb == 'sincos2d' and m384.grid_size == (24, 24)
     assert any('grid (24, 24)' in l for l in logs)
     with pytest.raises(ValueError, match='posemb'):

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import fuzzing as fz
-from converters import api, cli
-from converters import io as cio
+from converters import pipeline
+from vit_flax_cli import cli
+from converters import formats
 from converters.errors import ConversionError
 
 
@@ -61,7 +62,7 @@ def test_declared_huge_arrays_are_refused_before_any_allocation(tmp_path, ext, m
     path.write_bytes(make(n))
     tracemalloc.start()
     with pytest.raises(ConversionError) as e:
-        cio.read_file(str(path))
+        formats.read_file(str(path))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 << 20, f'allocated {peak} bytes for a {path.stat().st_size}-byte file'
@@ -75,7 +76,7 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path):
         'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'].copy()
     bad['Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'][0, :3] = [np.nan, np.inf, -np.inf]
     src = tmp_path / 'nan.npz'
-    api.write_flat(bad, model, str(src))
+    pipeline.write_flat(bad, model, str(src))
     rc, _, err = run_main('convert', src, tmp_path / 'o.pth')
     assert rc == 1 and err.count('\n') == 1 and 'MlpBlock_0/Dense_0/kernel' in err and '3 non-finite' in err, err
     assert not (tmp_path / 'o.pth').exists()
@@ -83,17 +84,17 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path):
     assert rc == 0 and "WARNING: 1 key(s) hold NaN/Inf values, first 'Transformer/encoderblock_0/MlpBlock_0" in out
     rc, _, err = run_main('convert', src, tmp_path / 'o.npz', '--allow-nonfinite')
     assert rc == 0 and 'warning:' in err and 'kept as they are' in err
-    got = cio.read_npz(str(tmp_path / 'o.npz'))['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel']
+    got = formats.read_npz(str(tmp_path / 'o.npz'))['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel']
     np.testing.assert_array_equal(got, bad['Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'])
     with pytest.raises(ConversionError, match='non-finite'):
-        api.load_params(str(src), fz.TINY_NAME, **fz.TINY)
-    assert np.isnan(api.load_params(str(src), fz.TINY_NAME, allow_nonfinite=True, log=lambda m: None, **fz.TINY)
+        pipeline.load_params(str(src), fz.TINY_NAME, **fz.TINY)
+    assert np.isnan(pipeline.load_params(str(src), fz.TINY_NAME, allow_nonfinite=True, log=lambda m: None, **fz.TINY)
                     ['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel'][0, 0])
 
 
 def test_registry_errors_are_one_clean_line(tmp_path):
     model, flat = fz.tiny()
-    api.write_flat(flat, model, str(tmp_path / 't.npz'))
+    pipeline.write_flat(flat, model, str(tmp_path / 't.npz'))
     rc, _, err = run_main('convert', tmp_path / 't.npz', tmp_path / 'o.pth', '--model', 'vit_nope')
     assert rc == 1 and err == f"vit-flax: error: unknown model 'vit_nope'; similar: {err.split('similar: ')[1]}"
     rc, _, err = run_main('summary', 'vit_nope')
@@ -103,7 +104,7 @@ def test_registry_errors_are_one_clean_line(tmp_path):
 def test_an_internal_error_is_not_dressed_up_as_bad_input(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyError('a bug of ours, not a missing key of the file')
-    monkeypatch.setattr(api, 'read_checkpoint', boom)
+    monkeypatch.setattr(pipeline, 'read_checkpoint', boom)
     rc, _, err = run_main('inspect', tmp_path / 'x.npz')
     assert rc == 70 and err.count('\n') == 1, err
     assert err.startswith("vit-flax: internal error: KeyError: 'a bug of ours") and '--debug' in err
@@ -115,10 +116,10 @@ def test_an_internal_error_is_not_dressed_up_as_bad_input(tmp_path, monkeypatch)
 
 def test_internal_error_and_debug_in_a_real_process(tmp_path):
     code = textwrap.dedent('''
-        import sys, converters.api as api
+        import sys, converters.pipeline as pipeline
         def boom(*a, **k): raise ZeroDivisionError('division by zero')
-        api.read_checkpoint = boom
-        from converters.cli import run
+        pipeline.read_checkpoint = boom
+        from vit_flax_cli.cli import run
         sys.argv = ['vit-flax', *sys.argv[1:]]
         run()''')
     p = subprocess.run([sys.executable, '-c', code, 'inspect', tmp_path / 'x.npz'], capture_output=True, text=True)
@@ -131,12 +132,12 @@ def test_internal_error_and_debug_in_a_real_process(tmp_path):
 
 def test_closed_pipes_end_quietly():
     # the reader is gone before anything is written: `vit-flax list | true`
-    p = subprocess.Popen([sys.executable, '-m', 'converters.cli', 'list'], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', 'list'], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     p.stdout.close()
     assert p.wait() == 141 and p.stderr.read() == b''
     # the reader takes one line and leaves: `vit-flax list | head -1`
-    p = subprocess.Popen([sys.executable, '-m', 'converters.cli', 'list', 'vit*'], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', 'list', 'vit*'], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     assert p.stdout.readline().startswith(b'vit')
     p.stdout.close()
@@ -146,19 +147,19 @@ def test_closed_pipes_end_quietly():
 MEMORY_CHILD = textwrap.dedent('''
     import json, os, resource, sys, tempfile
     import numpy as np, vit_flax
-    import converters, converters.api, converters.cli, torch, jax
+    import converters, converters.pipeline, vit_flax_cli.cli, torch, jax
     # the same conversion on a 1-block ViT first: code paths faulted in before the baseline is taken
     tiny = vit_flax.create_model('vit_tiny_patch16_224', img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2)
     flat = {k: np.ones(v.shape, np.float32) for k, v in
-            converters.api.flatten_dict(vit_flax.summary.param_shapes(tiny), sep='/').items()}
+            converters.pipeline.flatten_dict(vit_flax.summary.param_shapes(tiny), sep='/').items()}
     warm = tempfile.mkdtemp()
-    converters.api.write_flat(flat, tiny, os.path.join(warm, 't.npz'))
-    converters.cli.main(['convert', os.path.join(warm, 't.npz'), os.path.join(warm, 't.pth')])
+    converters.pipeline.write_flat(flat, tiny, os.path.join(warm, 't.npz'))
+    vit_flax_cli.cli.main(['convert', os.path.join(warm, 't.npz'), os.path.join(warm, 't.pth')])
     converters.load_params(os.path.join(warm, 't.pth'), 'vit_tiny_patch16_224', img_size=8, patch_size=4,
                            embed_dim=8, depth=1, num_heads=2)
     base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
     if sys.argv[1] == 'convert':
-        converters.cli.main(['convert', sys.argv[2], sys.argv[3], '--force'])
+        vit_flax_cli.cli.main(['convert', sys.argv[2], sys.argv[3], '--force'])
     else:
         converters.load_params(sys.argv[2], sys.argv[3])
     print(json.dumps(dict(base=base, peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))''')
@@ -203,25 +204,25 @@ def test_hand_written_formats_match_the_libraries(tmp_path):
     arrays = {'w': rng.standard_normal((5, 7)).astype(np.float32).T, 'h': np.arange(6, dtype=np.float16),
               'b': rng.standard_normal(9).astype(ml_dtypes.bfloat16), 'i': np.arange(4, dtype=np.int64),
               'm': np.array([True, False]), 'e': np.zeros((0, 3), np.float32), 's': np.float64(2.5)}
-    cio.write_safetensors(arrays, str(tmp_path / 'a.safetensors'))
+    formats.write_safetensors(arrays, str(tmp_path / 'a.safetensors'))
     lib = load_file(str(tmp_path / 'a.safetensors'))
     for k, v in arrays.items():
         assert lib[k].dtype == v.dtype and np.array_equal(lib[k], v), k
     save_file({k: np.array(v, order='C') for k, v in arrays.items() if k != 'b'}, str(tmp_path / 'lib.safetensors'))
     save_torch({'b': torch.from_numpy(arrays['b'].view(np.int16)).view(torch.bfloat16)},
                str(tmp_path / 'bf.safetensors'))
-    ours = {**cio.read_safetensors(str(tmp_path / 'lib.safetensors')), **cio.read_safetensors(str(tmp_path / 'bf.safetensors'))}
+    ours = {**formats.read_safetensors(str(tmp_path / 'lib.safetensors')), **formats.read_safetensors(str(tmp_path / 'bf.safetensors'))}
     for k, v in arrays.items():
         assert ours[k].dtype == v.dtype and np.array_equal(ours[k], v), k
-    cio.write_npz(arrays, str(tmp_path / 'a.npz'))
+    formats.write_npz(arrays, str(tmp_path / 'a.npz'))
     with np.load(tmp_path / 'a.npz') as z:
         for k, v in arrays.items():
             got = z[k].view(ml_dtypes.bfloat16) if k == 'b' else z[k]
             assert np.array_equal(got, v), k
-    cio.write_torch(arrays, str(tmp_path / 'a.pth'))
+    formats.write_torch(arrays, str(tmp_path / 'a.pth'))
     sd = torch.load(tmp_path / 'a.pth', weights_only=True, mmap=True)
     assert sd['b'].dtype == torch.bfloat16 and sd['w'].is_contiguous()
-    got = cio.read_torch(str(tmp_path / 'a.pth'))
+    got = formats.read_torch(str(tmp_path / 'a.pth'))
     for k, v in arrays.items():
         assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
 
@@ -231,8 +232,8 @@ def test_hand_written_formats_match_the_libraries(tmp_path):
 def test_half_a_head_is_named_not_crashed_on(tmp_path, stray):
     """Found by `make fuzz`: a head kernel without its bias (or a 0-d bias) was a KeyError in adapt()."""
     model, flat = fz.tiny()
-    from converters import google
-    arrays = {**google.flax_to_npz(flat, 'released'), **stray}
+    from converters.families import vit as vit_family
+    arrays = {**vit_family.flax_to_npz(flat, 'released'), **stray}
     (tmp_path / 'h.npz').write_bytes(fz.npz_bytes(list(arrays.items())))
     rc, _, err = run_main('convert', tmp_path / 'h.npz', tmp_path / 'o.npz')
     assert rc == 1 and err.count('\n') == 1 and 'h.npz' in err and 'head' in err, err

@@ -23,8 +23,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
 import vit_flax
-from converters import api, preprocess
-from converters.cli import main as cli_main
+from converters import pipeline, preprocess
+from vit_flax_cli.cli import main as cli_main
 from converters.errors import ConversionError
 
 ARCH = dict(img_size=32, patch_size=8, depth=2)   # a vit_tiny_patch16_224 timm also builds
@@ -32,7 +32,7 @@ NAMES = ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
 
 
 def cli_process(*argv, env=None):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, argv)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, argv)], capture_output=True, text=True,
                           env=env)
 
 
@@ -79,14 +79,14 @@ def test_folder_saved_by_timm_reads_into_flax(tmp_path, name, kw, safe):
     cfg = json.loads((folder / 'config.json').read_text())
     cfg['architecture'] += '.augreg_in21k_ft_in1k'
     (folder / 'config.json').write_text(json.dumps(cfg))
-    model, params, ck = api.load_model(folder)
+    model, params, ck = pipeline.load_model(folder)
     assert (ck.kind, ck.model_name, ck.class_names) == ('timm-folder', name, NAMES)
     assert os.path.basename(ck.path) == ('model.safetensors' if safe else 'pytorch_model.bin')
     assert model.input_shape[:2] == (32, 32)
     x = images((2, 32, 32, 3))
     assert rel_err(run_flax(model, params, x, train=False), run_timm(tm, x)) < 1e-4
     # and back to a folder of ours, which timm loads as the same model
-    api.write_model_folder(flatten_dict(params, sep='/'), model, ck.model_name, tmp_path / 'ours',
+    pipeline.write_model_folder(flatten_dict(params, sep='/'), model, ck.model_name, tmp_path / 'ours',
                            pretrained_cfg=ck.pretrained_cfg, class_names=ck.class_names)
     import timm
     again = timm.create_model(f'local-dir:{tmp_path / "ours"}', pretrained=True).eval()
@@ -101,7 +101,7 @@ def test_our_folder_loads_in_timm_with_the_same_predictions(tmp_path):
     model = vit_flax.create_model('vit_tiny_patch16_224', num_classes=5, **ARCH)
     flat = perturbed_flax(model)
     npz = tmp_path / 'w.npz'
-    api.save_params(unflatten_dict(flat, sep='/'), npz, 'vit_tiny_patch16_224',
+    pipeline.save_params(unflatten_dict(flat, sep='/'), npz, 'vit_tiny_patch16_224',
                     num_classes=5, **ARCH)
     p = cli('convert', npz, tmp_path / 'folder', '--format', 'timm-folder', '--model', 'vit_tiny_patch16_224',
             '--set', 'depth=2', '--set', 'patch_size=8')
@@ -117,7 +117,7 @@ def test_our_folder_loads_in_timm_with_the_same_predictions(tmp_path):
     yf = run_flax(model, unflatten_dict(flat, sep='/'), x, train=False)
     assert rel_err(yf, yt) < 1e-4 and (yf.argmax(-1) == yt.argmax(-1)).all()
     # read back: the same architecture, preprocessing and weights
-    model2, params2, ck = api.load_model(tmp_path / 'folder')
+    model2, params2, ck = pipeline.load_model(tmp_path / 'folder')
     assert model2.img_size == 32 and model2.depth == 2 and ck.pretrained_cfg['crop_pct'] == 0.875
     assert rel_err(run_flax(model2, params2, x, train=False), yt) < 1e-4
 
@@ -228,13 +228,13 @@ def test_predict_bad_images_fail_in_one_line(timm_folder, tmp_path):
 def test_missing_preprocessing_fields_take_timms_defaults(timm_folder, tmp_path):
     import timm
     from timm.data import resolve_data_config
-    from converters.predict import data_config
+    from vit_flax_cli.predict import data_config
     _, folder, _ = timm_folder
     shutil.copytree(folder, tmp_path / 'f')
     cfg = json.loads((folder / 'config.json').read_text())
     cfg['pretrained_cfg'] = {'input_size': [3, 32, 32], 'crop_pct': 0.95}
     (tmp_path / 'f' / 'config.json').write_text(json.dumps(cfg))
-    model, _, ck = api.load_model(tmp_path / 'f')
+    model, _, ck = pipeline.load_model(tmp_path / 'f')
     ours, _ = data_config(ck, model)
     want = resolve_data_config({}, model=timm.create_model(f'local-dir:{tmp_path / "f"}', pretrained=True))
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in want.items()} == preprocess.config_for_json(ours)
@@ -242,7 +242,7 @@ def test_missing_preprocessing_fields_take_timms_defaults(timm_folder, tmp_path)
 
 def test_predict_from_safetensors_never_imports_torch(timm_folder):
     _, folder, paths = timm_folder
-    code = ('import sys; from converters.cli import main; rc = main(["predict", sys.argv[1], sys.argv[2]]); '
+    code = ('import sys; from vit_flax_cli.cli import main; rc = main(["predict", sys.argv[1], sys.argv[2]]); '
             'assert rc == 0 and "torch" not in sys.modules and "timm" not in sys.modules, sorted(sys.modules)')
     p = subprocess.run([sys.executable, '-c', code, str(folder), str(paths[0])], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -254,7 +254,7 @@ def test_predict_from_safetensors_never_imports_torch(timm_folder):
 def make_workdir(root, model_name, overrides, steps, class_names):
     """A training workdir as vit_train writes it (orbax params + meta items), without training."""
     import orbax.checkpoint as ocp
-    from converters import training_ckpt as tc
+    from converters.formats import training_ckpt as tc
     ckdir = os.path.join(root, tc.CHECKPOINTS_DIR)
     mgr = ocp.CheckpointManager(ckdir)
     for step, (flat, val_acc) in steps.items():
@@ -389,7 +389,7 @@ def test_config_json_that_lies_is_one_line_error(timm_folder, tmp_path, lie):
     new = change(json.loads((folder / 'config.json').read_text()))
     (bad / 'config.json').write_text(new if isinstance(new, str) else json.dumps(new))
     with pytest.raises(ConversionError) as e:
-        api.load_model(bad)
+        pipeline.load_model(bad)
     assert needle in str(e.value) and '\n' not in str(e.value) and 'bad' in str(e.value), str(e.value)
     if lie == 'not JSON':   # and the command: one line, nothing written
         one_line_error(cli('convert', bad, tmp_path / 'o.npz'), 'config.json: not valid JSON')
@@ -402,6 +402,6 @@ def test_missing_weights_and_tagged_model_names(tmp_path, timm_folder):
     os.makedirs(bad)
     shutil.copy(folder / 'config.json', bad / 'config.json')
     with pytest.raises(ConversionError, match='no weights in the model folder'):
-        api.load_model(bad)
+        pipeline.load_model(bad)
     m = vit_flax.create_model('vit_base_patch16_224.augreg2_in21k_ft_in1k', depth=1)
     assert m.embed_dim == 768 and m.depth == 1

@@ -13,7 +13,8 @@ import torch
 from flax.traverse_util import flatten_dict
 
 import converters
-from converters import api, swin_map
+from converters import pipeline
+from converters.families import swin as swin_family
 from converters.errors import ConversionError
 from vit_flax.swin import relative_position_index
 
@@ -24,7 +25,7 @@ TOL = 1e-4
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 def assert_same_state(got, want):
@@ -61,8 +62,8 @@ def test_1d_vit_with_embed_norm_reads_and_writes_exactly(tmp_path):
             '--set', 'depth=2')
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / 'seeds1d.npz')['embedding_norm/scale'].shape == (192,)
-    m2, p2, _ = api.load_model(tmp_path / 'seeds1d.npz')  # an npz records the heads: no name needed
-    api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
+    m2, p2, _ = pipeline.load_model(tmp_path / 'seeds1d.npz')  # an npz records the heads: no name needed
+    pipeline.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
     assert_same_state(strict_load(seeds.VisionTransformer1D(**cfg), tmp_path / 'back.pth'), state_np(ref))
     # a model without the norm is refused with the option to pass, not a bare key error
     with pytest.raises(ConversionError, match='embed_norm=True'):
@@ -91,25 +92,25 @@ def test_2d_vit_model_variants(variant, tmp_path):
     ref = perturb_timm(seeds.VisionTransformer(**SMALL_2D, **kw))
     torch.save(ref.state_dict(), tmp_path / 'seeds.pth')
     x = images((2, 64, 64, 3))
-    model, params, ck = api.load_model(tmp_path / 'seeds.pth', 'vit_tiny_patch16_224', **FLAX_2D)
+    model, params, ck = pipeline.load_model(tmp_path / 'seeds.pth', 'vit_tiny_patch16_224', **FLAX_2D)
     assert all(getattr(model, k) == v for k, v in flax_kw.items())
     assert rel_err(run_flax(model, params, x), run_timm(ref, x)) < TOL
-    api.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'g.npz')
-    m2, p2, _ = api.load_model(tmp_path / 'g.npz')
-    api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'g.npz')
+    m2, p2, _ = pipeline.load_model(tmp_path / 'g.npz')
+    pipeline.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
     assert_same_state(strict_load(seeds.VisionTransformer(**SMALL_2D, **kw), tmp_path / 'back.pth'), state_np(ref))
 
 
 def test_2d_embed_norm_matches_timm_embed_norm_layer(tmp_path):
     tm = timm_model('vit_tiny_patch16_224', img_size=64, depth=2, embed_norm_layer='layernorm')
     torch.save(tm.state_dict(), tmp_path / 'timm.pth')
-    model, params, ck = api.load_model(tmp_path / 'timm.pth', 'vit_tiny_patch16_224', depth=2)
+    model, params, ck = pipeline.load_model(tmp_path / 'timm.pth', 'vit_tiny_patch16_224', depth=2)
     assert model.embed_norm and model.img_size == 64  # both read off the keys
     x = images((2, 64, 64, 3))
     assert rel_err(run_flax(model, params, x), run_timm(tm, x)) < TOL
     # and vit_timm_kwargs asks timm for the same norm (what `vit-flax parity` builds)
-    from converters.vit_map import vit_timm_kwargs
-    assert vit_timm_kwargs(model)['embed_norm_layer'] == 'layernorm'
+    from converters.families.vit import FAMILY as VIT
+    assert VIT.timm_kwargs(model)['embed_norm_layer'] == 'layernorm'
 
 
 # ---------------------------------------------------------------- swin_transformer/model.py
@@ -130,7 +131,7 @@ def seeds_swin(tmp_path_factory):
 def test_swin_layout_detected_and_computed_as_the_seeds_do(seeds_swin):
     ref, d = seeds_swin
     logs = []
-    model, params, ck = api.load_model(d / 'seeds.pth', 'swin_tiny_patch4_window7_224', log=logs.append, **SWIN_FLAX)
+    model, params, ck = pipeline.load_model(d / 'seeds.pth', 'swin_tiny_patch4_window7_224', log=logs.append, **SWIN_FLAX)
     assert ck.layout == 'wzmiaomiao' and model.always_partition
     assert any('wzmiaomiao layout' in s and 'always_partition=True' in s for s in logs)
     x = images((2, 112, 112, 3))
@@ -150,14 +151,14 @@ def test_swin_written_in_the_seeds_layout_loads_strictly_bit_exact(seeds_swin, t
     assert 'wzmiaomiao' in r.stdout and 'always_partition=True' in r.stderr
     # an npz does not record always_partition: it is asked for when writing back
     logs = []
-    model, params, _ = api.load_model(tmp_path / 'f.npz', always_partition=True, log=logs.append)
-    assert api.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'back.pth', layout='wzmiaomiao',
+    model, params, _ = pipeline.load_model(tmp_path / 'f.npz', always_partition=True, log=logs.append)
+    assert pipeline.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'back.pth', layout='wzmiaomiao',
                           log=logs.append) == 'wzmiaomiao'
     assert not logs
     sd = strict_load(seeds.SwinTransformer(num_classes=10, **SWIN), tmp_path / 'back.pth')
     assert_same_state(sd, state_np(ref))  # relative_position_index buffers included, no attn_mask
     # the Microsoft layout carries attn_mask buffers the seeds' class does not have
-    ms = swin_map.timm_to_microsoft(swin_map.microsoft_to_timm(state_np(ref)), img_size=112)
+    ms = swin_family.timm_to_microsoft(swin_family.microsoft_to_timm(state_np(ref)), img_size=112)
     missing, unexpected = seeds.SwinTransformer(num_classes=10, **SWIN).load_state_dict(
         {k: torch.from_numpy(v) for k, v in ms.items()}, strict=False)
     assert not missing and unexpected and all(k.endswith('attn_mask') for k in unexpected)
@@ -165,14 +166,14 @@ def test_swin_written_in_the_seeds_layout_loads_strictly_bit_exact(seeds_swin, t
 
 def test_swin_layout_detection_rules():
     state = state_np(perturb_timm(seeds.SwinTransformer(num_classes=10, **SWIN)))
-    timm_state = swin_map.microsoft_to_timm(state)
-    assert swin_map.swin_detect_layout(state) == 'wzmiaomiao'
-    assert swin_map.swin_detect_layout(timm_state) == 'timm'
-    ms = swin_map.timm_to_microsoft(timm_state, img_size=112)
-    assert swin_map.swin_detect_layout(ms) == 'microsoft'
+    timm_state = swin_family.microsoft_to_timm(state)
+    assert swin_family.FAMILY.detect_layout(state) == 'wzmiaomiao'
+    assert swin_family.FAMILY.detect_layout(timm_state) == 'timm'
+    ms = swin_family.timm_to_microsoft(timm_state, img_size=112)
+    assert swin_family.FAMILY.detect_layout(ms) == 'microsoft'
     stripped = {k: v for k, v in ms.items() if not k.endswith(('attn_mask', 'relative_position_index'))}
-    assert swin_map.swin_detect_layout(stripped) == 'microsoft'  # no buffers: Microsoft's computation
-    seeds_out = swin_map.timm_to_wzmiaomiao(timm_state)
+    assert swin_family.FAMILY.detect_layout(stripped) == 'microsoft'  # no buffers: Microsoft's computation
+    seeds_out = swin_family.timm_to_wzmiaomiao(timm_state)
     assert list(seeds_out) == list(state)  # the seeds' own key order
     assert all(np.array_equal(seeds_out[k], state[k]) for k in state)
     assert np.array_equal(state['layers.2.blocks.1.attn.relative_position_index'], relative_position_index((7, 7)))
@@ -180,15 +181,15 @@ def test_swin_layout_detection_rules():
 
 def test_swin_writing_a_layout_whose_code_computes_otherwise_warns(seeds_swin, tmp_path):
     ref, d = seeds_swin
-    model, params, _ = api.load_model(d / 'seeds.pth', 'swin_tiny_patch4_window7_224', log=lambda s: None,
+    model, params, _ = pipeline.load_model(d / 'seeds.pth', 'swin_tiny_patch4_window7_224', log=lambda s: None,
                                       **SWIN_FLAX)
     flat = flatten_dict(params, sep='/')
     logs = []
     for layout in ('microsoft', 'timm'):
-        api.write_flat(flat, model, tmp_path / f'{layout}.pth', layout=layout, log=logs.append)
+        pipeline.write_flat(flat, model, tmp_path / f'{layout}.pth', layout=layout, log=logs.append)
         assert len(logs) == 1 and 'always_partition=True' in logs[0]
         logs.clear()
-    api.write_flat(flat, model, tmp_path / 'seeds.pth', layout='wzmiaomiao', log=logs.append)
+    pipeline.write_flat(flat, model, tmp_path / 'seeds.pth', layout='wzmiaomiao', log=logs.append)
     assert not logs
-    api.write_flat(flat, model.clone(always_partition=False), tmp_path / 's.pth', layout='wzmiaomiao', log=logs.append)
+    pipeline.write_flat(flat, model.clone(always_partition=False), tmp_path / 's.pth', layout='wzmiaomiao', log=logs.append)
     assert len(logs) == 1 and 'always_partition=False' in logs[0]

@@ -9,7 +9,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from timm.models.swin_transformer import checkpoint_filter_fn, get_relative_position_index
 
 import vit_flax
-from converters import swin_map, table
+from converters.families import swin as swin_family
+from converters import rules as table
 from converters.errors import ConversionError
 from converters.families import family_of
 from vit_flax.swin import SwinTransformer, relative_position_index
@@ -29,7 +30,7 @@ TWO_STAGES = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2))
 
 def timm_model(model, seed=0, **extra):
     """timm's model with the flax config, every weight moved off its init (no 1s or 0s left to hide a bad map)."""
-    kw = swin_map.swin_timm_kwargs(model)
+    kw = swin_family.FAMILY.timm_kwargs(model)
     kw.update(extra)
     torch.manual_seed(seed)
     tm = timm.create_model('swin_tiny_patch4_window7_224', **kw).eval()
@@ -44,7 +45,7 @@ def numpy_state(tm):
 
 
 def flax_params(model, state):
-    return unflatten_dict(table.torch_to_flax(state, swin_map.swin_rules(model), ignore=swin_map.SWIN_IGNORE),
+    return unflatten_dict(table.torch_to_flax(state, swin_family.FAMILY.rules(model), ignore=swin_family.IGNORE),
                           sep='/')
 
 
@@ -129,7 +130,7 @@ def test_parity_tiny_224_with_stage_outputs(tiny):
     captured = {}
     hooks = [tm.get_submodule(mod).register_forward_hook(
         lambda m, i, o, mod=mod: captured.__setitem__(mod, o.detach().numpy()))
-        for _, _, mod in swin_map.swin_parity_points(model)]
+        for _, _, mod in swin_family.FAMILY.parity_points(model)]
     try:
         ref = timm_forward(tm, x)
     finally:
@@ -137,7 +138,7 @@ def test_parity_tiny_224_with_stage_outputs(tiny):
             h.remove()
     assert rel_err(np.asarray(logits), ref) <= TOL
     flat = flatten_dict(inter['intermediates'], sep='/')
-    for label, fpath, mod in swin_map.swin_parity_points(model):
+    for label, fpath, mod in swin_family.FAMILY.parity_points(model):
         assert rel_err(np.asarray(flat[fpath][0]), captured[mod]) <= TOL, label
 
 
@@ -192,8 +193,8 @@ def test_parity_full_swin_base_window12_384():
 
 def test_round_trip_torch_flax_torch_bit_exact(tiny):
     model, _, state = tiny
-    assert not any(s in k for k in state for s in swin_map.SWIN_IGNORE)  # non-persistent in timm
-    rules = swin_map.swin_rules(model)
+    assert not any(s in k for k in state for s in swin_family.IGNORE)  # non-persistent in timm
+    rules = swin_family.FAMILY.rules(model)
     flat = table.torch_to_flax(state, rules)
     shapes = flatten_dict(vit_flax.summary.param_shapes(model), sep='/')
     assert set(flat) == set(shapes)
@@ -209,13 +210,13 @@ def test_buffers_in_the_state_dict_are_ignored_when_reading(tiny):
     with_buffers = dict(state)
     with_buffers['layers.0.blocks.1.attn.relative_position_index'] = relative_position_index((7, 7))
     with_buffers['layers.0.blocks.1.attn_mask'] = np.zeros((64, 49, 49), np.float32)
-    flat = table.torch_to_flax(with_buffers, swin_map.swin_rules(model), ignore=swin_map.SWIN_IGNORE)
-    assert set(flat) == set(table.torch_to_flax(state, swin_map.swin_rules(model)))
+    flat = table.torch_to_flax(with_buffers, swin_family.FAMILY.rules(model), ignore=swin_family.IGNORE)
+    assert set(flat) == set(table.torch_to_flax(state, swin_family.FAMILY.rules(model)))
 
 
 def test_microsoft_layout(tiny):
     model, tm, state = tiny
-    ms = swin_map.timm_to_microsoft(state)
+    ms = swin_family.timm_to_microsoft(state)
     # official structure: merging at the end of stages 0..2, plain head, buffers regenerated
     assert 'layers.0.downsample.reduction.weight' in ms and 'layers.3.downsample.reduction.weight' not in ms
     assert 'head.weight' in ms and not any(k.startswith('head.fc') for k in ms)
@@ -233,7 +234,7 @@ def test_microsoft_layout(tiny):
             else:
                 assert mask_key not in ms
     # back to timm: bit-exact, what timm's own checkpoint filter makes of it, and loads strictly
-    back = swin_map.microsoft_to_timm(ms)
+    back = swin_family.microsoft_to_timm(ms)
     assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state)
     filtered = checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in ms.items()}, tm)
     assert set(filtered) == set(back) and all(np.array_equal(filtered[k].numpy(), back[k]) for k in back)
@@ -243,16 +244,16 @@ def test_microsoft_layout(tiny):
     x = images((224, 224))
     assert rel_err(flax_apply(model, flax_params(model, back), x), timm_forward(tm, x)) <= TOL
     with pytest.raises(ConversionError):
-        swin_map.microsoft_to_timm(state)
+        swin_family.microsoft_to_timm(state)
     with pytest.raises(ConversionError):
-        swin_map.timm_to_microsoft(ms)
+        swin_family.timm_to_microsoft(ms)
 
 
 def test_microsoft_layout_window12_and_family():
     model = SwinTransformer(img_size=384, window_size=12, **SMALL)
     tm = timm_model(model)
     state = numpy_state(tm)
-    ms = swin_map.timm_to_microsoft(state)  # resolution inferred: 4 * 12 * 8 = 384
+    ms = swin_family.timm_to_microsoft(state)  # resolution inferred: 4 * 12 * 8 = 384
     assert ms['layers.0.blocks.1.attn_mask'].shape == (64, 144, 144)
     assert ms['layers.2.blocks.1.attn_mask'].shape == (4, 144, 144)
     assert 'layers.3.blocks.1.attn_mask' not in ms
@@ -269,22 +270,22 @@ def test_architecture_read_off_checkpoints(name):
     model = vit_flax.create_model(name, num_classes=21841)
     with torch.device('meta'):
         state = timm.create_model(name, num_classes=21841).state_dict()
-    from_torch = swin_map.swin_config_from_torch(state)
-    from_flax = swin_map.swin_config_from_flax(flatten_dict(vit_flax.summary.param_shapes(model), sep='/'))
+    from_torch = swin_family.FAMILY.config_from_torch(state)
+    from_flax = swin_family.FAMILY.config_from_flax(flatten_dict(vit_flax.summary.param_shapes(model), sep='/'))
     assert from_torch == from_flax
-    assert all(from_flax[k] == v for k, v in swin_map.swin_core(vit_flax.create_model(name)).items())
-    assert swin_map.swin_overrides(from_flax, vit_flax.create_model(name)) == dict(num_classes=21841)
+    assert all(from_flax[k] == v for k, v in swin_family.FAMILY.core(vit_flax.create_model(name)).items())
+    assert swin_family.FAMILY.overrides(from_flax, vit_flax.create_model(name)) == dict(num_classes=21841)
     # a window-12 file on a window-7 base re-shaped to window 12: at 224 its last stage would clamp to 7,
     # which the file's tables deny, so it gets the size at which no stage clamps
-    w12 = swin_map.swin_config_from_flax(flatten_dict(vit_flax.summary.param_shapes(
+    w12 = swin_family.FAMILY.config_from_flax(flatten_dict(vit_flax.summary.param_shapes(
         vit_flax.create_model('swin_base_patch4_window12_384')), sep='/'))
     base = vit_flax.create_model('swin_base_patch4_window7_224').clone(window_size=12)
-    assert swin_map.swin_overrides(w12, base) == dict(img_size=(384, 384))
+    assert swin_family.FAMILY.overrides(w12, base) == dict(img_size=(384, 384))
 
 
 def test_timm_kwargs_refuse_what_timm_cannot_build():
     with pytest.raises(ValueError):
-        swin_map.swin_timm_kwargs(SwinTransformer(qk_scale=0.1))
+        swin_family.FAMILY.timm_kwargs(SwinTransformer(qk_scale=0.1))
 
 
 # ---------------------------------------------------------------- pieces
@@ -302,21 +303,21 @@ def test_resize_relative_bias_table():
     w12 = timm.create_model('swin_tiny_patch4_window7_224', img_size=384, window_size=12, **SMALL)
     key = 'layers.0.blocks.0.attn.relative_position_bias_table'
     ref = checkpoint_filter_fn({key: torch.from_numpy(table7[:, :1])}, w12)[key].numpy()
-    assert np.array_equal(swin_map.resize_relative_bias_table(table7[:, :1], 12, method='timm'), ref)
+    assert np.array_equal(swin_family.resize_relative_bias_table(table7[:, :1], 12, method='timm'), ref)
     # Microsoft's (default): per-head bicubic on the 13x13 grid
-    resized = swin_map.resize_relative_bias_table(table7, 12)
+    resized = swin_family.resize_relative_bias_table(table7, 12)
     expected = torch.nn.functional.interpolate(torch.from_numpy(table7).T.reshape(1, 3, 13, 13), size=(23, 23),
                                                mode='bicubic', align_corners=False).reshape(3, -1).T.numpy()
     assert resized.shape == (529, 3) and np.array_equal(resized, expected)
     # the centre (zero offset) keeps its value: 13x13 -> 23x23 maps centre to centre
     assert np.allclose(resized.reshape(23, 23, 3)[11, 11], table7.reshape(13, 13, 3)[6, 6], atol=0.2)
-    assert np.array_equal(swin_map.resize_relative_bias_table(table7, 7), table7)
+    assert np.array_equal(swin_family.resize_relative_bias_table(table7, 7), table7)
 
 
 def test_drop_path_rates_and_train_vs_eval():
     model = SwinTransformer(img_size=32, drop_path_rate=0.5, **TWO_STAGES)
     with torch.device('meta'):
-        tm = timm.create_model('swin_tiny_patch4_window7_224', **swin_map.swin_timm_kwargs(model))
+        tm = timm.create_model('swin_tiny_patch4_window7_224', **swin_family.FAMILY.timm_kwargs(model))
     expected = [b.drop_path1.drop_prob if hasattr(b.drop_path1, 'drop_prob') else 0.0
                 for stage in tm.layers for b in stage.blocks]
     x = jnp.asarray(images((32, 32)))

@@ -11,8 +11,8 @@ from flax.traverse_util import flatten_dict
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 import vit_flax
-from converters import api
-from converters.swin_map import timm_to_microsoft
+from converters import pipeline
+from converters.families.swin import timm_to_microsoft
 
 from conftest import images, rel_err, run_flax, run_timm, state_np, timm_model
 
@@ -20,7 +20,7 @@ NAMES = vit_flax.list_models('swin_*')
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope='module')
@@ -55,9 +55,9 @@ def test_every_swin_name_converts_and_is_detected(name, tmp_path):
     state = {k: rng.standard_normal(s).astype(np.float32) * 0.02 for k, s in shapes.items()}
     ms = timm_to_microsoft(state)
     torch.save({'model': {k: torch.from_numpy(v) for k, v in ms.items()}}, tmp_path / 'ms.pth')
-    model, params, ck = api.load_model(tmp_path / 'ms.pth', cast=False)
+    model, params, ck = pipeline.load_model(tmp_path / 'ms.pth', cast=False)
     assert (ck.layout, ck.model_name) == ('microsoft', name)
-    api.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'timm.pth')
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'timm.pth')
     got = torch.load(tmp_path / 'timm.pth', weights_only=True)
     with torch.device('meta'):
         ref_model = timm.create_model(name)
@@ -93,7 +93,7 @@ def test_microsoft_pth_cli_inspect_convert_parity(tiny, tmp_path):
 def test_swin_flax_formats_round_trip(tiny, tmp_path, fmt):
     r = cli('convert', tiny['dir'] / 'timm.pth', tmp_path / fmt)
     assert r.returncode == 0, r.stderr
-    model, params, ck = api.load_model(tmp_path / fmt)
+    model, params, ck = pipeline.load_model(tmp_path / fmt)
     assert ck.model_name == 'swin_tiny_patch4_window7_224'
     x = images((1, 224, 224, 3))
     assert rel_err(run_flax(model, params, x), run_timm(tiny['tm'], x)) < 1e-4
@@ -105,7 +105,7 @@ def test_window_7_to_12_resize_runs_in_both_frameworks(tiny, tmp_path):
     assert 'relative_position_bias_table: window 7 -> 12 (bicubic)' in r.stderr
     t12 = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, img_size=384, window_size=12).eval()
     t12.load_state_dict(torch.load(tmp_path / 'w12.pth', weights_only=True), strict=True)
-    model, params, ck = api.load_model(tmp_path / 'w12.pth')
+    model, params, ck = pipeline.load_model(tmp_path / 'w12.pth')
     assert tuple(model.img_size) == (384, 384) and model.window_size == 12
     x = images((1, 384, 384, 3))
     assert rel_err(run_flax(model, params, x), run_timm(t12, x)) < 1e-4
@@ -119,7 +119,7 @@ def test_window_7_to_12_resize_runs_in_both_frameworks(tiny, tmp_path):
 
 def test_swin_head_surgery_and_mismatch(tiny):
     logs = []
-    p = api.load_params(tiny['dir'] / 'timm.pth', 'swin_tiny_patch4_window7_224', num_classes=21841,
+    p = pipeline.load_params(tiny['dir'] / 'timm.pth', 'swin_tiny_patch4_window7_224', num_classes=21841,
                         log=logs.append)
     assert p['head']['kernel'].shape == (768, 21841) and any('1000 -> 21841' in l for l in logs)
     r = cli('convert', tiny['dir'] / 'timm.pth', '/tmp/never.pth', '--model', 'swin_small_patch4_window7_224')

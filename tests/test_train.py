@@ -50,7 +50,7 @@ def run(env, workdir, *args, devices=1, expect=0, cmd=(TRAIN,)):
 
 
 def latest(workdir, log=print):
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     return training_ckpt.select(workdir, 'latest', log=log)
 
 
@@ -114,17 +114,17 @@ def test_run_learns_and_writes_its_workdir(reference):
         assert [e for e, _ in scalars[tag]] == [1, 2], tag
     assert scalars['val_acc'][-1][1] == pytest.approx(s['val_acc'])
     # the checkpoint stands alone: its metadata rebuilds the model and its preprocessing
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     ck = latest(workdir)
     assert ck.step == STEPS and ck.meta['val_acc'] == pytest.approx(s['val_acc'])
     assert ck.meta['pretrained_cfg'] == dict(input_size=[3, 16, 16], interpolation='bilinear', crop_pct=1.0,
                                              crop_mode='center', mean=[0.5] * 3, std=[0.5] * 3)
     assert ck.meta['class_names'] == [str(i) for i in range(10)] and ck.meta['weights'] is None
     model = training_ckpt.model_from_meta(ck.meta)
-    from converters import api
-    api.validate(ck.flat, model, 'checkpoint')
+    from converters import pipeline
+    pipeline.validate(ck.flat, model, 'checkpoint')
     # the params item is also a plain orbax tree for the converters' own reader (convert, inspect, parity)
-    _, params, c = api.load_model(os.path.join(ck.path, 'params'), ck.meta['model'],
+    _, params, c = pipeline.load_model(os.path.join(ck.path, 'params'), ck.meta['model'],
                                   **training_ckpt.model_overrides(ck.meta))
     from flax.traverse_util import flatten_dict
     assert c.format == 'orbax' and ck.flat.keys() == flatten_dict(params, sep='/').keys()
@@ -202,7 +202,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference
     before = latest(workdir)
     r = run(env, workdir, *BASE[:4], '--epochs', '3', *BASE[6:], '--lr', '1e30', expect=3)
     assert 'non-finite loss' in r.stderr and f'Last good checkpoint: step {STEPS}' in r.stderr
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     assert training_ckpt.list_steps(str(workdir / 'checkpoints')) == [32, STEPS]
     assert_same_params(before, latest(workdir))
 
@@ -263,7 +263,7 @@ def test_remat_recomputes_the_same_training(env, reference, tmp_path):
 @pytest.mark.slow  # the default suite runs FSDP inside the multi-process test below
 def test_fsdp_on_4_devices_matches_1_device_with_params_sharded(env, reference, tmp_path):
     workdir = tmp_path / 'fsdp'
-    r = run(env, workdir, *BASE, '--mesh', 'data=2,fsdp=2', devices=4, cmd=('-m', 'converters.cli', 'train'))
+    r = run(env, workdir, *BASE, '--mesh', 'data=2,fsdp=2', devices=4, cmd=('-m', 'vit_flax_cli', 'train'))
     assert 'data=2 fsdp=2 over 4 device(s) in 1 process(es)' in r.stdout
     assert_matches_reference(reference[0], workdir)
     assert_fsdp_sharded(workdir, r.stdout)
@@ -279,7 +279,7 @@ def test_two_processes_match_one(env, reference, tmp_path, devices, mesh):
         port = s.getsockname()[1]
     workdir = tmp_path / 'two'
     e = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    procs = [subprocess.Popen([sys.executable, '-m', 'converters.cli', 'train', '--workdir', str(workdir), *BASE,
+    procs = [subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', 'train', '--workdir', str(workdir), *BASE,
                                '--mesh', mesh, '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
                                '--process-id', str(i)],
                               cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

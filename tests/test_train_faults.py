@@ -64,7 +64,7 @@ def errors(stderr: str):
 
 
 def steps_of(workdir):
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     return training_ckpt.list_steps(os.path.join(workdir, 'checkpoints'))
 
 
@@ -155,7 +155,7 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
     import numpy as np
     import fuzzing as fz
     from hypothesis import given, settings, strategies as st
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     from converters.errors import ConversionError
     expected = {s: training_ckpt.select(reference, s).flat for s in (32, STEPS)}
 
@@ -182,7 +182,7 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
 def test_checksums_are_the_same_on_the_devices_and_in_numpy_and_catch_one_bit():
     import jax
     import numpy as np
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     from vit_train.checkpoint import checksum_record, device_checksums
     rng = np.random.default_rng(0)
     state = dict(params={'a': {'kernel': rng.standard_normal((3, 5)).astype(np.float32)},
@@ -266,7 +266,7 @@ def test_nan_update_at_an_epoch_end_never_reaches_a_checkpoint(env, tmp_path):
     assert last == (f'train_flax.py: error: non-finite parameters after the update at step {SPE} (epoch 1); stopped. '
                     f'Last good checkpoint: step 16 in {workdir}/checkpoints'), last
     assert steps_of(workdir) == [16]
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     import numpy as np
     assert all(np.isfinite(v).all() for v in training_ckpt.select(workdir, 'latest').flat.values())
     assert not (workdir / 'summary.json').exists()  # no epoch was reported with NaN figures
@@ -423,7 +423,7 @@ def test_workdir_that_is_a_file_fails_in_one_line(env, tmp_path):
     r = run(env, tmp_path / 'f', '--epochs', '1', expect=1)
     assert r.stderr.strip() == f'train_flax.py: error: --workdir {tmp_path}/f: {tmp_path}/f is a file, not a directory'
     # vit-flax train: the same exit status and line, under its own name
-    r = subprocess.run([sys.executable, '-m', 'converters.cli', 'train', '--workdir', str(tmp_path / 'f' / 'run')],
+    r = subprocess.run([sys.executable, '-m', 'vit_flax_cli', 'train', '--workdir', str(tmp_path / 'f' / 'run')],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 1 and r.stderr.strip() == (f'vit-flax train: error: --workdir {tmp_path}/f/run: '
                                                       f'{tmp_path}/f is a file, not a directory'), r.stderr

@@ -188,7 +188,7 @@ def test_folder_split_is_the_seeds(tmp_path, val_rate):
     tr, trl, va, val, json_str = seeds_read_split_data(str(tmp_path), val_rate)
     ds = data.load('folder', str(tmp_path), val_rate)
     assert (ds.train.paths, ds.train.labels.tolist(), ds.val.paths, ds.val.labels.tolist()) == (tr, trl, va, val)
-    from converters import training_ckpt
+    from converters.formats import training_ckpt
     training_ckpt.write_class_indices(str(tmp_path / 'ci.json'), ds.class_names)
     assert (tmp_path / 'ci.json').read_text() == json_str
 

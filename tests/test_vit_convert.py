@@ -14,7 +14,8 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz
 
 import converters
 import vit_flax
-from converters import api, google, io
+from converters import pipeline, formats
+from converters.families import vit as vit_family
 from converters.errors import ConversionError
 from converters.resample import resample_pos_embed
 
@@ -31,14 +32,14 @@ MODELS = [
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 def convert(case, src, dst):
     """The CLI for registered architectures; the API for a custom one (the CLI has no --depth)."""
     if case['kw']:
-        model, params, _ = api.load_model(src, case['name'], cast=False, **case['kw'])
-        api.write_flat(flatten_dict(params, sep='/'), model, dst, force=True)
+        model, params, _ = pipeline.load_model(src, case['name'], cast=False, **case['kw'])
+        pipeline.write_flat(flatten_dict(params, sep='/'), model, dst, force=True)
     else:
         r = cli('convert', src, dst, '--force')
         assert r.returncode == 0, r.stderr
@@ -55,7 +56,7 @@ def case(request, tmp_path_factory):
 
 
 def test_pth_to_flax_parity(case):
-    model, params, ck = api.load_model(case['pth'], case['name'], **case['kw'])
+    model, params, ck = pipeline.load_model(case['pth'], case['name'], **case['kw'])
     assert ck.layout == 'timm'
     assert rel_err(run_flax(model, params, case['x']), case['y']) < 1e-4
 
@@ -65,10 +66,10 @@ def test_every_npz_layout_parity(case, layout):
     if layout == 'big_vision' and 'distilled' in case['name']:
         pytest.skip('big_vision has no distillation token')
     npz = case['dir'] / f'{layout}.npz'
-    model, params, _ = api.load_model(case['pth'], case['name'], **case['kw'])
-    api.write_flat(flatten_dict(params, sep='/'), model, npz, layout=layout, force=True)
+    model, params, _ = pipeline.load_model(case['pth'], case['name'], **case['kw'])
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, npz, layout=layout, force=True)
     # npz records the heads, so even the custom model is rebuilt from the file alone
-    m2, p2, ck = api.load_model(npz, case['name'] if case['kw'] else None, **case['kw'])
+    m2, p2, ck = pipeline.load_model(npz, case['name'] if case['kw'] else None, **case['kw'])
     assert ck.layout == layout
     assert rel_err(run_flax(m2, p2, case['x']), case['y']) < 1e-4
 
@@ -100,12 +101,12 @@ def test_pth_npz_pth_is_bit_exact_and_loads_strict(case):
 
 def test_safetensors_and_orbax_round_trip(case):
     st, ob = case['dir'] / 'w.safetensors', case['dir'] / 'orbax_ckpt'
-    model, params, _ = api.load_model(case['pth'], case['name'], **case['kw'])
+    model, params, _ = pipeline.load_model(case['pth'], case['name'], **case['kw'])
     flat = flatten_dict(params, sep='/')
-    api.write_flat(flat, model, st, force=True)
-    api.write_flat(flat, model, ob, force=True)
+    pipeline.write_flat(flat, model, st, force=True)
+    pipeline.write_flat(flat, model, ob, force=True)
     for path in (st, ob):
-        m2, p2, ck = api.load_model(path, case['name'], **case['kw'])
+        m2, p2, ck = pipeline.load_model(path, case['name'], **case['kw'])
         f2 = flatten_dict(p2, sep='/')
         assert f2.keys() == flat.keys()
         assert all(np.array_equal(f2[k], flat[k]) for k in flat), path
@@ -118,7 +119,7 @@ def test_safetensors_and_orbax_round_trip(case):
 def test_distilled_parity_in_train_mode():
     tm = timm_model('deit_tiny_distilled_patch16_224')
     model = vit_flax.create_model('deit_tiny_distilled_patch16_224')
-    flat = api.table.torch_to_flax(state_np(tm), api.family_of(model).rules(model))
+    flat = pipeline.rules.torch_to_flax(state_np(tm), pipeline.family_of(model).rules(model))
     from flax.traverse_util import unflatten_dict
     params = unflatten_dict(flat, sep='/')
     x = images((2, 224, 224, 3))
@@ -143,13 +144,13 @@ def test_big_vision_gap_and_map_pooling(tmp_path, pool):
     y = run_timm(tm, x)
     npz = tmp_path / 'bv.npz'
     arch = dict(img_size=64, embed_dim=64, depth=2, num_heads=4)
-    model, params, ck = api.load_model(tmp_path / 'w.pth', 'vit_small_patch16_224', **arch)
+    model, params, ck = pipeline.load_model(tmp_path / 'w.pth', 'vit_small_patch16_224', **arch)
     assert model.global_pool == pool and not model.has_class_token     # read off the state_dict
-    api.write_flat(flatten_dict(params, sep='/'), model, npz, layout='big_vision')
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, npz, layout='big_vision')
     raw = np.load(npz)
     assert 'params/pos_embedding' in raw and 'params/cls' not in raw
     assert ('params/MAPHead_0/probe' in raw) == (pool == 'map')
-    model, params, ck = api.load_model(npz, 'vit_small_patch16_224', **arch)
+    model, params, ck = pipeline.load_model(npz, 'vit_small_patch16_224', **arch)
     assert ck.layout == 'big_vision' and model.global_pool == pool and not model.has_class_token
     assert rel_err(run_flax(model, params, x), y) < 1e-4
     import timm
@@ -160,7 +161,7 @@ def test_big_vision_gap_and_map_pooling(tmp_path, pool):
 
 def _big_vision_scanned(flat, prefix='opt/target/'):
     """A checkpoint as nn.scan writes it: blocks stacked on a leading depth axis, pos_embedding on top."""
-    out = google.flax_to_npz(flat, 'big_vision')
+    out = vit_family.flax_to_npz(flat, 'big_vision')
     out = {k[len('params/'):]: v for k, v in out.items()}
     depth = len({k.split('/')[1] for k in out if k.startswith('Transformer/encoderblock_')})
     stacked = {}
@@ -177,10 +178,10 @@ def test_scanned_and_bf16_big_vision_files(tmp_path):
     x = images((2, 224, 224, 3))
     y = run_timm(tm, x)
     model = vit_flax.create_model('vit_tiny_patch16_224')
-    flat = api.table.torch_to_flax(state_np(tm), api.family_of(model).rules(model))
+    flat = pipeline.rules.torch_to_flax(state_np(tm), pipeline.family_of(model).rules(model))
     scanned = _big_vision_scanned(flat)
     np.savez(tmp_path / 'scan.npz', **scanned)
-    m, p, ck = api.load_model(tmp_path / 'scan.npz')
+    m, p, ck = pipeline.load_model(tmp_path / 'scan.npz')
     assert ck.layout == 'big_vision' and ck.model_name == 'vit_tiny_patch16_224'
     assert rel_err(run_flax(m, p, x), y) < 1e-4
     # bf16 arrays are stored as 2-byte void by numpy; they must come back as bfloat16, not garbage.
@@ -191,11 +192,11 @@ def test_scanned_and_bf16_big_vision_files(tmp_path):
     tb.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in tm.state_dict().items()})
     with torch.no_grad():
         tb.pos_embed[:, 0] = 0
-    flat_b = api.table.torch_to_flax(state_np(tb), api.family_of(model).rules(model))
+    flat_b = pipeline.rules.torch_to_flax(state_np(tb), pipeline.family_of(model).rules(model))
     bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in _big_vision_scanned(flat_b).items()}
     np.savez(tmp_path / 'bf16.npz', **bf)
     assert np.load(tmp_path / 'bf16.npz')['opt/target/cls'].dtype.kind == 'V'
-    m, p, ck = api.load_model(tmp_path / 'bf16.npz')
+    m, p, ck = pipeline.load_model(tmp_path / 'bf16.npz')
     assert p['cls'].dtype == np.float32
     assert rel_err(run_flax(m, p, x), run_timm(tb, x)) < 1e-4
     r = cli('convert', tmp_path / 'bf16.npz', tmp_path / 'bf16.pth')
@@ -208,7 +209,7 @@ def test_wrapped_state_dicts(tmp_path):
     x = images((1, 224, 224, 3))
     for wrap in ('model', 'state_dict'):
         torch.save({wrap: tm.state_dict(), 'epoch': 3}, tmp_path / f'{wrap}.pth')
-        m, p, ck = api.load_model(tmp_path / f'{wrap}.pth')
+        m, p, ck = pipeline.load_model(tmp_path / f'{wrap}.pth')
         assert ck.model_name == 'vit_tiny_patch16_224'
         assert rel_err(run_flax(m, p, x), run_timm(tm, x)) < 1e-4
 
@@ -218,12 +219,12 @@ def test_pre_logits_seed_names_round_trip(tmp_path):
     from vit_flax import init_params
     params = init_params(model)
     flat = {k: np.asarray(v) + np.float32(0.01) * i for i, (k, v) in enumerate(flatten_dict(params, sep='/').items())}
-    api.write_flat(flat, model, tmp_path / 'in21k.npz')
+    pipeline.write_flat(flat, model, tmp_path / 'in21k.npz')
     r = cli('convert', tmp_path / 'in21k.npz', tmp_path / 'in21k.pth')
     assert r.returncode == 0, r.stderr
     sd = torch.load(tmp_path / 'in21k.pth', weights_only=True)
     assert sd['pre_logits.fc.weight'].shape == (192, 192) and sd['head.weight'].shape == (21843, 192)
-    m2, p2, ck = api.load_model(tmp_path / 'in21k.pth')
+    m2, p2, ck = pipeline.load_model(tmp_path / 'in21k.pth')
     assert m2.representation_size == 192 and m2.num_classes == 21843
     f2 = flatten_dict(p2, sep='/')
     assert all(np.array_equal(f2[k], flat[k]) for k in flat)
@@ -263,7 +264,7 @@ def test_resample_224_to_384_runs_in_both_frameworks(tmp_path):
     expected = resample_abs_pos_embed(tm.pos_embed.detach(), (24, 24), num_prefix_tokens=1)
     assert rel_err(t384.pos_embed.detach().numpy(), expected.numpy()) < 1e-6
     x = images((1, 384, 384, 3))
-    m, p, ck = api.load_model(tmp_path / 'w384.pth')
+    m, p, ck = pipeline.load_model(tmp_path / 'w384.pth')
     assert ck.model_name == 'vit_tiny_patch16_384'
     assert rel_err(run_flax(m, p, x), run_timm(t384, x)) < 1e-4
     # and via load_params straight from the 224 file, non-square too
@@ -271,7 +272,7 @@ def test_resample_224_to_384_runs_in_both_frameworks(tmp_path):
     assert p2['Transformer']['posembed_input']['pos_embedding'].shape == (1, 1 + 24 * 16, 192)
     m2 = vit_flax.create_model('vit_tiny_patch16_224', img_size=(384, 256))
     t2 = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=(384, 256)).eval()
-    state = api.to_torch_state(flatten_dict(p2, sep='/'), m2)
+    state = pipeline.to_torch_state(flatten_dict(p2, sep='/'), m2)
     t2.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     x2 = images((1, 384, 256, 3))
     assert rel_err(run_flax(m2, p2, x2), run_timm(t2, x2)) < 1e-4
@@ -303,9 +304,9 @@ def test_opt_target_prefix_with_released_numbering(tmp_path):
     """A vit_jax-style training checkpoint: released numbering under opt/target/ (timm reads it too)."""
     tm = timm_model('vit_tiny_patch16_224')
     model = vit_flax.create_model('vit_tiny_patch16_224')
-    flat = api.table.torch_to_flax(state_np(tm), api.family_of(model).rules(model))
-    np.savez(tmp_path / 'opt.npz', **{f'opt/target/{k}': v for k, v in google.flax_to_npz(flat, 'released').items()})
-    m, p, ck = api.load_model(tmp_path / 'opt.npz')
+    flat = pipeline.rules.torch_to_flax(state_np(tm), pipeline.family_of(model).rules(model))
+    np.savez(tmp_path / 'opt.npz', **{f'opt/target/{k}': v for k, v in vit_family.flax_to_npz(flat, 'released').items()})
+    m, p, ck = pipeline.load_model(tmp_path / 'opt.npz')
     assert ck.layout == 'released' and ck.model_name == 'vit_tiny_patch16_224'
     x = images((1, 224, 224, 3))
     assert rel_err(run_flax(m, p, x), run_timm(tm, x)) < 1e-4
@@ -316,23 +317,23 @@ def test_non_square_grid_written_and_read_back(tmp_path, layout):
     tm = timm_model('vit_tiny_patch16_224', img_size=(80, 160), depth=2)
     torch.save(tm.state_dict(), tmp_path / 'w.pth')
     arch = dict(img_size=(80, 160), depth=2)
-    m, p, _ = api.load_model(tmp_path / 'w.pth', 'vit_tiny_patch16_224', **arch)
-    api.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'w.npz', layout=layout)
+    m, p, _ = pipeline.load_model(tmp_path / 'w.pth', 'vit_tiny_patch16_224', **arch)
+    pipeline.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'w.npz', layout=layout)
     # 50 patches: the size asked for says 5x10; a big_vision table has no cls row to guess about
-    m2, p2, ck = api.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', **arch)
+    m2, p2, ck = pipeline.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', **arch)
     assert tuple(m2.grid_size) == (5, 10)
     x = images((1, 80, 160, 3))
     assert rel_err(run_flax(m2, p2, x), run_timm(tm, x)) < 1e-4
     with pytest.raises(ConversionError, match='not a square grid; pass img_size'):
-        api.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', depth=2)
+        pipeline.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', depth=2)
 
 
 def test_unregistered_npz_architecture_is_rebuilt_from_the_file(tmp_path):
     tm = timm_model('vit_tiny_patch16_224', patch_size=14, depth=2)
     torch.save(tm.state_dict(), tmp_path / 'w.pth')
-    m, p, _ = api.load_model(tmp_path / 'w.pth', 'vit_tiny_patch16_224', patch_size=14, depth=2)
-    api.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'p14.npz')
-    m2, p2, ck = api.load_model(tmp_path / 'p14.npz')     # no name: npz records heads, depth, patch
+    m, p, _ = pipeline.load_model(tmp_path / 'w.pth', 'vit_tiny_patch16_224', patch_size=14, depth=2)
+    pipeline.write_flat(flatten_dict(p, sep='/'), m, tmp_path / 'p14.npz')
+    m2, p2, ck = pipeline.load_model(tmp_path / 'p14.npz')     # no name: npz records heads, depth, patch
     assert ck.model_name == 'vit_tiny_patch16_224' and m2.depth == 2 and m2.img_size == 224
     x = images((1, 224, 224, 3))
     assert rel_err(run_flax(m2, p2, x), run_timm(tm, x)) < 1e-4

@@ -16,7 +16,8 @@ from einops import repeat
 from flax.traverse_util import flatten_dict
 
 import vit_flax
-from converters import api, lucid_map
+from converters import pipeline
+from converters.families import vit_pytorch as vit_pytorch_family
 from converters.errors import ConversionError
 
 from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np
@@ -27,7 +28,7 @@ CFG = dict(image_size=64, patch_size=16, num_classes=7, dim=96, depth=2, heads=4
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 def real(seed=0, **kw):
@@ -44,15 +45,15 @@ def x():
 def test_current_release_parity_round_trip_strict(pool, x, tmp_path):
     ref = real(pool=pool)
     torch.save(ref.state_dict(), tmp_path / 'vp.pth')
-    model, params, ck = api.load_model(tmp_path / 'vp.pth', heads=4)
+    model, params, ck = pipeline.load_model(tmp_path / 'vp.pth', heads=4)
     assert ck.layout == 'vit-pytorch' and isinstance(model, vit_flax.LucidViT)
     assert (model.dim, model.depth, model.heads, model.dim_head, model.mlp_dim, model.pool, model.patch_size_tuple,
             model.img_size, model.num_classes) == (96, 2, 4, 32, 160, pool, (16, 16), 64, 7)
     assert rel_err(run_flax(model, params, x), run_timm(ref, x)) < TOL
-    api.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'f.npz')
-    m2, p2, ck2 = api.load_model(tmp_path / 'f.npz')  # a Flax file records the heads
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'f.npz')
+    m2, p2, ck2 = pipeline.load_model(tmp_path / 'f.npz')  # a Flax file records the heads
     assert (m2.heads, m2.dim_head) == (4, 32)
-    api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
+    pipeline.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
     sd = torch.load(tmp_path / 'back.pth', weights_only=True)
     fresh = vit_pytorch.ViT(**CFG, pool=pool)
     fresh.load_state_dict(sd, strict=True)  # under mean pooling: the empty (0, dim) cls_token too
@@ -64,13 +65,13 @@ def test_heads_come_from_the_caller_or_a_named_model(x, tmp_path):
     ref = real()
     torch.save(ref.state_dict(), tmp_path / 'vp.pth')
     with pytest.raises(ConversionError, match=r'heads x dim_head = 128.*--set heads=H'):
-        api.read_checkpoint(tmp_path / 'vp.pth')
+        pipeline.read_checkpoint(tmp_path / 'vp.pth')
     for arch in (dict(heads=4), dict(dim_head=32), dict(heads=4, dim_head=32)):
-        assert (api.read_checkpoint(tmp_path / 'vp.pth', arch=arch).model.heads) == 4
+        assert (pipeline.read_checkpoint(tmp_path / 'vp.pth', arch=arch).model.heads) == 4
     with pytest.raises(ConversionError, match='does not divide'):
-        api.read_checkpoint(tmp_path / 'vp.pth', arch=dict(heads=5))
+        pipeline.read_checkpoint(tmp_path / 'vp.pth', arch=dict(heads=5))
     # the wrong split is not caught by any shape: it changes the logits, which is why it is never guessed
-    m8, p8, _ = api.load_model(tmp_path / 'vp.pth', heads=8)
+    m8, p8, _ = pipeline.load_model(tmp_path / 'vp.pth', heads=8)
     assert rel_err(run_flax(m8, p8, x), run_timm(ref, x)) > 1e-3
     # CLI: with the flag the error names, the conversion goes through
     r = cli('convert', tmp_path / 'vp.pth', tmp_path / 'o.npz', '--set', 'heads=4')
@@ -86,19 +87,19 @@ def test_registered_configuration_detected_with_its_split_said_out_loud(tmp_path
     assert vit_flax.count_params(m) == sum(p.numel() for p in ref.parameters())
     torch.save(ref.state_dict(), tmp_path / 'vp.pth')
     logs = []
-    model, params, ck = api.load_model(tmp_path / 'vp.pth', log=logs.append)
+    model, params, ck = pipeline.load_model(tmp_path / 'vp.pth', log=logs.append)
     assert ck.model_name == name
-    assert all(getattr(model, f) == getattr(m, f) for f in lucid_map.LUCID_CORE + ('img_size', 'pool'))
+    assert all(getattr(model, f) == getattr(m, f) for f in vit_pytorch_family.CORE + ('img_size', 'pool'))
     assert logs == [f'heads=3, dim_head=64 from {name}: a fused to_qkv records only heads x dim_head = 192; '
                     'pass heads=H to choose another split']
-    back = api.to_torch_state(flatten_dict(params, sep='/'), model)
+    back = pipeline.to_torch_state(flatten_dict(params, sep='/'), model)
     assert all(np.array_equal(back[k], v) for k, v in state_np(ref).items())
 
 
 def test_no_output_projection_when_one_head_is_as_wide_as_the_model(x, tmp_path):
     ref = real(heads=1, dim_head=96)  # vit-pytorch's to_out is Identity: nothing to read the heads from
     torch.save(ref.state_dict(), tmp_path / 'vp.pth')
-    model, params, _ = api.load_model(tmp_path / 'vp.pth')
+    model, params, _ = pipeline.load_model(tmp_path / 'vp.pth')
     assert (model.heads, model.dim_head, model.project_out) == (1, 96, False)
     assert rel_err(run_flax(model, params, x), run_timm(ref, x)) < TOL
 
@@ -169,7 +170,7 @@ def test_older_release_layouts(layout, release, pool, patch_norm, final_norm, x,
     state = old_state(ref, layout)
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / 'old.pth')
     logs = []
-    model, params, ck = api.load_model(tmp_path / 'old.pth', log=logs.append, heads=4,
+    model, params, ck = pipeline.load_model(tmp_path / 'old.pth', log=logs.append, heads=4,
                                        **({'pool': 'mean'} if pool == 'mean' else {}))
     assert ck.layout == layout
     assert (model.pool, model.patch_norm, model.final_norm) == (pool, patch_norm, final_norm)
@@ -177,16 +178,16 @@ def test_older_release_layouts(layout, release, pool, patch_norm, final_norm, x,
     assert any('pool' in s for s in logs) == (pool == 'cls')  # the file cannot say: told unless given
     assert rel_err(run_flax(model, params, x), want) < TOL
     # written back in the same layout: the same keys and bits
-    back = api.to_torch_state(flatten_dict(params, sep='/'), model, layout)
+    back = pipeline.to_torch_state(flatten_dict(params, sep='/'), model, layout)
     assert set(back) == set(state) and all(np.array_equal(back[k], v) for k, v in state.items())
 
 
 def test_layouts_that_cannot_hold_the_model_are_refused(tmp_path):
     ref = real()
     torch.save(ref.state_dict(), tmp_path / 'vp.pth')
-    model, params, _ = api.load_model(tmp_path / 'vp.pth', heads=4)
+    model, params, _ = pipeline.load_model(tmp_path / 'vp.pth', heads=4)
     with pytest.raises(ConversionError, match='no transformer.norm'):
-        api.to_torch_state(flatten_dict(params, sep='/'), model, 'vit-pytorch-1.2')
+        pipeline.to_torch_state(flatten_dict(params, sep='/'), model, 'vit-pytorch-1.2')
     with pytest.raises(ConversionError, match='has no torch layout'):
-        api.to_torch_state(flatten_dict(params, sep='/'), model, 'microsoft')
-    assert lucid_map.lucid_detect_layout(state_np(ref)) == 'vit-pytorch'
+        pipeline.to_torch_state(flatten_dict(params, sep='/'), model, 'microsoft')
+    assert vit_pytorch_family.FAMILY.detect_layout(state_np(ref)) == 'vit-pytorch'

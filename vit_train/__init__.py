@@ -1,5 +1,5 @@
 """Training and fine-tuning for vit_flax models: grain data pipelines, optax, jax.sharding (data + FSDP,
-multi-process) and resumable orbax checkpoints in the format `converters.training_ckpt` reads.
+multi-process) and resumable orbax checkpoints in the format `converters.formats.training_ckpt` reads.
 
 `main(argv)` is the command line (`train_flax.py`, `vit-flax train`). This module stays light: grain's
 worker processes import `vit_train.data` and must not pay for jax or the models.

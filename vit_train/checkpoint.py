@@ -1,4 +1,4 @@
-"""Writing and resuming training checkpoints: the orbax CheckpointManager side of `converters.training_ckpt`.
+"""Writing and resuming training checkpoints: the orbax CheckpointManager side of `converters.formats.training_ckpt`.
 
 Saves are asynchronous: `save` blocks only while the arrays are copied off the devices, then orbax writes
 in a background thread and finalizes the step by renaming its temporary directory, so a run killed mid-save
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from converters import training_ckpt as fmt
+from converters.formats import training_ckpt as fmt
 from converters.errors import ConversionError, first_line
 
 from .errors import TrainError
@@ -140,7 +140,7 @@ class Checkpoints:
 
 
 def device_checksums(state: dict) -> dict:
-    """Every array's checksum (`converters.training_ckpt.checksum`), computed where the arrays live: jit it
+    """Every array's checksum (`converters.formats.training_ckpt.checksum`), computed where the arrays live: jit it
     with the state's shardings. Returns {'params': tree, 'train_state': tree} of uint32 scalars."""
     def one(x):
         x = x.reshape(-1)

@@ -12,7 +12,7 @@ DEMO_MODEL = 'vit_tiny_patch16_224'
 DEMO_OVERRIDES = dict(img_size=16, patch_size=8, depth=4)
 
 # Per data set: (crop_pct, RandomResizedCrop scale, horizontal flip). Digits are tiny and not mirror
-# symmetric; the others follow the seeds (RandomResizedCrop + flip, Resize(256)/CenterCrop(224) for folders).
+# symmetric; the others follow WZMIAOMIAO's scripts (RandomResizedCrop + flip, Resize(256)/CenterCrop(224) for folders).
 DATA_DEFAULTS = {
     'digits': (1.0, (0.85, 1.0), False),
     'cifar10': (1.0, (0.08, 1.0), True),
@@ -69,7 +69,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     d.add_argument('--std', type=float, nargs=3, help='normalisation std (default: as --mean)')
     d.add_argument('--interpolation', choices=INTERPOLATIONS, default='bilinear', help='resize filter (default bilinear)')
     d.add_argument('--crop-pct', type=float, help='evaluation: resize to img/crop_pct, centre crop img '
-                   '(default 0.875 for folders, as the seeds; 1.0 for digits and CIFAR)')
+                   '(default 0.875 for folders, as WZMIAOMIAO\'s scripts; 1.0 for digits and CIFAR)')
     d.add_argument('--crop-scale', type=float, nargs=2, metavar=('MIN', 'MAX'),
                    help='training RandomResizedCrop area range (default 0.08 1, digits 0.85 1)')
     d.add_argument('--hflip', action=argparse.BooleanOptionalAction, help='random horizontal flip (default: on; off for digits)')
@@ -83,7 +83,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     o.add_argument('--lrf', type=float, default=0.01, help='final learning rate as a fraction of --lr (default 0.01)')
     o.add_argument('--warmup-epochs', type=float, default=1.0, help='linear warmup (default 1 epoch)')
     o.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
-    o.add_argument('--weight-decay', type=float, help='default: 0.05 (adamw), 5e-5 (sgd, the seeds); never on '
+    o.add_argument('--weight-decay', type=float, help='default: 0.05 (adamw), 5e-5 (sgd, as WZMIAOMIAO\'s scripts); never on '
                    'biases, norms, position embeddings, tokens or relative-position tables')
     o.add_argument('--label-smoothing', type=_fraction, default=0.0)
     o.add_argument('--clip-grad', type=float, default=1.0, help='clip the global gradient norm (0: off; default 1)')

@@ -1,11 +1,12 @@
-"""Data sets (digits, CIFAR-10/100, image folders), the seeds' split, image transforms, the grain pipeline.
+"""Data sets (digits, CIFAR-10/100, image folders), WZMIAOMIAO's split, image transforms, the grain pipeline.
 
 Images travel as uint8 HWC arrays; normalisation happens on the device, inside the jitted step. Every
 element is a dict {'image', 'label', 'weight', 'unreadable'}: an image that cannot be decoded becomes a
 zero image of weight 0 (it takes no part in the loss or the accuracy) and is counted, so an unreadable
 file never stops a run and never changes which examples the other rows of a batch hold.
 
-Nothing here imports the models or the converters: grain's worker processes import this module.
+Nothing here imports the models or jax: grain's worker processes import this module. The one converters module
+it uses, `converters.preprocess` (the eval resize and crop predict uses too), imports only numpy and Pillow.
 """
 import io
 import lzma
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from converters.preprocess import resize_and_crop
 
 from .errors import TrainError
 
@@ -77,10 +80,10 @@ class Dataset:
     path: Optional[str] = None
 
 
-# ---------------------------------------------------------------- the seeds' split
+# ---------------------------------------------------------------- WZMIAOMIAO's split
 
-def seeds_split(per_class: Sequence[Sequence], val_rate: float):
-    """The seeds' `read_split_data` rule: `random.seed(0)`, then for each class in order a
+def wzmiaomiao_split(per_class: Sequence[Sequence], val_rate: float):
+    """WZMIAOMIAO's `read_split_data` rule: `random.seed(0)`, then for each class in order a
     `random.sample` of int(n * val_rate) of its sorted items goes to validation. Returns
     (train, val) as lists of (item, class index) in class order, items in sorted order."""
     rnd = random.Random(0)  # the same stream as random.seed(0) followed by module-level random.sample
@@ -115,11 +118,11 @@ def _digits_arrays():
 
 
 def digits(val_split: float) -> Dataset:
-    """scikit-learn's 1,797 8x8 digits (grey levels 0..16 scaled to 0..255), split by the seeds' rule."""
+    """scikit-learn's 1,797 8x8 digits (grey levels 0..16 scaled to 0..255), split by WZMIAOMIAO's rule."""
     raw, target = _digits_arrays()
     images = np.round(raw * (255 / 16)).astype(np.uint8)
     per_class = [np.flatnonzero(target == c).tolist() for c in range(10)]
-    train, val = seeds_split(per_class, val_split)
+    train, val = wzmiaomiao_split(per_class, val_split)
     tr, va = _split_source(train, val, lambda idx, lab: ArraySource(images[idx], lab))
     return Dataset('digits', [str(c) for c in range(10)], tr, va)
 
@@ -136,7 +139,7 @@ def _class_dirs(root: str) -> List[str]:
 
 
 def folder(root: str, val_split: float) -> Dataset:
-    """`root/<class>/*.jpg` split by the seeds' rule, or `root/train/<class>/` with `root/val/<class>/`."""
+    """`root/<class>/*.jpg` split by WZMIAOMIAO's rule, or `root/train/<class>/` with `root/val/<class>/`."""
     if not os.path.isdir(root):
         raise TrainError(f'{root}: no such data directory')
     if all(os.path.isdir(os.path.join(root, s)) for s in ('train', 'val')):
@@ -153,7 +156,7 @@ def folder(root: str, val_split: float) -> Dataset:
         train, val = sides
     else:
         classes = _class_dirs(root)
-        train, val = seeds_split([_image_files(os.path.join(root, c)) for c in classes], val_split)
+        train, val = wzmiaomiao_split([_image_files(os.path.join(root, c)) for c in classes], val_split)
     if not classes:
         raise TrainError(f'{root}: no class sub-folders (expected {root}/<class>/*.jpg or train/ and val/)')
     for side, items in (('training', train), ('validation', val)):
@@ -474,7 +477,7 @@ class _Transform:
 
 
 class TrainTransform(_Transform):
-    """RandomResizedCrop(size, scale) + horizontal flip (p=0.5), as the seeds' training transform."""
+    """RandomResizedCrop(size, scale) + horizontal flip (p=0.5), as WZMIAOMIAO's training transform."""
 
     def __init__(self, size, interpolation, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True):
         super().__init__(size, interpolation)
@@ -493,20 +496,17 @@ class TrainTransform(_Transform):
 
 
 class EvalTransform(_Transform):
-    """Resize the short side to int(size / crop_pct), then CenterCrop(size): the seeds' Resize(256) +
-    CenterCrop(224) is crop_pct 0.875 (timm's `crop_mode='center'`)."""
+    """timm's eval resize and crop (`converters.preprocess.resize_and_crop`, the one `predict` uses): the
+    short side to int(size / crop_pct), then CenterCrop(size); WZMIAOMIAO's Resize(256) + CenterCrop(224) is
+    crop_pct 0.875 (timm's `crop_mode='center'`). Normalisation happens on the device."""
 
     def __init__(self, size, interpolation, crop_pct=0.875):
         super().__init__(size, interpolation)
         self.crop_pct = crop_pct
 
     def image(self, img, rng=None):
-        w, h = img.size
-        short = int(self.size / self.crop_pct)
-        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-        img = img.resize((nw, nh), _pil(self.interpolation))
-        top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
-        return img.crop((left, top, left + self.size, top + self.size))
+        return resize_and_crop(img, dict(input_size=(3, self.size, self.size), crop_pct=self.crop_pct,
+                                         crop_mode='center', interpolation=self.interpolation))
 
     def __call__(self, rec):  # grain's map signature
         return self.apply(rec, None)

@@ -13,7 +13,7 @@ from flax.traverse_util import flatten_dict
 
 import vit_flax
 from vit_flax.layers import checkpoint_policy
-from converters import training_ckpt as fmt
+from converters.formats import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights
 from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums

@@ -12,7 +12,7 @@ import optax
 from .errors import TrainError
 
 OPTIMIZERS = ('sgd', 'adamw')
-# What --freeze-layers leaves trainable: the seeds train only `head` and `pre_logits` (and DeiT's second head).
+# What --freeze-layers leaves trainable: WZMIAOMIAO's scripts train only `head` and `pre_logits` (and DeiT's second head).
 HEAD_KEYS = ('head', 'head_dist', 'pre_logits')
 
 
@@ -36,7 +36,7 @@ def trainable_keys(flat: Dict, freeze: bool):
 
 def schedule(lr: float, lrf: float, warmup_steps: int, total_steps: int):
     """lr_at(step) for update number `step` (0-based): linear warmup to `lr` over `warmup_steps` updates, then
-    the seeds' cosine from `lr` down to `lr * lrf` at the last update (per update, not per epoch). Plain
+    WZMIAOMIAO's cosine from `lr` down to `lr * lrf` at the last update (per update, not per epoch). Plain
     Python: the rate is an argument of the compiled step, so a new --lr, --epochs or warmup recompiles nothing."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
 
@@ -51,7 +51,7 @@ def schedule(lr: float, lrf: float, warmup_steps: int, total_steps: int):
 def make(name: str, weight_decay: float, decay_mask: Dict[str, bool], momentum: float = 0.9,
          clip_grad: float = 0.0) -> optax.GradientTransformation:
     """The update direction before the learning rate (`apply` scales it by -lr), as optax composes them:
-    sgd: L2 weight decay added to the gradient, then momentum (PyTorch's SGD weight_decay, the seeds');
+    sgd: L2 weight decay added to the gradient, then momentum (PyTorch's SGD weight_decay, as WZMIAOMIAO's scripts);
     adamw: Adam, then decoupled weight decay (scaled by the learning rate with the rest).
     `decay_mask` is keyed like the params."""
     if name == 'sgd':

@@ -1,14 +1,14 @@
 """What a run tells its user: a progress bar, one line per epoch, TensorBoard scalars, summary.json.
 
-Only process 0 reports. TensorBoard scalars use the seeds' names (train_loss, train_acc, val_loss, val_acc,
+Only process 0 reports. TensorBoard scalars use WZMIAOMIAO's names (train_loss, train_acc, val_loss, val_acc,
 learning_rate), indexed by epoch, plus images_per_sec and unreadable_images (files that would not decode, skipped).
 """
 import json
 import os
 import sys
 
-from converters import training_ckpt as fmt
-from converters.durable import atomic_output
+from converters.formats import training_ckpt as fmt
+from converters.formats.durable import atomic_output
 
 TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')
 

@@ -14,7 +14,7 @@ On disk (`WORKDIR` is the training run's `--workdir`)::
           _CHECKPOINT_METADATA     orbax's commit record (a step without it is half-written: skipped)
         <step>.orbax-checkpoint-tmp-*   a save in flight or killed: never a step
         <step>.corrupt             a step the trainer could not restore, moved aside
-      class_indices.json           {"0": "daisy", ...} as the seeds' scripts write it
+      class_indices.json           {"0": "daisy", ...} as WZMIAOMIAO's scripts write it
       summary.json                 the last epoch's figures (rewritten each epoch)
       events.out.tfevents.*        TensorBoard scalars
 
@@ -44,9 +44,9 @@ from typing import Callable, Dict, List, Optional, Union
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
-from . import io
+from .orbax import read_orbax
 from .durable import atomic_output
-from .errors import ConversionError
+from ..errors import ConversionError
 
 FORMAT = 'vit-flax-train'
 VERSION = 1
@@ -170,7 +170,7 @@ def read_params(root: str, step: int, meta: Optional[dict] = None) -> Dict[str, 
     """The flat ('/'-joined) param tree of one step, as host numpy whatever mesh wrote it; checked against
     the checksums in `meta` when it has them."""
     path = os.path.join(step_dir(root, step), PARAMS)
-    flat = io.read_orbax(path)
+    flat = read_orbax(path)
     check_checksums({k: checksum(v) for k, v in flat.items()}, ((meta or {}).get('checksums') or {}).get(PARAMS), path)
     return flat
 
@@ -245,6 +245,6 @@ def model_from_meta(meta: dict, **extra):
 
 
 def write_class_indices(path: str, class_names: List[str]) -> None:
-    """The seeds' `class_indices.json`: {"0": "daisy", ...}, indent 4 (atomic and durable: rewritten by each run)."""
+    """WZMIAOMIAO's `class_indices.json`: {"0": "daisy", ...}, indent 4 (atomic and durable: rewritten by each run)."""
     with atomic_output(path, force=True) as tmp, open(tmp, 'w') as f:
         f.write(json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=4))

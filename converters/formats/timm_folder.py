@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .errors import ConversionError, first_line
+from ..errors import ConversionError, first_line
 
 CONFIG = 'config.json'
 # timm's preferred weight files (timm.models._hub._PREFERRED_FILES), those holding a plain state_dict
@@ -27,7 +27,6 @@ MAX_CONFIG_BYTES = 16 << 20
 # timm kwargs whose values are spelled differently in vit-flax: timm key -> (our field, {timm value: ours})
 _TIMM_VALUES = {'global_pool': ('global_pool', {'token': 'token', 'avg': 'gap', 'map': 'map'}),
                 'act_layer': ('gelu', {'gelu': 'exact', 'gelu_tanh': 'tanh'})}
-DEFAULT_POOL = {'vit': 'token', 'swin': 'avg'}
 
 
 @dataclass
@@ -80,7 +79,7 @@ def label_list(names, num_classes: Optional[int], where: str) -> Optional[List[s
 
 
 def read_class_indices(path: str) -> List[str]:
-    """The seeds' class_indices.json ({"0": "daisy", ...}) as a list of names."""
+    """WZMIAOMIAO's class_indices.json ({"0": "daisy", ...}) as a list of names."""
     names = label_list(_load_json(path), None, path)
     if not names:
         raise ConversionError(f'{path}: holds no class names')
@@ -209,57 +208,13 @@ def resolve(path: str) -> Optional[str]:
 
 # ---------------------------------------------------------------- writing
 
-def _plain(v):
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def config_for(model, model_name: str, family, pretrained_cfg: dict, class_names=None) -> dict:
-    """config.json for `model` as timm's save_for_hf writes it: model_args hold what differs from the
-    registered architecture (and num_classes), so `local-dir:` rebuilds exactly this model."""
-    import vit_flax
-    if family.timm_kwargs is None:
-        raise ConversionError(f'timm has no {family.name} models: a timm model folder cannot describe '
-                              f'{model_name}; write a .pth or .safetensors instead')
-    try:
-        kw, base = family.timm_kwargs(model), family.timm_kwargs(vit_flax.create_model(model_name))
-    except ValueError as e:
-        raise ConversionError(f'timm cannot build this {model_name}: {e}') from None
-    if set(base) - set(kw):
-        raise ConversionError(f'{model_name} builds {", ".join(sorted(set(base) - set(kw)))} this model has not; '
-                              f'pass --model with the registered name of this architecture')
-    model_args = {}
-    for k, v in kw.items():
-        if k == 'embed_layer' and k in base:
-            continue   # a hybrid's backbone: the registered name builds it
-        if k == 'num_classes' or k not in base or _plain(v) != _plain(base[k]):
-            try:
-                json.dumps(v)
-            except TypeError:
-                raise ConversionError(f'{model_name}: timm argument {k} cannot be written to config.json') from None
-            model_args[k] = _plain(v)
-    h, w = (int(x) for x in model.input_shape[:2])
-    pcfg = dict(input_size=[3, h, w], interpolation=pretrained_cfg['interpolation'],
-                crop_pct=pretrained_cfg['crop_pct'], crop_mode=pretrained_cfg['crop_mode'],
-                mean=list(pretrained_cfg['mean']), std=list(pretrained_cfg['std']),
-                num_classes=model.num_classes, fixed_input_size=True, first_conv='patch_embed.proj',
-                classifier='head.fc' if family.name == 'swin' else 'head')
-    cfg = dict(architecture=model_name, num_classes=model.num_classes,
-               num_features=int(getattr(model, 'num_features', None) or model.embed_dim),
-               global_pool=kw.get('global_pool', DEFAULT_POOL.get(family.name, 'token')))
-    if class_names:
-        names = list(class_names)[:model.num_classes]
-        cfg['label_names'] = names + [str(i) for i in range(len(names), model.num_classes)]
-    cfg.update(model_args=model_args, pretrained_cfg=pcfg)
-    return cfg
-
-
 def write(state: Dict, config: dict, path: str, force: bool = False, class_names=None) -> None:
     """Write `config.json` + `model.safetensors` (+ class_indices.json) as one folder, atomically."""
-    from . import io
     from .durable import atomic_output
+    from .safetensors import write_safetensors
     with atomic_output(path, force) as tmp:
         os.mkdir(tmp)
-        io.write_safetensors(state, os.path.join(tmp, WEIGHT_FILES[0]))
+        write_safetensors(state, os.path.join(tmp, WEIGHT_FILES[0]))
         with open(os.path.join(tmp, CONFIG), 'w') as f:
             json.dump(config, f, indent=2)
         if class_names:

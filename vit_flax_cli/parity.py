@@ -5,9 +5,9 @@ from typing import List, Optional
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from .api import to_torch_state
-from .errors import ConversionError
-from .families import family_of
+from converters.errors import ConversionError
+from converters.families import family_of
+from converters.pipeline import to_torch_state
 
 
 @dataclass
@@ -23,16 +23,8 @@ def build_timm(model, model_name: str, flat):
     same weights (strict load)."""
     import torch
     family = family_of(model)
-    if getattr(model, 'spatial_dims', 2) != 2:
-        raise ConversionError(f'{model_name}: timm has no 1-D ViT to compare with')
-    if getattr(model, 'representation_size', None):
-        raise ConversionError(f'{model_name}: current timm has no pre_logits layer; drop it to compare')
     try:
-        if family.torch_model:
-            tm = family.torch_model(model)
-        else:
-            import timm
-            tm = timm.create_model(model_name, pretrained=False, **family.timm_kwargs(model))
+        tm = family.torch_model(model, model_name)
     except ConversionError:
         raise
     except Exception as e:  # noqa: BLE001

@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Tuple
 import ml_dtypes
 import numpy as np
 
-from .errors import ConversionError, first_line
+from ..errors import ConversionError, first_line
 
 _byte_bounds = getattr(getattr(np.lib, 'array_utils', np), 'byte_bounds')   # numpy 2 moved it
 PAGE = mmap.PAGESIZE

@@ -19,7 +19,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 try:
     import fcntl

@@ -19,7 +19,7 @@ from typing import Dict
 import ml_dtypes
 import numpy as np
 
-from .errors import ConversionError, first_line
+from ..errors import ConversionError, first_line
 from .mapped import MappedFile, MapReader, ZipArchive, check_shape
 
 _STORAGE_DTYPES = {

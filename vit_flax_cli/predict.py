@@ -1,6 +1,6 @@
 """Predict with any checkpoint the converters read: its model, its preprocessing, its class names.
 
-    model, params, ck = api.load_model(CKPT)           # a file, model folder, hf-hub:NAME or training workdir
+    model, params, ck = pipeline.load_model(CKPT)           # a file, model folder, hf-hub:NAME or training workdir
     cfg, why = data_config(ck, model)                  # what the checkpoint records, else a default (said)
     x = np.stack([preprocess.load_image(p, cfg) for p in paths])
     probs = predict(model, params, x)                  # softmax, float32
@@ -11,12 +11,13 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from . import preprocess, timm_folder, training_ckpt
-from .errors import ConversionError
+from converters import preprocess
+from converters.errors import ConversionError
+from converters.formats import timm_folder, training_ckpt
 
 
 def data_config(ck, model) -> Tuple[dict, str]:
-    """(complete preprocessing config, where it came from) for a checkpoint read by `api.read_checkpoint`."""
+    """(complete preprocessing config, where it came from) for a checkpoint `read_checkpoint` read."""
     if ck.pretrained_cfg is not None:
         where = {'training': f'recorded in the training checkpoint {ck.path}',
                  'timm-folder': f'the pretrained_cfg of {ck.source}'}.get(ck.kind, ck.source)
@@ -26,7 +27,7 @@ def data_config(ck, model) -> Tuple[dict, str]:
 
 
 def class_names(ck, model, classes: Optional[str] = None) -> Tuple[List[str], str]:
-    """(one name per class, where they came from): `classes` (the seeds' class_indices.json), the
+    """(one name per class, where they came from): `classes` (WZMIAOMIAO's class_indices.json), the
     checkpoint's own names, a class_indices.json beside a checkpoint file, else the indices."""
     n = model.num_classes
     if classes:

@@ -1,7 +1,15 @@
-"""Public converter API: read any supported checkpoint into Flax params, write params in any format.
+"""The converters' pipeline: read -> adapt -> write, for any format and family.
 
-Every path goes through the flat Flax tree: Google npz layouts are our own tree (renamed at most);
-PyTorch files pass through the family's rule table; orbax holds the tree itself.
+Every path goes through the flat Flax tree (keys joined by '/', blocks unrolled):
+
+    read_checkpoint(path)   a format (formats/) gives arrays as stored; the family (families/) that detects
+                            them decodes them: its own .npz layouts, or its rule table from a torch layout;
+                            the architecture read off the arrays picks the registered model (match_model)
+    adapt(flat, src, dst)   the family's surgery (positions, windows), then the head
+    validate, check_finite  every key, shape and dtype of the target; no NaN/Inf unless allowed
+    write_flat(flat, model, path)   the family encodes (rule table, layouts, .npz layouts); a format writes
+
+`load_model`, `load_params` and `save_params` are these steps in order. Nothing here knows a family by name.
 """
 import sys
 from dataclasses import dataclass, field
@@ -16,10 +24,12 @@ from vit_flax.layers import to_tuple
 from vit_flax.registry import list_models, model_config, split_tag
 from vit_flax.summary import param_shapes
 
-from . import google, io, table, timm_folder, training_ckpt, vit_map
+from . import formats, rules
 from .errors import ConversionError
-from .families import FAMILIES, Family, detect_flax_family, family_of
-from .resample import DEFAULT_METHOD, resample_pos_embed
+from .families import FAMILIES, Family, family_of, flax_family, torch_family
+from .formats import timm_folder, training_ckpt
+from .resample import DEFAULT_METHOD
+from .scan import is_scanned, stack_blocks, unstack_blocks
 
 HEAD_INITS = ('zeros', 'fresh')
 # Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
@@ -56,26 +66,6 @@ def _family_names(family: Family) -> List[str]:
     return [n for n in list_models() if model_config(n)[0] is family.module_cls]
 
 
-def _with_core(family: Family, model, cfg: dict):
-    """`model` re-shaped to the checkpoint's core fields (a no-op for a registered match)."""
-    core = family.core(model)
-    return model.clone(**{k: cfg[k] for k in core if cfg.get(k) is not None and cfg[k] != core[k]})
-
-
-def _preference(family: Family, cfg: dict, name: str):
-    """Sort key: a ResNet stem exactly when the file has one, most core fields shared, then fewest overrides,
-    then ViT before DeiT for undistilled files."""
-    model = vit_flax.create_model(name)
-    stem = (getattr(model, 'resnet', None) is None) != (cfg.get('resnet') is None)   # () is a stem without stages
-    shared = sum(cfg.get(k) is None or cfg[k] == v for k, v in family.core(model).items())
-    try:
-        over = family.overrides(cfg, _with_core(family, model, cfg))
-        changed = sum(getattr(model, k) != v for k, v in over.items())
-    except ValueError:
-        changed = len(cfg)
-    return stem, -shared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
-
-
 def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] = None, arch: Optional[dict] = None):
     """(name, module) for the checkpoint architecture `cfg`.
 
@@ -96,13 +86,13 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
         name = model_name
     else:
         names = _family_names(family)
-        name = min(names, key=lambda n: _preference(family, cfg, n))
+        name = min(names, key=lambda n: family.preference(cfg, n, vit_flax.create_model(n)))
         core = family.core(vit_flax.create_model(name))
         unknown = [k for k in core if cfg.get(k) is None]
         if any(cfg[k] != v for k, v in core.items() if k not in unknown) and unknown:
             shown = ', '.join(f'{k}={cfg.get(k)}' for k in core)
             raise ConversionError(f'{path}: no registered model matches ({shown}); pass --model')
-        base = _with_core(family, vit_flax.create_model(name), cfg)
+        base = family.with_core(vit_flax.create_model(name), cfg)
     try:
         return name, base.clone(**family.overrides(cfg, base))
     except ValueError as e:
@@ -110,14 +100,6 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
 
 
 # ---------------------------------------------------------------- reading
-
-def _torch_family(state, path) -> Family:
-    for fam in FAMILIES:
-        if fam.detect_torch(state) or (fam.detect_layout and fam.detect_layout(state) != fam.torch_layout):
-            return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch state_dict '
-                          f'(first keys: {", ".join(list(state)[:3])})')
-
 
 def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
                     img_size=None, step=None, log: Callable[[str], None] = _stderr) -> Checkpoint:
@@ -137,48 +119,41 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
         raise ConversionError(f'{path}: a step is chosen only in a training workdir')
     if folder is not None:
         return _read_folder(path, folder, model_name, arch, img_size)
-    fmt = io.file_format(path)
-    raw = io.read_file(path)
-    scanned, notes = False, []
-    if fmt == 'npz' and any(k.endswith('embedding/kernel') for k in raw):
-        prefix = google.detect_prefix(raw, path)
-        scanned = google.is_scanned(k[len(prefix):] for k in raw if k.startswith(prefix))
-        flat, layout = google.npz_to_flax(raw, path)
-    elif fmt in ('npz', 'orbax'):
-        scanned = google.is_scanned(raw)
-        flat, layout = google.unstack_blocks(dict(raw), path), 'flax'
-    else:
-        flat = None
+    fmt = formats.file_format(path)
+    raw = formats.read_file(path)
+    scanned, notes, flat = False, [], None
+    if fmt == 'npz':   # a family's own .npz layouts (Google's), else the Flax tree itself
+        flat, layout, scanned = next(filter(None, (fam.from_npz(raw, path) for fam in FAMILIES)), (None,) * 3)
+    if fmt in ('npz', 'orbax') and flat is None:
+        scanned = is_scanned(raw)
+        flat, layout = unstack_blocks(dict(raw), path), 'flax'
     if flat is not None:
-        family = detect_flax_family(flat)
+        family = flax_family(flat)
         if family is None:
             raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch Flax tree '
                                   f'(first keys: {", ".join(list(flat)[:3])})')
         cfg = dict(_read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
     else:
-        family = _torch_family(raw, path)
-        state, layout = raw, family.torch_layout
-        if family.detect_layout:
-            layout = family.detect_layout(raw)
-            if layout != family.torch_layout:
-                try:
-                    state = family.layouts[layout][0](raw)
-                except ConversionError as e:
-                    raise ConversionError(f'{path}: {e}') from None
+        family = torch_family(raw, path)
+        state, layout = raw, family.detect_layout(raw)
+        if layout != family.torch_layout:
+            try:
+                state = family.layouts[layout][0](raw)
+            except ConversionError as e:
+                raise ConversionError(f'{path}: {e}') from None
         cfg = dict(_read_config(family.config_from_torch, state, path), img_size_hint=img_size)
         if layout in family.layout_config:
             fields, why = family.layout_config[layout]
             cfg.update(fields)
             notes.append(f'{layout} layout ({why}): {", ".join(f"{k}={v}" for k, v in fields.items())}')
-    if family.resolve:
-        cfg, arch, resolved = family.resolve(cfg, arch, layout, model_name, path)
-        notes += resolved
+    cfg, arch, resolved = family.resolve(cfg, arch, layout, model_name, path)
+    notes += resolved
     name, model = match_model(family, cfg, path, model_name, arch)
     if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
         model = model.clone(scan_blocks=True)
     if flat is None:
         try:
-            flat = table.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
+            flat = rules.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
         except ConversionError as e:
             raise ConversionError(f'{path}: {e}') from None
     flat = family.unstore(flat, model)
@@ -247,14 +222,17 @@ def _read_config(fn, arrays, path):
 
 # ---------------------------------------------------------------- adapting to a target model
 
-def _fresh_head(shape, rng):
-    # timm's head init: truncated normal std 0.02 (the bias is zeros)
+def _new_head(shape, head_init: str, rng: np.random.Generator) -> np.ndarray:
+    """A replacement head kernel: zeros, or timm's head init (truncated normal, std 0.02; the bias is zeros)."""
+    if head_init == 'zeros':
+        return np.zeros(shape, np.float32)
     return np.clip(rng.standard_normal(shape), -2, 2).astype(np.float32) * 0.02
 
 
 def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
           bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Position-embedding resampling, window-table resizing and head surgery from `src` to `dst`.
+    """The family's surgery from `src` to `dst` (position resampling, window-table resizing, pre_logits),
+    then head surgery.
 
     `resample`: position-embedding method (ViT); `bias_resize`: relative-bias-table method (Swin,
     'bicubic' as Microsoft's fine-tuning code, or 'timm'). Every change is reported through `log`;
@@ -265,36 +243,8 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
     grid = tuple(getattr(dst, 'grid_size', ()))
     if grid and min(grid) < 1:
         raise ConversionError(f'img_size {dst.img_size} is smaller than the patch {dst.patch_size}')
-    flat = dict(flat)
     family = family_of(dst)
-    pos_key = family.pos_key
-    vit = family.name == 'vit'
-    if pos_key and getattr(dst, 'resnet', None) is None and \
-            any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
-        # (a hybrid's stem pads 'SAME' instead)
-        log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
-            f'the last rows/columns of each image are never seen')
-    if vit and dst.posemb == 'sincos2d':
-        if flat.pop(pos_key, None) is not None:
-            log('pos_embedding: learned table dropped, replaced by big_vision\'s fixed sincos2d positions')
-        log(f'positions: big_vision\'s fixed sincos2d table for grid {grid} (no stored table)')
-    elif vit and pos_key not in flat and src.posemb == 'sincos2d':
-        flat[pos_key] = vit_map.sincos2d_pos_embed(dst, flat['embedding/kernel'].dtype)
-        log(f'pos_embedding: big_vision\'s fixed sincos2d positions written out as a learned table '
-            f'(grid {grid}, prefix rows zero)')
-    elif pos_key in flat and tuple(src.grid_size) != grid:
-        flat[pos_key] = resample_pos_embed(flat[pos_key], grid, dst.num_prefix_tokens, src.grid_size, resample)
-        log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
-            f'{dst.num_prefix_tokens} prefix token(s) kept aside')
-    if family.adapt:
-        flat = family.adapt(flat, src, dst, log, bias_resize=bias_resize)
-    rep = getattr(src, 'representation_size', None)
-    if rep and not getattr(dst, 'representation_size', None):
-        for k in [k for k in flat if k.startswith('pre_logits/')]:
-            del flat[k]
-        log(f'pre_logits: dropped (representation {rep})')
-        if dst.num_classes == src.num_classes and dst.num_classes:
-            log('head: kept, but it now reads un-projected features; pass --num-classes to replace it')
+    flat = family.adapt(dict(flat), src, dst, resample=resample, bias_resize=bias_resize, log=log)
     rng = np.random.default_rng(seed)
     for head in ('head', 'head_dist'):
         keys = [f'{head}/kernel', f'{head}/bias']
@@ -309,11 +259,9 @@ def adapt(flat, src, dst, *, resample: str = DEFAULT_METHOD, head_init: str = 'z
             continue
         if had and flat[keys[1]].shape[0] == dst.num_classes:
             continue
-        in_dim = flat[keys[0]].shape[0] if had else (
-            getattr(dst, 'representation_size', None) or getattr(dst, 'num_features', None) or dst.embed_dim)
+        in_dim = flat[keys[0]].shape[0] if had else family.head_features(dst)
         old = flat[keys[1]].shape[0] if had else 0
-        flat[keys[0]] = np.zeros((in_dim, dst.num_classes), np.float32) if head_init == 'zeros' \
-            else _fresh_head((in_dim, dst.num_classes), rng)
+        flat[keys[0]] = _new_head((in_dim, dst.num_classes), head_init, rng)
         flat[keys[1]] = np.zeros((dst.num_classes,), np.float32)
         log(f'{head}: {old} -> {dst.num_classes} classes, new head initialised with {head_init}')
     return flat
@@ -351,7 +299,7 @@ def check_finite(flat: Dict[str, np.ndarray], where: str, allow: bool = False,
     for k, v in flat.items():
         if _is_float(v.dtype):
             n = int(v.size - np.count_nonzero(np.isfinite(v)))
-            io.release(v)
+            formats.release(v)
             if n:
                 bad[k] = n
     if bad:
@@ -377,11 +325,11 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
     flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
                  log=log)
     if getattr(target, 'scan_blocks', False):
-        flat = google.stack_blocks(flat)
+        flat = stack_blocks(flat)
     validate(flat, target, path)
     check_finite(flat, path, allow_nonfinite, log)
     if cast:   # private float32 arrays: never views of a file someone may overwrite, one copy at a time
-        flat = {k: np.asarray(io.detach(v), np.float32) for k, v in flat.items()}
+        flat = {k: np.asarray(formats.detach(v), np.float32) for k, v in flat.items()}
     return target, unflatten_dict(flat, sep='/'), ck
 
 
@@ -401,7 +349,17 @@ def load_model(path: str, model_name: Optional[str] = None, *, resample: str = D
 def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
                 bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False,
                 **overrides):
-    """Flax params for `vit_flax.create_model(model_name, **overrides)`, from any supported file.
+    """Flax params for `vit_flax.create_model(model_name, **overrides)`, from any supported file (see
+    `load_into`)."""
+    return load_into(path, model_name, resample=resample, head_init=head_init, bias_resize=bias_resize, log=log,
+                     allow_nonfinite=allow_nonfinite, **overrides)[0]
+
+
+def load_into(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',
+              bias_resize: str = 'bicubic', log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False,
+              **overrides):
+    """(params, Checkpoint): Flax params for `vit_flax.create_model(model_name, **overrides)`, from any
+    supported file, and what was read (its format, layout, recorded preprocessing and class names).
 
     The result always fits that model. A checkpoint head of another size is replaced only when
     `num_classes` is passed explicitly (and the change is logged); a different input size resamples the
@@ -411,22 +369,11 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
     def target_of(ck):
         target = vit_flax.create_model(model_name, **overrides)
         src = ck.model
-        if 'num_classes' not in overrides and src.num_classes != target.num_classes:
-            raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
-                                  f'{target.num_classes}; pass num_classes={src.num_classes} to keep it or '
-                                  f'num_classes=N to replace it')
-        norm = getattr(src, 'embed_norm', False)
-        if norm != getattr(target, 'embed_norm', False):
-            raise ConversionError(f'{path}: checkpoint has {"a" if norm else "no"} patch-embedding norm '
-                                  f'(patch_embed.norm), {model_name} has {"none" if norm else "one"}; '
-                                  f'pass embed_norm={norm}')
-        rep = getattr(src, 'representation_size', None)
-        if rep and 'representation_size' not in overrides and not target.representation_size:
-            raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
-                                  f'representation_size={rep} to keep it or representation_size=None to drop it')
+        family_of(target).check_target(src, target, path, model_name, overrides)
         return target
-    return _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True,
-                 allow_nonfinite=allow_nonfinite)[1]
+    _, params, ck = _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True,
+                          allow_nonfinite=allow_nonfinite)
+    return params, ck
 
 
 # ---------------------------------------------------------------- writing
@@ -434,7 +381,7 @@ def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, h
 def to_torch_state(flat, model, layout: Optional[str] = None,
                    log: Callable[[str], None] = _stderr) -> Dict[str, np.ndarray]:
     family = family_of(model)
-    state = table.flax_to_torch(family.store(google.unstack_blocks(flat), model, log), family.rules(model))
+    state = rules.flax_to_torch(family.store(unstack_blocks(flat), model, log), family.rules(model))
     layout = layout or family.torch_layout
     if layout != family.torch_layout:
         if layout not in family.layouts:
@@ -450,7 +397,7 @@ def to_torch_state(flat, model, layout: Optional[str] = None,
 def output_layouts(model, fmt: str):
     family = family_of(model)
     if fmt == 'npz':
-        return google.LAYOUTS if family.name == 'vit' else ('flax',)
+        return family.npz_layouts
     if fmt in ('torch', 'safetensors'):
         return (family.torch_layout,) + tuple(family.layouts)
     return ('flax',)
@@ -463,25 +410,20 @@ def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optiona
     Layouts that need arrays the model computes (timm's `pos_embed` of a sincos2d model; vit_jax's released
     and linen npz) get them written out, said through `log`; big_vision's npz and orbax hold the tree itself.
     """
-    fmt = io.file_format(path)
+    fmt = formats.file_format(path)
     allowed = output_layouts(model, fmt)
     layout = layout or allowed[0]
     if layout not in allowed:
         raise ConversionError(f'{path}: layout {layout!r} cannot be written as {fmt}; choose {", ".join(allowed)}')
+    family = family_of(model)
     if fmt == 'npz':
-        family = family_of(model)
-        if family.name != 'vit':
-            arrays = dict(flat)
-        else:
-            arrays = google.flax_to_npz(flat if layout == 'big_vision' else family.store(flat, model, log), layout)
-        io.write_npz(arrays, path, force)
+        formats.write_npz(family.to_npz(flat, model, layout, log), path, force)
     elif fmt == 'torch':
-        io.write_torch(to_torch_state(flat, model, layout, log), path, force,
-                       wrap='model' if layout == 'microsoft' else None)
+        formats.write_torch(to_torch_state(flat, model, layout, log), path, force, wrap=family.torch_wrap.get(layout))
     elif fmt == 'safetensors':
-        io.write_safetensors(to_torch_state(flat, model, layout, log), path, force)
+        formats.write_safetensors(to_torch_state(flat, model, layout, log), path, force)
     else:
-        io.write_orbax(flat, path, force)
+        formats.write_orbax(flat, path, force)
     return layout
 
 
@@ -490,7 +432,7 @@ def write_model_folder(flat: Dict[str, np.ndarray], model, model_name: str, path
                        log: Callable[[str], None] = _stderr) -> dict:
     """Write a timm model folder (config.json + model.safetensors, class_indices.json when names are known)
     that `timm.create_model('local-dir:PATH', pretrained=True)` loads. Returns the config written."""
-    config = timm_folder.config_for(model, split_tag(model_name)[0], family_of(model), pretrained_cfg, class_names)
+    config = family_of(model).timm_folder_config(model, split_tag(model_name)[0], pretrained_cfg, class_names)
     timm_folder.write(to_torch_state(flat, model, None, log), config, path, force, class_names)
     return config
 

@@ -1,4 +1,4 @@
-"""The `vit-flax` command: summary, list, convert, inspect, parity. Nothing imports this module."""
+"""The `vit-flax` command: summary, list, convert, inspect, parity, predict, train. Nothing imports this module."""
 import argparse
 import json
 import os
@@ -7,8 +7,8 @@ import sys
 import time
 import traceback
 
-from .errors import ConversionError, first_line, quiet_unraisable
-from .resample import DEFAULT_METHOD, METHODS
+from converters.errors import ConversionError, first_line, quiet_unraisable
+from converters.resample import DEFAULT_METHOD, METHODS
 
 
 def _img_size(text: str):
@@ -80,7 +80,7 @@ def _overrides(a):
 
 
 def cmd_convert(a):
-    from . import api
+    from converters import pipeline
     dst = a.dst.rstrip('/')
     src_real, dst_real = os.path.realpath(a.src), os.path.realpath(dst)
     if src_real == dst_real or os.path.commonpath([src_real, dst_real]) == dst_real:
@@ -89,10 +89,10 @@ def cmd_convert(a):
         raise ConversionError(f'{dst}: exists; pass --force to replace it')
     folder = a.format == 'timm-folder'
     if not folder:
-        from .io import file_format
+        from converters.formats import file_format
         file_format(dst)   # an unknown extension fails before the read
     t0 = time.perf_counter()
-    model, params, ck = api.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
+    model, params, ck = pipeline.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
                                        bias_resize=a.bias_resize, cast=False, allow_nonfinite=a.allow_nonfinite,
                                        step=a.step, **_overrides(a))
     from flax.traverse_util import flatten_dict
@@ -103,12 +103,12 @@ def cmd_convert(a):
         from .predict import data_config
         cfg, why = data_config(ck, model)
         _say(f'preprocessing in config.json: {why}')
-        api.write_model_folder(flat, model, ck.model_name, dst, pretrained_cfg=cfg, class_names=names, force=a.force)
+        pipeline.write_model_folder(flat, model, ck.model_name, dst, pretrained_cfg=cfg, class_names=names, force=a.force)
         layout = 'timm model folder'
     else:
-        layout = api.write_flat(flat, model, dst, layout=a.layout, force=a.force)
+        layout = pipeline.write_flat(flat, model, dst, layout=a.layout, force=a.force)
     if beside:
-        from .training_ckpt import write_class_indices
+        from converters.formats.training_ckpt import write_class_indices
         write_class_indices(beside, names)   # atomic and durable itself
     how = 'detected' if ck.detected else 'given'
     print(f'{a.src} ({ck.format}, {ck.layout}) -> {dst} ({layout}); model {ck.model_name} ({how}); '
@@ -116,11 +116,11 @@ def cmd_convert(a):
 
 
 def _class_indices_beside(dst: str, names, force: bool):
-    """The seeds' class_indices.json beside a converted file; another one there is replaced only with --force."""
-    from .training_ckpt import CLASS_INDICES
+    """WZMIAOMIAO's class_indices.json beside a converted file; another one there is replaced only with --force."""
+    from converters.formats.training_ckpt import CLASS_INDICES
     path = os.path.join(os.path.dirname(os.path.abspath(dst)), CLASS_INDICES)
     if os.path.exists(path) and not force:
-        from .timm_folder import read_class_indices
+        from converters.formats.timm_folder import read_class_indices
         try:
             same = read_class_indices(path) == list(names)
         except ConversionError:
@@ -132,9 +132,9 @@ def _class_indices_beside(dst: str, names, force: bool):
 
 def cmd_predict(a):
     import numpy as np
-    from . import api, preprocess
+    from converters import pipeline, preprocess
     from . import predict as pr
-    model, params, ck = api.load_model(a.ckpt, a.model, step=a.step, **_overrides(a))
+    model, params, ck = pipeline.load_model(a.ckpt, a.model, step=a.step, **_overrides(a))
     cfg, why = pr.data_config(ck, model)
     names, names_from = pr.class_names(ck, model, a.classes)
     _say(f'model: {ck.model_name} ({model.num_classes} classes) from {a.ckpt}')
@@ -155,16 +155,15 @@ def cmd_predict(a):
 
 def cmd_inspect(a):
     import numpy as np
-    from . import api
-    from .describe import describe
+    from converters import pipeline
     over = _overrides(a)
-    ck = api.read_checkpoint(a.ckpt, a.model, api.arch_overrides(over), over.get('img_size'))
-    family = describe(ck)
+    ck = pipeline.read_checkpoint(a.ckpt, a.model, pipeline.arch_overrides(over), over.get('img_size'))
+    family = ck.family.describe(ck)
     total = sum(int(np.prod(v.shape)) for v in ck.raw.values())
     nbytes = sum(v.nbytes for v in ck.raw.values())
     dtypes = sorted({str(v.dtype) for v in ck.raw.values()})
     diff = _config_diff(ck)
-    nonfinite = api.check_finite(ck.flat, ck.path, allow=True, log=lambda msg: None)
+    nonfinite = pipeline.check_finite(ck.flat, ck.path, allow=True, log=lambda msg: None)
     if a.json:
         print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, family=family, model=ck.model_name,
                               detected=ck.detected, overrides=diff, notes=ck.notes, keys=len(ck.raw), params=total,
@@ -212,8 +211,9 @@ def _default_mlp(model) -> bool:
 
 
 def cmd_parity(a):
-    from . import api, parity
-    model, params, ck = api.load_model(a.ckpt, a.model, allow_nonfinite=a.allow_nonfinite, **_overrides(a))
+    from converters import pipeline
+    from . import parity
+    model, params, ck = pipeline.load_model(a.ckpt, a.model, allow_nonfinite=a.allow_nonfinite, **_overrides(a))
     rows = parity.compare(model, params, ck.model_name, batch=a.batch)
     print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, float32')
     print(parity.format_table(rows, a.tol))
@@ -274,7 +274,7 @@ def build_parser():
                    'that timm.create_model(\'local-dir:DST\', pretrained=True) loads')
     s.add_argument('--step', help='SRC is a training workdir: best (default), latest, or a step number')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
-                   '(default) or microsoft or wzmiaomiao (Swin; the seeds\' swin_transformer/model.py); '
+                   '(default) or microsoft or wzmiaomiao (Swin; WZMIAOMIAO\'s swin_transformer/model.py); '
                    'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, -1.2, -0.7, -0.6 (older releases)')
     s.add_argument('--scan-blocks', action=argparse.BooleanOptionalAction, default=None,
                    help='ViT: stack the blocks as nn.scan does (Transformer/encoderblock/... with a leading depth '
@@ -292,7 +292,7 @@ def build_parser():
     s.add_argument('images', nargs='+', metavar='IMAGE')
     s.add_argument('--model', help='registered model name (default: recorded in, or detected from, the checkpoint)')
     s.add_argument('--top-k', type=_at_least(1, '--top-k'), default=5)
-    s.add_argument('--classes', help='class names in the seeds\' class_indices.json format ({"0": "daisy", ...})')
+    s.add_argument('--classes', help='class names in WZMIAOMIAO\'s class_indices.json format ({"0": "daisy", ...})')
     s.add_argument('--json', action='store_true', help='print one JSON object')
     s.add_argument('--step', help='CKPT is a training workdir: best (default), latest, or a step number')
     s.add_argument('--batch', type=_at_least(1, '--batch'), default=32, help='images per forward pass (default 32)')

@@ -41,7 +41,7 @@ def perturbed_params(model, seed: int = 0):
 
 
 def vit_flax_cmd(*args):
-    cmd = [sys.executable, '-m', 'converters.cli', *map(str, args)]
+    cmd = [sys.executable, '-m', 'vit_flax_cli', *map(str, args)]
     print('    $ vit-flax ' + ' '.join(map(str, args)), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -53,8 +53,8 @@ def train_export_cycle(out: str, epochs: int) -> None:
     import torch
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
-    from converters import api, preprocess
-    from converters.predict import data_config, predict
+    from converters import pipeline, preprocess
+    from vit_flax_cli.predict import data_config, predict
     from vit_train.data import digits
 
     run, folder = os.path.join(out, 'digits-run'), os.path.join(out, 'digits-timm')
@@ -65,7 +65,7 @@ def train_export_cycle(out: str, epochs: int) -> None:
     print('[B] export the best checkpoint as a timm model folder:', flush=True)
     vit_flax_cmd('convert', run, folder, '--format', 'timm-folder', '--force')
 
-    model, params, ck = api.load_model(run, log=lambda msg: None)
+    model, params, ck = pipeline.load_model(run, log=lambda msg: None)
     cfg, _ = data_config(ck, model)
     val = digits(0.2).val
     imgs = [Image.fromarray(val[i]['image']) for i in range(len(val))]
@@ -107,7 +107,7 @@ def main(argv=None):
     import timm
     import vit_flax
     from converters import save_params
-    from converters.parity import compare, format_table
+    from vit_flax_cli.parity import compare, format_table
 
     os.makedirs(a.out, exist_ok=True)
     npz, pth = os.path.join(a.out, f'{a.model}.npz'), os.path.join(a.out, f'{a.model}.pth')
@@ -121,7 +121,7 @@ def main(argv=None):
     print(f'[2] wrote Google .npz (released layout): {npz} ({os.path.getsize(npz) / 2**20:.1f} MiB, '
           f'{time.perf_counter() - t:.1f}s)')
 
-    cmd = [sys.executable, '-m', 'converters.cli', 'convert', npz, pth, '--force']
+    cmd = [sys.executable, '-m', 'vit_flax_cli', 'convert', npz, pth, '--force']
     print('[3] $ vit-flax ' + ' '.join(cmd[3:]))
     subprocess.run(cmd, check=True)
 

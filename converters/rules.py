@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from .errors import ConversionError
-from .mapped import release
+from .formats.mapped import release
 
 Arrays = List[np.ndarray]
 

@@ -1,0 +1,41 @@
+"""The model families the converters know, one module each (see `base.Family` for what a family supplies).
+
+A new family is one module defining a `Family` subclass, one line in `FAMILIES` below (or
+`register_family(...)` from outside), its model file in `vit_flax/models/` and its tests.
+"""
+from typing import List, Optional
+
+from ..errors import ConversionError
+from .base import Family
+from . import swin, vit, vit_pytorch
+
+FAMILIES: List[Family] = [vit.FAMILY, swin.FAMILY, vit_pytorch.FAMILY]
+
+
+def register_family(family: Family) -> None:
+    FAMILIES.append(family)
+
+
+def family_of(model) -> Family:
+    """The family of a Flax module instance."""
+    for fam in FAMILIES:
+        if isinstance(model, fam.module_cls):
+            return fam
+    raise TypeError(f'no converter family for {type(model).__name__}')
+
+
+def flax_family(flat) -> Optional[Family]:
+    """The family of a flat Flax tree, or None."""
+    return next((fam for fam in FAMILIES if fam.detect_flax(flat)), None)
+
+
+def torch_family(state, path: str) -> Family:
+    """The family of a torch state_dict in any layout a family reads; a one-line error otherwise."""
+    for fam in FAMILIES:
+        if fam.detect_torch(state) or fam.detect_layout(state) != fam.torch_layout:
+            return fam
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch state_dict '
+                          f'(first keys: {", ".join(list(state)[:3])})')
+
+
+__all__ = ['FAMILIES', 'Family', 'family_of', 'flax_family', 'register_family', 'torch_family']

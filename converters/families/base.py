@@ -1,0 +1,226 @@
+"""`Family`: everything the converters know about one model family, as one class with named methods.
+
+A family module (`vit.py`, `swin.py`, `vit_pytorch.py`) defines one subclass and registers an instance in
+`families/__init__.py`. The pipeline asks a family, never branches on its name:
+
+- detection: `detect_torch(state)`, `detect_flax(flat)`, `detect_layout(state)` (which named torch layout);
+- architecture read off a checkpoint: `config_from_flax(flat)`, `config_from_torch(state)` (dicts of model
+  fields; the torch side may leave some None), `resolve(...)` (what keys cannot say), `core(model)` (fields
+  that must equal the checkpoint's), `overrides(cfg, model)` (the rest), `preference(...)` (which registered
+  name to take);
+- weights: `rules(model)` (the rule table, run both ways by `converters.rules`), `layouts` (other torch
+  layouts: name -> (to the table's layout, from it)), `store`/`unstore` (arrays a file holds that the model
+  computes), `from_npz`/`to_npz` (a family's own `.npz` layouts), `adapt(...)` (surgery towards another
+  model of the family: positions, windows), `head_features(model)`;
+- torch and timm: `timm_kwargs(model)`, `torch_model(model, name)`, `parity_points(model)`,
+  `timm_folder_config(...)`; and `describe(ck)` for `vit-flax inspect`.
+
+Defaults below are what a family without the feature does; a subclass overrides only what differs.
+"""
+import json
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..errors import ConversionError
+from ..resample import resample_pos_embed
+
+Log = Callable[[str], None]
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+class Family:
+    name: str = ''
+    module_cls: type = None
+    # the torch layout the rule table speaks; other named layouts convert to and from it
+    torch_layout: str = 'timm'
+    layouts: Dict[str, Tuple[Callable, Callable]] = {}
+    # what a named layout implies about the computation: {layout: (config fields, why)}, said out loud on read
+    layout_config: Dict[str, Tuple[dict, str]] = {}
+    # layouts whose files wrap the state_dict: {layout: key} (torch.save({key: state}))
+    torch_wrap: Dict[str, str] = {}
+    # torch-side keys that are buffers derived from the config (suffixes): ignored when reading
+    ignore_torch: Tuple[str, ...] = ()
+    # the flat Flax key of the learned position table (resampled on a size change), if any
+    pos_key: Optional[str] = None
+    # the `.npz` layouts this family writes (the first is the default)
+    npz_layouts: Tuple[str, ...] = ('flax',)
+    # timm has this family (its models build with `timm_kwargs`; timm folders can describe them)
+    in_timm: bool = True
+    timm_classifier: str = 'head'      # pretrained_cfg['classifier'] in a timm folder
+    timm_default_pool: str = 'token'   # config.json's global_pool when timm_kwargs names none
+
+    def __repr__(self) -> str:
+        return f'<{self.name} family>'
+
+    # ------------------------------------------------------------ detection
+
+    def detect_torch(self, state) -> bool:
+        """A timm-layout (the table's layout) state_dict of this family."""
+        return False
+
+    def detect_flax(self, flat) -> bool:
+        """A flat Flax tree of this family."""
+        return False
+
+    def detect_layout(self, state) -> str:
+        """Which named torch layout a state_dict of this family is in."""
+        return self.torch_layout
+
+    # ------------------------------------------------------------ architecture
+
+    def config_from_flax(self, flat) -> dict:
+        raise NotImplementedError
+
+    def config_from_torch(self, state) -> dict:
+        raise NotImplementedError
+
+    def resolve(self, cfg: dict, arch: Optional[dict], layout: str, model_name, path: str):
+        """(cfg, arch, notes): what the keys cannot say, from the caller's overrides `arch` or said out loud."""
+        return cfg, arch, []
+
+    def core(self, model) -> dict:
+        """The fields a registered model must share with a checkpoint to be its architecture."""
+        raise NotImplementedError
+
+    def overrides(self, cfg: dict, model) -> dict:
+        """Overrides that make `model` (holding the checkpoint's core fields) hold exactly the checkpoint."""
+        raise NotImplementedError
+
+    def with_core(self, model, cfg: dict):
+        """`model` re-shaped to the checkpoint's core fields (a no-op for a registered match)."""
+        core = self.core(model)
+        return model.clone(**{k: cfg[k] for k in core if cfg.get(k) is not None and cfg[k] != core[k]})
+
+    def preference(self, cfg: dict, name: str, model) -> tuple:
+        """Sort key of registered `name` (its `model`) for a checkpoint `cfg`: most core fields shared, then
+        fewest overrides, then the name."""
+        shared = sum(cfg.get(k) is None or cfg[k] == v for k, v in self.core(model).items())
+        try:
+            over = self.overrides(cfg, self.with_core(model, cfg))
+            changed = sum(getattr(model, k) != v for k, v in over.items())
+        except ValueError:
+            changed = len(cfg)
+        return -shared, changed, name
+
+    def check_target(self, src, target, path: str, model_name: str, overrides: dict) -> None:
+        """Refuse (one line) a `load_params` target that would silently lose part of the checkpoint `src`."""
+        if 'num_classes' not in overrides and src.num_classes != target.num_classes:
+            raise ConversionError(f'{path}: checkpoint head has {src.num_classes} classes, {model_name} has '
+                                  f'{target.num_classes}; pass num_classes={src.num_classes} to keep it or '
+                                  f'num_classes=N to replace it')
+
+    # ------------------------------------------------------------ weights
+
+    def rules(self, model) -> list:
+        """The rule table for this model instance (its config decides which rows exist)."""
+        raise NotImplementedError
+
+    def store(self, flat, model, log: Log = lambda s: None):
+        """The tree as files holding arrays the model computes store it (the rules' form)."""
+        return flat
+
+    def unstore(self, flat, model):
+        """The inverse of `store`: the model's own tree again."""
+        return flat
+
+    def from_npz(self, arrays, path: str):
+        """(flat, layout, scanned) for a `.npz` in one of this family's own layouts, else None (then the file
+        is read as a plain Flax tree)."""
+        return None
+
+    def to_npz(self, flat, model, layout: str, log: Log):
+        """The arrays a `.npz` of `layout` (one of `npz_layouts`) holds."""
+        return dict(flat)
+
+    def num_features(self, model) -> int:
+        """Width of the pooled features."""
+        return int(model.num_features)
+
+    def head_features(self, model) -> int:
+        """Input width of the classifier head."""
+        return self.num_features(model)
+
+    def adapt(self, flat, src, dst, *, resample: str, bias_resize: str, log: Log):
+        """Surgery from a checkpoint of model `src` to model `dst` of this family, every change said through
+        `log` (the head is the pipeline's): by default, the position table made to fit the new grid."""
+        if self.pos_key and getattr(dst, 'resnet', None) is None and \
+                any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
+            # (a hybrid's stem pads 'SAME' instead)
+            log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
+                f'the last rows/columns of each image are never seen')
+        return self.adapt_positions(flat, src, dst, resample, log)
+
+    def adapt_positions(self, flat, src, dst, resample: str, log: Log):
+        """A learned position table resampled to `dst`'s grid, prefix tokens kept aside."""
+        grid = tuple(getattr(dst, 'grid_size', ()))
+        if self.pos_key in flat and tuple(src.grid_size) != grid:
+            flat[self.pos_key] = resample_pos_embed(flat[self.pos_key], grid, dst.num_prefix_tokens, src.grid_size,
+                                                    resample)
+            log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
+                f'{dst.num_prefix_tokens} prefix token(s) kept aside')
+        return flat
+
+    def layout_note(self, model, layout: str) -> Optional[str]:
+        """A warning when the code that reads `layout` computes differently from `model`."""
+        return None
+
+    # ------------------------------------------------------------ torch, timm, inspection
+
+    def timm_kwargs(self, model) -> dict:
+        """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`."""
+        raise ConversionError(f'timm has no {self.name} models')
+
+    def torch_model(self, model, model_name: str):
+        """The torch module `parity` compares with (timm's, built by `timm_kwargs`), randomly initialised."""
+        import timm
+        return timm.create_model(model_name, pretrained=False, **self.timm_kwargs(model))
+
+    def parity_points(self, model) -> List[Tuple[str, str, str]]:
+        """(label, flax intermediate, torch module) pairs compared by `vit-flax parity`, in forward order."""
+        return []
+
+    def describe(self, ck) -> str:
+        """One line naming a checkpoint's family and layout, for `vit-flax inspect`."""
+        return f'{self.name.capitalize()} ({ck.layout})'
+
+    def timm_folder_config(self, model, model_name: str, pretrained_cfg: dict, class_names=None) -> dict:
+        """config.json for `model` as timm's save_for_hf writes it: model_args hold what differs from the
+        registered architecture (and num_classes), so `local-dir:` rebuilds exactly this model."""
+        import vit_flax
+        if not self.in_timm:
+            raise ConversionError(f'timm has no {self.name} models: a timm model folder cannot describe '
+                                  f'{model_name}; write a .pth or .safetensors instead')
+        try:
+            kw, base = self.timm_kwargs(model), self.timm_kwargs(vit_flax.create_model(model_name))
+        except ValueError as e:
+            raise ConversionError(f'timm cannot build this {model_name}: {e}') from None
+        if set(base) - set(kw):
+            raise ConversionError(f'{model_name} builds {", ".join(sorted(set(base) - set(kw)))} this model has '
+                                  f'not; pass --model with the registered name of this architecture')
+        model_args = {}
+        for k, v in kw.items():
+            if k == 'embed_layer' and k in base:
+                continue   # a hybrid's backbone: the registered name builds it
+            if k == 'num_classes' or k not in base or _plain(v) != _plain(base[k]):
+                try:
+                    json.dumps(v)
+                except TypeError:
+                    raise ConversionError(f'{model_name}: timm argument {k} cannot be written to config.json') \
+                        from None
+                model_args[k] = _plain(v)
+        h, w = (int(x) for x in model.input_shape[:2])
+        pcfg = dict(input_size=[3, h, w], interpolation=pretrained_cfg['interpolation'],
+                    crop_pct=pretrained_cfg['crop_pct'], crop_mode=pretrained_cfg['crop_mode'],
+                    mean=list(pretrained_cfg['mean']), std=list(pretrained_cfg['std']),
+                    num_classes=model.num_classes, fixed_input_size=True, first_conv='patch_embed.proj',
+                    classifier=self.timm_classifier)
+        cfg = dict(architecture=model_name, num_classes=model.num_classes, num_features=self.num_features(model),
+                   global_pool=kw.get('global_pool', self.timm_default_pool))
+        if class_names:
+            names = list(class_names)[:model.num_classes]
+            cfg['label_names'] = names + [str(i) for i in range(len(names), model.num_classes)]
+        cfg.update(model_args=model_args, pretrained_cfg=pcfg)
+        return cfg
+

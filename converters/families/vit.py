@@ -1,0 +1,533 @@
+"""The ViT family (`vit_flax.VisionTransformer`: ViT, DeiT, R+ViT hybrids, SigLIP towers, 1-D ViTs) as the
+converters see it: Google's `.npz` layouts, the ResNet stem of hybrids, and the Flax <-> timm rule table, one
+table for both directions.
+
+Google `.npz` layouts (see shared REFERENCE.md):
+- released: vit_jax / AugReg files; block children numbered by one counter
+  (LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3). Written by default, since
+  timm's npz reader and Google's `checkpoint.load` both take it.
+- linen: per-class numbering (LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0),
+  i.e. exactly our Flax tree.
+- big_vision: a `params/` (or `opt/target/`, `params/img/`) prefix, linen numbering, `pos_embedding` at the
+  top level without a cls row, optionally scanned blocks (`Transformer/encoderblock/...` with a leading
+  depth axis).
+
+The ResNet stem of R+ViT hybrids: Google's tree (vit_jax `models_resnet`) <-> timm's `patch_embed.backbone`.
+timm holds the stem as a `ResNetV2` (`stem.conv`, `stem.norm`, `stages.{i}.blocks.{j}.conv{1,2,3}/norm{1,2,3}`,
+`downsample.conv/norm` on a stage's first block) or, for the root block alone (R+ViT-Ti), as a bare
+`conv`/`norm` pair. GroupNorm scale/bias map like LayerNorm's.
+
+A model with big_vision's fixed sincos2d positions has no position param; files that need a table (timm's
+`pos_embed`, vit_jax's released layout) hold it written out (`store`), and a stored table equal to that
+function bit for bit reads back as the fixed one (`unstore`), so round trips stay exact.
+"""
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from vit_flax.posemb import sincos2d
+from vit_flax.resnet import ROOT_WIDTH
+from vit_flax.vit import VisionTransformer
+
+from ..errors import ConversionError
+from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
+from ..scan import SCANNED, is_scanned, unstack_blocks
+from .base import Family
+
+
+# ---------------------------------------------------------------- Google's .npz layouts
+
+LAYOUTS = ('released', 'linen', 'big_vision')
+_PREFIXES = ('params/img/', 'opt/target/', 'params/', '')
+# released name -> linen name, for the children of one encoder block
+_RELEASED_TO_LINEN = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
+                      'LayerNorm_2': 'LayerNorm_1', 'MlpBlock_3': 'MlpBlock_0'}
+_LINEN_TO_RELEASED = {v: k for k, v in _RELEASED_TO_LINEN.items()}
+_BLOCK = re.compile(r'^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$')
+_GROUP_NORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
+
+
+def _rename_block_children(flat, table, path):
+    out = {}
+    for k, v in flat.items():
+        m = _BLOCK.match(k)
+        if m:
+            if m.group(2) not in table:
+                raise ConversionError(f'{path}: unexpected block child {m.group(2)!r} in key {k!r}')
+            k = f'{m.group(1)}/{table[m.group(2)]}{m.group(3)}'
+        out[k] = v
+    return out
+
+
+def detect_prefix(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
+    for p in _PREFIXES:
+        if f'{p}embedding/kernel' in arrays:
+            return p
+    raise ConversionError(f"{path}: not a Google ViT checkpoint: no 'embedding/kernel' "
+                          f"under any of the prefixes {', '.join(repr(p) for p in _PREFIXES)}")
+
+
+def detect_npz_layout(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
+    """big_vision (as timm decides it: a `params/` prefix, a top-level pos_embedding or scanned blocks),
+    else released or linen by the block numbering, whatever the prefix (an `opt/target/` file may be either)."""
+    prefix = detect_prefix(arrays, path)
+    if (prefix.startswith('params/') or f'{prefix}pos_embedding' in arrays
+            or any(k.startswith(f'{prefix}Transformer/encoderblock/') for k in arrays)):
+        return 'big_vision'
+    return 'released' if _released_numbering(arrays) else 'linen'
+
+
+def _released_numbering(keys) -> bool:
+    return any('/MultiHeadDotProductAttention_1/' in k for k in keys)
+
+
+def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dict[str, np.ndarray], str]:
+    """Any Google layout -> (flat linen Flax params, layout name). Keys outside the model prefix are dropped."""
+    layout = detect_npz_layout(arrays, path)
+    prefix = detect_prefix(arrays, path)
+    flat = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if prefix == 'params/':  # a multi-tower (e.g. LiT/SigLIP) file keeps its image tower under img/
+        flat = {k: v for k, v in flat.items() if not k.startswith(('txt/', 'img/'))}
+    flat = unstack_blocks(flat, path)
+    if _released_numbering(flat):
+        flat = _rename_block_children(flat, _RELEASED_TO_LINEN, path)
+    for k, v in flat.items():  # old hybrid files keep GroupNorm scale/bias as (1, 1, 1, C)
+        if _GROUP_NORM.search(k) and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
+            flat[k] = v.reshape(-1)
+    if 'pos_embedding' in flat:
+        # big_vision adds positions before concatenating cls; an all-zero cls row reproduces that exactly.
+        pe = flat.pop('pos_embedding')
+        if pe.ndim not in (3, 4):
+            raise ConversionError(f'{path}: pos_embedding has shape {pe.shape}: expected (1, N, D) or (1, H, W, D)')
+        if pe.ndim == 4:  # some files keep the (1, h, w, D) grid
+            pe = pe.reshape(1, -1, pe.shape[-1])
+        if 'cls' in flat:
+            pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
+        flat['Transformer/posembed_input/pos_embedding'] = pe
+    return flat, layout
+
+
+def flax_to_npz(flat: Dict[str, np.ndarray], layout: str = 'released') -> Dict[str, np.ndarray]:
+    """Flat linen Flax params -> arrays keyed for `layout`. Stacked (scanned) blocks stay stacked in the
+    linen and big_vision layouts; `released` (vit_jax) has no scanned form and unrolls them."""
+    if layout not in LAYOUTS:
+        raise ConversionError(f'unknown npz layout {layout!r}; choose one of {", ".join(LAYOUTS)}')
+    if layout == 'linen':
+        return dict(flat)
+    if layout == 'released':
+        return _rename_block_children(unstack_blocks(flat), _LINEN_TO_RELEASED, 'params')
+    if 'dist' in flat:
+        raise ConversionError('the big_vision layout cannot hold a distillation token; use released or linen')
+    out = dict(flat)
+    pe = out.pop('Transformer/posembed_input/pos_embedding', None)
+    if pe is not None:  # (a model with fixed sincos2d positions has no table: big_vision stores none)
+        if 'cls' in out:
+            # big_vision has no position for cls: fold its row into the token (same function, one rounding).
+            out['cls'] = out['cls'] + pe[:, :1]
+            pe = pe[:, 1:]
+        out['pos_embedding'] = pe
+    return {f'params/{k}': v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- the ResNet stem of hybrids
+
+TORCH_PREFIX = 'patch_embed.backbone'
+
+
+def _conv_norm(flax_conv: str, flax_gn: str, torch_conv: str, torch_norm: str) -> List[Rule]:
+    return [rule(f'{flax_conv}/kernel', f'{torch_conv}.weight', CONV)] + norm_rules(flax_gn, torch_norm)
+
+
+def resnet_rules(layers) -> List[Rule]:
+    root = f'{TORCH_PREFIX}.stem' if layers else TORCH_PREFIX
+    rules = _conv_norm('conv_root', 'gn_root', f'{root}.conv', f'{root}.norm')
+    for i, units in enumerate(layers):
+        for j in range(units):
+            f, t = f'block{i + 1}/unit{j + 1}', f'{TORCH_PREFIX}.stages.{i}.blocks.{j}'
+            for r in (1, 2, 3):
+                rules += _conv_norm(f'{f}/conv{r}', f'{f}/gn{r}', f'{t}.conv{r}', f'{t}.norm{r}')
+            if j == 0:
+                rules += _conv_norm(f'{f}/conv_proj', f'{f}/gn_proj', f'{t}.downsample.conv', f'{t}.downsample.norm')
+    return rules
+
+
+def _layers(keys, pattern: str, first: int) -> Tuple[int, ...]:
+    """Units per stage, from the keys matching `pattern` (groups: stage, unit); stages numbered from `first`."""
+    rx = re.compile(pattern)
+    units = {}
+    for k in keys:
+        m = rx.match(k)
+        if m:
+            units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(units) != list(range(first, first + len(units))):
+        raise ValueError(f'ResNet stages numbered {sorted(units)}, expected {first}, {first + 1}, ...')
+    return tuple(len(units[s]) for s in sorted(units))
+
+
+def _check_root(kernel_out: int) -> None:
+    if kernel_out != ROOT_WIDTH:
+        raise ValueError(f'a ResNet root of {kernel_out} channels (width factor {kernel_out / ROOT_WIDTH:g}) is not '
+                         f'supported: Google\'s and timm\'s hybrids have {ROOT_WIDTH}')
+
+
+def resnet_from_flax(flat) -> Tuple[Optional[Tuple[int, ...]], Optional[int]]:
+    """(units per stage, input channels) of a Flax tree's stem, or (None, None) without one."""
+    if 'conv_root/kernel' not in flat:
+        return None, None
+    kernel = flat['conv_root/kernel']
+    _check_root(kernel.shape[-1])
+    return _layers(flat, r'^block(\d+)/unit(\d+)/conv1/kernel$', 1), kernel.shape[-2]
+
+
+def resnet_from_torch(state) -> Tuple[Optional[Tuple[int, ...]], Optional[int]]:
+    """The same, read off a timm state_dict."""
+    for key in (f'{TORCH_PREFIX}.stem.conv.weight', f'{TORCH_PREFIX}.conv.weight'):
+        if key in state:
+            _check_root(state[key].shape[0])
+            return _layers(state, rf'^{re.escape(TORCH_PREFIX)}\.stages\.(\d+)\.blocks\.(\d+)\.conv1\.weight$', 0), \
+                state[key].shape[1]
+    return None, None
+
+
+def resnet_label(layers) -> str:
+    """'R50', 'R26', ... as Google names its hybrids (1 root conv + 3 per unit + the ViT's embedding)."""
+    return f'R{2 + 3 * sum(layers)}' if layers else 'R'
+
+
+def timm_backbone(layers, in_chans: int):
+    """timm's own backbone for these layers (what its hybrid model functions build)."""
+    from timm.models.vision_transformer_hybrid import _resnetv2
+    return _resnetv2(tuple(layers), in_chans=in_chans)
+
+
+# ---------------------------------------------------------------- the rule table and the architecture
+
+POS_KEY = 'Transformer/posembed_input/pos_embedding'
+
+
+def _attention_out(flax: str, torch: str, heads: int) -> List[Rule]:
+    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads)),
+            rule(f'{flax}/out/bias', f'{torch}.bias')]
+
+
+def _count(keys, pattern):
+    import re
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
+
+
+def _check_kernel(kernel, key):
+    if kernel.ndim not in (3, 4):
+        raise ValueError(f'{key} has shape {kernel.shape}: a 1-D or 2-D convolution kernel has 3 or 4 dims')
+
+
+def _positions(cfg: dict, table) -> dict:
+    """`num_patches` and `posemb` from the stored table (None: a file without one, big_vision's sincos2d)."""
+    prefix = int(cfg['class_token']) + int(cfg['distilled'])
+    cfg['num_patches'] = None if table is None else table.shape[1] - prefix
+    cfg['posemb'] = 'sincos2d' if table is None or is_sincos2d_table(table, prefix) else 'learn'
+    return cfg
+
+
+def is_sincos2d_table(table, prefix: int) -> bool:
+    """A stored (1, prefix + s*s, D) table that is big_vision's sincos2d for an s x s grid, bit for bit at its
+    dtype, with zero prefix rows: exactly what `store` writes, so it reads back as the fixed table."""
+    if table.ndim != 3 or table.shape[-1] % 4 or table.shape[-1] < 8 or np.any(table[:, :prefix] != 0):
+        return False
+    side = int(round((table.shape[1] - prefix) ** 0.5))
+    return side * side == table.shape[1] - prefix and np.array_equal(
+        table[:, prefix:], sincos2d(side, side, table.shape[-1]).astype(table.dtype))
+
+
+def sincos2d_pos_embed(model, dtype) -> np.ndarray:
+    """The model's fixed positions as a learned table over all tokens (prefix rows zero), in `dtype`."""
+    grid = sincos2d(*model.grid_size, model.embed_dim)
+    return np.concatenate([np.zeros((1, model.num_prefix_tokens, model.embed_dim), np.float32), grid],
+                          axis=1).astype(dtype)
+
+
+VIT_CORE = ('embed_dim', 'depth', 'patch_size', 'mlp_dim', 'spatial_dims', 'num_heads')
+
+
+def img_size_override(cfg: dict, model):
+    """The img_size that gives `model` the checkpoint's `num_patches` positions (None: its own does).
+
+    The caller's size (`img_size_hint`) when it fits, else a square grid (a 1-D model: a line). A file
+    without positions (fixed sincos2d) takes the size asked for, if any."""
+    hint = cfg.get('img_size_hint')
+    if cfg['num_patches'] is None:
+        return hint
+    if cfg['num_patches'] == int(np.prod(model.grid_size)):
+        return None
+    if hint is not None and int(np.prod(model.clone(img_size=hint).grid_size)) == cfg['num_patches']:
+        return hint
+    stride = getattr(model, 'token_stride', None) or model.patch_size_tuple
+    if getattr(model, 'spatial_dims', 2) == 1:
+        return cfg['num_patches'] * stride[0]
+    side = int(round(cfg['num_patches'] ** 0.5))
+    if side * side != cfg['num_patches']:
+        raise ValueError(f"{cfg['num_patches']} positions are not a square grid; pass img_size (HxW)")
+    return side * stride[0] if stride[0] == stride[1] else (side * stride[0], side * stride[1])
+
+
+class ViTFamily(Family):
+    """`vit_flax.VisionTransformer`: ViT, DeiT, R+ViT hybrids, SigLIP towers, 1-D ViTs."""
+    name = 'vit'
+    module_cls = VisionTransformer
+    pos_key = POS_KEY
+    npz_layouts = LAYOUTS
+
+    def rules(self, model) -> List[Rule]:
+        """The map for a `vit_flax.VisionTransformer` instance (its config decides which rows exist), as stored:
+        a fixed position table has its row too (see `store`)."""
+        h = model.num_heads
+        rules = resnet_rules(model.resnet) if model.resnet is not None else []
+        rules += [rule('embedding/kernel', 'patch_embed.proj.weight', CONV),
+                  rule('embedding/bias', 'patch_embed.proj.bias'),
+                  rule(POS_KEY, 'pos_embed')]
+        if model.embed_norm:
+            rules += norm_rules('embedding_norm', 'patch_embed.norm')
+        if model.has_class_token:
+            rules.append(rule('cls', 'cls_token'))
+        if model.distilled:
+            rules.append(rule('dist', 'dist_token'))
+        for i in range(model.depth):
+            f, t = f'Transformer/encoderblock_{i}', f'blocks.{i}'
+            mha = f'{f}/MultiHeadDotProductAttention_0'
+            rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm1')
+            qkv = tuple(f'{mha}/{n}/kernel' for n in ('query', 'key', 'value'))
+            rules.append(rule(qkv, f'{t}.attn.qkv.weight', heads_in(h, 3)))
+            if model.qkv_bias:
+                qkv_b = tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value'))
+                rules.append(rule(qkv_b, f'{t}.attn.qkv.bias', heads_in(h, 3, kernel=False)))
+            rules += _attention_out(mha, f'{t}.attn.proj', h)
+            rules += norm_rules(f'{f}/LayerNorm_1', f'{t}.norm2')
+            rules += mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+        rules += norm_rules('Transformer/encoder_norm', 'norm')
+        if model.global_pool == 'map':
+            f, t = 'MAPHead_0', 'attn_pool'
+            mha = f'{f}/MultiHeadDotProductAttention_0'
+            rules += [rule(f'{f}/probe', f'{t}.latent'),
+                      rule(f'{mha}/query/kernel', f'{t}.q.weight', heads_in(h, 1)),
+                      rule(f'{mha}/query/bias', f'{t}.q.bias', heads_in(h, 1, kernel=False)),
+                      rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
+                      rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False))]
+            rules += _attention_out(mha, f'{t}.proj', h)
+            rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm') + mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+        if model.representation_size:
+            rules += dense_rules('pre_logits', 'pre_logits.fc')  # WZMIAOMIAO's name; current timm has no such layer
+        if model.num_classes > 0:
+            rules += dense_rules('head', 'head')
+            if model.distilled:
+                rules += dense_rules('head_dist', 'head_dist')
+        return rules
+
+    def timm_kwargs(self, model) -> dict:
+        """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`."""
+        kw = dict(num_classes=model.num_classes, img_size=model.img_size, patch_size=model.patch_size,
+                  in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
+                  mlp_ratio=(model.mlp_dim / model.embed_dim) if model.mlp_dim else model.mlp_ratio,
+                  qkv_bias=model.qkv_bias, act_layer={'exact': 'gelu', 'tanh': 'gelu_tanh'}[model.gelu])
+        if model.embed_norm:
+            kw['embed_norm_layer'] = 'layernorm'  # timm's LayerNorm, eps 1e-6 as the model's norm_eps default
+        if model.resnet is not None:
+            from functools import partial
+            from timm.layers import HybridEmbed
+            kw['embed_layer'] = partial(HybridEmbed, backbone=timm_backbone(model.resnet, model.in_chans))
+        if model.global_pool != 'token':
+            kw.update(global_pool={'gap': 'avg', 'map': 'map'}[model.global_pool],
+                      class_token=model.has_class_token, fc_norm=False)
+        return kw
+
+    def parity_points(self, model):
+        """(label, flax intermediate, timm module) pairs compared by `vit-flax parity`, in forward order."""
+        pts = [('embed', 'Transformer/embed', 'pos_drop')]
+        pts += [(f'block {i}', f'Transformer/block_{i}', f'blocks.{i}') for i in range(model.depth)]
+        pts.append(('norm', 'Transformer/encoded', 'norm'))
+        return pts
+
+    def config_from_flax(self, flat) -> dict:
+        """Architecture fields of `VisionTransformer` read off a flat linen tree."""
+        kernel = flat['embedding/kernel']
+        _check_kernel(kernel, 'embedding/kernel')
+        depth = _count(flat, r'^Transformer/encoderblock_(\d+)/')
+        b0 = 'Transformer/encoderblock_0'
+        resnet, stem_in = resnet_from_flax(flat)
+        cfg = dict(embed_dim=kernel.shape[-1], in_chans=stem_in or kernel.shape[-2],
+                   patch_size=tuple(kernel.shape[:-2]), spatial_dims=kernel.ndim - 2, depth=depth,
+                   num_heads=flat[f'{b0}/MultiHeadDotProductAttention_0/query/kernel'].shape[1],
+                   mlp_dim=flat[f'{b0}/MlpBlock_0/Dense_0/kernel'].shape[1],
+                   qkv_bias=f'{b0}/MultiHeadDotProductAttention_0/query/bias' in flat,
+                   distilled='dist' in flat, class_token='cls' in flat, embed_norm='embedding_norm/scale' in flat,
+                   global_pool='map' if 'MAPHead_0/probe' in flat else ('token' if 'cls' in flat else 'gap'),
+                   representation_size=flat['pre_logits/bias'].shape[0] if 'pre_logits/bias' in flat else None,
+                   num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0, resnet=resnet)
+        return _positions(cfg, flat.get(POS_KEY))
+
+    def config_from_torch(self, state) -> dict:
+        """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
+        w = state['patch_embed.proj.weight']
+        _check_kernel(w, 'patch_embed.proj.weight')
+        resnet, stem_in = resnet_from_torch(state)
+        cfg = dict(embed_dim=w.shape[0], in_chans=stem_in or w.shape[1], patch_size=tuple(w.shape[2:]),
+                   spatial_dims=w.ndim - 2, depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,
+                   mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0], qkv_bias='blocks.0.attn.qkv.bias' in state,
+                   distilled='dist_token' in state, class_token='cls_token' in state,
+                   embed_norm='patch_embed.norm.weight' in state,
+                   global_pool='map' if 'attn_pool.latent' in state else ('token' if 'cls_token' in state else 'gap'),
+                   representation_size=state['pre_logits.fc.bias'].shape[0] if 'pre_logits.fc.bias' in state else None,
+                   num_classes=state['head.bias'].shape[0] if 'head.bias' in state else 0, resnet=resnet)
+        return _positions(cfg, state['pos_embed'])
+
+    def store(self, flat, model, log: Callable[[str], None] = lambda s: None):
+        """The tree as a file with a position table holds it: fixed sincos2d positions written out."""
+        if model.posemb != 'sincos2d':
+            return flat
+        log(f'pos_embed: big_vision\'s fixed sincos2d positions (grid {"x".join(map(str, model.grid_size))}) written '
+            f'out as a learned table, prefix rows zero: a model holding it computes the same function')
+        return {**flat, POS_KEY: sincos2d_pos_embed(model, flat['embedding/kernel'].dtype)}
+
+    def unstore(self, flat, model):
+        """The inverse of `store`: a fixed table (checked equal when the config was read) is dropped."""
+        return {k: v for k, v in flat.items() if k != POS_KEY} if model.posemb == 'sincos2d' else flat
+
+    def core(self, model) -> dict:
+        return dict(embed_dim=model.embed_dim, depth=model.depth, patch_size=model.patch_size_tuple,
+                    mlp_dim=model.mlp_dim or int(model.embed_dim * model.mlp_ratio), spatial_dims=model.spatial_dims,
+                    num_heads=model.num_heads)
+
+    def overrides(self, cfg: dict, model) -> dict:
+        """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`."""
+        current = dict(num_classes=model.num_classes, representation_size=model.representation_size or None,
+                       distilled=model.distilled, class_token=model.has_class_token, global_pool=model.global_pool,
+                       qkv_bias=model.qkv_bias, in_chans=model.in_chans, embed_norm=model.embed_norm,
+                       posemb=model.posemb, resnet=model.resnet)
+        kw = {k: cfg[k] for k, v in current.items() if cfg[k] != v}
+        if 'resnet' in kw:  # the stem decides how many tokens an image makes
+            model = model.clone(resnet=kw['resnet'])
+        img = img_size_override(cfg, model)
+        return {**kw, **({'img_size': img} if img is not None else {})}
+
+    # ------------------------------------------------------------ detection, files
+
+    def detect_torch(self, state) -> bool:
+        return 'patch_embed.proj.weight' in state and any(k.startswith('blocks.') for k in state)
+
+    def detect_flax(self, flat) -> bool:
+        return 'embedding/kernel' in flat
+
+    def from_npz(self, arrays, path: str):
+        """Google's own layouts (released, linen, big_vision; prefixed, scanned): any file with an
+        `embedding/kernel` under some prefix."""
+        if not any(k.endswith('embedding/kernel') for k in arrays):
+            return None
+        prefix = detect_prefix(arrays, path)
+        scanned = is_scanned(k[len(prefix):] for k in arrays if k.startswith(prefix))
+        flat, layout = npz_to_flax(arrays, path)
+        return flat, layout, scanned
+
+    def to_npz(self, flat, model, layout: str, log):
+        """big_vision's layout holds the tree itself (fixed positions stay fixed); vit_jax's layouts hold a
+        position table, written out for a sincos2d model."""
+        return flax_to_npz(flat if layout == 'big_vision' else self.store(flat, model, log), layout)
+
+    # ------------------------------------------------------------ matching and adapting
+
+    def preference(self, cfg: dict, name: str, model) -> tuple:
+        """A ResNet stem exactly when the file has one first, then the generic order, with ViT before DeiT for
+        undistilled files just before the name."""
+        stem = (model.resnet is None) != (cfg.get('resnet') is None)   # () is a stem without stages
+        shared, changed, _ = super().preference(cfg, name, model)
+        return stem, shared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
+
+    def check_target(self, src, target, path: str, model_name: str, overrides: dict) -> None:
+        super().check_target(src, target, path, model_name, overrides)
+        norm = src.embed_norm
+        if norm != target.embed_norm:
+            raise ConversionError(f'{path}: checkpoint has {"a" if norm else "no"} patch-embedding norm '
+                                  f'(patch_embed.norm), {model_name} has {"none" if norm else "one"}; '
+                                  f'pass embed_norm={norm}')
+        rep = src.representation_size
+        if rep and 'representation_size' not in overrides and not target.representation_size:
+            raise ConversionError(f'{path}: checkpoint has a pre_logits layer ({rep}); pass '
+                                  f'representation_size={rep} to keep it or representation_size=None to drop it')
+
+    def num_features(self, model) -> int:
+        return int(model.embed_dim)
+
+    def head_features(self, model) -> int:
+        return int(model.representation_size or model.embed_dim)
+
+    def adapt_positions(self, flat, src, dst, resample: str, log):
+        """Fixed sincos2d positions replace a learned table (or are written out as one), else the table is
+        resampled."""
+        grid = tuple(dst.grid_size)
+        if dst.posemb == 'sincos2d':
+            if flat.pop(POS_KEY, None) is not None:
+                log('pos_embedding: learned table dropped, replaced by big_vision\'s fixed sincos2d positions')
+            log(f'positions: big_vision\'s fixed sincos2d table for grid {grid} (no stored table)')
+        elif POS_KEY not in flat and src.posemb == 'sincos2d':
+            flat[POS_KEY] = sincos2d_pos_embed(dst, flat['embedding/kernel'].dtype)
+            log(f'pos_embedding: big_vision\'s fixed sincos2d positions written out as a learned table '
+                f'(grid {grid}, prefix rows zero)')
+        else:
+            flat = super().adapt_positions(flat, src, dst, resample, log)
+        return flat
+
+    def adapt(self, flat, src, dst, *, resample: str, bias_resize: str, log):
+        """Positions, then `pre_logits` dropped when `dst` has no representation layer."""
+        flat = super().adapt(flat, src, dst, resample=resample, bias_resize=bias_resize, log=log)
+        rep = src.representation_size
+        if rep and not dst.representation_size:
+            for k in [k for k in flat if k.startswith('pre_logits/')]:
+                del flat[k]
+            log(f'pre_logits: dropped (representation {rep})')
+            if dst.num_classes == src.num_classes and dst.num_classes:
+                log('head: kept, but it now reads un-projected features; pass --num-classes to replace it')
+        return flat
+
+    # ------------------------------------------------------------ torch, inspection
+
+    def torch_model(self, model, model_name: str):
+        if model.spatial_dims != 2:
+            raise ConversionError(f'{model_name}: timm has no 1-D ViT to compare with')
+        if model.representation_size:
+            raise ConversionError(f'{model_name}: current timm has no pre_logits layer; drop it to compare')
+        return super().torch_model(model, model_name)
+
+    def describe(self, ck) -> str:
+        """"Google ViT (released)", "R50+ViT hybrid (released)", "big_vision ViT (sincos2d positions)",
+        "big_vision SigLIP image tower (scanned, bf16)", "timm R26+ViT hybrid"... A SigLIP tower is recognised
+        by its file (a two-tower big_vision file's `params/img/`), not by the timm name that fits it."""
+        model = ck.model
+        arch = f'{resnet_label(model.resnet)}+ViT hybrid' if model.resnet is not None else \
+            ('DeiT' if model.distilled else 'ViT')
+        notes = []
+        if ck.format == 'npz':
+            prefix = detect_prefix(ck.raw, ck.path)
+            if prefix == 'params/img/':  # the image tower of a two-tower (LiT / SigLIP) file
+                siglip = model.global_pool == 'map' and not model.has_class_token
+                source = 'big_vision SigLIP image tower' if siglip else 'big_vision image tower (two-tower file)'
+            elif ck.layout == 'big_vision':
+                source = f'big_vision {arch}'
+            else:
+                source = arch if model.resnet is not None else f'Google {arch}'
+                notes.append(ck.layout)
+            if prefix == 'opt/target/':
+                notes.append('opt/target/ prefix')
+            if any(k.startswith(f'{prefix}{SCANNED}') for k in ck.raw):
+                notes.append('scanned')
+        elif ck.format in ('torch', 'safetensors'):
+            source = f'{ck.layout} {arch}'
+        else:
+            source = f'Flax {arch}'
+        if any(v.dtype == ml_dtypes.bfloat16 for v in ck.raw.values()):
+            notes.append('bf16')
+        if model.posemb == 'sincos2d':
+            notes.append('sincos2d positions')
+        return source + (f' ({", ".join(notes)})' if notes else '')
+
+
+FAMILY = ViTFamily()

@@ -47,8 +47,8 @@ def run_jax(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from vit_flax.layers import MlpBlock, dot_product_attention
-    from vit_flax.vit import Encoder1DBlock, MultiHeadDotProductAttention
+    from vit_flax.models.layers import MlpBlock, dot_product_attention
+    from vit_flax.models.vit import Encoder1DBlock, MultiHeadDotProductAttention
 
     rng = np.random.default_rng(0)
     b, n, d, h = a.batch, a.tokens, a.dim, a.heads

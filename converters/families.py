@@ -11,9 +11,9 @@ and how a tree is stored in files that need arrays the model computes (`store`) 
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
 
-from vit_flax.lucid_vit import LucidViT
-from vit_flax.swin import SwinTransformer
-from vit_flax.vit import VisionTransformer
+from vit_flax.models.swin import SwinTransformer
+from vit_flax.models.vit import VisionTransformer
+from vit_flax.models.vit_pytorch import LucidViT
 
 from . import lucid_map, swin_map, vit_map
 

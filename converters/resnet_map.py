@@ -7,7 +7,7 @@ timm holds the stem as a `ResNetV2` (`stem.conv`, `stem.norm`, `stages.{i}.block
 import re
 from typing import List, Optional, Tuple
 
-from vit_flax.resnet import ROOT_WIDTH
+from vit_flax.models.resnet import ROOT_WIDTH
 
 from .table import CONV, Rule, norm_rules, rule
 

@@ -9,7 +9,7 @@ from typing import Callable, List
 
 import numpy as np
 
-from vit_flax.posemb import sincos2d
+from vit_flax.models.posemb import sincos2d
 
 from . import resnet_map
 from .table import CONV, Rule, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule

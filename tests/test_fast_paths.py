@@ -14,7 +14,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import converters
 import vit_flax
 from converters import api, google
-from vit_flax import layers
+from vit_flax.models import layers
 
 from conftest import images, rel_err, run_flax, run_timm, timm_model
 

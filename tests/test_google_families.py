@@ -22,8 +22,8 @@ import vit_flax
 from converters import api, google, parity
 from converters.describe import describe
 from converters.errors import ConversionError
-from vit_flax.posemb import sincos2d
-from vit_flax.resnet import standardize
+from vit_flax.models.posemb import sincos2d
+from vit_flax.models.resnet import standardize
 from vit_flax.summary import count_macs, count_params, param_shapes
 
 from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model

@@ -15,7 +15,7 @@ from flax.traverse_util import flatten_dict
 import converters
 from converters import api, swin_map
 from converters.errors import ConversionError
-from vit_flax.swin import relative_position_index
+from vit_flax.models.swin import relative_position_index
 
 import seeds_reference as seeds
 from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model

@@ -12,7 +12,7 @@ import vit_flax
 from converters import swin_map, table
 from converters.errors import ConversionError
 from converters.families import family_of
-from vit_flax.swin import SwinTransformer, relative_position_index
+from vit_flax.models.swin import SwinTransformer, relative_position_index
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 

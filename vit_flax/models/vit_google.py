@@ -5,7 +5,7 @@ Each entry is timm's own configuration (`vision_transformer_hybrid.py`, `vision_
 and `vit_base_r50_s16_224` (in21k, no head) are headless.
 """
 from .vit import VisionTransformer, _SIZES
-from .registry import register
+from ..registry import register
 
 # ---- R+ViT hybrids (vit_jax R50+ViT-B_16, AugReg R_Ti_16, R26_S_32, R50_L_32): ResNet stem, then patches.
 _HYBRIDS = [  # (name, size, ResNet units per stage, patch on the stem's output, num_classes)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dense_general,
                      dot_product_attention, drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
 from .posemb import sincos2d
-from .registry import register
+from ..registry import register
 from .resnet import ResNetStem, stem_output_size, stem_stride
 
 Dtype = Any

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, dot_product_attention,
                      fused_projection, merge_heads, split_heads, to_tuple)
-from .registry import register
+from ..registry import register
 
 Dtype = Any
 EPS = 1e-5  # torch.nn.LayerNorm's default, used by every vit-pytorch norm

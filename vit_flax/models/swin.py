@@ -30,7 +30,7 @@ import numpy as np
 
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dot_product_attention,
                      drop_path_rates, fused_projection, merge_heads, remat_block, split_heads, to_tuple)
-from .registry import register
+from ..registry import register
 
 Dtype = Any
 Pair = Tuple[int, int]

@@ -1,1 +1,2 @@
-"""The model families, one module each, their parts and the building blocks they share."""
+"""The model families, one module each (`vit`, `swin`, `vit_pytorch`), their parts (`resnet`, `posemb`)
+and the building blocks they share (`layers`)."""

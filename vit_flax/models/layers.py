@@ -1,125 +1,22 @@
-"""Building blocks shared by the model families: MLP, drop path, attention, the activation and the matmul policy."""
-import functools
+"""Building blocks shared by the model families: dense layers and projections (computed by
+`ops.matmul`), the patch convolution, the MLP, drop path, remat helpers and small config helpers.
+
+Dropout rates use timm's spellings everywhere: `drop_rate` (the MLP's own dropout, timm `Mlp(drop=)`),
+`proj_drop_rate` (after attention's output projection and in a block's MLP), `attn_drop_rate` (on the
+attention weights), `drop_path_rate` (stochastic depth), in that order.
+"""
 import math
-import os
 from functools import partial
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from ..ops.activations import gelu_fn
+from ..ops.matmul import matmul
 
 Dtype = Any
-
-
-@jax.custom_jvp
-def gelu_exact(x):
-    """x * Phi(x) in PyTorch's form, 0.5 x (1 + erf(x / sqrt 2)), computed in at least float32.
-
-    jax.nn.gelu(approximate=False) goes through erfc, whose derivative XLA:CPU lowers to a long
-    select chain; this form with its derivative written out is cheaper in the backward pass and is the
-    formula timm/PyTorch evaluate (in float32 for bf16 inputs too).
-    """
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return (xf * 0.5 * (1.0 + lax.erf(xf * (1 / math.sqrt(2))))).astype(x.dtype)
-
-
-@gelu_exact.defjvp
-def _gelu_exact_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    cdf = 0.5 * (1.0 + lax.erf(xf * (1 / math.sqrt(2))))
-    pdf = jnp.exp(-0.5 * xf * xf) * (1 / math.sqrt(2 * math.pi))
-    return (xf * cdf).astype(x.dtype), (t.astype(xf.dtype) * (cdf + xf * pdf)).astype(t.dtype)
-
-
-# Under jax.checkpoint the derivative factor is recomputed in the backward pass, fused with the cotangent
-# product, from the saved pre-activation: without it the forward pass runs a second erf pass over the MLP's
-# widest activation to store that factor (ViT-S training step: 19 -> 13 ms of GELU per block on XLA:CPU).
-gelu_exact_recomputed = jax.checkpoint(gelu_exact)
-
-
-def gelu_fn(kind: str) -> Callable:
-    # timm and PyTorch use the exact erf form; Google's vit_jax/big_vision use flax's default tanh form.
-    if kind == 'exact':
-        return gelu_exact_recomputed
-    if kind == 'tanh':
-        return partial(nn.gelu, approximate=True)
-    raise ValueError(f"gelu must be 'exact' or 'tanh', got {kind!r}")
-
-
-# ---------------------------------------------------------------- the matmul policy
-#
-# Every matmul of the models goes through `matmul`: float32 operands take XLA's plain dot; low-precision
-# (bf16) operands accumulate in float32 and round once. Where the hardware has bf16 dot instructions
-# (GPU, TPU, x86 with AMX or AVX512_BF16, ARM with BF16) the operands stay bf16 in the forward AND the
-# backward pass (a custom VJP rounds the cotangent to bf16, as autocast's backward does, so no matmul
-# falls back to a mixed f32 x bf16 dot). On a CPU without them (AVX2 only) XLA's bf16 GEMM converts
-# tile by tile and runs slower than its float32 GEMM, so the operands are widened to float32 first: the
-# same products and the same float32 accumulation, on the faster kernel.
-_BF16_CPU_FLAGS = {'avx512_bf16', 'amx_bf16', 'bf16'}  # x86 (AVX512_BF16, AMX) and aarch64 (FEAT_BF16)
-BF16_MATMUL_ENV = 'VIT_FLAX_BF16_MATMUL'
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_bf16() -> Optional[bool]:
-    try:
-        with open('/proc/cpuinfo') as f:
-            lines = [l for l in f if l.startswith(('flags', 'Features'))]
-    except OSError:
-        return None
-    return bool(lines) and bool(_BF16_CPU_FLAGS & set(lines[0].split(':', 1)[-1].split()))
-
-
-def native_bf16_matmul() -> bool:
-    """Whether bf16 matmuls keep bf16 operands on the default backend (see the note above).
-
-    Override with the environment variable VIT_FLAX_BF16_MATMUL=native|float32 (read at trace time).
-    """
-    forced = os.environ.get(BF16_MATMUL_ENV, '').lower()
-    if forced in ('native', 'float32'):
-        return forced == 'native'
-    if forced:
-        raise ValueError(f'{BF16_MATMUL_ENV} must be native or float32, got {forced!r}')
-    return jax.default_backend() != 'cpu' or _cpu_has_bf16() is not False
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _low_precision_einsum(spec, a, b, out_dtype, widen):
-    if widen:
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-def _low_precision_einsum_fwd(spec, a, b, out_dtype, widen):
-    return _low_precision_einsum(spec, a, b, out_dtype, widen), (a, b)
-
-
-def _low_precision_einsum_bwd(spec, out_dtype, widen, res, ct):
-    # The cotangent is rounded to the operands' dtype (as autocast's backward does) and each gradient is a
-    # product of two low-precision operands accumulated in float32, whichever kernel runs it.
-    a, b = res
-    (sa, sb), so = spec.split('->')[0].split(','), spec.split('->')[1]
-    ct = ct.astype(a.dtype)
-    return (_low_precision_einsum(f'{so},{sb}->{sa}', ct, b, a.dtype, widen),
-            _low_precision_einsum(f'{sa},{so}->{sb}', a, ct, b.dtype, widen))
-
-
-_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
-
-
-def matmul(spec: str, a, b, out_dtype=None):
-    """`jnp.einsum(spec, a, b)` accumulated in float32, returned in `out_dtype` (default: the operands').
-
-    `spec` names every index of an operand in the other operand or in the output (no traces or sums
-    over one operand), so that its gradients are einsums of the same kind.
-    """
-    dtype = jnp.result_type(a, b)
-    out_dtype = dtype if out_dtype is None else out_dtype
-    if jnp.finfo(dtype).bits >= 32:
-        return jnp.einsum(spec, a, b, preferred_element_type=dtype).astype(out_dtype)
-    return _low_precision_einsum(spec, a.astype(dtype), b.astype(dtype), out_dtype, not native_bf16_matmul())
 
 
 def _dense_params(mdl: nn.Module, in_shape, features, use_bias: bool, kernel_init, bias_init):
@@ -196,90 +93,10 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
-def dot_product_attention(q, k, v, bias=None, dropout: Optional[Callable] = None):
-    """softmax(q k^T + bias) v over (..., N, Dh) arrays, q already scaled.
-
-    Logits, bias and softmax in float32 (as timm under autocast: its attention kernel keeps the softmax
-    in float32); both matmuls through `matmul`. Returns (..., N, Dh) in v's dtype. `dropout` (on the
-    attention weights) is None when it cannot drop anything (see `active_dropout`): then the derivatives
-    are the hand-written ones below.
-    """
-    if dropout is None:
-        exact = jnp.finfo(jnp.result_type(q, k, v)).bits >= 32
-        return (_attention_f32 if exact else _attention)(q, k, v, bias)
-    weights = jax.nn.softmax(_attention_logits(q, k, bias), axis=-1)
-    return matmul('...qk,...kd->...qd', dropout(weights).astype(v.dtype), v)
-
-
 def active_dropout(drop: nn.Module, deterministic: bool) -> Optional[Callable]:
-    """`drop` (an nn.Dropout) as a callable when it can drop something, else None."""
+    """`drop` (an nn.Dropout) as a callable when it can drop something (training, nonzero rate), else None:
+    `dot_product_attention`'s `dropout` argument."""
     return None if deterministic or drop.rate == 0 else partial(drop, deterministic=False)
-
-
-def _attention_logits(q, k, bias):
-    logits = matmul('...qd,...kd->...qk', q, k, out_dtype=jnp.float32)
-    return logits if bias is None else logits + bias
-
-
-def _attention_probs(q, k, bias):
-    logits = _attention_logits(q, k, bias)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    return e / jnp.sum(e, axis=-1, keepdims=True)  # jax.nn.softmax's formula
-
-
-# Hand-written derivatives: autodiff of softmax makes XLA:CPU materialise the broadcast normaliser and run
-# extra passes over the N x N array; these keep the probabilities as the one saved N x N array. Float32
-# gets a JVP (forward mode, jax.jvp and Hessian-vector products keep working; reverse mode is its
-# transpose); low precision gets a VJP, as `matmul`'s own low-precision path does.
-@jax.custom_jvp
-def _attention_f32(q, k, v, bias):
-    return matmul('...qk,...kd->...qd', _attention_probs(q, k, bias), v)
-
-
-@_attention_f32.defjvp
-def _attention_f32_jvp(primals, tangents):
-    (q, k, v, bias), (dq, dk, dv, dbias) = primals, tangents
-    p = _attention_probs(q, k, bias)
-    ds = matmul('...qd,...kd->...qk', dq, k) + matmul('...qd,...kd->...qk', q, dk)
-    if bias is not None:
-        ds = ds + dbias
-    dp = p * (ds - jnp.sum(p * ds, axis=-1, keepdims=True))
-    return (matmul('...qk,...kd->...qd', p, v),
-            matmul('...qk,...kd->...qd', dp, v) + matmul('...qk,...kd->...qd', p, dv))
-
-
-@jax.custom_vjp
-def _attention(q, k, v, bias):
-    return _attention_fwd(q, k, v, bias)[0]
-
-
-def _attention_fwd(q, k, v, bias):
-    p = _attention_probs(q, k, bias)
-    return matmul('...qk,...kd->...qd', p.astype(v.dtype), v), (q, k, v, p, bias)
-
-
-def _attention_bwd(res, do):
-    """What autodiff would give for the forward above, `matmul`'s low-precision VJP included (each
-    cotangent rounded to its operand's dtype before the product, accumulated in float32)."""
-    q, k, v, p, bias = res
-    pc, do = p.astype(v.dtype), do.astype(v.dtype)
-    dv = matmul('...qk,...qd->...kd', pc, do, out_dtype=v.dtype)
-    dp = matmul('...qd,...kd->...qk', do, v, out_dtype=pc.dtype).astype(jnp.float32)
-    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
-    dsc = ds.astype(q.dtype)
-    dq = matmul('...qk,...kd->...qd', dsc, k, out_dtype=q.dtype)
-    dk = matmul('...qk,...qd->...kd', dsc, q, out_dtype=k.dtype)
-    return dq, dk, dv, None if bias is None else _sum_to_shape(ds, bias.shape).astype(bias.dtype)
-
-
-def _sum_to_shape(x, shape):
-    """x summed over the axes that broadcasting `shape` to x.shape added or stretched."""
-    lead = x.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
-    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class PatchConv(nn.Module):
@@ -308,7 +125,7 @@ class PatchConv(nn.Module):
 
 
 def dense(features, dtype, name=None, **kw) -> Dense:
-    return Dense(features, dtype, name=name, **kw)
+    return Dense(features=features, dtype=dtype, name=name, **kw)
 
 
 def dense_general(features, axis, dtype, name=None, **kw) -> Dense:
@@ -316,14 +133,14 @@ def dense_general(features, axis, dtype, name=None, **kw) -> Dense:
     axis = (axis,) if isinstance(axis, int) else tuple(axis)
     if sorted(axis) != list(range(-len(axis), 0)):
         raise ValueError(f'dense_general contracts trailing axes only, got {axis}')
-    return Dense(features, dtype, name=name, in_axes=len(axis), **kw)
+    return Dense(features=features, dtype=dtype, name=name, in_axes=len(axis), **kw)
 
 
 class MlpBlock(nn.Module):
     """Dense -> GELU -> dropout -> Dense -> dropout; params `Dense_0`, `Dense_1` as in Google's trees."""
     mlp_dim: int
     out_dim: Optional[int] = None
-    dropout_rate: float = 0.0
+    drop_rate: float = 0.0
     gelu: str = 'exact'
     dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.xavier_uniform()
@@ -335,21 +152,20 @@ class MlpBlock(nn.Module):
         x = dense(self.mlp_dim, self.dtype, name='Dense_0', kernel_init=self.kernel_init,
                   bias_init=self.bias_init)(x)
         x = gelu_fn(self.gelu)(x)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
         x = dense(out_dim, self.dtype, name='Dense_1', kernel_init=self.kernel_init,
                   bias_init=self.bias_init)(x)
-        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
 
 
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample, scaling survivors by 1/keep.
 
-    `rate` at call time (a traced per-block rate under nn.scan) overrides the field."""
-    rate: float = 0.0
+    One calling convention, `DropPath()(x, rate=..., deterministic=...)`: the rate is a call argument
+    (a Python float, or a traced per-block rate under nn.scan), never a field."""
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, rate=None):
-        rate = self.rate if rate is None else rate
+    def __call__(self, x, rate, deterministic: bool = True):
         if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
             return x
         keep = 1.0 - rate

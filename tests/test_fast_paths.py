@@ -107,6 +107,44 @@ def test_bf16_attention_gradients_are_autodiffs(path):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('name,kw,drop', [
+    ('vit_tiny_patch16_224', dict(img_size=32, depth=2, global_pool='map', class_token=False), 'attn_drop_rate'),
+    ('swin_tiny_patch4_window7_224', dict(img_size=32, depths=(2,), num_heads=(3,), window_size=4), 'attn_drop_rate'),
+    ('lucid_vit_tiny_patch16_224', dict(img_size=32, depth=2), 'dropout'),
+])
+def test_attn_impl_reference_computes_what_fused_computes(name, kw, drop):
+    """attn_impl='reference' (the plain formula, autodiff) against the default 'fused' kernel: the same
+    params, close values and gradients; with attention dropout active both run the reference: equal bits."""
+    fused, ref = (vit_flax.create_model(name, attn_impl=impl, **kw) for impl in ('fused', 'reference'))
+    params, x = random_params(fused), images((2, 32, 32, 3))
+    run = lambda m, p, **a: jax.jit(jax.value_and_grad(lambda p: (m.apply({'params': p}, x, **a) ** 2).mean()))(p)
+    (l1, g1), (l2, g2) = run(fused, params), run(ref, params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    train = dict(train=True, rngs={'dropout': jax.random.PRNGKey(0)})
+    dropped = [run(m.clone(**{drop: 0.2}), params, **train)[0] for m in (fused, ref)]
+    assert dropped[0] == dropped[1] != l1
+    with pytest.raises(ValueError, match="^attn_impl must be 'fused' or 'reference', got 'flash'"):
+        vit_flax.init_params(fused.clone(attn_impl='flash'))
+
+
+def test_bf16_matmul_policy_is_explicit_and_resolved_once(monkeypatch):
+    resolved = mm.policy()
+    assert resolved in ('native', 'float32')
+    monkeypatch.setenv(mm.BF16_MATMUL_ENV, 'native' if resolved == 'float32' else 'float32')
+    assert mm.policy() == resolved  # the environment variable was read once, at first use
+    with mm.using_policy('native'):
+        assert mm.policy() == 'native'
+        with mm.using_policy('float32'):
+            assert mm.policy() == 'float32'
+        assert mm.policy() == 'native'
+    assert mm.policy() == resolved
+    with pytest.raises(ValueError, match="must be native or float32, got 'bf16'"):
+        mm.set_policy('bf16')
+    assert mm.policy() == resolved
+
+
 def test_gelu_exact_matches_torch_values_and_gradient():
     x = np.linspace(-9, 9, 2001, dtype=np.float32)
     xt = torch.from_numpy(x).requires_grad_()

@@ -393,10 +393,9 @@ for _size in ('tiny', 'small', 'base'):
     _vit(f'vit1d_{_size}_patch16_1024', spatial_dims=1, img_size=1024, patch_size=16, in_chans=1, embed_norm=True,
          **_SIZES[_size])
 
-# timm's names for Google's other ViT checkpoint families. Each entry is timm's own configuration
+# timm's names for Google's other ViT checkpoint families, each with timm's own configuration
 # (`vision_transformer_hybrid.py`, `vision_transformer.py`), `num_classes` included: timm builds a model with
 # its default pretrained tag's head, so the SigLIP towers and `vit_base_r50_s16_224` (in21k, no head) are headless.
-
 # ---- R+ViT hybrids (vit_jax R50+ViT-B_16, AugReg R_Ti_16, R26_S_32, R50_L_32): ResNet stem, then patches.
 _HYBRIDS = [  # (name, size, ResNet units per stage, patch on the stem's output, num_classes)
     ('vit_tiny_r_s16_p8_224', 'tiny', (), 8, 1000),

@@ -1,23 +1,20 @@
-"""The matmul of every model (`matmul`) and the bf16 matmul policy that picks its low-precision kernel.
+"""The matmul of every model (`matmul`), and the bf16 matmul policy that picks its low-precision kernel.
 
-Float32 operands take XLA's plain dot (the reference). Low-precision (bf16) operands take
+Float32 operands take XLA's plain dot (the reference). Low-precision (bf16) operands take the fast path,
 `_low_precision_einsum`: float32 accumulation, one rounding, and a custom VJP that rounds the cotangent to
-bf16 (as autocast's backward does), so each gradient is again a product of two bf16 operands accumulated
-in float32 (its reference is JAX's autodiff of the same forward, tests/test_fast_paths.py). The policy
-selects the kernel it runs on:
-
-- 'native': the operands stay bf16 in the forward AND the backward pass (no matmul falls back to a mixed
-  f32 x bf16 dot). The default where the hardware has bf16 dot instructions (GPU, TPU, x86 with AMX or
-  AVX512_BF16, ARM with BF16).
-- 'float32': the operands are widened to float32 first: the same products and the same float32
-  accumulation, on XLA:CPU's faster float32 GEMM. The default on a CPU without them (AVX2 only), where
-  XLA's bf16 GEMM converts tile by tile and runs slower than its float32 GEMM.
+bf16 (as autocast's backward does), so that each gradient is again a product of two bf16 operands
+accumulated in float32 (its reference: JAX's autodiff of the same forward). The policy picks its kernel:
+'native' keeps the operands bf16 in the forward AND the backward pass (no mixed f32 x bf16 dot), the
+default where the hardware has bf16 dot instructions (GPU, TPU, x86 with AMX or AVX512_BF16, ARM with
+BF16); 'float32' widens them to float32 first (the same products and float32 accumulation, on XLA:CPU's
+faster float32 GEMM), the default on a CPU without them (AVX2 only: XLA's bf16 GEMM converts tile by
+tile and runs slower than its float32 GEMM).
 
 `policy()` resolves it once, at first use, from the environment variable VIT_FLAX_BF16_MATMUL
-(native|float32; read once, at that first use, and never again), else the default backend and
-/proc/cpuinfo, and caches the result. `set_policy(value)` overrides it explicitly (None: back to the
-resolved default) and `using_policy(value)` does so for a `with` block. The policy is read while tracing:
-a function jitted before a change keeps the kernel it was traced with.
+(native|float32; read once, at that first use, never again), else the backend and /proc/cpuinfo, and
+caches it. `set_policy(value)` overrides it explicitly (None: back to the resolved default);
+`using_policy(value)` does so for a `with` block. It is read while tracing: a function jitted before a
+change keeps the kernel it was traced with.
 """
 import contextlib
 import functools

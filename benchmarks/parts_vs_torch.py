@@ -47,8 +47,9 @@ def run_jax(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from vit_flax.layers import MlpBlock, dot_product_attention
-    from vit_flax.vit import Encoder1DBlock, MultiHeadDotProductAttention
+    from vit_flax.models.layers import MlpBlock
+    from vit_flax.models.vit import Encoder1DBlock, MultiHeadDotProductAttention
+    from vit_flax.ops.attention import dot_product_attention
 
     rng = np.random.default_rng(0)
     b, n, d, h = a.batch, a.tokens, a.dim, a.heads
@@ -58,7 +59,7 @@ def run_jax(a) -> dict:
         @nn.compact
         def __call__(self, x):
             y = nn.LayerNorm(epsilon=1e-6)(x)
-            return x + MultiHeadDotProductAttention(h)(y, y)
+            return x + MultiHeadDotProductAttention(num_heads=h)(y)
 
     class MlpHalf(nn.Module):
         @nn.compact

@@ -20,7 +20,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import vit_flax
-from vit_flax.layers import to_tuple
+from vit_flax.models.layers import to_tuple
 from vit_flax.registry import list_models, model_config, split_tag
 from vit_flax.summary import param_shapes
 

@@ -16,7 +16,8 @@ import vit_flax
 from converters import pipeline
 from converters import scan
 from converters.families import vit as vit_family
-from vit_flax import layers
+from vit_flax.models import layers
+from vit_flax.ops import activations, attention, matmul as mm
 
 from conftest import images, rel_err, run_flax, run_timm, timm_model
 
@@ -39,26 +40,33 @@ def stacked(params):
     return unflatten_dict(scan.stack_blocks(flatten_dict(params, sep='/')), sep='/')
 
 
+@pytest.fixture(params=['native', 'float32'])
+def path(request):
+    """Each bf16 matmul path in turn, set explicitly (`ops.matmul.using_policy`) for the test's duration."""
+    with mm.using_policy(request.param):
+        yield request.param
+
+
 # ---------------------------------------------------------------- attention, GELU, patch embedding
 
 def test_attention_matches_torch_sdpa_with_bias_and_broadcast_batch_dims():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 3, 4, 10, 8)).astype(np.float32) for _ in range(3))
     bias = rng.standard_normal((3, 4, 10, 10)).astype(np.float32)  # broadcast over the leading batch dim
-    ours = layers.dot_product_attention(jnp.asarray(q) * 8 ** -0.5, k, v, bias)
+    ours = attention.dot_product_attention(jnp.asarray(q) * 8 ** -0.5, k, v, bias)
     ref = F.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)), attn_mask=torch.from_numpy(bias))
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('bias_shape', [None, (3, 4, 10, 10), (1, 4, 1, 10)])
 def test_attention_gradients_match_torch_autograd(bias_shape):
-    """The hand-written VJP (`layers._attention`) against PyTorch's autograd of the same formula, for q, k, v
+    """The hand-written VJP (`attention._attention`) against PyTorch's autograd of the same formula, for q, k, v
     and a bias broadcast over batch, head or query axes (Swin's relative position bias and mask)."""
     rng = np.random.default_rng(1)
     q, k, v, ct = (rng.standard_normal((2, 3, 4, 10, 8)).astype(np.float32) for _ in range(4))
     bias = None if bias_shape is None else rng.standard_normal(bias_shape).astype(np.float32)
     args = [q, k, v] + ([] if bias is None else [bias])
-    fn = lambda q, k, v, *b: layers.dot_product_attention(q * 8 ** -0.5, k, v, *b)
+    fn = lambda q, k, v, *b: attention.dot_product_attention(q * 8 ** -0.5, k, v, *b)
     out, vjp = jax.vjp(fn, *map(jnp.asarray, args))
     ours = vjp(jnp.asarray(ct))
     tq, tk, tv, *tb = (torch.from_numpy(a).requires_grad_() for a in args)
@@ -78,29 +86,65 @@ def test_attention_forward_mode_matches_autodiff_of_softmax():
     primals = [jnp.asarray(rng.standard_normal((2, 4, 10, 8)), jnp.float32) for _ in range(3)]
     tangents = [jnp.asarray(rng.standard_normal((2, 4, 10, 8)), jnp.float32) for _ in range(3)]
     ref = lambda q, k, v: jax.nn.softmax(jnp.einsum('bhqd,bhkd->bhqk', q, k), axis=-1) @ v
-    out, tan = jax.jvp(lambda q, k, v: layers.dot_product_attention(q, k, v), primals, tangents)
+    out, tan = jax.jvp(lambda q, k, v: attention.dot_product_attention(q, k, v), primals, tangents)
     want_out, want_tan = jax.jvp(ref, primals, tangents)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tan, want_tan, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('path', ['native', 'float32'])
-def test_bf16_attention_gradients_are_autodiffs(path, monkeypatch):
+def test_bf16_attention_gradients_are_autodiffs(path):
     """bf16 attention's hand-written VJP against JAX autodiff of the same steps (jax.nn.softmax and `matmul`,
     whose own VJP rounds each cotangent to bf16): the same numbers, a broadcast bias included."""
-    monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)
     rng = np.random.default_rng(3)
     q, k, v, ct = (jnp.asarray(rng.standard_normal((2, 3, 4, 10, 8)), jnp.bfloat16) for _ in range(4))
     bias = jnp.asarray(rng.standard_normal((3, 1, 10, 10)), jnp.float32)
 
     def ref(q, k, v, bias):
-        logits = layers.matmul('...qd,...kd->...qk', q, k, out_dtype=jnp.float32) + bias
-        return layers.matmul('...qk,...kd->...qd', jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
-    got = jax.vjp(layers.dot_product_attention, q, k, v, bias)[1](ct)
+        logits = mm.matmul('...qd,...kd->...qk', q, k, out_dtype=jnp.float32) + bias
+        return mm.matmul('...qk,...kd->...qd', jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+    got = jax.vjp(attention.dot_product_attention, q, k, v, bias)[1](ct)
     want = jax.vjp(ref, q, k, v, bias)[1](ct)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('name,kw,drop', [
+    ('vit_tiny_patch16_224', dict(img_size=32, depth=2, global_pool='map', class_token=False), 'attn_drop_rate'),
+    ('swin_tiny_patch4_window7_224', dict(img_size=32, depths=(2,), num_heads=(3,), window_size=4), 'attn_drop_rate'),
+    ('lucid_vit_tiny_patch16_224', dict(img_size=32, depth=2), 'dropout'),
+])
+def test_attn_impl_reference_computes_what_fused_computes(name, kw, drop):
+    """attn_impl='reference' (the plain formula, autodiff) against the default 'fused' kernel: the same
+    params, close values and gradients; with attention dropout active both run the reference: equal bits."""
+    fused, ref = (vit_flax.create_model(name, attn_impl=impl, **kw) for impl in ('fused', 'reference'))
+    params, x = random_params(fused), images((2, 32, 32, 3))
+    run = lambda m, p, **a: jax.jit(jax.value_and_grad(lambda p: (m.apply({'params': p}, x, **a) ** 2).mean()))(p)
+    (l1, g1), (l2, g2) = run(fused, params), run(ref, params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    train = dict(train=True, rngs={'dropout': jax.random.PRNGKey(0)})
+    dropped = [run(m.clone(**{drop: 0.2}), params, **train)[0] for m in (fused, ref)]
+    assert dropped[0] == dropped[1] != l1
+    with pytest.raises(ValueError, match="^attn_impl must be 'fused' or 'reference', got 'flash'"):
+        vit_flax.init_params(fused.clone(attn_impl='flash'))
+
+
+def test_bf16_matmul_policy_is_explicit_and_resolved_once(monkeypatch):
+    resolved = mm.policy()
+    assert resolved in ('native', 'float32')
+    monkeypatch.setenv(mm.BF16_MATMUL_ENV, 'native' if resolved == 'float32' else 'float32')
+    assert mm.policy() == resolved  # the environment variable was read once, at first use
+    with mm.using_policy('native'):
+        assert mm.policy() == 'native'
+        with mm.using_policy('float32'):
+            assert mm.policy() == 'float32'
+        assert mm.policy() == 'native'
+    assert mm.policy() == resolved
+    with pytest.raises(ValueError, match="must be native or float32, got 'bf16'"):
+        mm.set_policy('bf16')
+    assert mm.policy() == resolved
 
 
 def test_gelu_exact_matches_torch_values_and_gradient():
@@ -108,12 +152,12 @@ def test_gelu_exact_matches_torch_values_and_gradient():
     xt = torch.from_numpy(x).requires_grad_()
     F.gelu(xt).sum().backward()
     # (the far negative tail differs by < 1e-6 absolute: the erf approximations saturate at different points)
-    np.testing.assert_allclose(layers.gelu_exact(x), F.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda x: layers.gelu_exact(x).sum())(x), xt.grad.numpy(), rtol=1e-5,
+    np.testing.assert_allclose(activations.gelu_exact(x), F.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: activations.gelu_exact(x).sum())(x), xt.grad.numpy(), rtol=1e-5,
                                atol=1e-6)
     xb = jnp.asarray(x, jnp.bfloat16)  # bf16 in, bf16 out, computed in float32 like PyTorch: within one bf16 ulp
     ref = F.gelu(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
-    np.testing.assert_allclose(np.asarray(layers.gelu_exact(xb), np.float32), ref, rtol=2 ** -7, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(activations.gelu_exact(xb), np.float32), ref, rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.parametrize('shape,patch', [((1, 15, 11, 3), (7, 5)), ((2, 50, 2), (8,))])
@@ -155,13 +199,11 @@ def test_dense_layers_have_flax_params_and_init(ours, flax_ref, shape):
 
 # ---------------------------------------------------------------- bf16
 
-@pytest.mark.parametrize('path', ['native', 'float32'])
-def test_bf16_matmul_gradients_are_bf16_products_accumulated_in_float32(path, monkeypatch):
-    monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)
+def test_bf16_matmul_gradients_are_bf16_products_accumulated_in_float32(path):
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((6, 300), (300, 5)))
     ct = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
-    out, vjp = jax.vjp(lambda a, b: layers.matmul('mk,kn->mn', a, b, out_dtype=jnp.float32), a, b)
+    out, vjp = jax.vjp(lambda a, b: mm.matmul('mk,kn->mn', a, b, out_dtype=jnp.float32), a, b)
     da, db = vjp(ct)
     assert out.dtype == jnp.float32 and da.dtype == db.dtype == jnp.bfloat16
     f64 = lambda t: np.asarray(t, np.float64)
@@ -171,7 +213,7 @@ def test_bf16_matmul_gradients_are_bf16_products_accumulated_in_float32(path, mo
     np.testing.assert_allclose(f64(db), f64(a).T @ ct16, rtol=8e-3, atol=1e-2)
     # every matmul of the forward and backward takes operands of one dtype: bf16 on the native path (no
     # mixed f32 x bf16 dot, which XLA would widen to a float32 GEMM), float32 on the widened one
-    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: layers.matmul('mk,kn->mn', a, b, out_dtype=jnp.float32).sum(),
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: mm.matmul('mk,kn->mn', a, b, out_dtype=jnp.float32).sum(),
                                     argnums=(0, 1)))(a, b)
     dots = {tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == 'dot_general'}
     assert dots == {('bfloat16', 'bfloat16') if path == 'native' else ('float32', 'float32')}, dots
@@ -282,7 +324,7 @@ def test_unknown_remat_policy_is_a_clear_error():
 
 
 
-def test_vit_train_bf16_step_stays_on_one_matmul_path(monkeypatch):
+def test_vit_train_bf16_step_stays_on_one_matmul_path():
     """vit_train's step (forward, backward, AdamW) of a bf16 model: every matmul, the backward's included,
     takes operands of one dtype (bf16 on the native path, float32 widened on the other), never a mixed
     f32 x bf16 dot that XLA would run as a float32 GEMM on converted copies."""
@@ -295,9 +337,9 @@ def test_vit_train_bf16_step_stays_on_one_matmul_path(monkeypatch):
     batch = dict(image=jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8), label=jax.ShapeDtypeStruct((4,), jnp.int32),
                  weight=jax.ShapeDtypeStruct((4,), jnp.float32), unreadable=jax.ShapeDtypeStruct((4,), jnp.int32))
     for path, want in (('native', 'bfloat16'), ('float32', 'float32')):
-        monkeypatch.setenv(layers.BF16_MATMUL_ENV, path)  # (read at trace time: a fresh step function each)
-        fn = train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
-        jaxpr = jax.make_jaxpr(fn)(state, batch, 1e-3)
+        with mm.using_policy(path):  # (read at trace time: a fresh step function each)
+            fn = train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
+            jaxpr = jax.make_jaxpr(fn)(state, batch, 1e-3)
         dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr)
                 if e.primitive.name == 'dot_general']
         # (3 blocks x (qkv, logits, weights x v, out, 2 MLP) + patch embedding + head) x (forward, 2 gradients)

@@ -23,8 +23,8 @@ from converters import pipeline
 from converters.families import vit as vit_family
 from vit_flax_cli import parity
 from converters.errors import ConversionError
-from vit_flax.posemb import sincos2d
-from vit_flax.resnet import standardize
+from vit_flax.models.posemb import sincos2d
+from vit_flax.models.resnet import standardize
 from vit_flax.summary import count_macs, count_params, param_shapes
 
 from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model

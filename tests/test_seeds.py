@@ -16,7 +16,7 @@ import converters
 from converters import pipeline
 from converters.families import swin as swin_family
 from converters.errors import ConversionError
-from vit_flax.swin import relative_position_index
+from vit_flax.models.swin import relative_position_index
 
 import seeds_reference as seeds
 from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model

@@ -13,7 +13,7 @@ from converters.families import swin as swin_family
 from converters import rules as table
 from converters.errors import ConversionError
 from converters.families import family_of
-from vit_flax.swin import SwinTransformer, relative_position_index
+from vit_flax.models.swin import SwinTransformer, relative_position_index
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 

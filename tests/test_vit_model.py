@@ -9,7 +9,7 @@ import timm
 import torch
 
 import vit_flax
-from vit_flax.layers import drop_path_rates
+from vit_flax.models.layers import drop_path_rates
 from vit_flax.summary import count_macs, count_params
 
 from conftest import images, rel_err

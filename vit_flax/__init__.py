@@ -1,12 +1,11 @@
-"""Vision Transformers (ViT, DeiT, Swin) in JAX/Flax with Google's parameter trees and timm's names."""
+"""Vision Transformers (ViT, DeiT, Swin) in JAX/Flax with Google's parameter trees and timm's names.
+
+`models/` holds one module per family (importing it registers its names), `ops/` the fast paths beside
+their references."""
 from .registry import create_model, list_models, model_config, register
-from . import vit  # noqa: F401  (registers the ViT/DeiT family)
-from .vit import VisionTransformer
-from . import vit_google  # noqa: F401  (R+ViT hybrids, SigLIP towers: timm's names)
-from . import swin  # noqa: F401  (registers the Swin family)
-from .swin import SwinTransformer
-from . import lucid_vit  # noqa: F401  (registers lucidrains' vit-pytorch ViT)
-from .lucid_vit import LucidViT
+from .models.vit import VisionTransformer  # registers ViT/DeiT, R+ViT hybrids, SigLIP towers
+from .models.swin import SwinTransformer  # registers the Swin family
+from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch ViT
 from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'VisionTransformer', 'SwinTransformer',

@@ -12,7 +12,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 import vit_flax
-from vit_flax.layers import checkpoint_policy
+from vit_flax.models.layers import checkpoint_policy
 from converters.formats import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from vit_flax.layers import to_tuple
-from vit_flax.swin import SwinTransformer, relative_position_index, shifted_window_mask
+from vit_flax.models.layers import to_tuple
+from vit_flax.models.swin import SwinTransformer, relative_position_index, shifted_window_mask
 
 from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule

@@ -27,9 +27,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import ml_dtypes
 import numpy as np
 
-from vit_flax.posemb import sincos2d
-from vit_flax.resnet import ROOT_WIDTH
-from vit_flax.vit import VisionTransformer
+from vit_flax.models.posemb import sincos2d
+from vit_flax.models.resnet import ROOT_WIDTH
+from vit_flax.models.vit import VisionTransformer
 
 from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule

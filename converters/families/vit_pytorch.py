@@ -26,8 +26,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from vit_flax.layers import to_tuple
-from vit_flax.lucid_vit import LucidViT
+from vit_flax.models.layers import to_tuple
+from vit_flax.models.vit_pytorch import LucidViT
 from vit_flax.registry import create_model, list_models, model_config
 
 from ..errors import ConversionError

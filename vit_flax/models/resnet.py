@@ -42,8 +42,8 @@ class StdConv(nn.Conv):
 
 
 def _conv(features, kernel, strides, numerics, dtype, name):
-    return StdConv(features, kernel, strides, padding='SAME', use_bias=False, numerics=numerics, dtype=dtype,
-                   name=name)
+    return StdConv(features=features, kernel_size=kernel, strides=strides, padding='SAME', use_bias=False,
+                   numerics=numerics, dtype=dtype, name=name)
 
 
 def _group_norm(numerics, dtype, name, **kw):
@@ -84,8 +84,8 @@ class ResNetStage(nn.Module):
     @nn.compact
     def __call__(self, x):
         for j in range(self.units):
-            x = ResidualUnit(self.features, self.first_stride if j == 0 else (1, 1), self.numerics, self.dtype,
-                             name=f'unit{j + 1}')(x)
+            x = ResidualUnit(features=self.features, strides=self.first_stride if j == 0 else (1, 1),
+                             numerics=self.numerics, dtype=self.dtype, name=f'unit{j + 1}')(x)
         return x
 
 
@@ -103,8 +103,8 @@ class ResNetStem(nn.Module):
         x = nn.relu(_group_norm(self.numerics, self.dtype, 'gn_root')(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
         for i, units in enumerate(self.layers):
-            x = ResNetStage(units, ROOT_WIDTH * 2 ** i, (1, 1) if i == 0 else (2, 2), self.numerics, self.dtype,
-                            name=f'block{i + 1}')(x)
+            x = ResNetStage(units=units, features=ROOT_WIDTH * 2 ** i, first_stride=(1, 1) if i == 0 else (2, 2),
+                            numerics=self.numerics, dtype=self.dtype, name=f'block{i + 1}')(x)
         return x
 
 

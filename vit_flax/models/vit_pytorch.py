@@ -16,6 +16,12 @@ Field names are vit-pytorch's (`dim`, `depth`, `heads`, `dim_head`, `mlp_dim`, `
 `emb_dropout`), except `img_size`/`in_chans` (its `image_size`/`channels`), as everywhere in vit_flax.
 Input NHWC. `num_classes=0` returns the pooled features (vit-pytorch returns the tokens there).
 
+Inner modules spell vit-pytorch's one `dropout` as timm's `attn_drop_rate` (on the attention weights) and
+`proj_drop_rate` (after the output projection and in the MLP): LucidViT passes it to both. `attn_impl`
+('fused', the default, or 'reference') selects the attention kernel (ops/attention.py): the fused one with
+hand-written derivatives (the plain formula whenever attention dropout is active in training), or the
+plain formula always.
+
 Parameter tree: `patch_embed/{pixel_norm, proj, norm}`, `cls` (1, 1, dim), `pos_embedding`
 (1, prefix + patches, dim), `Transformer/layers_{i}/attn/{norm, query, key, value, out}` (Google's
 (dim, heads, dim_head) kernels, so a Flax file records the heads; `out` is absent when vit-pytorch has no
@@ -28,9 +34,10 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, dot_product_attention,
-                     fused_projection, merge_heads, split_heads, to_tuple)
-from .registry import register
+from ..ops.attention import check_impl, dot_product_attention
+from ..registry import register
+from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, fused_projection, merge_heads,
+                     split_heads, to_tuple)
 
 Dtype = Any
 EPS = 1e-5  # torch.nn.LayerNorm's default, used by every vit-pytorch norm
@@ -45,36 +52,41 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     project_out: bool = True
-    dropout: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         dim, heads = x.shape[-1], self.heads
         y = _norm(self.dtype, 'norm')(x)
         # one matmul for q, k, v (kernels concatenated at trace time, the tree keeps three), as vit.py does
-        qkv = [ProjectionParams((heads, self.dim_head), False, nn.initializers.lecun_normal(), name=n)(dim)
+        qkv = [ProjectionParams(features=(heads, self.dim_head), use_bias=False,
+                                kernel_init=nn.initializers.lecun_normal(), name=n)(dim)
                for n in ('query', 'key', 'value')]
         q, k, v = split_heads(fused_projection(y, qkv, self.dtype), 3, heads, self.dtype, self.dim_head ** -0.5)
-        drop = nn.Dropout(self.dropout)
-        out = dot_product_attention(q, k, v, dropout=active_dropout(drop, deterministic))  # (B, H, N, Dh)
+        drop = nn.Dropout(rate=self.attn_drop_rate)
+        out = dot_product_attention(q, k, v, impl=self.attn_impl,
+                                    dropout=active_dropout(drop, deterministic))  # (B, H, N, Dh)
         if not self.project_out:  # vit-pytorch's to_out is Identity: one head as wide as the model
             return merge_heads(out)
         out = dense_general(dim, (-2, -1), self.dtype, name='out')(out.transpose(0, 2, 1, 3))
-        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+        return nn.Dropout(rate=self.proj_drop_rate)(out, deterministic=deterministic)
 
 
 class FeedForward(nn.Module):
     """vit-pytorch's `FeedForward`: LayerNorm, then Linear, GELU (exact), dropout, Linear, dropout."""
     mlp_dim: int
-    dropout: float = 0.0
+    proj_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         y = _norm(self.dtype, 'norm')(x)
         # MlpBlock's param names (Dense_0, Dense_1) and its bias init; vit-pytorch's init is torch's default
-        return MlpBlock(self.mlp_dim, dropout_rate=self.dropout, dtype=self.dtype, name='mlp')(y, deterministic)
+        return MlpBlock(mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, dtype=self.dtype, name='mlp')(
+            y, deterministic)
 
 
 class Block(nn.Module):
@@ -83,14 +95,18 @@ class Block(nn.Module):
     dim_head: int
     mlp_dim: int
     project_out: bool = True
-    dropout: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        x = x + Attention(self.heads, self.dim_head, self.project_out, self.dropout, self.dtype,
-                          name='attn')(x, deterministic)
-        return x + FeedForward(self.mlp_dim, self.dropout, self.dtype, name='ff')(x, deterministic)
+        x = x + Attention(heads=self.heads, dim_head=self.dim_head, project_out=self.project_out,
+                          proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate, dtype=self.dtype,
+                          attn_impl=self.attn_impl, name='attn')(x, deterministic)
+        return x + FeedForward(mlp_dim=self.mlp_dim, proj_drop_rate=self.proj_drop_rate, dtype=self.dtype,
+                               name='ff')(x, deterministic)
 
 
 class PatchEmbed(nn.Module):
@@ -120,15 +136,18 @@ class Transformer(nn.Module):
     mlp_dim: int
     project_out: bool = True
     final_norm: bool = True
-    dropout: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         self.sow('intermediates', 'embed', x)
         for i in range(self.depth):
-            x = Block(self.heads, self.dim_head, self.mlp_dim, self.project_out, self.dropout, self.dtype,
-                      name=f'layers_{i}')(x, deterministic)
+            x = Block(heads=self.heads, dim_head=self.dim_head, mlp_dim=self.mlp_dim, project_out=self.project_out,
+                      proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate, dtype=self.dtype,
+                      attn_impl=self.attn_impl, name=f'layers_{i}')(x, deterministic)
             self.sow('intermediates', f'block_{i}', x)
         if self.final_norm:
             x = _norm(self.dtype, 'norm')(x)
@@ -154,6 +173,7 @@ class LucidViT(nn.Module):
     dropout: float = 0.0
     emb_dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'             # 'fused' | 'reference': the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -191,14 +211,18 @@ class LucidViT(nn.Module):
             raise ValueError("pool='cls' needs the class token")
         if self.final_norm not in ('tokens', 'pooled'):
             raise ValueError(f"final_norm must be 'tokens' or 'pooled', got {self.final_norm!r}")
-        self.patch_embed = PatchEmbed(self.patch_size_tuple, self.dim, self.patch_norm, self.dtype)
+        check_impl(self.attn_impl)
+        self.patch_embed = PatchEmbed(patch_size=self.patch_size_tuple, dim=self.dim, patch_norm=self.patch_norm,
+                                      dtype=self.dtype)
         if self.has_class_token:
             self.cls = self.param('cls', nn.initializers.normal(1.0), (1, 1, self.dim))
         n = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
         self.pos_embedding = self.param('pos_embedding', nn.initializers.normal(1.0), (1, n, self.dim))
-        self.emb_drop = nn.Dropout(self.emb_dropout)
-        self.Transformer = Transformer(self.depth, self.heads, self.dim_head, self.mlp_dim, self.project_out,
-                                       self.final_norm == 'tokens', self.dropout, self.dtype)
+        self.emb_drop = nn.Dropout(rate=self.emb_dropout)
+        self.Transformer = Transformer(depth=self.depth, heads=self.heads, dim_head=self.dim_head, mlp_dim=self.mlp_dim,
+                                       project_out=self.project_out, final_norm=self.final_norm == 'tokens',
+                                       proj_drop_rate=self.dropout, attn_drop_rate=self.dropout, dtype=self.dtype,
+                                       attn_impl=self.attn_impl)
         if self.final_norm == 'pooled':
             self.head_norm = _norm(self.dtype)
         if self.num_classes > 0:

@@ -10,18 +10,26 @@ R+ViT hybrids (`resnet=...`) put vit_jax's ResNet stem (`conv_root`, `gn_root`, 
 resnet.py) at the same top level, before `embedding`. `posemb='sincos2d'` replaces the learned table by
 big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to the patch tokens only.
 
+`attn_impl` ('fused', the default, or 'reference') selects the attention kernel (ops/attention.py): the
+fused one with hand-written derivatives (the plain formula whenever attention dropout is active in
+training), or the plain formula always.
+
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
+
+Registered here: timm's ViT and DeiT names, the 1-D ViTs, and timm's names for Google's other ViT
+checkpoint families, the R+ViT hybrids and the SigLIP / SigLIP 2 image towers.
 """
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ..ops.attention import check_impl, dot_product_attention
+from ..registry import register
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dense_general,
-                     dot_product_attention, drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
+                     drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
 from .posemb import sincos2d
-from .registry import register
 from .resnet import ResNetStem, stem_output_size, stem_stride
 
 Dtype = Any
@@ -30,33 +38,37 @@ Dtype = Any
 class MultiHeadDotProductAttention(nn.Module):
     """Attention with Google's `query/key/value/out` DenseGeneral params ((D,H,Dh) kernels).
 
-    The projections that read the same input run as one matmul (their kernels are concatenated at trace
-    time; the parameter tree stays Google's). Logits and softmax run in float32 whatever the compute
-    dtype, as timm's do under autocast.
+    `x` attends over `inputs_kv`; `inputs_kv=None` is self-attention, whose q, k, v projections run as one
+    matmul (their kernels are concatenated at trace time; the parameter tree stays Google's); with
+    `inputs_kv` given (the MAP head's probe), k and v run as one. Logits and softmax run in float32
+    whatever the compute dtype, as timm's do under autocast; `attn_impl` as in the module docstring.
     """
     num_heads: int
     qkv_bias: bool = True
     qk_scale: Optional[float] = None
-    dropout_rate: float = 0.0
+    attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
+    attn_impl: str = 'fused'
 
     @nn.compact
-    def __call__(self, inputs_q, inputs_kv, deterministic: bool = True):
-        dim, heads = inputs_q.shape[-1], self.num_heads
+    def __call__(self, x, inputs_kv=None, deterministic: bool = True):
+        dim, heads = x.shape[-1], self.num_heads
         if dim % heads:
             raise ValueError(f'embed dim {dim} is not divisible by {heads} heads')
         head_dim = dim // heads
-        q_p, k_p, v_p = (ProjectionParams((heads, head_dim), self.qkv_bias, self.kernel_init, name=n)(x.shape[-1])
-                         for n, x in (('query', inputs_q), ('key', inputs_kv), ('value', inputs_kv)))
+        kv = x if inputs_kv is None else inputs_kv
+        q_p, k_p, v_p = (ProjectionParams(features=(heads, head_dim), use_bias=self.qkv_bias,
+                                          kernel_init=self.kernel_init, name=n)(t.shape[-1])
+                         for n, t in (('query', x), ('key', kv), ('value', kv)))
         scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
-        if inputs_kv is inputs_q:
-            q, k, v = split_heads(fused_projection(inputs_q, [q_p, k_p, v_p], self.dtype), 3, heads, self.dtype, scale)
+        if inputs_kv is None:
+            q, k, v = split_heads(fused_projection(x, [q_p, k_p, v_p], self.dtype), 3, heads, self.dtype, scale)
         else:
-            (q,) = split_heads(fused_projection(inputs_q, [q_p], self.dtype), 1, heads, self.dtype, scale)
-            k, v = split_heads(fused_projection(inputs_kv, [k_p, v_p], self.dtype), 2, heads, self.dtype)
-        drop = nn.Dropout(self.dropout_rate)
-        out = dot_product_attention(q, k, v, dropout=active_dropout(drop, deterministic))
+            (q,) = split_heads(fused_projection(x, [q_p], self.dtype), 1, heads, self.dtype, scale)
+            k, v = split_heads(fused_projection(kv, [k_p, v_p], self.dtype), 2, heads, self.dtype)
+        drop = nn.Dropout(rate=self.attn_drop_rate)
+        out = dot_product_attention(q, k, v, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
         return dense_general(dim, (-2, -1), self.dtype, name='out', kernel_init=self.kernel_init)(
             out.transpose(0, 2, 1, 3))
 
@@ -76,25 +88,28 @@ class Encoder1DBlock(nn.Module):
     mlp_dim: int
     qkv_bias: bool = True
     qk_scale: Optional[float] = None
-    dropout_rate: float = 0.0
-    attn_dropout_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     gelu: str = 'exact'
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
-        y = MultiHeadDotProductAttention(self.num_heads, self.qkv_bias, self.qk_scale, self.attn_dropout_rate,
-                                         self.dtype, name='MultiHeadDotProductAttention_0')(y, y, deterministic)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        x = x + DropPath()(y, deterministic, rate)
+        y = MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+                                         attn_drop_rate=self.attn_drop_rate, dtype=self.dtype,
+                                         attn_impl=self.attn_impl,
+                                         name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
+        y = nn.Dropout(rate=self.proj_drop_rate)(y, deterministic=deterministic)
+        x = x + DropPath()(y, rate=rate, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_1')(x)
-        y = MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, gelu=self.gelu, dtype=self.dtype,
+        y = MlpBlock(mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,
                      name='MlpBlock_0')(y, deterministic)
-        return x + DropPath()(y, deterministic, rate)
+        return x + DropPath()(y, rate=rate, deterministic=deterministic)
 
 
 class ScanStep(Encoder1DBlock):
@@ -117,8 +132,8 @@ class Encoder(nn.Module):
     mlp_dim: int
     qkv_bias: bool = True
     qk_scale: Optional[float] = None
-    dropout_rate: float = 0.0
-    attn_dropout_rate: float = 0.0
+    drop_rate: float = 0.0        # on the embedded tokens, and each block's proj_drop_rate
+    attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     gelu: str = 'exact'
     norm_eps: float = 1e-6
@@ -127,16 +142,17 @@ class Encoder(nn.Module):
     learned_posemb: bool = True   # False: the caller added fixed positions already
     scan: bool = False
     remat_policy: Optional[str] = None
+    attn_impl: str = 'fused'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         if self.learned_posemb:
             x = AddPositionEmbs(name='posembed_input')(x)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
         self.sow('intermediates', 'embed', x)
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
-                  dropout_rate=self.dropout_rate, attn_dropout_rate=self.attn_dropout_rate, gelu=self.gelu,
-                  norm_eps=self.norm_eps, dtype=self.dtype)
+                  proj_drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate, gelu=self.gelu,
+                  norm_eps=self.norm_eps, dtype=self.dtype, attn_impl=self.attn_impl)
         rates = drop_path_rates(self.drop_path_rate, self.depth)
         if self.scan:
             collect = self.is_mutable_collection('intermediates')
@@ -164,15 +180,17 @@ class MAPHead(nn.Module):
     gelu: str = 'exact'
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
         probe = jnp.tile(probe.astype(x.dtype), (x.shape[0], 1, 1))
-        x = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                         name='MultiHeadDotProductAttention_0')(probe, x, deterministic)
+        x = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, attn_impl=self.attn_impl,
+                                         name='MultiHeadDotProductAttention_0')(probe, inputs_kv=x,
+                                                                                deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
-        x = x + MlpBlock(self.mlp_dim, gelu=self.gelu, dtype=self.dtype, name='MlpBlock_0')(y, deterministic)
+        x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu=self.gelu, dtype=self.dtype, name='MlpBlock_0')(y, deterministic)
         return x[:, 0]
 
 
@@ -211,6 +229,7 @@ class VisionTransformer(nn.Module):
     posemb: str = 'learn'                      # 'learn' or 'sincos2d' (big_vision's fixed table)
     scan_blocks: bool = False                  # nn.scan over the blocks (big_vision's scanned tree)
     remat_policy: Optional[str] = None         # jax.checkpoint_policies name used with remat (None: save nothing)
+    attn_impl: str = 'fused'                   # 'fused' | 'reference': the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -251,12 +270,13 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         if (self.resnet is not None or self.posemb == 'sincos2d') and self.spatial_dims != 2:
             raise ValueError('a ResNet stem and sincos2d positions need 2-D images')
+        check_impl(self.attn_impl)
         patch = self.patch_size_tuple
         mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
         if self.resnet is not None:
-            self.stem = ResNetStem(tuple(self.resnet), self.resnet_numerics, self.dtype)
+            self.stem = ResNetStem(layers=tuple(self.resnet), numerics=self.resnet_numerics, dtype=self.dtype)
             nn.share_scope(self, self.stem)   # Google's tree: conv_root, gn_root, block1... at the top level
-        self.embedding = PatchConv(self.embed_dim, patch, self.dtype)
+        self.embedding = PatchConv(features=self.embed_dim, patch_size=patch, dtype=self.dtype)
         if self.embed_norm:  # float32 output: the residual stream's dtype (see forward_features)
             self.embedding_norm = nn.LayerNorm(epsilon=self.norm_eps,
                                                dtype=jnp.promote_types(self.dtype, jnp.float32))
@@ -264,15 +284,18 @@ class VisionTransformer(nn.Module):
             self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.embed_dim))
         if self.distilled:
             self.dist = self.param('dist', nn.initializers.zeros, (1, 1, self.embed_dim))
-        self.Transformer = Encoder(self.depth, self.num_heads, mlp_dim, self.qkv_bias, self.qk_scale,
-                                   self.drop_rate, self.attn_drop_rate, self.drop_path_rate, self.gelu,
-                                   self.norm_eps, self.remat, self.dtype, learned_posemb=self.posemb == 'learn',
-                                   scan=self.scan_blocks, remat_policy=self.remat_policy)
+        self.Transformer = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=mlp_dim,
+                                   qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, drop_rate=self.drop_rate,
+                                   attn_drop_rate=self.attn_drop_rate, drop_path_rate=self.drop_path_rate,
+                                   gelu=self.gelu, norm_eps=self.norm_eps, remat=self.remat, dtype=self.dtype,
+                                   learned_posemb=self.posemb == 'learn', scan=self.scan_blocks,
+                                   remat_policy=self.remat_policy, attn_impl=self.attn_impl)
         if self.global_pool == 'map':
-            self.MAPHead_0 = MAPHead(self.num_heads, mlp_dim, self.gelu, self.norm_eps, self.dtype)
+            self.MAPHead_0 = MAPHead(num_heads=self.num_heads, mlp_dim=mlp_dim, gelu=self.gelu, norm_eps=self.norm_eps,
+                                     dtype=self.dtype, attn_impl=self.attn_impl)
         if self.representation_size:
             self.pre_logits = dense(self.representation_size, self.dtype)
-        self.head_dropout = nn.Dropout(self.drop_rate)
+        self.head_dropout = nn.Dropout(rate=self.drop_rate)
         if self.num_classes > 0:
             self.head = dense(self.num_classes, self.dtype, kernel_init=nn.initializers.zeros)
             if self.distilled:
@@ -369,4 +392,45 @@ for _size, _res in [('tiny', 224), ('small', 224), ('base', 224), ('base', 384)]
 for _size in ('tiny', 'small', 'base'):
     _vit(f'vit1d_{_size}_patch16_1024', spatial_dims=1, img_size=1024, patch_size=16, in_chans=1, embed_norm=True,
          **_SIZES[_size])
+
+# timm's names for Google's other ViT checkpoint families, each with timm's own configuration
+# (`vision_transformer_hybrid.py`, `vision_transformer.py`), `num_classes` included: timm builds a model with
+# its default pretrained tag's head, so the SigLIP towers and `vit_base_r50_s16_224` (in21k, no head) are headless.
+# ---- R+ViT hybrids (vit_jax R50+ViT-B_16, AugReg R_Ti_16, R26_S_32, R50_L_32): ResNet stem, then patches.
+_HYBRIDS = [  # (name, size, ResNet units per stage, patch on the stem's output, num_classes)
+    ('vit_tiny_r_s16_p8_224', 'tiny', (), 8, 1000),
+    ('vit_tiny_r_s16_p8_384', 'tiny', (), 8, 1000),
+    ('vit_small_r26_s32_224', 'small', (2, 2, 2, 2), 1, 1000),
+    ('vit_small_r26_s32_384', 'small', (2, 2, 2, 2), 1, 1000),
+    ('vit_base_r26_s32_224', 'base', (2, 2, 2, 2), 1, 1000),
+    ('vit_base_r50_s16_224', 'base', (3, 4, 9), 1, 0),
+    ('vit_base_r50_s16_384', 'base', (3, 4, 9), 1, 1000),
+    ('vit_large_r50_s32_224', 'large', (3, 4, 6, 3), 1, 1000),
+    ('vit_large_r50_s32_384', 'large', (3, 4, 6, 3), 1, 1000),
+]
+for _name, _size, _layers, _patch, _classes in _HYBRIDS:
+    _vit(_name, img_size=int(_name[-3:]), patch_size=_patch, resnet=_layers, num_classes=_classes, **_SIZES[_size])
+
+# ---- SigLIP / SigLIP 2 image towers: no class token, MAP head (or GAP on the `_gap` names), final norm,
+# headless. big_vision itself always uses the tanh GELU; timm (and so these names) uses it only where listed.
+_SIGLIP_SIZES = dict(
+    base=dict(embed_dim=768, depth=12, num_heads=12),
+    large=dict(embed_dim=1024, depth=24, num_heads=16),
+    so400m=dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362),   # MLP 4304
+    giantopt=dict(embed_dim=1536, depth=40, num_heads=16),
+)
+_SIGLIP = [  # (size, patch, resolutions with the MAP head, extra resolutions with GAP only, gelu)
+    ('base', 32, (256,), (), 'tanh'),
+    ('base', 16, (224, 256, 384, 512), (), 'exact'),
+    ('large', 16, (256, 384), (), 'exact'),
+    ('large', 16, (512,), (), 'tanh'),
+    ('so400m', 14, (224, 378, 384), (448, 896), 'exact'),
+    ('so400m', 16, (256, 384, 512), (), 'tanh'),
+    ('giantopt', 16, (256, 384), (), 'tanh'),
+]
+for _size, _patch, _map_res, _gap_res, _gelu in _SIGLIP:
+    for _pool, _tag, _res_list in (('map', '', _map_res), ('gap', '_gap', _map_res + _gap_res)):
+        for _res in _res_list:
+            _vit(f'vit_{_size}_patch{_patch}_siglip{_tag}_{_res}', img_size=_res, patch_size=_patch,
+                 class_token=False, global_pool=_pool, gelu=_gelu, num_classes=0, **_SIGLIP_SIZES[_size])
 

@@ -17,6 +17,10 @@ Window geometry follows timm exactly:
 - images whose size is not a multiple of the patch are zero-padded right/bottom (timm's
   `dynamic_img_pad`, Microsoft's detection code); patch merging pads odd sizes the same way.
 
+`attn_impl` ('fused', the default, or 'reference') selects the attention kernel (ops/attention.py): the
+fused one with hand-written derivatives (the plain formula whenever attention dropout is active in
+training), or the plain formula always.
+
 Intermediates: apply with `mutable=['intermediates']` to get the patch embedding `embed` (B, H/4, W/4, C),
 each stage's output `stage_{i}` (= timm's `layers.{i}`, NHWC) and the normed map `encoded` (timm's `norm`).
 (Flax forbids sowing under a name a submodule already uses, hence not `patch_embed`/`layers_{i}`/`norm`.)
@@ -28,9 +32,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dot_product_attention,
-                     drop_path_rates, fused_projection, merge_heads, remat_block, split_heads, to_tuple)
-from .registry import register
+from ..ops.attention import check_impl, dot_product_attention
+from ..registry import register
+from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, drop_path_rates,
+                     fused_projection, merge_heads, remat_block, split_heads, to_tuple)
 
 Dtype = Any
 Pair = Tuple[int, int]
@@ -99,9 +104,10 @@ class WindowAttention(nn.Module):
     window_size: Pair
     qkv_bias: bool = True
     qk_scale: Optional[float] = None
-    attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'
 
     @nn.compact
     def __call__(self, x, mask=None, deterministic: bool = True):
@@ -110,7 +116,7 @@ class WindowAttention(nn.Module):
         head_dim = dim // heads
         wh, ww = self.window_size
         table = self.param('relative_position_bias_table', _trunc02, ((2 * wh - 1) * (2 * ww - 1), heads))
-        qkv = ProjectionParams((3 * dim,), self.qkv_bias, _trunc02, name='qkv')(dim)
+        qkv = ProjectionParams(features=(3 * dim,), use_bias=self.qkv_bias, kernel_init=_trunc02, name='qkv')(dim)
         scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
         q, k, v = split_heads(fused_projection(x, [qkv], self.dtype), 3, heads, self.dtype, scale)
         index = relative_position_index(self.window_size).reshape(-1)
@@ -119,10 +125,10 @@ class WindowAttention(nn.Module):
             nw = mask.shape[0]
             bias = bias[None] + jnp.asarray(mask)[:, None]
             q, k, v = (t.reshape(-1, nw, heads, n, head_dim) for t in (q, k, v))
-        drop = nn.Dropout(self.attn_drop_rate)
-        out = dot_product_attention(q, k, v, bias, active_dropout(drop, deterministic))
+        drop = nn.Dropout(rate=self.attn_drop_rate)
+        out = dot_product_attention(q, k, v, bias, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
         out = dense(dim, self.dtype, name='proj', kernel_init=_trunc02)(merge_heads(out.reshape(bw, heads, n, head_dim)))
-        return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
+        return nn.Dropout(rate=self.proj_drop_rate)(out, deterministic=deterministic)
 
 
 class SwinTransformerBlock(nn.Module):
@@ -143,6 +149,7 @@ class SwinTransformerBlock(nn.Module):
     gelu: str = 'exact'
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    attn_impl: str = 'fused'
 
     def _attn(self, x, deterministic):
         b, h, w, c = x.shape
@@ -157,8 +164,9 @@ class SwinTransformerBlock(nn.Module):
         hp, wp = h + pad_h, w + pad_w
         mask = shifted_window_mask((hp, wp), self.window_size, self.shift_size) if has_shift else None
         windows = window_partition(x, self.window_size)
-        windows = WindowAttention(self.num_heads, self.window_size, self.qkv_bias, self.qk_scale,
-                                  self.attn_drop_rate, self.proj_drop_rate, self.dtype,
+        windows = WindowAttention(num_heads=self.num_heads, window_size=self.window_size, qkv_bias=self.qkv_bias,
+                                  qk_scale=self.qk_scale, proj_drop_rate=self.proj_drop_rate,
+                                  attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl,
                                   name='attn')(windows, mask, deterministic)
         x = window_reverse(windows, self.window_size, hp, wp)[:, :h, :w, :]
         if has_shift:
@@ -168,12 +176,12 @@ class SwinTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm1')(x)
-        x = x + DropPath(self.drop_path_rate)(self._attn(y, deterministic), deterministic)
+        x = x + DropPath()(self._attn(y, deterministic), rate=self.drop_path_rate, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm2')(x)
-        y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), dropout_rate=self.proj_drop_rate, gelu=self.gelu,
+        y = MlpBlock(mlp_dim=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.proj_drop_rate, gelu=self.gelu,
                      dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
                      name='mlp')(y, deterministic)
-        return x + DropPath(self.drop_path_rate)(y, deterministic)
+        return x + DropPath()(y, rate=self.drop_path_rate, deterministic=deterministic)
 
 
 class PatchMerging(nn.Module):
@@ -208,7 +216,7 @@ class PatchEmbed(nn.Module):
         pad_h, pad_w = (ph - x.shape[1] % ph) % ph, (pw - x.shape[2] % pw) % pw
         if pad_h or pad_w:
             x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        x = PatchConv(self.embed_dim, self.patch_size, self.dtype, name='proj')(x)
+        x = PatchConv(features=self.embed_dim, patch_size=self.patch_size, dtype=self.dtype, name='proj')(x)
         return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
 
 
@@ -231,15 +239,18 @@ class SwinStage(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
+    attn_impl: str = 'fused'
 
     def setup(self):
         if self.has_downsample:
-            self.downsample = PatchMerging(self.out_dim, self.norm_eps, self.dtype)
+            self.downsample = PatchMerging(out_dim=self.out_dim, norm_eps=self.norm_eps, dtype=self.dtype)
         block_cls = remat_block(SwinTransformerBlock, self.remat, self.remat_policy)
         self.blocks = [
-            block_cls(self.num_heads, self.window_size, self.shift_size if j % 2 else (0, 0), self.mlp_ratio,
-                      self.qkv_bias, self.qk_scale, self.proj_drop_rate, self.attn_drop_rate,
-                      self.drop_path_rates[j], self.gelu, self.norm_eps, self.dtype)
+            block_cls(num_heads=self.num_heads, window_size=self.window_size,
+                      shift_size=self.shift_size if j % 2 else (0, 0), mlp_ratio=self.mlp_ratio,
+                      qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, proj_drop_rate=self.proj_drop_rate,
+                      attn_drop_rate=self.attn_drop_rate, drop_path_rate=self.drop_path_rates[j], gelu=self.gelu,
+                      norm_eps=self.norm_eps, dtype=self.dtype, attn_impl=self.attn_impl)
             for j in range(self.depth)]
 
     def __call__(self, x, deterministic: bool = True):
@@ -273,6 +284,7 @@ class SwinTransformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None  # jax.checkpoint_policies name used with remat (None: save nothing)
+    attn_impl: str = 'fused'            # 'fused' | 'reference': the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -309,18 +321,23 @@ class SwinTransformer(nn.Module):
     def setup(self):
         if len(self.num_heads) != self.num_layers:
             raise ValueError(f'{len(self.depths)} stages but {len(self.num_heads)} num_heads entries')
-        self.patch_embed = PatchEmbed(to_tuple(self.patch_size, 2), self.embed_dim, self.norm_eps, self.dtype)
+        check_impl(self.attn_impl)
+        self.patch_embed = PatchEmbed(patch_size=to_tuple(self.patch_size, 2), embed_dim=self.embed_dim,
+                                      norm_eps=self.norm_eps, dtype=self.dtype)
         dpr = drop_path_rates(self.drop_path_rate, sum(self.depths))
         stages, start = [], 0
         for i, ((window, shift), depth) in enumerate(zip(self.stage_windows(), self.depths)):
-            stages.append(SwinStage(int(self.embed_dim * 2 ** i), depth, self.num_heads[i], window, shift,
-                                    i > 0, tuple(dpr[start:start + depth]), self.mlp_ratio, self.qkv_bias,
-                                    self.qk_scale, self.proj_drop_rate, self.attn_drop_rate, self.gelu,
-                                    self.norm_eps, self.remat, self.dtype, self.remat_policy))
+            stages.append(SwinStage(
+                out_dim=int(self.embed_dim * 2 ** i), depth=depth, num_heads=self.num_heads[i], window_size=window,
+                shift_size=shift, has_downsample=i > 0, drop_path_rates=tuple(dpr[start:start + depth]),
+                mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+                proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate, gelu=self.gelu,
+                norm_eps=self.norm_eps, remat=self.remat, dtype=self.dtype, remat_policy=self.remat_policy,
+                attn_impl=self.attn_impl))
             start += depth
         self.layers = stages
         self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
-        self.head_dropout = nn.Dropout(self.drop_rate)
+        self.head_dropout = nn.Dropout(rate=self.drop_rate)
         if self.num_classes > 0:
             self.head = dense(self.num_classes, self.dtype, kernel_init=_trunc02)
 

@@ -1,0 +1,201 @@
+"""Building blocks shared by the model families: dense layers and projections (computed by
+`ops.matmul`), the patch convolution, the MLP, drop path, remat helpers and small config helpers.
+
+Dropout rates use timm's spellings everywhere: `drop_rate` (the MLP's own dropout, timm `Mlp(drop=)`),
+`proj_drop_rate` (after attention's output projection and in a block's MLP), `attn_drop_rate` (on the
+attention weights), `drop_path_rate` (stochastic depth), in that order.
+"""
+import math
+from functools import partial
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..ops.activations import gelu_fn
+from ..ops.matmul import matmul
+
+Dtype = Any
+
+
+def _dense_params(mdl: nn.Module, in_shape, features, use_bias: bool, kernel_init, bias_init):
+    """`kernel` (*in_shape, *features) and `bias` (*features) created exactly as nn.Dense/nn.DenseGeneral
+    create them (names, shapes, initialisation of the flattened (in, out) matrix)."""
+    in_shape, features = tuple(in_shape), tuple(features)
+    n_in, n_out = math.prod(in_shape), math.prod(features)
+    kernel = mdl.param('kernel', lambda rng, shape: kernel_init(rng, (n_in, n_out)).reshape(shape), in_shape + features)
+    bias = mdl.param('bias', lambda rng, shape: bias_init(rng, (n_out,)).reshape(shape), features) if use_bias else None
+    return kernel, bias
+
+
+class Dense(nn.Module):
+    """nn.Dense (or nn.DenseGeneral over the last `in_axes` input axes) with the same params, computed by
+    `matmul`: float32 accumulation, the bias added in float32, one rounding to `dtype`."""
+    features: Union[int, Sequence[int]]
+    dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+    in_axes: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.in_axes:]
+        kernel, bias = _dense_params(self, in_shape, features, self.use_bias, self.kernel_init, self.bias_init)
+        y = fused_projection(x.reshape(x.shape[:x.ndim - self.in_axes] + (-1,)), [(kernel, bias)], self.dtype)
+        return y.astype(self.dtype).reshape(y.shape[:-1] + features)
+
+
+class ProjectionParams(nn.Module):
+    """The params of a `Dense` over the last input axis, returned rather than applied, so that attention
+    can fuse several projections into one matmul at trace time."""
+    features: Sequence[int]
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.xavier_uniform()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, in_dim: int):
+        return _dense_params(self, (in_dim,), self.features, self.use_bias, self.kernel_init, self.bias_init)
+
+
+def fused_projection(x, params, dtype):
+    """x (..., D) through the projections `params` [(kernel (D, ...), bias or None), ...] at once.
+
+    Returns float32 (..., sum of the projections' widths), accumulated in float32 and not yet rounded to
+    `dtype`, so that the caller can fold scaling and layout changes into the one rounding.
+    """
+    lead, d = x.shape[:-1], x.shape[-1]
+    kernel = jnp.concatenate([k.reshape(d, -1) for k, _ in params], axis=1) if len(params) > 1 \
+        else params[0][0].reshape(d, -1)
+    y = matmul('md,de->me', x.reshape(-1, d).astype(dtype), kernel.astype(dtype), out_dtype=jnp.float32)
+    if params[0][1] is not None:
+        y = y + jnp.concatenate([b.reshape(-1) for _, b in params])
+    return y.reshape(lead + (-1,))
+
+
+def split_heads(y, parts: int, num_heads: int, dtype, scale: Optional[float] = None):
+    """(B, N, parts*H*Dh) float32 projections -> `parts` arrays (B, H, N, Dh) in `dtype`; the first (the
+    query) multiplied by `scale` before the rounding."""
+    b, n, _ = y.shape
+    y = y.reshape(b, n, parts, num_heads, -1).transpose(2, 0, 3, 1, 4)
+    out = [y[i] for i in range(parts)]
+    if scale is not None:
+        out[0] = out[0] * scale
+    return [t.astype(dtype) for t in out]
+
+
+def merge_heads(x):
+    """(B, H, N, Dh) -> (B, N, H*Dh)."""
+    b, h, n, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def active_dropout(drop: nn.Module, deterministic: bool) -> Optional[Callable]:
+    """`drop` (an nn.Dropout) as a callable when it can drop something (training, nonzero rate), else None:
+    `dot_product_attention`'s `dropout` argument."""
+    return None if deterministic or drop.rate == 0 else partial(drop, deterministic=False)
+
+
+class PatchConv(nn.Module):
+    """A patchifying convolution (kernel = stride = patch, VALID) with nn.Conv's params (`kernel` HWIO,
+    `bias`, same init), computed as one matmul over the flattened patches: XLA:CPU runs that faster than
+    the strided convolution, in the forward and the backward pass. Works for 1-D and 2-D inputs."""
+    features: int
+    patch_size: Sequence[int]
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        patch, c = tuple(self.patch_size), x.shape[-1]
+        kernel = self.param('kernel', self.kernel_init, patch + (c, self.features))
+        bias = self.param('bias', self.bias_init, (self.features,))
+        b, n = x.shape[0], len(patch)
+        grid = tuple(s // p for s, p in zip(x.shape[1:-1], patch))
+        x = x[(slice(None),) + tuple(slice(0, g * p) for g, p in zip(grid, patch))]  # VALID drops the rest
+        x = x.reshape((b,) + sum(((g, p) for g, p in zip(grid, patch)), ()) + (c,))
+        x = x.transpose((0,) + tuple(range(1, 2 * n, 2)) + tuple(range(2, 2 * n + 1, 2)) + (2 * n + 1,))
+        x = x.reshape(b * math.prod(grid), -1).astype(self.dtype)
+        y = matmul('mk,kd->md', x, kernel.reshape(-1, self.features).astype(self.dtype))
+        return (y + bias.astype(self.dtype)).reshape((b,) + grid + (self.features,))
+
+
+def dense(features, dtype, name=None, **kw) -> Dense:
+    return Dense(features=features, dtype=dtype, name=name, **kw)
+
+
+def dense_general(features, axis, dtype, name=None, **kw) -> Dense:
+    """A Dense over the trailing input axes `axis` (e.g. (-2, -1): heads and head dim)."""
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    if sorted(axis) != list(range(-len(axis), 0)):
+        raise ValueError(f'dense_general contracts trailing axes only, got {axis}')
+    return Dense(features=features, dtype=dtype, name=name, in_axes=len(axis), **kw)
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> dropout -> Dense -> dropout; params `Dense_0`, `Dense_1` as in Google's trees."""
+    mlp_dim: int
+    out_dim: Optional[int] = None
+    drop_rate: float = 0.0
+    gelu: str = 'exact'
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.xavier_uniform()
+    bias_init: Callable = nn.initializers.normal(stddev=1e-6)
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        out_dim = self.out_dim or x.shape[-1]
+        x = dense(self.mlp_dim, self.dtype, name='Dense_0', kernel_init=self.kernel_init,
+                  bias_init=self.bias_init)(x)
+        x = gelu_fn(self.gelu)(x)
+        x = nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
+        x = dense(out_dim, self.dtype, name='Dense_1', kernel_init=self.kernel_init,
+                  bias_init=self.bias_init)(x)
+        return nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample, scaling survivors by 1/keep.
+
+    One calling convention, `DropPath()(x, rate=..., deterministic=...)`: the rate is a call argument
+    (a Python float, or a traced per-block rate under nn.scan), never a field."""
+
+    @nn.compact
+    def __call__(self, x, rate, deterministic: bool = True):
+        if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+            return x
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def checkpoint_policy(name: Optional[str]):
+    """`jax.checkpoint_policies.<name>` (None: save nothing, recompute the whole block)."""
+    if name is None:
+        return None
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if not callable(policy) or name.startswith('_'):
+        choices = sorted(n for n in dir(jax.checkpoint_policies) if n.endswith('saveable'))
+        raise ValueError(f'unknown remat_policy {name!r}; choose one of {", ".join(choices)}')
+    return policy
+
+
+def remat_block(cls, remat: bool, policy: Optional[str] = None, scanned: bool = False):
+    """`cls` under nn.remat when asked (its `deterministic` argument static); prevent_cse is only needed
+    outside a scan (jax.checkpoint's own advice)."""
+    if not remat:
+        return cls
+    return nn.remat(cls, static_argnums=(2,), prevent_cse=not scanned, policy=checkpoint_policy(policy))
+
+
+def drop_path_rates(rate: float, depth: int):
+    """Linearly increasing from 0 to `rate` over `depth` blocks, as timm and DeiT do."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def to_tuple(v, n: int):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n

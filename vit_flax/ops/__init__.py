@@ -1,0 +1,2 @@
+"""The fast paths, each beside its plain reference: `attention` (dot-product attention), `matmul` (the
+bf16 matmul policy and the low-precision einsum), `activations` (exact GELU)."""

@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-import fuzzing as fz
+from durability import fuzzing as fz
 from converters import api, cli
 from converters import io as cio
 from converters.errors import ConversionError
@@ -176,7 +176,7 @@ def test_conversion_memory_stays_near_one_copy_of_the_weights(tmp_path, directio
     (The whole-process figures for ViT-L/16 and ViT-H/14 against 1.5x the file size: `make memory`.)
     Before streaming and page release, npz -> pth added ~2x the file.
     """
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'benchmarks'))
     from convert_memory import write_random_npz
     npz = str(tmp_path / 'b.npz')
     write_random_npz('vit_base_patch16_224', npz)

@@ -22,7 +22,7 @@ import torch
 
 from conftest import perturb_timm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 TRAIN = os.path.join(ROOT, 'train_flax.py')
 # 2 epochs of 22 steps, a checkpoint every 16 steps and at each epoch end (16 22 32 44), keep 2 + best
 BASE = ('--depth', '1', '--batch-size', '64', '--epochs', '2', '--save-every', '16', '--keep', '2')

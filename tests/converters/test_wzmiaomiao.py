@@ -17,7 +17,7 @@ from converters import api, swin_map
 from converters.errors import ConversionError
 from vit_flax.swin import relative_position_index
 
-import seeds_reference as seeds
+from reference import wzmiaomiao
 from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
 
 TOL = 1e-4
@@ -44,7 +44,7 @@ def strict_load(cls_or_module, path):
 
 def test_1d_vit_with_embed_norm_reads_and_writes_exactly(tmp_path):
     cfg = dict(img_size=256, patch_size=16, in_c=2, num_classes=5, embed_dim=192, depth=2, num_heads=3)
-    ref = perturb_timm(seeds.VisionTransformer1D(**cfg))
+    ref = perturb_timm(wzmiaomiao.VisionTransformer1D(**cfg))
     torch.save(ref.state_dict(), tmp_path / 'seeds1d.pth')
     x = images((2, 256, 2))
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_1d_vit_with_embed_norm_reads_and_writes_exactly(tmp_path):
     assert np.load(tmp_path / 'seeds1d.npz')['embedding_norm/scale'].shape == (192,)
     m2, p2, _ = api.load_model(tmp_path / 'seeds1d.npz')  # an npz records the heads: no name needed
     api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
-    assert_same_state(strict_load(seeds.VisionTransformer1D(**cfg), tmp_path / 'back.pth'), state_np(ref))
+    assert_same_state(strict_load(wzmiaomiao.VisionTransformer1D(**cfg), tmp_path / 'back.pth'), state_np(ref))
     # a model without the norm is refused with the option to pass, not a bare key error
     with pytest.raises(ConversionError, match='embed_norm=True'):
         converters.load_params(tmp_path / 'seeds1d.pth', 'vit1d_tiny_patch16_1024', depth=2, in_chans=2,
@@ -86,18 +86,18 @@ def test_2d_vit_model_variants(variant, tmp_path):
         kw.update(distilled=True)
         flax_kw.update(distilled=True)
     elif variant == 'embed_norm':  # the seeds' own PatchEmbed given a norm layer, as the 1-D model does
-        kw.update(embed_layer=partial(seeds.PatchEmbed, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)))
+        kw.update(embed_layer=partial(wzmiaomiao.PatchEmbed, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)))
         flax_kw.update(embed_norm=True)
-    ref = perturb_timm(seeds.VisionTransformer(**SMALL_2D, **kw))
-    torch.save(ref.state_dict(), tmp_path / 'seeds.pth')
+    ref = perturb_timm(wzmiaomiao.VisionTransformer(**SMALL_2D, **kw))
+    torch.save(ref.state_dict(), tmp_path / 'wzmiaomiao.pth')
     x = images((2, 64, 64, 3))
-    model, params, ck = api.load_model(tmp_path / 'seeds.pth', 'vit_tiny_patch16_224', **FLAX_2D)
+    model, params, ck = api.load_model(tmp_path / 'wzmiaomiao.pth', 'vit_tiny_patch16_224', **FLAX_2D)
     assert all(getattr(model, k) == v for k, v in flax_kw.items())
     assert rel_err(run_flax(model, params, x), run_timm(ref, x)) < TOL
     api.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'g.npz')
     m2, p2, _ = api.load_model(tmp_path / 'g.npz')
     api.write_flat(flatten_dict(p2, sep='/'), m2, tmp_path / 'back.pth')
-    assert_same_state(strict_load(seeds.VisionTransformer(**SMALL_2D, **kw), tmp_path / 'back.pth'), state_np(ref))
+    assert_same_state(strict_load(wzmiaomiao.VisionTransformer(**SMALL_2D, **kw), tmp_path / 'back.pth'), state_np(ref))
 
 
 def test_2d_embed_norm_matches_timm_embed_norm_layer(tmp_path):
@@ -121,16 +121,16 @@ SWIN_FLAX = dict(embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), img_size=1
 
 @pytest.fixture(scope='module')
 def seeds_swin(tmp_path_factory):
-    ref = perturb_timm(seeds.SwinTransformer(num_classes=10, **SWIN))
+    ref = perturb_timm(wzmiaomiao.SwinTransformer(num_classes=10, **SWIN))
     d = tmp_path_factory.mktemp('seeds_swin')
-    torch.save(ref.state_dict(), d / 'seeds.pth')
+    torch.save(ref.state_dict(), d / 'wzmiaomiao.pth')
     return ref, d
 
 
 def test_swin_layout_detected_and_computed_as_the_seeds_do(seeds_swin):
     ref, d = seeds_swin
     logs = []
-    model, params, ck = api.load_model(d / 'seeds.pth', 'swin_tiny_patch4_window7_224', log=logs.append, **SWIN_FLAX)
+    model, params, ck = api.load_model(d / 'wzmiaomiao.pth', 'swin_tiny_patch4_window7_224', log=logs.append, **SWIN_FLAX)
     assert ck.layout == 'wzmiaomiao' and model.always_partition
     assert any('wzmiaomiao layout' in s and 'always_partition=True' in s for s in logs)
     x = images((2, 112, 112, 3))
@@ -145,7 +145,7 @@ def test_swin_written_in_the_seeds_layout_loads_strictly_bit_exact(seeds_swin, t
     ref, d = seeds_swin
     arch = ['--model', 'swin_tiny_patch4_window7_224', '--set', 'embed_dim=32', '--set', 'depths=(2,2,2)',
             '--set', 'num_heads=(1,2,4)']
-    r = cli('convert', d / 'seeds.pth', tmp_path / 'f.npz', *arch)
+    r = cli('convert', d / 'wzmiaomiao.pth', tmp_path / 'f.npz', *arch)
     assert r.returncode == 0, r.stderr
     assert 'wzmiaomiao' in r.stdout and 'always_partition=True' in r.stderr
     # an npz does not record always_partition: it is asked for when writing back
@@ -154,17 +154,17 @@ def test_swin_written_in_the_seeds_layout_loads_strictly_bit_exact(seeds_swin, t
     assert api.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'back.pth', layout='wzmiaomiao',
                           log=logs.append) == 'wzmiaomiao'
     assert not logs
-    sd = strict_load(seeds.SwinTransformer(num_classes=10, **SWIN), tmp_path / 'back.pth')
+    sd = strict_load(wzmiaomiao.SwinTransformer(num_classes=10, **SWIN), tmp_path / 'back.pth')
     assert_same_state(sd, state_np(ref))  # relative_position_index buffers included, no attn_mask
     # the Microsoft layout carries attn_mask buffers the seeds' class does not have
     ms = swin_map.timm_to_microsoft(swin_map.microsoft_to_timm(state_np(ref)), img_size=112)
-    missing, unexpected = seeds.SwinTransformer(num_classes=10, **SWIN).load_state_dict(
+    missing, unexpected = wzmiaomiao.SwinTransformer(num_classes=10, **SWIN).load_state_dict(
         {k: torch.from_numpy(v) for k, v in ms.items()}, strict=False)
     assert not missing and unexpected and all(k.endswith('attn_mask') for k in unexpected)
 
 
 def test_swin_layout_detection_rules():
-    state = state_np(perturb_timm(seeds.SwinTransformer(num_classes=10, **SWIN)))
+    state = state_np(perturb_timm(wzmiaomiao.SwinTransformer(num_classes=10, **SWIN)))
     timm_state = swin_map.microsoft_to_timm(state)
     assert swin_map.swin_detect_layout(state) == 'wzmiaomiao'
     assert swin_map.swin_detect_layout(timm_state) == 'timm'
@@ -180,7 +180,7 @@ def test_swin_layout_detection_rules():
 
 def test_swin_writing_a_layout_whose_code_computes_otherwise_warns(seeds_swin, tmp_path):
     ref, d = seeds_swin
-    model, params, _ = api.load_model(d / 'seeds.pth', 'swin_tiny_patch4_window7_224', log=lambda s: None,
+    model, params, _ = api.load_model(d / 'wzmiaomiao.pth', 'swin_tiny_patch4_window7_224', log=lambda s: None,
                                       **SWIN_FLAX)
     flat = flatten_dict(params, sep='/')
     logs = []
@@ -188,7 +188,7 @@ def test_swin_writing_a_layout_whose_code_computes_otherwise_warns(seeds_swin, t
         api.write_flat(flat, model, tmp_path / f'{layout}.pth', layout=layout, log=logs.append)
         assert len(logs) == 1 and 'always_partition=True' in logs[0]
         logs.clear()
-    api.write_flat(flat, model, tmp_path / 'seeds.pth', layout='wzmiaomiao', log=logs.append)
+    api.write_flat(flat, model, tmp_path / 'wzmiaomiao.pth', layout='wzmiaomiao', log=logs.append)
     assert not logs
     api.write_flat(flat, model.clone(always_partition=False), tmp_path / 's.pth', layout='wzmiaomiao', log=logs.append)
     assert len(logs) == 1 and 'always_partition=False' in logs[0]

@@ -153,7 +153,7 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
     or says in one line that nothing is readable; never other values."""
     import tempfile
     import numpy as np
-    import fuzzing as fz
+    from durability import fuzzing as fz
     from hypothesis import given, settings, strategies as st
     from converters import training_ckpt
     from converters.errors import ConversionError

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fuzzing as fz
+from durability import fuzzing as fz
 from converters import api, cli
 from converters import io as cio
 from converters.durable import PREFIX

@@ -284,7 +284,7 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize('step', [None, pytest.param('latest', marks=pytest.mark.slow)])
 def test_workdir_exported_loads_strictly_in_timm_and_the_seeds(workdir, tmp_path, step):
     import timm
-    import seeds_reference as seeds
+    from reference import wzmiaomiao
     root, model, steps = workdir
     out = tmp_path / 'out.pth'
     p = cli('convert', root, out, *(['--step', step] if step else []))
@@ -294,7 +294,7 @@ def test_workdir_exported_loads_strictly_in_timm_and_the_seeds(workdir, tmp_path
     state = torch.load(out, weights_only=True)
     tm = timm.create_model('vit_tiny_patch16_224', num_classes=5, **ARCH).eval()
     tm.load_state_dict(state, strict=True)
-    sm = seeds.VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=5).eval()
+    sm = wzmiaomiao.VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=5).eval()
     sm.load_state_dict(state, strict=True)
     x = images((2, 32, 32, 3), seed=3)
     yf = run_flax(model, unflatten_dict(flat, sep='/'), x, train=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import timm_model
+from helpers import timm_model
 
 
 def cli(*args):

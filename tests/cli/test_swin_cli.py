@@ -14,7 +14,7 @@ import vit_flax
 from converters import api
 from converters.swin_map import timm_to_microsoft
 
-from conftest import images, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import images, rel_err, run_flax, run_timm, state_np, timm_model
 
 NAMES = vit_flax.list_models('swin_*')
 

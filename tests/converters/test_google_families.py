@@ -26,7 +26,7 @@ from vit_flax.posemb import sincos2d
 from vit_flax.resnet import standardize
 from vit_flax.summary import count_macs, count_params, param_shapes
 
-from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
 
 HYBRID = re.compile(r'vit_(tiny|small|base|large)_r(\d+)?_s\d+(_p\d+)?_\d+')
 SIGLIP = re.compile(r'vit_\w+_siglip(_gap)?_\d+')

@@ -18,7 +18,7 @@ from converters import api, google, io
 from converters.errors import ConversionError
 from converters.resample import resample_pos_embed
 
-from conftest import images, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import images, rel_err, run_flax, run_timm, state_np, timm_model
 
 # (timm name, timm kwargs): several sizes and patch sizes, kept small enough for two CPU cores.
 MODELS = [

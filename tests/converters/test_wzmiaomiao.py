@@ -18,7 +18,7 @@ from converters.errors import ConversionError
 from vit_flax.swin import relative_position_index
 
 from reference import wzmiaomiao
-from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
 
 TOL = 1e-4
 

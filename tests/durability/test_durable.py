@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import timm_model
+from helpers import timm_model
 from converters import io as cio
 from converters.durable import PREFIX, atomic_output, clean_stale
 from converters.errors import ConversionError

@@ -16,7 +16,7 @@ import vit_flax
 from converters import api, google
 from vit_flax import layers
 
-from conftest import images, rel_err, run_flax, run_timm, timm_model
+from helpers import images, rel_err, run_flax, run_timm, timm_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7)
 

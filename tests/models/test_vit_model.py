@@ -12,7 +12,7 @@ import vit_flax
 from vit_flax.layers import drop_path_rates
 from vit_flax.summary import count_macs, count_params
 
-from conftest import images, rel_err
+from helpers import images, rel_err
 
 ORIGINAL = re.compile(r'(vit_(tiny|small|base|large|huge)_patch(8|14|16|32)_(224|384))|'
                       r'(deit_(tiny|small|base)(_distilled)?_patch16_(224|384))')

@@ -19,7 +19,7 @@ import vit_flax
 from converters import api, lucid_map
 from converters.errors import ConversionError
 
-from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np
+from helpers import images, perturb_timm, rel_err, run_flax, run_timm, state_np
 
 TOL = 1e-4
 # inner width heads * dim_head = 128 differs from dim = 96, as vit-pytorch allows

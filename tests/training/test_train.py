@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import perturb_timm
+from helpers import perturb_timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 TRAIN = os.path.join(ROOT, 'train_flax.py')

@@ -7,8 +7,6 @@
 - training workdirs exported and loaded strictly by timm and the seeds' vit_model.py;
 - `hf-hub:` names resolved from a fake Hugging Face cache; config.json files that lie.
 """
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -18,30 +16,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import images, rel_err, run_flax, run_timm, timm_model
+from helpers import cli, cli_process, images, rel_err, run_flax, run_timm, timm_model
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
 import vit_flax
 from converters import api, preprocess
-from converters.cli import main as cli_main
 from converters.errors import ConversionError
 
 ARCH = dict(img_size=32, patch_size=8, depth=2)   # a vit_tiny_patch16_224 timm also builds
 NAMES = ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
-
-
-def cli_process(*argv, env=None):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, argv)], capture_output=True, text=True,
-                          env=env)
-
-
-def cli(*argv):
-    """The command in-process (a real process costs seconds of start-up here): rc, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli_main([str(a) for a in argv])
-    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
 
 
 def one_line_error(p, *needles):

@@ -1,7 +1,5 @@
 """Swin through the converters and the `vit-flax` command: every name, both torch layouts, window resizing."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,13 +12,10 @@ import vit_flax
 from converters import api
 from converters.swin_map import timm_to_microsoft
 
-from helpers import images, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import cli, images, rel_err, run_flax, run_timm, state_np, timm_model
 
 NAMES = vit_flax.list_models('swin_*')
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope='module')

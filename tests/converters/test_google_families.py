@@ -26,22 +26,10 @@ from vit_flax.posemb import sincos2d
 from vit_flax.resnet import standardize
 from vit_flax.summary import count_macs, count_params, param_shapes
 
-from helpers import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import cli, images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
 
 HYBRID = re.compile(r'vit_(tiny|small|base|large)_r(\d+)?_s\d+(_p\d+)?_\d+')
 SIGLIP = re.compile(r'vit_\w+_siglip(_gap)?_\d+')
-
-
-@pytest.fixture
-def cli(capsys):
-    """`vit-flax ARGS` in this process (the subprocess path is tested elsewhere): (exit code, stdout, stderr)."""
-    from converters.cli import main
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return code, out.out, out.err
-    return run
 
 
 def same_npz(a, b):
@@ -218,25 +206,25 @@ def test_hybrid_google_numerics(hybrid):
     assert 1e-7 < rel_err(run_flax(model, params, hybrid['x']), hybrid['y']) < 1e-3
 
 
-def test_registered_hybrid_through_the_cli(tmp_path, cli):
+def test_registered_hybrid_through_the_cli(tmp_path):
     tm = timm_model('vit_tiny_r_s16_p8_224')
     torch.save(tm.state_dict(), tmp_path / 'w.pth')
-    code, out, err = cli('convert', tmp_path / 'w.pth', tmp_path / 'w.npz')
-    assert code == 0 and 'model vit_tiny_r_s16_p8_224 (detected)' in out, err
+    r = cli('convert', tmp_path / 'w.pth', tmp_path / 'w.npz')
+    assert r.returncode == 0 and 'model vit_tiny_r_s16_p8_224 (detected)' in r.stdout, r.stderr
     assert np.load(tmp_path / 'w.npz')['conv_root/kernel'].shape == (7, 7, 3, 64)
-    code, out, err = cli('convert', tmp_path / 'w.npz', tmp_path / 'back.pth')
-    assert code == 0, err
+    r = cli('convert', tmp_path / 'w.npz', tmp_path / 'back.pth')
+    assert r.returncode == 0, r.stderr
     assert_same_state(tm.state_dict(), torch.load(tmp_path / 'back.pth', weights_only=True))
-    code, out, err = cli('inspect', tmp_path / 'w.npz')
-    assert 'family:  R+ViT hybrid (released)' in out and 'vit_tiny_r_s16_p8_224 (detected)' in out
+    r = cli('inspect', tmp_path / 'w.npz')
+    assert 'family:  R+ViT hybrid (released)' in r.stdout and 'vit_tiny_r_s16_p8_224 (detected)' in r.stdout
     # a plain ViT name cannot hold a hybrid's weights
-    code, out, err = cli('convert', tmp_path / 'w.npz', tmp_path / 'x.pth', '--model', 'vit_tiny_patch16_224')
-    assert code == 1 and 'patch_size' in err and not (tmp_path / 'x.pth').exists()
-    code, out, err = cli('summary', 'vit_tiny_r_s16_p8_224')
-    assert code == 0 and '6,337,704 params, 0.434 GMACs' in out, out + err
-    code, out, err = cli('list', '*_r50_*')
-    assert out.split() == ['vit_base_r50_s16_224', 'vit_base_r50_s16_384', 'vit_large_r50_s32_224',
-                           'vit_large_r50_s32_384']
+    r = cli('convert', tmp_path / 'w.npz', tmp_path / 'x.pth', '--model', 'vit_tiny_patch16_224')
+    assert r.returncode == 1 and 'patch_size' in r.stderr and not (tmp_path / 'x.pth').exists()
+    r = cli('summary', 'vit_tiny_r_s16_p8_224')
+    assert r.returncode == 0 and '6,337,704 params, 0.434 GMACs' in r.stdout, r.stdout + r.stderr
+    r = cli('list', '*_r50_*')
+    assert r.stdout.split() == ['vit_base_r50_s16_224', 'vit_base_r50_s16_384', 'vit_large_r50_s32_224',
+                                    'vit_large_r50_s32_384']
 
 
 def test_bad_hybrid_stems_are_clear_errors(tmp_path):
@@ -313,7 +301,7 @@ def test_siglip_tower_big_vision_to_timm_and_back(tmp_path):
     assert_same_state(sd, torch.load(tmp_path / 'back.pth', weights_only=True))
 
 
-def test_registered_siglip_tower_detected_from_a_bf16_scanned_file(tmp_path, cli):
+def test_registered_siglip_tower_detected_from_a_bf16_scanned_file(tmp_path):
     """A full-size SigLIP B/16 tower as big_vision saves it (bf16 here) reads as timm's name, no --model."""
     model = vit_flax.create_model('vit_base_patch16_siglip_224')
     from vit_flax.summary import param_shapes
@@ -322,8 +310,8 @@ def test_registered_siglip_tower_detected_from_a_bf16_scanned_file(tmp_path, cli
     ck = api.read_checkpoint(tmp_path / 'siglip_b16.npz')
     assert ck.model_name == 'vit_base_patch16_siglip_224' and ck.detected and ck.model.num_classes == 0
     assert describe(ck) == 'big_vision SigLIP image tower (scanned, bf16)'
-    code, out, err = cli('inspect', tmp_path / 'siglip_b16.npz', '--json')
-    info = json.loads(out)
+    r = cli('inspect', tmp_path / 'siglip_b16.npz', '--json')
+    info = json.loads(r.stdout)
     assert info['family'] == 'big_vision SigLIP image tower (scanned, bf16)'
     # the model that holds a scanned tree as it is: create_model(name, scan_blocks=True)
     assert info['model'] == 'vit_base_patch16_siglip_224' and info['overrides'] == {'scan_blocks': True}
@@ -396,7 +384,7 @@ def test_table_less_big_vision_file_parity_and_round_trips(tmp_path, pool):
     assert m3.posemb == 'sincos2d'
 
 
-def test_sincos2d_through_the_cli(tmp_path, cli):
+def test_sincos2d_through_the_cli(tmp_path):
     """The layout of big_vision's i1k baselines (gap, sincos2d, no table), registered size: detected, converted."""
     model = vit_flax.create_model('vit_tiny_patch16_224', global_pool='gap', class_token=False, posemb='sincos2d')
     from vit_flax.summary import param_shapes
@@ -404,20 +392,20 @@ def test_sincos2d_through_the_cli(tmp_path, cli):
     flat = {k: rng.standard_normal(v.shape, np.float32) * 0.02
             for k, v in flatten_dict(param_shapes(model), sep='/').items()}
     np.savez(tmp_path / 'vit.npz', **google.flax_to_npz(flat, 'big_vision'))   # (no 'pos_embedding')
-    code, out, err = cli('inspect', tmp_path / 'vit.npz')
-    assert 'family:  big_vision ViT (sincos2d positions)' in out, out + err
-    assert 'vit_tiny_patch16_224 (detected)' in out and 'posemb=sincos2d' in out
-    code, out, err = cli('convert', tmp_path / 'vit.npz', tmp_path / 'vit.pth')
-    assert code == 0 and 'written out as a learned table' in err, err
+    r = cli('inspect', tmp_path / 'vit.npz')
+    assert 'family:  big_vision ViT (sincos2d positions)' in r.stdout, r.stdout + r.stderr
+    assert 'vit_tiny_patch16_224 (detected)' in r.stdout and 'posemb=sincos2d' in r.stdout
+    r = cli('convert', tmp_path / 'vit.npz', tmp_path / 'vit.pth')
+    assert r.returncode == 0 and 'written out as a learned table' in r.stderr, r.stderr
     pe = torch.load(tmp_path / 'vit.pth', weights_only=True)['pos_embed'].numpy()
     np.testing.assert_array_equal(pe, sincos2d(14, 14, 192))
-    code, out, err = cli('convert', tmp_path / 'vit.pth', tmp_path / 'back.npz', '--layout', 'big_vision')
-    assert code == 0, err
+    r = cli('convert', tmp_path / 'vit.pth', tmp_path / 'back.npz', '--layout', 'big_vision')
+    assert r.returncode == 0, r.stderr
     assert same_npz(tmp_path / 'vit.npz', tmp_path / 'back.npz')
     # asked for: a learned table in big_vision's layout (the same function, now trainable)
-    code, out, err = cli('convert', tmp_path / 'vit.npz', tmp_path / 'learn.npz', '--layout', 'big_vision',
-                         '--posemb', 'learn')
-    assert code == 0 and 'written out as a learned table' in err, err
+    r = cli('convert', tmp_path / 'vit.npz', tmp_path / 'learn.npz', '--layout', 'big_vision',
+            '--posemb', 'learn')
+    assert r.returncode == 0 and 'written out as a learned table' in r.stderr, r.stderr
     np.testing.assert_array_equal(np.load(tmp_path / 'learn.npz')['params/pos_embedding'], sincos2d(14, 14, 192))
 
 

@@ -1,8 +1,6 @@
 """ViT/DeiT weight interop: Google npz layouts <-> Flax <-> PyTorch, judged against timm."""
 import os
 import pickle
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -18,7 +16,7 @@ from converters import api, google, io
 from converters.errors import ConversionError
 from converters.resample import resample_pos_embed
 
-from helpers import images, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import cli, images, rel_err, run_flax, run_timm, state_np, timm_model
 
 # (timm name, timm kwargs): several sizes and patch sizes, kept small enough for two CPU cores.
 MODELS = [
@@ -29,9 +27,6 @@ MODELS = [
     ('deit_tiny_distilled_patch16_224', {}),
 ]
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
 
 
 def convert(case, src, dst):

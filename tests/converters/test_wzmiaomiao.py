@@ -3,8 +3,6 @@
 The reference classes are faithful copies written in `seeds_reference.py` (the seeds' repository is not
 installable); every weight is perturbed; files go through our converters and back.
 """
-import subprocess
-import sys
 from functools import partial
 
 import numpy as np
@@ -18,13 +16,10 @@ from converters.errors import ConversionError
 from vit_flax.swin import relative_position_index
 
 from reference import wzmiaomiao
-from helpers import images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import cli, images, perturb_timm, rel_err, run_flax, run_timm, state_np, timm_model
 
 TOL = 1e-4
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'converters.cli', *map(str, args)], capture_output=True, text=True)
 
 
 def assert_same_state(got, want):

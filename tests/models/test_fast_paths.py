@@ -1,7 +1,5 @@
 """The speed-motivated code paths compute what the references compute: attention, GELU, patch embedding,
 the bf16 matmul policy and its backward, nn.scan over the blocks and its checkpoint layout."""
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ import vit_flax
 from converters import api, google
 from vit_flax import layers
 
-from helpers import images, rel_err, run_flax, run_timm, timm_model
+from helpers import cli, images, rel_err, run_flax, run_timm, timm_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7)
 
@@ -264,8 +262,7 @@ def test_checkpoints_move_between_scanned_and_unrolled_models(tmp_path):
     # the scanned npz reads back as a scanned model, converts to an unrolled torch file, and unrolls on demand
     model, p, ck = api.load_model(tmp_path / 'scan.npz')
     assert model.scan_blocks and ck.layout == 'big_vision' and rel_err(run_flax(model, p, x), y) < 1e-4
-    r = subprocess.run([sys.executable, '-m', 'converters.cli', 'convert', tmp_path / 'scan.npz',
-                        tmp_path / 'unrolled.npz', '--layout', 'linen', '--no-scan-blocks'], capture_output=True, text=True)
+    r = cli('convert', tmp_path / 'scan.npz', tmp_path / 'unrolled.npz', '--layout', 'linen', '--no-scan-blocks')
     assert r.returncode == 0, r.stderr
     assert 'Transformer/encoderblock_2/MlpBlock_0/Dense_1/kernel' in np.load(tmp_path / 'unrolled.npz').files
     back = timm_model(name, **kw)  # big_vision folds the cls row of pos_embed into cls: same function

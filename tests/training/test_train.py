@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import perturb_timm
+from helpers import cli_process, perturb_timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 TRAIN = os.path.join(ROOT, 'train_flax.py')
@@ -279,10 +279,8 @@ def test_two_processes_match_one(env, reference, tmp_path, devices, mesh):
         port = s.getsockname()[1]
     workdir = tmp_path / 'two'
     e = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    procs = [subprocess.Popen([sys.executable, '-m', 'converters.cli', 'train', '--workdir', str(workdir), *BASE,
-                               '--mesh', mesh, '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
-                               '--process-id', str(i)],
-                              cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [cli_process('train', '--workdir', workdir, *BASE, '--mesh', mesh, '--coordinator', f'127.0.0.1:{port}',
+                         '--num-processes', '2', '--process-id', i, wait=False, cwd=ROOT, env=e)
              for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]

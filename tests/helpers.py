@@ -25,8 +25,9 @@ def perturb(params_or_model, seed=0, scale=0.05):
     op-by-op jax.random per leaf would compile for each shape). Takes a params tree (nested or flat dict,
     same structure back) or a Flax model, which is first initialised with `vit_flax.init_params(model,
     PRNGKey(seed))`."""
+    import flax.linen as nn
     params = params_or_model
-    if not isinstance(params_or_model, dict):
+    if isinstance(params_or_model, nn.Module):
         import vit_flax
         params = vit_flax.init_params(params_or_model, jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)

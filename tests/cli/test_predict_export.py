@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import cli, cli_process, images, rel_err, run_flax, run_timm, timm_model
+from helpers import cli, cli_process, images, perturb, rel_err, run_flax, run_timm, timm_model
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
@@ -35,13 +35,6 @@ def one_line_error(p, *needles):
     assert lines[-1].startswith('vit-flax: error: ') and sum(l.startswith('vit-flax: error') for l in lines) == 1
     for n in needles:
         assert n in lines[-1], lines[-1]
-
-
-def perturbed_flax(model, seed=0):
-    params = vit_flax.init_params(model, __import__('jax').random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-    return {k: np.asarray(v) + rng.standard_normal(v.shape).astype(np.float32) * 0.05
-            for k, v in flatten_dict(params, sep='/').items()}
 
 
 def save_for_hf(model, folder, **kw):
@@ -83,7 +76,7 @@ def test_folder_saved_by_timm_reads_into_flax(tmp_path, name, kw, safe):
 def test_our_folder_loads_in_timm_with_the_same_predictions(tmp_path):
     import timm
     model = vit_flax.create_model('vit_tiny_patch16_224', num_classes=5, **ARCH)
-    flat = perturbed_flax(model)
+    flat = flatten_dict(perturb(model), sep='/')
     npz = tmp_path / 'w.npz'
     api.save_params(unflatten_dict(flat, sep='/'), npz, 'vit_tiny_patch16_224',
                     num_classes=5, **ARCH)
@@ -261,7 +254,8 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp('run')
     overrides = dict(ARCH, num_classes=5)
     model = vit_flax.create_model('vit_tiny_patch16_224', **overrides)
-    steps = {10: (perturbed_flax(model, 1), 0.9), 20: (perturbed_flax(model, 2), 0.5)}   # best 10, latest 20
+    flat = lambda seed: flatten_dict(perturb(model, seed), sep='/')
+    steps = {10: (flat(1), 0.9), 20: (flat(2), 0.5)}   # best 10, latest 20
     return make_workdir(str(root / 'flowers'), 'vit_tiny_patch16_224', overrides, steps, NAMES), model, steps
 
 

@@ -14,14 +14,9 @@ import vit_flax
 from converters import api, google
 from vit_flax import layers
 
-from helpers import cli, images, rel_err, run_flax, run_timm, timm_model
+from helpers import cli, images, perturb, rel_err, run_flax, run_timm, timm_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7)
-
-
-def perturbed(params, seed=0, scale=0.05):
-    rng = np.random.default_rng(seed)  # numpy: an op-by-op jax.random per leaf compiles for each shape
-    return jax.tree_util.tree_map(lambda l: (l + scale * rng.standard_normal(l.shape)).astype(np.float32), params)
 
 
 def random_params(model, seed=0):
@@ -116,7 +111,7 @@ def test_gelu_exact_matches_torch_values_and_gradient():
 def test_patch_conv_is_the_strided_convolution_values_and_grads(shape, patch):
     x = images(shape)
     mod = layers.PatchConv(6, patch)
-    params = perturbed(mod.init(jax.random.PRNGKey(0), x)['params'])
+    params = perturb(mod.init(jax.random.PRNGKey(0), x)['params'])
     conv = layers.nn.Conv(6, patch, strides=patch, padding='VALID')  # same params, same init
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
         conv.init(jax.random.PRNGKey(0), x)['params'])
@@ -145,7 +140,7 @@ def test_dense_layers_have_flax_params_and_init(ours, flax_ref, shape):
     for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_array_equal(a, b)
     if not isinstance(ours, layers.ProjectionParams):
-        p = perturbed(p)
+        p = perturb(p)
         np.testing.assert_allclose(ours.apply({'params': p}, x), flax_ref.apply({'params': p}, x), rtol=1e-5, atol=1e-6)
 
 

@@ -14,6 +14,8 @@ from converters.errors import ConversionError
 from converters.families import family_of
 from vit_flax.swin import SwinTransformer, relative_position_index
 
+from helpers import perturb_timm
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 NAMES = ['swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224', 'swin_base_patch4_window7_224',
@@ -32,11 +34,7 @@ def timm_model(model, seed=0, **extra):
     kw = swin_map.swin_timm_kwargs(model)
     kw.update(extra)
     torch.manual_seed(seed)
-    tm = timm.create_model('swin_tiny_patch4_window7_224', **kw).eval()
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return tm
+    return perturb_timm(timm.create_model('swin_tiny_patch4_window7_224', **kw), seed)
 
 
 def numpy_state(tm):

@@ -4,7 +4,7 @@
 - folders we write loaded by `timm.create_model('local-dir:...', pretrained=True)` with the same predictions;
 - our Pillow/numpy preprocessing against timm's eval transform (`create_transform(**data_config)`);
 - `vit-flax predict` on image files the tests write, against timm on timm's transform of the same files;
-- training workdirs exported and loaded strictly by timm and the seeds' vit_model.py;
+- training workdirs exported and loaded strictly by timm and WZMIAOMIAO's vit_model.py (tests/reference/);
 - `hf-hub:` names resolved from a fake Hugging Face cache; config.json files that lie.
 """
 import json
@@ -86,7 +86,7 @@ def test_our_folder_loads_in_timm_with_the_same_predictions(tmp_path):
     cfg = json.loads((tmp_path / 'folder' / 'config.json').read_text())
     assert cfg['architecture'] == 'vit_tiny_patch16_224' and cfg['num_classes'] == 5 and cfg['num_features'] == 192
     assert cfg['model_args'] == {'num_classes': 5, 'img_size': 32, 'patch_size': 8, 'depth': 2}
-    pc = cfg['pretrained_cfg']   # Google .npz weights: mean/std 0.5; the seeds' crop (0.875, bilinear)
+    pc = cfg['pretrained_cfg']   # Google .npz weights: mean/std 0.5; WZMIAOMIAO's crop (0.875, bilinear)
     assert (pc['input_size'], pc['mean'], pc['crop_pct'], pc['interpolation']) == ([3, 32, 32], [.5] * 3, .875, 'bilinear')
     tm = timm.create_model(f'local-dir:{tmp_path / "folder"}', pretrained=True).eval()
     x = images((8, 32, 32, 3), seed=1)
@@ -260,7 +260,7 @@ def workdir(tmp_path_factory):
 
 
 @pytest.mark.parametrize('step', [None, pytest.param('latest', marks=pytest.mark.slow)])
-def test_workdir_exported_loads_strictly_in_timm_and_the_seeds(workdir, tmp_path, step):
+def test_workdir_exported_loads_strictly_in_timm_and_wzmiaomiaos_vit_model(workdir, tmp_path, step):
     import timm
     from reference import wzmiaomiao
     root, model, steps = workdir

@@ -348,7 +348,7 @@ def test_fine_tune_a_google_npz_on_a_folder_with_an_unreadable_image(env, tmp_pa
     assert 'pos_embedding: grid (4, 4) -> (2, 2)' in r.stderr
     assert f'skipped unreadable image {tmp_path}/flowers/rose/broken.jpg' in r.stderr
     assert re.search(r'epoch \d: skipped 1 unreadable image', r.stderr), r.stderr
-    assert 'data: folder 67 train / 15 val images, 10 classes' in r.stdout   # the seeds' 80/20 per class
+    assert 'data: folder 67 train / 15 val images, 10 classes' in r.stdout   # WZMIAOMIAO's 80/20 per class
     with open(workdir / 'class_indices.json') as f:
         assert json.load(f) == {str(i): c for i, c in enumerate(classes)}
     s = summary(workdir)

@@ -29,6 +29,7 @@ def tiny(tmp_path_factory):
 
 
 def test_summary_json_for_every_swin_name():
+    # the Swin paper's Table 1 (https://arxiv.org/abs/2103.14030), FLOPs column (MACs)
     paper = {'swin_tiny_patch4_window7_224': 4.5, 'swin_small_patch4_window7_224': 8.7,
              'swin_base_patch4_window7_224': 15.4, 'swin_base_patch4_window12_384': 47.0}
     for name in NAMES:

@@ -109,6 +109,7 @@ def test_registered_names_are_timm_names_with_1000_classes():
     assert vit_flax.create_model(NAMES[0], num_classes=21841).num_classes == 21841
 
 
+# the FLOPs column of the Swin paper's Table 1 (Liu et al., https://arxiv.org/abs/2103.14030), which counts MACs
 @pytest.mark.parametrize('name,gmacs', [('swin_tiny_patch4_window7_224', 4.5), ('swin_small_patch4_window7_224', 8.7),
                                         ('swin_base_patch4_window7_224', 15.4),
                                         ('swin_base_patch4_window12_384', 47.0)])

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from durability import fuzzing as fz
-from converters import api, cli
+from converters import api
 from converters import io as cio
 from converters.durable import PREFIX
 from converters.errors import ConversionError

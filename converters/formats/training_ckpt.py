@@ -240,8 +240,8 @@ def model_overrides(meta: dict) -> dict:
 
 def model_from_meta(meta: dict, **extra):
     """The float32 model the checkpoint's params belong to (pass dtype=... for another compute dtype)."""
-    import vit_flax
-    return vit_flax.create_model(meta['model'], **{**model_overrides(meta), **extra})
+    from vit_flax.registry import create_model   # (importing it registers every model)
+    return create_model(meta['model'], **{**model_overrides(meta), **extra})
 
 
 def write_class_indices(path: str, class_names: List[str]) -> None:

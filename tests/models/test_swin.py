@@ -15,6 +15,8 @@ from converters.errors import ConversionError
 from converters.families import family_of
 from vit_flax.models.swin import SwinTransformer, relative_position_index
 
+from helpers import perturb_timm
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 NAMES = ['swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224', 'swin_base_patch4_window7_224',
@@ -33,11 +35,7 @@ def timm_model(model, seed=0, **extra):
     kw = swin_family.FAMILY.timm_kwargs(model)
     kw.update(extra)
     torch.manual_seed(seed)
-    tm = timm.create_model('swin_tiny_patch4_window7_224', **kw).eval()
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return tm
+    return perturb_timm(timm.create_model('swin_tiny_patch4_window7_224', **kw), seed)
 
 
 def numpy_state(tm):
@@ -112,6 +110,7 @@ def test_registered_names_are_timm_names_with_1000_classes():
     assert vit_flax.create_model(NAMES[0], num_classes=21841).num_classes == 21841
 
 
+# the FLOPs column of the Swin paper's Table 1 (Liu et al., https://arxiv.org/abs/2103.14030), which counts MACs
 @pytest.mark.parametrize('name,gmacs', [('swin_tiny_patch4_window7_224', 4.5), ('swin_small_patch4_window7_224', 8.7),
                                         ('swin_base_patch4_window7_224', 15.4),
                                         ('swin_base_patch4_window12_384', 47.0)])

@@ -1,10 +1,8 @@
-"""vit_train's parts in-process: data sets (CIFAR archives, folders, the seeds' split), the pickle guard, the
+"""vit_train's parts in-process: data sets (CIFAR archives, folders, WZMIAOMIAO's split), the pickle guard, the
 grain pipeline's sharding and resumption, the masks (weight decay, freezing), mesh parsing, grad accumulation."""
 import io
-import json
 import os
 import pickle
-import random
 import tarfile
 
 import jax
@@ -16,6 +14,8 @@ from flax.traverse_util import flatten_dict
 import vit_flax
 from vit_train import data, optim, sharding, step as steps
 from vit_train.errors import TrainError
+
+from reference import wzmiaomiao
 
 
 # ---------------------------------------------------------------- CIFAR archives made here
@@ -146,32 +146,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
         {'a': [1, 2.5, b'x', 'y', (None, True)]}
 
 
-# ---------------------------------------------------------------- folders and the seeds' split
-
-def seeds_read_split_data(root, val_rate=0.2):
-    """A faithful copy of the seeds' utils.read_split_data, written here, without its prints and plots."""
-    random.seed(0)
-    flower_class = [cla for cla in os.listdir(root) if os.path.isdir(os.path.join(root, cla))]
-    flower_class.sort()
-    class_indices = dict((k, v) for v, k in enumerate(flower_class))
-    json_str = json.dumps(dict((val, key) for key, val in class_indices.items()), indent=4)
-    train_images_path, train_images_label, val_images_path, val_images_label = [], [], [], []
-    supported = ['.jpg', '.JPG', '.png', '.PNG']
-    for cla in flower_class:
-        cla_path = os.path.join(root, cla)
-        images = [os.path.join(root, cla, i) for i in os.listdir(cla_path) if os.path.splitext(i)[-1] in supported]
-        images.sort()
-        image_class = class_indices[cla]
-        val_path = random.sample(images, k=int(len(images) * val_rate))
-        for img_path in images:
-            if img_path in val_path:
-                val_images_path.append(img_path)
-                val_images_label.append(image_class)
-            else:
-                train_images_path.append(img_path)
-                train_images_label.append(image_class)
-    return train_images_path, train_images_label, val_images_path, val_images_label, json_str
-
+# ---------------------------------------------------------------- folders and WZMIAOMIAO's split
 
 def _images(root, layout, rng):
     from PIL import Image
@@ -183,9 +158,9 @@ def _images(root, layout, rng):
 
 
 @pytest.mark.parametrize('val_rate', [0.2, 0.35])
-def test_folder_split_is_the_seeds(tmp_path, val_rate):
+def test_folder_split_is_wzmiaomiaos(tmp_path, val_rate):
     _images(tmp_path, {'tulips': 17, 'daisy': 11, 'roses': 6}, np.random.default_rng(1))
-    tr, trl, va, val, json_str = seeds_read_split_data(str(tmp_path), val_rate)
+    tr, trl, va, val, json_str = wzmiaomiao.read_split_data(str(tmp_path), val_rate)
     ds = data.load('folder', str(tmp_path), val_rate)
     assert (ds.train.paths, ds.train.labels.tolist(), ds.val.paths, ds.val.labels.tolist()) == (tr, trl, va, val)
     from converters.formats import training_ckpt

@@ -1,7 +1,5 @@
 """Swin through the converters and the `vit-flax` command: every name, both torch layouts, window resizing."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,13 +12,10 @@ import vit_flax
 from converters import pipeline
 from converters.families.swin import timm_to_microsoft
 
-from conftest import images, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import cli, images, rel_err, run_flax, run_timm, state_np, timm_model
 
 NAMES = vit_flax.list_models('swin_*')
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope='module')
@@ -34,6 +29,7 @@ def tiny(tmp_path_factory):
 
 
 def test_summary_json_for_every_swin_name():
+    # the Swin paper's Table 1 (https://arxiv.org/abs/2103.14030), FLOPs column (MACs)
     paper = {'swin_tiny_patch4_window7_224': 4.5, 'swin_small_patch4_window7_224': 8.7,
              'swin_base_patch4_window7_224': 15.4, 'swin_base_patch4_window12_384': 47.0}
     for name in NAMES:

@@ -4,11 +4,9 @@
 - folders we write loaded by `timm.create_model('local-dir:...', pretrained=True)` with the same predictions;
 - our Pillow/numpy preprocessing against timm's eval transform (`create_transform(**data_config)`);
 - `vit-flax predict` on image files the tests write, against timm on timm's transform of the same files;
-- training workdirs exported and loaded strictly by timm and the seeds' vit_model.py;
+- training workdirs exported and loaded strictly by timm and WZMIAOMIAO's vit_model.py (tests/reference/);
 - `hf-hub:` names resolved from a fake Hugging Face cache; config.json files that lie.
 """
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -18,30 +16,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import images, rel_err, run_flax, run_timm, timm_model
+from helpers import cli, cli_process, images, perturb, rel_err, run_flax, run_timm, timm_model
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
 import vit_flax
 from converters import pipeline, preprocess
-from vit_flax_cli.cli import main as cli_main
 from converters.errors import ConversionError
 
 ARCH = dict(img_size=32, patch_size=8, depth=2)   # a vit_tiny_patch16_224 timm also builds
 NAMES = ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
-
-
-def cli_process(*argv, env=None):
-    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, argv)], capture_output=True, text=True,
-                          env=env)
-
-
-def cli(*argv):
-    """The command in-process (a real process costs seconds of start-up here): rc, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli_main([str(a) for a in argv])
-    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
 
 
 def one_line_error(p, *needles):
@@ -51,13 +35,6 @@ def one_line_error(p, *needles):
     assert lines[-1].startswith('vit-flax: error: ') and sum(l.startswith('vit-flax: error') for l in lines) == 1
     for n in needles:
         assert n in lines[-1], lines[-1]
-
-
-def perturbed_flax(model, seed=0):
-    params = vit_flax.init_params(model, __import__('jax').random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-    return {k: np.asarray(v) + rng.standard_normal(v.shape).astype(np.float32) * 0.05
-            for k, v in flatten_dict(params, sep='/').items()}
 
 
 def save_for_hf(model, folder, **kw):
@@ -99,7 +76,7 @@ def test_folder_saved_by_timm_reads_into_flax(tmp_path, name, kw, safe):
 def test_our_folder_loads_in_timm_with_the_same_predictions(tmp_path):
     import timm
     model = vit_flax.create_model('vit_tiny_patch16_224', num_classes=5, **ARCH)
-    flat = perturbed_flax(model)
+    flat = flatten_dict(perturb(model), sep='/')
     npz = tmp_path / 'w.npz'
     pipeline.save_params(unflatten_dict(flat, sep='/'), npz, 'vit_tiny_patch16_224',
                     num_classes=5, **ARCH)
@@ -109,7 +86,7 @@ def test_our_folder_loads_in_timm_with_the_same_predictions(tmp_path):
     cfg = json.loads((tmp_path / 'folder' / 'config.json').read_text())
     assert cfg['architecture'] == 'vit_tiny_patch16_224' and cfg['num_classes'] == 5 and cfg['num_features'] == 192
     assert cfg['model_args'] == {'num_classes': 5, 'img_size': 32, 'patch_size': 8, 'depth': 2}
-    pc = cfg['pretrained_cfg']   # Google .npz weights: mean/std 0.5; the seeds' crop (0.875, bilinear)
+    pc = cfg['pretrained_cfg']   # Google .npz weights: mean/std 0.5; WZMIAOMIAO's crop (0.875, bilinear)
     assert (pc['input_size'], pc['mean'], pc['crop_pct'], pc['interpolation']) == ([3, 32, 32], [.5] * 3, .875, 'bilinear')
     tm = timm.create_model(f'local-dir:{tmp_path / "folder"}', pretrained=True).eval()
     x = images((8, 32, 32, 3), seed=1)
@@ -277,14 +254,15 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp('run')
     overrides = dict(ARCH, num_classes=5)
     model = vit_flax.create_model('vit_tiny_patch16_224', **overrides)
-    steps = {10: (perturbed_flax(model, 1), 0.9), 20: (perturbed_flax(model, 2), 0.5)}   # best 10, latest 20
+    flat = lambda seed: flatten_dict(perturb(model, seed), sep='/')
+    steps = {10: (flat(1), 0.9), 20: (flat(2), 0.5)}   # best 10, latest 20
     return make_workdir(str(root / 'flowers'), 'vit_tiny_patch16_224', overrides, steps, NAMES), model, steps
 
 
 @pytest.mark.parametrize('step', [None, pytest.param('latest', marks=pytest.mark.slow)])
-def test_workdir_exported_loads_strictly_in_timm_and_the_seeds(workdir, tmp_path, step):
+def test_workdir_exported_loads_strictly_in_timm_and_wzmiaomiaos_vit_model(workdir, tmp_path, step):
     import timm
-    import seeds_reference as seeds
+    from reference import wzmiaomiao
     root, model, steps = workdir
     out = tmp_path / 'out.pth'
     p = cli('convert', root, out, *(['--step', step] if step else []))
@@ -294,7 +272,7 @@ def test_workdir_exported_loads_strictly_in_timm_and_the_seeds(workdir, tmp_path
     state = torch.load(out, weights_only=True)
     tm = timm.create_model('vit_tiny_patch16_224', num_classes=5, **ARCH).eval()
     tm.load_state_dict(state, strict=True)
-    sm = seeds.VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=5).eval()
+    sm = wzmiaomiao.VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=5).eval()
     sm.load_state_dict(state, strict=True)
     x = images((2, 32, 32, 3), seed=3)
     yf = run_flax(model, unflatten_dict(flat, sep='/'), x, train=False)

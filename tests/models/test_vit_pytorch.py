@@ -5,8 +5,6 @@ current model the way those releases name and shape them (read in their wheels: 
 1.2.0, 1.6.0, 1.16.0), and their forward computation from the current model's own modules.
 """
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,15 +18,12 @@ from converters import pipeline
 from converters.families import vit_pytorch as vit_pytorch_family
 from converters.errors import ConversionError
 
-from conftest import images, perturb_timm, rel_err, run_flax, run_timm, state_np
+from helpers import cli, images, perturb_timm, rel_err, run_flax, run_timm, state_np
 
 TOL = 1e-4
 # inner width heads * dim_head = 128 differs from dim = 96, as vit-pytorch allows
 CFG = dict(image_size=64, patch_size=16, num_classes=7, dim=96, depth=2, heads=4, dim_head=32, mlp_dim=160)
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 def real(seed=0, **kw):

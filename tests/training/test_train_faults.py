@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from helpers import cli_process
 from test_train import BASE, ROOT, STEPS, TRAIN, assert_same_params, latest, summary
 
 SPE = 22  # steps per epoch
@@ -153,7 +154,7 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
     or says in one line that nothing is readable; never other values."""
     import tempfile
     import numpy as np
-    import fuzzing as fz
+    from durability import fuzzing as fz
     from hypothesis import given, settings, strategies as st
     from converters.formats import training_ckpt
     from converters.errors import ConversionError
@@ -423,8 +424,7 @@ def test_workdir_that_is_a_file_fails_in_one_line(env, tmp_path):
     r = run(env, tmp_path / 'f', '--epochs', '1', expect=1)
     assert r.stderr.strip() == f'train_flax.py: error: --workdir {tmp_path}/f: {tmp_path}/f is a file, not a directory'
     # vit-flax train: the same exit status and line, under its own name
-    r = subprocess.run([sys.executable, '-m', 'vit_flax_cli', 'train', '--workdir', str(tmp_path / 'f' / 'run')],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    r = cli_process('train', '--workdir', tmp_path / 'f' / 'run', env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 1 and r.stderr.strip() == (f'vit-flax train: error: --workdir {tmp_path}/f/run: '
                                                       f'{tmp_path}/f is a file, not a directory'), r.stderr
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import perturb_timm
+from helpers import cli_process, perturb_timm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 TRAIN = os.path.join(ROOT, 'train_flax.py')
 # 2 epochs of 22 steps, a checkpoint every 16 steps and at each epoch end (16 22 32 44), keep 2 + best
 BASE = ('--depth', '1', '--batch-size', '64', '--epochs', '2', '--save-every', '16', '--keep', '2')
@@ -279,10 +279,8 @@ def test_two_processes_match_one(env, reference, tmp_path, devices, mesh):
         port = s.getsockname()[1]
     workdir = tmp_path / 'two'
     e = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    procs = [subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', 'train', '--workdir', str(workdir), *BASE,
-                               '--mesh', mesh, '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
-                               '--process-id', str(i)],
-                              cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [cli_process('train', '--workdir', workdir, *BASE, '--mesh', mesh, '--coordinator', f'127.0.0.1:{port}',
+                         '--num-processes', '2', '--process-id', i, wait=False, cwd=ROOT, env=e)
              for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
@@ -350,7 +348,7 @@ def test_fine_tune_a_google_npz_on_a_folder_with_an_unreadable_image(env, tmp_pa
     assert 'pos_embedding: grid (4, 4) -> (2, 2)' in r.stderr
     assert f'skipped unreadable image {tmp_path}/flowers/rose/broken.jpg' in r.stderr
     assert re.search(r'epoch \d: skipped 1 unreadable image', r.stderr), r.stderr
-    assert 'data: folder 67 train / 15 val images, 10 classes' in r.stdout   # the seeds' 80/20 per class
+    assert 'data: folder 67 train / 15 val images, 10 classes' in r.stdout   # WZMIAOMIAO's 80/20 per class
     with open(workdir / 'class_indices.json') as f:
         assert json.load(f) == {str(i): c for i, c in enumerate(classes)}
     s = summary(workdir)

@@ -12,7 +12,7 @@ import vit_flax
 from vit_flax.models.layers import drop_path_rates
 from vit_flax.summary import count_macs, count_params
 
-from conftest import images, rel_err
+from helpers import images, perturb, rel_err
 
 ORIGINAL = re.compile(r'(vit_(tiny|small|base|large|huge)_patch(8|14|16|32)_(224|384))|'
                       r'(deit_(tiny|small|base)(_distilled)?_patch16_(224|384))')
@@ -34,11 +34,15 @@ def test_param_count_equals_timm(name):
 
 
 def test_param_counts_match_reference_figures():
+    # timm's counts (sum of its models' parameters); its model cards round them to 5.7M, 22.1M, 86.6M and 304.3M
+    # (https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k and the other sizes' cards)
     ref = {'vit_tiny_patch16_224': 5_717_416, 'vit_small_patch16_224': 22_050_664,
            'vit_base_patch16_224': 86_567_656, 'vit_large_patch16_224': 304_326_632}
     assert {n: count_params(vit_flax.create_model(n)) for n in ref} == ref
 
 
+# GMACs as timm's model cards give them (https://huggingface.co/timm/deit_base_patch16_384.fb_in1k: 55.5, and the
+# deit_{tiny,small,base}_patch16_224.fb_in1k cards) for DeiT (Touvron et al., https://arxiv.org/abs/2012.12877)
 @pytest.mark.parametrize('name,paper', [('deit_tiny_patch16_224', 1.3), ('deit_small_patch16_224', 4.6),
                                         ('deit_base_patch16_224', 17.6), ('deit_base_patch16_384', 55.5)])
 def test_gmacs_within_5pct_of_deit_paper(name, paper):
@@ -65,13 +69,6 @@ def tiny(**kw):
     cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7)
     cfg.update(kw)
     return vit_flax.VisionTransformer(**cfg)
-
-
-def perturbed(model, seed=0):
-    params = vit_flax.init_params(model, jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
 
 
 def test_google_tree_names():
@@ -102,7 +99,7 @@ def test_output_shapes(kw, out):
 
 def test_features_and_pooling_values():
     m = tiny()
-    p = perturbed(m)
+    p = perturb(m)
     x = images((2,) + m.input_shape)
     tokens = m.apply({'params': p}, x, method=m.forward_features)
     assert tokens.shape == (2, 1 + 16, 32)
@@ -118,7 +115,7 @@ def test_features_and_pooling_values():
 
 def test_pre_logits_is_dense_tanh():
     m = tiny(representation_size=16, num_classes=0)
-    p = perturbed(m)
+    p = perturb(m)
     x = images((2,) + m.input_shape)
     tokens = m.apply({'params': p}, x, method=m.forward_features)
     expected = np.tanh(tokens[:, 0] @ p['pre_logits']['kernel'] + p['pre_logits']['bias'])
@@ -127,7 +124,7 @@ def test_pre_logits_is_dense_tanh():
 
 def test_eval_is_deterministic_and_train_is_not():
     m = tiny(drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
-    p = perturbed(m)
+    p = perturb(m)
     x = images((4,) + m.input_shape)
     ev = m.apply({'params': p}, x, train=False)
     np.testing.assert_array_equal(ev, tiny().apply({'params': p}, x))  # eval ignores every rate
@@ -142,7 +139,7 @@ def test_eval_is_deterministic_and_train_is_not():
 
 def test_drop_path_only_is_active_in_train():
     m = tiny(drop_path_rate=0.5)
-    p = perturbed(m)
+    p = perturb(m)
     x = images((8,) + m.input_shape)
     t = m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)})
     assert rel_err(t, m.apply({'params': p}, x)) > 1e-3
@@ -156,7 +153,7 @@ def test_drop_path_rates_increase_linearly():
 
 def test_distilled_outputs_in_both_modes():
     m = tiny(distilled=True)
-    p = perturbed(m)
+    p = perturb(m)
     assert p['dist'].shape == (1, 1, 32) and 'head_dist' in p
     assert p['Transformer']['posembed_input']['pos_embedding'].shape == (1, 2 + 16, 32)
     x = images((2,) + m.input_shape)
@@ -175,7 +172,7 @@ def test_distilled_outputs_in_both_modes():
 
 def test_vit1d_patch_embedding_is_a_strided_conv1d():
     m = vit_flax.create_model('vit1d_tiny_patch16_1024', num_classes=5, depth=2, in_chans=2)
-    p = perturbed(m)
+    p = perturb(m)
     assert p['embedding']['kernel'].shape == (16, 2, 192)
     x = images((3, 1024, 2))
     assert m.apply({'params': p}, x).shape == (3, 5)
@@ -189,7 +186,7 @@ def test_vit1d_patch_embedding_is_a_strided_conv1d():
 
 
 def test_qk_scale_and_gelu_options():
-    p = perturbed(tiny())
+    p = perturb(tiny())
     x = images((2, 32, 32, 3))
     base = tiny().apply({'params': p}, x)
     np.testing.assert_allclose(tiny(qk_scale=8 ** -0.5).apply({'params': p}, x), base, rtol=1e-5, atol=1e-6)
@@ -209,7 +206,7 @@ def test_no_qkv_bias():
 
 def test_bf16_compute_keeps_float32_params():
     m = tiny(dtype=jnp.bfloat16)
-    p = perturbed(tiny())
+    p = perturb(tiny())
     assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(vit_flax.init_params(m)))
     x = images((2, 32, 32, 3))
     out = m.apply({'params': p}, x)
@@ -218,17 +215,28 @@ def test_bf16_compute_keeps_float32_params():
 
 
 def test_remat_matches():
-    p = perturbed(tiny())
+    """Rematerialised blocks give the same outputs and, in training, the same gradient of every leaf: the
+    recomputed forward pass draws the dropout and drop-path masks of the first one."""
+    p = perturb(tiny())
     x = images((2, 32, 32, 3))
     np.testing.assert_allclose(tiny(remat=True).apply({'params': p}, x), tiny().apply({'params': p}, x), rtol=1e-6)
-    g = jax.grad(lambda p: tiny(remat=True, drop_path_rate=0.1).apply(
-        {'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)}).sum())(p)
-    assert np.isfinite(np.asarray(g['Transformer']['encoderblock_0']['LayerNorm_0']['scale'])).all()
+
+    def grad(seed=0, **kw):
+        m = tiny(drop_rate=0.1, drop_path_rate=0.3, **kw)
+        loss = lambda p: (m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(seed)}) ** 2).sum()
+        return jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(loss))(p))
+
+    ref, other_masks = grad(), grad(seed=1)
+    assert max(rel_err(a, b) for (_, a), (_, b) in zip(other_masks, ref)) > 1e-2   # the masks change the gradient
+    got = grad(remat=True)
+    assert [k for k, _ in got] == [k for k, _ in ref]
+    for (path, g), (_, r) in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=jax.tree_util.keystr(path))
 
 
 def test_intermediates_are_returned():
     m = tiny()
-    p = perturbed(m)
+    p = perturb(m)
     x = images((2, 32, 32, 3))
     logits, state = m.apply({'params': p}, x, mutable=['intermediates'])
     inter = state['intermediates']['Transformer']

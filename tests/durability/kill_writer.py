@@ -1,6 +1,6 @@
 """Kill a checkpoint writer at random points, many times, and check what is left on disk.
 
-    python tests/kill_writer.py SRC KILLS SEED DST...     (prints one JSON line of counts per DST)
+    python tests/durability/kill_writer.py SRC KILLS SEED DST...     (prints one JSON line of counts per DST)
 
 SRC is read once; each trial forks a child that writes one of two versions of it (A: as read, B: every
 array + 1) over DST with force=True, and SIGKILLs the child after a random delay within the time a
@@ -86,6 +86,6 @@ def main(src: str, dst: str, kills: int, seed: int) -> dict:
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
     for dst in sys.argv[4:]:
         print(json.dumps(dict(main(sys.argv[1], dst, int(sys.argv[2]), int(sys.argv[3])), dst=dst)), flush=True)

@@ -5,24 +5,20 @@ A reader added to fuzzing.READERS is fuzzed here with no change to this file. A 
 COMMANDS below (argv from the mutant's path and an output stem): it then runs in-process over mutants
 of every file reader, and SUBPROCESS_CASES can name it for a check in a real process.
 """
-import contextlib
-import io
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fuzzing as fz
+from durability import fuzzing as fz
 from converters import pipeline
-from vit_flax_cli import cli
 from converters import formats
 from converters.formats.durable import PREFIX
 from converters.errors import ConversionError
+from helpers import cli, cli_process
 
 CASES = [(name, m) for name, r in fz.READERS.items() for m in r.mutations]
 _serial = iter(range(10 ** 9))
@@ -220,16 +216,10 @@ def test_command_in_process(data):
     mutation = data.draw(st.sampled_from(fz.READERS[reader].mutations))
     argv, src, out = mutant_command(data, reader, mutation, data.draw(st.sampled_from(sorted(COMMANDS))))
     fz.COUNTS[f'vit-flax {argv[0]}'] += 1
-    err, sink = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(sink):
-        rc = cli.main(argv)
-    check_command_result(rc, err.getvalue(), argv, src, out)
+    r = cli(*argv)
+    check_command_result(r.returncode, r.stderr, argv, src, out)
     assert not os.path.exists(fz.MARKER)
     shutil.rmtree(os.path.dirname(out))
-
-
-def run_cli(*argv):
-    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, argv)], capture_output=True, text=True)
 
 
 # One real process per reader in `make test` (each costs an interpreter start); `make fuzz` runs more.
@@ -245,7 +235,7 @@ def test_command_in_a_real_process(reader, mutation, command, tmp_path):
     def run(data):
         argv, src, out = mutant_command(data, reader, mutation, command)
         fz.COUNTS[f'vit-flax {argv[0]} (process)'] += 1
-        p = run_cli(*argv)
+        p = cli_process(*argv)
         check_command_result(p.returncode, p.stderr, argv, src, out)
         assert not os.path.exists(fz.MARKER)
     run()
@@ -259,7 +249,7 @@ def test_orbax_dir_with_corrupt_data_in_a_real_process(orbax_dir, tmp_path):
         for f in files:
             with open(os.path.join(root, f), 'r+b') as fh:
                 fh.truncate(8)
-    p = run_cli('convert', broken, tmp_path / 'o.npz')
+    p = cli_process('convert', broken, tmp_path / 'o.npz')
     assert p.returncode == 1 and p.stderr.count('\n') == 1, p.stderr
     assert p.stderr.startswith('vit-flax: error: ') and 'ckpt: not a readable orbax checkpoint' in p.stderr
     assert sorted(os.listdir(tmp_path)) == ['ckpt']

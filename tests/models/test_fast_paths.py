@@ -1,7 +1,5 @@
 """The speed-motivated code paths compute what the references compute: attention, GELU, patch embedding,
 the bf16 matmul policy and its backward, nn.scan over the blocks and its checkpoint layout."""
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +17,9 @@ from converters.families import vit as vit_family
 from vit_flax.models import layers
 from vit_flax.ops import activations, attention, matmul as mm
 
-from conftest import images, rel_err, run_flax, run_timm, timm_model
+from helpers import cli, images, perturb, rel_err, run_flax, run_timm, timm_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7)
-
-
-def perturbed(params, seed=0, scale=0.05):
-    rng = np.random.default_rng(seed)  # numpy: an op-by-op jax.random per leaf compiles for each shape
-    return jax.tree_util.tree_map(lambda l: (l + scale * rng.standard_normal(l.shape)).astype(np.float32), params)
 
 
 def random_params(model, seed=0):
@@ -164,7 +157,7 @@ def test_gelu_exact_matches_torch_values_and_gradient():
 def test_patch_conv_is_the_strided_convolution_values_and_grads(shape, patch):
     x = images(shape)
     mod = layers.PatchConv(6, patch)
-    params = perturbed(mod.init(jax.random.PRNGKey(0), x)['params'])
+    params = perturb(mod.init(jax.random.PRNGKey(0), x)['params'])
     conv = layers.nn.Conv(6, patch, strides=patch, padding='VALID')  # same params, same init
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
         conv.init(jax.random.PRNGKey(0), x)['params'])
@@ -193,7 +186,7 @@ def test_dense_layers_have_flax_params_and_init(ours, flax_ref, shape):
     for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_array_equal(a, b)
     if not isinstance(ours, layers.ProjectionParams):
-        p = perturbed(p)
+        p = perturb(p)
         np.testing.assert_allclose(ours.apply({'params': p}, x), flax_ref.apply({'params': p}, x), rtol=1e-5, atol=1e-6)
 
 
@@ -308,8 +301,7 @@ def test_checkpoints_move_between_scanned_and_unrolled_models(tmp_path):
     # the scanned npz reads back as a scanned model, converts to an unrolled torch file, and unrolls on demand
     model, p, ck = pipeline.load_model(tmp_path / 'scan.npz')
     assert model.scan_blocks and ck.layout == 'big_vision' and rel_err(run_flax(model, p, x), y) < 1e-4
-    r = subprocess.run([sys.executable, '-m', 'vit_flax_cli', 'convert', tmp_path / 'scan.npz',
-                        tmp_path / 'unrolled.npz', '--layout', 'linen', '--no-scan-blocks'], capture_output=True, text=True)
+    r = cli('convert', tmp_path / 'scan.npz', tmp_path / 'unrolled.npz', '--layout', 'linen', '--no-scan-blocks')
     assert r.returncode == 0, r.stderr
     assert 'Transformer/encoderblock_2/MlpBlock_0/Dense_1/kernel' in np.load(tmp_path / 'unrolled.npz').files
     back = timm_model(name, **kw)  # big_vision folds the cls row of pos_embed into cls: same function

@@ -1,6 +1,10 @@
-"""Reference PyTorch classes of the seeds' code, written for the tests (the seeds' repository is not a package).
+"""WZMIAOMIAO's PyTorch code re-implemented for the tests: the ViT and Swin classes (and the data split) of
+https://github.com/WZMIAOMIAO/deep-learning-for-image-processing, a blog series' code that is not a package.
 
-Source: WZMIAOMIAO/deep-learning-for-image-processing (read at commit 2ecf2ee):
+That repository is GPL-3.0: nothing here is copied from it. These are our own implementations of the same
+module names, state_dict keys, forward computation and quirks, checked against its files at commit
+2ecf2eea2b97777bb18fe9ff458292fde5a92b7e (where `vit_model.py` last changed in 578eff1d, `swin_transformer/
+model.py` in 6ee8067a, `vision_transformer/utils.py` in 9508fd25):
 - `pytorch_classification/vision_transformer/vit_model.py` -> `VisionTransformer` below: the same module
   names, state_dict keys and forward computation (its `embed_layer` is built without `norm_layer`, so a
   2-D file has no `patch_embed.norm`; `pre_logits` = Linear + Tanh only when not distilled; the distilled
@@ -13,8 +17,14 @@ Source: WZMIAOMIAO/deep-learning-for-image-processing (read at commit 2ecf2ee):
   stage), `relative_position_index` is a saved buffer, the -100 mask is built in forward (no `attn_mask` in
   the state_dict), the feature map is padded *before* the cyclic shift, patch merging sits at the end of a
   stage, and the head is a plain `head` Linear.
+- `pytorch_classification/vision_transformer/utils.py` `read_split_data` -> `read_split_data` below: the
+  train/val split of a class-per-folder data set and its class_indices.json text (without its prints, plots
+  and file writes).
 Dropout and drop path are left out: the tests run these classes in eval mode only.
 """
+import json
+import os
+import random
 from functools import partial
 
 import numpy as np
@@ -171,7 +181,7 @@ class SwinPatchEmbed(nn.Module):
     def forward(self, x):
         _, _, h, w = x.shape
         p = self.patch_size
-        if h % p[0] or w % p[1]:  # the seeds pad a whole patch on an axis that needs none (kept as is)
+        if h % p[0] or w % p[1]:  # WZMIAOMIAO's code pads a whole patch on an axis that needs none (kept as is)
             x = F.pad(x, (0, p[1] - w % p[1], 0, p[0] - h % p[0], 0, 0))
         x = self.proj(x)
         _, _, h, w = x.shape
@@ -306,3 +316,24 @@ class SwinTransformer(nn.Module):
         for layer in self.layers:
             x, h, w = layer(x, h, w)
         return self.head(torch.flatten(self.avgpool(self.norm(x).transpose(1, 2)), 1))
+
+
+# ---------------------------------------------------------------- vision_transformer/utils.py
+
+def read_split_data(root, val_rate=0.2):
+    """(train paths, train labels, val paths, val labels, class_indices.json text) as WZMIAOMIAO's
+    `read_split_data` splits a folder of one subfolder per class: `random` seeded with 0 once, classes in
+    sorted order; per class, its .jpg/.JPG/.png/.PNG files sorted, `random.sample` of int(n * val_rate) of
+    them for validation, and both lists in that sorted order. The JSON maps index -> name, indent 4."""
+    random.seed(0)
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    split = ([], [], [], [])
+    for label, name in enumerate(names):
+        files = sorted(os.path.join(root, name, f) for f in os.listdir(os.path.join(root, name))
+                       if os.path.splitext(f)[-1] in ('.jpg', '.JPG', '.png', '.PNG'))
+        val = set(random.sample(files, k=int(len(files) * val_rate)))
+        for path in files:
+            paths, labels = split[2:] if path in val else split[:2]
+            paths.append(path)
+            labels.append(label)
+    return (*split, json.dumps(dict(enumerate(names)), indent=4))

@@ -1,8 +1,6 @@
 """ViT/DeiT weight interop: Google npz layouts <-> Flax <-> PyTorch, judged against timm."""
 import os
 import pickle
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -19,7 +17,7 @@ from converters.families import vit as vit_family
 from converters.errors import ConversionError
 from converters.resample import resample_pos_embed
 
-from conftest import images, rel_err, run_flax, run_timm, state_np, timm_model
+from helpers import cli, images, rel_err, run_flax, run_timm, state_np, timm_model
 
 # (timm name, timm kwargs): several sizes and patch sizes, kept small enough for two CPU cores.
 MODELS = [
@@ -30,9 +28,6 @@ MODELS = [
     ('deit_tiny_distilled_patch16_224', {}),
 ]
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], capture_output=True, text=True)
 
 
 def convert(case, src, dst):

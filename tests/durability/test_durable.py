@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import timm_model
+from helpers import cli_process, timm_model
 from converters import formats
 from converters.formats.durable import PREFIX, atomic_output, clean_stale
 from converters.errors import ConversionError
@@ -49,21 +49,16 @@ def test_killed_writer_leaves_old_or_new_never_a_mix(tiny_pth, tmp_path):
         assert c['max_temps'] <= 1 and c['temps_after_next_write'] == 0, c
 
 
-def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
 @pytest.mark.parametrize('out', [pytest.param('o.npz', marks=pytest.mark.slow), 'ckpt'])
 def test_killed_cli_conversion_keeps_the_old_output(tiny_pth, tmp_path, out):
     """The whole command, killed at a random point of its write (orbax folders too), then run again."""
     dst = tmp_path / out
-    assert _cli('convert', tiny_pth, dst).wait() == 0
+    assert cli_process('convert', tiny_pth, dst, wait=False).wait() == 0
     before = np.array(formats.read_file(str(dst))['cls'])
     rng = np.random.default_rng(1)
     mid_write = 0
     for _ in range(int(os.environ.get('VIT_FLAX_CLI_KILLS', '1'))):
-        p = _cli('convert', tiny_pth, dst, '--force', '--num-classes', '7')
+        p = cli_process('convert', tiny_pth, dst, '--force', '--num-classes', '7', wait=False)
         while p.poll() is None and not temps(tmp_path):
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.3))
@@ -74,7 +69,7 @@ def test_killed_cli_conversion_keeps_the_old_output(tiny_pth, tmp_path, out):
         assert np.array_equal(got['cls'], before)
         assert got['head/bias'].shape in ((1000,), (7,))
     assert mid_write, 'no kill landed inside a write: the test proves nothing'
-    r = _cli('convert', tiny_pth, dst, '--force')
+    r = cli_process('convert', tiny_pth, dst, '--force', wait=False)
     assert r.wait() == 0, r.stderr.read()
     assert temps(tmp_path) == [], 'the next run must clean up after a killed one'
 
@@ -90,9 +85,9 @@ def _limited(limit):
 def test_disk_full_half_way_keeps_the_old_output(tiny_pth, tmp_path, out):
     """A real failed write (RLIMIT_FSIZE: as a full disk, the writer's write() fails half-way)."""
     dst = tmp_path / out
-    assert _cli('convert', tiny_pth, dst).wait() == 0
+    assert cli_process('convert', tiny_pth, dst, wait=False).wait() == 0
     old = {k: np.array(v) for k, v in formats.read_file(str(dst)).items()}
-    p = _cli('convert', tiny_pth, dst, '--force', '--num-classes', '7', preexec_fn=_limited(4 << 20))
+    p = cli_process('convert', tiny_pth, dst, '--force', '--num-classes', '7', preexec_fn=_limited(4 << 20), wait=False)
     assert p.wait() == 1, p.stderr.read()
     err = p.stderr.read().strip().splitlines()   # the head surgery is reported first, then the one error
     assert [l for l in err if 'vit-flax' in l] == err[-1:] and err[-1].startswith('vit-flax: error: '), err

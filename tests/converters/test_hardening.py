@@ -1,5 +1,4 @@
 """Declared sizes never allocated, non-finite weights, internal errors, closed pipes, conversion memory."""
-import contextlib
 import io
 import json
 import os
@@ -12,18 +11,11 @@ import zipfile
 import numpy as np
 import pytest
 
-import fuzzing as fz
+from durability import fuzzing as fz
 from converters import pipeline
-from vit_flax_cli import cli
 from converters import formats
 from converters.errors import ConversionError
-
-
-def run_main(*argv):
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        rc = cli.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
+from helpers import cli, cli_process
 
 
 def _npz_declaring(n):
@@ -77,13 +69,15 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path):
     bad['Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'][0, :3] = [np.nan, np.inf, -np.inf]
     src = tmp_path / 'nan.npz'
     pipeline.write_flat(bad, model, str(src))
-    rc, _, err = run_main('convert', src, tmp_path / 'o.pth')
-    assert rc == 1 and err.count('\n') == 1 and 'MlpBlock_0/Dense_0/kernel' in err and '3 non-finite' in err, err
+    r = cli('convert', src, tmp_path / 'o.pth')
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'MlpBlock_0/Dense_0/kernel' in r.stderr, r.stderr
+    assert '3 non-finite' in r.stderr, r.stderr
     assert not (tmp_path / 'o.pth').exists()
-    rc, out, _ = run_main('inspect', src)
-    assert rc == 0 and "WARNING: 1 key(s) hold NaN/Inf values, first 'Transformer/encoderblock_0/MlpBlock_0" in out
-    rc, _, err = run_main('convert', src, tmp_path / 'o.npz', '--allow-nonfinite')
-    assert rc == 0 and 'warning:' in err and 'kept as they are' in err
+    r = cli('inspect', src)
+    assert r.returncode == 0
+    assert "WARNING: 1 key(s) hold NaN/Inf values, first 'Transformer/encoderblock_0/MlpBlock_0" in r.stdout
+    r = cli('convert', src, tmp_path / 'o.npz', '--allow-nonfinite')
+    assert r.returncode == 0 and 'warning:' in r.stderr and 'kept as they are' in r.stderr
     got = formats.read_npz(str(tmp_path / 'o.npz'))['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel']
     np.testing.assert_array_equal(got, bad['Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'])
     with pytest.raises(ConversionError, match='non-finite'):
@@ -95,23 +89,26 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path):
 def test_registry_errors_are_one_clean_line(tmp_path):
     model, flat = fz.tiny()
     pipeline.write_flat(flat, model, str(tmp_path / 't.npz'))
-    rc, _, err = run_main('convert', tmp_path / 't.npz', tmp_path / 'o.pth', '--model', 'vit_nope')
-    assert rc == 1 and err == f"vit-flax: error: unknown model 'vit_nope'; similar: {err.split('similar: ')[1]}"
-    rc, _, err = run_main('summary', 'vit_nope')
-    assert rc == 1 and err.startswith("vit-flax: error: unknown model 'vit_nope'") and err.count('\n') == 1
+    r = cli('convert', tmp_path / 't.npz', tmp_path / 'o.pth', '--model', 'vit_nope')
+    err = r.stderr
+    assert r.returncode == 1
+    assert err == f"vit-flax: error: unknown model 'vit_nope'; similar: {err.split('similar: ')[1]}"
+    r = cli('summary', 'vit_nope')
+    assert r.returncode == 1 and r.stderr.startswith("vit-flax: error: unknown model 'vit_nope'")
+    assert r.stderr.count('\n') == 1
 
 
 def test_an_internal_error_is_not_dressed_up_as_bad_input(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyError('a bug of ours, not a missing key of the file')
     monkeypatch.setattr(pipeline, 'read_checkpoint', boom)
-    rc, _, err = run_main('inspect', tmp_path / 'x.npz')
-    assert rc == 70 and err.count('\n') == 1, err
-    assert err.startswith("vit-flax: internal error: KeyError: 'a bug of ours") and '--debug' in err
+    r = cli('inspect', tmp_path / 'x.npz')
+    assert r.returncode == 70 and r.stderr.count('\n') == 1, r.stderr
+    assert r.stderr.startswith("vit-flax: internal error: KeyError: 'a bug of ours") and '--debug' in r.stderr
     with pytest.raises(KeyError):
-        run_main('inspect', tmp_path / 'x.npz', '--debug')
+        cli('inspect', tmp_path / 'x.npz', '--debug')
     with pytest.raises(KeyError):
-        run_main('--debug', 'inspect', tmp_path / 'x.npz')
+        cli('--debug', 'inspect', tmp_path / 'x.npz')
 
 
 def test_internal_error_and_debug_in_a_real_process(tmp_path):
@@ -132,13 +129,11 @@ def test_internal_error_and_debug_in_a_real_process(tmp_path):
 
 def test_closed_pipes_end_quietly():
     # the reader is gone before anything is written: `vit-flax list | true`
-    p = subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', 'list'], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = cli_process('list', wait=False, text=False)
     p.stdout.close()
     assert p.wait() == 141 and p.stderr.read() == b''
     # the reader takes one line and leaves: `vit-flax list | head -1`
-    p = subprocess.Popen([sys.executable, '-m', 'vit_flax_cli', 'list', 'vit*'], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = cli_process('list', 'vit*', wait=False, text=False)
     assert p.stdout.readline().startswith(b'vit')
     p.stdout.close()
     assert p.wait() in (0, 141) and p.stderr.read() == b''
@@ -177,14 +172,14 @@ def test_conversion_memory_stays_near_one_copy_of_the_weights(tmp_path, directio
     (The whole-process figures for ViT-L/16 and ViT-H/14 against 1.5x the file size: `make memory`.)
     Before streaming and page release, npz -> pth added ~2x the file.
     """
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'benchmarks'))
     from convert_memory import write_random_npz
     npz = str(tmp_path / 'b.npz')
     write_random_npz('vit_base_patch16_224', npz)
     size = os.path.getsize(npz)
     pth = str(tmp_path / 'b.pth')
     if direction == 'load':   # from a torch file: its transposed weights are where the copies were
-        assert cli.main(['convert', npz, pth]) == 0
+        assert cli('convert', npz, pth).returncode == 0
     args = ('convert', npz, pth) if direction == 'convert' else ('load', pth, 'vit_base_patch16_224')
     p = subprocess.run([sys.executable, '-c', MEMORY_CHILD, *args], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -235,5 +230,5 @@ def test_half_a_head_is_named_not_crashed_on(tmp_path, stray):
     from converters.families import vit as vit_family
     arrays = {**vit_family.flax_to_npz(flat, 'released'), **stray}
     (tmp_path / 'h.npz').write_bytes(fz.npz_bytes(list(arrays.items())))
-    rc, _, err = run_main('convert', tmp_path / 'h.npz', tmp_path / 'o.npz')
-    assert rc == 1 and err.count('\n') == 1 and 'h.npz' in err and 'head' in err, err
+    r = cli('convert', tmp_path / 'h.npz', tmp_path / 'o.npz')
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'h.npz' in r.stderr and 'head' in r.stderr, r.stderr

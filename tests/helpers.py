@@ -1,0 +1,103 @@
+"""Helpers shared by the tests (import them `from helpers import ...`; pytest's `pythonpath` puts tests/ first).
+
+conftest.py keeps only fixtures and the session's settings; everything a test calls lives here.
+"""
+import contextlib
+import io
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import torch
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+# ---------------------------------------------------------------- weights moved off their init
+
+def perturb(params_or_model, seed=0, scale=0.05):
+    """Flax params with every leaf moved off its init (norms off 1, biases and heads off 0), so that no 1s or
+    0s are left to hide a bad map: N(0, scale) noise added to each leaf, drawn by numpy from `seed` (an
+    op-by-op jax.random per leaf would compile for each shape). Takes a params tree (nested or flat dict,
+    same structure back) or a Flax model, which is first initialised with `vit_flax.init_params(model,
+    PRNGKey(seed))`."""
+    import flax.linen as nn
+    params = params_or_model
+    if isinstance(params_or_model, nn.Module):
+        import vit_flax
+        params = vit_flax.init_params(params_or_model, jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+
+    def move(leaf):
+        leaf = np.asarray(leaf)
+        return (leaf + scale * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+    return jax.tree_util.tree_map(move, params)
+
+
+def perturb_timm(model, seed=0, scale=0.02):
+    """A torch module (timm's or any other) with every parameter moved off its init: norms off 1, biases and
+    heads off 0; N(0, scale) from a torch.Generator seeded with `seed`. Returns the module in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- timm models and running them
+
+def timm_model(name, seed=0, **kw):
+    import timm
+    return perturb_timm(timm.create_model(name, pretrained=False, **kw), seed)
+
+
+def state_np(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def images(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def run_timm(model, x_nhwc):
+    with torch.no_grad():
+        return model(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()).numpy()
+
+
+def run_flax(model, params, x, **kw):
+    return np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x, **kw))(params, x))
+
+
+# ---------------------------------------------------------------- the `vit-flax` command
+
+CLI = [sys.executable, '-m', 'vit_flax_cli']
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """`vit-flax ARGS` in this process (a real process costs seconds of start-up): its exit status, stdout and
+    stderr as a CompletedProcess. argparse's exits (bad usage: 2, --help: 0) become the return code; any
+    other exception (`--debug`) propagates."""
+    from vit_flax_cli.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
+
+
+def cli_process(*args, wait=True, **kw):
+    """`vit-flax ARGS` as a separate process, started as a user starts it, for what only a process shows: the
+    entry point's exit path, kills and signals, closed pipes, another environment (`env=`). Text mode unless
+    `text=False`; other keywords go to subprocess. wait=True: the finished CompletedProcess (stdout, stderr
+    captured); wait=False: the running Popen, stdout and stderr piped."""
+    kw.setdefault('text', True)
+    argv = [*CLI, *map(str, args)]
+    if wait:
+        return subprocess.run(argv, capture_output=True, **kw)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)

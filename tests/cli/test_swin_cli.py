@@ -28,6 +28,7 @@ def tiny(tmp_path_factory):
     return dict(tm=tm, dir=d)
 
 
+@pytest.mark.slow   # a sweep over every name (~1 min): `make test-slow`
 def test_summary_json_for_every_swin_name():
     # the Swin paper's Table 1 (https://arxiv.org/abs/2103.14030), FLOPs column (MACs)
     paper = {'swin_tiny_patch4_window7_224': 4.5, 'swin_small_patch4_window7_224': 8.7,
@@ -40,9 +41,12 @@ def test_summary_json_for_every_swin_name():
             assert abs(s['gmacs'] - paper[name]) / paper[name] < 0.05, (name, s['gmacs'])
 
 
-# Swin-L at window 7 under slow: Swin-L (window 12) and Swin-B (windows 7 and 12) cover what it adds.
-@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'swin_large_patch4_window7_224'
-                                  else n for n in NAMES])
+# The window-12 and Swin-L names under slow (`make test-slow`): Swin-T, Swin-S and Swin-B at window 7 cover
+# the conversion in `make test`; the window changes are tested on their own (test_window_7_to_12_resize...).
+SLOW_NAMES = ('swin_large_patch4_window7_224', 'swin_large_patch4_window12_384', 'swin_base_patch4_window12_384')
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_NAMES else n for n in NAMES])
 def test_every_swin_name_converts_and_is_detected(name, tmp_path):
     """Microsoft .pth -> (read) -> timm .pth: bit-exact with timm's own filter, loads strict, model detected."""
     with torch.device('meta'):
@@ -85,7 +89,9 @@ def test_microsoft_pth_cli_inspect_convert_parity(tiny, tmp_path):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize('fmt', ['w.npz', 'w.safetensors', 'orbax_dir'])
+# the formats themselves are family-agnostic and tested with ViTs; safetensors and orbax for Swin under slow
+@pytest.mark.parametrize('fmt', ['w.npz', pytest.param('w.safetensors', marks=pytest.mark.slow),
+                                 pytest.param('orbax_dir', marks=pytest.mark.slow)])
 def test_swin_flax_formats_round_trip(tiny, tmp_path, fmt):
     r = cli('convert', tiny['dir'] / 'timm.pth', tmp_path / fmt)
     assert r.returncode == 0, r.stderr

@@ -23,7 +23,7 @@ from helpers import cli, images, rel_err, run_flax, run_timm, state_np, timm_mod
 MODELS = [
     ('vit_tiny_patch16_224', {}),
     ('vit_small_patch32_224', {}),
-    ('vit_base_patch32_224', {}),
+    pytest.param(('vit_base_patch32_224', {}), marks=pytest.mark.slow),   # ViT-S/32 covers it in `make test`
     ('vit_small_patch16_224', dict(img_size=112, patch_size=14, depth=4)),
     ('deit_tiny_distilled_patch16_224', {}),
 ]
@@ -40,7 +40,7 @@ def convert(case, src, dst):
         assert r.returncode == 0, r.stderr
 
 
-@pytest.fixture(scope='module', params=MODELS, ids=[m[0] + ('-custom' if m[1] else '') for m in MODELS])
+@pytest.fixture(scope='module', params=MODELS, ids=[m[0] + ('-custom' if m[1] else '') for m in (p.values[0] if hasattr(p, 'values') else p for p in MODELS)])
 def case(request, tmp_path_factory):
     name, kw = request.param
     tm = timm_model(name, **kw)

@@ -158,7 +158,7 @@ def test_parity_always_partition():
     check_parity(SwinTransformer(img_size=128, always_partition=True, **SMALL))
 
 
-@pytest.mark.parametrize('size', [256, 320])
+@pytest.mark.parametrize('size', [256, pytest.param(320, marks=pytest.mark.slow)])
 def test_parity_other_input_sizes(size):
     """A 224-built window-7 model takes 256 and 320 (stages not multiples of 7: padding and masks for the
     padded size), as timm does with strict_img_size=False; and a model built at that size matches timm's."""
@@ -332,6 +332,7 @@ def test_drop_path_rates_and_train_vs_eval():
     assert not np.allclose(tr1, ev1) and not np.allclose(tr1, tr2)
 
 
+@pytest.mark.slow   # ~1 min; ViT's test_remat_matches covers the remat machinery in `make test`
 def test_remat_gives_the_same_outputs_and_grads():
     plain = SwinTransformer(img_size=32, **TWO_STAGES)
     remat = SwinTransformer(img_size=32, remat=True, **TWO_STAGES)

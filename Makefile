@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 fuzz: $(STAMP)
 	rm -f fuzz-counts.json
 	VIT_FLAX_FUZZ=long VIT_FLAX_KILLS=200 VIT_FLAX_CLI_KILLS=10 VIT_FLAX_TRAIN_KILLS=20 VIT_FLAX_FUZZ_COUNTS=fuzz-counts.json \
-		$(PY) -m pytest -q -ra -m 'slow or not slow' tests/test_fuzz.py tests/test_durable.py tests/test_train_faults.py
+		$(PY) -m pytest -q -ra -m 'slow or not slow' tests/durability/test_fuzz.py tests/durability/test_durable.py tests/training/test_train_faults.py
 	@cat fuzz-counts.json
 
 # Peak RSS of converting ViT-L/16 and ViT-H/14 (files in /tmp, up to ~10 GB of disk), as a ratio to the file size.

@@ -14,7 +14,7 @@ from ..errors import ConversionError, first_line
 from .durable import atomic_output, is_orbax_dir
 
 
-# What orbax and tensorstore raise on a missing or corrupt file (found by fuzzing, tests/test_fuzz.py).
+# What orbax and tensorstore raise on a missing or corrupt file (found by fuzzing, tests/durability/test_fuzz.py).
 ORBAX_FAILURES = (ValueError, OSError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
 
 

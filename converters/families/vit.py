@@ -439,8 +439,8 @@ class ViTFamily(Family):
         """A ResNet stem exactly when the file has one first, then the generic order, with ViT before DeiT for
         undistilled files just before the name."""
         stem = (model.resnet is None) != (cfg.get('resnet') is None)   # () is a stem without stages
-        shared, changed, _ = super().preference(cfg, name, model)
-        return stem, shared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
+        fewest_unshared, changed, _ = super().preference(cfg, name, model)
+        return stem, fewest_unshared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
 
     def check_target(self, src, target, path: str, model_name: str, overrides: dict) -> None:
         super().check_target(src, target, path, model_name, overrides)

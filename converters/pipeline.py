@@ -21,7 +21,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import vit_flax
 from vit_flax.models.layers import to_tuple
-from vit_flax.registry import list_models, model_config, split_tag
+from vit_flax.registry import UnknownOptionError, check_options, list_models, model_config, split_tag
 from vit_flax.summary import param_shapes
 
 from . import formats, rules
@@ -146,6 +146,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
             fields, why = family.layout_config[layout]
             cfg.update(fields)
             notes.append(f'{layout} layout ({why}): {", ".join(f"{k}={v}" for k, v in fields.items())}')
+    _check_options(family.module_cls, {**(arch or {}), **({} if img_size is None else {'img_size': img_size})},
+                   path, model_name)
     cfg, arch, resolved = family.resolve(cfg, arch, layout, model_name, path)
     notes += resolved
     name, model = match_model(family, cfg, path, model_name, arch)
@@ -165,7 +167,9 @@ def _read_training(path, step, log) -> Checkpoint:
     meta = tck.meta
     model = training_ckpt.model_from_meta(meta)
     family = family_of(model)
-    note = (f'training checkpoint step {tck.step} (epoch {meta["epoch"]}, val_acc {meta["val_acc"]}) '
+    acc = meta['val_acc']   # None on a step saved inside an epoch
+    note = (f'training checkpoint step {tck.step} (epoch {meta["epoch"]}, '
+            f'val_acc {"none (saved inside an epoch)" if acc is None else f"{acc:.4f}"}) '
             f'of {meta["model"]}')
     return Checkpoint(tck.path, 'training', 'flax', tck.flat, tck.flat, family, meta['model'], model, detected=True,
                       notes=[note], kind='training', source=path, pretrained_cfg=meta['pretrained_cfg'],
@@ -286,6 +290,14 @@ def validate(flat: Dict[str, np.ndarray], model, where: str) -> None:
         raise ConversionError(f'{where}: unexpected key {extra[0]!r} for this model')
 
 
+def _check_options(cls, options, path, model_name=None):
+    """Every override a field of `cls` with a value of its type, before anything is built from it."""
+    try:
+        check_options(cls, options or {}, split_tag(model_name)[0] if model_name else cls.__name__)
+    except UnknownOptionError as e:
+        raise ConversionError(f'{path}: {e}') from None
+
+
 def arch_overrides(overrides):
     """The overrides that describe the checkpoint's architecture (the rest describe the target model)."""
     return {k: v for k, v in overrides.items() if k not in TARGET_ONLY}
@@ -318,6 +330,7 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
     ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'), step, log)
     for note in ck.notes:
         log(note)
+    _check_options(type(ck.model), overrides, path, ck.model_name)
     try:
         target = target_of(ck)
     except TypeError as e:  # an unknown override

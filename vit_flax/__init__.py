@@ -2,12 +2,14 @@
 
 `models/` holds one module per family (importing it registers its names), `ops/` the fast paths beside
 their references."""
-from .registry import create_model, list_models, model_config, register
+from .errors import ModelConfigError
+from .registry import UnknownModelError, UnknownOptionError, create_model, list_models, model_config, register
 from .models.vit import VisionTransformer  # registers ViT/DeiT, R+ViT hybrids, SigLIP towers
 from .models.swin import SwinTransformer  # registers the Swin family
 from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch ViT
 from .summary import count_params, count_macs, init_params, summarize
 
-__all__ = ['create_model', 'list_models', 'model_config', 'register', 'VisionTransformer', 'SwinTransformer',
+__all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConfigError', 'UnknownModelError',
+           'UnknownOptionError', 'VisionTransformer', 'SwinTransformer',
            'LucidViT', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'

@@ -1,8 +1,20 @@
-"""Model registry keyed by timm's model names: each entry is a module class and its default config."""
+"""Model registry keyed by timm's model names: each entry is a module class and its default config.
+
+Overrides are checked before a model is built: an unknown field names the valid ones, a value of the wrong
+type names the field, the value and the type the field wants (both `UnknownOptionError`, one line).
+"""
+import collections.abc
+import difflib
 import fnmatch
-from typing import Any, Callable, Dict, List, Tuple
+import functools
+import os
+import types
+import typing
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import flax.linen as nn
+
+from .errors import ModelConfigError  # noqa: F401 - the models' bad-input error, named beside the registry's own
 
 _REGISTRY: Dict[str, Tuple[type, Dict[str, Any]]] = {}
 
@@ -15,7 +27,7 @@ class UnknownModelError(KeyError):
 
 
 class UnknownOptionError(TypeError):
-    """An override that is not a field of the model."""
+    """An override that is not a field of the model, or a value of a type the field does not take."""
 
 
 def register(name: str, cls: type, **config) -> None:
@@ -37,17 +49,118 @@ def split_tag(name: str) -> Tuple[str, str]:
     return base, tag
 
 
+@functools.lru_cache(maxsize=1)
+def timm_names() -> frozenset:
+    """Every model name of timm 1.0.31 (`timm.list_models()`), from the list kept beside this module, so that
+    a name timm has and this project does not build can be told apart from a typo without importing timm."""
+    with open(os.path.join(os.path.dirname(__file__), 'timm_models.txt')) as f:
+        return frozenset(line.strip() for line in f if line.strip() and not line.startswith('#'))
+
+
+def similar_models(name: str, n: int = 5) -> List[str]:
+    """Registered names closest to `name` (difflib's ratio), best first: `vit_small_patch16_224` for
+    `vit_smal_patch16_224`."""
+    return difflib.get_close_matches(name, list_models(), n=n, cutoff=0.6)
+
+
+def unknown_model_message(name: str) -> str:
+    """`'resnet50': a timm model this project does not build yet; ...` or `unknown model 'vit_smal...'; ...`."""
+    head = f'{name!r}: a timm model this project does not build yet' if name in timm_names() \
+        else f'unknown model {name!r}'
+    close = similar_models(name)
+    return head + (f'; similar: {", ".join(close)}' if close else '') + '; `vit-flax list` shows every name'
+
+
 def model_config(name: str, **overrides) -> Tuple[type, Dict[str, Any]]:
     name = split_tag(name)[0]
     if name not in _REGISTRY:
-        close = list_models(f'*{name.split("_")[0]}*')[:8]
-        raise UnknownModelError(f'unknown model {name!r}' + (f'; similar: {", ".join(close)}' if close else ''))
+        raise UnknownModelError(unknown_model_message(name))
     cls, config = _REGISTRY[name]
-    fields = set(cls.__dataclass_fields__) - {'parent', 'name'}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise UnknownOptionError(f'{name}: unknown option(s) {sorted(unknown)}; valid: {sorted(fields)}')
+    check_options(cls, overrides, name)
     return cls, {**config, **overrides}
+
+
+def model_fields(cls: type) -> List[str]:
+    """The constructor fields of a model class (a flax dataclass), without flax's own `parent` and `name`."""
+    return [f for f in cls.__dataclass_fields__ if f not in ('parent', 'name')]
+
+
+def check_options(cls: type, options: Dict[str, Any], owner: str = '') -> None:
+    """Raise UnknownOptionError, in one line, for an option that is not a field of `cls` (naming the valid
+    ones) or whose value does not have the field's type (naming the key, the value and the type)."""
+    owner = f'{owner or cls.__name__}: '
+    fields = model_fields(cls)
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise UnknownOptionError(f'{owner}unknown option(s) {unknown}; valid: {sorted(fields)}')
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: nothing to check against
+        return
+    for k, v in options.items():
+        tp = hints.get(k, Any)
+        if not _fits(v, tp):
+            raise UnknownOptionError(f'{owner}option {k}={v!r} ({type(v).__name__}) wants {_describe(tp)}')
+        least = 0 if k in NON_NEGATIVE else 1 if k in POSITIVE else None
+        numbers = [x for x in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(x, (int, float))]
+        if least is not None and any(x < least for x in numbers):
+            raise UnknownOptionError(f'{owner}option {k}={v!r} wants {"each " if len(numbers) > 1 else ""}'
+                                     f'value >= {least}')
+        if k.endswith('_rate') or k in RATES:
+            if any(not 0 <= x < 1 for x in numbers):
+                raise UnknownOptionError(f'{owner}option {k}={v!r} wants a rate in [0, 1)')
+
+
+# Sizes that must be at least 1 (or 0) and rates in [0, 1), by field name across the model classes; the
+# type of every field comes from its annotation, choices from `Literal[...]`.
+POSITIVE = frozenset({'img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'depths', 'num_heads', 'mlp_dim',
+                      'mlp_ratio', 'representation_size', 'window_size', 'dim', 'heads', 'dim_head', 'spatial_dims'})
+NON_NEGATIVE = frozenset({'num_classes', 'norm_eps'})
+RATES = frozenset({'dropout', 'emb_dropout'})
+
+
+def _fits(value, tp) -> bool:
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple or origin in (collections.abc.Sequence, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is collections.abc.Callable or tp is Callable:
+        return callable(value)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True   # an annotation this check does not model (a protocol, a string): the model decides
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return 'one of ' + ', '.join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return ' or '.join(dict.fromkeys(_describe(a) for a in args))
+    if tp is type(None):
+        return 'None'
+    if origin is tuple or origin in (collections.abc.Sequence, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f'a tuple ({", ".join(_describe(a) for a in args)})'
+        return f'a tuple of {_describe(args[0]) if args else "values"}'
+    return getattr(tp, '__name__', str(tp))
 
 
 def create_model(name: str, **overrides) -> nn.Module:

@@ -6,7 +6,7 @@ output elements x (input channels / groups) x kernel window. That is fvcore's ru
 Swin papers report: attention's two matmuls count, elementwise ops (softmax, GELU, norms) do not.
 """
 import math
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
@@ -89,9 +89,30 @@ def count_macs(model, params=None, batch: int = 1) -> int:
     return _jaxpr_macs(closed.jaxpr)
 
 
+def input_notes(model) -> List[str]:
+    """What the model does with an input size that is not a whole number of patches: a ViT never sees the
+    last rows/columns (its patch convolution is VALID), a Swin zero-pads them (timm's and Microsoft's way);
+    a hybrid's ResNet stem pads 'SAME' and needs no note."""
+    from .models.layers import to_tuple
+    img = tuple(model.input_shape[:-1])
+    patch = to_tuple(model.patch_size, len(img))
+    rest = tuple(i % p for i, p in zip(img, patch))
+    if not any(rest) or getattr(model, 'resnet', None) is not None:
+        return []
+    size = 'x'.join(map(str, img))
+    if hasattr(model, 'depths'):   # Swin
+        padded = 'x'.join(str(i + (-i) % p) for i, p in zip(img, patch))
+        return [f'img_size {size} is not a multiple of the patch {"x".join(map(str, patch))}: '
+                f'each image is zero-padded to {padded} on the right and bottom']
+    seen = 'x'.join(str(i - r) for i, r in zip(img, rest))
+    return [f'img_size {size} is not a multiple of the patch {"x".join(map(str, patch))}: the last rows/columns '
+            f'of each image are never seen (the patches cover {seen})']
+
+
 def summarize(name: str, **overrides) -> Dict[str, Any]:
+    """{model, params, gmacs, input_shape, num_classes, notes}: notes say what the input size implies."""
     from .registry import create_model
     model = create_model(name, **overrides)
     shapes = param_shapes(model)
     return dict(model=name, params=count_params(shapes), gmacs=round(count_macs(model, shapes) / 1e9, 3),
-                input_shape=list(input_shape(model)), num_classes=model.num_classes)
+                input_shape=list(input_shape(model)), num_classes=model.num_classes, notes=input_notes(model))

@@ -20,6 +20,8 @@ Defaults below are what a family without the feature does; a subclass overrides 
 import json
 from typing import Callable, Dict, List, Optional, Tuple
 
+from vit_flax.summary import input_notes
+
 from ..errors import ConversionError
 from ..resample import resample_pos_embed
 
@@ -145,11 +147,8 @@ class Family:
     def adapt(self, flat, src, dst, *, resample: str, bias_resize: str, log: Log):
         """Surgery from a checkpoint of model `src` to model `dst` of this family, every change said through
         `log` (the head is the pipeline's): by default, the position table made to fit the new grid."""
-        if self.pos_key and getattr(dst, 'resnet', None) is None and \
-                any(i % p for i, p in zip(dst.input_shape[:-1], dst.patch_size_tuple)):
-            # (a hybrid's stem pads 'SAME' instead)
-            log(f'img_size {dst.img_size} is not a multiple of the patch {dst.patch_size}: '
-                f'the last rows/columns of each image are never seen')
+        for note in input_notes(dst):   # what summary says too: unseen or zero-padded rows/columns
+            log(note)
         return self.adapt_positions(flat, src, dst, resample, log)
 
     def adapt_positions(self, flat, src, dst, resample: str, log: Log):

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..errors import ModelConfigError
 from ..ops.activations import gelu_fn
 from ..ops.matmul import matmul
 
@@ -180,7 +181,7 @@ def checkpoint_policy(name: Optional[str]):
     policy = getattr(jax.checkpoint_policies, name, None)
     if not callable(policy) or name.startswith('_'):
         choices = sorted(n for n in dir(jax.checkpoint_policies) if n.endswith('saveable'))
-        raise ValueError(f'unknown remat_policy {name!r}; choose one of {", ".join(choices)}')
+        raise ModelConfigError(f'unknown remat_policy {name!r}; choose one of {", ".join(choices)}')
     return policy
 
 

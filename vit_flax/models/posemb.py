@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ..errors import ModelConfigError
 
 TEMPERATURE = 10_000.
 
@@ -36,5 +37,5 @@ def _table(h: int, w: int, width: int, temperature: float) -> np.ndarray:
 def sincos2d(h: int, w: int, width: int, temperature: float = TEMPERATURE) -> np.ndarray:
     """(1, h*w, width) float32 table of big_vision's `posemb_sincos_2d` (read-only, cached)."""
     if width % 4 or width < 8:
-        raise ValueError(f'sincos2d position embeddings need a width that is a multiple of 4 and >= 8, got {width}')
+        raise ModelConfigError(f'sincos2d position embeddings need a width that is a multiple of 4 and >= 8, got {width}')
     return _table(int(h), int(w), int(width), float(temperature))

@@ -17,6 +17,7 @@ from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+from ..errors import ModelConfigError
 
 Dtype = Any
 GROUP_NORM_EPS = {'timm': 1e-5, 'google': 1e-6}   # per numerics
@@ -98,7 +99,7 @@ class ResNetStem(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.numerics not in GROUP_NORM_EPS:
-            raise ValueError(f"resnet_numerics must be 'timm' or 'google', got {self.numerics!r}")
+            raise ModelConfigError(f"resnet_numerics must be 'timm' or 'google', got {self.numerics!r}")
         x = _conv(ROOT_WIDTH, (7, 7), (2, 2), self.numerics, self.dtype, 'conv_root')(x)
         x = nn.relu(_group_norm(self.numerics, self.dtype, 'gn_root')(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')

@@ -26,12 +26,13 @@ each stage's output `stage_{i}` (= timm's `layers.{i}`, NHWC) and the normed map
 (Flax forbids sowing under a name a submodule already uses, hence not `patch_embed`/`layers_{i}`/`norm`.)
 """
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import ModelConfigError
 from ..ops.attention import check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, drop_path_rates,
@@ -279,12 +280,12 @@ class SwinTransformer(nn.Module):
     proj_drop_rate: float = 0.0   # after attention's proj and in the MLP (Microsoft's drop_rate)
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1   # timm's and Microsoft's default; only acts with train=True
-    gelu: str = 'exact'
+    gelu: Literal['exact', 'tanh'] = 'exact'
     norm_eps: float = 1e-5
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None  # jax.checkpoint_policies name used with remat (None: save nothing)
-    attn_impl: str = 'fused'            # 'fused' | 'reference': the attention kernel (module docstring)
+    attn_impl: Literal['fused', 'reference'] = 'fused'  # the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -320,7 +321,7 @@ class SwinTransformer(nn.Module):
 
     def setup(self):
         if len(self.num_heads) != self.num_layers:
-            raise ValueError(f'{len(self.depths)} stages but {len(self.num_heads)} num_heads entries')
+            raise ModelConfigError(f'{len(self.depths)} stages but {len(self.num_heads)} num_heads entries')
         check_impl(self.attn_impl)
         self.patch_embed = PatchEmbed(patch_size=to_tuple(self.patch_size, 2), embed_dim=self.embed_dim,
                                       norm_eps=self.norm_eps, dtype=self.dtype)
@@ -344,7 +345,7 @@ class SwinTransformer(nn.Module):
     def forward_features(self, x, train: bool = False):
         """Images (B, H, W, C) -> normed feature map (B, H/32, W/32, num_features), like timm's."""
         if x.ndim != 4 or x.shape[-1] != self.in_chans:
-            raise ValueError(f'expected NHWC images with {self.in_chans} channels, got shape {tuple(x.shape)}')
+            raise ModelConfigError(f'expected NHWC images with {self.in_chans} channels, got shape {tuple(x.shape)}')
         x = self.patch_embed(x.astype(self.dtype))
         self.sow('intermediates', 'embed', x)
         for i, stage in enumerate(self.layers):

@@ -20,11 +20,12 @@ every block's output (`Transformer/block_{i}`) and the normed tokens (`Transform
 Registered here: timm's ViT and DeiT names, the 1-D ViTs, and timm's names for Google's other ViT
 checkpoint families, the R+ViT hybrids and the SigLIP / SigLIP 2 image towers.
 """
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ..errors import ModelConfigError
 from ..ops.attention import check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dense_general,
@@ -55,7 +56,7 @@ class MultiHeadDotProductAttention(nn.Module):
     def __call__(self, x, inputs_kv=None, deterministic: bool = True):
         dim, heads = x.shape[-1], self.num_heads
         if dim % heads:
-            raise ValueError(f'embed dim {dim} is not divisible by {heads} heads')
+            raise ModelConfigError(f'embed dim {dim} is not divisible by {heads} heads')
         head_dim = dim // heads
         kv = x if inputs_kv is None else inputs_kv
         q_p, k_p, v_p = (ProjectionParams(features=(heads, head_dim), use_bias=self.qkv_bias,
@@ -212,24 +213,24 @@ class VisionTransformer(nn.Module):
     qkv_bias: bool = True
     qk_scale: Optional[float] = None
     representation_size: Optional[int] = None
-    global_pool: str = 'token'
+    global_pool: Literal['token', 'gap', 'map'] = 'token'
     class_token: Optional[bool] = None
     distilled: bool = False
     embed_norm: bool = False  # LayerNorm on the patch tokens, as the seeds' 1-D ViT passes norm_layer to its PatchEmbed
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    gelu: str = 'exact'
+    gelu: Literal['exact', 'tanh'] = 'exact'
     norm_eps: float = 1e-6
     spatial_dims: int = 2
     remat: bool = False
     dtype: Dtype = jnp.float32
     resnet: Optional[Tuple[int, ...]] = None   # hybrid: units per ResNet stage, () = root block only
-    resnet_numerics: str = 'timm'              # 'timm' or 'google' (see resnet.py)
-    posemb: str = 'learn'                      # 'learn' or 'sincos2d' (big_vision's fixed table)
+    resnet_numerics: Literal['timm', 'google'] = 'timm'   # see resnet.py
+    posemb: Literal['learn', 'sincos2d'] = 'learn'        # sincos2d: big_vision's fixed table
     scan_blocks: bool = False                  # nn.scan over the blocks (big_vision's scanned tree)
     remat_policy: Optional[str] = None         # jax.checkpoint_policies name used with remat (None: save nothing)
-    attn_impl: str = 'fused'                   # 'fused' | 'reference': the attention kernel (module docstring)
+    attn_impl: Literal['fused', 'reference'] = 'fused'    # the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -263,13 +264,13 @@ class VisionTransformer(nn.Module):
 
     def setup(self):
         if self.global_pool not in ('token', 'gap', 'map'):
-            raise ValueError(f"global_pool must be 'token', 'gap' or 'map', got {self.global_pool!r}")
+            raise ModelConfigError(f"global_pool must be 'token', 'gap' or 'map', got {self.global_pool!r}")
         if self.distilled and self.global_pool != 'token':
-            raise ValueError('a distilled model reads the class and distillation tokens: global_pool must be token')
+            raise ModelConfigError('a distilled model reads the class and distillation tokens: global_pool must be token')
         if self.posemb not in ('learn', 'sincos2d'):
-            raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+            raise ModelConfigError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         if (self.resnet is not None or self.posemb == 'sincos2d') and self.spatial_dims != 2:
-            raise ValueError('a ResNet stem and sincos2d positions need 2-D images')
+            raise ModelConfigError('a ResNet stem and sincos2d positions need 2-D images')
         check_impl(self.attn_impl)
         patch = self.patch_size_tuple
         mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
@@ -305,8 +306,8 @@ class VisionTransformer(nn.Module):
         """Images -> normed tokens (B, prefix + patches, D)."""
         expected = self.input_shape
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f'input shape {tuple(x.shape[1:])} does not match the model\'s {expected} '
-                             f'(set img_size/in_chans when creating the model)')
+            raise ModelConfigError(f'input shape {tuple(x.shape[1:])} does not match the model\'s {expected} '
+                                   f'(set img_size/in_chans when creating the model)')
         x = x.astype(self.dtype)
         if self.resnet is not None:
             x = self.stem(x)

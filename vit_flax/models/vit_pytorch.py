@@ -29,11 +29,12 @@ output projection: heads == 1 and dim_head == dim), `Transformer/layers_{i}/ff/{
 `Transformer/norm`, `head_norm`, `head`. Intermediates as in `vit.py`: `Transformer/embed`,
 `Transformer/block_{i}`, `Transformer/encoded`.
 """
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ..errors import ModelConfigError
 from ..ops.attention import check_impl, dot_product_attention
 from ..registry import register
 from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, fused_projection, merge_heads,
@@ -166,14 +167,14 @@ class LucidViT(nn.Module):
     heads: int = 12
     dim_head: int = 64
     mlp_dim: int = 3072
-    pool: str = 'cls'
+    pool: Literal['cls', 'mean'] = 'cls'
     class_token: Optional[bool] = None   # None: pool == 'cls' (releases >= 1.16); True with 'mean': older ones
     patch_norm: bool = True              # the LayerNorms around the patch Linear (releases >= 1.0)
-    final_norm: str = 'tokens'           # 'tokens': transformer.norm (>= 1.4); 'pooled': mlp_head's (<= 1.2)
+    final_norm: Literal['tokens', 'pooled'] = 'tokens'  # 'tokens': transformer.norm (>= 1.4); 'pooled': mlp_head's (<= 1.2)
     dropout: float = 0.0
     emb_dropout: float = 0.0
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'             # 'fused' | 'reference': the attention kernel (module docstring)
+    attn_impl: Literal['fused', 'reference'] = 'fused'  # the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -206,12 +207,16 @@ class LucidViT(nn.Module):
 
     def setup(self):
         if self.pool not in ('cls', 'mean'):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+            raise ModelConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.pool == 'cls' and not self.has_class_token:
-            raise ValueError("pool='cls' needs the class token")
+            raise ModelConfigError("pool='cls' needs the class token")
         if self.final_norm not in ('tokens', 'pooled'):
-            raise ValueError(f"final_norm must be 'tokens' or 'pooled', got {self.final_norm!r}")
+            raise ModelConfigError(f"final_norm must be 'tokens' or 'pooled', got {self.final_norm!r}")
         check_impl(self.attn_impl)
+        img = to_tuple(self.img_size, 2)
+        if any(i % p for i, p in zip(img, self.patch_size_tuple)):   # vit-pytorch asserts the same
+            raise ModelConfigError(f'img_size {self.img_size} is not a multiple of the patch {self.patch_size}: '
+                                   f'vit-pytorch\'s ViT takes only whole patches')
         self.patch_embed = PatchEmbed(patch_size=self.patch_size_tuple, dim=self.dim, patch_norm=self.patch_norm,
                                       dtype=self.dtype)
         if self.has_class_token:
@@ -231,8 +236,8 @@ class LucidViT(nn.Module):
     def forward_features(self, x, train: bool = False):
         """Images -> tokens (B, prefix + patches, dim), normed when `final_norm='tokens'`."""
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"input shape {tuple(x.shape[1:])} does not match the model's {self.input_shape} "
-                             f'(set img_size/in_chans when creating the model)')
+            raise ModelConfigError(f"input shape {tuple(x.shape[1:])} does not match the model's {self.input_shape} "
+                                   f'(set img_size/in_chans when creating the model)')
         x = self.patch_embed(x.astype(self.dtype))
         if self.has_class_token:
             x = jnp.concatenate([jnp.broadcast_to(self.cls.astype(x.dtype), (x.shape[0], 1, self.dim)), x], axis=1)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from ..errors import ModelConfigError
 
 
 def gelu_exact_reference(x):
@@ -50,4 +51,4 @@ def gelu_fn(kind: str) -> Callable:
         return gelu_exact_recomputed
     if kind == 'tanh':
         return partial(nn.gelu, approximate=True)
-    raise ValueError(f"gelu must be 'exact' or 'tanh', got {kind!r}")
+    raise ModelConfigError(f"gelu must be 'exact' or 'tanh', got {kind!r}")

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from ..errors import ModelConfigError
 from .matmul import matmul
 
 ATTN_IMPLS = ('fused', 'reference')
@@ -25,7 +26,7 @@ ATTN_IMPLS = ('fused', 'reference')
 
 def check_impl(impl: str) -> str:
     if impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be 'fused' or 'reference', got {impl!r}")
+        raise ModelConfigError(f"attn_impl must be 'fused' or 'reference', got {impl!r}")
     return impl
 
 

@@ -15,7 +15,7 @@ import struct
 import tokenize
 import zipfile
 import zlib
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -188,6 +188,33 @@ def release(*arrays) -> None:
 
 # ---------------------------------------------------------------- zip archives (.npz, torch files)
 
+def not_an_archive(mf: MappedFile, error: Exception = None) -> str:
+    """What a file that does not read as a zip archive is, in a user's words: cut short, a Git LFS pointer,
+    an HTML page, some other text, or bytes of another kind (its first ones shown)."""
+    head = mf.bytes(0, min(mf.size, 512))
+    if head.startswith(b'PK\x03\x04') or head.startswith(b'PK\x05\x06'):
+        if isinstance(error, zipfile.BadZipFile) and 'not a zip file' in str(error).lower():
+            return (f'truncated: it begins as a zip archive, but the directory a zip file ends with is missing '
+                    f'({mf.size:,} bytes; a download or copy cut short?)')
+        return f'a damaged zip archive ({first_line(error)})' if error else 'a damaged zip archive'
+    return what_else(mf) or f'binary data that is not a zip archive (it begins with bytes {head[:8].hex(" ")})'
+
+
+def what_else(mf: MappedFile) -> Optional[str]:
+    """A file that is plainly something other than a checkpoint, in words: a Git LFS pointer, an HTML page
+    or other text; None for binary data."""
+    head = mf.bytes(0, min(mf.size, 512))
+    if head.startswith(b'version https://git-lfs'):
+        return 'a Git LFS pointer, not the file itself (run `git lfs pull` where it came from, or download it)'
+    if head.lstrip().lower().startswith((b'<!doctype html', b'<html')):
+        return 'an HTML page, not a checkpoint (a failed or redirected download?)'
+    decoded = head.decode('utf-8', errors='replace').rstrip('\ufffd')   # a character the 512 bytes cut in two
+    if decoded.strip() and all(c.isprintable() or c in '\r\n\t' for c in decoded):
+        return f'a text file (it begins {decoded.strip().splitlines()[0][:40]!r})'
+    return None
+    return f'not a zip archive (it begins with bytes {head[:8].hex(" ")})'
+
+
 class ZipMember:
     """One member of a checked archive: where its data lies and how it is stored."""
 
@@ -214,7 +241,7 @@ class ZipArchive:
                 infos = z.infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error,
                 NotImplementedError, UnicodeDecodeError) as e:
-            raise ConversionError(f'{self.path}: not a readable {what} (zip archive: {first_line(e)})') from None
+            raise ConversionError(f'{self.path}: not a readable {what}: {not_an_archive(mf, e)}') from None
         names = [i.filename for i in infos]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -358,8 +385,11 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
         raise ConversionError(f'{path}: {mf.size} bytes, too short for a .safetensors header')
     (n,) = struct.unpack('<Q', mf.bytes(0, 8))
     if n > mf.size - 8:
-        raise ConversionError(f'{path}: header length {n} exceeds the file ({mf.size} bytes): truncated or not '
-                              f'a .safetensors file')
+        other = what_else(mf)
+        if other or n > SAFETENSORS_MAX_HEADER or mf.bytes(8, 1) != b'{':
+            raise ConversionError(f'{path}: not a .safetensors file: {other or "no JSON header after the length"}')
+        raise ConversionError(f'{path}: truncated: the .safetensors header declares {n:,} bytes, the file holds '
+                              f'{mf.size:,} (a download or copy cut short?)')
     if n > SAFETENSORS_MAX_HEADER:
         raise ConversionError(f'{path}: header length {n} is over the {SAFETENSORS_MAX_HEADER}-byte limit')
     try:
@@ -385,6 +415,10 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
         if not isinstance(shape, list):
             raise ConversionError(f'{where}: shape {shape!r} is not a list')
         shape = check_shape(shape, where)
+        if (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] and offsets[1] > data_len):
+            raise ConversionError(f'{path}: truncated: tensor {key!r} ends at byte {offsets[1]:,} of the data, the '
+                                  f'file holds {data_len:,} bytes of data (a download or copy cut short?)')
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= data_len):
             raise ConversionError(f'{where}: data_offsets {offsets!r} lie outside the data section '

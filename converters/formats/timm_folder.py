@@ -193,9 +193,9 @@ def resolve_hf_hub(spec: str) -> str:
             commit = None
     snap = os.path.join(root, 'snapshots', commit) if commit else None
     if snap is None or not os.path.isfile(os.path.join(snap, CONFIG)):
+        fetch = f'hf download {repo}' + (f' --revision {rev}' if rev != 'main' else '')  # huggingface_hub's CLI
         raise ConversionError(f'{spec}: not in the local Hugging Face cache ({cache}); vit-flax never downloads: '
-                              f'fetch it where there is network (huggingface-cli download {repo}) or set HF_HOME '
-                              f'to a cache that holds it')
+                              f'fetch it where there is network (`{fetch}`) or set HF_HOME to a cache that holds it')
     return snap
 
 

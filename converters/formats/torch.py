@@ -41,7 +41,9 @@ def read_torch(path: str) -> Dict[str, np.ndarray]:
     elif head == _LEGACY_MAGIC:
         obj, refused = torch_pickle.load_legacy(path, mf)
     else:
-        raise ConversionError(f'{path}: not a torch checkpoint (neither torch.save\'s zip archive nor its legacy format)')
+        raise ConversionError(f'{path}: not a torch checkpoint: ' + (mapped.what_else(mf) or (
+            f'binary data that is neither torch.save\'s zip archive nor its legacy format (it begins with bytes '
+            f'{head[:8].hex(" ")})')))
     state = _unwrap_state(obj, path)
     out = {}
     for k, v in state.items():

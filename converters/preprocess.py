@@ -153,14 +153,24 @@ def transform(img, cfg: dict) -> np.ndarray:
 
 def load_image(path: str, cfg: dict) -> np.ndarray:
     """Read one image file and transform it; a missing or unreadable file is a one-line error naming it."""
+    return _read_image(path, lambda img: (img.load(), transform(img, cfg))[1])
+
+
+def check_image(path: str) -> None:
+    """What can be known of an image file without decoding it (it exists, is a file, Pillow recognises its
+    header): a one-line ConversionError naming it, before anything slow is loaded. Damage inside the image
+    data shows only when `load_image` decodes it."""
+    _read_image(path, lambda img: None)
+
+
+def _read_image(path: str, use):
     import warnings
     from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()
-                return transform(img, cfg)
+                return use(img)
     except FileNotFoundError:
         raise ConversionError(f'{path}: no such image file') from None
     except IsADirectoryError:

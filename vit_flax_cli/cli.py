@@ -1,5 +1,6 @@
 """The `vit-flax` command: summary, list, convert, inspect, parity, predict, train. Nothing imports this module."""
 import argparse
+import fnmatch
 import json
 import os
 import signal
@@ -49,6 +50,8 @@ def cmd_summary(a):
     import vit_flax
     over = {k: v for k, v in dict(num_classes=a.num_classes, img_size=a.img_size).items() if v is not None}
     s = vit_flax.summarize(a.model, **over)
+    for note in s['notes']:
+        _say(f'warning: {note}')
     if a.json:
         print(json.dumps(s))
     else:
@@ -57,8 +60,20 @@ def cmd_summary(a):
 
 
 def cmd_list(a):
+    """Registered names matching PATTERN, one per line; none matching is said on stderr, exit 1 (as grep)."""
     import vit_flax
-    print('\n'.join(vit_flax.list_models(a.pattern)))
+    names = vit_flax.list_models(a.pattern)
+    if not names:
+        from vit_flax.registry import similar_models, timm_names
+        timm = sorted(n for n in timm_names() if fnmatch.fnmatchcase(n, a.pattern))
+        close = similar_models(a.pattern.strip('*?'))
+        _say(f'vit-flax: no registered model matches {a.pattern!r}'
+             + (f' ({len(timm)} timm model(s) do, which this project does not build yet: {", ".join(timm[:3])}'
+                + (', ...' if len(timm) > 3 else '') + ')' if timm else '')
+             + (f'; similar: {", ".join(close)}' if close else '') + f'; `vit-flax list` shows all '
+             f'{len(vit_flax.list_models())}')
+        return 1
+    print('\n'.join(names))
 
 
 def _overrides(a):
@@ -131,26 +146,55 @@ def _class_indices_beside(dst: str, names, force: bool):
 
 
 def cmd_predict(a):
+    """Every image is checked before the model loads; with several, the readable ones are predicted, each
+    unreadable one is reported in one line (in --json, as an entry with its "error"), and the exit is 1."""
     import numpy as np
     from converters import pipeline, preprocess
     from . import predict as pr
+    errors = {}
+    for p in a.images:
+        try:
+            preprocess.check_image(p)
+        except ConversionError as e:
+            errors[p] = str(e)
+    if len(errors) == len(a.images):   # nothing to predict: no model is loaded
+        if len(errors) == 1:
+            raise ConversionError(errors[a.images[0]])
+        for msg in errors.values():
+            _say(f'vit-flax: error: {msg}')
+        return 1
     model, params, ck = pipeline.load_model(a.ckpt, a.model, step=a.step, **_overrides(a))
     cfg, why = pr.data_config(ck, model)
     names, names_from = pr.class_names(ck, model, a.classes)
     _say(f'model: {ck.model_name} ({model.num_classes} classes) from {a.ckpt}')
     _say(f'preprocessing: {preprocess.describe(cfg)} ({why})' + (f'; {cfg["note"]}' if 'note' in cfg else ''))
     _say(f'class names: {names_from}')
-    x = np.stack([preprocess.load_image(p, cfg) for p in a.images])   # every image reads before any output
-    top = pr.top_k(pr.predict(model, params, x, a.batch), a.top_k, names)
+    loaded = {}
+    for p in a.images:
+        if p not in errors:
+            try:
+                loaded[p] = preprocess.load_image(p, cfg)
+            except ConversionError as e:   # damage a header check cannot see
+                errors[p] = str(e)
+    good = [p for p in a.images if p in loaded]
+    top = dict(zip(good, pr.top_k(pr.predict(model, params, np.stack([loaded[p] for p in good]), a.batch),
+                                  a.top_k, names))) if good else {}
     if a.json:
         print(json.dumps(dict(model=ck.model_name, checkpoint=a.ckpt, preprocessing=preprocess.config_for_json(cfg),
-                              predictions=[dict(image=p, top_k=[dict(index=i, label=n, prob=v) for i, n, v in t])
-                                           for p, t in zip(a.images, top)])))
-        return
-    for p, t in zip(a.images, top):
-        print(p)
-        for i, n, v in t:
-            print(f'  {v:.4f}  {n}' + (f'  [{i}]' if n != str(i) else ''))
+                              predictions=[dict(image=p, top_k=[dict(index=i, label=n, prob=v) for i, n, v in top[p]])
+                                           if p in top else dict(image=p, error=errors[p]) for p in a.images])))
+    else:
+        for p in good:
+            print(p)
+            for i, n, v in top[p]:
+                print(f'  {v:.4f}  {n}' + (f'  [{i}]' if n != str(i) else ''))
+    sys.stdout.flush()
+    for p in a.images:
+        if p in errors:
+            _say(f'vit-flax: error: {errors[p]}')
+    if errors:
+        _say(f'vit-flax: {len(good)} of {len(a.images)} images predicted, {len(errors)} could not be read')
+    return 1 if errors else 0
 
 
 def cmd_inspect(a):
@@ -159,7 +203,9 @@ def cmd_inspect(a):
     over = _overrides(a)
     ck = pipeline.read_checkpoint(a.ckpt, a.model, pipeline.arch_overrides(over), over.get('img_size'))
     family = ck.family.describe(ck)
-    total = sum(int(np.prod(v.shape)) for v in ck.raw.values())
+    total = sum(int(np.prod(v.shape)) for v in ck.flat.values())   # the model's parameters only
+    stored = sum(int(np.prod(v.shape)) for v in ck.raw.values())
+    extra = stored - total   # buffers the file saves beside them (Microsoft's relative_position_index, attn_mask)
     nbytes = sum(v.nbytes for v in ck.raw.values())
     dtypes = sorted({str(v.dtype) for v in ck.raw.values()})
     diff = _config_diff(ck)
@@ -167,6 +213,7 @@ def cmd_inspect(a):
     if a.json:
         print(json.dumps(dict(path=ck.path, format=ck.format, layout=ck.layout, family=family, model=ck.model_name,
                               detected=ck.detected, overrides=diff, notes=ck.notes, keys=len(ck.raw), params=total,
+                              other_values=extra,
                               bytes=nbytes, nonfinite=nonfinite, dtypes=dtypes,
                               tensors={k: [list(v.shape), str(v.dtype)] for k, v in ck.raw.items()}
                               if a.keys else None), default=str))
@@ -179,6 +226,8 @@ def cmd_inspect(a):
     for note in ck.notes:
         print(f'note:    {note}')
     print(f'keys:    {len(ck.raw)}   params: {total:,}   bytes: {nbytes:,}   dtypes: {", ".join(dtypes)}')
+    if extra:
+        print(f'         (and {extra:,} stored values that are not parameters: buffers the model regenerates)')
     if nonfinite:
         k, n = next(iter(nonfinite.items()))
         print(f'WARNING: {len(nonfinite)} key(s) hold NaN/Inf values, first {k!r} ({n} values)')
@@ -234,21 +283,22 @@ def build_parser():
     sub = p.add_subparsers(dest='cmd', required=True)
 
     s = sub.add_parser('summary', parents=[common], help='parameter count and GMACs of a registered model')
-    s.add_argument('model')
-    s.add_argument('--json', action='store_true', help='print one JSON object (keys include params, gmacs)')
-    s.add_argument('--num-classes', type=_at_least(0, '--num-classes'))
-    s.add_argument('--img-size', type=_img_size)
+    s.add_argument('model', help='registered model name (timm\'s; `vit-flax list` shows them)')
+    s.add_argument('--json', action='store_true', help='print one JSON object (keys include params, gmacs, notes)')
+    s.add_argument('--num-classes', type=_at_least(0, '--num-classes'),
+                   help='head size (default: the model\'s own, 1000 for ImageNet models; 0: no head)')
+    s.add_argument('--img-size', type=_img_size, help='input size S or HxW (default: the model\'s own)')
     s.set_defaults(fn=cmd_summary)
 
     s = sub.add_parser('list', parents=[common], help='registered model names')
-    s.add_argument('pattern', nargs='?', default='*')
+    s.add_argument('pattern', nargs='?', default='*', help='shell-style pattern, e.g. \'deit_*\' (default: every name)')
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser('convert', parents=[common], help='convert a checkpoint; formats follow the extensions',
                        description='Formats by extension: .npz (Google), .pth/.pt/.bin (PyTorch state_dict), '
                        '.safetensors, a directory (orbax). Head and position-embedding changes are reported.')
-    s.add_argument('src')
-    s.add_argument('dst')
+    s.add_argument('src', help='checkpoint file, orbax folder, timm model folder, hf-hub:ORG/NAME or training workdir')
+    s.add_argument('dst', help='output: its extension picks the format (a folder: orbax)')
     s.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
     s.add_argument('--force', action='store_true', help='replace an existing DST')
     s.add_argument('--num-classes', type=_at_least(0, '--num-classes'), help='new head size; a head that does not fit is replaced '
@@ -270,7 +320,7 @@ def build_parser():
     s.add_argument('--allow-nonfinite', action='store_true', help='convert weights holding NaN/Inf (refused by '
                    'default: a checkpoint like that is broken), with a warning')
     s.add_argument('--format', choices=('auto', 'timm-folder'), default='auto',
-                   help='auto: from DST\'s extension; timm-folder: DST is a folder of config.json + model.safetensors '
+                   help='auto (default): from DST\'s extension; timm-folder: DST is a folder of config.json + model.safetensors '
                    'that timm.create_model(\'local-dir:DST\', pretrained=True) loads')
     s.add_argument('--step', help='SRC is a training workdir: best (default), latest, or a step number')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
@@ -288,10 +338,10 @@ def build_parser():
                        description='CKPT: a training workdir, a timm model folder, hf-hub:ORG/NAME (local cache '
                        'only) or any file the converters read. Preprocessing (resize, centre crop, mean/std) comes '
                        'from what the checkpoint records; the defaults are said on stderr.')
-    s.add_argument('ckpt')
-    s.add_argument('images', nargs='+', metavar='IMAGE')
+    s.add_argument('ckpt', help='checkpoint: any the converters read')
+    s.add_argument('images', nargs='+', metavar='IMAGE', help='image files (any Pillow reads)')
     s.add_argument('--model', help='registered model name (default: recorded in, or detected from, the checkpoint)')
-    s.add_argument('--top-k', type=_at_least(1, '--top-k'), default=5)
+    s.add_argument('--top-k', type=_at_least(1, '--top-k'), default=5, help='classes shown per image (default 5)')
     s.add_argument('--classes', help='class names in WZMIAOMIAO\'s class_indices.json format ({"0": "daisy", ...})')
     s.add_argument('--json', action='store_true', help='print one JSON object')
     s.add_argument('--step', help='CKPT is a training workdir: best (default), latest, or a step number')
@@ -300,25 +350,25 @@ def build_parser():
     s.set_defaults(fn=cmd_predict, num_classes=None, img_size=None)
 
     s = sub.add_parser('inspect', parents=[common], help='format, layout, detected model, keys, shapes, dtypes, totals')
-    s.add_argument('ckpt')
-    s.add_argument('--model')
+    s.add_argument('ckpt', help='checkpoint: any the converters read')
+    s.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
     s.add_argument('--keys', action='store_true', help='list every key with shape and dtype')
-    s.add_argument('--json', action='store_true')
+    s.add_argument('--json', action='store_true', help='print one JSON object')
     _add_set(s)
     s.set_defaults(fn=cmd_inspect, num_classes=None, img_size=None)
 
     s = sub.add_parser('parity', parents=[common], help='run timm and Flax on the same input; per-block differences')
-    s.add_argument('ckpt')
-    s.add_argument('--model')
+    s.add_argument('ckpt', help='checkpoint: any the converters read')
+    s.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
     s.add_argument('--tol', type=float, default=1e-4, help='relative tolerance (default 1e-4)')
-    s.add_argument('--batch', type=_at_least(1, '--batch'), default=2)
+    s.add_argument('--batch', type=_at_least(1, '--batch'), default=2, help='images compared (default 2)')
     s.add_argument('--allow-nonfinite', action='store_true', help='compare weights holding NaN/Inf (refused by default)')
     _add_set(s)
     s.set_defaults(fn=cmd_parity, num_classes=None, img_size=None)
 
     s = sub.add_parser('train', add_help=False, help='train or fine-tune (the flags of train_flax.py; '
                        'vit-flax train --help)')
-    s.add_argument('args', nargs=argparse.REMAINDER)
+    s.add_argument('args', nargs=argparse.REMAINDER, help='the flags of train_flax.py')
     s.set_defaults(fn=cmd_train)
     return p
 
@@ -360,7 +410,7 @@ def main(argv=None) -> int:
     if argv[:1] == ['train']:  # argparse would claim the training flags (and --help) for itself
         return cmd_train(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
-    from vit_flax.registry import UnknownModelError, UnknownOptionError   # after --help: it imports jax
+    from vit_flax.registry import ModelConfigError, UnknownModelError, UnknownOptionError   # after --help: jax
     debug = getattr(args, 'debug', False)
     try:
         rc = args.fn(args) or 0
@@ -373,7 +423,7 @@ def main(argv=None) -> int:
             raise
         _say('vit-flax: interrupted')
         return 130
-    except (ConversionError, UnknownModelError, UnknownOptionError) as e:
+    except (ConversionError, UnknownModelError, UnknownOptionError, ModelConfigError) as e:
         if debug:
             raise
         _say(f'vit-flax: error: {e}')

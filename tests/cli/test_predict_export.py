@@ -192,14 +192,36 @@ def test_predict_text_output_top_k_and_classes_file(timm_folder, tmp_path):
 def test_predict_bad_images_fail_in_one_line(timm_folder, tmp_path):
     _, folder, paths = timm_folder
     (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-    shutil.copy(paths[0], tmp_path / 'cut.jpg')
-    with open(tmp_path / 'cut.jpg', 'r+b') as f:
-        f.truncate(200)
-    for bad, needle in [(tmp_path / 'missing.png', 'no such image file'), (tmp_path / 'broken.jpg', 'image'),
-                        (tmp_path / 'cut.jpg', 'image'), (tmp_path, 'is a directory')]:
-        one_line_error(cli('predict', folder, paths[0], bad), str(bad), needle)
     (tmp_path / 'notes.txt').write_text('hello')
-    one_line_error(cli('predict', folder, paths[0], tmp_path / 'notes.txt'), 'notes.txt: not an image')
+    for bad, needle in [(tmp_path / 'missing.png', 'no such image file'), (tmp_path / 'broken.jpg', 'image'),
+                        (tmp_path, 'is a directory'), (tmp_path / 'notes.txt', 'notes.txt: not an image')]:
+        p = cli('predict', folder, bad)
+        one_line_error(p, str(bad), needle)
+        assert 'model:' not in p.stderr   # refused before the checkpoint was read
+
+
+def test_predict_reports_each_bad_image_and_predicts_the_others(timm_folder, tmp_path):
+    _, folder, paths = timm_folder
+    shutil.copy(paths[0], tmp_path / 'cut.jpg')
+    with open(tmp_path / 'cut.jpg', 'r+b') as f:   # a header that reads, data that does not: found at decoding
+        f.truncate(200)
+    bad = [tmp_path / 'missing.png', tmp_path / 'cut.jpg']
+    p = cli('predict', folder, paths[0], bad[0], paths[1], bad[1], '--top-k', '1')
+    assert p.returncode == 1, p.stderr
+    out = p.stdout.splitlines()
+    assert out[0::2] == [str(paths[0]), str(paths[1])] and len(out) == 4
+    errors = [l for l in p.stderr.splitlines() if l.startswith('vit-flax: error: ')]
+    assert errors == [f'vit-flax: error: {bad[0]}: no such image file',
+                      next(l for l in errors if l.startswith(f'vit-flax: error: {bad[1]}: unreadable image'))]
+    assert '2 of 4 images predicted' in p.stderr and 'Traceback' not in p.stderr
+    j = cli('predict', folder, paths[0], bad[0], '--json')
+    assert j.returncode == 1
+    rows = json.loads(j.stdout)['predictions']
+    assert [r['image'] for r in rows] == [str(paths[0]), str(bad[0])]
+    assert 'top_k' in rows[0] and rows[1]['error'] == f'{bad[0]}: no such image file'
+    both = cli('predict', folder, bad[0], tmp_path / 'also_missing.png')
+    assert both.returncode == 1 and both.stdout == '' and 'model:' not in both.stderr
+    assert both.stderr.count('vit-flax: error: ') == 2
 
 
 def test_missing_preprocessing_fields_take_timms_defaults(timm_folder, tmp_path):
@@ -336,6 +358,9 @@ def test_hf_hub_names_resolve_from_the_local_cache_only(timm_folder, tmp_path, m
                    'hf-hub:timm/vit_small_patch16_224.not_cached: not in the local Hugging Face cache',
                    str(tmp_path / 'hf' / 'hub'))
     one_line_error(cli('predict', 'hf-hub:nothing', paths[0]), 'expected hf-hub:ORG/NAME')
+    miss = cli('convert', 'hf-hub:timm/vit_small_patch16_224.gone@v2', tmp_path / 'n.pth')
+    one_line_error(miss, '`hf download timm/vit_small_patch16_224.gone --revision v2`')   # huggingface_hub's CLI
+    assert 'huggingface-cli' not in miss.stderr
     assert not os.path.exists(tmp_path / 'n.pth')
 
 

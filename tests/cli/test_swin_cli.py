@@ -72,6 +72,12 @@ def test_microsoft_pth_cli_inspect_convert_parity(tiny, tmp_path):
     d = tiny['dir']
     r = cli('inspect', d / 'ms.pth')
     assert 'layout: microsoft' in r.stdout and 'swin_tiny_patch4_window7_224 (detected)' in r.stdout
+    # params are the model's (timm's count), not the buffers Microsoft saves beside them
+    params = sum(p.numel() for p in tiny['tm'].parameters())
+    assert f'params: {params:,} ' in r.stdout and 'not parameters' in r.stdout
+    j = json.loads(cli('inspect', d / 'ms.pth', '--json').stdout)
+    ms = torch.load(d / 'ms.pth', weights_only=True)['model']
+    assert j['params'] == params and j['params'] + j['other_values'] == sum(v.numel() for v in ms.values())
     r = cli('parity', d / 'ms.pth')
     assert r.returncode == 0 and 'stage 3' in r.stdout and 'PASS' in r.stdout, r.stdout + r.stderr
     r = cli('convert', d / 'ms.pth', tmp_path / 'timm.pth')

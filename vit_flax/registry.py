@@ -27,7 +27,12 @@ class UnknownModelError(KeyError):
 
 
 class UnknownOptionError(TypeError):
-    """An override that is not a field of the model, or a value of a type the field does not take."""
+    """An override that is not a field of the model (a TypeError, as an unexpected keyword argument is)."""
+
+
+class OptionValueError(UnknownOptionError, ValueError):
+    """An override whose value the field does not take (its type, range or choices): a ValueError as well, so
+    that code catching either finds it."""
 
 
 def register(name: str, cls: type, **config) -> None:
@@ -86,8 +91,8 @@ def model_fields(cls: type) -> List[str]:
 
 
 def check_options(cls: type, options: Dict[str, Any], owner: str = '') -> None:
-    """Raise UnknownOptionError, in one line, for an option that is not a field of `cls` (naming the valid
-    ones) or whose value does not have the field's type (naming the key, the value and the type)."""
+    """One-line errors: UnknownOptionError for an option that is not a field of `cls` (naming the valid ones),
+    OptionValueError for a value the field does not take (naming the key, the value and what it wants)."""
     owner = f'{owner or cls.__name__}: '
     fields = model_fields(cls)
     unknown = sorted(set(options) - set(fields))
@@ -100,15 +105,15 @@ def check_options(cls: type, options: Dict[str, Any], owner: str = '') -> None:
     for k, v in options.items():
         tp = hints.get(k, Any)
         if not _fits(v, tp):
-            raise UnknownOptionError(f'{owner}option {k}={v!r} ({type(v).__name__}) wants {_describe(tp)}')
+            raise OptionValueError(f'{owner}option {k}={v!r} ({type(v).__name__}) wants {_describe(tp)}')
         least = 0 if k in NON_NEGATIVE else 1 if k in POSITIVE else None
         numbers = [x for x in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(x, (int, float))]
         if least is not None and any(x < least for x in numbers):
-            raise UnknownOptionError(f'{owner}option {k}={v!r} wants {"each " if len(numbers) > 1 else ""}'
+            raise OptionValueError(f'{owner}option {k}={v!r} wants {"each " if len(numbers) > 1 else ""}'
                                      f'value >= {least}')
         if k.endswith('_rate') or k in RATES:
             if any(not 0 <= x < 1 for x in numbers):
-                raise UnknownOptionError(f'{owner}option {k}={v!r} wants a rate in [0, 1)')
+                raise OptionValueError(f'{owner}option {k}={v!r} wants a rate in [0, 1)')
 
 
 # Sizes that must be at least 1 (or 0) and rates in [0, 1), by field name across the model classes; the

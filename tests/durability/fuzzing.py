@@ -507,7 +507,7 @@ def m_torch_objects(draw, valid):
         t = (torch.arange(int(np.prod(shape)), dtype=torch.float64).reshape(shape) * 0.5).to(dt)
         view = draw(st.sampled_from(['plain', 'T', 'slice', 'expand', 'param']))
         if view == 'T' and t.ndim >= 2:
-            t = t.T
+            t = t.permute(*reversed(range(t.ndim)))   # what .T does, which torch deprecates beyond 2-D
         elif view == 'slice' and t.ndim >= 1 and t.shape[0] > 1:
             t = t[1:]
         elif view == 'expand' and t.ndim == 1 and t.numel() == 1:

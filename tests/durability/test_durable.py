@@ -3,7 +3,6 @@ import errno
 import fcntl
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -74,10 +73,15 @@ def test_killed_cli_conversion_keeps_the_old_output(tiny_pth, tmp_path, out):
     assert temps(tmp_path) == [], 'the next run must clean up after a killed one'
 
 
-def _limited(limit):
-    def preexec():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))   # writes past it fail with EFBIG
-    return preexec
+def limited_cli(limit, *args):
+    """`vit-flax ARGS` in a process whose writes past `limit` bytes fail with EFBIG (RLIMIT_FSIZE). The limit is
+    set by the child itself, not by a preexec_fn: that would make subprocess fork this multithreaded process
+    (JAX's threads) rather than spawn, which is unsafe and warned about."""
+    script = ('import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d)); '
+              'sys.argv[0] = "vit-flax"; runpy.run_module("vit_flax_cli", run_name="__main__", alter_sys=True)'
+              % (limit, limit))
+    return subprocess.Popen([sys.executable, '-c', script, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize('out', [pytest.param(o, marks=pytest.mark.slow) for o in ('o.npz', 'o.pth', 'o.safetensors')]
@@ -87,7 +91,7 @@ def test_disk_full_half_way_keeps_the_old_output(tiny_pth, tmp_path, out):
     dst = tmp_path / out
     assert cli_process('convert', tiny_pth, dst, wait=False).wait() == 0
     old = {k: np.array(v) for k, v in formats.read_file(str(dst)).items()}
-    p = cli_process('convert', tiny_pth, dst, '--force', '--num-classes', '7', preexec_fn=_limited(4 << 20), wait=False)
+    p = limited_cli(4 << 20, 'convert', tiny_pth, dst, '--force', '--num-classes', '7')
     assert p.wait() == 1, p.stderr.read()
     err = p.stderr.read().strip().splitlines()   # the head surgery is reported first, then the one error
     assert [l for l in err if 'vit-flax' in l] == err[-1:] and err[-1].startswith('vit-flax: error: '), err

@@ -160,6 +160,8 @@ def run(argv=None, prog=None) -> int:
     init_distributed(args)
     nproc, pid = jax.process_count(), jax.process_index()
     log, warn = report.printer(pid == 0), report.printer(pid == 0, sys.stderr)
+    if args.default_model:
+        log(args.default_model)
 
     # ---- data and model
     ds = data.load(args.dataset, args.data_path, args.val_split)

@@ -325,7 +325,8 @@ def test_ctrl_c_to_the_process_group_with_grain_workers_is_one_line(env, tmp_pat
         for i in range(40):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / 'data' / c / f'{i}.png')
     workdir = tmp_path / 'w'
-    proc = subprocess.Popen(command(workdir, '--depth', 1, '--img-size', 16, '--patch-size', 8, '--batch-size', 16,
+    proc = subprocess.Popen(command(workdir, '--model', 'vit_tiny_patch16_224', '--depth', 1, '--img-size', 16,
+                                    '--patch-size', 8, '--batch-size', 16,
                                     '--epochs', 20, '--save-every', 3, '--data-path', tmp_path / 'data', '--workers', 2),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -349,3 +349,50 @@ def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
             np.testing.assert_array_equal(w, np.asarray(next(resumed)['image']))
     finally:
         resumed.close()
+
+
+# ---------------------------------------------------------------- the command line
+
+def _resolved(tmp_path, *argv):
+    from vit_train import config
+    return config.resolve(config.build_parser().parse_args([*argv, '--workdir', str(tmp_path / 'w')]))
+
+
+def test_without_model_each_dataset_gets_its_own_default_and_says_so(tmp_path, capsys):
+    """The tiny demo ViT is the digits demo's only; photos get ViT-S/16 at 224, CIFAR ViT-S with 4x4 patches at 32."""
+    from vit_train import main
+    picked = lambda a: (a.model, a.img_size, a.patch_size, a.depth)  # noqa: E731
+    assert picked(_resolved(tmp_path)) == ('vit_tiny_patch16_224', 16, 8, 4)
+    assert picked(_resolved(tmp_path, '--data-path', 'photos')) == ('vit_small_patch16_224', None, None, None)
+    assert picked(_resolved(tmp_path, '--dataset', 'cifar100', '--data-path', 'c')) == ('vit_small_patch16_224', 32, 4, None)
+    assert picked(_resolved(tmp_path, '--data-path', 'p', '--img-size', '96')) == ('vit_small_patch16_224', 96, None, None)
+    assert picked(_resolved(tmp_path, '--model', 'deit_tiny_patch16_224', '--data-path', 'p')) == \
+        ('deit_tiny_patch16_224', None, None, None)
+    assert _resolved(tmp_path, '--model', 'deit_tiny_patch16_224').default_model is None
+    # the choice is the first line of the run (here the run stops at the missing folder, before any model is built)
+    for argv, line in [
+            (['--dataset', 'folder', '--data-path', str(tmp_path / 'photos')],
+             'model: vit_small_patch16_224 at 224 (default for --dataset folder; pass --model to choose)'),
+            (['--dataset', 'cifar10', '--data-path', str(tmp_path / 'c')],
+             'model: vit_small_patch16_224 with patch_size=4 at 32 (default for --dataset cifar10; pass --model to choose)')]:
+        assert main([*argv, '--workdir', str(tmp_path / 'w')]) == 1
+        out, err = capsys.readouterr()
+        assert out.splitlines() == [line] and 'no such' in err, (out, err)
+    # and timm builds the CIFAR default as it is recorded (the same parameter count)
+    import timm
+    t = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, num_classes=10)
+    model = vit_flax.create_model('vit_small_patch16_224', img_size=32, patch_size=4, num_classes=10)
+    shapes = jax.eval_shape(lambda: vit_flax.init_params(model))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == sum(p.numel() for p in t.parameters())
+
+
+def test_every_training_flag_has_help_that_states_its_default():
+    from vit_train import config
+    parser = config.build_parser()
+    missing = [a.option_strings[-1] for a in parser._actions
+               if a.option_strings and a.dest != 'help' and 'default' not in (a.help or '')]
+    assert not missing, missing
+    text = ' '.join(config.build_parser().format_help().split())
+    for option, default in [('--epochs EPOCHS', 'default 10'), ('--optimizer {sgd,adamw}', 'default adamw'),
+                            ('--seed SEED', 'default 0'), ('--label-smoothing LABEL_SMOOTHING', 'default 0')]:
+        assert default in text.split(option)[-1].split(' --', 1)[0], option

@@ -231,7 +231,7 @@ def run(argv=None, prog=None) -> int:
             close_iterator(it)
             ckpts.close()
             return 0
-        log(f"resumed from epoch {meta0['epoch']} (step {start})")
+        log(report.resumed(start, spe, args.epochs))
         cfg = meta0['pretrained_cfg']
         wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
     else:
@@ -291,16 +291,20 @@ def run(argv=None, prog=None) -> int:
         if not params_finite:
             raise NonFiniteLoss(f'non-finite parameters after the update {where}')
 
-    def last_good():
+    def last_good(placed=False):
         try:
             ckpts.wait()  # a save in flight was consistent when it started: let it finish
         except Exception as e:  # noqa: BLE001 - a save the signal cut short: its temporary never becomes a step
             warn(f'warning: the save in flight did not finish ({type(e).__name__}); it is discarded')
         last = ckpts.steps()
-        return f'step {last[-1]} in {ckpts.root}' if last else 'none'
+        if not last:
+            return 'none'
+        at = f' ({report.place(last[-1], spe, args.epochs)})' if placed else ''
+        return f'step {last[-1]}{at} in {ckpts.root}'
 
     # ---- epochs
     rep, blocked = report.Reporter(args.workdir, pid == 0, resume_epoch=start // spe), []
+    done = start  # updates made so far, for the interruption message
     try:
         for epoch in range(start // spe, args.epochs):
             meter = EpochMeter(check_loss)
@@ -308,6 +312,7 @@ def run(argv=None, prog=None) -> int:
             bar = rep.bar(spe, f'[train epoch {epoch + 1}]', initial=first - epoch * spe)
             for s in range(first, (epoch + 1) * spe):
                 state, metrics = train_step(state, sharding.global_batch(next(it), batch_sh), np.float32(lr_at(s)))
+                done = s + 1
                 meter.add(s, metrics)
                 bar.update()
                 bar.set_postfix_str(f"loss {meter.mean('loss'):.3f} acc {meter.mean('correct'):.3f} "
@@ -337,8 +342,9 @@ def run(argv=None, prog=None) -> int:
         raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: {last_good()}') from None
     except KeyboardInterrupt as e:
         signum = getattr(e, 'signum', signal.SIGINT)
-        raise Interrupted(signum, f'interrupted by {signal.Signals(signum).name}; last complete checkpoint: '
-                          f'{last_good()}; rerun the same command to resume') from None
+        raise Interrupted(signum, f'interrupted by {signal.Signals(signum).name} after '
+                          f'{report.where(done, spe, args.epochs)}; last complete checkpoint: {last_good(True)}; '
+                          f'rerun the same command to resume') from None
     finally:
         ckpts.close()
         close_iterator(it)

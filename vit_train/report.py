@@ -21,6 +21,29 @@ def printer(main: bool, stream=None):
     return say
 
 
+def place(step: int, steps_per_epoch: int, epochs: int) -> str:
+    """Where step `step` lies, counted as the epoch lines count (the number of updates done: epoch 1 ends at
+    step `steps_per_epoch`): 'epoch 2 of 2, step 10 of 22 in it', 'the end of epoch 1 of 2', 'before epoch 1'."""
+    if step <= 0:
+        return 'before epoch 1'
+    epoch, k = (step - 1) // steps_per_epoch + 1, (step - 1) % steps_per_epoch + 1
+    if k == steps_per_epoch:
+        return f'the end of epoch {epoch} of {epochs}'
+    return f'epoch {epoch} of {epochs}, step {k} of {steps_per_epoch} in it'
+
+
+def where(step: int, steps_per_epoch: int, epochs: int) -> str:
+    """'step 32 of 44 (epoch 2 of 2, step 10 of 22 in it)'."""
+    return f'step {step} of {steps_per_epoch * epochs} ({place(step, steps_per_epoch, epochs)})'
+
+
+def resumed(step: int, steps_per_epoch: int, epochs: int) -> str:
+    """The line a resumed run starts with: where its checkpoint was, and which step comes next."""
+    nxt = f'step {step + 1}' + (f', the first of epoch {step // steps_per_epoch + 1}' if step % steps_per_epoch == 0
+                                else '')
+    return f'resumed from the checkpoint of {where(step, steps_per_epoch, epochs)}; continuing with {nxt}'
+
+
 class _NoBar:
     def update(self, n=1):
         pass

@@ -173,8 +173,9 @@ def test_kill_9_then_rerun_resumes_and_ends_bit_identical(env, reference, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     r = run(env, workdir, *BASE)
-    m = re.search(r'resumed from epoch (\d+) \(step (\d+)\)', r.stdout)
-    assert m and 16 <= int(m.group(2)) < STEPS, r.stdout
+    m = re.search(rf'resumed from the checkpoint of step (\d+) of {STEPS} \((.*?)\); continuing with step (\d+)',
+                  r.stdout)
+    assert m and 16 <= int(m.group(1)) < STEPS and int(m.group(3)) == int(m.group(1)) + 1, r.stdout
     assert_same_params(latest(reference[0]), latest(workdir))
 
 
@@ -191,7 +192,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(env, reference, 
     assert any(f'checkpoints/{STEPS}' in w for w in warnings), warnings
     r = run(env, workdir, *BASE)                                # ... and the trainer falls back and redoes it
     assert f'checkpoint step {STEPS} is unusable' in r.stderr
-    assert 'resumed from epoch 1 (step 32)' in r.stdout
+    # step 32 is the 10th of epoch 2's 22 (the epoch line of epoch 1 said step 22)
+    assert 'resumed from the checkpoint of step 32 of 44 (epoch 2 of 2, step 10 of 22 in it); continuing with ' \
+        'step 33\n' in r.stdout, r.stdout
     assert (workdir / 'checkpoints' / f'{STEPS}.corrupt').is_dir()
     assert_same_params(latest(reference[0]), latest(workdir))
 
@@ -202,6 +205,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference
     before = latest(workdir)
     r = run(env, workdir, *BASE[:4], '--epochs', '3', *BASE[6:], '--lr', '1e30', expect=3)
     assert 'non-finite loss' in r.stderr and f'Last good checkpoint: step {STEPS}' in r.stderr
+    # resumed at an epoch end: the next step opens the next epoch
+    assert 'resumed from the checkpoint of step 44 of 66 (the end of epoch 2 of 3); continuing with step 45, the ' \
+        'first of epoch 3\n' in r.stdout, r.stdout
     from converters.formats import training_ckpt
     assert training_ckpt.list_steps(str(workdir / 'checkpoints')) == [32, STEPS]
     assert_same_params(before, latest(workdir))

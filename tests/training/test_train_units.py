@@ -396,3 +396,17 @@ def test_every_training_flag_has_help_that_states_its_default():
     for option, default in [('--epochs EPOCHS', 'default 10'), ('--optimizer {sgd,adamw}', 'default adamw'),
                             ('--seed SEED', 'default 0'), ('--label-smoothing LABEL_SMOOTHING', 'default 0')]:
         assert default in text.split(option)[-1].split(' --', 1)[0], option
+
+
+def test_steps_are_placed_in_their_epoch_as_the_epoch_lines_count():
+    """Epoch 1 of 5 steps ends at step 5 (its epoch line says 'step 5'): step 16 of 8-step epochs is in epoch 2,
+    step 16 of 5-step epochs in epoch 4; a checkpoint at an epoch end continues with the next epoch's first step."""
+    from vit_train import report
+    assert report.where(16, 8, 5) == 'step 16 of 40 (the end of epoch 2 of 5)'
+    assert report.where(16, 5, 5) == 'step 16 of 25 (epoch 4 of 5, step 1 of 5 in it)'
+    assert report.where(13, 8, 2) == 'step 13 of 16 (epoch 2 of 2, step 5 of 8 in it)'
+    assert report.where(0, 8, 2) == 'step 0 of 16 (before epoch 1)'
+    assert report.resumed(16, 8, 5) == ('resumed from the checkpoint of step 16 of 40 (the end of epoch 2 of 5); '
+                                        'continuing with step 17, the first of epoch 3')
+    assert report.resumed(14, 8, 5) == ('resumed from the checkpoint of step 14 of 40 (epoch 2 of 5, step 6 of 8 '
+                                        'in it); continuing with step 15')

@@ -3,6 +3,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -156,6 +157,13 @@ class EpochMeter:
 
 
 def run(argv=None, prog=None) -> int:
+    # where the main process and grain's worker processes note the unreadable files they warned about: one
+    # warning per file per run, not one per process
+    with tempfile.TemporaryDirectory(prefix='vit-train-warned-', ignore_cleanup_errors=True) as warned_dir:
+        return _run(argv, prog, warned_dir)
+
+
+def _run(argv, prog, warned_dir) -> int:
     args = config.resolve(config.build_parser(prog).parse_args(argv))
     init_distributed(args)
     nproc, pid = jax.process_count(), jax.process_index()
@@ -192,8 +200,8 @@ def run(argv=None, prog=None) -> int:
                      num_processes=nproc, data_workers=args.workers, mesh=mesh_sizes,
                      config=_jsonable(dict(vars(args), crop_scale=list(args.crop_scale))))
 
-    train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip)
-    eval_tf = data.EvalTransform(size, args.interpolation, args.crop_pct)
+    train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip, warned_dir=warned_dir)
+    eval_tf = data.EvalTransform(size, args.interpolation, args.crop_pct, warned_dir=warned_dir)
 
     def data_iter(start_step=0):
         return data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,

@@ -490,6 +490,27 @@ def test_corrupt_images_become_counted_zero_weight_rows_named_once(tmp_path, cap
         assert err.count(f'warning: skipped unreadable image {p} (') == 1, err
 
 
+def test_an_unreadable_image_is_named_once_per_run_not_once_per_process(tmp_path, capsys):
+    """grain's worker processes each remember only what they warned about themselves: a run with workers named a
+    file once per worker that read it, and once more for the main process's evaluation. The trainer's transforms
+    share a directory for the whole run (`warned_dir`): here two fresh processes, as grain's workers are, and this
+    one read the same file, and it is named once."""
+    import pickle
+    from vit_train import data
+    bad, warned = tmp_path / 'bad.jpg', tmp_path / 'warned'
+    bad.write_bytes(b'\xff\xd8 not really a jpeg')
+    warned.mkdir()
+    code = ('import pickle, sys, numpy as np; tf = pickle.loads(sys.stdin.buffer.read()); '
+            'assert tf({"path": sys.argv[1], "label": 0}, np.random.default_rng(0))["unreadable"] == 1')
+    tf = pickle.dumps(data.TrainTransform(8, 'bilinear', warned_dir=str(warned)))
+    workers = [subprocess.run([sys.executable, '-c', code, str(bad)], input=tf, capture_output=True, cwd=ROOT,
+                              timeout=300) for _ in range(2)]
+    assert [w.returncode for w in workers] == [0, 0], [w.stderr[-2000:] for w in workers]
+    assert data.EvalTransform(8, 'bilinear', warned_dir=str(warned))({'path': str(bad), 'label': 0})['unreadable'] == 1
+    said = ''.join(w.stderr.decode() for w in workers) + capsys.readouterr().err
+    assert said.count(f'warning: skipped unreadable image {bad} (') == 1, said
+
+
 def test_a_failed_save_is_one_line_naming_the_last_complete_checkpoint(reference, tmp_path, monkeypatch):
     """A full disk surfaces in orbax's thread, then at the next save or wait (found on a 4 MiB tmpfs: it was
     an 'internal error' with orbax's traceback)."""

@@ -278,6 +278,10 @@ def _run(argv, prog, warned_dir) -> int:
         fmt.write_class_indices(os.path.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
     log(f'data: {args.dataset} {len(ds.train)} train / {len(ds.val)} val images, {num_classes} classes, '
         f'{size}px, {spe} steps of {batch} per epoch')
+    left = len(ds.train) - spe * batch  # an epoch is whole batches (data.train_iterator)
+    if left:
+        log(f'train: {len(ds.train)} images, batch {batch}: {spe} step{"s" * (spe > 1)} per epoch, {left} image'
+            f'{"s" * (left > 1)} left out each epoch (a different {left} each epoch: every epoch is a new shuffle)')
     log(f'model: {args.model} {overrides} {args.dtype}, {spec.num_params:,} params'
         + (f', {spec.num_trainable:,} trainable (--freeze-layers)' if args.freeze_layers else ''))
     log(f'normalisation: mean {list(mean)} std {list(std)} ({norm_why})')

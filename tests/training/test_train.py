@@ -355,6 +355,9 @@ def test_fine_tune_a_google_npz_on_a_folder_with_an_unreadable_image(env, tmp_pa
     assert f'skipped unreadable image {tmp_path}/flowers/rose/broken.jpg' in r.stderr
     assert re.search(r'epoch \d: skipped 1 unreadable image', r.stderr), r.stderr
     assert 'data: folder 67 train / 15 val images, 10 classes' in r.stdout   # WZMIAOMIAO's 80/20 per class
+    # whole batches only: what is left out is said, not silently dropped
+    assert 'train: 67 images, batch 64: 1 step per epoch, 3 images left out each epoch (a different 3 each ' \
+        'epoch: every epoch is a new shuffle)\n' in r.stdout, r.stdout
     with open(workdir / 'class_indices.json') as f:
         assert json.load(f) == {str(i): c for i, c in enumerate(classes)}
     s = summary(workdir)

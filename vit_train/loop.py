@@ -151,9 +151,11 @@ class EpochMeter:
     def mean(self, key: str) -> float:
         return self.sums[key] / max(self.sums['count'], 1.0)
 
-    def images_per_sec(self) -> float:
+    def images_per_sec(self):
+        """Images per second after the epoch's first step (which may compile), or None when nothing after it
+        was timed yet (a one-step epoch never is): no figure rather than a made-up 0."""
         dt = time.perf_counter() - self.t_first if self.t_first else 0.0
-        return self.images_timed / dt if dt > 0 else 0.0
+        return self.images_timed / dt if dt > 0 and self.images_timed else None
 
 
 def run(argv=None, prog=None) -> int:
@@ -327,8 +329,9 @@ def _run(argv, prog, warned_dir) -> int:
                 done = s + 1
                 meter.add(s, metrics)
                 bar.update()
-                bar.set_postfix_str(f"loss {meter.mean('loss'):.3f} acc {meter.mean('correct'):.3f} "
-                                    f"{meter.images_per_sec():.0f} img/s")
+                speed = meter.images_per_sec()
+                bar.set_postfix_str(f"loss {meter.mean('loss'):.3f} acc {meter.mean('correct'):.3f}"
+                                    + ('' if speed is None else f' {speed:.0f} img/s'))
                 if args.save_every and (s + 1) % args.save_every == 0 and (s + 1) % spe:
                     meter.flush()  # never save parameters whose loss was not checked
                     save(s + 1, epoch, {})

@@ -358,11 +358,17 @@ def test_fine_tune_a_google_npz_on_a_folder_with_an_unreadable_image(env, tmp_pa
     # whole batches only: what is left out is said, not silently dropped
     assert 'train: 67 images, batch 64: 1 step per epoch, 3 images left out each epoch (a different 3 each ' \
         'epoch: every epoch is a new shuffle)\n' in r.stdout, r.stdout
+    # one step per epoch, the one that compiles: no throughput figure rather than '0 img/s'
+    lines = [line for line in r.stdout.splitlines() if line.startswith('epoch ')]
+    assert len(lines) == 2 and all(line.endswith('img/s n/a (too few steps after the first, which compiles, to '
+                                                 'time)') for line in lines), lines
     with open(workdir / 'class_indices.json') as f:
         assert json.load(f) == {str(i): c for i, c in enumerate(classes)}
     s = summary(workdir)
     assert s['unreadable_images'] in (0, 1) and np.isfinite(s['train_loss'])
-    assert sum(v for _, v in read_scalars(workdir)['unreadable_images']) >= 1     # counted in TensorBoard too
+    scalars = read_scalars(workdir)
+    assert sum(v for _, v in scalars['unreadable_images']) >= 1     # counted in TensorBoard too
+    assert 'images_per_sec' not in scalars and s['images_per_sec'] is None   # no made-up 0 there either
     ck = latest(workdir)
     assert ck.meta['pretrained_cfg']['mean'] == [0.5] * 3 and ck.meta['weights']['format'] == 'npz'
     assert ck.meta['pretrained_cfg']['crop_pct'] == 0.875 and ck.meta['class_names'] == list(classes)

@@ -13,6 +13,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 import vit_flax
+from vit_flax import registry
 from vit_flax.models.layers import checkpoint_policy
 from converters.formats import training_ckpt as fmt
 
@@ -59,9 +60,18 @@ def build_model(args, num_classes: int):
         checkpoint_policy(remat.get('remat_policy'))
     except ValueError as e:
         raise TrainError(f'--remat {args.remat}: {e}') from None
+    flags = dict(img_size='--img-size', patch_size='--patch-size', depth='--depth', drop_path_rate='--drop-path')
+    try:
+        cls, _ = vit_flax.model_config(args.model)
+    except KeyError as e:
+        raise TrainError(f'--model {args.model}: {e.args[0]}') from None
+    missing = [k for k in over if k in flags and k not in registry.model_fields(cls)]
+    if missing:   # a flag this family has no field for (Swin has depths, not depth)
+        raise TrainError(f'{flags[missing[0]]} {over[missing[0]]}: {args.model} (a {cls.__name__}) has no '
+                         f'{missing[0]} field; its fields: {", ".join(registry.model_fields(cls))}')
     try:
         model = vit_flax.create_model(args.model, **over, **remat, dtype=jnp.dtype(args.dtype))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:   # UnknownOptionError, ModelConfigError among them
         raise TrainError(f'--model {args.model}: {e.args[0] if isinstance(e, KeyError) else e}') from None
     height, width, _ = model.input_shape
     if height != width:

@@ -410,3 +410,20 @@ def test_steps_are_placed_in_their_epoch_as_the_epoch_lines_count():
                                         'continuing with step 17, the first of epoch 3')
     assert report.resumed(14, 8, 5) == ('resumed from the checkpoint of step 14 of 40 (epoch 2 of 5, step 6 of 8 '
                                         'in it); continuing with step 15')
+
+
+def test_model_flags_a_model_cannot_take_are_one_line_errors(tmp_path, capsys):
+    """A flag the family has no field for names the flag; a configuration the model refuses is bad input (exit 1),
+    not an internal error."""
+    from vit_train import main
+    for argv, line in [
+            (['--model', 'swin_tiny_patch4_window7_224', '--depth', '2'],
+             'train_flax.py: error: --depth 2: swin_tiny_patch4_window7_224 (a SwinTransformer) has no depth field'),
+            (['--model', 'lucid_vit_tiny_patch16_224', '--img-size', '20'],
+             'img_size 20 is not a multiple of the patch 16'),
+            (['--model', 'vit_smal_patch16_224'],
+             "train_flax.py: error: --model vit_smal_patch16_224: unknown model 'vit_smal_patch16_224'; "
+             'similar: vit_small_patch16_224')]:
+        assert main([*argv, '--epochs', '1', '--workdir', str(tmp_path / 'w')]) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('train_flax.py: error: ') and line in err and len(err.splitlines()) == 1, err

@@ -15,6 +15,7 @@ def main(argv=None, prog=None) -> int:
     """Run the training command; returns the exit status: 0 done, 1 bad input, 2 usage, 3 non-finite loss,
     70 an internal error (one line; `--debug` shows the traceback), 130 SIGINT, 143 SIGTERM."""
     from converters.errors import ConversionError, first_line, quiet_unraisable
+    from vit_flax.errors import ModelConfigError
     from .errors import Interrupted, NonFiniteLoss, TrainError, on_signal
     from .loop import run
     name = prog or 'train_flax.py'
@@ -31,7 +32,7 @@ def main(argv=None, prog=None) -> int:
     except NonFiniteLoss as e:
         print(f'{name}: error: {e}', file=sys.stderr)
         return 3
-    except (TrainError, ConversionError) as e:
+    except (TrainError, ConversionError, ModelConfigError) as e:   # a model refusing its config is bad input too
         print(f'{name}: error: {e}', file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - anything else is our bug: say so in one line, never as bad input

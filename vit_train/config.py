@@ -6,10 +6,19 @@ from .data import DATASETS, INTERPOLATIONS
 from .errors import TrainError
 from .optim import OPTIMIZERS
 
-# `python train_flax.py` with no --model: a small ViT that timm also builds
-# (timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=4)).
+# `python train_flax.py` with no --model (the embedded digits demo): a small ViT that timm also builds
+# (timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=8, depth=4)).
 DEMO_MODEL = 'vit_tiny_patch16_224'
 DEMO_OVERRIDES = dict(img_size=16, patch_size=8, depth=4)
+# The model without --model, per data set: the tiny demo is for the 8x8 digits only; photos get ViT-S/16 at 224,
+# CIFAR's 32x32 images ViT-S with 4x4 patches (timm.create_model('vit_small_patch16_224', img_size=32,
+# patch_size=4): 64 patches, as the CIFAR ViT recipes use).
+DEFAULT_MODELS = {
+    'digits': (DEMO_MODEL, DEMO_OVERRIDES),
+    'cifar10': ('vit_small_patch16_224', dict(img_size=32, patch_size=4)),
+    'cifar100': ('vit_small_patch16_224', dict(img_size=32, patch_size=4)),
+    'folder': ('vit_small_patch16_224', {}),
+}
 
 # Per data set: (crop_pct, RandomResizedCrop scale, horizontal flip). Digits are tiny and not mirror
 # symmetric; the others follow WZMIAOMIAO's scripts (RandomResizedCrop + flip, Resize(256)/CenterCrop(224) for folders).
@@ -32,34 +41,45 @@ def _fraction(text):
     return v
 
 
+def _model_text(model: str, overrides: dict) -> str:
+    """'vit_small_patch16_224 at 224', 'vit_small_patch16_224 with patch_size=4 at 32'."""
+    rest = {k: v for k, v in overrides.items() if k != 'img_size'}
+    size = overrides.get('img_size', 224)  # every default is a *_224 model
+    return model + (' with ' + ', '.join(f'{k}={v}' for k, v in rest.items()) if rest else '') + f' at {size}'
+
+
 def build_parser(prog=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description='Train or fine-tune a ViT/DeiT/Swin with optax, grain, orbax and jax.sharding. '
         'With no arguments: a small ViT on scikit-learn digits. Rerunning the same command resumes.')
     m = p.add_argument_group('model')
-    m.add_argument('--model', help=f'registered model name (default: {DEMO_MODEL} with '
-                   + ', '.join(f'{k}={v}' for k, v in DEMO_OVERRIDES.items()) + ', the demo)')
+    m.add_argument('--model', help='registered model name (default, per --dataset: ' + '; '.join(
+        f'{name}: {_model_text(*DEFAULT_MODELS[name])}' for name in ('digits', 'folder', 'cifar10')).replace(
+            'cifar10:', 'cifar10/cifar100:') + '; the start-up line says which)')
     m.add_argument('--img-size', type=int, help='input size (default: the model\'s own)')
     m.add_argument('--patch-size', type=int, help='patch size (default: the model\'s own)')
     m.add_argument('--depth', type=int, help='number of blocks (default: the model\'s own)')
     m.add_argument('--num-classes', type=int, help='head size (default: the number of classes in the data)')
     m.add_argument('--drop-path', type=_fraction, default=0.0, help='stochastic depth rate (default 0)')
     m.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
-                   help='compute dtype; params and optimizer state stay float32')
+                   help='compute dtype; params and optimizer state stay float32 (default float32)')
     m.add_argument('--weights', help='checkpoint to fine-tune from: any format the converters read (.npz, .pth, '
                    '.safetensors, orbax) or a training workdir (its best step); the head is replaced and the '
-                   'position embedding resampled to fit, every change logged')
+                   'position embedding resampled to fit, every change logged (default: none, random initialisation)')
     m.add_argument('--resample', choices=('bicubic', 'bilinear', 'google'), default='bicubic',
                    help='position-embedding resampling for --weights (default bicubic, as timm for .pth)')
     m.add_argument('--remat', nargs='?', const='full', metavar='POLICY',
                    help='recompute each block in the backward pass to save memory (jax.checkpoint): bare for the '
-                   'whole block, or a jax.checkpoint_policies name that saves some values, e.g. dots_saveable')
+                   'whole block, or a jax.checkpoint_policies name that saves some values, e.g. dots_saveable '
+                   '(default: off, every activation kept)')
     m.add_argument('--freeze-layers', action='store_true',
-                   help='train only the head (and pre_logits, head_dist); every other parameter stays bit-identical')
+                   help='train only the head (and pre_logits, head_dist); every other parameter stays bit-identical '
+                   '(default: off, every parameter trains)')
 
     d = p.add_argument_group('data')
     d.add_argument('--dataset', choices=DATASETS, help='default: folder when --data-path is given, else digits')
-    d.add_argument('--data-path', help='folder data set root, or the CIFAR directory / downloaded .tar.gz')
+    d.add_argument('--data-path', help='folder data set root, or the CIFAR directory / downloaded .tar.gz '
+                   '(default: none, which only --dataset digits allows)')
     d.add_argument('--val-split', type=_fraction, default=0.2,
                    help='validation share of digits and of a folder without train/ and val/ (default 0.2)')
     d.add_argument('--workers', type=int,
@@ -75,36 +95,43 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     d.add_argument('--hflip', action=argparse.BooleanOptionalAction, help='random horizontal flip (default: on; off for digits)')
 
     o = p.add_argument_group('optimisation')
-    o.add_argument('--epochs', type=int, default=10)
-    o.add_argument('--batch-size', type=int, default=32, help='global batch per update (default 32)')
-    o.add_argument('--grad-accum', type=int, default=1, help='split each batch into N micro-batches')
-    o.add_argument('--optimizer', choices=OPTIMIZERS, default='adamw')
-    o.add_argument('--lr', type=float, help='peak learning rate (default 1e-3)')
+    o.add_argument('--epochs', type=int, default=10, help='number of passes over the training set (default 10)')
+    o.add_argument('--batch-size', type=int, default=32,
+                   help='global batch per update (default 32). An epoch is whole batches only: the remainder of '
+                   'the shuffled training set (fewer than one batch) is left out, a different part each epoch; '
+                   'the start-up line says how many images that is')
+    o.add_argument('--grad-accum', type=int, default=1, help='split each batch into N micro-batches (default 1)')
+    o.add_argument('--optimizer', choices=OPTIMIZERS, default='adamw', help='AdamW or SGD with momentum (default adamw)')
+    o.add_argument('--lr', type=float, help='peak learning rate (default 1e-3, either optimizer)')
     o.add_argument('--lrf', type=float, default=0.01, help='final learning rate as a fraction of --lr (default 0.01)')
     o.add_argument('--warmup-epochs', type=float, default=1.0, help='linear warmup (default 1 epoch)')
     o.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
     o.add_argument('--weight-decay', type=float, help='default: 0.05 (adamw), 5e-5 (sgd, as WZMIAOMIAO\'s scripts); never on '
                    'biases, norms, position embeddings, tokens or relative-position tables')
-    o.add_argument('--label-smoothing', type=_fraction, default=0.0)
+    o.add_argument('--label-smoothing', type=_fraction, default=0.0,
+                   help='cross-entropy label smoothing in [0, 1) (default 0: none)')
     o.add_argument('--clip-grad', type=float, default=1.0, help='clip the global gradient norm (0: off; default 1)')
-    o.add_argument('--seed', type=int, default=0)
+    o.add_argument('--seed', type=int, default=0,
+                   help='seeds the initialisation, the shuffle, augmentation and dropout (default 0)')
 
     r = p.add_argument_group('run')
     r.add_argument('--workdir', help='checkpoints, logs, summary.json (default: runs/<dataset>-<model>)')
     r.add_argument('--keep', type=int, default=2, help='keep the last N checkpoints, plus the best (default 2)')
     r.add_argument('--save-every', type=int, default=0,
                    help='also checkpoint every N steps inside an epoch (default: at epoch ends only)')
-    r.add_argument('--debug', action='store_true', help='show the traceback of an internal error')
+    r.add_argument('--debug', action='store_true', help='show the traceback of an internal error (default: off, one line)')
     r.add_argument('--fresh-start', action='store_true',
                    help='when no checkpoint in --workdir restores (each is set aside as <step>.corrupt), train '
-                   'from scratch there instead of stopping with an error')
+                   'from scratch there instead of stopping with an error (default: off)')
     r.add_argument('--mesh', default='', help="device mesh 'data=N,fsdp=M' (default: data over every device); "
                    'fsdp > 1 shards parameters and optimizer state')
-    r.add_argument('--coordinator', help='multi-process: HOST:PORT of process 0 (jax.distributed.initialize)')
-    r.add_argument('--num-processes', type=int, help='multi-process: number of processes')
-    r.add_argument('--process-id', type=int, help='multi-process: this process\'s index')
+    r.add_argument('--coordinator', help='multi-process: HOST:PORT of process 0 (jax.distributed.initialize; '
+                   'default: none, a single process)')
+    r.add_argument('--num-processes', type=int, help='multi-process: number of processes (default: none, a single process)')
+    r.add_argument('--process-id', type=int, help='multi-process: this process\'s index, 0 to N-1 (default: none, a single process)')
     r.add_argument('--distributed', action='store_true',
-                   help='call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...)')
+                   help='call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...) '
+                   '(default: off)')
     return p
 
 
@@ -114,20 +141,25 @@ MINIMA = dict(img_size=1, patch_size=1, depth=1, num_classes=1, epochs=1, batch_
 
 
 def resolve(args) -> argparse.Namespace:
-    """Check the integer flags; fill the defaults that depend on other flags (the demo preset, per-dataset
-    and per-optimizer values)."""
+    """Check the integer flags; fill the defaults that depend on other flags (the model per data set, the
+    per-dataset and per-optimizer values)."""
     a = argparse.Namespace(**vars(args))
     for k, lo in MINIMA.items():
         if getattr(a, k) is not None and getattr(a, k) < lo:
             raise TrainError(f'--{k.replace("_", "-")} wants an integer >= {lo}, got {getattr(a, k)}')
-    a.demo = a.model is None
-    if a.demo:
-        a.model = DEMO_MODEL
-        for k, v in DEMO_OVERRIDES.items():
-            if getattr(a, k) is None:
-                setattr(a, k, v)
     if a.dataset is None:
         a.dataset = 'folder' if a.data_path else 'digits'
+    a.demo = a.model is None and a.dataset == 'digits'
+    a.default_model = None  # without --model: the line that says which model the data set got
+    if a.model is None:
+        a.model, preset = DEFAULT_MODELS[a.dataset]
+        for k, v in preset.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+        chosen = {k: getattr(a, k) for k in ('img_size', 'patch_size', 'depth') if getattr(a, k) is not None}
+        why = 'the digits demo, default' if a.demo else 'default'
+        a.default_model = (f'model: {_model_text(a.model, chosen)} ({why} for --dataset {a.dataset}; '
+                           f'pass --model to choose)')
     crop_pct, scale, hflip = DATA_DEFAULTS[a.dataset]
     a.crop_pct = crop_pct if a.crop_pct is None else a.crop_pct
     a.crop_scale = tuple(scale if a.crop_scale is None else a.crop_scale)

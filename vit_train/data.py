@@ -8,6 +8,7 @@ file never stops a run and never changes which examples the other rows of a batc
 Nothing here imports the models or jax: grain's worker processes import this module. The one converters module
 it uses, `converters.preprocess` (the eval resize and crop predict uses too), imports only numpy and Pillow.
 """
+import hashlib
 import io
 import lzma
 import os
@@ -15,6 +16,7 @@ import pickle
 import random
 import sys
 import tarfile
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -437,13 +439,35 @@ def random_resized_crop(h: int, w: int, scale, ratio, rng: np.random.Generator):
 
 
 _WARNED = set()  # unreadable files already reported by this process
+_WARNED_LOCK = threading.Lock()  # the pipeline's reader threads share the set
+
+
+def first_report(path: str, warned_dir: Optional[str] = None) -> bool:
+    """True the first time `path` is reported as unreadable: in this process and, with `warned_dir` (a directory
+    the run shares with its grain worker processes, which have sets of their own), in any of them: its marker
+    file there is created exclusively, so exactly one process wins."""
+    with _WARNED_LOCK:
+        if path in _WARNED:
+            return False
+        _WARNED.add(path)
+    if warned_dir is None:
+        return True
+    try:
+        os.close(os.open(os.path.join(warned_dir, hashlib.sha1(path.encode()).hexdigest()),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # no marker can be written: warn once per process rather than not at all
+        pass
+    return True
 
 
 class _Transform:
-    """Decode (or take) the image, then `self.image(...)`; unreadable images become weight-0 zeros."""
+    """Decode (or take) the image, then `self.image(...)`; unreadable images become weight-0 zeros, each file
+    warned about once per process, or once per run with `warned_dir` (see `first_report`)."""
 
-    def __init__(self, size: int, interpolation: str):
-        self.size, self.interpolation = size, interpolation
+    def __init__(self, size: int, interpolation: str, warned_dir: Optional[str] = None):
+        self.size, self.interpolation, self.warned_dir = size, interpolation, warned_dir
 
     def _open(self, rec):
         from PIL import Image
@@ -454,8 +478,7 @@ class _Transform:
                 im.load()
                 return im.convert('RGB') if im.mode != 'RGB' else im.copy()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
-            if rec['path'] not in _WARNED:
-                _WARNED.add(rec['path'])
+            if first_report(rec['path'], self.warned_dir):
                 print(f'warning: skipped unreadable image {rec["path"]} ({type(e).__name__}: {e})', file=sys.stderr)
             return None
 
@@ -479,8 +502,8 @@ class _Transform:
 class TrainTransform(_Transform):
     """RandomResizedCrop(size, scale) + horizontal flip (p=0.5), as WZMIAOMIAO's training transform."""
 
-    def __init__(self, size, interpolation, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True):
-        super().__init__(size, interpolation)
+    def __init__(self, size, interpolation, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, warned_dir=None):
+        super().__init__(size, interpolation, warned_dir)
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
 
     def image(self, img, rng):
@@ -500,8 +523,8 @@ class EvalTransform(_Transform):
     short side to int(size / crop_pct), then CenterCrop(size); WZMIAOMIAO's Resize(256) + CenterCrop(224) is
     crop_pct 0.875 (timm's `crop_mode='center'`). Normalisation happens on the device."""
 
-    def __init__(self, size, interpolation, crop_pct=0.875):
-        super().__init__(size, interpolation)
+    def __init__(self, size, interpolation, crop_pct=0.875, warned_dir=None):
+        super().__init__(size, interpolation, warned_dir)
         self.crop_pct = crop_pct
 
     def image(self, img, rng=None):

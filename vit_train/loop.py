@@ -3,6 +3,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 import vit_flax
+from vit_flax import registry
 from vit_flax.models.layers import checkpoint_policy
 from converters.formats import training_ckpt as fmt
 
@@ -58,9 +60,18 @@ def build_model(args, num_classes: int):
         checkpoint_policy(remat.get('remat_policy'))
     except ValueError as e:
         raise TrainError(f'--remat {args.remat}: {e}') from None
+    flags = dict(img_size='--img-size', patch_size='--patch-size', depth='--depth', drop_path_rate='--drop-path')
+    try:
+        cls, _ = vit_flax.model_config(args.model)
+    except KeyError as e:
+        raise TrainError(f'--model {args.model}: {e.args[0]}') from None
+    missing = [k for k in over if k in flags and k not in registry.model_fields(cls)]
+    if missing:   # a flag this family has no field for (Swin has depths, not depth)
+        raise TrainError(f'{flags[missing[0]]} {over[missing[0]]}: {args.model} (a {cls.__name__}) has no '
+                         f'{missing[0]} field; its fields: {", ".join(registry.model_fields(cls))}')
     try:
         model = vit_flax.create_model(args.model, **over, **remat, dtype=jnp.dtype(args.dtype))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:   # UnknownOptionError, ModelConfigError among them
         raise TrainError(f'--model {args.model}: {e.args[0] if isinstance(e, KeyError) else e}') from None
     height, width, _ = model.input_shape
     if height != width:
@@ -150,16 +161,27 @@ class EpochMeter:
     def mean(self, key: str) -> float:
         return self.sums[key] / max(self.sums['count'], 1.0)
 
-    def images_per_sec(self) -> float:
+    def images_per_sec(self):
+        """Images per second after the epoch's first step (which may compile), or None when nothing after it
+        was timed yet (a one-step epoch never is): no figure rather than a made-up 0."""
         dt = time.perf_counter() - self.t_first if self.t_first else 0.0
-        return self.images_timed / dt if dt > 0 else 0.0
+        return self.images_timed / dt if dt > 0 and self.images_timed else None
 
 
 def run(argv=None, prog=None) -> int:
+    # where the main process and grain's worker processes note the unreadable files they warned about: one
+    # warning per file per run, not one per process
+    with tempfile.TemporaryDirectory(prefix='vit-train-warned-', ignore_cleanup_errors=True) as warned_dir:
+        return _run(argv, prog, warned_dir)
+
+
+def _run(argv, prog, warned_dir) -> int:
     args = config.resolve(config.build_parser(prog).parse_args(argv))
     init_distributed(args)
     nproc, pid = jax.process_count(), jax.process_index()
     log, warn = report.printer(pid == 0), report.printer(pid == 0, sys.stderr)
+    if args.default_model:
+        log(args.default_model)
 
     # ---- data and model
     ds = data.load(args.dataset, args.data_path, args.val_split)
@@ -190,8 +212,8 @@ def run(argv=None, prog=None) -> int:
                      num_processes=nproc, data_workers=args.workers, mesh=mesh_sizes,
                      config=_jsonable(dict(vars(args), crop_scale=list(args.crop_scale))))
 
-    train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip)
-    eval_tf = data.EvalTransform(size, args.interpolation, args.crop_pct)
+    train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip, warned_dir=warned_dir)
+    eval_tf = data.EvalTransform(size, args.interpolation, args.crop_pct, warned_dir=warned_dir)
 
     def data_iter(start_step=0):
         return data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,
@@ -229,7 +251,7 @@ def run(argv=None, prog=None) -> int:
             close_iterator(it)
             ckpts.close()
             return 0
-        log(f"resumed from epoch {meta0['epoch']} (step {start})")
+        log(report.resumed(start, spe, args.epochs))
         cfg = meta0['pretrained_cfg']
         wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
     else:
@@ -268,6 +290,10 @@ def run(argv=None, prog=None) -> int:
         fmt.write_class_indices(os.path.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
     log(f'data: {args.dataset} {len(ds.train)} train / {len(ds.val)} val images, {num_classes} classes, '
         f'{size}px, {spe} steps of {batch} per epoch')
+    left = len(ds.train) - spe * batch  # an epoch is whole batches (data.train_iterator)
+    if left:
+        log(f'train: {len(ds.train)} images, batch {batch}: {spe} step{"s" * (spe > 1)} per epoch, {left} image'
+            f'{"s" * (left > 1)} left out each epoch (a different {left} each epoch: every epoch is a new shuffle)')
     log(f'model: {args.model} {overrides} {args.dtype}, {spec.num_params:,} params'
         + (f', {spec.num_trainable:,} trainable (--freeze-layers)' if args.freeze_layers else ''))
     log(f'normalisation: mean {list(mean)} std {list(std)} ({norm_why})')
@@ -289,16 +315,20 @@ def run(argv=None, prog=None) -> int:
         if not params_finite:
             raise NonFiniteLoss(f'non-finite parameters after the update {where}')
 
-    def last_good():
+    def last_good(placed=False):
         try:
             ckpts.wait()  # a save in flight was consistent when it started: let it finish
         except Exception as e:  # noqa: BLE001 - a save the signal cut short: its temporary never becomes a step
             warn(f'warning: the save in flight did not finish ({type(e).__name__}); it is discarded')
         last = ckpts.steps()
-        return f'step {last[-1]} in {ckpts.root}' if last else 'none'
+        if not last:
+            return 'none'
+        at = f' ({report.place(last[-1], spe, args.epochs)})' if placed else ''
+        return f'step {last[-1]}{at} in {ckpts.root}'
 
     # ---- epochs
     rep, blocked = report.Reporter(args.workdir, pid == 0, resume_epoch=start // spe), []
+    done = start  # updates made so far, for the interruption message
     try:
         for epoch in range(start // spe, args.epochs):
             meter = EpochMeter(check_loss)
@@ -306,10 +336,12 @@ def run(argv=None, prog=None) -> int:
             bar = rep.bar(spe, f'[train epoch {epoch + 1}]', initial=first - epoch * spe)
             for s in range(first, (epoch + 1) * spe):
                 state, metrics = train_step(state, sharding.global_batch(next(it), batch_sh), np.float32(lr_at(s)))
+                done = s + 1
                 meter.add(s, metrics)
                 bar.update()
-                bar.set_postfix_str(f"loss {meter.mean('loss'):.3f} acc {meter.mean('correct'):.3f} "
-                                    f"{meter.images_per_sec():.0f} img/s")
+                speed = meter.images_per_sec()
+                bar.set_postfix_str(f"loss {meter.mean('loss'):.3f} acc {meter.mean('correct'):.3f}"
+                                    + ('' if speed is None else f' {speed:.0f} img/s'))
                 if args.save_every and (s + 1) % args.save_every == 0 and (s + 1) % spe:
                     meter.flush()  # never save parameters whose loss was not checked
                     save(s + 1, epoch, {})
@@ -335,8 +367,9 @@ def run(argv=None, prog=None) -> int:
         raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: {last_good()}') from None
     except KeyboardInterrupt as e:
         signum = getattr(e, 'signum', signal.SIGINT)
-        raise Interrupted(signum, f'interrupted by {signal.Signals(signum).name}; last complete checkpoint: '
-                          f'{last_good()}; rerun the same command to resume') from None
+        raise Interrupted(signum, f'interrupted by {signal.Signals(signum).name} after '
+                          f'{report.where(done, spe, args.epochs)}; last complete checkpoint: {last_good(True)}; '
+                          f'rerun the same command to resume') from None
     finally:
         ckpts.close()
         close_iterator(it)

@@ -1,7 +1,8 @@
 """What a run tells its user: a progress bar, one line per epoch, TensorBoard scalars, summary.json.
 
 Only process 0 reports. TensorBoard scalars use WZMIAOMIAO's names (train_loss, train_acc, val_loss, val_acc,
-learning_rate), indexed by epoch, plus images_per_sec and unreadable_images (files that would not decode, skipped).
+learning_rate), indexed by epoch, plus images_per_sec (absent for an epoch too short to time) and unreadable_images
+(files that would not decode, skipped).
 """
 import json
 import os
@@ -19,6 +20,36 @@ def printer(main: bool, stream=None):
         if main:
             print(msg, file=stream or sys.stdout, flush=True)
     return say
+
+
+def place(step: int, steps_per_epoch: int, epochs: int) -> str:
+    """Where step `step` lies, counted as the epoch lines count (the number of updates done: epoch 1 ends at
+    step `steps_per_epoch`): 'epoch 2 of 2, step 10 of 22 in it', 'the end of epoch 1 of 2', 'before epoch 1'."""
+    if step <= 0:
+        return 'before epoch 1'
+    epoch, k = (step - 1) // steps_per_epoch + 1, (step - 1) % steps_per_epoch + 1
+    if k == steps_per_epoch:
+        return f'the end of epoch {epoch} of {epochs}'
+    return f'epoch {epoch} of {epochs}, step {k} of {steps_per_epoch} in it'
+
+
+def where(step: int, steps_per_epoch: int, epochs: int) -> str:
+    """'step 32 of 44 (epoch 2 of 2, step 10 of 22 in it)'."""
+    return f'step {step} of {steps_per_epoch * epochs} ({place(step, steps_per_epoch, epochs)})'
+
+
+def resumed(step: int, steps_per_epoch: int, epochs: int) -> str:
+    """The line a resumed run starts with: where its checkpoint was, and which step comes next."""
+    nxt = f'step {step + 1}' + (f', the first of epoch {step // steps_per_epoch + 1}' if step % steps_per_epoch == 0
+                                else '')
+    return f'resumed from the checkpoint of {where(step, steps_per_epoch, epochs)}; continuing with {nxt}'
+
+
+def speed_text(images_per_sec) -> str:
+    """'1234 img/s', or what an epoch too short to time has instead of a figure."""
+    if images_per_sec is None:
+        return 'img/s n/a (too few steps after the first, which compiles, to time)'
+    return f'{images_per_sec:.0f} img/s'
 
 
 class _NoBar:
@@ -73,14 +104,15 @@ class Reporter:
         self.history.append({k: record[k] for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss',
                                                      'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')})
         for k in TB_SCALARS:
-            self.tb.add_scalar(k, record[k], record['epoch'])
+            if record[k] is not None:  # images_per_sec of an epoch too short to time
+                self.tb.add_scalar(k, record[k], record['epoch'])
         self.tb.flush()
         with atomic_output(self.summary_path, force=True) as tmp, open(tmp, 'w') as f:
             json.dump(dict(record, history=self.history), f, indent=2)
         print(f"epoch {record['epoch']}/{record['epochs']}  step {record['step']}  "
                  f"train_loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
                  f"val_loss {record['val_loss']:.4f}  val_acc {record['val_acc']:.4f}  "
-                 f"lr {record['learning_rate']:.2e}  {record['images_per_sec']:.0f} img/s", flush=True)
+                 f"lr {record['learning_rate']:.2e}  {speed_text(record['images_per_sec'])}", flush=True)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -173,8 +173,9 @@ def test_kill_9_then_rerun_resumes_and_ends_bit_identical(env, reference, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     r = run(env, workdir, *BASE)
-    m = re.search(r'resumed from epoch (\d+) \(step (\d+)\)', r.stdout)
-    assert m and 16 <= int(m.group(2)) < STEPS, r.stdout
+    m = re.search(rf'resumed from the checkpoint of step (\d+) of {STEPS} \((.*?)\); continuing with step (\d+)',
+                  r.stdout)
+    assert m and 16 <= int(m.group(1)) < STEPS and int(m.group(3)) == int(m.group(1)) + 1, r.stdout
     assert_same_params(latest(reference[0]), latest(workdir))
 
 
@@ -191,7 +192,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(env, reference, 
     assert any(f'checkpoints/{STEPS}' in w for w in warnings), warnings
     r = run(env, workdir, *BASE)                                # ... and the trainer falls back and redoes it
     assert f'checkpoint step {STEPS} is unusable' in r.stderr
-    assert 'resumed from epoch 1 (step 32)' in r.stdout
+    # step 32 is the 10th of epoch 2's 22 (the epoch line of epoch 1 said step 22)
+    assert 'resumed from the checkpoint of step 32 of 44 (epoch 2 of 2, step 10 of 22 in it); continuing with ' \
+        'step 33\n' in r.stdout, r.stdout
     assert (workdir / 'checkpoints' / f'{STEPS}.corrupt').is_dir()
     assert_same_params(latest(reference[0]), latest(workdir))
 
@@ -202,6 +205,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, reference
     before = latest(workdir)
     r = run(env, workdir, *BASE[:4], '--epochs', '3', *BASE[6:], '--lr', '1e30', expect=3)
     assert 'non-finite loss' in r.stderr and f'Last good checkpoint: step {STEPS}' in r.stderr
+    # resumed at an epoch end: the next step opens the next epoch
+    assert 'resumed from the checkpoint of step 44 of 66 (the end of epoch 2 of 3); continuing with step 45, the ' \
+        'first of epoch 3\n' in r.stdout, r.stdout
     from converters.formats import training_ckpt
     assert training_ckpt.list_steps(str(workdir / 'checkpoints')) == [32, STEPS]
     assert_same_params(before, latest(workdir))
@@ -349,11 +355,20 @@ def test_fine_tune_a_google_npz_on_a_folder_with_an_unreadable_image(env, tmp_pa
     assert f'skipped unreadable image {tmp_path}/flowers/rose/broken.jpg' in r.stderr
     assert re.search(r'epoch \d: skipped 1 unreadable image', r.stderr), r.stderr
     assert 'data: folder 67 train / 15 val images, 10 classes' in r.stdout   # WZMIAOMIAO's 80/20 per class
+    # whole batches only: what is left out is said, not silently dropped
+    assert 'train: 67 images, batch 64: 1 step per epoch, 3 images left out each epoch (a different 3 each ' \
+        'epoch: every epoch is a new shuffle)\n' in r.stdout, r.stdout
+    # one step per epoch, the one that compiles: no throughput figure rather than '0 img/s'
+    lines = [line for line in r.stdout.splitlines() if line.startswith('epoch ')]
+    assert len(lines) == 2 and all(line.endswith('img/s n/a (too few steps after the first, which compiles, to '
+                                                 'time)') for line in lines), lines
     with open(workdir / 'class_indices.json') as f:
         assert json.load(f) == {str(i): c for i, c in enumerate(classes)}
     s = summary(workdir)
     assert s['unreadable_images'] in (0, 1) and np.isfinite(s['train_loss'])
-    assert sum(v for _, v in read_scalars(workdir)['unreadable_images']) >= 1     # counted in TensorBoard too
+    scalars = read_scalars(workdir)
+    assert sum(v for _, v in scalars['unreadable_images']) >= 1     # counted in TensorBoard too
+    assert 'images_per_sec' not in scalars and s['images_per_sec'] is None   # no made-up 0 there either
     ck = latest(workdir)
     assert ck.meta['pretrained_cfg']['mean'] == [0.5] * 3 and ck.meta['weights']['format'] == 'npz'
     assert ck.meta['pretrained_cfg']['crop_pct'] == 0.875 and ck.meta['class_names'] == list(classes)

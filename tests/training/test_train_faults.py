@@ -302,15 +302,21 @@ def test_sigterm_then_sigint_then_resume_ends_bit_identical(env, reference, tmp_
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == code, (proc.returncode, err[-3000:])
         last = errors(err)[-1]
-        assert re.fullmatch(rf'train_flax.py: interrupted by {sig.name}; last complete checkpoint: step (\d+) in '
-                            rf'{re.escape(str(workdir))}/checkpoints; rerun the same command to resume', last), last
+        m = re.fullmatch(rf'train_flax.py: interrupted by {sig.name} after step (\d+) of {STEPS} \((.*)\); last '
+                         rf'complete checkpoint: step (\d+) \((.*)\) in {re.escape(str(workdir))}/checkpoints; rerun '
+                         rf'the same command to resume', last)
+        assert m, last
         assert 'Traceback' not in err
-        assert int(re.search(r'step (\d+) in', last).group(1)) == steps_of(workdir)[-1] >= after
+        stopped, saved = int(m.group(1)), int(m.group(3))
+        assert saved == steps_of(workdir)[-1] >= after and stopped >= saved
+        # each step placed in its epoch as the epoch lines count (epoch 1 ends at step 22)
+        from vit_train.report import place
+        assert (m.group(2), m.group(4)) == (place(stopped, SPE, 2), place(saved, SPE, 2)), last
         if inside_save:
             assert steps_of(workdir)[-1] == after  # the save the signal interrupted was finished, not dropped
         assert not [n for n in os.listdir(workdir / 'checkpoints') if 'tmp' in n]  # the in-flight save finished
     r = run(env, workdir, *BASE)
-    assert 'resumed from epoch' in r.stdout
+    assert 'resumed from the checkpoint of step' in r.stdout
     assert_same_state(reference, workdir)
 
 
@@ -325,7 +331,8 @@ def test_ctrl_c_to_the_process_group_with_grain_workers_is_one_line(env, tmp_pat
         for i in range(40):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / 'data' / c / f'{i}.png')
     workdir = tmp_path / 'w'
-    proc = subprocess.Popen(command(workdir, '--depth', 1, '--img-size', 16, '--patch-size', 8, '--batch-size', 16,
+    proc = subprocess.Popen(command(workdir, '--model', 'vit_tiny_patch16_224', '--depth', 1, '--img-size', 16,
+                                    '--patch-size', 8, '--batch-size', 16,
                                     '--epochs', 20, '--save-every', 3, '--data-path', tmp_path / 'data', '--workers', 2),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -334,7 +341,7 @@ def test_ctrl_c_to_the_process_group_with_grain_workers_is_one_line(env, tmp_pat
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-3000:]
     assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
-    assert len(errors(err)) == 1 and 'interrupted by SIGINT; last complete checkpoint: step' in err, err[-3000:]
+    assert len(errors(err)) == 1 and 'interrupted by SIGINT after step' in err, err[-3000:]
 
 
 # ---------------------------------------------------------------- kill -9
@@ -377,7 +384,8 @@ def test_kill_9_mid_save_and_mid_validation_then_resume_bit_identical(env, refer
     # step 32's asynchronous save is finalized by then, or (on a busy machine) still in flight and lost
     assert steps_of(workdir) in ([SPE, 32], [16, SPE])
     r = run(env, workdir, *BASE)
-    assert re.search(r'resumed from epoch 1 \(step (22|32)\)', r.stdout), r.stdout
+    assert re.search(r'resumed from the checkpoint of step (22 of 44 \(the end of epoch 1 of 2\)|32 of 44 '
+                     r'\(epoch 2 of 2, step 10 of 22 in it\))', r.stdout), r.stdout
     assert_same_state(reference, workdir)
     ref, got = summary(reference), summary(workdir)
     assert [h['val_loss'] for h in got['history']] == [h['val_loss'] for h in ref['history']]
@@ -480,6 +488,27 @@ def test_corrupt_images_become_counted_zero_weight_rows_named_once(tmp_path, cap
     err = capsys.readouterr().err
     for p in bad:
         assert err.count(f'warning: skipped unreadable image {p} (') == 1, err
+
+
+def test_an_unreadable_image_is_named_once_per_run_not_once_per_process(tmp_path, capsys):
+    """grain's worker processes each remember only what they warned about themselves: a run with workers named a
+    file once per worker that read it, and once more for the main process's evaluation. The trainer's transforms
+    share a directory for the whole run (`warned_dir`): here two fresh processes, as grain's workers are, and this
+    one read the same file, and it is named once."""
+    import pickle
+    from vit_train import data
+    bad, warned = tmp_path / 'bad.jpg', tmp_path / 'warned'
+    bad.write_bytes(b'\xff\xd8 not really a jpeg')
+    warned.mkdir()
+    code = ('import pickle, sys, numpy as np; tf = pickle.loads(sys.stdin.buffer.read()); '
+            'assert tf({"path": sys.argv[1], "label": 0}, np.random.default_rng(0))["unreadable"] == 1')
+    tf = pickle.dumps(data.TrainTransform(8, 'bilinear', warned_dir=str(warned)))
+    workers = [subprocess.run([sys.executable, '-c', code, str(bad)], input=tf, capture_output=True, cwd=ROOT,
+                              timeout=300) for _ in range(2)]
+    assert [w.returncode for w in workers] == [0, 0], [w.stderr[-2000:] for w in workers]
+    assert data.EvalTransform(8, 'bilinear', warned_dir=str(warned))({'path': str(bad), 'label': 0})['unreadable'] == 1
+    said = ''.join(w.stderr.decode() for w in workers) + capsys.readouterr().err
+    assert said.count(f'warning: skipped unreadable image {bad} (') == 1, said
 
 
 def test_a_failed_save_is_one_line_naming_the_last_complete_checkpoint(reference, tmp_path, monkeypatch):

@@ -349,3 +349,81 @@ def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
             np.testing.assert_array_equal(w, np.asarray(next(resumed)['image']))
     finally:
         resumed.close()
+
+
+# ---------------------------------------------------------------- the command line
+
+def _resolved(tmp_path, *argv):
+    from vit_train import config
+    return config.resolve(config.build_parser().parse_args([*argv, '--workdir', str(tmp_path / 'w')]))
+
+
+def test_without_model_each_dataset_gets_its_own_default_and_says_so(tmp_path, capsys):
+    """The tiny demo ViT is the digits demo's only; photos get ViT-S/16 at 224, CIFAR ViT-S with 4x4 patches at 32."""
+    from vit_train import main
+    picked = lambda a: (a.model, a.img_size, a.patch_size, a.depth)  # noqa: E731
+    assert picked(_resolved(tmp_path)) == ('vit_tiny_patch16_224', 16, 8, 4)
+    assert picked(_resolved(tmp_path, '--data-path', 'photos')) == ('vit_small_patch16_224', None, None, None)
+    assert picked(_resolved(tmp_path, '--dataset', 'cifar100', '--data-path', 'c')) == ('vit_small_patch16_224', 32, 4, None)
+    assert picked(_resolved(tmp_path, '--data-path', 'p', '--img-size', '96')) == ('vit_small_patch16_224', 96, None, None)
+    assert picked(_resolved(tmp_path, '--model', 'deit_tiny_patch16_224', '--data-path', 'p')) == \
+        ('deit_tiny_patch16_224', None, None, None)
+    assert _resolved(tmp_path, '--model', 'deit_tiny_patch16_224').default_model is None
+    # the choice is the first line of the run (here the run stops at the missing folder, before any model is built)
+    for argv, line in [
+            (['--dataset', 'folder', '--data-path', str(tmp_path / 'photos')],
+             'model: vit_small_patch16_224 at 224 (default for --dataset folder; pass --model to choose)'),
+            (['--dataset', 'cifar10', '--data-path', str(tmp_path / 'c')],
+             'model: vit_small_patch16_224 with patch_size=4 at 32 (default for --dataset cifar10; pass --model to choose)')]:
+        assert main([*argv, '--workdir', str(tmp_path / 'w')]) == 1
+        out, err = capsys.readouterr()
+        assert out.splitlines() == [line] and 'no such' in err, (out, err)
+    # and timm builds the CIFAR default as it is recorded (the same parameter count)
+    import timm
+    t = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, num_classes=10)
+    model = vit_flax.create_model('vit_small_patch16_224', img_size=32, patch_size=4, num_classes=10)
+    shapes = jax.eval_shape(lambda: vit_flax.init_params(model))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == sum(p.numel() for p in t.parameters())
+
+
+def test_every_training_flag_has_help_that_states_its_default():
+    from vit_train import config
+    parser = config.build_parser()
+    missing = [a.option_strings[-1] for a in parser._actions
+               if a.option_strings and a.dest != 'help' and 'default' not in (a.help or '')]
+    assert not missing, missing
+    text = ' '.join(config.build_parser().format_help().split())
+    for option, default in [('--epochs EPOCHS', 'default 10'), ('--optimizer {sgd,adamw}', 'default adamw'),
+                            ('--seed SEED', 'default 0'), ('--label-smoothing LABEL_SMOOTHING', 'default 0')]:
+        assert default in text.split(option)[-1].split(' --', 1)[0], option
+
+
+def test_steps_are_placed_in_their_epoch_as_the_epoch_lines_count():
+    """Epoch 1 of 5 steps ends at step 5 (its epoch line says 'step 5'): step 16 of 8-step epochs is in epoch 2,
+    step 16 of 5-step epochs in epoch 4; a checkpoint at an epoch end continues with the next epoch's first step."""
+    from vit_train import report
+    assert report.where(16, 8, 5) == 'step 16 of 40 (the end of epoch 2 of 5)'
+    assert report.where(16, 5, 5) == 'step 16 of 25 (epoch 4 of 5, step 1 of 5 in it)'
+    assert report.where(13, 8, 2) == 'step 13 of 16 (epoch 2 of 2, step 5 of 8 in it)'
+    assert report.where(0, 8, 2) == 'step 0 of 16 (before epoch 1)'
+    assert report.resumed(16, 8, 5) == ('resumed from the checkpoint of step 16 of 40 (the end of epoch 2 of 5); '
+                                        'continuing with step 17, the first of epoch 3')
+    assert report.resumed(14, 8, 5) == ('resumed from the checkpoint of step 14 of 40 (epoch 2 of 5, step 6 of 8 '
+                                        'in it); continuing with step 15')
+
+
+def test_model_flags_a_model_cannot_take_are_one_line_errors(tmp_path, capsys):
+    """A flag the family has no field for names the flag; a configuration the model refuses is bad input (exit 1),
+    not an internal error."""
+    from vit_train import main
+    for argv, line in [
+            (['--model', 'swin_tiny_patch4_window7_224', '--depth', '2'],
+             'train_flax.py: error: --depth 2: swin_tiny_patch4_window7_224 (a SwinTransformer) has no depth field'),
+            (['--model', 'lucid_vit_tiny_patch16_224', '--img-size', '20'],
+             'img_size 20 is not a multiple of the patch 16'),
+            (['--model', 'vit_smal_patch16_224'],
+             "train_flax.py: error: --model vit_smal_patch16_224: unknown model 'vit_smal_patch16_224'; "
+             'similar: vit_small_patch16_224')]:
+        assert main([*argv, '--epochs', '1', '--workdir', str(tmp_path / 'w')]) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('train_flax.py: error: ') and line in err and len(err.splitlines()) == 1, err

@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m vit_flax_cli.demo
 
+# Two worker processes (pytest-xdist), a test file each at a time: module fixtures are built once per file.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -ra -m slow tests

@@ -31,13 +31,19 @@ def digits_batch(n: int, size: int) -> np.ndarray:
 
 
 def perturbed_params(model, seed: int = 0):
-    """Random init plus noise on every leaf, so zero heads and unit norms cannot hide a wrong mapping."""
-    import vit_flax
-    params = vit_flax.init_params(model, jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [l + 0.02 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(tree, leaves)
+    """Random weights on every leaf, so zero heads and unit norms cannot hide a wrong mapping: kernels
+    N(0, 1/fan_in), norm scales 1 + N(0, 0.02), everything else N(0, 0.02); drawn by numpy on the model's
+    parameter shapes (no init to compile)."""
+    from vit_flax.summary import param_shapes
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if 'kernel' in name:
+            return noise / np.float32(np.sqrt(max(1, int(np.prod(leaf.shape[:-1])))))
+        return (1.0 if 'scale' in name else 0.0) + np.float32(0.02) * noise
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(model))
 
 
 def vit_flax_cmd(*args):
@@ -96,6 +102,7 @@ def train_export_cycle(out: str, epochs: int) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', default='vit_small_patch16_224')
+    p.add_argument('--depth', type=int, help='blocks of the converted model (default: the model\'s own)')
     p.add_argument('--out', default='demo_out')
     p.add_argument('--batch', type=int, default=4)
     p.add_argument('--epochs', type=int, default=3, help='training epochs of the digits cycle (0: skip it)')
@@ -112,23 +119,25 @@ def main(argv=None):
 
     os.makedirs(a.out, exist_ok=True)
     npz, pth = os.path.join(a.out, f'{a.model}.npz'), os.path.join(a.out, f'{a.model}.pth')
-    model = vit_flax.create_model(a.model)
-    s = vit_flax.summarize(a.model)
+    arch = {} if a.depth is None else dict(depth=a.depth)
+    model = vit_flax.create_model(a.model, **arch)
+    s = vit_flax.summarize(a.model, **arch)
     print(f"[1] build {a.model} in Flax: {s['params']:,} params and {s['gmacs']:.2f} GMACs at "
           f"{tuple(s['input_shape'][1:])}, as timm counts them")
 
     params = perturbed_params(model)
     t = time.perf_counter()
-    save_params(params, npz, a.model, force=True)
-    print(f'[2] give it random weights (not pretrained: init plus noise on every tensor, so no zero or unit weight '
-          f'can hide a wrong mapping) and write them as a Google .npz, released layout: {npz} '
+    save_params(params, npz, a.model, force=True, **arch)
+    print(f'[2] give it random weights (not pretrained: every tensor drawn at random, norms off 1 and biases off 0, '
+          f'so that no zero or unit weight can hide a wrong mapping) and write them as a Google .npz, released '
+          f'layout: {npz} '
           f'({os.path.getsize(npz) / 2**20:.1f} MiB, {time.perf_counter() - t:.1f}s)')
 
     cmd = [sys.executable, '-m', 'vit_flax_cli', 'convert', npz, pth, '--force']
     print('[3] convert the .npz to a PyTorch state_dict with the command line:\n    $ vit-flax ' + ' '.join(cmd[3:]))
     subprocess.run(cmd, check=True)
 
-    tm = timm.create_model(a.model, pretrained=False)
+    tm = timm.create_model(a.model, pretrained=False, **arch)
     tm.load_state_dict(torch.load(pth, weights_only=True), strict=True)
     tm.eval()
     x, labels = digits_batch(a.batch, model.input_shape[0])

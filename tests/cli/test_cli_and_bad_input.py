@@ -94,9 +94,11 @@ def test_missing_file_and_unknown_extension(tmp_path):
 def test_garbage_files(tmp_path):
     for name in ('g.pth', 'g.npz', 'g.safetensors'):
         (tmp_path / name).write_bytes(b'not a checkpoint at all')
-        assert_clean_error(cli_process('inspect', tmp_path / name), name)
-        assert_clean_error(cli_process('convert', tmp_path / name, tmp_path / 'out.pth'), name)
+        assert_clean_error(cli('inspect', tmp_path / name), name)
+        assert_clean_error(cli('convert', tmp_path / name, tmp_path / 'out.pth'), name)
         assert not (tmp_path / 'out.pth').exists()
+    # and as a user starts it: nothing else reaches the process's stderr
+    assert_clean_error(cli_process('convert', tmp_path / 'g.npz', tmp_path / 'out.pth'), 'g.npz')
 
 
 class Evil:

@@ -37,3 +37,13 @@ def pytest_unconfigure(config):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+# The files that run training and CLI processes (the longest, ~2-4 min each here) start first, so that pytest-xdist's
+# workers do not end on one of them while the other waits: `--dist loadfile` hands out files in collection
+# order. The order inside each group is kept (test_train.py before test_train_faults.py, whose fixtures it reuses).
+HEAVY_FIRST = ('tests/training/', 'tests/durability/')
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(HEAVY_FIRST))

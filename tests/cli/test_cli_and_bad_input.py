@@ -288,6 +288,8 @@ def test_summary_says_what_an_odd_input_size_does():
     assert json.loads(r.stdout)['notes'] == ['img_size 225x225 is not a multiple of the patch 4x4: each image is '
                                              'zero-padded to 228x228 on the right and bottom']
     assert cli('summary', 'vit_small_patch16_224', '--json').stderr == ''
+    assert_clean_error(cli('summary', 'vit_small_patch16_224', '--img-size', '8'),
+                       'img_size 8 is smaller than the patch 16')
 
 
 def test_every_option_has_help_and_states_its_default():

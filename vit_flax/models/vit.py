@@ -273,6 +273,9 @@ class VisionTransformer(nn.Module):
             raise ModelConfigError('a ResNet stem and sincos2d positions need 2-D images')
         check_impl(self.attn_impl)
         patch = self.patch_size_tuple
+        if self.resnet is None and not all(self.grid_size):
+            raise ModelConfigError(f'img_size {self.img_size} is smaller than the patch {self.patch_size}: '
+                                   f'no patch fits')
         mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
         if self.resnet is not None:
             self.stem = ResNetStem(layers=tuple(self.resnet), numerics=self.resnet_numerics, dtype=self.dtype)

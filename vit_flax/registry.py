@@ -1,18 +1,23 @@
 """Model registry keyed by timm's model names: each entry is a module class and its default config.
 
-Overrides are checked before a model is built: an unknown field names the valid ones, a value of the wrong
-type names the field, the value and the type the field wants (both `UnknownOptionError`, one line).
+Overrides are checked before a model is built, each fault one line: an unknown field names the valid ones
+(`UnknownOptionError`); a value of the wrong type, range or choice names the field, the value and what the
+field wants (`OptionValueError`). Types come from the fields' annotations (numpy scalars count as the Python
+numbers they hold), choices from `Literal[...]`. What only the model can judge (heads that do not divide the
+width) it raises itself as `ModelConfigError`.
 """
 import collections.abc
 import difflib
 import fnmatch
 import functools
+import numbers
 import os
 import types
 import typing
 from typing import Any, Callable, Dict, List, Tuple, Union
 
 import flax.linen as nn
+import numpy as np
 
 from .errors import ModelConfigError  # noqa: F401 - the models' bad-input error, named beside the registry's own
 
@@ -106,21 +111,24 @@ def check_options(cls: type, options: Dict[str, Any], owner: str = '') -> None:
         tp = hints.get(k, Any)
         if not _fits(v, tp):
             raise OptionValueError(f'{owner}option {k}={v!r} ({type(v).__name__}) wants {_describe(tp)}')
-        least = 0 if k in NON_NEGATIVE else 1 if k in POSITIVE else None
-        numbers = [x for x in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(x, (int, float))]
-        if least is not None and any(x < least for x in numbers):
-            raise OptionValueError(f'{owner}option {k}={v!r} wants {"each " if len(numbers) > 1 else ""}'
-                                     f'value >= {least}')
-        if k.endswith('_rate') or k in RATES:
-            if any(not 0 <= x < 1 for x in numbers):
-                raise OptionValueError(f'{owner}option {k}={v!r} wants a rate in [0, 1)')
+        values = [x for x in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(x, numbers.Real)]
+        each = 'each ' if len(values) > 1 else ''
+        if k in POSITIVE and any(x < 1 for x in values):
+            raise OptionValueError(f'{owner}option {k}={v!r} wants {each}value >= 1')
+        if k in NON_NEGATIVE and any(x < 0 for x in values):
+            raise OptionValueError(f'{owner}option {k}={v!r} wants {each}value >= 0')
+        if k in GREATER_THAN_ZERO and any(x <= 0 for x in values):
+            raise OptionValueError(f'{owner}option {k}={v!r} wants {each}value > 0')
+        if (k.endswith('_rate') or k in RATES) and any(not 0 <= x < 1 for x in values):
+            raise OptionValueError(f'{owner}option {k}={v!r} wants a rate in [0, 1)')
 
 
-# Sizes that must be at least 1 (or 0) and rates in [0, 1), by field name across the model classes; the
-# type of every field comes from its annotation, choices from `Literal[...]`.
+# Counts that must be at least 1 (or 0), ratios above 0 and rates in [0, 1), by field name across the model
+# classes; the type of every field comes from its annotation, choices from `Literal[...]`.
 POSITIVE = frozenset({'img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'depths', 'num_heads', 'mlp_dim',
-                      'mlp_ratio', 'representation_size', 'window_size', 'dim', 'heads', 'dim_head', 'spatial_dims'})
+                      'representation_size', 'window_size', 'dim', 'heads', 'dim_head', 'spatial_dims'})
 NON_NEGATIVE = frozenset({'num_classes', 'norm_eps'})
+GREATER_THAN_ZERO = frozenset({'mlp_ratio'})
 RATES = frozenset({'dropout', 'emb_dropout'})
 
 
@@ -134,12 +142,12 @@ def _fits(value, tp) -> bool:
         return any(_fits(value, a) for a in args)
     if tp is type(None):
         return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is bool:   # numpy's bool_ too
+        return isinstance(value, (bool, np.bool_))
+    if tp is int:    # numpy's integers too (numbers.Integral)
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if origin is tuple or origin in (collections.abc.Sequence, list):
         if not isinstance(value, (tuple, list)):
             return False

@@ -234,6 +234,19 @@ def test_set_values_are_checked_against_the_field_types_before_a_model_is_built(
                        'img_size 225 is not a multiple of the patch 16')
 
 
+def test_create_model_takes_what_its_fields_take():
+    """Values of the right kind pass: numpy scalars (what a file's shapes give), a ratio below 1, tuples, None."""
+    m = vit_flax.create_model('vit_tiny_patch16_224', embed_dim=np.int64(96), depth=np.int32(2), mlp_ratio=0.5,
+                              qkv_bias=np.bool_(False), drop_rate=np.float32(0.1), img_size=(32, 48), mlp_dim=None)
+    assert (m.embed_dim, m.depth, m.mlp_ratio, m.img_size) == (96, 2, 0.5, (32, 48))
+    for bad, match in [(dict(mlp_ratio=0), 'mlp_ratio=0 wants value > 0'), (dict(depth=2.0), 'wants int'),
+                       (dict(posemb='sine'), "wants one of 'learn', 'sincos2d'")]:
+        with pytest.raises(ValueError, match=match):   # OptionValueError: a ValueError (and a TypeError)
+            vit_flax.create_model('vit_tiny_patch16_224', **bad)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['depths'\]"):
+        vit_flax.create_model('vit_tiny_patch16_224', depths=(2, 2))
+
+
 def test_unreadable_files_say_what_they_are(ckpt, tmp_path):
     whole = (ckpt / 'tiny.pth').read_bytes()
     (tmp_path / 'cut.pth').write_bytes(whole[:len(whole) // 2])

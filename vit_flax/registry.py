@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict, List, Tuple, Union
 import flax.linen as nn
 import numpy as np
 
-from .errors import ModelConfigError  # noqa: F401 - the models' bad-input error, named beside the registry's own
 
 _REGISTRY: Dict[str, Tuple[type, Dict[str, Any]]] = {}
 

@@ -410,7 +410,8 @@ def main(argv=None) -> int:
     if argv[:1] == ['train']:  # argparse would claim the training flags (and --help) for itself
         return cmd_train(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
-    from vit_flax.registry import ModelConfigError, UnknownModelError, UnknownOptionError   # after --help: jax
+    from vit_flax.errors import ModelConfigError
+    from vit_flax.registry import UnknownModelError, UnknownOptionError   # after --help: they import jax
     debug = getattr(args, 'debug', False)
     try:
         rc = args.fn(args) or 0

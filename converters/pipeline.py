@@ -205,7 +205,7 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
 
 
 # Architecture fields that may be 0 (every other integer read off a checkpoint's shapes must be >= 1).
-_MAY_BE_ZERO = ('num_classes', 'num_patches')
+_MAY_BE_ZERO = ('num_classes', 'num_patches', 'reg_tokens')
 
 
 def _read_config(fn, arrays, path):

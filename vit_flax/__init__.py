@@ -5,6 +5,7 @@ their references."""
 from .errors import ModelConfigError
 from .registry import UnknownModelError, UnknownOptionError, create_model, list_models, model_config, register
 from .models.vit import VisionTransformer  # registers ViT/DeiT, R+ViT hybrids, SigLIP towers
+from .models import vit_timm  # registers timm's other ViTs: DINOv2, DeiT III, CLIP, FlexiViT, AIMv2, ...
 from .models.swin import SwinTransformer  # registers the Swin family
 from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch ViT
 from .summary import count_params, count_macs, init_params, summarize

@@ -29,6 +29,10 @@ Log = Callable[[str], None]
 
 
 def _plain(v):
+    """A timm argument in a comparable form: lists for tuples, (function, keywords) for a functools.partial."""
+    import functools
+    if isinstance(v, functools.partial):
+        return [v.func, list(map(_plain, v.args)), {k: _plain(x) for k, x in v.keywords.items()}]
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 

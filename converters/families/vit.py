@@ -207,9 +207,18 @@ def timm_backbone(layers, in_chans: int):
 POS_KEY = 'Transformer/posembed_input/pos_embedding'
 
 
-def _attention_out(flax: str, torch: str, heads: int) -> List[Rule]:
-    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads)),
-            rule(f'{flax}/out/bias', f'{torch}.bias')]
+def _attention_out(flax: str, torch: str, heads: int, bias: bool = True) -> List[Rule]:
+    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads))] + \
+        ([rule(f'{flax}/out/bias', f'{torch}.bias')] if bias else [])
+
+
+def _mlp(flax: str, torch: str, kind: str, bias: bool) -> List[Rule]:
+    """timm's Mlp and SwiGLUPacked (fc1, fc2) or SwiGLU (fc1_g, fc1_x, fc2) <-> MlpBlock's Dense_0, Dense_1
+    (and Dense_gate)."""
+    if kind == 'swiglu':
+        return (dense_rules(f'{flax}/Dense_gate', f'{torch}.fc1_g', bias) + dense_rules(f'{flax}/Dense_0', f'{torch}.fc1_x', bias)
+                + dense_rules(f'{flax}/Dense_1', f'{torch}.fc2', bias))
+    return dense_rules(f'{flax}/Dense_0', f'{torch}.fc1', bias) + dense_rules(f'{flax}/Dense_1', f'{torch}.fc2', bias)
 
 
 def _count(keys, pattern):
@@ -223,11 +232,48 @@ def _check_kernel(kernel, key):
         raise ValueError(f'{key} has shape {kernel.shape}: a 1-D or 2-D convolution kernel has 3 or 4 dims')
 
 
+def _packed(hidden: int, fc2_in: int) -> str:
+    """'swiglu_packed' when the second Linear reads half of what the first writes (timm's GluMlp), else 'mlp'."""
+    return 'swiglu_packed' if fc2_in * 2 == hidden else 'mlp'
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and int(round(n ** 0.5)) ** 2 == n
+
+
 def _positions(cfg: dict, table) -> dict:
-    """`num_patches` and `posemb` from the stored table (None: a file without one, big_vision's sincos2d)."""
-    prefix = int(cfg['class_token']) + int(cfg['distilled'])
-    cfg['num_patches'] = None if table is None else table.shape[1] - prefix
-    cfg['posemb'] = 'sincos2d' if table is None or is_sincos2d_table(table, prefix) else 'learn'
+    """`num_patches`, `no_embed_class` and `posemb` from the stored table (None: a file without one, big_vision's
+    sincos2d). A table with a row per prefix token besides the patches covers them (timm's default); one whose
+    length is a square grid while that length less the prefix is not has rows for the patches only
+    (`no_embed_class`, DeiT III, FlexiViT, the register models). With no prefix tokens the two agree."""
+    prefix = int(cfg['class_token']) + int(cfg['distilled']) + int(cfg.get('reg_tokens', 0))
+    rows = None if table is None else table.shape[1]
+    no_embed = bool(prefix) and rows is not None and cfg.get('spatial_dims', 2) == 2 and _is_square(rows) \
+        and not _is_square(rows - prefix)
+    cfg['no_embed_class'] = no_embed
+    cfg['num_patches'] = None if rows is None else rows - (0 if no_embed else prefix)
+    skip = 0 if no_embed else prefix
+    cfg['posemb'] = 'sincos2d' if table is None or is_sincos2d_table(table, skip) else 'learn'
+    return cfg
+
+
+def _same_pooling(cfg: dict, model) -> bool:
+    """Whether `model` pools as a file read by `_pooling` does: the same head, and for a reduction over the
+    patches ('avg', 'avgmax', 'max') the final norm on the same side of it."""
+    read, pool = cfg['global_pool'], model.pool_type
+    if read in ('avg', 'gap'):
+        after = model.use_fc_norm and model.final_norm
+        return pool in ('avg', 'avgmax', 'max') and (not cfg['final_norm'] or after == (read == 'avg'))
+    return read == pool or (read == 'token' and pool == '')
+
+
+def _pooling(cfg: dict, map_head: bool, encoder_norm: bool, fc_norm: bool) -> dict:
+    """`global_pool` and `final_norm` from the heads and norms a file holds: a MAP head is 'map'; a norm after
+    pooling (timm `fc_norm`) is 'avg'; no class token (and no such norm) is 'gap' (timm's avg with
+    fc_norm=False); else 'token'. The file cannot tell avg from max or avgmax, nor a class token read by
+    'token' from one left out by '' (the registered name or --set decides those)."""
+    cfg['final_norm'] = encoder_norm or fc_norm
+    cfg['global_pool'] = 'map' if map_head else 'avg' if fc_norm else 'gap' if not cfg['class_token'] else 'token'
     return cfg
 
 
@@ -283,29 +329,47 @@ class ViTFamily(Family):
         """The map for a `vit_flax.VisionTransformer` instance (its config decides which rows exist), as stored:
         a fixed position table has its row too (see `store`)."""
         h = model.num_heads
+        norm = (lambda f, t: norm_rules(f, t)) if model.norm_layer == 'layernorm' else \
+            (lambda f, t: [rule(f'{f}/scale', f'{t}.weight')])   # RmsNorm: a weight, no bias
         rules = resnet_rules(model.resnet) if model.resnet is not None else []
-        rules += [rule('embedding/kernel', 'patch_embed.proj.weight', CONV),
-                  rule('embedding/bias', 'patch_embed.proj.bias'),
-                  rule(POS_KEY, 'pos_embed')]
+        rules.append(rule('embedding/kernel', 'patch_embed.proj.weight', CONV))
+        if not model.pre_norm:   # timm's pre_norm models have no patch-embedding bias
+            rules.append(rule('embedding/bias', 'patch_embed.proj.bias'))
+        rules.append(rule(POS_KEY, 'pos_embed'))
         if model.embed_norm:
-            rules += norm_rules('embedding_norm', 'patch_embed.norm')
+            rules += norm('embedding_norm', 'patch_embed.norm')
         if model.has_class_token:
             rules.append(rule('cls', 'cls_token'))
         if model.distilled:
             rules.append(rule('dist', 'dist_token'))
+        if model.reg_tokens:
+            rules.append(rule('reg', 'reg_token'))
+        if model.pre_norm:
+            rules += norm('Transformer/pre_norm', 'norm_pre')
+        layer_scale = model.init_values and model.block_fn == 'block'
         for i in range(model.depth):
             f, t = f'Transformer/encoderblock_{i}', f'blocks.{i}'
             mha = f'{f}/MultiHeadDotProductAttention_0'
-            rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm1')
+            rules += norm(f'{f}/LayerNorm_0', f'{t}.norm1')
             qkv = tuple(f'{mha}/{n}/kernel' for n in ('query', 'key', 'value'))
             rules.append(rule(qkv, f'{t}.attn.qkv.weight', heads_in(h, 3)))
             if model.qkv_bias:
                 qkv_b = tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value'))
                 rules.append(rule(qkv_b, f'{t}.attn.qkv.bias', heads_in(h, 3, kernel=False)))
-            rules += _attention_out(mha, f'{t}.attn.proj', h)
-            rules += norm_rules(f'{f}/LayerNorm_1', f'{t}.norm2')
-            rules += mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
-        rules += norm_rules('Transformer/encoder_norm', 'norm')
+            if model.qk_norm:
+                rules += norm(f'{mha}/query_norm', f'{t}.attn.q_norm') + norm(f'{mha}/key_norm', f'{t}.attn.k_norm')
+            if model.scale_attn_norm:
+                rules += norm(f'{mha}/out_norm', f'{t}.attn.norm')
+            rules += _attention_out(mha, f'{t}.attn.proj', h, bias=model.proj_bias)
+            if layer_scale:
+                rules += [rule(f'{f}/LayerScale_0/scale', f'{t}.ls1.gamma'),
+                          rule(f'{f}/LayerScale_1/scale', f'{t}.ls2.gamma')]
+            rules += norm(f'{f}/LayerNorm_1', f'{t}.norm2')
+            rules += _mlp(f'{f}/MlpBlock_0', f'{t}.mlp', model.mlp_layer, model.proj_bias)
+            if model.scale_mlp_norm:
+                rules += norm(f'{f}/MlpBlock_0/norm', f'{t}.mlp.norm')
+        if model.final_norm and not model.use_fc_norm:
+            rules += norm('Transformer/encoder_norm', 'norm')
         if model.global_pool == 'map':
             f, t = 'MAPHead_0', 'attn_pool'
             mha = f'{f}/MultiHeadDotProductAttention_0'
@@ -315,7 +379,9 @@ class ViTFamily(Family):
                       rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
                       rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False))]
             rules += _attention_out(mha, f'{t}.proj', h)
-            rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm') + mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+            rules += norm(f'{f}/LayerNorm_0', f'{t}.norm') + mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+        if model.final_norm and model.use_fc_norm:
+            rules += norm('pool_norm', 'fc_norm')
         if model.representation_size:
             rules += dense_rules('pre_logits', 'pre_logits.fc')  # WZMIAOMIAO's name; current timm has no such layer
         if model.num_classes > 0:
@@ -326,19 +392,28 @@ class ViTFamily(Family):
 
     def timm_kwargs(self, model) -> dict:
         """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`."""
+        from functools import partial
+        from timm.layers import LayerNorm, RmsNorm, SwiGLU, SwiGLUPacked
+        from timm.models.vision_transformer import ResPostBlock
+        act = {'exact': 'gelu', 'tanh': 'gelu_tanh'}.get(model.activation, model.activation)
+        norm = partial({'layernorm': LayerNorm, 'rmsnorm': RmsNorm}[model.norm_layer], eps=model.norm_eps)
         kw = dict(num_classes=model.num_classes, img_size=model.img_size, patch_size=model.patch_size,
                   in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
-                  mlp_ratio=(model.mlp_dim / model.embed_dim) if model.mlp_dim else model.mlp_ratio,
-                  qkv_bias=model.qkv_bias, act_layer={'exact': 'gelu', 'tanh': 'gelu_tanh'}[model.gelu])
+                  mlp_ratio=(model.mlp_hidden + 0.5) / model.embed_dim, qkv_bias=model.qkv_bias, act_layer=act,
+                  norm_layer=norm, global_pool=model.pool_type, class_token=model.has_class_token,
+                  fc_norm=model.use_fc_norm, final_norm=model.final_norm, init_values=model.init_values,
+                  reg_tokens=model.reg_tokens, no_embed_class=model.no_embed_class, pre_norm=model.pre_norm,
+                  proj_bias=model.proj_bias, qk_norm=model.qk_norm, scale_attn_norm=model.scale_attn_norm,
+                  scale_mlp_norm=model.scale_mlp_norm, dynamic_img_size=model.dynamic_img_size)
+        if model.mlp_layer != 'mlp':
+            kw['mlp_layer'] = {'swiglu': SwiGLU, 'swiglu_packed': SwiGLUPacked}[model.mlp_layer]
+        if model.block_fn == 'res_post':
+            kw['block_fn'] = ResPostBlock
         if model.embed_norm:
-            kw['embed_norm_layer'] = 'layernorm'  # timm's LayerNorm, eps 1e-6 as the model's norm_eps default
+            kw['embed_norm_layer'] = norm
         if model.resnet is not None:
-            from functools import partial
             from timm.layers import HybridEmbed
             kw['embed_layer'] = partial(HybridEmbed, backbone=timm_backbone(model.resnet, model.in_chans))
-        if model.global_pool != 'token':
-            kw.update(global_pool={'gap': 'avg', 'map': 'map'}[model.global_pool],
-                      class_token=model.has_class_token, fc_norm=False)
         return kw
 
     def parity_points(self, model):
@@ -354,32 +429,49 @@ class ViTFamily(Family):
         _check_kernel(kernel, 'embedding/kernel')
         depth = _count(flat, r'^Transformer/encoderblock_(\d+)/')
         b0 = 'Transformer/encoderblock_0'
+        mha, mlp = f'{b0}/MultiHeadDotProductAttention_0', f'{b0}/MlpBlock_0'
         resnet, stem_in = resnet_from_flax(flat)
+        swiglu = f'{mlp}/Dense_gate/kernel' in flat
+        hidden = flat[f'{mlp}/Dense_0/kernel'].shape[1]
         cfg = dict(embed_dim=kernel.shape[-1], in_chans=stem_in or kernel.shape[-2],
                    patch_size=tuple(kernel.shape[:-2]), spatial_dims=kernel.ndim - 2, depth=depth,
-                   num_heads=flat[f'{b0}/MultiHeadDotProductAttention_0/query/kernel'].shape[1],
-                   mlp_dim=flat[f'{b0}/MlpBlock_0/Dense_0/kernel'].shape[1],
-                   qkv_bias=f'{b0}/MultiHeadDotProductAttention_0/query/bias' in flat,
+                   num_heads=flat[f'{mha}/query/kernel'].shape[1], mlp_dim=hidden,
+                   qkv_bias=f'{mha}/query/bias' in flat,
                    distilled='dist' in flat, class_token='cls' in flat, embed_norm='embedding_norm/scale' in flat,
-                   global_pool='map' if 'MAPHead_0/probe' in flat else ('token' if 'cls' in flat else 'gap'),
                    representation_size=flat['pre_logits/bias'].shape[0] if 'pre_logits/bias' in flat else None,
-                   num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0, resnet=resnet)
-        return _positions(cfg, flat.get(POS_KEY))
+                   num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0, resnet=resnet,
+                   reg_tokens=flat['reg'].shape[1] if 'reg' in flat else 0, pre_norm='Transformer/pre_norm/scale' in flat,
+                   proj_bias=f'{mha}/out/bias' in flat, qk_norm=f'{mha}/query_norm/scale' in flat,
+                   scale_attn_norm=f'{mha}/out_norm/scale' in flat, scale_mlp_norm=f'{mlp}/norm/scale' in flat,
+                   layer_scale=f'{b0}/LayerScale_0/scale' in flat,
+                   norm_layer='layernorm' if f'{b0}/LayerNorm_0/bias' in flat else 'rmsnorm',
+                   mlp_layer='swiglu' if swiglu else _packed(hidden, flat[f'{mlp}/Dense_1/kernel'].shape[0]))
+        return _pooling(_positions(cfg, flat.get(POS_KEY)), map_head='MAPHead_0/probe' in flat,
+                        encoder_norm='Transformer/encoder_norm/scale' in flat, fc_norm='pool_norm/scale' in flat)
 
     def config_from_torch(self, state) -> dict:
         """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
         w = state['patch_embed.proj.weight']
         _check_kernel(w, 'patch_embed.proj.weight')
         resnet, stem_in = resnet_from_torch(state)
+        b0 = 'blocks.0'
+        swiglu = f'{b0}.mlp.fc1_g.weight' in state
+        hidden = state[f'{b0}.mlp.fc1_x.weight' if swiglu else f'{b0}.mlp.fc1.weight'].shape[0]
         cfg = dict(embed_dim=w.shape[0], in_chans=stem_in or w.shape[1], patch_size=tuple(w.shape[2:]),
                    spatial_dims=w.ndim - 2, depth=_count(state, r'^blocks\.(\d+)\.'), num_heads=None,
-                   mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0], qkv_bias='blocks.0.attn.qkv.bias' in state,
+                   mlp_dim=hidden, qkv_bias=f'{b0}.attn.qkv.bias' in state,
                    distilled='dist_token' in state, class_token='cls_token' in state,
                    embed_norm='patch_embed.norm.weight' in state,
-                   global_pool='map' if 'attn_pool.latent' in state else ('token' if 'cls_token' in state else 'gap'),
                    representation_size=state['pre_logits.fc.bias'].shape[0] if 'pre_logits.fc.bias' in state else None,
-                   num_classes=state['head.bias'].shape[0] if 'head.bias' in state else 0, resnet=resnet)
-        return _positions(cfg, state['pos_embed'])
+                   num_classes=state['head.bias'].shape[0] if 'head.bias' in state else 0, resnet=resnet,
+                   reg_tokens=state['reg_token'].shape[1] if 'reg_token' in state else 0,
+                   pre_norm='norm_pre.weight' in state, proj_bias=f'{b0}.attn.proj.bias' in state,
+                   qk_norm=f'{b0}.attn.q_norm.weight' in state, scale_attn_norm=f'{b0}.attn.norm.weight' in state,
+                   scale_mlp_norm=f'{b0}.mlp.norm.weight' in state, layer_scale=f'{b0}.ls1.gamma' in state,
+                   norm_layer='layernorm' if f'{b0}.norm1.bias' in state else 'rmsnorm',
+                   mlp_layer='swiglu' if swiglu else _packed(hidden, state[f'{b0}.mlp.fc2.weight'].shape[1]))
+        return _pooling(_positions(cfg, state['pos_embed']), map_head='attn_pool.latent' in state,
+                        encoder_norm='norm.weight' in state, fc_norm='fc_norm.weight' in state)
 
     def store(self, flat, model, log: Callable[[str], None] = lambda s: None):
         """The tree as a file with a position table holds it: fixed sincos2d positions written out."""
@@ -395,19 +487,28 @@ class ViTFamily(Family):
 
     def core(self, model) -> dict:
         return dict(embed_dim=model.embed_dim, depth=model.depth, patch_size=model.patch_size_tuple,
-                    mlp_dim=model.mlp_dim or int(model.embed_dim * model.mlp_ratio), spatial_dims=model.spatial_dims,
-                    num_heads=model.num_heads)
+                    mlp_dim=model.mlp_hidden, spatial_dims=model.spatial_dims, num_heads=model.num_heads)
 
     def overrides(self, cfg: dict, model) -> dict:
-        """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`."""
+        """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`. What a file
+        cannot record (the activation, norm eps, avg against max pooling, ResPostBlock, LayerScale's initial
+        value) stays the registered model's."""
         current = dict(num_classes=model.num_classes, representation_size=model.representation_size or None,
-                       distilled=model.distilled, class_token=model.has_class_token, global_pool=model.global_pool,
+                       distilled=model.distilled, class_token=model.has_class_token,
                        qkv_bias=model.qkv_bias, in_chans=model.in_chans, embed_norm=model.embed_norm,
-                       posemb=model.posemb, resnet=model.resnet)
-        kw = {k: cfg[k] for k, v in current.items() if cfg[k] != v}
+                       posemb=model.posemb, resnet=model.resnet, reg_tokens=model.reg_tokens,
+                       no_embed_class=model.no_embed_class and model.num_prefix_tokens > 0, pre_norm=model.pre_norm,
+                       proj_bias=model.proj_bias, qk_norm=model.qk_norm, scale_attn_norm=model.scale_attn_norm,
+                       scale_mlp_norm=model.scale_mlp_norm, norm_layer=model.norm_layer, mlp_layer=model.mlp_layer,
+                       final_norm=model.final_norm)
+        kw = {k: cfg[k] for k, v in current.items() if k in cfg and cfg[k] != v}
+        if cfg.get('global_pool') is not None and not _same_pooling(cfg, model):
+            kw.update(global_pool=cfg['global_pool'], fc_norm=None)
+        if 'layer_scale' in cfg and model.block_fn == 'block' and cfg['layer_scale'] != bool(model.init_values):
+            kw['init_values'] = 1e-5 if cfg['layer_scale'] else None   # the value only seeds training
         if 'resnet' in kw:  # the stem decides how many tokens an image makes
             model = model.clone(resnet=kw['resnet'])
-        img = img_size_override(cfg, model)
+        img = img_size_override(cfg, model.clone(**{k: v for k, v in kw.items() if k in ('reg_tokens', 'class_token', 'distilled')}))
         return {**kw, **({'img_size': img} if img is not None else {})}
 
     # ------------------------------------------------------------ detection, files

@@ -25,8 +25,9 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', '
 HF_HUB = 'hf-hub:'
 MAX_CONFIG_BYTES = 16 << 20
 # timm kwargs whose values are spelled differently in vit-flax: timm key -> (our field, {timm value: ours})
-_TIMM_VALUES = {'global_pool': ('global_pool', {'token': 'token', 'avg': 'gap', 'map': 'map'}),
-                'act_layer': ('gelu', {'gelu': 'exact', 'gelu_tanh': 'tanh'})}
+# model_args whose values vit-flax spells otherwise, for models without timm's own field of that name
+# (the ViT has timm's `act_layer` and `global_pool` values; Swin spells its activation `gelu`).
+_TIMM_VALUES = {'act_layer': ('gelu', {'gelu': 'exact', 'gelu_tanh': 'tanh'})}
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _model_fields(model_name: str, model_args, where: str):
     if not isinstance(model_args, dict):
         raise ConversionError(f'{where}: model_args is a {type(model_args).__name__}, not an object')
     for k, v in model_args.items():
-        if k in _TIMM_VALUES:
+        if k in _TIMM_VALUES and k not in fields:
             ours, values = _TIMM_VALUES[k]
             if not isinstance(v, str) or v not in values:
                 raise ConversionError(f'{where}: model_args {k}={v!r} is not one vit-flax builds '

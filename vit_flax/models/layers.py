@@ -109,12 +109,13 @@ class PatchConv(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    use_bias: bool = True   # False: no `bias` (timm's pre_norm models, CLIP's conv1)
 
     @nn.compact
     def __call__(self, x):
         patch, c = tuple(self.patch_size), x.shape[-1]
         kernel = self.param('kernel', self.kernel_init, patch + (c, self.features))
-        bias = self.param('bias', self.bias_init, (self.features,))
+        bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
         b, n = x.shape[0], len(patch)
         grid = tuple(s // p for s, p in zip(x.shape[1:-1], patch))
         x = x[(slice(None),) + tuple(slice(0, g * p) for g, p in zip(grid, patch))]  # VALID drops the rest
@@ -122,7 +123,8 @@ class PatchConv(nn.Module):
         x = x.transpose((0,) + tuple(range(1, 2 * n, 2)) + tuple(range(2, 2 * n + 1, 2)) + (2 * n + 1,))
         x = x.reshape(b * math.prod(grid), -1).astype(self.dtype)
         y = matmul('mk,kd->md', x, kernel.reshape(-1, self.features).astype(self.dtype))
-        return (y + bias.astype(self.dtype)).reshape((b,) + grid + (self.features,))
+        y = y if bias is None else y + bias.astype(self.dtype)
+        return y.reshape((b,) + grid + (self.features,))
 
 
 def dense(features, dtype, name=None, **kw) -> Dense:
@@ -137,8 +139,36 @@ def dense_general(features, axis, dtype, name=None, **kw) -> Dense:
     return Dense(features=features, dtype=dtype, name=name, in_axes=len(axis), **kw)
 
 
+def norm_layer(kind: str, eps: float, dtype, name: Optional[str] = None, scale_init=nn.initializers.ones):
+    """timm's `norm_layer`: 'layernorm' (nn.LayerNorm: `scale`, `bias`) or 'rmsnorm' (nn.RMSNorm: `scale` only,
+    x * rsqrt(mean(x^2) + eps) * scale, as timm's RmsNorm), statistics in float32."""
+    if kind == 'layernorm':
+        return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale_init)
+    if kind == 'rmsnorm':
+        return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale_init)
+    raise ModelConfigError(f"norm_layer must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale (CaiT, DeiT III, DINOv2): x * scale, one learned factor per channel, `scale` (D,)
+    initialised to `init_values`. A bf16 branch times the float32 scale is float32, as under autocast."""
+    init_values: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param('scale', lambda _, shape: jnp.full(shape, self.init_values, jnp.float32), (x.shape[-1],))
+        return x * scale
+
+
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> dropout -> Dense -> dropout; params `Dense_0`, `Dense_1` as in Google's trees."""
+    """The transformer MLP; params `Dense_0`, `Dense_1` as in Google's trees.
+
+    `kind`: 'mlp' (Dense_0 -> act -> dropout -> Dense_1 -> dropout: timm Mlp), 'swiglu_packed' (timm
+    SwiGLUPacked / GluMlp with the gate first: Dense_0 is (D, mlp_dim), act(first half) * second half, Dense_1
+    reads mlp_dim / 2), 'swiglu' (timm SwiGLU: act(Dense_gate(x)) * Dense_0(x), both (D, mlp_dim)). `norm`
+    ('layernorm' | 'rmsnorm', timm's `scale_mlp_norm`) normalises the hidden activation before Dense_1 (`norm`).
+    `use_bias=False` (timm `proj_bias=False`) drops every bias. `gelu` names the activation (ops.activations).
+    """
     mlp_dim: int
     out_dim: Optional[int] = None
     drop_rate: float = 0.0
@@ -146,17 +176,34 @@ class MlpBlock(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.xavier_uniform()
     bias_init: Callable = nn.initializers.normal(stddev=1e-6)
+    kind: str = 'mlp'
+    use_bias: bool = True
+    norm: Optional[str] = None
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         out_dim = self.out_dim or x.shape[-1]
-        x = dense(self.mlp_dim, self.dtype, name='Dense_0', kernel_init=self.kernel_init,
-                  bias_init=self.bias_init)(x)
-        x = gelu_fn(self.gelu)(x)
-        x = nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
-        x = dense(out_dim, self.dtype, name='Dense_1', kernel_init=self.kernel_init,
-                  bias_init=self.bias_init)(x)
-        return nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
+        fc = partial(dense, dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
+                     use_bias=self.use_bias)
+        act = gelu_fn(self.gelu)
+        h = fc(self.mlp_dim, name='Dense_0')(x)
+        if self.kind == 'swiglu_packed':
+            if self.mlp_dim % 2:
+                raise ModelConfigError(f'a packed SwiGLU needs an even hidden width, got mlp_dim {self.mlp_dim}')
+            a, b = jnp.split(h, 2, axis=-1)
+            h = act(a) * b
+        elif self.kind == 'swiglu':
+            h = act(fc(self.mlp_dim, name='Dense_gate')(x)) * h
+        elif self.kind == 'mlp':
+            h = act(h)
+        else:
+            raise ModelConfigError(f"mlp_layer must be 'mlp', 'swiglu' or 'swiglu_packed', got {self.kind!r}")
+        h = nn.Dropout(rate=self.drop_rate)(h, deterministic=deterministic)
+        if self.norm:
+            h = norm_layer(self.norm, self.norm_eps, self.dtype, name='norm')(h)
+        h = fc(out_dim, name='Dense_1')(h)
+        return nn.Dropout(rate=self.drop_rate)(h, deterministic=deterministic)
 
 
 class DropPath(nn.Module):

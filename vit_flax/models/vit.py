@@ -27,9 +27,11 @@ import jax.numpy as jnp
 
 from ..errors import ModelConfigError
 from ..ops.attention import check_impl, dot_product_attention
+from ..ops.resize import resize_grid
 from ..registry import register
-from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, dense_general,
-                     drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
+from .layers import (DropPath, LayerScale, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense,
+                     dense_general, drop_path_rates, fused_projection, remat_block, split_heads, to_tuple)
+from .layers import norm_layer as make_norm
 from .posemb import sincos2d
 from .resnet import ResNetStem, stem_output_size, stem_stride
 
@@ -43,6 +45,10 @@ class MultiHeadDotProductAttention(nn.Module):
     matmul (their kernels are concatenated at trace time; the parameter tree stays Google's); with
     `inputs_kv` given (the MAP head's probe), k and v run as one. Logits and softmax run in float32
     whatever the compute dtype, as timm's do under autocast; `attn_impl` as in the module docstring.
+
+    timm's options: `qk_norm` normalises q and k per head (`query_norm`, `key_norm`, over Dh) before the
+    scaling; `scale_norm` normalises the merged heads before `out` (`out_norm`, timm `attn.norm`);
+    `out_bias=False` is timm's `proj_bias=False`. Norms are `norm` ('layernorm' | 'rmsnorm') with `norm_eps`.
     """
     num_heads: int
     qkv_bias: bool = True
@@ -51,6 +57,11 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
     attn_impl: str = 'fused'
+    qk_norm: bool = False
+    scale_norm: bool = False
+    out_bias: bool = True
+    norm: str = 'layernorm'
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, inputs_kv=None, deterministic: bool = True):
@@ -63,28 +74,60 @@ class MultiHeadDotProductAttention(nn.Module):
                                           kernel_init=self.kernel_init, name=n)(t.shape[-1])
                          for n, t in (('query', x), ('key', kv), ('value', kv)))
         scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
+        # with qk_norm the scaling follows the norms: the projections stay float32 until then
+        split_dtype, q_scale = (jnp.float32, None) if self.qk_norm else (self.dtype, scale)
         if inputs_kv is None:
-            q, k, v = split_heads(fused_projection(x, [q_p, k_p, v_p], self.dtype), 3, heads, self.dtype, scale)
+            q, k, v = split_heads(fused_projection(x, [q_p, k_p, v_p], self.dtype), 3, heads, split_dtype, q_scale)
         else:
-            (q,) = split_heads(fused_projection(x, [q_p], self.dtype), 1, heads, self.dtype, scale)
-            k, v = split_heads(fused_projection(kv, [k_p, v_p], self.dtype), 2, heads, self.dtype)
+            (q,) = split_heads(fused_projection(x, [q_p], self.dtype), 1, heads, split_dtype, q_scale)
+            k, v = split_heads(fused_projection(kv, [k_p, v_p], self.dtype), 2, heads, split_dtype)
+        if self.qk_norm:
+            q = make_norm(self.norm, self.norm_eps, jnp.float32, name='query_norm')(q) * scale
+            k = make_norm(self.norm, self.norm_eps, jnp.float32, name='key_norm')(k)
+            q, k, v = (t.astype(self.dtype) for t in (q, k, v))
         drop = nn.Dropout(rate=self.attn_drop_rate)
         out = dot_product_attention(q, k, v, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
-        return dense_general(dim, (-2, -1), self.dtype, name='out', kernel_init=self.kernel_init)(
-            out.transpose(0, 2, 1, 3))
+        out = out.transpose(0, 2, 1, 3)   # (B, N, H, Dh)
+        if self.scale_norm:
+            b, n = out.shape[:2]
+            out = make_norm(self.norm, self.norm_eps, self.dtype, name='out_norm')(
+                out.reshape(b, n, dim)).reshape(b, n, heads, head_dim)
+        return dense_general(dim, (-2, -1), self.dtype, name='out', kernel_init=self.kernel_init,
+                             use_bias=self.out_bias)(out)
 
 
 class AddPositionEmbs(nn.Module):
-    """Learned position embedding over all tokens (prefix tokens included), param `pos_embedding`."""
+    """Learned position embedding, param `pos_embedding` (1, L - skip, D): over all L tokens (Google's, timm's
+    default), or over the tokens after the first `skip` (timm's `no_embed_class`: prefix tokens get none).
+
+    `grid` (timm's `dynamic_img_size`): the table is for this patch grid, and an input whose patch grid
+    `tokens_grid` differs gets the table resized to it, patch rows only (torch's antialiased bicubic, as timm's
+    `resample_abs_pos_embed`); `prefix` rows of the table (not `skip`ped ones) are kept as they are."""
+    skip: int = 0
+    grid: Optional[Tuple[int, int]] = None
+    prefix: int = 0
 
     @nn.compact
-    def __call__(self, x):
-        pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
-        return x + pos.astype(x.dtype)
+    def __call__(self, x, tokens_grid=None):
+        rows = x.shape[1] - self.skip if self.grid is None else self.prefix + self.grid[0] * self.grid[1]
+        pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, rows, x.shape[2]))
+        if self.grid is not None and tuple(tokens_grid) != tuple(self.grid):
+            table = resize_grid(pos[:, self.prefix:].reshape((1,) + tuple(self.grid) + (-1,)), tokens_grid)
+            pos = jnp.concatenate([pos[:, :self.prefix], table.reshape(1, -1, pos.shape[-1])], axis=1)
+        if not self.skip:
+            return x + pos.astype(x.dtype)
+        return jnp.concatenate([x[:, :self.skip], x[:, self.skip:] + pos.astype(x.dtype)], axis=1)
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each branch with drop path."""
+    """A transformer block; children `LayerNorm_0`, `MultiHeadDotProductAttention_0`, `LayerNorm_1`,
+    `MlpBlock_0` (Google's), and with `init_values` the LayerScales `LayerScale_0`, `LayerScale_1` (timm
+    `ls1`, `ls2`).
+
+    `block_fn='block'` (timm Block): pre-norm, x + ls1(attn(LN(x))), then x + ls2(mlp(LN(x))).
+    `block_fn='res_post'` (timm ResPostBlock): x + LN(attn(x)), then x + LN(mlp(x)); its norms start at
+    `init_values` and it has no LayerScale. Each branch has drop path.
+    """
     num_heads: int
     mlp_dim: int
     qkv_bias: bool = True
@@ -96,20 +139,41 @@ class Encoder1DBlock(nn.Module):
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     attn_impl: str = 'fused'
+    norm: str = 'layernorm'
+    init_values: Optional[float] = None
+    proj_bias: bool = True
+    qk_norm: bool = False
+    scale_attn_norm: bool = False
+    scale_mlp_norm: bool = False
+    mlp_layer: str = 'mlp'
+    block_fn: str = 'block'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+        post = self.block_fn == 'res_post'
+        if self.block_fn not in ('block', 'res_post'):
+            raise ModelConfigError(f"block_fn must be 'block' or 'res_post', got {self.block_fn!r}")
+        norm_init = nn.initializers.constant(self.init_values) if post and self.init_values is not None \
+            else nn.initializers.ones
+        norm = lambda name: make_norm(self.norm, self.norm_eps, self.dtype, name=name, scale_init=norm_init)
+        scale = (lambda name, y: LayerScale(self.init_values, name=name)(y)) if self.init_values and not post \
+            else (lambda name, y: y)
+        y = x if post else norm('LayerNorm_0')(x)
         y = MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
                                          attn_drop_rate=self.attn_drop_rate, dtype=self.dtype,
-                                         attn_impl=self.attn_impl,
+                                         attn_impl=self.attn_impl, qk_norm=self.qk_norm,
+                                         scale_norm=self.scale_attn_norm, out_bias=self.proj_bias, norm=self.norm,
+                                         norm_eps=self.norm_eps,
                                          name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
         y = nn.Dropout(rate=self.proj_drop_rate)(y, deterministic=deterministic)
+        y = norm('LayerNorm_0')(y) if post else scale('LayerScale_0', y)
         x = x + DropPath()(y, rate=rate, deterministic=deterministic)
-        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_1')(x)
+        y = x if post else norm('LayerNorm_1')(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,
-                     name='MlpBlock_0')(y, deterministic)
+                     kind=self.mlp_layer, use_bias=self.proj_bias, norm=self.norm if self.scale_mlp_norm else None,
+                     norm_eps=self.norm_eps, name='MlpBlock_0')(y, deterministic)
+        y = norm('LayerNorm_1')(y) if post else scale('LayerScale_1', y)
         return x + DropPath()(y, rate=rate, deterministic=deterministic)
 
 
@@ -122,9 +186,17 @@ class ScanStep(Encoder1DBlock):
         return x, (x if self.collect else None)
 
 
+# The block options an Encoder passes on to every block, unchanged (Encoder1DBlock's fields of the same names).
+BLOCK_OPTIONS = ('num_heads', 'mlp_dim', 'qkv_bias', 'qk_scale', 'attn_drop_rate', 'gelu', 'norm_eps', 'dtype',
+                 'attn_impl', 'norm', 'init_values', 'proj_bias', 'qk_norm', 'scale_attn_norm', 'scale_mlp_norm',
+                 'mlp_layer', 'block_fn')
+
+
 class Encoder(nn.Module):
     """Position embedding, the blocks and the final norm: Google's `Transformer` sub-tree.
 
+    `pos_skip` leading tokens get no position (timm's `no_embed_class`); `pre_norm` normalises the embedded
+    tokens before the blocks (`pre_norm`, timm `norm_pre`); `final_norm=False` leaves out `encoder_norm`.
     `scan=True` runs the blocks with nn.scan (one block compiled, not `depth`): the params are then
     big_vision's scanned layout, `encoderblock/...` with a leading depth axis.
     """
@@ -144,16 +216,31 @@ class Encoder(nn.Module):
     scan: bool = False
     remat_policy: Optional[str] = None
     attn_impl: str = 'fused'
+    norm: str = 'layernorm'
+    init_values: Optional[float] = None
+    proj_bias: bool = True
+    qk_norm: bool = False
+    scale_attn_norm: bool = False
+    scale_mlp_norm: bool = False
+    mlp_layer: str = 'mlp'
+    block_fn: str = 'block'
+    pos_skip: int = 0
+    pre_norm: bool = False
+    final_norm: bool = True
+    pos_grid: Optional[Tuple[int, int]] = None   # dynamic_img_size: the grid the table is for (AddPositionEmbs)
+    pos_prefix: int = 0
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, grid=None):
         if self.learned_posemb:
-            x = AddPositionEmbs(name='posembed_input')(x)
+            x = AddPositionEmbs(skip=self.pos_skip, grid=self.pos_grid, prefix=self.pos_prefix,
+                                name='posembed_input')(x, grid)
         x = nn.Dropout(rate=self.drop_rate)(x, deterministic=deterministic)
         self.sow('intermediates', 'embed', x)
-        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
-                  proj_drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate, gelu=self.gelu,
-                  norm_eps=self.norm_eps, dtype=self.dtype, attn_impl=self.attn_impl)
+        if self.pre_norm:  # float32 out: the residual stream's dtype
+            x = make_norm(self.norm, self.norm_eps, jnp.promote_types(self.dtype, jnp.float32), name='pre_norm')(x)
+        kw = {k: getattr(self, k) for k in BLOCK_OPTIONS}
+        kw['proj_drop_rate'] = self.drop_rate
         rates = drop_path_rates(self.drop_path_rate, self.depth)
         if self.scan:
             collect = self.is_mutable_collection('intermediates')
@@ -169,19 +256,22 @@ class Encoder(nn.Module):
             for i, rate in enumerate(rates):
                 x = block_cls(drop_path_rate=rate, name=f'encoderblock_{i}', **kw)(x, deterministic)
                 self.sow('intermediates', f'block_{i}', x)
-        x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='encoder_norm')(x)
+        if self.final_norm:
+            x = make_norm(self.norm, self.norm_eps, self.dtype, name='encoder_norm')(x)
         self.sow('intermediates', 'encoded', x)
         return x
 
 
 class MAPHead(nn.Module):
-    """Multihead attention pooling (big_vision): a learned probe attends over the tokens."""
+    """Multihead attention pooling (big_vision; timm's AttentionPoolLatent): a learned probe attends over the
+    tokens, then x + MLP(LN(x))."""
     num_heads: int
     mlp_dim: int
     gelu: str = 'exact'
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     attn_impl: str = 'fused'
+    norm: str = 'layernorm'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -190,7 +280,7 @@ class MAPHead(nn.Module):
         x = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, attn_impl=self.attn_impl,
                                          name='MultiHeadDotProductAttention_0')(probe, inputs_kv=x,
                                                                                 deterministic=deterministic)
-        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+        y = make_norm(self.norm, self.norm_eps, self.dtype, name='LayerNorm_0')(x)
         x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu=self.gelu, dtype=self.dtype, name='MlpBlock_0')(y, deterministic)
         return x[:, 0]
 
@@ -200,6 +290,16 @@ class VisionTransformer(nn.Module):
 
     `num_classes=0` returns pooled features. DeiT distilled (`distilled=True`) returns the mean of the
     class and distillation heads in eval and the pair `(logits, dist_logits)` when `train=True`.
+
+    timm's options, each with timm's meaning and default: `act_layer`, `norm_layer` (+ `norm_eps`),
+    `init_values` (LayerScale), `reg_tokens`, `no_embed_class`, `class_token`, `pre_norm`, `final_norm`,
+    `fc_norm`, `global_pool` ('token', 'avg', 'avgmax', 'max' over the patch tokens, 'map' (attention pooling
+    over the patch tokens), '' (every token to the head); 'gap' is big_vision's name for 'avg' with the final
+    norm before the pooling, i.e. timm's `global_pool='avg', fc_norm=False`), `qkv_bias`, `proj_bias`,
+    `qk_norm`, `scale_attn_norm`, `scale_mlp_norm`, `mlp_layer`, `block_fn`. Prefix tokens in order: cls,
+    dist, registers. The tree grows by `reg`, `pool_norm` (timm `fc_norm`), `Transformer/pre_norm`, and per block
+    `LayerScale_{0,1}/scale`, `MultiHeadDotProductAttention_0/{query_norm, key_norm, out_norm}`,
+    `MlpBlock_0/{Dense_gate, norm}`; options that remove parts remove their params.
     """
     num_classes: int = 1000
     img_size: Union[int, Sequence[int]] = 224
@@ -213,7 +313,7 @@ class VisionTransformer(nn.Module):
     qkv_bias: bool = True
     qk_scale: Optional[float] = None
     representation_size: Optional[int] = None
-    global_pool: Literal['token', 'gap', 'map'] = 'token'
+    global_pool: Literal['token', 'avg', 'gap', 'avgmax', 'max', 'map', ''] = 'token'
     class_token: Optional[bool] = None
     distilled: bool = False
     embed_norm: bool = False  # LayerNorm on the patch tokens, as the seeds' 1-D ViT passes norm_layer to its PatchEmbed
@@ -231,6 +331,22 @@ class VisionTransformer(nn.Module):
     scan_blocks: bool = False                  # nn.scan over the blocks (big_vision's scanned tree)
     remat_policy: Optional[str] = None         # jax.checkpoint_policies name used with remat (None: save nothing)
     attn_impl: Literal['fused', 'reference'] = 'fused'    # the attention kernel (module docstring)
+    # ---- timm's VisionTransformer options, under timm's names (see the class docstring)
+    act_layer: Optional[Literal['gelu', 'gelu_tanh', 'quick_gelu', 'silu']] = None   # None: as `gelu` says
+    norm_layer: Literal['layernorm', 'rmsnorm'] = 'layernorm'   # every norm, with `norm_eps`
+    init_values: Optional[float] = None        # LayerScale (LayerScale_0/1 in each block) starting at this
+    reg_tokens: int = 0                        # register tokens `reg` (1, R, D), after cls (and dist)
+    no_embed_class: bool = False               # positions for the patches only (DeiT III, FlexiViT, registers)
+    pre_norm: bool = False                     # Transformer/pre_norm before the blocks, no patch-embedding bias
+    final_norm: bool = True                    # False: neither encoder_norm nor fc_norm
+    fc_norm: Optional[bool] = None             # norm after pooling instead of before; None: for avg/avgmax/max
+    proj_bias: bool = True                     # biases of attention's `out` and of the MLP
+    qk_norm: bool = False
+    scale_attn_norm: bool = False
+    scale_mlp_norm: bool = False
+    mlp_layer: Literal['mlp', 'swiglu', 'swiglu_packed'] = 'mlp'
+    block_fn: Literal['block', 'res_post'] = 'block'
+    dynamic_img_size: bool = False             # any input size: the position table resized in the forward
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -256,15 +372,39 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.has_class_token) + int(self.distilled)
+        return int(self.has_class_token) + int(self.distilled) + int(self.reg_tokens)
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation: `act_layer` when given, else `gelu` ('exact' is timm's 'gelu')."""
+        return self.act_layer or self.gelu
+
+    @property
+    def pool_type(self) -> str:
+        """`global_pool` in timm's words: big_vision's 'gap' is 'avg'."""
+        return 'avg' if self.global_pool == 'gap' else self.global_pool
+
+    @property
+    def use_fc_norm(self) -> bool:
+        """The final norm after pooling (`fc_norm`) rather than on the tokens (`encoder_norm`), as timm decides."""
+        if self.fc_norm is not None:
+            return bool(self.fc_norm)
+        return self.global_pool in ('avg', 'avgmax', 'max')
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_dim or int(self.embed_dim * self.mlp_ratio))
 
     @property
     def input_shape(self):
         return to_tuple(self.img_size, self.spatial_dims) + (self.in_chans,)
 
     def setup(self):
-        if self.global_pool not in ('token', 'gap', 'map'):
-            raise ModelConfigError(f"global_pool must be 'token', 'gap' or 'map', got {self.global_pool!r}")
+        if self.global_pool not in ('token', 'avg', 'gap', 'avgmax', 'max', 'map', ''):
+            raise ModelConfigError(f"global_pool must be one of 'token', 'avg', 'avgmax', 'max', 'map', '' "
+                                   f"(or 'gap'), got {self.global_pool!r}")
+        if self.global_pool == 'token' and not self.has_class_token:
+            raise ModelConfigError("global_pool='token' reads the class token: it needs class_token=True")
         if self.distilled and self.global_pool != 'token':
             raise ModelConfigError('a distilled model reads the class and distillation tokens: global_pool must be token')
         if self.posemb not in ('learn', 'sincos2d'):
@@ -276,27 +416,39 @@ class VisionTransformer(nn.Module):
         if self.resnet is None and not all(self.grid_size):
             raise ModelConfigError(f'img_size {self.img_size} is smaller than the patch {self.patch_size}: '
                                    f'no patch fits')
-        mlp_dim = self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
+        mlp_dim = self.mlp_hidden
         if self.resnet is not None:
             self.stem = ResNetStem(layers=tuple(self.resnet), numerics=self.resnet_numerics, dtype=self.dtype)
             nn.share_scope(self, self.stem)   # Google's tree: conv_root, gn_root, block1... at the top level
-        self.embedding = PatchConv(features=self.embed_dim, patch_size=patch, dtype=self.dtype)
+        self.embedding = PatchConv(features=self.embed_dim, patch_size=patch, dtype=self.dtype,
+                                   use_bias=not self.pre_norm)
         if self.embed_norm:  # float32 output: the residual stream's dtype (see forward_features)
-            self.embedding_norm = nn.LayerNorm(epsilon=self.norm_eps,
-                                               dtype=jnp.promote_types(self.dtype, jnp.float32))
+            self.embedding_norm = make_norm(self.norm_layer, self.norm_eps, jnp.promote_types(self.dtype, jnp.float32))
         if self.has_class_token:
             self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.embed_dim))
         if self.distilled:
             self.dist = self.param('dist', nn.initializers.zeros, (1, 1, self.embed_dim))
+        if self.reg_tokens:
+            self.reg = self.param('reg', nn.initializers.normal(stddev=1e-6), (1, self.reg_tokens, self.embed_dim))
         self.Transformer = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=mlp_dim,
                                    qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, drop_rate=self.drop_rate,
                                    attn_drop_rate=self.attn_drop_rate, drop_path_rate=self.drop_path_rate,
-                                   gelu=self.gelu, norm_eps=self.norm_eps, remat=self.remat, dtype=self.dtype,
+                                   gelu=self.activation, norm_eps=self.norm_eps, remat=self.remat, dtype=self.dtype,
                                    learned_posemb=self.posemb == 'learn', scan=self.scan_blocks,
-                                   remat_policy=self.remat_policy, attn_impl=self.attn_impl)
+                                   remat_policy=self.remat_policy, attn_impl=self.attn_impl, norm=self.norm_layer,
+                                   init_values=self.init_values, proj_bias=self.proj_bias, qk_norm=self.qk_norm,
+                                   scale_attn_norm=self.scale_attn_norm, scale_mlp_norm=self.scale_mlp_norm,
+                                   mlp_layer=self.mlp_layer, block_fn=self.block_fn,
+                                   pos_skip=self.num_prefix_tokens if self.no_embed_class else 0,
+                                   pre_norm=self.pre_norm, final_norm=self.final_norm and not self.use_fc_norm,
+                                   pos_grid=tuple(self.grid_size) if self.dynamic_img_size else None,
+                                   pos_prefix=0 if self.no_embed_class else self.num_prefix_tokens)
         if self.global_pool == 'map':
-            self.MAPHead_0 = MAPHead(num_heads=self.num_heads, mlp_dim=mlp_dim, gelu=self.gelu, norm_eps=self.norm_eps,
-                                     dtype=self.dtype, attn_impl=self.attn_impl)
+            self.MAPHead_0 = MAPHead(num_heads=self.num_heads, mlp_dim=mlp_dim, gelu=self.activation,
+                                     norm_eps=self.norm_eps, dtype=self.dtype, attn_impl=self.attn_impl,
+                                     norm=self.norm_layer)
+        if self.final_norm and self.use_fc_norm:
+            self.pool_norm = make_norm(self.norm_layer, self.norm_eps, self.dtype)   # timm's fc_norm
         if self.representation_size:
             self.pre_logits = dense(self.representation_size, self.dtype)
         self.head_dropout = nn.Dropout(rate=self.drop_rate)
@@ -308,13 +460,20 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x, train: bool = False):
         """Images -> normed tokens (B, prefix + patches, D)."""
         expected = self.input_shape
-        if tuple(x.shape[1:]) != expected:
+        if self.dynamic_img_size:
+            if self.resnet is not None or self.spatial_dims != 2 or self.posemb != 'learn':
+                raise ModelConfigError('dynamic_img_size needs a 2-D ViT with learned positions and no ResNet stem')
+            if x.ndim != 4 or x.shape[-1] != self.in_chans or any(s < p for s, p in zip(x.shape[1:3], self.patch_size_tuple)):
+                raise ModelConfigError(f'input shape {tuple(x.shape[1:])}: this model takes (H, W, {self.in_chans}) '
+                                       f'images of at least one patch {self.patch_size_tuple}')
+        elif tuple(x.shape[1:]) != expected:
             raise ModelConfigError(f'input shape {tuple(x.shape[1:])} does not match the model\'s {expected} '
                                    f'(set img_size/in_chans when creating the model)')
         x = x.astype(self.dtype)
         if self.resnet is not None:
             x = self.stem(x)
         x = self.embedding(x)
+        tokens_grid = x.shape[1:-1]
         # The residual stream stays float32 under a bf16 compute dtype (as timm's under autocast, where the
         # float32 position embedding promotes it): only matmul operands and branch activations are rounded.
         x = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.promote_types(self.dtype, jnp.float32))
@@ -327,19 +486,31 @@ class VisionTransformer(nn.Module):
             prefix.append(self.cls)
         if self.distilled:
             prefix.append(self.dist)
+        if self.reg_tokens:
+            prefix.append(self.reg)
         if prefix:
             tokens = jnp.concatenate(prefix, axis=1).astype(x.dtype)
             x = jnp.concatenate([jnp.broadcast_to(tokens, (x.shape[0],) + tokens.shape[1:]), x], axis=1)
-        return self.Transformer(x, deterministic=not train)
+        return self.Transformer(x, deterministic=not train, grid=tokens_grid)
 
     def pool(self, x, train: bool = False):
+        """Normed tokens -> pooled features, as timm's `pool`: the class token, a reduction over the patch
+        tokens (prefix tokens left out), the MAP head over the patch tokens, or every token ('')."""
         if self.distilled:
             return x[:, 0], x[:, 1]
-        if self.global_pool == 'token':
+        kind = self.pool_type
+        if kind == 'token':
             return x[:, 0]
-        if self.global_pool == 'gap':
-            return x[:, self.num_prefix_tokens:].mean(axis=1)
-        return self.MAPHead_0(x, deterministic=not train)
+        if kind == '':
+            return x
+        patches = x[:, self.num_prefix_tokens:]
+        if kind == 'avg':
+            return patches.mean(axis=1)
+        if kind == 'max':
+            return patches.max(axis=1)
+        if kind == 'avgmax':
+            return 0.5 * (patches.max(axis=1) + patches.mean(axis=1))
+        return self.MAPHead_0(patches, deterministic=not train)
 
     def forward_head(self, x, train: bool = False, pre_logits: bool = False):
         """Normed tokens -> logits (or pooled features with `pre_logits=True` or `num_classes=0`)."""
@@ -352,6 +523,8 @@ class VisionTransformer(nn.Module):
             x_dist = self.head_dist(self.head_dropout(x_dist, deterministic=not train))
             return (x, x_dist) if train else (x + x_dist) / 2
         x = pooled
+        if self.final_norm and self.use_fc_norm:
+            x = self.pool_norm(x)
         if self.representation_size:
             x = jnp.tanh(self.pre_logits(x))
         if pre_logits or self.num_classes == 0:

@@ -45,10 +45,34 @@ def _gelu_exact_jvp(primals, tangents):
 gelu_exact_recomputed = jax.checkpoint(gelu_exact)
 
 
+def quick_gelu(x):
+    """OpenAI CLIP's QuickGELU, x * sigmoid(1.702 x) (timm `quick_gelu`), computed in at least float32."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (xf * jax.nn.sigmoid(1.702 * xf)).astype(x.dtype)
+
+
+def silu(x):
+    """x * sigmoid(x) (torch nn.SiLU, timm `silu`), computed in at least float32."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (xf * jax.nn.sigmoid(xf)).astype(x.dtype)
+
+
+# timm's act_layer names -> the two GELU spellings this project used first ('exact', 'tanh') or a function.
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'quick_gelu', 'silu')
+_SYNONYMS = {'gelu': 'exact', 'gelu_tanh': 'tanh'}
+
+
 def gelu_fn(kind: str) -> Callable:
-    # timm and PyTorch use the exact erf form; Google's vit_jax/big_vision use flax's default tanh form.
+    """The activation named `kind`: 'exact' / timm's 'gelu' (erf form, as timm and PyTorch), 'tanh' / timm's
+    'gelu_tanh' (flax's default form, as Google's vit_jax / big_vision), 'quick_gelu' (OpenAI CLIP), 'silu'."""
+    kind = _SYNONYMS.get(kind, kind)
     if kind == 'exact':
         return gelu_exact_recomputed
     if kind == 'tanh':
         return partial(nn.gelu, approximate=True)
-    raise ModelConfigError(f"gelu must be 'exact' or 'tanh', got {kind!r}")
+    if kind == 'quick_gelu':
+        return quick_gelu
+    if kind == 'silu':
+        return silu
+    raise ModelConfigError(f"activation must be one of 'gelu' ('exact'), 'gelu_tanh' ('tanh'), 'quick_gelu', "
+                           f"'silu'; got {kind!r}")

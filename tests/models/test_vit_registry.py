@@ -1,0 +1,115 @@
+"""timm's ViT registrations (`vision_transformer`, `deit`, `vision_transformer_hybrid`, without its test
+models), each built here under timm's name, judged against timm itself: which names exist, the default input
+size, classes and parameter counts, and logits both ways on a reduced-depth copy of one name per distinct
+architecture."""
+import contextlib
+from unittest import mock
+
+import flax
+import pytest
+import timm
+import timm.models.deit
+import timm.models.vision_transformer
+import timm.models.vision_transformer_hybrid
+import torch
+from timm.models import _registry
+
+import vit_flax
+from converters import rules
+from converters.families.vit import FAMILY
+from vit_flax.models.vit_timm import NOT_BUILT
+from vit_flax.registry import model_config
+
+from helpers import images, perturb_timm, rel_err, run_flax, run_timm, state_np
+
+MODULES = ('vision_transformer', 'deit', 'vision_transformer_hybrid')
+TIMM_NAMES = sorted(n for n in timm.list_models() if _registry._model_to_module[n] in MODULES
+                    and not n.startswith('test_'))
+BUILT = [n for n in TIMM_NAMES if n not in NOT_BUILT]
+
+
+class _Args(Exception):
+    pass
+
+
+def timm_model_args(name) -> dict:
+    """The arguments timm's entrypoint for `name` builds its model with (nothing is built)."""
+    def capture(cls, variant, pretrained=False, **kw):
+        raise _Args(kw)
+    with contextlib.ExitStack() as patches:
+        for module in (timm.models.vision_transformer, timm.models.deit, timm.models.vision_transformer_hybrid):
+            patches.enter_context(mock.patch.object(module, 'build_model_with_cfg', capture))
+        try:
+            timm.create_model(name, pretrained=False)
+        except _Args as e:
+            return e.args[0]
+    raise AssertionError(f'{name}: timm built a model without build_model_with_cfg')
+
+
+def timm_meta(name, **kw):
+    with torch.device('meta'):
+        return timm.create_model(name, pretrained=False, **kw)
+
+
+def timm_param_count(name) -> int:
+    """timm's parameter count for `name` from builds of depth 1 and 2 on the meta device: blocks are
+    identical, so the count is linear in depth (exact, and far cheaper than building the whole model)."""
+    one, two = (sum(p.numel() for p in timm_meta(name, depth=d).parameters()) for d in (1, 2))
+    return one + (two - one) * (timm_model_args(name)['depth'] - 1)
+
+
+def test_every_timm_vit_registration_is_built_or_named_as_not_built():
+    registered = set(vit_flax.list_models())
+    assert not set(NOT_BUILT) & registered
+    assert set(NOT_BUILT) <= set(TIMM_NAMES)
+    missing = [n for n in TIMM_NAMES if n not in registered and n not in NOT_BUILT]
+    assert not missing, f'timm names neither built nor listed in NOT_BUILT: {missing}'
+    assert (len(TIMM_NAMES), len(BUILT)) == (189, 175)
+
+
+def test_timm_names_build_timms_input_size_classes_depth_and_parameter_count():
+    wrong = {}
+    for name in BUILT:
+        model, tm = vit_flax.create_model(name, scan_blocks=True), timm_meta(name, depth=1)  # scan: one block traced
+        ours = (tuple(model.input_shape[:2]), model.num_classes, model.depth, vit_flax.count_params(model))
+        theirs = (tuple(tm.patch_embed.img_size), tm.num_classes, timm_model_args(name)['depth'],
+                  timm_param_count(name))
+        if ours != theirs:
+            wrong[name] = (ours, theirs)
+    assert not wrong, wrong
+
+
+# Fields that do not change which computation a name is (sizes, resolution, classes): one name per remaining
+# combination is compared with timm.
+_SIZE_FIELDS = {'img_size', 'num_classes', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size',
+                'init_values', 'norm_eps'}
+
+
+def _architectures():
+    seen = {}
+    for name in BUILT:
+        cfg = model_config(name)[1]
+        key = tuple(sorted((k, str(v)) for k, v in cfg.items() if k not in _SIZE_FIELDS))
+        if key not in seen or cfg.get('embed_dim', 768) < model_config(seen[key])[1].get('embed_dim', 768):
+            seen[key] = name
+    return sorted(seen.values())
+
+
+ARCHITECTURES = _architectures()
+
+
+@pytest.mark.parametrize('name', ARCHITECTURES)
+def test_reduced_copy_of_each_architecture_equals_timm_both_ways(name):
+    """Depth 1 at a small input, weights moved off their init: timm's state_dict read through the rule table
+    gives timm's logits, and written back it loads into timm strictly, bit for bit."""
+    model = vit_flax.create_model(name, depth=1)
+    size = 2 * model.token_stride[0] * (2 if model.resnet is not None else 1)
+    model = model.clone(img_size=size)
+    tm = perturb_timm(timm.create_model(name, pretrained=False, depth=1, img_size=size))
+    state = state_np(tm)
+    flat = rules.torch_to_flax(state, FAMILY.rules(model))
+    x = images((2, size, size, 3))
+    assert rel_err(run_flax(model, flax.traverse_util.unflatten_dict(flat, sep='/'), x), run_timm(tm, x)) < 1e-5
+    back = rules.flax_to_torch(flat, FAMILY.rules(model))
+    assert set(back) == set(state)
+    assert all((back[k] == state[k]).all() for k in state)

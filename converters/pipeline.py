@@ -400,7 +400,8 @@ def to_torch_state(flat, model, layout: Optional[str] = None,
         if layout not in family.layouts:
             raise ConversionError(f'{family.name} has no torch layout {layout!r}; choose {family.torch_layout}'
                                   + ''.join(f' or {n}' for n in family.layouts))
-        state = family.layouts[layout][1](state)
+        writer = family.layouts[layout][1]
+        state = writer(state, model) if layout in family.layout_models else writer(state)
     note = family.layout_note(model, layout)
     if note:
         log(f'warning: {layout} layout: {note}')

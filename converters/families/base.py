@@ -42,6 +42,8 @@ class Family:
     # the torch layout the rule table speaks; other named layouts convert to and from it
     torch_layout: str = 'timm'
     layouts: Dict[str, Tuple[Callable, Callable]] = {}
+    # the layouts whose writer (the second function) takes the model as well as the state_dict
+    layout_models: Tuple[str, ...] = ()
     # what a named layout implies about the computation: {layout: (config fields, why)}, said out loud on read
     layout_config: Dict[str, Tuple[dict, str]] = {}
     # layouts whose files wrap the state_dict: {layout: key} (torch.save({key: state}))

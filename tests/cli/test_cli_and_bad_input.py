@@ -218,7 +218,7 @@ def test_set_values_are_checked_against_the_field_types_before_a_model_is_built(
     out = tmp_path / 'o.npz'
     for setting, fragments in [
             ('depth=six', ["depth='six' (str)", 'wants int']),
-            ('foo=1', ["unknown option(s) ['foo']", "valid: ['attn_drop_rate'", "'depth'"]),
+            ('foo=1', ["unknown option(s) ['foo']", "valid: ['act_layer'", "'depth'"]),
             ('qkv_bias=1', ['qkv_bias=1 (int)', 'wants bool']),
             ('img_size=(224,"a")', ['img_size=(224, \'a\')', 'wants int or a tuple of int']),
             ('gelu=fast', ["gelu='fast'", "wants one of 'exact', 'tanh'"]),

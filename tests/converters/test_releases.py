@@ -1,0 +1,103 @@
+"""The releases' own ViT files, read and written back, judged by the releases' own code: facebookresearch/dinov2's
+DinoVisionTransformer (vendored in tests/reference/dinov2, as released) and open_clip's VisionTransformer."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from flax.traverse_util import flatten_dict
+
+from converters import pipeline
+from converters.errors import ConversionError
+
+from helpers import cli, images, perturb_timm, rel_err, run_flax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'reference'))
+from dinov2.models import vision_transformer as dinov2_vits  # noqa: E402
+
+
+def _nchw(x):
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+def _dinov2(registers: int, ffn: str, seed=0):
+    """DINOv2's hub model (dinov2/hub/backbones.py's arguments) at ViT-S width, 2 blocks, a 5x5 grid."""
+    torch.manual_seed(seed)
+    m = dinov2_vits.vit_small(img_size=70, patch_size=14, init_values=1.0, block_chunks=0, ffn_layer=ffn,
+                              num_register_tokens=registers, interpolate_antialias=bool(registers),
+                              interpolate_offset=0.0 if registers else 0.1)
+    m.blocks = m.blocks[:2]   # (vit_small fixes depth=12)
+    return perturb_timm(m)
+
+
+@pytest.mark.parametrize('registers,ffn', [(0, 'mlp'), (4, 'mlp'), (4, 'swiglufused')],
+                         ids=['dinov2', 'dinov2-reg4', 'dinov2-reg4-swiglu'])
+def test_dinov2_hub_files_read_and_write_back_for_dinov2s_own_model(tmp_path, registers, ffn):
+    ref = _dinov2(registers, ffn)
+    torch.save(ref.state_dict(), tmp_path / 'dinov2.pth')
+    x = images((2, 70, 70, 3))
+    with torch.no_grad():
+        y = ref(_nchw(x)).numpy()
+    name = 'vit_small_patch14_reg4_dinov2' if registers else 'vit_small_patch14_dinov2'
+    extra = dict(act_layer='silu', mlp_dim=2048) if ffn != 'mlp' else {}
+    model, params, ck = pipeline.load_model(tmp_path / 'dinov2.pth', name, img_size=70, depth=2, **extra)
+    assert ck.layout == 'dinov2' and model.reg_tokens == registers and model.no_embed_class == bool(registers)
+    assert model.mlp_layer == ('swiglu_packed' if ffn != 'mlp' else 'mlp')
+    assert any('mask_token dropped' in n for n in ck.notes)
+    assert rel_err(run_flax(model, params, x), y) < 1e-5
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'back.pth', layout='dinov2')
+    fresh = _dinov2(registers, ffn, seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True), strict=True)
+    with torch.no_grad():
+        assert rel_err(fresh.eval()(_nchw(x)).numpy(), y) < 1e-6
+
+
+def test_dinov2_layout_refuses_what_dinovisiontransformer_cannot_hold(tmp_path):
+    import vit_flax
+    model = vit_flax.create_model('vit_small_patch14_dinov2', depth=1, img_size=28, num_classes=10)
+    from helpers import perturb
+    flat = flatten_dict(perturb(model), sep='/')
+    with pytest.raises(ConversionError, match='cannot hold a classifier head'):
+        pipeline.write_flat(flat, model, tmp_path / 'x.pth', layout='dinov2')
+    assert not (tmp_path / 'x.pth').exists()
+
+
+def _open_clip(act, ls, seed=0):
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(seed)
+    return perturb_timm(VisionTransformer(image_size=64, patch_size=16, width=64, layers=2, heads=2, mlp_ratio=4.0,
+                                          output_dim=32, act_layer=act, ls_init_value=ls))
+
+
+@pytest.mark.parametrize('quick', [True, False], ids=['openai-quickgelu', 'laion-gelu-layerscale'])
+def test_open_clip_checkpoints_read_the_image_tower_and_write_back_for_open_clip(tmp_path, quick):
+    from open_clip.transformer import QuickGELU
+    act, ls = (QuickGELU, None) if quick else (nn.GELU, 0.1)
+    ref = _open_clip(act, ls)
+    whole = {f'visual.{k}': v for k, v in ref.state_dict().items()}   # beside a text tower, as open_clip saves
+    whole.update({'token_embedding.weight': torch.zeros(10, 8), 'positional_embedding': torch.zeros(7, 8),
+                  'text_projection': torch.zeros(8, 32), 'logit_scale': torch.ones(())})
+    torch.save(whole, tmp_path / 'open_clip_pytorch_model.bin')
+    x = images((2, 64, 64, 3))
+    with torch.no_grad():
+        y = ref(_nchw(x)).numpy()
+    sets = ['--set', 'embed_dim=64', '--set', 'depth=2', '--set', 'num_heads=2', '--set', 'img_size=64']
+    sets += ['--set', 'act_layer=quick_gelu'] if quick else []
+    r = cli('convert', tmp_path / 'open_clip_pytorch_model.bin', tmp_path / 'tower.safetensors',
+            '--model', 'vit_base_patch16_clip_224', *sets)
+    assert r.returncode == 0, r.stderr
+    assert 'open_clip layout' in r.stderr and ('does not record its activation' in r.stderr) == (not quick)
+    model, params, ck = pipeline.load_model(tmp_path / 'tower.safetensors', 'vit_base_patch16_clip_224',
+                                            embed_dim=64, depth=2, num_heads=2, img_size=64,
+                                            act_layer='quick_gelu' if quick else 'gelu')
+    assert model.num_classes == 32 and model.pre_norm and bool(model.init_values) == (not quick)
+    assert rel_err(run_flax(model, params, x), y) < 1e-5
+    r = cli('convert', tmp_path / 'tower.safetensors', tmp_path / 'back.pth', '--layout', 'open_clip',
+            '--model', 'vit_base_patch16_clip_224', *sets)
+    assert r.returncode == 0, r.stderr
+    fresh = _open_clip(act, ls, seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True), strict=True)
+    with torch.no_grad():
+        assert rel_err(fresh.eval()(_nchw(x)).numpy(), y) < 1e-6

@@ -82,6 +82,9 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
         base = vit_flax.create_model(model_name, **(arch or {}))
         for k, v in family.core(base).items():
             if cfg.get(k) is not None and cfg[k] != v:
+                if k in family.adaptable and k not in (arch or {}):   # the file's, adapted to the target later
+                    base = base.clone(**{k: cfg[k]})
+                    continue
                 raise ConversionError(f'{path}: checkpoint has {k}={cfg[k]}, but {model_name} has {k}={v}')
         name = model_name
     else:
@@ -411,7 +414,7 @@ def to_torch_state(flat, model, layout: Optional[str] = None,
 def output_layouts(model, fmt: str):
     family = family_of(model)
     if fmt == 'npz':
-        return family.npz_layouts
+        return family.npz_layouts_for(model)
     if fmt in ('torch', 'safetensors'):
         return (family.torch_layout,) + tuple(family.layouts)
     return ('flax',)

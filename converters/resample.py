@@ -53,3 +53,29 @@ def resample_pos_embed(pe: np.ndarray, new_grid: Sequence[int], num_prefix_token
         g = t[0].permute(1, 2, 0).numpy()
     g = g.reshape(1, -1, dim).astype(dtype)
     return np.concatenate([prefix, g], axis=1)
+
+
+def resample_patch_kernel(kernel: np.ndarray, new_patch: Sequence[int], method: str = DEFAULT_METHOD) -> np.ndarray:
+    """A patch-embedding kernel (ph, pw, C, D) (HWIO) resized to `new_patch` so that the new patches give the
+    same tokens as the old ones on the image resized with them: FlexiViT's pseudo-inverse resize (PI-resize),
+    as big_vision's `flexi` code and timm's `resample_patch_embed` compute it. Each output pixel of a resize
+    is a linear map B of the patch; the new kernel is pinv(B^T) applied to the old one, in float32 as timm.
+
+    `method`: 'bicubic' (antialiased, timm's default and its .pth loading) or 'bilinear' (no antialias,
+    timm's .npz loading, which FlexiViT's big_vision files go through)."""
+    if method not in ('bicubic', 'bilinear'):
+        raise ConversionError(f'patch-embedding resize: method {method!r} is not bicubic or bilinear')
+    import torch
+    import torch.nn.functional as F
+    old, new = tuple(kernel.shape[:2]), tuple(new_patch)
+    if old == new:
+        return kernel
+    n_old = old[0] * old[1]
+    basis = torch.eye(n_old, dtype=torch.float32).reshape(n_old, 1, *old)
+    resized = F.interpolate(basis, size=new, mode=method, antialias=(method == 'bicubic'), align_corners=False)
+    resize = resized.squeeze(1).permute(1, 2, 0).reshape(new[0] * new[1], n_old)   # (new pixels, old pixels)
+    pinv = torch.linalg.pinv(resize)                                               # (old, new)
+    c, d = kernel.shape[2:]
+    w = torch.from_numpy(np.ascontiguousarray(kernel.astype(np.float32).transpose(3, 2, 0, 1))).reshape(d, c, n_old)
+    out = (w @ pinv).reshape(d, c, *new).numpy()
+    return out.transpose(2, 3, 1, 0).astype(kernel.dtype)

@@ -42,6 +42,8 @@ class Family:
     # the torch layout the rule table speaks; other named layouts convert to and from it
     torch_layout: str = 'timm'
     layouts: Dict[str, Tuple[Callable, Callable]] = {}
+    # core fields a file may differ in from a named target, the weights adapted by `adapt` (ViT: patch_size)
+    adaptable: Tuple[str, ...] = ()
     # the layouts whose writer (the second function) takes the model as well as the state_dict
     layout_models: Tuple[str, ...] = ()
     # what a named layout implies about the computation: {layout: (config fields, why)}, said out loud on read
@@ -137,6 +139,10 @@ class Family:
         """(flat, layout, scanned) for a `.npz` in one of this family's own layouts, else None (then the file
         is read as a plain Flax tree)."""
         return None
+
+    def npz_layouts_for(self, model) -> Tuple[str, ...]:
+        """The `.npz` layouts `model` can be written in (the first is the default)."""
+        return self.npz_layouts
 
     def to_npz(self, flat, model, layout: str, log: Log):
         """The arrays a `.npz` of `layout` (one of `npz_layouts`) holds."""

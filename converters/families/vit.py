@@ -32,6 +32,7 @@ from vit_flax.models.resnet import ROOT_WIDTH
 from vit_flax.models.vit import VisionTransformer
 
 from ..errors import ConversionError
+from ..resample import resample_patch_kernel, resample_pos_embed
 from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
 from ..scan import SCANNED, is_scanned, unstack_blocks
 from .base import Family
@@ -477,6 +478,7 @@ class ViTFamily(Family):
     npz_layouts = LAYOUTS
     layouts = {'dinov2': (dinov2_to_timm, timm_to_dinov2), 'open_clip': (open_clip_to_timm, timm_to_open_clip)}
     layout_models = ('dinov2', 'open_clip')   # writers that take the model too (their checks need it)
+    adaptable = ('patch_size',)               # FlexiViT's PI-resize of the patch embedding (`adapt`)
 
     def detect_layout(self, state) -> str:
         """'dinov2' (a `mask_token`, or `register_tokens`), 'open_clip' (`class_embedding` beside `conv1`, with or
@@ -724,7 +726,20 @@ class ViTFamily(Family):
     def to_npz(self, flat, model, layout: str, log):
         """big_vision's layout holds the tree itself (fixed positions stay fixed); vit_jax's layouts hold a
         position table, written out for a sincos2d model."""
+        if layout == 'big_vision' and model.reg_tokens:
+            raise ConversionError('the big_vision layout has no register tokens; use linen')
+        if layout != 'linen' and model.no_embed_class and model.num_prefix_tokens and POS_KEY in flat:
+            # Google's layouts hold a table over [prefix, patches] (big_vision folds its class row into the
+            # token): zero rows for the prefix tokens are the same function
+            pe = flat[POS_KEY]
+            flat = {**flat, POS_KEY: np.concatenate(
+                [np.zeros((1, model.num_prefix_tokens, pe.shape[-1]), pe.dtype), pe], axis=1)}
         return flax_to_npz(flat if layout == 'big_vision' else self.store(flat, model, log), layout)
+
+    def npz_layouts_for(self, model) -> Tuple[str, ...]:
+        """vit_jax's released numbering has no LayerScale in a block: such models offer linen (the default, the
+        tree itself) and big_vision."""
+        return ('linen', 'big_vision') if model.init_values and model.block_fn == 'block' else LAYOUTS
 
     # ------------------------------------------------------------ matching and adapting
 
@@ -766,11 +781,46 @@ class ViTFamily(Family):
             log(f'pos_embedding: big_vision\'s fixed sincos2d positions written out as a learned table '
                 f'(grid {grid}, prefix rows zero)')
         else:
-            flat = super().adapt_positions(flat, src, dst, resample, log)
+            flat = self._prefix_rows(flat, src, dst, log)
+            if POS_KEY in flat and tuple(src.grid_size) != grid:
+                rows = 0 if dst.no_embed_class else dst.num_prefix_tokens
+                flat[POS_KEY] = resample_pos_embed(flat[POS_KEY], grid, rows, src.grid_size, resample)
+                log(f'pos_embedding: grid {tuple(src.grid_size)} -> {grid} ({resample}), '
+                    f'{rows} prefix row(s) kept aside')
+        return flat
+
+    def _prefix_rows(self, flat, src, dst, log):
+        """A table with rows for the prefix tokens made one without (`no_embed_class`, timm's DeiT III / FlexiViT /
+        register layout) by folding each row into its token, or the reverse with zero rows: the same function."""
+        n = src.num_prefix_tokens
+        if POS_KEY not in flat or not n or src.no_embed_class == dst.no_embed_class:
+            return flat
+        pe = flat[POS_KEY]
+        if dst.no_embed_class:
+            i = 0
+            for key, count in (('cls', int(src.has_class_token)), ('dist', int(src.distilled)), ('reg', src.reg_tokens)):
+                if count:
+                    flat[key] = (flat[key] + pe[:, i:i + count]).astype(flat[key].dtype)
+                    i += count
+            flat[POS_KEY] = pe[:, n:]
+            log(f'pos_embedding: {n} prefix row(s) folded into their tokens (no_embed_class: positions for the '
+                f'patches only)')
+        else:
+            flat[POS_KEY] = np.concatenate([np.zeros((1, n, pe.shape[-1]), pe.dtype), pe], axis=1)
+            log(f'pos_embedding: {n} zero row(s) for the prefix tokens written out (no_embed_class=False)')
         return flat
 
     def adapt(self, flat, src, dst, *, resample: str, bias_resize: str, log):
-        """Positions, then `pre_logits` dropped when `dst` has no representation layer."""
+        """The patch kernel PI-resized to `dst`'s patch (FlexiViT), positions, then `pre_logits` dropped when
+        `dst` has no representation layer."""
+        old, new = tuple(src.patch_size_tuple), tuple(dst.patch_size_tuple)
+        if old != new:
+            if src.spatial_dims != 2 or src.resnet is not None:
+                raise ConversionError(f'patch {old} -> {new}: only a 2-D ViT without a ResNet stem resizes its patches')
+            method = resample if resample in ('bicubic', 'bilinear') else 'bicubic'
+            flat['embedding/kernel'] = resample_patch_kernel(flat['embedding/kernel'], new, method)
+            log(f'embedding/kernel: patch {"x".join(map(str, old))} -> {"x".join(map(str, new))} by FlexiViT\'s '
+                f'pseudo-inverse resize ({method})')
         flat = super().adapt(flat, src, dst, resample=resample, bias_resize=bias_resize, log=log)
         rep = src.representation_size
         if rep and not dst.representation_size:

@@ -101,3 +101,43 @@ def test_open_clip_checkpoints_read_the_image_tower_and_write_back_for_open_clip
     fresh.load_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True), strict=True)
     with torch.no_grad():
         assert rel_err(fresh.eval()(_nchw(x)).numpy(), y) < 1e-6
+
+
+def test_flexivit_big_vision_file_loads_as_timms_own_npz_loader_reads_it(tmp_path):
+    """FlexiViT's big_vision files hold a 32x32 patch kernel and a 7x7 position grid; timm's npz loader
+    PI-resizes the kernel to flexivit_small's 16x16 (bilinear) and resamples the grid to 15x15. Ours the same."""
+    import timm
+    from timm.models.vision_transformer import _load_weights as timm_load_npz
+    import vit_flax
+    from converters import rules
+    from converters.families.vit import FAMILY
+    src = perturb_timm(timm.create_model('flexivit_small', pretrained=False, depth=2, patch_size=32, img_size=224))
+    model32 = vit_flax.create_model('flexivit_small', depth=2, patch_size=32, img_size=224)
+    flat = rules.torch_to_flax({k: v.numpy() for k, v in src.state_dict().items()}, FAMILY.rules(model32))
+    pipeline.write_flat(flat, model32, tmp_path / 'flexivit.npz', layout='big_vision')
+    raw = np.load(tmp_path / 'flexivit.npz')
+    assert raw['params/embedding/kernel'].shape[:2] == (32, 32) and raw['params/pos_embedding'].shape[1] == 49
+    theirs = timm.create_model('flexivit_small', pretrained=False, depth=2).eval()
+    timm_load_npz(theirs, str(tmp_path / 'flexivit.npz'))
+    lines = []
+    params = pipeline.load_params(tmp_path / 'flexivit.npz', 'flexivit_small', depth=2, resample='bilinear',
+                                  log=lines.append)
+    assert any('pseudo-inverse resize' in ln for ln in lines) and any('(7, 7) -> (15, 15)' in ln for ln in lines)
+    model = vit_flax.create_model('flexivit_small', depth=2)
+    kernel = theirs.patch_embed.proj.weight.detach().numpy().transpose(2, 3, 1, 0)
+    assert rel_err(params['embedding']['kernel'], kernel) < 1e-5
+    x = images((2, 240, 240, 3))
+    with torch.no_grad():
+        y = theirs(_nchw(x)).numpy()
+    assert rel_err(run_flax(model, params, x), y) < 1e-5
+
+
+@pytest.mark.parametrize('method', ['bicubic', 'bilinear'])
+@pytest.mark.parametrize('old,new', [((32, 32), (16, 16)), ((14, 14), (16, 16)), ((16, 16), (8, 12))])
+def test_patch_kernel_resize_is_timms_resample_patch_embed(method, old, new):
+    from timm.layers import resample_patch_embed
+    from converters.resample import resample_patch_kernel
+    w = torch.from_numpy(images((6, 3) + old))
+    theirs = resample_patch_embed(w, list(new), interpolation=method, antialias=method == 'bicubic').numpy()
+    ours = resample_patch_kernel(w.numpy().transpose(2, 3, 1, 0), new, method)
+    assert rel_err(ours.transpose(3, 2, 0, 1), theirs) < 1e-5

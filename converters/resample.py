@@ -4,6 +4,9 @@ Methods:
 - 'bicubic' (default): timm's `.pth` loading, `F.interpolate(mode='bicubic', antialias=True)`.
 - 'bilinear': timm's `.npz` loading, `F.interpolate(mode='bilinear', antialias=False)`.
 - 'google': vit_jax / big_vision, `scipy.ndimage.zoom(order=1)` (align-corners linear).
+- 'dinov2': facebookresearch/dinov2's `interpolate_pos_encoding` without registers: bicubic, no antialias, at
+  the scale factor (new + 0.1) / old (their "historical kludge"); with registers DINOv2 uses `size=` and
+  antialias, which is 'bicubic'.
 Prefix tokens (cls, dist) are kept aside and never interpolated.
 """
 import math
@@ -13,7 +16,7 @@ import numpy as np
 
 from .errors import ConversionError
 
-METHODS = ('bicubic', 'bilinear', 'google')
+METHODS = ('bicubic', 'bilinear', 'google', 'dinov2')
 DEFAULT_METHOD = 'bicubic'
 
 
@@ -48,8 +51,14 @@ def resample_pos_embed(pe: np.ndarray, new_grid: Sequence[int], num_prefix_token
         import torch
         import torch.nn.functional as F
         t = torch.from_numpy(np.ascontiguousarray(g)).permute(2, 0, 1)[None]
-        t = F.interpolate(t, size=new_grid, mode=method, antialias=(method == 'bicubic'),
-                          align_corners=False)
+        if method == 'dinov2':
+            scale = tuple(float(n + 0.1) / o for n, o in zip(new_grid, old_grid))
+            t = F.interpolate(t, scale_factor=scale, mode='bicubic', antialias=False)
+            if tuple(t.shape[-2:]) != new_grid:
+                raise ConversionError(f'dinov2 resampling gave a grid {tuple(t.shape[-2:])}, not {new_grid}')
+        else:
+            t = F.interpolate(t, size=new_grid, mode=method, antialias=(method == 'bicubic'),
+                              align_corners=False)
         g = t[0].permute(1, 2, 0).numpy()
     g = g.reshape(1, -1, dim).astype(dtype)
     return np.concatenate([prefix, g], axis=1)

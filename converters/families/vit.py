@@ -352,6 +352,29 @@ def timm_to_open_clip(state, model):
     return out
 
 
+# DeiT III's own files (facebookresearch/deit `models_v2.py`, `{'model': state_dict}`): timm's keys but
+# LayerScale as `blocks.N.gamma_1` / `gamma_2` (timm `ls1.gamma` / `ls2.gamma`); positions for the patches only.
+
+def deit3_to_timm(state):
+    return {k.replace('.gamma_1', '.ls1.gamma').replace('.gamma_2', '.ls2.gamma'): v for k, v in state.items()}
+
+
+def timm_to_deit3(state, model):
+    """timm's layout -> what DeiT III's `vit_models` (Layer_scale_init_Block) loads strictly."""
+    what = [why for bad, why in [
+        (not (model.init_values and model.block_fn == 'block'), 'no LayerScale'),
+        (not model.has_class_token or model.distilled or model.reg_tokens, 'other prefix tokens than one cls'),
+        (not model.no_embed_class, 'a position row for the class token'), (model.pool_type != 'token', 'pooling'),
+        (model.pre_norm or model.use_fc_norm or not model.final_norm or model.norm_layer != 'layernorm'
+         or model.qk_norm or model.scale_attn_norm or model.scale_mlp_norm, 'other norms'),
+        (model.mlp_layer != 'mlp' or not model.proj_bias, 'another MLP'),
+        (model.resnet is not None or model.embed_norm or model.spatial_dims != 2, 'another patch embedding'),
+        (model.representation_size, 'a pre_logits layer')] if bad]
+    if what:
+        raise ConversionError(f'the deit3 layout (DeiT III vit_models) cannot hold {what[0]}')
+    return {k.replace('.ls1.gamma', '.gamma_1').replace('.ls2.gamma', '.gamma_2'): v for k, v in state.items()}
+
+
 # ---------------------------------------------------------------- the rule table and the architecture
 
 POS_KEY = 'Transformer/posembed_input/pos_embedding'
@@ -470,23 +493,28 @@ def img_size_override(cfg: dict, model):
 
 class ViTFamily(Family):
     """`vit_flax.VisionTransformer`: ViT, DeiT, R+ViT hybrids, SigLIP towers, 1-D ViTs, and timm's other ViTs
-    (DINOv2, CLIP, DeiT III, ...). Torch layouts: timm's (the rule table's), facebookresearch/dinov2's hub files
-    and OpenAI / open_clip image towers, detected from the keys and written with `--layout dinov2|open_clip`."""
+    (DINOv2, CLIP, DeiT III, ...). Torch layouts: timm's (the rule table's), facebookresearch/dinov2's hub files,
+    OpenAI / open_clip image towers and DeiT III's own files, detected from the keys and written with
+    `--layout dinov2|open_clip|deit3`."""
     name = 'vit'
     module_cls = VisionTransformer
     pos_key = POS_KEY
     npz_layouts = LAYOUTS
-    layouts = {'dinov2': (dinov2_to_timm, timm_to_dinov2), 'open_clip': (open_clip_to_timm, timm_to_open_clip)}
-    layout_models = ('dinov2', 'open_clip')   # writers that take the model too (their checks need it)
+    layouts = {'dinov2': (dinov2_to_timm, timm_to_dinov2), 'open_clip': (open_clip_to_timm, timm_to_open_clip),
+               'deit3': (deit3_to_timm, timm_to_deit3)}
+    layout_models = ('dinov2', 'open_clip', 'deit3')   # writers that take the model too (their checks need it)
+    torch_wrap = {'deit3': 'model'}                    # as DeiT III's own training script saves
     adaptable = ('patch_size',)               # FlexiViT's PI-resize of the patch embedding (`adapt`)
 
     def detect_layout(self, state) -> str:
         """'dinov2' (a `mask_token`, or `register_tokens`), 'open_clip' (`class_embedding` beside `conv1`, with or
-        without `visual.`), else 'timm'."""
+        without `visual.`), 'deit3' (`gamma_1`), else 'timm'."""
         if is_open_clip(state):
             return 'open_clip'
         if 'mask_token' in state or 'register_tokens' in state:
             return 'dinov2'
+        if 'blocks.0.gamma_1' in state:
+            return 'deit3'
         return 'timm'
 
     def resolve(self, cfg: dict, arch, layout: str, model_name, path: str):

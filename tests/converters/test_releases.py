@@ -141,3 +141,40 @@ def test_patch_kernel_resize_is_timms_resample_patch_embed(method, old, new):
     theirs = resample_patch_embed(w, list(new), interpolation=method, antialias=method == 'bicubic').numpy()
     ours = resample_patch_kernel(w.numpy().transpose(2, 3, 1, 0), new, method)
     assert rel_err(ours.transpose(3, 2, 0, 1), theirs) < 1e-5
+
+
+def test_deit3_own_files_read_and_write_back_for_deit3s_vit_models(tmp_path):
+    """DeiT III's models_v2.py (vendored as released) saves {'model': ...} with LayerScale as gamma_1/gamma_2."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'reference'))
+    import deit_models_v2
+    make = lambda: deit_models_v2.vit_models(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                                             mlp_ratio=4, qkv_bias=True, num_classes=10, init_scale=1e-4,
+                                             block_layers=deit_models_v2.Layer_scale_init_Block,
+                                             norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6))
+    ref = perturb_timm(make())
+    torch.save({'model': ref.state_dict()}, tmp_path / 'deit_3_small_224_1k.pth')
+    x = images((2, 64, 64, 3))
+    with torch.no_grad():
+        y = ref(_nchw(x)).numpy()
+    model, params, ck = pipeline.load_model(tmp_path / 'deit_3_small_224_1k.pth', 'deit3_small_patch16_224',
+                                            embed_dim=64, depth=2, num_heads=2, img_size=64)
+    assert ck.layout == 'deit3' and model.no_embed_class and model.init_values and model.num_classes == 10
+    assert rel_err(run_flax(model, params, x), y) < 1e-5
+    pipeline.write_flat(flatten_dict(params, sep='/'), model, tmp_path / 'back.pth', layout='deit3')
+    fresh = make()
+    fresh.load_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True)['model'], strict=True)
+    with torch.no_grad():
+        assert rel_err(fresh.eval()(_nchw(x)).numpy(), y) < 1e-6
+
+
+def test_dinov2_resample_method_is_dinovisiontransformers_own_interpolation(tmp_path):
+    """A DINOv2 file (5x5 grid) loaded at 98 px (7x7) with resample='dinov2' computes what DinoVisionTransformer
+    computes on a 98 px image: its interpolate_pos_encoding (bicubic, offset 0.1) resamples in the forward."""
+    ref = _dinov2(0, 'mlp')
+    torch.save(ref.state_dict(), tmp_path / 'dinov2.pth')
+    x = images((2, 98, 98, 3))
+    with torch.no_grad():
+        y = ref(_nchw(x)).numpy()
+    model, params, _ = pipeline.load_model(tmp_path / 'dinov2.pth', 'vit_small_patch14_dinov2', depth=2,
+                                           img_size=98, resample='dinov2')
+    assert rel_err(run_flax(model, params, x), y) < 1e-5

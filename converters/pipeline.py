@@ -66,11 +66,13 @@ def _family_names(family: Family) -> List[str]:
     return [n for n in list_models() if model_config(n)[0] is family.module_cls]
 
 
-def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] = None, arch: Optional[dict] = None):
+def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
+                adapt_core: bool = False):
     """(name, module) for the checkpoint architecture `cfg`.
 
     `model_name` pins the registered base, and `arch` overrides its fields (a custom depth, patch size...)
-    before the checkpoint is checked against it. Without a name, the registered model sharing the most
+    before the checkpoint is checked against it; with `adapt_core` (a caller that adapts the weights to that
+    registered model, `load_params`) the family's `adaptable` core fields may differ and keep the file's. Without a name, the registered model sharing the most
     core fields is taken; an architecture no name has is accepted when the file records every core field
     (npz/orbax record the heads, a fused torch qkv does not).
     """
@@ -82,7 +84,7 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
         base = vit_flax.create_model(model_name, **(arch or {}))
         for k, v in family.core(base).items():
             if cfg.get(k) is not None and cfg[k] != v:
-                if k in family.adaptable and k not in (arch or {}):   # the file's, adapted to the target later
+                if adapt_core and k in family.adaptable:   # the file's; the weights adapted to the target later
                     base = base.clone(**{k: cfg[k]})
                     continue
                 raise ConversionError(f'{path}: checkpoint has {k}={cfg[k]}, but {model_name} has {k}={v}')
@@ -105,7 +107,8 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
 # ---------------------------------------------------------------- reading
 
 def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
-                    img_size=None, step=None, log: Callable[[str], None] = _stderr) -> Checkpoint:
+                    img_size=None, step=None, log: Callable[[str], None] = _stderr,
+                    adapt_core: bool = False) -> Checkpoint:
     """Read any supported checkpoint and decode it into the flat Flax tree of a matching model.
 
     `path`: a file, an orbax folder, a timm model folder, `hf-hub:ORG/NAME` (local cache only) or a
@@ -113,6 +116,7 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
     `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
     table does not say whether 280 patches are 14x20 or 20x14).
+    `adapt_core`: see `match_model` (`load_params` adapts a FlexiViT patch kernel to the named model's).
     """
     path = str(path)
     if training_ckpt.is_training_checkpoint(path):
@@ -153,7 +157,7 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
                    path, model_name)
     cfg, arch, resolved = family.resolve(cfg, arch, layout, model_name, path)
     notes += resolved
-    name, model = match_model(family, cfg, path, model_name, arch)
+    name, model = match_model(family, cfg, path, model_name, arch, adapt_core)
     if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
         model = model.clone(scan_blocks=True)
     if flat is None:
@@ -328,9 +332,10 @@ def check_finite(flat: Dict[str, np.ndarray], where: str, allow: bool = False,
 
 
 def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast,
-          allow_nonfinite=False, step=None):
+          allow_nonfinite=False, step=None, adapt_core=False):
     """read -> adapt to the target -> validate: the path shared by load_model and load_params."""
-    ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'), step, log)
+    ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'), step, log,
+                         adapt_core)
     for note in ck.notes:
         log(note)
     _check_options(type(ck.model), overrides, path, ck.model_name)
@@ -388,7 +393,7 @@ def load_into(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, hea
         family_of(target).check_target(src, target, path, model_name, overrides)
         return target
     _, params, ck = _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast=True,
-                          allow_nonfinite=allow_nonfinite)
+                          allow_nonfinite=allow_nonfinite, adapt_core=True)
     return params, ck
 
 

@@ -33,7 +33,7 @@ from vit_flax.models.vit import VisionTransformer
 
 from ..errors import ConversionError
 from ..resample import resample_patch_kernel, resample_pos_embed
-from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
+from ..rules import CONV, Rule, Transform, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
 from ..scan import SCANNED, is_scanned, unstack_blocks
 from .base import Family
 
@@ -385,6 +385,24 @@ def _attention_out(flax: str, torch: str, heads: int, bias: bool = True) -> List
         ([rule(f'{flax}/out/bias', f'{torch}.bias')] if bias else [])
 
 
+def _fc1_and_heads(num_heads: int, dim: int, kernel: bool = True) -> Transform:
+    """ParallelScalingBlock's `in_proj` (timm): the MLP's first Linear and q, k, v fused, in that order, as one
+    Linear ((hidden + 3D, D), or its bias) <-> MlpBlock's Dense_0 and attention's query/key/value."""
+    qkv = heads_in(num_heads, 3, kernel)
+
+    def to_torch(arrays):
+        fc1 = arrays[0].T if kernel else arrays[0]
+        return [np.concatenate([fc1] + qkv.to_torch(arrays[1:]), axis=0)]
+
+    def to_flax(arrays):
+        (w,) = arrays
+        hidden = w.shape[0] - 3 * dim
+        fc1 = w[:hidden].T if kernel else w[:hidden]
+        return [np.ascontiguousarray(fc1)] + qkv.to_flax([w[hidden:]])
+
+    return Transform(f'fc1_and_heads(h={num_heads},{"kernel" if kernel else "bias"})', to_torch, to_flax)
+
+
 def _mlp(flax: str, torch: str, kind: str, bias: bool) -> List[Rule]:
     """timm's Mlp and SwiGLUPacked (fc1, fc2) or SwiGLU (fc1_g, fc1_x, fc2) <-> MlpBlock's Dense_0, Dense_1
     (and Dense_gate)."""
@@ -403,6 +421,35 @@ def _count(keys, pattern):
 def _check_kernel(kernel, key):
     if kernel.ndim not in (3, 4):
         raise ValueError(f'{key} has shape {kernel.shape}: a 1-D or 2-D convolution kernel has 3 or 4 dims')
+
+
+def _as_standard_block(state):
+    """(state, block_fn): block 0 of a ParallelThingsBlock or ParallelScalingBlock state_dict also under the
+    names a timm Block has (norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1/fc2), so that one reader takes all
+    three; 'block' stands for Block and ResPostBlock alike (their keys are the same)."""
+    t = 'blocks.0.'
+    if f'{t}attns.0.norm.weight' in state:
+        pairs = [('attns.0.norm.', 'norm1.'), ('attns.0.attn.', 'attn.'), ('attns.0.ls.', 'ls1.'),
+                 ('ffns.0.norm.', 'norm2.'), ('ffns.0.mlp.', 'mlp.')]
+        kind = 'parallel_things'
+    elif f'{t}in_proj.weight' in state:
+        w = state[f'{t}in_proj.weight']
+        dim = w.shape[1]
+        view = {f'{t}attn.qkv.weight': w[-3 * dim:], f'{t}mlp.fc1.weight': w[:-3 * dim]}
+        if f'{t}in_proj.bias' in state:
+            view[f'{t}attn.qkv.bias'] = state[f'{t}in_proj.bias'][-3 * dim:]
+        pairs = [('in_norm.', 'norm1.'), ('in_norm.', 'norm2.'), ('attn_out_proj.', 'attn.proj.'),
+                 ('mlp_out_proj.', 'mlp.fc2.'), ('q_norm.', 'attn.q_norm.'), ('ls.', 'ls1.')]
+        state = {**state, **view}
+        kind = 'parallel_scaling'
+    else:
+        return state, 'block'
+    extra = {}
+    for k, v in state.items():
+        for a, b in pairs:
+            if k.startswith(t + a):
+                extra[t + b + k[len(t + a):]] = v
+    return {**state, **extra}, kind
 
 
 def _packed(hidden: int, fc2_in: int) -> str:
@@ -565,21 +612,53 @@ class ViTFamily(Family):
             rules.append(rule('reg', 'reg_token'))
         if model.pre_norm:
             rules += norm('Transformer/pre_norm', 'norm_pre')
-        layer_scale = model.init_values and model.block_fn == 'block'
+        layer_scale = model.init_values and model.block_fn != 'res_post'
+
+        def attention(f, mha, t, qkv_key='qkv'):
+            out = [rule(tuple(f'{mha}/{n}/kernel' for n in ('query', 'key', 'value')), f'{t}.{qkv_key}.weight',
+                        heads_in(h, 3))] if qkv_key else []
+            if model.qkv_bias and qkv_key:
+                out.append(rule(tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value')), f'{t}.{qkv_key}.bias',
+                                heads_in(h, 3, kernel=False)))
+            if model.qk_norm:
+                out += norm(f'{mha}/query_norm', f'{t}.q_norm') + norm(f'{mha}/key_norm', f'{t}.k_norm')
+            if model.scale_attn_norm:
+                out += norm(f'{mha}/out_norm', f'{t}.norm')
+            return out
+
         for i in range(model.depth):
             f, t = f'Transformer/encoderblock_{i}', f'blocks.{i}'
-            mha = f'{f}/MultiHeadDotProductAttention_0'
-            rules += norm(f'{f}/LayerNorm_0', f'{t}.norm1')
-            qkv = tuple(f'{mha}/{n}/kernel' for n in ('query', 'key', 'value'))
-            rules.append(rule(qkv, f'{t}.attn.qkv.weight', heads_in(h, 3)))
-            if model.qkv_bias:
-                qkv_b = tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value'))
-                rules.append(rule(qkv_b, f'{t}.attn.qkv.bias', heads_in(h, 3, kernel=False)))
-            if model.qk_norm:
-                rules += norm(f'{mha}/query_norm', f'{t}.attn.q_norm') + norm(f'{mha}/key_norm', f'{t}.attn.k_norm')
-            if model.scale_attn_norm:
-                rules += norm(f'{mha}/out_norm', f'{t}.attn.norm')
-            rules += _attention_out(mha, f'{t}.attn.proj', h, bias=model.proj_bias)
+            mha = f'{f}/MultiHeadDotProductAttention_{{}}'
+            if model.block_fn == 'parallel_things':   # timm: attns.{j}.{norm, attn, ls}, ffns.{j}.{norm, mlp, ls}
+                for j in range(2):
+                    a, m = f'{t}.attns.{j}', f'{t}.ffns.{j}'
+                    rules += norm(f'{f}/LayerNorm_{j}', f'{a}.norm') + attention(f, mha.format(j), f'{a}.attn')
+                    rules += _attention_out(mha.format(j), f'{a}.attn.proj', h, bias=model.proj_bias)
+                    rules += norm(f'{f}/LayerNorm_{2 + j}', f'{m}.norm')
+                    rules += _mlp(f'{f}/MlpBlock_{j}', f'{m}.mlp', model.mlp_layer, model.proj_bias)
+                    if model.scale_mlp_norm:
+                        rules += norm(f'{f}/MlpBlock_{j}/norm', f'{m}.mlp.norm')
+                    if layer_scale:
+                        rules += [rule(f'{f}/LayerScale_{j}/scale', f'{a}.ls.gamma'),
+                                  rule(f'{f}/LayerScale_{2 + j}/scale', f'{m}.ls.gamma')]
+                continue
+            if model.block_fn == 'parallel_scaling':   # timm: in_norm, in_proj = [fc1; q; k; v], two out projections
+                mha0, mlp0 = mha.format(0), f'{f}/MlpBlock_0'
+                rules += norm(f'{f}/LayerNorm_0', f'{t}.in_norm') + attention(f, mha0, t, qkv_key=None)
+                rules.append(rule((f'{mlp0}/Dense_0/kernel',) + tuple(f'{mha0}/{n}/kernel' for n in ('query', 'key', 'value')),
+                                  f'{t}.in_proj.weight', _fc1_and_heads(h, model.embed_dim)))
+                if model.qkv_bias:
+                    rules.append(rule((f'{mlp0}/Dense_0/bias',) + tuple(f'{mha0}/{n}/bias' for n in ('query', 'key', 'value')),
+                                      f'{t}.in_proj.bias', _fc1_and_heads(h, model.embed_dim, kernel=False)))
+                else:
+                    rules.append(rule(f'{mlp0}/Dense_0/bias', f'{t}.mlp_bias'))
+                rules += _attention_out(mha0, f'{t}.attn_out_proj', h, bias=model.proj_bias)
+                rules += dense_rules(f'{mlp0}/Dense_1', f'{t}.mlp_out_proj', model.proj_bias)
+                if layer_scale:
+                    rules.append(rule(f'{f}/LayerScale_0/scale', f'{t}.ls.gamma'))
+                continue
+            rules += norm(f'{f}/LayerNorm_0', f'{t}.norm1') + attention(f, mha.format(0), f'{t}.attn')
+            rules += _attention_out(mha.format(0), f'{t}.attn.proj', h, bias=model.proj_bias)
             if layer_scale:
                 rules += [rule(f'{f}/LayerScale_0/scale', f'{t}.ls1.gamma'),
                           rule(f'{f}/LayerScale_1/scale', f'{t}.ls2.gamma')]
@@ -613,7 +692,7 @@ class ViTFamily(Family):
         """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`."""
         from functools import partial
         from timm.layers import LayerNorm, RmsNorm, SwiGLU, SwiGLUPacked
-        from timm.models.vision_transformer import ResPostBlock
+        from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
         act = {'exact': 'gelu', 'tanh': 'gelu_tanh'}.get(model.activation, model.activation)
         # timm's names where its default eps (1e-6) is the model's (they fit in a timm folder's config.json)
         norm = model.norm_layer if model.norm_eps == 1e-6 else \
@@ -628,8 +707,9 @@ class ViTFamily(Family):
                   scale_mlp_norm=model.scale_mlp_norm, dynamic_img_size=model.dynamic_img_size)
         if model.mlp_layer != 'mlp':
             kw['mlp_layer'] = {'swiglu': SwiGLU, 'swiglu_packed': SwiGLUPacked}[model.mlp_layer]
-        if model.block_fn == 'res_post':
-            kw['block_fn'] = ResPostBlock
+        if model.block_fn != 'block':
+            kw['block_fn'] = {'res_post': ResPostBlock, 'parallel_things': ParallelThingsBlock,
+                              'parallel_scaling': ParallelScalingBlock}[model.block_fn]
         if model.embed_norm:
             kw['embed_norm_layer'] = norm
         if model.resnet is not None:
@@ -646,6 +726,9 @@ class ViTFamily(Family):
 
     def config_from_flax(self, flat) -> dict:
         """Architecture fields of `VisionTransformer` read off a flat linen tree."""
+        b0 = 'Transformer/encoderblock_0'
+        block_fn = 'parallel_things' if f'{b0}/MultiHeadDotProductAttention_1/query/kernel' in flat else \
+            'parallel_scaling' if f'{b0}/LayerNorm_0/scale' in flat and f'{b0}/LayerNorm_1/scale' not in flat else 'block'
         kernel = flat['embedding/kernel']
         _check_kernel(kernel, 'embedding/kernel')
         depth = _count(flat, r'^Transformer/encoderblock_(\d+)/')
@@ -667,11 +750,13 @@ class ViTFamily(Family):
                    layer_scale=f'{b0}/LayerScale_0/scale' in flat,
                    norm_layer='layernorm' if f'{b0}/LayerNorm_0/bias' in flat else 'rmsnorm',
                    mlp_layer='swiglu' if swiglu else _packed(hidden, flat[f'{mlp}/Dense_1/kernel'].shape[0]))
+        cfg['block_fn'] = block_fn
         return _pooling(_positions(cfg, flat.get(POS_KEY)), map_head='MAPHead_0/probe' in flat,
                         encoder_norm='Transformer/encoder_norm/scale' in flat, fc_norm='pool_norm/scale' in flat)
 
     def config_from_torch(self, state) -> dict:
         """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
+        state, block_fn = _as_standard_block(state)
         w = state['patch_embed.proj.weight']
         _check_kernel(w, 'patch_embed.proj.weight')
         resnet, stem_in = resnet_from_torch(state)
@@ -691,6 +776,7 @@ class ViTFamily(Family):
                    scale_mlp_norm=f'{b0}.mlp.norm.weight' in state, layer_scale=f'{b0}.ls1.gamma' in state,
                    norm_layer='layernorm' if f'{b0}.norm1.bias' in state else 'rmsnorm',
                    mlp_layer='swiglu' if swiglu else _packed(hidden, state[f'{b0}.mlp.fc2.weight'].shape[1]))
+        cfg['block_fn'] = block_fn
         return _pooling(_positions(cfg, state['pos_embed']), map_head='attn_pool.latent' in state,
                         encoder_norm='norm.weight' in state, fc_norm='fc_norm.weight' in state)
 
@@ -725,7 +811,11 @@ class ViTFamily(Family):
         kw = {k: cfg[k] for k, v in current.items() if k in cfg and cfg[k] != v}
         if cfg.get('global_pool') is not None and not _same_pooling(cfg, model):
             kw.update(global_pool=cfg['global_pool'], fc_norm=None)
-        if 'layer_scale' in cfg and model.block_fn == 'block' and cfg['layer_scale'] != bool(model.init_values):
+        read_block = cfg.get('block_fn', 'block')
+        if read_block != ('block' if model.block_fn in ('block', 'res_post') else model.block_fn):
+            kw['block_fn'] = read_block
+        if 'layer_scale' in cfg and kw.get('block_fn', model.block_fn) != 'res_post' \
+                and cfg['layer_scale'] != bool(model.init_values):
             kw['init_values'] = 1e-5 if cfg['layer_scale'] else None   # the value only seeds training
         if 'resnet' in kw:  # the stem decides how many tokens an image makes
             model = model.clone(resnet=kw['resnet'])
@@ -883,8 +973,10 @@ class ViTFamily(Family):
                 source = 'big_vision SigLIP image tower' if siglip else 'big_vision image tower (two-tower file)'
             elif ck.layout == 'big_vision':
                 source = f'big_vision {arch}'
-            else:
-                source = arch if model.resnet is not None else f'Google {arch}'
+            else:   # a tree Google's own models do not have (LayerScale, registers, ...) is not "Google's"
+                google = not (model.init_values or model.reg_tokens or model.pre_norm or model.qk_norm
+                              or model.mlp_layer != 'mlp' or model.norm_layer != 'layernorm' or model.no_embed_class)
+                source = arch if model.resnet is not None else f'{"Google" if google else "Flax"} {arch}'
                 notes.append(ck.layout)
             if prefix == 'opt/target/':
                 notes.append('opt/target/ prefix')

@@ -178,6 +178,7 @@ class MlpBlock(nn.Module):
     bias_init: Callable = nn.initializers.normal(stddev=1e-6)
     kind: str = 'mlp'
     use_bias: bool = True
+    in_bias: Optional[bool] = None   # the first layer's bias when it differs from `use_bias`
     norm: Optional[str] = None
     norm_eps: float = 1e-6
 
@@ -187,7 +188,8 @@ class MlpBlock(nn.Module):
         fc = partial(dense, dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
                      use_bias=self.use_bias)
         act = gelu_fn(self.gelu)
-        h = fc(self.mlp_dim, name='Dense_0')(x)
+        in_bias = self.use_bias if self.in_bias is None else self.in_bias
+        h = fc(self.mlp_dim, name='Dense_0', use_bias=in_bias)(x)
         if self.kind == 'swiglu_packed':
             if self.mlp_dim % 2:
                 raise ModelConfigError(f'a packed SwiGLU needs an even hidden width, got mlp_dim {self.mlp_dim}')

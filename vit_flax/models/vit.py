@@ -126,7 +126,12 @@ class Encoder1DBlock(nn.Module):
 
     `block_fn='block'` (timm Block): pre-norm, x + ls1(attn(LN(x))), then x + ls2(mlp(LN(x))).
     `block_fn='res_post'` (timm ResPostBlock): x + LN(attn(x)), then x + LN(mlp(x)); its norms start at
-    `init_values` and it has no LayerScale. Each branch has drop path.
+    `init_values` and it has no LayerScale.
+    `block_fn='parallel_things'` (timm ParallelThingsBlock, "three things"): x + sum_i ls_i(attn_i(LN_i(x))), then
+    x + sum_i ls_(2+i)(mlp_i(LN_(2+i)(x))) over two branches: children numbered on: LayerNorm_{0..3},
+    MultiHeadDotProductAttention_{0,1}, MlpBlock_{0,1}, LayerScale_{0..3}.
+    `block_fn='parallel_scaling'` (timm ParallelScalingBlock, ViT-22B): y = LN(x), x + ls(attn(y) + mlp(y)); the
+    MLP's first layer always has a bias (timm's in_proj bias or its `mlp_bias`). Each branch has drop path.
     """
     num_heads: int
     mlp_dim: int
@@ -151,30 +156,43 @@ class Encoder1DBlock(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        if self.block_fn not in ('block', 'res_post', 'parallel_things', 'parallel_scaling'):
+            raise ModelConfigError(f"block_fn must be 'block', 'res_post', 'parallel_things' or 'parallel_scaling', "
+                                   f"got {self.block_fn!r}")
         post = self.block_fn == 'res_post'
-        if self.block_fn not in ('block', 'res_post'):
-            raise ModelConfigError(f"block_fn must be 'block' or 'res_post', got {self.block_fn!r}")
         norm_init = nn.initializers.constant(self.init_values) if post and self.init_values is not None \
             else nn.initializers.ones
         norm = lambda name: make_norm(self.norm, self.norm_eps, self.dtype, name=name, scale_init=norm_init)
         scale = (lambda name, y: LayerScale(self.init_values, name=name)(y)) if self.init_values and not post \
             else (lambda name, y: y)
+        drop_path = lambda y: DropPath()(y, rate=rate, deterministic=deterministic)
+        attn = lambda i, y, out_bias=self.proj_bias: MultiHeadDotProductAttention(
+            num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
+            attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl, qk_norm=self.qk_norm,
+            scale_norm=self.scale_attn_norm, out_bias=out_bias, norm=self.norm, norm_eps=self.norm_eps,
+            name=f'MultiHeadDotProductAttention_{i}')(y, deterministic=deterministic)
+        mlp = lambda i, y, in_bias=self.proj_bias: MlpBlock(
+            mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,
+            kind=self.mlp_layer, use_bias=self.proj_bias, in_bias=in_bias,
+            norm=self.norm if self.scale_mlp_norm else None, norm_eps=self.norm_eps, name=f'MlpBlock_{i}')(y, deterministic)
+        proj_drop = lambda y: nn.Dropout(rate=self.proj_drop_rate)(y, deterministic=deterministic)
+        if self.block_fn == 'parallel_scaling':   # one norm, attention and MLP side by side, one LayerScale
+            y = norm('LayerNorm_0')(x)
+            return x + drop_path(scale('LayerScale_0', attn(0, y) + mlp(0, y, in_bias=True)))
+        if self.block_fn == 'parallel_things':    # two attentions side by side, then two MLPs
+            n = 2
+            x = x + sum(drop_path(scale(f'LayerScale_{i}', proj_drop(attn(i, norm(f'LayerNorm_{i}')(x)))))
+                        for i in range(n))
+            return x + sum(drop_path(scale(f'LayerScale_{n + i}', mlp(i, norm(f'LayerNorm_{n + i}')(x))))
+                           for i in range(n))
         y = x if post else norm('LayerNorm_0')(x)
-        y = MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
-                                         attn_drop_rate=self.attn_drop_rate, dtype=self.dtype,
-                                         attn_impl=self.attn_impl, qk_norm=self.qk_norm,
-                                         scale_norm=self.scale_attn_norm, out_bias=self.proj_bias, norm=self.norm,
-                                         norm_eps=self.norm_eps,
-                                         name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
-        y = nn.Dropout(rate=self.proj_drop_rate)(y, deterministic=deterministic)
+        y = proj_drop(attn(0, y))
         y = norm('LayerNorm_0')(y) if post else scale('LayerScale_0', y)
-        x = x + DropPath()(y, rate=rate, deterministic=deterministic)
+        x = x + drop_path(y)
         y = x if post else norm('LayerNorm_1')(x)
-        y = MlpBlock(mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,
-                     kind=self.mlp_layer, use_bias=self.proj_bias, norm=self.norm if self.scale_mlp_norm else None,
-                     norm_eps=self.norm_eps, name='MlpBlock_0')(y, deterministic)
+        y = mlp(0, y)
         y = norm('LayerNorm_1')(y) if post else scale('LayerScale_1', y)
-        return x + DropPath()(y, rate=rate, deterministic=deterministic)
+        return x + drop_path(y)
 
 
 class ScanStep(Encoder1DBlock):
@@ -345,7 +363,7 @@ class VisionTransformer(nn.Module):
     scale_attn_norm: bool = False
     scale_mlp_norm: bool = False
     mlp_layer: Literal['mlp', 'swiglu', 'swiglu_packed'] = 'mlp'
-    block_fn: Literal['block', 'res_post'] = 'block'
+    block_fn: Literal['block', 'res_post', 'parallel_things', 'parallel_scaling'] = 'block'
     dynamic_img_size: bool = False             # any input size: the position table resized in the forward
 
     # -- derived configuration (plain properties so they work on unbound modules too) --

@@ -186,13 +186,18 @@ def _read_training(path, step, log) -> Checkpoint:
 def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
     """A timm model folder: the weights read as any torch file, the model named by config.json."""
     fc = timm_folder.read_config(folder, path)
-    detected = model_name is None
+    detected, arch_in = model_name is None, arch
     if model_name is None or split_tag(model_name)[0] == fc.model_name:
         # what config.json records describes the weights (a window size too); the head and input size are
         # checked against the weights' own below / resolved from the position table
         recorded = {k: v for k, v in fc.arch.items() if k not in ('num_classes', 'img_size')}
         model_name, arch = fc.model_name, {**recorded, **(arch or {})}
     ck = read_checkpoint(fc.weights, model_name, arch, img_size or fc.arch.get('img_size'))
+    for k, v in fc.arch.items():   # a recorded field the weights contradict (their keys decided otherwise)
+        if k not in ('num_classes', 'img_size') and k not in (arch_in or {}) and hasattr(ck.model, k) \
+                and getattr(ck.model, k) != v and not isinstance(v, (list, tuple)):
+            raise ConversionError(f'{fc.config_path}: model_args {k}={v!r}, but the weights are for {k}='
+                                  f'{getattr(ck.model, k)!r}')
     if fc.num_classes is not None and fc.num_classes != ck.model.num_classes:
         raise ConversionError(f'{fc.config_path}: num_classes {fc.num_classes}, but the weights\' head has '
                               f'{ck.model.num_classes} classes')

@@ -701,7 +701,9 @@ class ViTFamily(Family):
                   in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
                   mlp_ratio=(model.mlp_hidden + 0.5) / model.embed_dim, qkv_bias=model.qkv_bias, act_layer=act,
                   norm_layer=norm, global_pool=model.pool_type, class_token=model.has_class_token,
-                  fc_norm=model.use_fc_norm, final_norm=model.final_norm, init_values=model.init_values,
+                  # None where timm's own default (a norm after avg/avgmax/max pooling) is the model's
+                  fc_norm=None if model.use_fc_norm == (model.pool_type in ('avg', 'avgmax', 'max'))
+                  else model.use_fc_norm, final_norm=model.final_norm, init_values=model.init_values,
                   reg_tokens=model.reg_tokens, no_embed_class=model.no_embed_class, pre_norm=model.pre_norm,
                   proj_bias=model.proj_bias, qk_norm=model.qk_norm, scale_attn_norm=model.scale_attn_norm,
                   scale_mlp_norm=model.scale_mlp_norm, dynamic_img_size=model.dynamic_img_size)

@@ -51,11 +51,13 @@ def timm_meta(name, **kw):
         return timm.create_model(name, pretrained=False, **kw)
 
 
-def timm_param_count(name) -> int:
-    """timm's parameter count for `name` from builds of depth 1 and 2 on the meta device: blocks are
-    identical, so the count is linear in depth (exact, and far cheaper than building the whole model)."""
-    one, two = (sum(p.numel() for p in timm_meta(name, depth=d).parameters()) for d in (1, 2))
-    return one + (two - one) * (timm_model_args(name)['depth'] - 1)
+def timm_param_count(name, shallow=None, depth=None) -> int:
+    """timm's parameter count for `name` from builds of depth 1 (`shallow`, if built already) and 2 on the meta
+    device: blocks are identical, so the count is linear in depth (exact, and far cheaper than building the
+    whole model)."""
+    one = sum(p.numel() for p in (shallow or timm_meta(name, depth=1)).parameters())
+    two = sum(p.numel() for p in timm_meta(name, depth=2).parameters())
+    return one + (two - one) * ((depth or timm_model_args(name)['depth']) - 1)
 
 
 def test_every_timm_vit_registration_is_built_or_named_as_not_built():
@@ -72,8 +74,8 @@ def test_timm_names_build_timms_input_size_classes_depth_and_parameter_count():
     for name in BUILT:
         model, tm = vit_flax.create_model(name, scan_blocks=True), timm_meta(name, depth=1)  # scan: one block traced
         ours = (tuple(model.input_shape[:2]), model.num_classes, model.depth, vit_flax.count_params(model))
-        theirs = (tuple(tm.patch_embed.img_size), tm.num_classes, timm_model_args(name)['depth'],
-                  timm_param_count(name))
+        depth = timm_model_args(name)['depth']
+        theirs = (tuple(tm.patch_embed.img_size), tm.num_classes, depth, timm_param_count(name, tm, depth))
         if ours != theirs:
             wrong[name] = (ours, theirs)
     assert not wrong, wrong

@@ -120,3 +120,31 @@ def test_import_vit_flax_does_not_import_flax_nnx():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                          cwd=ROOT)
     assert out.stdout.strip() == 'False'
+
+
+def readme_nnx_example() -> str:
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = f.read()
+    section = text.split('\n## NNX\n', 1)[1]
+    return section.split('```python\n', 1)[1].split('```', 1)[0]
+
+
+def test_the_readme_nnx_fine_tuning_example_runs_and_lowers_the_loss(tmp_path, monkeypatch, capsys):
+    code = readme_nnx_example()
+    line = "name, over = 'vit_tiny_patch16_224', dict(num_classes=10)"
+    assert line in code
+    tiny = dict(img_size=32, depth=1)                                  # the example's model, made tiny
+    code = code.replace(line, f"name, over = 'vit_tiny_patch16_224', dict(num_classes=10, **{tiny!r})")
+    monkeypatch.chdir(tmp_path)
+    start = perturb(vit_flax.create_model('vit_tiny_patch16_224', **tiny), seed=6)   # a 1000-class "release"
+    converters.save_params(start, 'ViT-Ti_16.npz', 'vit_tiny_patch16_224', **tiny)
+    exec(compile(code, 'README.md', 'exec'), {})
+    losses = [float(l.rsplit(' ', 1)[1]) for l in capsys.readouterr().out.splitlines() if l.startswith('step ')]
+    assert len(losses) == 5 and losses[-1] < losses[0], losses
+    tuned = converters.load_params('finetuned.safetensors', 'vit_tiny_patch16_224', num_classes=10, **tiny,
+                                   log=lambda m: None)
+    moved = flatten_dict(tuned, sep='/')
+    kept = flatten_dict(start, sep='/')
+    assert moved['embedding/kernel'].shape == kept['embedding/kernel'].shape
+    assert not np.array_equal(np.asarray(moved['embedding/kernel']), kept['embedding/kernel'])   # it trained
+    assert moved['head/kernel'].shape == (192, 10)

@@ -57,8 +57,8 @@ def create_model(name: str, rngs: Optional[nnx.Rngs] = None, *, params=None, **o
 
 def _nested(params) -> dict:
     """A linen tree as nested dicts: `{'params': tree}` unwrapped; flat keys ('a/b/kernel' or tuples) nested."""
-    if isinstance(params, nnx.State):
-        params = nnx.to_pure_dict(params)
+    if not isinstance(params, dict) and hasattr(params, 'items') and type(params).__name__ == 'State':
+        params = nnx.to_pure_dict(params)   # what nnx.state(model, nnx.Param) returns
     params = dict(params)
     if set(params) == {'params'} and isinstance(params['params'], Mapping):
         params = dict(params['params'])

@@ -148,3 +148,13 @@ def test_the_readme_nnx_fine_tuning_example_runs_and_lowers_the_loss(tmp_path, m
     assert moved['embedding/kernel'].shape == kept['embedding/kernel'].shape
     assert not np.array_equal(np.asarray(moved['embedding/kernel']), kept['embedding/kernel'])   # it trained
     assert moved['head/kernel'].shape == (192, 10)
+
+
+def test_one_model_state_loads_into_another():
+    name, over = TINY[0]
+    a = vnnx.create_model(name, rngs=nnx.Rngs(1), **over)
+    b = vnnx.create_model(name, rngs=nnx.Rngs(2), **over)
+    assert not np.array_equal(vnnx.params_of(a)['embedding']['kernel'], vnnx.params_of(b)['embedding']['kernel'])
+    vnnx.load_params(b, nnx.state(a, nnx.Param))                     # an nnx State, not a dict
+    for x, y in zip(jax.tree.leaves(vnnx.params_of(a)), jax.tree.leaves(vnnx.params_of(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

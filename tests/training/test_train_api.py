@@ -96,6 +96,9 @@ def test_an_unknown_or_ill_typed_field_is_a_train_error_naming_it(tmp_path):
         vit_train.train(dict(val_split=1.5))
     with pytest.raises(vit_train.TrainError, match=r'^--epochs wants an integer >= 1, got 0$'):
         vit_train.train(dict(epochs=0, workdir=str(tmp_path)))
+    with pytest.raises(vit_train.TrainError, match=r'missing\.npz') as e:   # the converters' error, as TrainError
+        vit_train.train(dict(FLAGS, weights=str(tmp_path / 'missing.npz'), workdir=str(tmp_path / 'w')))
+    assert '\n' not in str(e.value)
     assert not os.listdir(tmp_path)                                    # refused before anything is written
 
 

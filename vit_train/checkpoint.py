@@ -20,7 +20,18 @@ from converters.errors import ConversionError, first_line
 
 from .errors import TrainError
 
-absl.logging.set_verbosity(absl.logging.ERROR)  # orbax narrates every save at INFO/WARNING
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """absl's verbosity at ERROR for the block (orbax narrates every save at INFO/WARNING), then as before:
+    a run from Python leaves the caller's logging as it found it."""
+    previous = absl.logging.get_verbosity()
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.logging.set_verbosity(previous)
 
 
 def _sync(name: str) -> None:

@@ -1,6 +1,14 @@
-"""Command-line flags (train_flax.py and `vit-flax train` share them) and their defaults."""
+"""The run's settings: `TrainConfig` (the Python face: one field per command-line flag, dashes as
+underscores, the same defaults) and the flags of train_flax.py / `vit-flax train`, whose defaults are read
+from it (`build_parser` refuses a flag without a field or a field without a flag, so the two cannot drift)."""
 import argparse
+import dataclasses
+import difflib
+import numbers
 import os
+from typing import Optional, Tuple
+
+import numpy as np
 
 from .data import DATASETS, INTERPOLATIONS
 from .errors import TrainError
@@ -48,7 +56,139 @@ def _model_text(model: str, overrides: dict) -> str:
     return model + (' with ' + ', '.join(f'{k}={v}' for k, v in rest.items()) if rest else '') + f' at {size}'
 
 
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training flag as a field (`--batch-size` is `batch_size`), with the command line's defaults; a
+    None is "decided by the run" as for an absent flag (the model per data set, lr and weight decay per
+    optimizer, ...). Each field means what its flag's `--help` says. `debug` only matters to the command
+    line (tracebacks); from Python every error is an exception anyway."""
+    # model
+    model: Optional[str] = None
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_classes: Optional[int] = None
+    drop_path: float = 0.0
+    dtype: str = 'float32'
+    weights: Optional[str] = None
+    resample: str = 'bicubic'
+    remat: Optional[str] = None          # 'full' is the bare --remat
+    freeze_layers: bool = False
+    # data
+    dataset: Optional[str] = None
+    data_path: Optional[str] = None
+    val_split: float = 0.2
+    workers: Optional[int] = None
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
+    interpolation: str = 'bilinear'
+    crop_pct: Optional[float] = None
+    crop_scale: Optional[Tuple[float, float]] = None
+    hflip: Optional[bool] = None
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 32
+    grad_accum: int = 1
+    optimizer: str = 'adamw'
+    lr: Optional[float] = None
+    lrf: float = 0.01
+    warmup_epochs: float = 1.0
+    momentum: float = 0.9
+    weight_decay: Optional[float] = None
+    label_smoothing: float = 0.0
+    clip_grad: float = 1.0
+    seed: int = 0
+    # run
+    workdir: Optional[str] = None
+    keep: int = 2
+    save_every: int = 0
+    debug: bool = False
+    fresh_start: bool = False
+    mesh: str = ''
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    distributed: bool = False
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
 def build_parser(prog=None) -> argparse.ArgumentParser:
+    p = _flags(prog)
+    dests = [a.dest for a in p._actions if a.dest != 'help']
+    if sorted(dests) != sorted(FIELDS):  # a programming error, caught by any run and by the tests
+        raise AssertionError(f'flags without a TrainConfig field: {sorted(set(dests) - set(FIELDS))}; '
+                             f'fields without a flag: {sorted(set(FIELDS) - set(dests))}')
+    p.set_defaults(**dataclasses.asdict(TrainConfig()))
+    return p
+
+
+def _field_error(name: str, flag: str, value, wants: str) -> TrainError:
+    return TrainError(f'TrainConfig field {name} ({flag}) wants {wants}, got {value!r}')
+
+
+def _check_value(action: argparse.Action, value):
+    """The value as its flag would have parsed it, or a TrainError naming the field."""
+    name, flag = action.dest, action.option_strings[0]
+    if value is None and action.default is None:
+        return None
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):   # switches
+        if not isinstance(value, (bool, np.bool_)):
+            raise _field_error(name, flag, value, 'True or False')
+        return bool(value)
+    if isinstance(action.nargs, int):
+        if isinstance(value, (str, bytes)) or not hasattr(value, '__len__') or len(value) != action.nargs:
+            raise _field_error(name, flag, value, f'a sequence of {action.nargs} numbers')
+        return tuple(_scalar(action, name, flag, v) for v in value)
+    if action.nargs == '?' and value is True:   # --remat bare
+        return action.const
+    return _scalar(action, name, flag, value)
+
+
+def _scalar(action, name, flag, value):
+    t = action.type
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _field_error(name, flag, value, 'an integer')
+        value = int(value)
+    elif t in (float, _fraction):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _field_error(name, flag, value, 'a number')
+        value = float(value)
+        if t is _fraction and not 0 <= value < 1:
+            raise _field_error(name, flag, value, 'a fraction in [0, 1)')
+    elif not isinstance(value, (str, os.PathLike)):
+        raise _field_error(name, flag, value, 'a string' + (f' (one of {", ".join(action.choices)})'
+                                                            if action.choices else ''))
+    else:
+        value = os.fspath(value)
+    if action.choices and value not in action.choices:
+        raise _field_error(name, flag, value, f'one of {", ".join(map(str, action.choices))}')
+    return value
+
+
+def from_python(config) -> argparse.Namespace:
+    """A TrainConfig, or a mapping of its fields (the rest default), as the namespace the flags would give;
+    an unknown key or a value its flag would refuse is a one-line TrainError naming the field."""
+    if isinstance(config, TrainConfig):
+        values = dataclasses.asdict(config)
+    elif hasattr(config, 'keys'):
+        values = dict(config)
+        for k in values:
+            if k not in FIELDS:
+                close = difflib.get_close_matches(str(k).replace('-', '_'), FIELDS, n=3, cutoff=0.6)
+                raise TrainError(f'unknown TrainConfig field {k!r}' + (
+                    f'; did you mean {" or ".join(map(repr, close))}?' if close else
+                    f'; the fields are {", ".join(FIELDS)}'))
+        values = dict(dataclasses.asdict(TrainConfig()), **values)
+    else:
+        raise TrainError(f'train() wants a TrainConfig or a dict of its fields, got {type(config).__name__}')
+    actions = {a.dest: a for a in build_parser()._actions if a.dest != 'help'}
+    return argparse.Namespace(**{k: _check_value(actions[k], v) for k, v in values.items()})
+
+
+def _flags(prog=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description='Train or fine-tune a ViT/DeiT/Swin with optax, grain, orbax and jax.sharding. '
         'With no arguments: a small ViT on scikit-learn digits. Rerunning the same command resumes.')

@@ -5,7 +5,8 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, List
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from vit_flax.models.layers import checkpoint_policy
 from converters.formats import training_ckpt as fmt
 
 from . import config, data, optim, report, sharding, step as steps, weights
-from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums
+from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums, quiet_orbax
 from .errors import Interrupted, NonFiniteLoss, TrainError, signals_deferred
 
 
@@ -168,15 +169,47 @@ class EpochMeter:
         return self.images_timed / dt if dt > 0 and self.images_timed else None
 
 
+@dataclass
+class TrainResult:
+    """What `vit_train.train` returns. `params`: the final parameters, the linen tree of `model` (jax
+    arrays); `state`: the final train state {'params', 'opt_state', 'step'} (the optimizer state keyed by
+    flat '/'-joined trainable param names); `history`: summary.json's `history` list (one dict per epoch of
+    the run so far, resumed epochs included: epoch, step, train_loss, train_acc, val_loss, val_acc,
+    learning_rate, images_per_sec, unreadable_images; process 0 only); `workdir`: the absolute run folder;
+    `model`: the linen module the params belong to; `best_val_acc`."""
+    params: Any
+    state: dict
+    history: List[dict] = field(default_factory=list)
+    workdir: str = ''
+    model: Any = None
+    best_val_acc: Any = None
+
+
 def run(argv=None, prog=None) -> int:
+    """The command line's run: parse `argv`, train, return 0 (errors are raised)."""
+    gen = run_iter(config.build_parser(prog).parse_args(argv), own_process=True)
+    try:
+        while True:
+            next(gen)
+    except StopIteration:
+        return 0
+    finally:
+        gen.close()
+
+
+def run_iter(namespace, own_process=False):
+    """A generator over the epochs of the run the flags' `namespace` describes: yields each epoch's record
+    (what summary.json holds after it, less `history`) after its checkpoint is started, returns a TrainResult.
+    `own_process`: the command line owns the process and may set jax's compilation cache to the workdir's."""
     # where the main process and grain's worker processes note the unreadable files they warned about: one
     # warning per file per run, not one per process
-    with tempfile.TemporaryDirectory(prefix='vit-train-warned-', ignore_cleanup_errors=True) as warned_dir:
-        return _run(argv, prog, warned_dir)
+    with tempfile.TemporaryDirectory(prefix='vit-train-warned-', ignore_cleanup_errors=True) as warned_dir, \
+            quiet_orbax():
+        return (yield from _run(namespace, own_process, warned_dir))
 
 
-def _run(argv, prog, warned_dir) -> int:
-    args = config.resolve(config.build_parser(prog).parse_args(argv))
+def _run(namespace, own_process, warned_dir):
+    args = config.resolve(namespace)
     init_distributed(args)
     nproc, pid = jax.process_count(), jax.process_index()
     log, warn = report.printer(pid == 0), report.printer(pid == 0, sys.stderr)
@@ -234,7 +267,7 @@ def _run(argv, prog, warned_dir) -> int:
     loaded = None
     if args.weights and not fmt.list_steps(os.path.join(args.workdir, fmt.CHECKPOINTS_DIR)):
         loaded = load_weights()  # a fresh run reads its weights before it writes anything
-    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    if own_process and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
         # a rerun (resume) compiles the same programs: keep them beside the run unless the user chose a cache
         jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'xla_cache'))
     ckpts = Checkpoints(args.workdir, args.keep)
@@ -250,7 +283,8 @@ def _run(argv, prog, warned_dir) -> int:
                 f"{args.workdir}; nothing to do (raise --epochs to train further)")
             close_iterator(it)
             ckpts.close()
-            return 0
+            return TrainResult(state['params'], state, report.read_history(args.workdir), args.workdir, model,
+                               best_acc)
         log(report.resumed(start, spe, args.epochs))
         cfg = meta0['pretrained_cfg']
         wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
@@ -360,9 +394,11 @@ def _run(argv, prog, warned_dir) -> int:
             if unreadable:
                 warn(f'epoch {epoch + 1}: skipped {int(unreadable)} unreadable image(s) '
                      f'({int(meter.sums["unreadable"])} train, {int(val["unreadable"])} val)')
-            rep.epoch(dict(rec, best_val_acc=best_acc, model=args.model, num_devices=ndev, num_processes=nproc,
-                           mesh=mesh_sizes, unreadable_images=int(unreadable), checkpoint_step=step_no,
-                           checkpoint_save_blocked_s=round(save_s, 4), workdir=args.workdir))
+            record = dict(rec, best_val_acc=best_acc, model=args.model, num_devices=ndev, num_processes=nproc,
+                          mesh=mesh_sizes, unreadable_images=int(unreadable), checkpoint_step=step_no,
+                          checkpoint_save_blocked_s=round(save_s, 4), workdir=args.workdir)
+            rep.epoch(record)
+            yield record
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f'{e}; stopped. Last good checkpoint: {last_good()}') from None
     except KeyboardInterrupt as e:
@@ -376,7 +412,7 @@ def _run(argv, prog, warned_dir) -> int:
         rep.close()
     log(f'done: best val_acc {best_acc:.4f}; checkpoints in {ckpts.root} '
         f'(a save blocked the loop {np.median(blocked) * 1000:.0f} ms, median of {len(blocked)})')
-    return 0
+    return TrainResult(state['params'], state, list(rep.history), args.workdir, model, best_acc)
 
 
 def evaluate(eval_step, params, source, transform, batch, pid, nproc, batch_sh) -> dict:

@@ -52,6 +52,15 @@ def speed_text(images_per_sec) -> str:
     return f'{images_per_sec:.0f} img/s'
 
 
+def read_history(workdir: str) -> list:
+    """summary.json's `history` in `workdir` ([] when there is none to read)."""
+    try:
+        with open(os.path.join(workdir, fmt.SUMMARY)) as f:
+            return list(json.load(f).get('history', []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 class _NoBar:
     def update(self, n=1):
         pass

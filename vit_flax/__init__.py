@@ -14,3 +14,11 @@ __all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConf
            'UnknownOptionError', 'VisionTransformer', 'SwinTransformer',
            'LucidViT', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'
+
+
+def __getattr__(name):
+    """`vit_flax.nnx` on first use (flax.nnx is not imported by `import vit_flax`: +0.2 s)."""
+    if name == 'nnx':
+        import importlib
+        return importlib.import_module('.nnx', __name__)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

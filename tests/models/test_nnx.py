@@ -17,9 +17,11 @@ import vit_flax.nnx as vnnx
 from helpers import images, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# tiny members of three families: ViT (Google's tree), Swin (timm's names), vit-pytorch (its own)
+# tiny members of the families: ViT (Google's tree), a DINOv2 with registers (LayerScale, registers, no class
+# position), Swin (timm's names), vit-pytorch (its own)
 TINY = [
     ('vit_tiny_patch16_224', dict(img_size=32, depth=1, num_classes=5)),
+    ('vit_small_patch14_reg4_dinov2', dict(img_size=28, depth=1, num_classes=5)),
     ('swin_tiny_patch4_window7_224', dict(img_size=32, depths=(2,), num_heads=(3,), window_size=4, num_classes=5)),
     ('lucid_vit_tiny_patch16_224', dict(img_size=32, depth=1, num_classes=5)),
 ]
@@ -35,14 +37,14 @@ def nnx_logits(model, x):
     return model(x, train=False)
 
 
-@pytest.mark.parametrize('name,over', TINY, ids=[n.split('_')[0] for n, _ in TINY])
+@pytest.mark.parametrize('name,over', TINY, ids=[n.split('_')[0] + ('-dinov2' if 'dinov2' in n else '') for n, _ in TINY])
 def test_nnx_model_holds_the_linen_tree_and_computes_the_linen_logits(name, over):
     params = perturb(vit_flax.create_model(name, **over), seed=1)
     model = vnnx.create_model(name, rngs=nnx.Rngs(0), **over)
     got = jax.tree.map(lambda a: a.shape, vnnx.params_of(model))
     assert got == jax.tree.map(lambda a: a.shape, params)          # the same names and shapes
     vnnx.load_params(model, params)
-    x = images((2, 32, 32, 3))
+    x = images((2,) + tuple(model.to_nnx__module.input_shape))
     np.testing.assert_array_equal(np.asarray(nnx_logits(model, x)),
                                   linen_logits(name, over, params, x))
 

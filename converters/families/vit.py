@@ -276,6 +276,14 @@ _OPEN_CLIP_TOP = [('conv1.weight', 'patch_embed.proj.weight'), ('ln_pre.weight',
                   ('ln_pre.bias', 'norm_pre.bias'), ('ln_post.weight', 'norm.weight'), ('ln_post.bias', 'norm.bias')]
 
 
+def _renamed(rest: str, pairs):
+    """`rest` with the first matching prefix `a` of `pairs` [(a, b), ...] replaced by its `b` (None: none matches)."""
+    for a, b in pairs:
+        if rest.startswith(a):
+            return b + rest[len(a):]
+    return None
+
+
 def is_open_clip(state) -> bool:
     return any(k.endswith('class_embedding') and ('conv1.weight' in state or 'visual.conv1.weight' in state)
                for k in state)
@@ -289,11 +297,8 @@ def open_clip_to_timm(state):
     for k, v in state.items():
         if k.startswith('transformer.resblocks.'):
             i, rest = k[len('transformer.resblocks.'):].split('.', 1)
-            for a, b in _OPEN_CLIP_BLOCK:
-                if rest.startswith(a):
-                    rest = b + rest[len(a):]
-                    break
-            else:
+            rest = _renamed(rest, _OPEN_CLIP_BLOCK)
+            if rest is None:
                 raise ConversionError(f'open_clip key {k!r} is not one of a ViT block')
             out[f'blocks.{i}.{rest}'] = v
         elif k in dict(_OPEN_CLIP_TOP):
@@ -334,11 +339,7 @@ def timm_to_open_clip(state, model):
     for k, v in state.items():
         if k.startswith('blocks.'):
             i, rest = k[len('blocks.'):].split('.', 1)
-            for a, b in _OPEN_CLIP_BLOCK:
-                if rest.startswith(b):
-                    rest = a + rest[len(b):]
-                    break
-            out[f'transformer.resblocks.{i}.{rest}'] = v
+            out[f'transformer.resblocks.{i}.{_renamed(rest, [(b, a) for a, b in _OPEN_CLIP_BLOCK])}'] = v
         elif k in back:
             out[back[k]] = v
         elif k == 'cls_token':

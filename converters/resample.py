@@ -14,11 +14,14 @@ largest value (torch rounds in float32), tested against torch over up- and down-
 edge (bilinear: the position clamped at 0, two taps). With antialias (torch's `_upsample_*_aa`, PIL's
 filter: cubic a=-0.5, triangle): a filter of support 2 (bilinear 1) widened by in/out when shrinking,
 centred at (i + 0.5) * in/out, truncated at the edges and normalised to sum 1.
+
+numpy is imported by the functions that use it, so that the CLI's parser (which takes METHODS from here)
+answers --help without it.
 """
+from __future__ import annotations
+
 import math
 from typing import Optional, Sequence, Tuple
-
-import numpy as np
 
 from .errors import ConversionError
 from .optional import available
@@ -37,6 +40,7 @@ def square_grid(num_tokens: int, what: str = 'position embedding') -> Tuple[int,
 def resample_pos_embed(pe: np.ndarray, new_grid: Sequence[int], num_prefix_tokens: int,
                        old_grid: Optional[Sequence[int]] = None, method: str = DEFAULT_METHOD) -> np.ndarray:
     """(1, prefix + h*w, D) -> (1, prefix + H*W, D) on the same dtype."""
+    import numpy as np
     if method not in METHODS:
         raise ConversionError(f'unknown resample method {method!r}; choose one of {", ".join(METHODS)}')
     prefix, grid = pe[:, :num_prefix_tokens], pe[:, num_prefix_tokens:]
@@ -62,6 +66,7 @@ def resample_pos_embed(pe: np.ndarray, new_grid: Sequence[int], num_prefix_token
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     """Keys' cubic convolution kernel with parameter a (torch: -0.75; its antialiased path and PIL: -0.5)."""
+    import numpy as np
     x = np.abs(x)
     return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
                     np.where(x < 2, ((x - 5) * x + 8) * x * a - 4 * a, 0.0))
@@ -71,6 +76,7 @@ def interp_matrix(n_in: int, n_out: int, mode: str = 'bicubic', antialias: bool 
     """(n_out, n_in) float64 weights: `m @ v` resizes a length-n_in axis as torch's `F.interpolate(size=n_out,
     mode=mode, align_corners=False, antialias=antialias)` does (mode 'bicubic' or 'bilinear'; see the module
     docstring for the formulas)."""
+    import numpy as np
     if mode not in ('bicubic', 'bilinear'):
         raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
     m = np.zeros((n_out, n_in), np.float64)
@@ -109,6 +115,7 @@ def resize_grid(g: np.ndarray, size: Sequence[int], mode: str = 'bicubic', antia
     align_corners=False)` on the (1, C, h, w) tensor. With torch installed (use_torch=None) torch computes it,
     so a table is bit-identical to what timm's or Microsoft's own loading makes; without torch (or
     use_torch=False) `interp_matrix` does, equal to torch's to ~3e-6 of the largest value."""
+    import numpy as np
     if use_torch is None:
         use_torch = available('torch')
     if use_torch:

@@ -85,6 +85,23 @@ def test_the_model_computes_the_same_logits_from_a_round_tripped_file(tiny):
     assert a.shape == (1, 10) and np.array_equal(a, b)
 
 
+def test_swin_in_microsofts_wrapped_layout_round_trips_without_torch(tmp_path):
+    kw = dict(depths=(2, 2), num_heads=(3, 6), num_classes=5)
+    model = vit_flax.create_model('swin_tiny_patch4_window7_224', **kw)
+    params = random_params(model, seed=4)
+    with hidden(*WITHOUT_TORCH):
+        pipeline.save_params(params, tmp_path / 'ms.pth', 'swin_tiny_patch4_window7_224', layout='microsoft', **kw)
+        raw = read_torch(tmp_path / 'ms.pth')
+        back = pipeline.load_params(tmp_path / 'ms.pth', 'swin_tiny_patch4_window7_224', log=lambda s: None, **kw)
+    with zipfile.ZipFile(tmp_path / 'ms.pth') as z:
+        assert z.read('archive/data.pkl').startswith(b'\x80\x02}q\x00X\x05\x00\x00\x00model')   # {'model': ...}
+    # Microsoft's: patch merging at the end of stage 0 (timm's at the start of stage 1), the masks buffered
+    assert 'layers.0.downsample.reduction.weight' in raw and 'layers.1.downsample.reduction.weight' not in raw
+    assert 'layers.0.blocks.1.attn_mask' in raw
+    want, got = flat(params), flat(back)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_predict_from_safetensors_without_torch(tiny, tmp_path):
     from PIL import Image
     img = tmp_path / 'a.png'

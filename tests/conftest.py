@@ -2,8 +2,8 @@
 
 Without torch (`make test-lean`, VIT_FLAX_LEAN=1): a test file whose module-level imports reach torch, timm,
 torchvision or vit_pytorch (directly or through the test modules it imports, helpers.py and the like) is not
-collected, and a test whose own body imports one is marked `torch` and skipped; every such test carries the
-`torch` marker in the full venv too (`-m 'not torch'` runs the lean selection there). The lean run ends by
+collected, and a test whose own body imports one (or calls a helper of TORCH_HELPERS) is skipped. With torch,
+all of these carry the `torch` marker (`-m 'not torch'` selects what the lean run runs). The lean run ends by
 saying what it ran and what it left out, and fails unless torch stayed absent and every file of LEAN_FILES
 ran with at least one test passed.
 """
@@ -68,7 +68,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not item.nodeid.startswith(HEAVY_FIRST))
     for item in items:
         fn = getattr(item, 'function', None)
-        if fn is not None and _body_needs_torch(fn):
+        if _module_needs_torch(str(item.path)) or (fn is not None and _body_needs_torch(fn)):
             item.add_marker(pytest.mark.torch)
         if not HAVE_TORCH and item.get_closest_marker('torch'):
             item.add_marker(pytest.mark.skip(reason='needs torch (the [torch] extra)'))
@@ -112,14 +112,22 @@ def _module_needs_torch(path: str) -> bool:
     return False
 
 
+# helpers.py's functions that import torch themselves
+TORCH_HELPERS = ('perturb_timm', 'timm_model', 'run_timm', 'state_np')
+
+
+@functools.lru_cache(maxsize=None)
 def _body_needs_torch(fn) -> bool:
+    """Whether a test function's body imports a torch package or calls a helper that does."""
     import inspect
     import textwrap
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         return False
-    return any(n.partition('.')[0] in TORCH_PACKAGES for n in _imports(ast.walk(tree)))
+    nodes = list(ast.walk(tree))
+    return any(n.partition('.')[0] in TORCH_PACKAGES for n in _imports(nodes)) or \
+        any(isinstance(n, ast.Name) and n.id in TORCH_HELPERS for n in nodes)
 
 
 def pytest_ignore_collect(collection_path, config):

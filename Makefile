@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-lean test-slow fuzz memory bench bench-quick bench-parts parity-report train clean
+.PHONY: demo test test-lean names test-slow fuzz memory bench bench-quick bench-parts parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test-lean: $(LEAN)/.installed-stamp
 	$(LEAN_PY) -c "import importlib.util as u, sys; sys.exit('torch is installed in $(LEAN)' if u.find_spec('torch') else 0)"
 	$(LEAN_PY) -c "import sys, jax, flax; print(f'lean venv: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, torch absent')"
 	VIT_FLAX_LEAN=1 $(LEAN_PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile tests
+
+# vit_flax_cli/model_names.txt (what `vit-flax list` reads without importing jax), after a registry change
+names: $(STAMP)
+	$(PY) -m vit_flax_cli.names
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -ra -m slow tests

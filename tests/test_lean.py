@@ -297,7 +297,7 @@ def test_help_list_and_usage_errors_answer_without_importing_jax_or_torch(args, 
 def test_the_stored_name_list_is_current_and_equals_the_registry():
     from vit_flax_cli import names
     stored = names.read_list()
-    assert stored is not None, 'vit_flax_cli/model_names.txt is stale: run `python -m vit_flax_cli.names`'
+    assert stored is not None, 'vit_flax_cli/model_names.txt is stale: run `make names` (python -m vit_flax_cli.names)'
     assert stored == vit_flax.list_models()
     assert names.similar_models('vit_smal_patch16_224') == vit_flax.registry.similar_models('vit_smal_patch16_224')
     assert names.timm_names() == vit_flax.registry.timm_names()

@@ -7,7 +7,7 @@ vit_flax/registry.py and every .py file under vit_flax/models/, read as bytes in
 is used only while that digest matches the installed sources; a stale one (a model added, the file not
 regenerated) is ignored and the registry itself is imported, so `vit-flax list` is never wrong, only slower.
 tests/test_lean.py checks that the list is current and equals the registry. Regenerate it with
-`python -m vit_flax_cli.names` after changing the registry.
+`make names` (`python -m vit_flax_cli.names`) after changing the registry or the model files.
 """
 import difflib
 import fnmatch

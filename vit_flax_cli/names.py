@@ -1,5 +1,5 @@
 """The registered model names for `vit-flax list`, without importing the models (registering them imports
-flax and jax: ~2 s here, against ~0.15 s for the whole command without them).
+flax and jax: ~2 s here, against ~0.08 s for the whole command without them).
 
 `model_names.txt` beside this module holds the names `vit_flax.list_models()` returns, one a line, after a
 header line `# sources <sha256>`: the digest of the files that decide the registry (vit_flax/__init__.py,

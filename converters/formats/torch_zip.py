@@ -66,8 +66,7 @@ class _Pickle:
         self.shared(('global', module, name), lambda: self.out.write(f'c{module}\n{name}\n'.encode()))
 
     def str(self, s):
-        b = s.encode('utf-8')
-        self.out.write(b'X' + struct.pack('<I', len(b)) + b)
+        self.str_raw(s)
         self._put()
 
     def shared_str(self, s):

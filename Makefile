@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow fuzz memory bench bench-quick bench-parts parity-report train clean
+.PHONY: demo test test-lean names test-slow fuzz memory bench bench-quick bench-parts parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,28 @@ demo: $(STAMP)
 TEST_JOBS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile tests
+
+# The lean install: a second venv on Python 3.12 with the project and no extras (+ pytest, pytest-xdist,
+# hypothesis), the newest jax the index has (LEAN_JAX); torch must be absent. It runs what needs no torch
+# (tests/conftest.py leaves out the files and tests that import torch/timm and says what ran).
+LEAN := .venv-lean
+LEAN_PY := $(LEAN)/bin/python
+LEAN_JAX ?= jax>=0.12
+PYTHON312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python) $(shell command -v python3.12))
+$(LEAN)/.installed-stamp: pyproject.toml Makefile
+	@test -n "$(PYTHON312)" || { echo 'make test-lean: no Python 3.12 found (pyenv versions); set PYTHON312=...'; exit 1; }
+	test -x $(LEAN_PY) || $(PYTHON312) -m venv $(LEAN)
+	$(LEAN_PY) -m pip install -q -e . '$(LEAN_JAX)' pytest pytest-xdist hypothesis
+	touch $@
+
+test-lean: $(LEAN)/.installed-stamp
+	$(LEAN_PY) -c "import importlib.util as u, sys; sys.exit('torch is installed in $(LEAN)' if u.find_spec('torch') else 0)"
+	$(LEAN_PY) -c "import sys, jax, flax; print(f'lean venv: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, torch absent')"
+	VIT_FLAX_LEAN=1 $(LEAN_PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile tests
+
+# vit_flax_cli/model_names.txt (what `vit-flax list` reads without importing jax), after a registry change
+names: $(STAMP)
+	$(PY) -m vit_flax_cli.names
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -ra -m slow tests
@@ -56,4 +78,4 @@ train: $(STAMP)
 	$(PY) train_flax.py
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info .hypothesis fuzz-counts.json
+	rm -rf $(VENV) $(LEAN) demo_out build *.egg-info .hypothesis fuzz-counts.json

@@ -1,16 +1,35 @@
-"""Session settings (set before any test imports jax or torch) and fixtures; the shared helpers are in helpers.py."""
+"""Session settings (set before any test imports jax or torch) and fixtures; the shared helpers are in helpers.py.
+
+Without torch (`make test-lean`, VIT_FLAX_LEAN=1): a test file whose module-level imports reach torch, timm,
+torchvision or vit_pytorch (directly or through the test modules it imports, helpers.py and the like) is not
+collected, and a test whose own body imports one (or calls a helper of TORCH_HELPERS) is skipped. With torch,
+all of these carry the `torch` marker (`-m 'not torch'` selects what the lean run runs). The lean run ends by
+saying what it ran and what it left out, and fails unless torch stayed absent and every file of LEAN_FILES
+ran with at least one test passed.
+"""
+import ast
+import functools
+import importlib.util
 import os
+import sys
 import tempfile
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import jax
 import pytest
-import torch
+
+TORCH_PACKAGES = ('torch', 'timm', 'torchvision', 'vit_pytorch')
+HAVE_TORCH = importlib.util.find_spec('torch') is not None
+LEAN = os.environ.get('VIT_FLAX_LEAN') == '1'
+if LEAN and HAVE_TORCH:
+    pytest.exit('VIT_FLAX_LEAN=1 (make test-lean) but torch is installed in this venv', returncode=1)
 
 jax.config.update('jax_default_matmul_precision', 'highest')
-# the cores shared among pytest-xdist's workers (`make test` runs two)
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))))
+if HAVE_TORCH:
+    import torch
+    # the cores shared among pytest-xdist's workers (`make test` runs two)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))))
 
 # The suite builds the same few models over and over (a new module instance is a new function to jax.jit,
 # compiled again): a persistent compilation cache for this run turns every repeat into a lookup (~10 s -> ~2 s
@@ -47,3 +66,96 @@ HEAVY_FIRST = ('tests/training/', 'tests/durability/')
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not item.nodeid.startswith(HEAVY_FIRST))
+    for item in items:
+        fn = getattr(item, 'function', None)
+        if _module_needs_torch(str(item.path)) or (fn is not None and _body_needs_torch(fn)):
+            item.add_marker(pytest.mark.torch)
+        if not HAVE_TORCH and item.get_closest_marker('torch'):
+            item.add_marker(pytest.mark.skip(reason='needs torch (the [torch] extra)'))
+
+
+# ---------------------------------------------------------------- which tests need torch
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# what the lean run must have run, a test passed in each: models, conversions, training, predict, the CLI
+LEAN_FILES = ('tests/test_lean.py', 'tests/test_layers.py')
+_passed_files = set()
+
+
+def _imports(tree_body):
+    """Top-level module names imported by these statements (`import a.b` -> 'a.b', `from a import b` -> 'a', 'a.b')."""
+    names = []
+    for node in tree_body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names += [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _module_needs_torch(path: str) -> bool:
+    """Whether a test module's module-level imports reach a torch package, through tests/ modules too."""
+    try:
+        with open(path) as f:
+            body = ast.parse(f.read()).body
+    except (OSError, SyntaxError):
+        return False
+    for name in _imports(body):
+        if name.partition('.')[0] in TORCH_PACKAGES:
+            return True
+        rel = name.replace('.', os.sep) + '.py'
+        for base in (os.path.dirname(path), TESTS):   # tests/ is on sys.path, and the file's own folder
+            local = os.path.join(base, rel)
+            if os.path.isfile(local) and local != path and _module_needs_torch(local):
+                return True
+    return False
+
+
+# helpers.py's functions that import torch themselves
+TORCH_HELPERS = ('perturb_timm', 'timm_model', 'run_timm', 'state_np')
+
+
+@functools.lru_cache(maxsize=None)
+def _body_needs_torch(fn) -> bool:
+    """Whether a test function's body imports a torch package or calls a helper that does."""
+    import inspect
+    import textwrap
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    nodes = list(ast.walk(tree))
+    return any(n.partition('.')[0] in TORCH_PACKAGES for n in _imports(nodes)) or \
+        any(isinstance(n, ast.Name) and n.id in TORCH_HELPERS for n in nodes)
+
+
+def pytest_ignore_collect(collection_path, config):
+    path = str(collection_path)
+    if not HAVE_TORCH and path.endswith('.py') and os.path.basename(path).startswith('test_') \
+            and _module_needs_torch(path):
+        return True
+    return None
+
+
+def pytest_runtest_logreport(report):
+    if report.when == 'call' and report.passed:
+        _passed_files.add(report.nodeid.split('::')[0])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Without torch, the controller (or the one process) says what ran, and fails a lean run that missed."""
+    if HAVE_TORCH or hasattr(session.config, 'workerinput'):
+        return
+    tr = session.config.pluginmanager.get_plugin('terminalreporter')
+    root = os.path.dirname(TESTS)
+    left_out = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(TESTS) for f in files
+                      if f.startswith('test_') and f.endswith('.py') and _module_needs_torch(os.path.join(d, f)))
+    ran = sorted(_passed_files)
+    say = tr.write_line if tr else print
+    say(f'lean run (no torch): tests passed in {len(ran)} files: {", ".join(ran)}')
+    say(f'left out (their modules import torch/timm): {len(left_out)} files: {", ".join(left_out)}')
+    missing = [f for f in LEAN_FILES if f not in _passed_files]
+    if LEAN and (missing or 'torch' in sys.modules):
+        say('LEAN RUN FAILED: ' + (f'no test passed in {", ".join(missing)}' if missing else 'torch was imported'))
+        session.exitstatus = 1

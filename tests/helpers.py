@@ -1,6 +1,7 @@
 """Helpers shared by the tests (import them `from helpers import ...`; pytest's `pythonpath` puts tests/ first).
 
-conftest.py keeps only fixtures and the session's settings; everything a test calls lives here.
+conftest.py keeps only fixtures and the session's settings; everything a test calls lives here. torch is
+imported by the helpers that use it, so that a torch-free test can import this module (`make test-lean`).
 """
 import contextlib
 import io
@@ -9,7 +10,6 @@ import sys
 
 import jax
 import numpy as np
-import torch
 
 
 def rel_err(a, b) -> float:
@@ -41,6 +41,7 @@ def perturb(params_or_model, seed=0, scale=0.05):
 def perturb_timm(model, seed=0, scale=0.02):
     """A torch module (timm's or any other) with every parameter moved off its init: norms off 1, biases and
     heads off 0; N(0, scale) from a torch.Generator seeded with `seed`. Returns the module in eval mode."""
+    import torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -64,6 +65,7 @@ def images(shape, seed=0):
 
 
 def run_timm(model, x_nhwc):
+    import torch
     with torch.no_grad():
         return model(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()).numpy()
 
@@ -101,3 +103,26 @@ def cli_process(*args, wait=True, **kw):
     if wait:
         return subprocess.run(argv, capture_output=True, **kw)
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+# ---------------------------------------------------------------- without torch
+
+@contextlib.contextmanager
+def hidden(*packages):
+    """Within the block, `import torch` (and each of `packages` and their submodules) raises ImportError as
+    it does where the package is not installed (`sys.modules[name] = None`); the modules come back after.
+    What imported torch before the block keeps its reference: this checks the imports made inside it."""
+    saved = {n: m for n, m in sys.modules.items() if n.partition('.')[0] in packages}
+    try:
+        for n in saved:
+            del sys.modules[n]
+        for p in packages:
+            sys.modules[p] = None
+        yield
+    finally:
+        for p in packages:
+            sys.modules.pop(p, None)
+        sys.modules.update(saved)
+
+
+WITHOUT_TORCH = ('torch', 'timm', 'torchvision', 'vit_pytorch')

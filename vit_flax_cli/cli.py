@@ -60,20 +60,20 @@ def cmd_summary(a):
 
 
 def cmd_list(a):
-    """Registered names matching PATTERN, one per line; none matching is said on stderr, exit 1 (as grep)."""
-    import vit_flax
-    names = vit_flax.list_models(a.pattern)
-    if not names:
-        from vit_flax.registry import similar_models, timm_names
-        timm = sorted(n for n in timm_names() if fnmatch.fnmatchcase(n, a.pattern))
-        close = similar_models(a.pattern.strip('*?'))
+    """Registered names matching PATTERN, one per line; none matching is said on stderr, exit 1 (as grep).
+    The names come from vit_flax_cli/model_names.txt while it is current (no jax import; see names.py)."""
+    from . import names
+    found = names.list_models(a.pattern)
+    if not found:
+        timm = sorted(n for n in names.timm_names() if fnmatch.fnmatchcase(n, a.pattern))
+        close = names.similar_models(a.pattern.strip('*?'))
         _say(f'vit-flax: no registered model matches {a.pattern!r}'
              + (f' ({len(timm)} timm model(s) do, which this project does not build yet: {", ".join(timm[:3])}'
                 + (', ...' if len(timm) > 3 else '') + ')' if timm else '')
              + (f'; similar: {", ".join(close)}' if close else '') + f'; `vit-flax list` shows all '
-             f'{len(vit_flax.list_models())}')
+             f'{len(names.registered())}')
         return 1
-    print('\n'.join(names))
+    print('\n'.join(found))
 
 
 def _overrides(a):
@@ -260,6 +260,8 @@ def _default_mlp(model) -> bool:
 
 
 def cmd_parity(a):
+    from converters.optional import require
+    require('torch', 'vit-flax parity')   # before the checkpoint is read
     from converters import pipeline
     from . import parity
     model, params, ck = pipeline.load_model(a.ckpt, a.model, allow_nonfinite=a.allow_nonfinite, **_overrides(a))
@@ -410,9 +412,13 @@ def main(argv=None) -> int:
     if argv[:1] == ['train']:  # argparse would claim the training flags (and --help) for itself
         return cmd_train(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
-    from vit_flax.errors import ModelConfigError
-    from vit_flax.registry import UnknownModelError, UnknownOptionError   # after --help: they import jax
     debug = getattr(args, 'debug', False)
+    if args.fn is not cmd_list:   # `list` answers without jax; the rest import it here, after --help and usage errors
+        from vit_flax.errors import ModelConfigError
+        from vit_flax.registry import UnknownModelError, UnknownOptionError
+        refused = (ConversionError, UnknownModelError, UnknownOptionError, ModelConfigError)
+    else:
+        refused = (ConversionError,)
     try:
         rc = args.fn(args) or 0
         sys.stdout.flush()   # inside the try: a closed pipe surfaces here, not at interpreter exit
@@ -424,7 +430,7 @@ def main(argv=None) -> int:
             raise
         _say('vit-flax: interrupted')
         return 130
-    except (ConversionError, UnknownModelError, UnknownOptionError, ModelConfigError) as e:
+    except refused as e:
         if debug:
             raise
         _say(f'vit-flax: error: {e}')

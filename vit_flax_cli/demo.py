@@ -107,6 +107,12 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=4)
     p.add_argument('--epochs', type=int, default=3, help='training epochs of the digits cycle (0: skip it)')
     a = p.parse_args(argv)
+    from converters.errors import ConversionError
+    from converters.optional import require
+    try:
+        require('timm', 'the demo (it loads the results in timm)')
+    except ConversionError as e:
+        sys.exit(f'demo: {e}')
     os.makedirs(a.out, exist_ok=True)
     if a.epochs:
         train_export_cycle(a.out, a.epochs)

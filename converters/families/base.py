@@ -185,7 +185,8 @@ class Family:
 
     def torch_model(self, model, model_name: str):
         """The torch module `parity` compares with (timm's, built by `timm_kwargs`), randomly initialised."""
-        import timm
+        from ..optional import require
+        timm = require('timm', 'vit-flax parity')
         return timm.create_model(model_name, pretrained=False, **self.timm_kwargs(model))
 
     def parity_points(self, model) -> List[Tuple[str, str, str]]:

@@ -23,6 +23,7 @@ from vit_flax.models.layers import to_tuple
 from vit_flax.models.swin import SwinTransformer, relative_position_index, shifted_window_mask
 
 from ..errors import ConversionError
+from ..resample import resize_grid
 from ..rules import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule
 from .base import Family
 
@@ -155,13 +156,13 @@ def resize_relative_bias_table(table: np.ndarray, new_window: Union[int, Tuple[i
     """Resize a ((2w-1)², heads) bias table to a new window, e.g. 7 -> 12: (169, H) -> (529, H).
 
     method='bicubic' (default): Microsoft's fine-tuning code (`load_pretrained`): each head's (2w-1)²
-    grid through `torch.nn.functional.interpolate(mode='bicubic', align_corners=False)`, no antialias.
+    grid through `torch.nn.functional.interpolate(mode='bicubic', align_corners=False)`, no antialias
+    (computed in numpy without torch, `converters.resample.resize_grid`: equal to torch's to ~1e-6).
     method='timm': timm's `resize_rel_pos_bias_table` (used by its `checkpoint_filter_fn` and
     `set_window_size`): BEiT's geometric-progression sample positions, linear interpolation
-    (needs timm installed). The two give different tables; neither is exact, both are starting points
+    (needs timm: `pip install 'vit-flax[torch]'`). The two give different tables; neither is exact, both are starting points
     for fine-tuning. The source window is taken as square unless `old_window` is given.
     """
-    import torch
     table = np.asarray(table)
     heads = table.shape[1]
     new = to_tuple(new_window, 2)
@@ -171,18 +172,18 @@ def resize_relative_bias_table(table: np.ndarray, new_window: Union[int, Tuple[i
         raise ConversionError(f'table {tuple(table.shape)} does not fit window {old}')
     if src == dst:
         return table.copy()
-    t = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
-    if method == 'bicubic':
-        grid = t.permute(1, 0).reshape(1, heads, *src)
-        out = torch.nn.functional.interpolate(grid, size=dst, mode='bicubic', align_corners=False)
-        out = out.reshape(heads, -1).permute(1, 0)
+    if method == 'bicubic':   # torch's F.interpolate computed in numpy (converters.resample), no torch needed
+        out = resize_grid(np.asarray(table, np.float32).reshape(*src, heads), dst, 'bicubic').reshape(-1, heads)
     elif method == 'timm':
-        from timm.layers import resize_rel_pos_bias_table
+        from ..optional import require
+        resize_rel_pos_bias_table = require('timm.layers', "--bias-resize timm").resize_rel_pos_bias_table
+        import torch   # timm imported it
+        t = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
         out = resize_rel_pos_bias_table(t, new_window_size=new, new_bias_shape=(dst[0] * dst[1], heads),
-                                        old_window_size=old)
+                                        old_window_size=old).contiguous().numpy()
     else:
         raise ValueError(f"method must be 'bicubic' or 'timm', got {method!r}")
-    return out.contiguous().numpy().astype(table.dtype)
+    return out.astype(table.dtype)
 
 
 def timm_to_wzmiaomiao(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -325,7 +325,8 @@ class ViTPytorchFamily(Family):
 
     def torch_model(self, model, model_name: str):
         """The installed `vit_pytorch.ViT` that computes what `model` computes (the current architecture only)."""
-        import vit_pytorch
+        from ..optional import require
+        vit_pytorch = require('vit_pytorch', 'vit-flax parity of a vit-pytorch model')
         if not model.patch_norm or model.final_norm != 'tokens' or model.has_class_token != (model.pool == 'cls'):
             raise ConversionError("this is an older vit-pytorch architecture (patch_norm=False, final_norm='pooled' "
                                   'or a class token under mean pooling): the installed vit_pytorch.ViT cannot build it')

@@ -1,5 +1,6 @@
 """PyTorch files (`.pth`/`.pt`/`.bin`): torch.save's zip archive or its legacy format, read without torch and
-without running pickled code (torch_pickle.py builds nothing but tensors and containers); written with torch.
+without running pickled code (torch_pickle.py builds nothing but tensors and containers; the legacy format
+needs torch); written with torch.save where torch is installed, else by torch_zip.py (no torch).
 
 A checkpoint wrapping its state_dict (`{'model': ...}`, `state_dict`, `model_state`, `module`) is unwrapped,
 and DataParallel's `module.` prefix dropped.
@@ -11,8 +12,9 @@ from typing import Dict
 import ml_dtypes
 import numpy as np
 
-from . import mapped, torch_pickle
+from . import mapped, torch_pickle, torch_zip
 from ..errors import ConversionError, first_line
+from ..optional import available
 from .durable import atomic_output
 from .mapped import release
 
@@ -77,7 +79,18 @@ def _numpy_to_torch(a):
         return torch.from_numpy(a)
 
 
-def write_torch(state: Dict[str, np.ndarray], path: str, force: bool = False, wrap: str = None) -> None:
+def write_torch(state: Dict[str, np.ndarray], path: str, force: bool = False, wrap: str = None,
+                use_torch: bool = None) -> None:
+    """A `.pth` of `state` (`{wrap: state}` when wrap is given), atomically. With torch installed
+    (use_torch=None) torch.save writes it; without torch (or use_torch=False) torch_zip.write_zip writes
+    the same archive (its data.pkl and records equal torch.save's; torch.load(weights_only=True) and timm
+    read it)."""
+    if use_torch is None:
+        use_torch = available('torch')
+    if not use_torch:
+        with atomic_output(path, force) as tmp, open(tmp, 'wb') as f:
+            torch_zip.write_zip(state, f, wrap)
+        return
     import torch
     tensors = {}
     for k, v in state.items():

@@ -7,7 +7,8 @@ containers. Every other global (a class of the training script, `os.system`, ...
 stand-in that records its name and runs nothing, so a training checkpoint holding an `argparse.Namespace`
 or a yacs config beside its weights still yields the weights, and code hidden in a pickle never runs.
 Tensors become read-only numpy views of the mapped file, each checked against its storage's bytes.
-Files in torch's legacy (pre-1.6, non-zip) format are handed to `torch.load(weights_only=True)`.
+Files in torch's legacy (pre-1.6, non-zip) format are handed to `torch.load(weights_only=True)` (without torch:
+a one-line refusal naming the `[torch]` extra).
 """
 import io
 import pickle
@@ -178,7 +179,8 @@ class _Unpickler(pickle.Unpickler):
         full = f'{module}.{name}'
         if full in _SAFE:
             return _SAFE[full]
-        if module == 'torch' and name in _STORAGE_DTYPES:
+        if (module == 'torch' and name in _STORAGE_DTYPES) or full == 'torch.storage.UntypedStorage':
+            # torch.save names UntypedStorage by its defining module (dtypes with no typed storage: float8, uint16)
             return _StorageType(name, _STORAGE_DTYPES[name])
         if module == 'torch' and name in _TORCH_DTYPES:
             return _DType(name, _TORCH_DTYPES[name])
@@ -260,7 +262,8 @@ def load_legacy(path: str, mf: MappedFile):
     `read(n)` would allocate whatever a damaged length says before finding the file shorter.
     """
     import warnings
-    import torch
+    from ..optional import require
+    torch = require('torch', f"{path}: torch's legacy (pre-1.6, non-zip) format")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')

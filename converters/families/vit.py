@@ -22,6 +22,7 @@ A model with big_vision's fixed sincos2d positions has no position param; files 
 function bit for bit reads back as the fixed one (`unstore`), so round trips stay exact.
 """
 import re
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import ml_dtypes
@@ -386,6 +387,29 @@ def _attention_out(flax: str, torch: str, heads: int, bias: bool = True) -> List
         ([rule(f'{flax}/out/bias', f'{torch}.bias')] if bias else [])
 
 
+@dataclass(frozen=True)
+class TimmRef:
+    """A timm class (with keyword arguments) named where timm is not installed: compares by name and
+    arguments, as `timm_folder_config` compares a model's timm arguments with its registered name's, and is no
+    JSON value (such an argument cannot be written to a timm folder's config.json either way)."""
+    name: str
+    kwargs: tuple = ()
+
+
+def _timm_ref(module: str, name: str, **kwargs):
+    """timm's `module.name` (a functools.partial with `kwargs`), or a `TimmRef` where timm is absent. A
+    hybrid's `backbone=('resnet', layers, in_chans)` is built as timm's own ResNetV2 for those layers."""
+    import importlib
+    from functools import partial
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError:
+        return TimmRef(name, tuple(sorted(kwargs.items())))
+    if 'backbone' in kwargs:
+        kwargs = dict(kwargs, backbone=timm_backbone(*kwargs['backbone'][1:]))
+    return partial(cls, **kwargs) if kwargs else cls
+
+
 def _fc1_and_heads(num_heads: int, dim: int, kernel: bool = True) -> Transform:
     """ParallelScalingBlock's `in_proj` (timm): the MLP's first Linear and q, k, v fused, in that order, as one
     Linear ((hidden + 3D, D), or its bias) <-> MlpBlock's Dense_0 and attention's query/key/value."""
@@ -691,13 +715,11 @@ class ViTFamily(Family):
 
     def timm_kwargs(self, model) -> dict:
         """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`."""
-        from functools import partial
-        from timm.layers import LayerNorm, RmsNorm, SwiGLU, SwiGLUPacked
-        from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
         act = {'exact': 'gelu', 'tanh': 'gelu_tanh'}.get(model.activation, model.activation)
         # timm's names where its default eps (1e-6) is the model's (they fit in a timm folder's config.json)
         norm = model.norm_layer if model.norm_eps == 1e-6 else \
-            partial({'layernorm': LayerNorm, 'rmsnorm': RmsNorm}[model.norm_layer], eps=model.norm_eps)
+            _timm_ref('timm.layers', {'layernorm': 'LayerNorm', 'rmsnorm': 'RmsNorm'}[model.norm_layer],
+                      eps=model.norm_eps)
         kw = dict(num_classes=model.num_classes, img_size=model.img_size, patch_size=model.patch_size,
                   in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
                   mlp_ratio=(model.mlp_hidden + 0.5) / model.embed_dim, qkv_bias=model.qkv_bias, act_layer=act,
@@ -709,15 +731,16 @@ class ViTFamily(Family):
                   proj_bias=model.proj_bias, qk_norm=model.qk_norm, scale_attn_norm=model.scale_attn_norm,
                   scale_mlp_norm=model.scale_mlp_norm, dynamic_img_size=model.dynamic_img_size)
         if model.mlp_layer != 'mlp':
-            kw['mlp_layer'] = {'swiglu': SwiGLU, 'swiglu_packed': SwiGLUPacked}[model.mlp_layer]
+            kw['mlp_layer'] = _timm_ref('timm.layers', {'swiglu': 'SwiGLU', 'swiglu_packed': 'SwiGLUPacked'}[model.mlp_layer])
         if model.block_fn != 'block':
-            kw['block_fn'] = {'res_post': ResPostBlock, 'parallel_things': ParallelThingsBlock,
-                              'parallel_scaling': ParallelScalingBlock}[model.block_fn]
+            kw['block_fn'] = _timm_ref('timm.models.vision_transformer', {
+                'res_post': 'ResPostBlock', 'parallel_things': 'ParallelThingsBlock',
+                'parallel_scaling': 'ParallelScalingBlock'}[model.block_fn])
         if model.embed_norm:
             kw['embed_norm_layer'] = norm
         if model.resnet is not None:
-            from timm.layers import HybridEmbed
-            kw['embed_layer'] = partial(HybridEmbed, backbone=timm_backbone(model.resnet, model.in_chans))
+            kw['embed_layer'] = _timm_ref('timm.layers', 'HybridEmbed', backbone=('resnet', tuple(model.resnet),
+                                                                                 model.in_chans))
         return kw
 
     def parity_points(self, model):

@@ -112,6 +112,8 @@ def cmd_convert(a):
                                        step=a.step, **_overrides(a))
     from flax.traverse_util import flatten_dict
     flat = flatten_dict(params, sep='/')
+    if a.dtype:
+        flat = _cast_floats(flat, a.dtype, dst)
     names = ck.class_names if ck.class_names and len(ck.class_names) <= model.num_classes else None
     beside = None if folder or not names else _class_indices_beside(dst, names, a.force)
     if folder:
@@ -128,6 +130,27 @@ def cmd_convert(a):
     how = 'detected' if ck.detected else 'given'
     print(f'{a.src} ({ck.format}, {ck.layout}) -> {dst} ({layout}); model {ck.model_name} ({how}); '
           f'{time.perf_counter() - t0:.1f}s' + (f'; class names in {beside}' if beside else ''))
+
+
+def _cast_floats(flat, dtype: str, dst: str):
+    """Every floating-point array as `dtype` ('float32', 'bfloat16', 'float16'; round to nearest even), said on
+    stderr. A value float16 cannot hold (|x| > 65504) is refused, naming its key: it would be written as inf."""
+    import ml_dtypes
+    import numpy as np
+    target = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}[dtype]
+    out, changed = {}, 0
+    for k, v in flat.items():
+        if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16:
+            if v.dtype != target:
+                w = np.asarray(v).astype(target)
+                if dtype == 'float16' and not np.all(np.isfinite(w) | ~np.isfinite(np.asarray(v, np.float32))):
+                    raise ConversionError(f'{dst}: key {k!r} holds values beyond float16\'s range (65504); '
+                                          f'use --dtype bfloat16')
+                v, changed = w, changed + 1
+        out[k] = v
+    _say(f'dtype: {changed} floating-point arrays written as {dtype}' + ('' if dtype == 'float32' else
+         ' (round to nearest even: a reduced-precision copy, not the float32 weights)'))
+    return out
 
 
 def _class_indices_beside(dst: str, names, force: bool):
@@ -265,10 +288,15 @@ def cmd_parity(a):
     from converters import pipeline
     from . import parity
     model, params, ck = pipeline.load_model(a.ckpt, a.model, allow_nonfinite=a.allow_nonfinite, **_overrides(a))
+    tol = a.tol if a.tol is not None else (1e-4 if a.dtype == 'float32' else 5e-2)
+    if a.dtype != 'float32':   # Flax computes in bf16 (float32 params, norms, softmax, accumulation), timm in float32
+        import jax.numpy as jnp
+        model = model.clone(dtype=jnp.bfloat16)
     rows = parity.compare(model, params, ck.model_name, batch=a.batch)
-    print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, float32')
-    print(parity.format_table(rows, a.tol))
-    return 0 if all(r.rel <= a.tol for r in rows) else 1
+    against = '' if a.dtype == 'float32' else ' against timm in float32'
+    print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, Flax {a.dtype}{against}')
+    print(parity.format_table(rows, tol))
+    return 0 if all(r.rel <= tol for r in rows) else 1
 
 
 def cmd_train(a):
@@ -321,6 +349,8 @@ def build_parser():
                    'sincos2d (big_vision\'s fixed table; a learned table is dropped). Default: as the checkpoint')
     s.add_argument('--allow-nonfinite', action='store_true', help='convert weights holding NaN/Inf (refused by '
                    'default: a checkpoint like that is broken), with a warning')
+    s.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
+                   help='write floating-point arrays in this dtype (default: as read)')
     s.add_argument('--format', choices=('auto', 'timm-folder'), default='auto',
                    help='auto (default): from DST\'s extension; timm-folder: DST is a folder of config.json + model.safetensors '
                    'that timm.create_model(\'local-dir:DST\', pretrained=True) loads')
@@ -362,7 +392,10 @@ def build_parser():
     s = sub.add_parser('parity', parents=[common], help='run timm and Flax on the same input; per-block differences')
     s.add_argument('ckpt', help='checkpoint: any the converters read')
     s.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
-    s.add_argument('--tol', type=float, default=1e-4, help='relative tolerance (default 1e-4)')
+    s.add_argument('--tol', type=float, default=None,
+                   help='relative tolerance (default 1e-4 in float32, 5e-2 with --dtype bfloat16)')
+    s.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='Flax compute dtype (default float32); bfloat16 is reported against timm in float32')
     s.add_argument('--batch', type=_at_least(1, '--batch'), default=2, help='images compared (default 2)')
     s.add_argument('--allow-nonfinite', action='store_true', help='compare weights holding NaN/Inf (refused by default)')
     _add_set(s)

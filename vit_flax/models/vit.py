@@ -166,10 +166,10 @@ class Encoder1DBlock(nn.Module):
         scale = (lambda name, y: LayerScale(self.init_values, name=name)(y)) if self.init_values and not post \
             else (lambda name, y: y)
         drop_path = lambda y: DropPath()(y, rate=rate, deterministic=deterministic)
-        attn = lambda i, y, out_bias=self.proj_bias: MultiHeadDotProductAttention(
+        attn = lambda i, y: MultiHeadDotProductAttention(
             num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
             attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl, qk_norm=self.qk_norm,
-            scale_norm=self.scale_attn_norm, out_bias=out_bias, norm=self.norm, norm_eps=self.norm_eps,
+            scale_norm=self.scale_attn_norm, out_bias=self.proj_bias, norm=self.norm, norm_eps=self.norm_eps,
             name=f'MultiHeadDotProductAttention_{i}')(y, deterministic=deterministic)
         mlp = lambda i, y, in_bias=self.proj_bias: MlpBlock(
             mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,

@@ -1,4 +1,4 @@
-"""Vision Transformers (ViT, DeiT, Swin) in JAX/Flax with Google's parameter trees and timm's names.
+"""Vision Transformers (ViT, DeiT, Swin V1/V2) in JAX/Flax with Google's parameter trees and timm's names.
 
 `models/` holds one module per family (importing it registers its names), `ops/` the fast paths beside
 their references."""
@@ -6,12 +6,13 @@ from .errors import ModelConfigError
 from .registry import UnknownModelError, UnknownOptionError, create_model, list_models, model_config, register
 from .models.vit import VisionTransformer  # registers ViT/DeiT, R+ViT hybrids, SigLIP towers
 from .models import vit_timm  # registers timm's other ViTs: DINOv2, DeiT III, CLIP, FlexiViT, AIMv2, ...
-from .models.swin import SwinTransformer  # registers the Swin family
+from .models.swin import SwinTransformer  # registers the Swin family (V1, Swin-S3)
+from .models.swinv2 import SwinTransformerV2  # registers timm's swinv2_* names
 from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch ViT
 from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConfigError', 'UnknownModelError',
-           'UnknownOptionError', 'VisionTransformer', 'SwinTransformer',
+           'UnknownOptionError', 'VisionTransformer', 'SwinTransformer', 'SwinTransformerV2',
            'LucidViT', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'
 

@@ -7,9 +7,9 @@ from typing import List, Optional
 
 from ..errors import ConversionError
 from .base import Family
-from . import swin, vit, vit_pytorch
+from . import swin, swinv2, vit, vit_pytorch
 
-FAMILIES: List[Family] = [vit.FAMILY, swin.FAMILY, vit_pytorch.FAMILY]
+FAMILIES: List[Family] = [vit.FAMILY, swin.FAMILY, swinv2.FAMILY, vit_pytorch.FAMILY]
 
 
 def register_family(family: Family) -> None:
@@ -34,7 +34,7 @@ def torch_family(state, path: str) -> Family:
     for fam in FAMILIES:
         if fam.detect_torch(state) or fam.detect_layout(state) != fam.torch_layout:
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch state_dict '
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch state_dict '
                           f'(first keys: {", ".join(list(state)[:3])})')
 
 

@@ -327,8 +327,8 @@ class SwinFamily(Family):
         buffers and no mask anywhere -> WZMIAOMIAO's code. A file with no buffers at all is read as Microsoft's
         (pass `always_partition=True` to read it as WZMIAOMIAO's computation).
         """
-        if 'layers.0.downsample.reduction.weight' not in state:
-            return 'timm'
+        if 'layers.0.downsample.reduction.weight' not in state or not self.detect_torch(state):
+            return 'timm'   # (a Swin V2 file has no relative_position_bias_table: not this family's)
         has = lambda suffix: any(k.endswith(suffix) for k in state)
         if has('relative_position_index') and not has('attn_mask'):
             return 'wzmiaomiao'

@@ -96,6 +96,39 @@ def stage_window_shift(resolution: Pair, window: Pair, always_partition: bool) -
     return window, shift
 
 
+def stage_window_sizes(window_size, num_stages: int) -> Tuple[Pair, ...]:
+    """One (h, w) window per stage, as timm's `resolve_stage_window_sizes`: an int or an (h, w) pair for every
+    stage, or one int (or pair) per stage (Swin-S3: (7, 7, 14, 7)). A sequence of two ints is always one (h, w)."""
+    if not isinstance(window_size, (tuple, list)) or (len(window_size) == 2 and
+                                                       not isinstance(window_size[0], (tuple, list))):
+        window_size = (window_size,) * num_stages
+    if len(window_size) != num_stages:
+        raise ModelConfigError(f'{num_stages} stages but {len(window_size)} window sizes {tuple(window_size)}')
+    return tuple(to_tuple(w, 2) for w in window_size)
+
+
+def attend_in_windows(x, window: Pair, shift: Pair, attend):
+    """(B, H, W, C) -> (B, H, W, C): timm's shifted-window plumbing around `attend(windows, mask)`, where
+    windows are (B * nW, Wh * Ww, C) and mask the (nW, N, N) -100 mask of the rolled, padded map (None
+    without a shift). Rolls first and pads after (the padding always sits at the bottom/right of the rolled
+    map), as timm does for V1 and V2 alike."""
+    b, h, w, c = x.shape
+    (wh, ww), (sh, sw) = window, shift
+    has_shift = bool(sh or sw)
+    if has_shift:
+        x = jnp.roll(x, (-sh, -sw), axis=(1, 2))
+    pad_h, pad_w = (wh - h % wh) % wh, (ww - w % ww) % ww
+    if pad_h or pad_w:
+        x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    hp, wp = h + pad_h, w + pad_w
+    mask = shifted_window_mask((hp, wp), window, shift) if has_shift else None
+    windows = attend(window_partition(x, window), mask)
+    x = window_reverse(windows, window, hp, wp)[:, :h, :w, :]
+    if has_shift:
+        x = jnp.roll(x, (sh, sw), axis=(1, 2))
+    return x
+
+
 class WindowAttention(nn.Module):
     """Multi-head self attention inside windows, with the learned relative position bias and an optional mask.
 
@@ -191,6 +224,7 @@ class PatchMerging(nn.Module):
     out_dim: int
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    reduce_first: bool = False   # Swin V2: the reduction first, then LayerNorm(out_dim)
 
     @nn.compact
     def __call__(self, x):
@@ -200,8 +234,9 @@ class PatchMerging(nn.Module):
             h, w = h + h % 2, w + w % 2
         # (B, H/2, dh, W/2, dw, C) -> (B, H/2, W/2, dw, dh, C): dh varies fastest among the four slices
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
-        return dense(self.out_dim, self.dtype, name='reduction', use_bias=False, kernel_init=_trunc02)(x)
+        norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')
+        reduction = dense(self.out_dim, self.dtype, name='reduction', use_bias=False, kernel_init=_trunc02)
+        return norm(reduction(x)) if self.reduce_first else reduction(norm(x))
 
 
 class PatchEmbed(nn.Module):
@@ -271,7 +306,7 @@ class SwinTransformer(nn.Module):
     embed_dim: int = 96
     depths: Sequence[int] = (2, 2, 6, 2)
     num_heads: Sequence[int] = (3, 6, 12, 24)
-    window_size: Union[int, Sequence[int]] = 7
+    window_size: Union[int, Sequence[int]] = 7   # one for every stage, an (h, w) pair, or one per stage (S3)
     always_partition: bool = False
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
@@ -316,8 +351,8 @@ class SwinTransformer(nn.Module):
 
     def stage_windows(self):
         """(window, shift) of each stage's shifted blocks, fixed by the configured img_size as in timm."""
-        window = to_tuple(self.window_size, 2)
-        return [stage_window_shift(r, window, self.always_partition) for r in self.stage_resolutions()]
+        windows = stage_window_sizes(self.window_size, self.num_layers)
+        return [stage_window_shift(r, w, self.always_partition) for r, w in zip(self.stage_resolutions(), windows)]
 
     def setup(self):
         if len(self.num_heads) != self.num_layers:
@@ -378,3 +413,9 @@ for _size, _window, _res in [('tiny', 7, 224), ('small', 7, 224), ('base', 7, 22
                              ('large', 7, 224), ('large', 12, 384)]:
     register(f'swin_{_size}_patch4_window{_window}_{_res}', SwinTransformer, img_size=_res, patch_size=4,
              window_size=_window, **_SIZES[_size])
+
+# Swin-S3 (Chen et al., https://arxiv.org/abs/2111.14725): V1 with a window per stage, as timm registers them.
+for _size, _depths, _windows in [('tiny', (2, 2, 6, 2), (7, 7, 14, 7)), ('small', (2, 2, 18, 2), (14, 14, 14, 7)),
+                                 ('base', (2, 2, 30, 2), (7, 7, 14, 7))]:
+    register(f'swin_s3_{_size}_224', SwinTransformer, img_size=224, patch_size=4, window_size=_windows,
+             embed_dim=96, depths=_depths, num_heads=(3, 6, 12, 24))

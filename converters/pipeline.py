@@ -34,7 +34,8 @@ from .scan import is_scanned, stack_blocks, unstack_blocks
 HEAD_INITS = ('zeros', 'fresh')
 # Overrides that describe the model wanted, not the checkpoint: adapt() bridges them (head surgery,
 # resampling, bias-table resizing), so they take no part in matching a checkpoint to its model.
-TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'posemb', 'scan_blocks')
+TARGET_ONLY = ('num_classes', 'img_size', 'window_size', 'representation_size', 'posemb', 'scan_blocks',
+               'pretrained_window_sizes')
 
 
 def _stderr(msg: str) -> None:
@@ -348,6 +349,7 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
         target = target_of(ck)
     except TypeError as e:  # an unknown override
         raise ConversionError(f'{path}: {e}') from None
+    target = ck.family.fine_tune_target(ck.model, target, overrides, log)
     flat = adapt(ck.flat, ck.model, target, resample=resample, head_init=head_init, bias_resize=bias_resize,
                  log=log)
     if getattr(target, 'scan_blocks', False):

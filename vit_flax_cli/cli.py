@@ -340,7 +340,9 @@ def build_parser():
     s.add_argument('--head-init', choices=('zeros', 'fresh'), default='zeros',
                    help='init of a replaced head: zeros (Google fine-tuning, default) or fresh (trunc normal .02)')
     s.add_argument('--drop-pre-logits', action='store_true', help='drop the pre_logits (representation) layer')
-    s.add_argument('--window-size', type=_at_least(1, '--window-size'), help='Swin: new attention window; bias tables are resized')
+    s.add_argument('--window-size', type=_at_least(1, '--window-size'), help='Swin: new attention window; V1 bias tables are resized, '
+                   'Swin V2\'s continuous bias needs no resizing (its pretrained windows are kept, as Microsoft\'s '
+                   'fine-tuning configs do)')
     s.add_argument('--bias-resize', choices=('bicubic', 'timm'), default='bicubic',
                    help='Swin bias-table resizing (default: bicubic, as Microsoft\'s fine-tuning code; '
                    'timm: timm\'s resize_rel_pos_bias_table)')

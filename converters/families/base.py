@@ -11,7 +11,7 @@ A family module (`vit.py`, `swin.py`, `vit_pytorch.py`) defines one subclass and
 - weights: `rules(model)` (the rule table, run both ways by `converters.rules`), `layouts` (other torch
   layouts: name -> (to the table's layout, from it)), `store`/`unstore` (arrays a file holds that the model
   computes), `from_npz`/`to_npz` (a family's own `.npz` layouts), `adapt(...)` (surgery towards another
-  model of the family: positions, windows), `head_features(model)`;
+  model of the family: positions, windows), `head_features(model)`, `fine_tune_target(...)` (what a fine-tuning target implies);
 - torch and timm: `timm_kwargs(model)`, `torch_model(model, name)`, `parity_points(model)`,
   `timm_folder_config(...)`; and `describe(ck)` for `vit-flax inspect`.
 
@@ -155,6 +155,11 @@ class Family:
     def head_features(self, model) -> int:
         """Input width of the classifier head."""
         return self.num_features(model)
+
+    def fine_tune_target(self, src, target, overrides: dict, log: Log):
+        """The target model, completed with what fine-tuning from `src` implies and the caller did not set (Swin V2:
+        the pretrained windows when the window changes), each change said through `log`. By default: unchanged."""
+        return target
 
     def adapt(self, flat, src, dst, *, resample: str, bias_resize: str, log: Log):
         """Surgery from a checkpoint of model `src` to model `dst` of this family, every change said through

@@ -247,11 +247,12 @@ class SwinV2Family(Family):
         return kw
 
     def preference(self, cfg: dict, name: str, model) -> tuple:
-        """Most core fields shared, then the fewest recorded fields (window, pretrained windows, size) differing."""
+        """Most core fields shared, then the fewest recorded fields (window, pretrained windows, size) differing,
+        then (a timm file records none of them) the smallest window: window 8 at 256 for T/S/B, not window 16."""
         shared = sum(cfg.get(k) is None or cfg[k] == v for k, v in self.core(model).items())
         recorded = sum(cfg.get(k) is not None and cfg[k] != getattr(model, k)
                        for k in ('window_size', 'pretrained_window_sizes', 'img_size', 'num_classes'))
-        return -shared, recorded, name
+        return -shared, recorded, max(to_tuple(model.window_size, 2)), name
 
     def resolve(self, cfg, arch, layout, model_name, path):
         """Microsoft's buffers (`cfg['_ms']`, from `config_from_torch`) give window, pretrained windows and input size; a timm-layout file gives none of them: the registered name's are taken. Both said."""
@@ -285,6 +286,22 @@ class SwinV2Family(Family):
                 notes.append(f'{path}: {k}={arch[k]} as asked (the file records {cfg[k]})')
                 cfg[k] = arch[k]
         return cfg, arch, notes
+
+    def fine_tune_target(self, src, target, overrides: dict, log):
+        """A window change (8 -> 16, 12 -> 24) normalises the new coordinate tables by the windows the weights were
+        trained with, as Microsoft's fine-tuning configs do (`PRETRAINED_WINDOW_SIZES: [12, 12, 12, 6]` for
+        12 -> 16 at 192 -> 256): when the caller sets no pretrained_window_sizes and the target has none, they
+        are the source's (its own pretrained windows, else its stage windows)."""
+        if not isinstance(target, SwinTransformerV2) or 'pretrained_window_sizes' in overrides \
+                or any(target.pretrained_window_sizes) or len(target.depths) != len(src.depths):
+            return target
+        old = [w for w, _ in src.stage_windows()]
+        if old == [w for w, _ in target.stage_windows()]:
+            return target
+        trained = tuple(p if p else w[0] for p, w in zip(src.pretrained_window_sizes, old))
+        log(f'pretrained_window_sizes={trained}: the windows the weights were trained with, as Microsoft\'s '
+            f'fine-tuning configs set them when the window changes (pass pretrained_window_sizes to choose)')
+        return target.clone(pretrained_window_sizes=trained)
 
     def adapt(self, flat, src, dst, *, resample: str, bias_resize: str = 'bicubic', log):
         """A window change needs no table resampling (the bias MLP is evaluated on the new window's coordinates,

@@ -52,6 +52,10 @@ CASES = [
     Case('vit_b16_infer_bf16', 'vit_base_patch16_224', 'infer', 'bfloat16', 8),
     Case('swin_t_infer_f32', 'swin_tiny_patch4_window7_224', 'infer', 'float32', 8),
     Case('swin_t_infer_bf16', 'swin_tiny_patch4_window7_224', 'infer', 'bfloat16', 8),
+    Case('swinv2_t_infer_f32', 'swinv2_tiny_window8_256', 'infer', 'float32', 8),
+    Case('swinv2_t_infer_bf16', 'swinv2_tiny_window8_256', 'infer', 'bfloat16', 8),
+    Case('swinv2_t_train_f32', 'swinv2_tiny_window8_256', 'train', 'float32', 8),
+    Case('swinv2_t_train_bf16', 'swinv2_tiny_window8_256', 'train', 'bfloat16', 8),
     Case('vit_s16_train_f32', 'vit_small_patch16_224', 'train', 'float32', 16),
     Case('vit_s16_train_bf16', 'vit_small_patch16_224', 'train', 'bfloat16', 16),
 ]

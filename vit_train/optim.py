@@ -23,8 +23,9 @@ def is_trainable(key: str, freeze: bool) -> bool:
 def decays(key: str) -> bool:
     """Weight decay on Dense/Conv kernels only, as big_vision does. In these models that is exactly timm's
     rule: no decay on biases, norm scales, position embeddings, cls/dist tokens, the MAP probe and Swin's
-    relative-position bias tables."""
-    return key.rsplit('/', 1)[-1] == 'kernel'
+    relative-position bias tables; nor on Swin V2's position-bias MLP (`cpb_mlp`), its `logit_scale` and
+    q/v biases (timm's and Microsoft's `no_weight_decay_keywords`)."""
+    return key.rsplit('/', 1)[-1] == 'kernel' and '/cpb_mlp/' not in key
 
 
 def trainable_keys(flat: Dict, freeze: bool):

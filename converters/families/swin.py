@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from vit_flax.models.layers import to_tuple
-from vit_flax.models.swin import SwinTransformer, relative_position_index, shifted_window_mask
+from vit_flax.models.swin import SwinTransformer, relative_position_index, shifted_window_mask, stage_window_sizes
 
 from ..errors import ConversionError
 from ..resample import resize_grid
@@ -74,6 +74,14 @@ def microsoft_to_timm(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
             k = 'head.fc.' + k[len('head.'):]
         out[k] = v
     return out
+
+
+def window_field(windows: Sequence[int]):
+    """The `window_size` a checkpoint's per-stage windows record: one int when they never grow from stage to
+    stage (a later stage no larger than the window clamps it: swin_tiny at 224, Swin-S3-S's (14, 14, 14, 7)),
+    else the tuple of stage windows (Swin-S3-T/B's (7, 7, 14, 7))."""
+    windows = tuple(int(w) for w in windows)
+    return windows[0] if all(a >= b for a, b in zip(windows, windows[1:])) else windows
 
 
 def _window_of(table: np.ndarray) -> int:
@@ -277,9 +285,10 @@ class SwinFamily(Family):
         kernel = flat['patch_embed/proj/kernel']
         depths = _blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
         tables = [flat[f'layers_{i}/blocks_0/attn/relative_position_bias_table'] for i in range(len(depths))]
-        return dict(stage_windows=tuple(_window_of(t) for t in tables),
+        windows = tuple(_window_of(t) for t in tables)
+        return dict(stage_windows=windows,
                     embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:2]),
-                    depths=depths, num_heads=tuple(t.shape[1] for t in tables), window_size=_window_of(tables[0]),
+                    depths=depths, num_heads=tuple(t.shape[1] for t in tables), window_size=window_field(windows),
                     mlp_ratio=flat['layers_0/blocks_0/mlp/Dense_0/kernel'].shape[1] / kernel.shape[-1],
                     qkv_bias='layers_0/blocks_0/attn/qkv/bias' in flat,
                     num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0)
@@ -289,19 +298,24 @@ class SwinFamily(Family):
         w = state['patch_embed.proj.weight']
         depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
         tables = [state[f'layers.{i}.blocks.0.attn.relative_position_bias_table'] for i in range(len(depths))]
-        return dict(stage_windows=tuple(_window_of(t) for t in tables),
+        windows = tuple(_window_of(t) for t in tables)
+        return dict(stage_windows=windows,
                     embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), depths=depths,
-                    num_heads=tuple(t.shape[1] for t in tables), window_size=_window_of(tables[0]),
+                    num_heads=tuple(t.shape[1] for t in tables), window_size=window_field(windows),
                     mlp_ratio=state['layers.0.blocks.0.mlp.fc1.weight'].shape[0] / w.shape[0],
                     qkv_bias='layers.0.blocks.0.attn.qkv.bias' in state,
                     num_classes=state['head.fc.bias'].shape[0] if 'head.fc.bias' in state else 0)
 
     def core(self, model) -> dict:
         """Fields of a registered model that a checkpoint must share (the rest are `overrides`)."""
-        wh, ww = to_tuple(model.window_size, 2)
+        windows = stage_window_sizes(model.window_size, len(model.depths))
+        if len(set(windows)) == 1 or any(h != w for h, w in windows):
+            wh, ww = windows[0]
+            window = wh if wh == ww else (wh, ww)
+        else:   # square windows per stage (Swin-S3), as a checkpoint's tables record them
+            window = window_field([h for h, _ in windows])
         return dict(embed_dim=model.embed_dim, patch_size=to_tuple(model.patch_size, 2), depths=tuple(model.depths),
-                    num_heads=tuple(model.num_heads), window_size=wh if wh == ww else (wh, ww),
-                    mlp_ratio=model.mlp_ratio)
+                    num_heads=tuple(model.num_heads), window_size=window, mlp_ratio=model.mlp_ratio)
 
     def overrides(self, cfg: dict, model) -> dict:
         """Overrides that make `model` (already holding the file's core fields) hold exactly the checkpoint.
@@ -314,7 +328,7 @@ class SwinFamily(Family):
               if k in cfg and cfg[k] != getattr(model, k)}
         windows = lambda m: tuple(w[0] for w, _ in m.stage_windows())
         if cfg.get('stage_windows') and windows(model.clone(**kw)) != tuple(cfg['stage_windows']):
-            patch, window = to_tuple(model.patch_size, 2), to_tuple(model.window_size, 2)
+            patch, window = to_tuple(model.patch_size, 2), stage_window_sizes(model.window_size, len(model.depths))[0]
             kw['img_size'] = tuple(p * w * 2 ** (len(model.depths) - 1) for p, w in zip(patch, window))
         return kw
 

@@ -313,9 +313,6 @@ class SwinV2Family(Family):
             log(f'window: stage windows {tuple(w[0] for w in old)} -> {tuple(w[0] for w in new)}; Swin V2\'s '
                 f'continuous position bias needs no table resampling (the bias MLP reads the new coordinates, '
                 f'normalised by pretrained_window_sizes={tuple(dst.pretrained_window_sizes)})')
-        if tuple(src.pretrained_window_sizes) != tuple(dst.pretrained_window_sizes):
-            log(f'pretrained_window_sizes: {tuple(src.pretrained_window_sizes)} -> '
-                f'{tuple(dst.pretrained_window_sizes)}')
         return flat
 
     # ------------------------------------------------------------ timm

@@ -103,7 +103,7 @@ def test_param_count_matches_timm(name):
 
 
 def test_registered_names_are_timm_names_with_1000_classes():
-    assert vit_flax.list_models('swin_*') == sorted(NAMES)
+    assert [n for n in vit_flax.list_models('swin_*') if not n.startswith('swin_s3_')] == sorted(NAMES)  # S3: test_swinv2.py
     for name in NAMES:
         assert name in timm.list_models('swin_*')
         assert vit_flax.create_model(name).num_classes == 1000

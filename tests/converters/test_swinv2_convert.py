@@ -161,3 +161,11 @@ def test_cli_timm_pth_to_npz_to_microsoft_pth(tmp_path):
     assert rel_err(run_timm(ref.eval(), x), run_timm(tm, x)) <= TOL
     r = cli('inspect', tmp_path / 'ms.pth')
     assert r.returncode == 0 and 'microsoft' in r.stdout, r.stdout + r.stderr
+
+
+def test_cli_parity_on_a_microsoft_file(tmp_path):
+    """`vit-flax parity` on a Microsoft file: the model it rebuilds against timm's, stage by stage."""
+    save_ms(ms_model(64, 4, seed=2), tmp_path / 'ms.pth')
+    r = cli('parity', tmp_path / 'ms.pth', '--batch', '1')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'microsoft' in r.stdout and 'stage 3' in r.stdout

@@ -106,8 +106,8 @@ def flax_step(case: Case, scan: bool = False):
         tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
 
         def step(params, opt_state, x, y):
-            def loss_fn(p):
-                logits = model.apply({'params': p}, x, train=True)
+            def loss_fn(p):   # Swin's default drop path (0.1, as timm's) draws from 'dropout'; ViT's uses none
+                logits = model.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)})
                 return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
             loss, grads = jax.value_and_grad(loss_fn)(params)
             updates, opt_state = tx.update(grads, opt_state, params)

@@ -131,7 +131,9 @@ def pretrained_window_of(table: np.ndarray) -> int:
     if w < 2:
         return 0
     m = float(np.abs(table).max())
-    p = 1 + 8 * (w - 1) / (2 ** (3 * m) - 1)
+    p = 1 + 8 * (w - 1) / (2 ** (3 * m) - 1) if 0 < m < 60 else float('nan')
+    if not p == p or p < 1.5 or abs(p - round(p)) > 1e-3:
+        raise ValueError(f'relative_coords_table of window {w} is normalised by no window (largest entry {m:.6g})')
     p = int(round(p))
     return 0 if p == w else p
 
@@ -144,7 +146,10 @@ def read_microsoft_buffers(state) -> dict:
         index = state.get(f'layers.{i}.blocks.0.attn.relative_position_index')
         table = state.get(f'layers.{i}.blocks.0.attn.relative_coords_table')
         windows.append(None if index is None else _window_of_index(np.asarray(index)))
-        pretrained.append(None if table is None else pretrained_window_of(table))
+        try:
+            pretrained.append(None if table is None else pretrained_window_of(table))
+        except ValueError as e:
+            raise ValueError(f'layers.{i}.blocks.0.attn.{e}') from None
         for j in range(depths[i]):
             mask = state.get(f'layers.{i}.blocks.{j}.attn_mask')
             if res is None and mask is not None and windows[i]:

@@ -105,3 +105,14 @@ def test_train_flax_swinv2_tiny_then_predict_and_export(tmp_path):
     ref.load_state_dict(torch.load(tmp_path / 'ms.pth', weights_only=True)['model'], strict=True)
     x = images((2, 32, 32, 3))
     assert rel_err(run_timm(ref.eval(), x), run_flax(model, params, x)) < 1e-4
+
+
+def test_no_weight_decay_on_the_position_bias_mlp_logit_scale_and_q_v_biases():
+    """timm's and Microsoft's no_weight_decay keywords for Swin V2 (cpb_mlp, logit_scale; 1-D biases)."""
+    from flax.traverse_util import flatten_dict
+    import vit_flax
+    from vit_train import optim
+    model = vit_flax.create_model(NAME, depths=(1, 1, 1, 1))
+    keys = flatten_dict(vit_flax.summary.param_shapes(model), sep='/')
+    decayed = sorted(k[len('layers_0/blocks_0/'):] for k in keys if optim.decays(k) and k.startswith('layers_0/blocks_0/'))
+    assert decayed == ['attn/proj/kernel', 'attn/qkv/kernel', 'mlp/Dense_0/kernel', 'mlp/Dense_1/kernel']

@@ -169,3 +169,13 @@ def test_cli_parity_on_a_microsoft_file(tmp_path):
     r = cli('parity', tmp_path / 'ms.pth', '--batch', '1')
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'microsoft' in r.stdout and 'stage 3' in r.stdout
+
+
+def test_a_corrupt_coordinate_table_is_one_line_naming_its_key(tmp_path):
+    state = ms_model(64, 4).state_dict()
+    state['layers.1.blocks.0.attn.relative_coords_table'] = torch.full_like(
+        state['layers.1.blocks.0.attn.relative_coords_table'], 7.5)
+    torch.save({'model': state}, tmp_path / 'bad.pth')
+    r = cli('inspect', tmp_path / 'bad.pth')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert 'layers.1.blocks.0.attn.relative_coords_table' in r.stderr and 'bad.pth' in r.stderr

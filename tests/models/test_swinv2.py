@@ -94,8 +94,9 @@ def torch_macs(name, **kw):
     return counter.get_total_flops() // 2
 
 
-# a one-off for all fifteen names is in the report of issue 18; two of them here (full depth, default size)
-@pytest.mark.parametrize('name', ['swinv2_tiny_window8_256', 'swin_s3_tiny_224'])
+# two names in `make test` (full depth, default size), the other thirteen under `make test-slow` (~100 s)
+@pytest.mark.parametrize('name', [n if n in ('swinv2_tiny_window8_256', 'swin_s3_tiny_224')
+                                  else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_macs_equal_torch_flop_counter(name):
     assert vit_flax.count_macs(vit_flax.create_model(name)) == torch_macs(name)
 
@@ -246,3 +247,14 @@ def test_train_mode_drop_path_and_bfloat16_keeps_float32_parts():
     train = lambda seed: np.asarray(jax.jit(lambda p, x: model.apply(
         {'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(seed)}))(params, x))
     assert not np.allclose(train(1), ref) and not np.allclose(train(1), train(2))
+
+
+def test_remat_keeps_the_tree_and_the_outputs():
+    plain = SwinTransformerV2(img_size=32, window_size=8, embed_dim=16, depths=(2,), num_heads=(2,),
+                              pretrained_window_sizes=(0,))
+    remat = plain.clone(remat=True)
+    x = jnp.asarray(images((1, 32, 32, 3)))
+    params = perturb(plain)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        jax.eval_shape(lambda: remat.init(jax.random.PRNGKey(0), x))['params'])
+    np.testing.assert_allclose(run_flax(remat, params, x), run_flax(plain, params, x), rtol=1e-6, atol=1e-6)

@@ -260,7 +260,8 @@ class SwinV2Family(Family):
         return -shared, recorded, max(to_tuple(model.window_size, 2)), name
 
     def resolve(self, cfg, arch, layout, model_name, path):
-        """Microsoft's buffers (`cfg['_ms']`, from `config_from_torch`) give window, pretrained windows and input size; a timm-layout file gives none of them: the registered name's are taken. Both said."""
+        """Microsoft's buffers (`cfg['_ms']`, from `config_from_torch`) give the window, the pretrained windows and
+        the input size; a timm-layout file gives none of them: the registered name's are taken. Both are said."""
         notes = []
         ms = cfg.pop('_ms', None)
         if ms is not None:

@@ -114,5 +114,6 @@ def test_no_weight_decay_on_the_position_bias_mlp_logit_scale_and_q_v_biases():
     from vit_train import optim
     model = vit_flax.create_model(NAME, depths=(1, 1, 1, 1))
     keys = flatten_dict(vit_flax.summary.param_shapes(model), sep='/')
-    decayed = sorted(k[len('layers_0/blocks_0/'):] for k in keys if optim.decays(k) and k.startswith('layers_0/blocks_0/'))
+    block = 'layers_0/blocks_0/'
+    decayed = sorted(k[len(block):] for k in keys if optim.decays(k) and k.startswith(block))
     assert decayed == ['attn/proj/kernel', 'attn/qkv/kernel', 'mlp/Dense_0/kernel', 'mlp/Dense_1/kernel']

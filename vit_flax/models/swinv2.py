@@ -117,7 +117,8 @@ class WindowAttentionV2(nn.Module):
             q, k, v = (t.reshape(-1, nw, heads, n, head_dim) for t in (q, k, v))
         drop = nn.Dropout(rate=self.attn_drop_rate)
         out = dot_product_attention(q, k, v, pos, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
-        out = dense(dim, self.dtype, name='proj', kernel_init=_trunc02)(merge_heads(out.reshape(bw, heads, n, head_dim)))
+        out = merge_heads(out.reshape(bw, heads, n, head_dim))
+        out = dense(dim, self.dtype, name='proj', kernel_init=_trunc02)(out)
         return nn.Dropout(rate=self.proj_drop_rate)(out, deterministic=deterministic)
 
 

@@ -200,7 +200,8 @@ def test_logit_scale_is_clamped_at_log_100():
     x = images((1, 32, 32, 3))
     params = flatten_dict(perturb(model), sep='/')
     key = 'layers_0/blocks_0/attn/logit_scale'
-    at = lambda v: run_flax(model, unflatten_dict({**params, key: np.full_like(params[key], v)}, sep='/'), x)
+    apply = jax.jit(lambda p, x: model.apply({'params': p}, x))   # one compilation for the three values
+    at = lambda v: np.asarray(apply(unflatten_dict({**params, key: np.full_like(params[key], v)}, sep='/'), x))
     np.testing.assert_array_equal(at(np.log(100.0)), at(7.0))
     assert not np.allclose(at(np.log(100.0)), at(np.log(50.0)))
 
@@ -244,8 +245,8 @@ def test_train_mode_drop_path_and_bfloat16_keeps_float32_parts():
     # the cosine normalisation and the bias MLP stay float32 under bf16: no bf16 rsqrt/sigmoid in the graph
     jaxpr = str(jax.make_jaxpr(lambda p, x: bf16.apply({'params': p}, x))(params, x))
     assert 'logistic' in jaxpr and not any('bf16' in line for line in jaxpr.splitlines() if 'logistic' in line)
-    train = lambda seed: np.asarray(jax.jit(lambda p, x: model.apply(
-        {'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(seed)}))(params, x))
+    step = jax.jit(lambda p, x, rng: model.apply({'params': p}, x, train=True, rngs={'dropout': rng}))
+    train = lambda seed: np.asarray(step(params, x, jax.random.PRNGKey(seed)))
     assert not np.allclose(train(1), ref) and not np.allclose(train(1), train(2))
 
 

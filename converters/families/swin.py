@@ -98,16 +98,16 @@ def timm_to_microsoft(state: Dict[str, np.ndarray], img_size: Optional[Union[int
 
     The masks depend on each stage's resolution, which a state_dict does not record: `img_size` gives it.
     Left out, it is what every official model uses, patch * window * 2^(stages-1) (224 for window 7,
-    384 for window 12), i.e. the last stage's resolution equals the first stage's window.
+    384 for window 12), i.e. the last stage's resolution equals its window (Swin-S3 too: 224).
     Each block's window is read from its bias table (already clamped where a stage is smaller).
     """
     num_stages = _stage_count(state)
     if 'layers.0.downsample.reduction.weight' in state:
         raise ConversionError('already in the Microsoft layout (layers.0 has a downsample)')
     patch = tuple(state['patch_embed.proj.weight'].shape[-2:])
-    if img_size is None:
-        w0 = _window_of(state['layers.0.blocks.0.attn.relative_position_bias_table'])
-        img_size = tuple(p * w0 * 2 ** (num_stages - 1) for p in patch)
+    if img_size is None:   # the last stage's window: Swin-S3-S's first stage has 14, its 224 px last stage 7
+        w_last = _window_of(state[f'layers.{num_stages - 1}.blocks.0.attn.relative_position_bias_table'])
+        img_size = tuple(p * w_last * 2 ** (num_stages - 1) for p in patch)
     img = to_tuple(img_size, 2)
     res = tuple(-(-i // p) for i, p in zip(img, patch))
 

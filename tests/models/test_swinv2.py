@@ -259,3 +259,15 @@ def test_remat_keeps_the_tree_and_the_outputs():
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
         jax.eval_shape(lambda: remat.init(jax.random.PRNGKey(0), x))['params'])
     np.testing.assert_allclose(run_flax(remat, params, x), run_flax(plain, params, x), rtol=1e-6, atol=1e-6)
+
+
+def test_swin_s3_microsoft_layout_masks_are_for_224():
+    """V1's Microsoft writer sizes its masks from the last stage's window: Swin-S3-S (14, 14, 14, 7) is a 224 model
+    (56 / 14 = 4 windows a side in stage 0), not 448."""
+    with torch.device('meta'):
+        tm = timm.create_model('swin_s3_small_224', depths=(2, 2, 2, 2))
+    shapes = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
+    state = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    out = swin_family.timm_to_microsoft(state)
+    assert out['layers.0.blocks.1.attn_mask'].shape == (16, 196, 196)
+    assert 'layers.2.blocks.1.attn_mask' not in out   # 14x14 stage, window 14: no shift

@@ -191,6 +191,16 @@ def test_old_names_map_to_the_kernels_they_named():
         A.check_impl('flash')
 
 
+def test_bf16_policy_table_native_operands_on_accelerators_and_cpus_with_bf16_dots():
+    from vit_flax.ops import matmul as mm
+    gpu, tpu, cpu_bf16, cpu = (mm.bf16_policy(*a) for a in (('gpu',), ('tpu',), ('cpu', True), ('cpu', False)))
+    assert [r['matmul'] for r in (gpu, tpu, cpu_bf16, cpu)] == ['native', 'native', 'native', 'float32']
+    assert all(r['accumulate'] == r['softmax'] == r['residual'] == r['norms'] == 'float32'
+               for r in (gpu, tpu, cpu_bf16, cpu))
+    assert gpu['attention'] == A.choose_impl('gpu', BF16, 197, 64).impl
+    assert cpu['attention'] == cpu_bf16['attention'] == A.choose_impl('cpu', BF16, 197, 64).impl
+
+
 # ---------------------------------------------------------------- whole models: 'xla' against 'reference'
 
 MODELS = [

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-lean names test-slow fuzz memory bench bench-quick bench-parts parity-report train clean
+.PHONY: demo test test-lean names test-slow fuzz memory bench bench-quick bench-gpu bench-parts parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench_vs_timm.py --quick $(BENCH_ARGS)
+
+# One GPU (or TPU), < 8 minutes: bf16 inference and AdamW training per attention implementation, scan, remat,
+# compile time, peak memory, MFU, timm under torch.compile as a ratio (benchmarks/gpu.py; table to $$OUT when
+# set). On a GPU machine without this venv: `pip install --no-deps -e .` then `python benchmarks/gpu.py`.
+# BENCH_ARGS=--dry-run: tiny shapes on CPU.
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu.py $(BENCH_ARGS)
 
 # The training step part by part (block, attention, MLP, matmuls, LayerNorm), Flax against torch (~3 min).
 bench-parts: $(STAMP)

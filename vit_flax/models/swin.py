@@ -17,9 +17,10 @@ Window geometry follows timm exactly:
 - images whose size is not a multiple of the patch are zero-padded right/bottom (timm's
   `dynamic_img_pad`, Microsoft's detection code); patch merging pads odd sizes the same way.
 
-`attn_impl` ('fused', the default, or 'reference') selects the attention kernel (ops/attention.py): the
-fused one with hand-written derivatives (the plain formula whenever attention dropout is active in
-training), or the plain formula always.
+`attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'reference' (the
+hand-written derivatives, CPU's 'auto'; the plain formula whenever attention dropout is active in training),
+'plain', 'xla', 'cudnn' (GPU) or 'pallas' (TPU); 'fused' is the old name of 'reference'. The relative position bias and
+the shift mask go to every implementation as its additive bias. Same parameters.
 
 Intermediates: apply with `mutable=['intermediates']` to get the patch embedding `embed` (B, H/4, W/4, C),
 each stage's output `stage_{i}` (= timm's `layers.{i}`, NHWC) and the normed map `encoded` (timm's `norm`).
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ModelConfigError
-from ..ops.attention import check_impl, dot_product_attention
+from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, drop_path_rates,
                      fused_projection, merge_heads, remat_block, split_heads, to_tuple)
@@ -141,7 +142,7 @@ class WindowAttention(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, mask=None, deterministic: bool = True):
@@ -183,7 +184,7 @@ class SwinTransformerBlock(nn.Module):
     gelu: str = 'exact'
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     def _attn(self, x, deterministic):
         b, h, w, c = x.shape
@@ -275,7 +276,7 @@ class SwinStage(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     def setup(self):
         if self.has_downsample:
@@ -320,7 +321,7 @@ class SwinTransformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None  # jax.checkpoint_policies name used with remat (None: save nothing)
-    attn_impl: Literal['fused', 'reference'] = 'fused'  # the attention kernel (module docstring)
+    attn_impl: AttnImpl = 'auto'  # the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property

@@ -10,9 +10,9 @@ R+ViT hybrids (`resnet=...`) put vit_jax's ResNet stem (`conv_root`, `gn_root`, 
 resnet.py) at the same top level, before `embedding`. `posemb='sincos2d'` replaces the learned table by
 big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to the patch tokens only.
 
-`attn_impl` ('fused', the default, or 'reference') selects the attention kernel (ops/attention.py): the
-fused one with hand-written derivatives (the plain formula whenever attention dropout is active in
-training), or the plain formula always.
+`attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'reference' (the
+hand-written derivatives, CPU's 'auto'; the plain formula whenever attention dropout is active in training),
+'plain', 'xla', 'cudnn' (GPU) or 'pallas' (TPU); 'fused' is the old name of 'reference'. Same parameters.
 
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).
@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..errors import ModelConfigError
-from ..ops.attention import check_impl, dot_product_attention
+from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..ops.resize import resize_grid
 from ..registry import register
 from .layers import (DropPath, LayerScale, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense,
@@ -56,7 +56,7 @@ class MultiHeadDotProductAttention(nn.Module):
     attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
     qk_norm: bool = False
     scale_norm: bool = False
     out_bias: bool = True
@@ -143,7 +143,7 @@ class Encoder1DBlock(nn.Module):
     gelu: str = 'exact'
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
     norm: str = 'layernorm'
     init_values: Optional[float] = None
     proj_bias: bool = True
@@ -233,7 +233,7 @@ class Encoder(nn.Module):
     learned_posemb: bool = True   # False: the caller added fixed positions already
     scan: bool = False
     remat_policy: Optional[str] = None
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
     norm: str = 'layernorm'
     init_values: Optional[float] = None
     proj_bias: bool = True
@@ -288,7 +288,7 @@ class MAPHead(nn.Module):
     gelu: str = 'exact'
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
     norm: str = 'layernorm'
 
     @nn.compact
@@ -348,7 +348,7 @@ class VisionTransformer(nn.Module):
     posemb: Literal['learn', 'sincos2d'] = 'learn'        # sincos2d: big_vision's fixed table
     scan_blocks: bool = False                  # nn.scan over the blocks (big_vision's scanned tree)
     remat_policy: Optional[str] = None         # jax.checkpoint_policies name used with remat (None: save nothing)
-    attn_impl: Literal['fused', 'reference'] = 'fused'    # the attention kernel (module docstring)
+    attn_impl: AttnImpl = 'auto'    # the attention kernel (module docstring)
     # ---- timm's VisionTransformer options, under timm's names (see the class docstring)
     act_layer: Optional[Literal['gelu', 'gelu_tanh', 'quick_gelu', 'silu']] = None   # None: as `gelu` says
     norm_layer: Literal['layernorm', 'rmsnorm'] = 'layernorm'   # every norm, with `norm_eps`

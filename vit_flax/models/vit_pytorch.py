@@ -18,9 +18,8 @@ Input NHWC. `num_classes=0` returns the pooled features (vit-pytorch returns the
 
 Inner modules spell vit-pytorch's one `dropout` as timm's `attn_drop_rate` (on the attention weights) and
 `proj_drop_rate` (after the output projection and in the MLP): LucidViT passes it to both. `attn_impl`
-('fused', the default, or 'reference') selects the attention kernel (ops/attention.py): the fused one with
-hand-written derivatives (the plain formula whenever attention dropout is active in training), or the
-plain formula always.
+(default 'auto') selects the attention implementation as in ViT (ops/attention.py; 'fused' is the old name
+of 'reference').
 
 Parameter tree: `patch_embed/{pixel_norm, proj, norm}`, `cls` (1, 1, dim), `pos_embedding`
 (1, prefix + patches, dim), `Transformer/layers_{i}/attn/{norm, query, key, value, out}` (Google's
@@ -35,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..errors import ModelConfigError
-from ..ops.attention import check_impl, dot_product_attention
+from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, fused_projection, merge_heads,
                      split_heads, to_tuple)
@@ -56,7 +55,7 @@ class Attention(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -99,7 +98,7 @@ class Block(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -140,7 +139,7 @@ class Transformer(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -174,7 +173,7 @@ class LucidViT(nn.Module):
     dropout: float = 0.0
     emb_dropout: float = 0.0
     dtype: Dtype = jnp.float32
-    attn_impl: Literal['fused', 'reference'] = 'fused'  # the attention kernel (module docstring)
+    attn_impl: AttnImpl = 'auto'  # the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property

@@ -1,52 +1,266 @@
-"""softmax(q k^T + bias) v: the fused path with hand-written derivatives, beside its plain reference.
+"""softmax(q k^T + bias) v: one entry point (`dot_product_attention`), named implementations per backend.
 
-- `reference_attention`: jax.nn.softmax over the float32 logits and `matmul` for both products,
-  differentiated by JAX's autodiff; the only path that applies attention dropout.
-- the fused path (`_attention_f32` for float32, `_attention` for low precision): the same forward formula
-  with the derivatives written out. Autodiff of softmax makes XLA:CPU materialise the broadcast normaliser
-  and run extra passes over the N x N array; these keep the probabilities as the one saved N x N array.
-  Float32 gets a JVP (forward mode, jax.jvp and Hessian-vector products keep working; reverse mode is its
-  transpose); low precision gets a VJP, as `matmul`'s own low-precision path does.
+Every model takes the field `attn_impl` and passes it here as `impl`. The implementations:
 
-What selects between them is the models' field `attn_impl`, passed here as `impl`: 'reference' runs the
-reference always; 'fused' (the default) runs the fused path, except when attention dropout is active
-(training with a nonzero attention dropout rate: the caller passes `dropout`), where it falls back to
-the reference, which it then equals in the forward pass.
+| impl        | what runs                                                        | bias/mask | where it can run          |
+|-------------|------------------------------------------------------------------|-----------|---------------------------|
+| 'reference' | the formula with hand-written derivatives (below); 'plain' under | yes       | anywhere (CPU's default)  |
+|             | active attention dropout                                         |           |                           |
+| 'plain'     | the formula, JAX autodiff; the only path that applies dropout    | yes       | anywhere                  |
+| 'xla'       | jax.nn.dot_product_attention(implementation='xla')               | yes       | anywhere                  |
+| 'cudnn'     | jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's    | yes       | CUDA GPU, bf16/fp16,      |
+|             | fused (flash) kernel; sequences padded to an even length when a  |           | head dim <= 128, % 8 == 0 |
+|             | bias is given (cuDNN's rule for a bias in training), padded keys |           |                           |
+|             | masked through key_value_seq_lengths, padded queries dropped     |           |                           |
+| 'pallas'    | jax.experimental.pallas.ops.tpu.flash_attention (it takes an     | yes       | TPU; head dim <= 128 or   |
+|             | additive bias, splash attention does not), sequences padded to   |           | a multiple of 128         |
+|             | its 128 block, padded keys masked through segment ids            |           |                           |
+| 'auto'      | `choose_impl`: CPU 'reference' (exactly what ran before 'auto'   |           |                           |
+|             | existed), GPU 'cudnn' for bf16/fp16 (else 'xla'), TPU 'pallas'   |           |                           |
+|             | for sequences >= PALLAS_MIN_SEQ (else 'xla'), other backends xla |           |                           |
+
+Old names: 'fused' (the default until 'auto') is 'reference', the same kernel; what 'reference' meant before
+(the plain formula differentiated by JAX) is now 'plain'. The two agree to float32 rounding in values and
+gradients (tests/models/test_fast_paths.py), so a config that says either old name computes what it did.
+
+'auto' falls back, with one warning per distinct case and process, where its backend's kernel cannot take
+the case (a head dim cuDNN or the Pallas kernel does not take); an explicit 'cudnn' or 'pallas' that cannot
+take the case is a ModelConfigError naming why. With attention dropout active (training, nonzero rate) every
+impl runs 'plain' (warning once for 'xla', 'cudnn', 'pallas': their kernels apply no dropout).
+
+Shapes: q (..., Nq, Dh), k and v (..., Nk, Dh) with the same leading dims (batch, then heads or
+windows x heads: Swin passes (B, nW, heads, N, Dh)); `bias` float, broadcastable to (..., Nq, Nk), added
+to the float32 logits (Swin's relative position bias plus its -100 shift mask); `mask` bool, broadcastable
+likewise, True where a key is attended. `scale` None means q is already scaled (the models scale q
+before the product, as timm does); else the logits are multiplied by it. The kernels see the leading dims
+as (first, product of the rest): batch and "heads", so a bias broadcast over the batch stays broadcast.
+
+Numerics (the bf16 policy for attention, see ops/matmul.py for the matmul's): operands in the compute
+dtype (bf16 under bf16), both products accumulated in float32, logits, bias and softmax in float32 (as
+timm's SDPA under autocast), the probabilities rounded to v's dtype for the second product; the output
+in v's dtype. cuDNN adds the bias in the compute dtype (jax rounds it to q's dtype), the one difference.
 """
-from typing import Callable, Optional
+import math
+import warnings
+from typing import Callable, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..errors import ModelConfigError
 from .matmul import matmul
 
-ATTN_IMPLS = ('fused', 'reference')
+ATTN_IMPLS = ('auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas')
+AttnImpl = Literal['auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas', 'fused']   # the models' field type
+ALIASES = {'fused': 'reference'}   # the name of 'reference' before 'auto' existed
+PALLAS_BLOCK = 128       # the TPU flash kernel's minimum block (its MIN_BLOCK_SIZE)
+PALLAS_MIN_SEQ = 512     # 'auto' on TPU: shorter sequences take 'xla' (one padded 128 block is mostly padding)
+CUDNN_HEAD_DIM_MAX = 128  # 256 on Hopper and later; 128 holds on every card cuDNN's flash kernel runs on
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)   # jax's and the Pallas kernel's large negative logit
+_warned = set()
 
 
 def check_impl(impl: str) -> str:
+    """`impl` with old names mapped (module docstring); a ModelConfigError for a name that is none."""
+    impl = ALIASES.get(impl, impl)
     if impl not in ATTN_IMPLS:
-        raise ModelConfigError(f"attn_impl must be 'fused' or 'reference', got {impl!r}")
+        raise ModelConfigError(f"attn_impl must be one of {', '.join(map(repr, ATTN_IMPLS))} (or 'fused', the "
+                               f"old name of 'reference'), got {impl!r}")
     return impl
 
 
-def dot_product_attention(q, k, v, bias=None, impl: str = 'fused', dropout: Optional[Callable] = None):
-    """softmax(q k^T + bias) v over (..., N, Dh) arrays, q already scaled.
+class Choice(NamedTuple):
+    impl: str                      # what runs
+    fallback: Optional[str] = None  # why it is not what was asked for ('auto' fallbacks and dropout), else None
 
-    Logits, bias and softmax in float32 (as timm under autocast: its attention kernel keeps the softmax
-    in float32); both matmuls through `matmul`. Returns (..., N, Dh) in v's dtype. `dropout` (applied to
-    the attention weights) is given only when it can drop something; `impl` as in the module docstring.
+
+def _low_precision(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _cudnn_refusal(dtype, head_dim) -> Optional[str]:
+    if not _low_precision(dtype):
+        return f'cuDNN attention takes bf16/fp16 operands, not {jnp.dtype(dtype).name}'
+    if head_dim > CUDNN_HEAD_DIM_MAX or head_dim % 8:
+        return f'cuDNN attention takes a head dim <= {CUDNN_HEAD_DIM_MAX} and a multiple of 8, not {head_dim}'
+    return None
+
+
+def _pallas_refusal(head_dim) -> Optional[str]:
+    if head_dim > PALLAS_BLOCK and head_dim % PALLAS_BLOCK:
+        return f'the Pallas flash kernel takes a head dim <= {PALLAS_BLOCK} or a multiple of it, not {head_dim}'
+    return None
+
+
+def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool = False,
+                has_mask: bool = False, has_dropout: bool = False, impl: str = 'auto') -> Choice:
+    """What runs for `impl` on `backend` ('cpu' | 'gpu' | 'cuda' | 'rocm' | 'tpu' | ...) with these operands.
+
+    Pure (no device queries): the module docstring's rules. Every implementation takes a bias and a mask, so
+    `has_bias` and `has_mask` change no choice today; they are arguments so a kernel that takes neither can
+    be added without changing callers. Raises ModelConfigError for an explicit kernel that cannot run here.
     """
-    if check_impl(impl) == 'fused' and dropout is None:
+    impl = check_impl(impl)
+    backend = backend.lower()
+    gpu = backend in ('gpu', 'cuda')
+    if has_dropout:
+        if impl in ('auto', 'reference', 'plain'):
+            return Choice('plain')
+        return Choice('plain', f"attn_impl={impl!r} applies no attention dropout: the plain formula runs while "
+                               f"dropout is active")
+    if impl == 'cudnn':
+        why = ('cuDNN attention runs on a CUDA GPU, not on backend ' + repr(backend)) if not gpu else \
+            _cudnn_refusal(dtype, head_dim)
+        if why:
+            raise ModelConfigError(f"attn_impl='cudnn': {why}")
+    if impl == 'pallas':
+        why = ('the Pallas flash kernel runs on a TPU, not on backend ' + repr(backend)) if backend != 'tpu' else \
+            _pallas_refusal(head_dim)
+        if why:
+            raise ModelConfigError(f"attn_impl='pallas': {why}")
+    if impl != 'auto':
+        return Choice(impl)
+    if backend == 'cpu':
+        return Choice('reference')
+    if gpu:
+        if not _low_precision(dtype):
+            return Choice('xla')   # float32: no fused kernel; not a fallback
+        why = _cudnn_refusal(dtype, head_dim)
+        return Choice('xla', why) if why else Choice('cudnn')
+    if backend == 'tpu':
+        if seq_len < PALLAS_MIN_SEQ:
+            return Choice('xla')
+        why = _pallas_refusal(head_dim)
+        return Choice('xla', why) if why else Choice('pallas')
+    return Choice('xla')
+
+
+def _warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] = None, impl: str = 'auto',
+                          dropout: Optional[Callable] = None, backend: Optional[str] = None):
+    """softmax(scale q k^T + bias, masked) v over (..., N, Dh) arrays (module docstring: shapes, numerics).
+
+    `dropout` (applied to the attention weights) is given only when it can drop something; `impl` as in the
+    module docstring; `backend` (default jax.default_backend()) only for what `choose_impl` decides.
+    """
+    choice = choose_impl(backend or jax.default_backend(), jnp.result_type(q, k, v), k.shape[-2], q.shape[-1],
+                         bias is not None, mask is not None, dropout is not None, impl)
+    if choice.fallback:
+        _warn_once(f'attention: {choice.fallback}; using {choice.impl!r}')
+    if choice.impl in ('reference', 'plain'):
+        if scale is not None:
+            q = (q * jnp.asarray(scale, jnp.float32)).astype(q.dtype)
+        bias = _mask_as_bias(bias, mask)
+        if choice.impl == 'plain':
+            return plain_attention(q, k, v, bias, dropout)
         exact = jnp.finfo(jnp.result_type(q, k, v)).bits >= 32
         return (_attention_f32 if exact else _attention)(q, k, v, bias)
-    return reference_attention(q, k, v, bias, dropout)
+    if choice.impl == 'pallas':
+        return pallas_attention(q, k, v, bias, mask, scale)
+    return jax_attention(q, k, v, bias, mask, scale, implementation=choice.impl,
+                         seq_multiple=2 if (choice.impl == 'cudnn' and bias is not None) else 1)
 
 
-def reference_attention(q, k, v, bias=None, dropout: Optional[Callable] = None):
+def _mask_as_bias(bias, mask):
+    """A bool mask folded into the additive bias (MASK_VALUE where False), as the kernels do it."""
+    if mask is None:
+        return bias
+    extra = jnp.where(mask, jnp.float32(0), jnp.float32(MASK_VALUE))
+    return extra if bias is None else bias + extra
+
+
+# ---------------------------------------------------------------- the kernels of jax.nn and Pallas
+
+def _as_batch_heads(x, lead):
+    """(..., A, B) broadcastable to lead + (A, B) -> (b, prod(lead[1:]), A, B), b = lead[0] or 1 (kept
+    broadcast when x does not vary over the first leading dim)."""
+    x = jnp.asarray(x)
+    x = x.reshape((1,) * (len(lead) + 2 - x.ndim) + x.shape)
+    first = lead[0] if lead and x.shape[0] != 1 else 1
+    x = jnp.broadcast_to(x, (first,) + tuple(lead[1:]) + x.shape[-2:])
+    return x.reshape((first, math.prod(lead[1:])) + x.shape[-2:])
+
+
+def _split_lead(q, k, v):
+    lead = q.shape[:-2]
+    if not lead:
+        lead = (1,)
+    to4 = lambda t: t.reshape((lead[0] if len(q.shape) > 2 else 1, math.prod(lead[1:])) + t.shape[-2:])
+    return lead, to4(q), to4(k), to4(v)
+
+
+def _pad_axis(x, axis, to):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, to - x.shape[axis])
+    return jnp.pad(x, pad) if to != x.shape[axis] else x
+
+
+def jax_attention(q, k, v, bias=None, mask=None, scale=None, implementation='xla', seq_multiple: int = 1):
+    """jax.nn.dot_product_attention over this module's layout, sequences padded to `seq_multiple`.
+
+    Padding (what 'cudnn' needs with a bias; any `implementation` takes it, so the CPU tests run it with
+    'xla'): q, k, v, bias and mask are zero-padded (mask False) along both sequence axes, the padded keys
+    are masked out by key_value_seq_lengths and the padded query rows (zeros) are sliced off.
+    """
+    lead, q4, k4, v4 = _split_lead(q, k, v)
+    nq, nk = q4.shape[-2], k4.shape[-2]
+    tq, tk = (-(-n // seq_multiple) * seq_multiple for n in (nq, nk))
+    btnh = lambda t, n: _pad_axis(t.transpose(0, 2, 1, 3), 1, n)     # (B, H, N, D) -> (B, N', H, D)
+    qp, kp, vp = btnh(q4, tq), btnh(k4, tk), btnh(v4, tk)
+    pad2 = lambda t: _pad_axis(_pad_axis(t, 2, tq), 3, tk)
+    b4 = None if bias is None else pad2(_as_batch_heads(bias, lead).astype(jnp.float32))
+    m4 = None if mask is None else pad2(_as_batch_heads(mask, lead))
+    lengths = {}
+    if (tq, tk) != (nq, nk):
+        batch = qp.shape[0]
+        lengths = dict(query_seq_lengths=jnp.full((batch,), nq, jnp.int32),
+                       key_value_seq_lengths=jnp.full((batch,), nk, jnp.int32))
+    out = jax.nn.dot_product_attention(qp, kp, vp, b4, m4, scale=1.0 if scale is None else scale,
+                                       implementation=implementation, **lengths)
+    return out[:, :nq].transpose(0, 2, 1, 3).reshape(q.shape[:-1] + v.shape[-1:])
+
+
+def pallas_attention(q, k, v, bias=None, mask=None, scale=None, block: int = PALLAS_BLOCK):
+    """jax's TPU flash attention (Pallas) over this module's layout: sequences padded to `block`, padded keys
+    masked by segment ids (real tokens 1, padding 0: a real query sees only real keys), a bool mask folded
+    into the bias, the bias given in full (the kernel takes no broadcast one). On CPU it runs under
+    `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (the tests)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+    lead, q4, k4, v4 = _split_lead(q, k, v)
+    nq, nk = q4.shape[-2], k4.shape[-2]
+    tq, tk = (-(-n // block) * block for n in (nq, nk))
+    qp, kp, vp = _pad_axis(q4, 2, tq), _pad_axis(k4, 2, tk), _pad_axis(v4, 2, tk)
+    bias = _mask_as_bias(bias, mask)
+    ab = None
+    if bias is not None:
+        ab = jnp.broadcast_to(_as_batch_heads(bias, lead).astype(jnp.float32), q4.shape[:2] + (nq, nk))
+        ab = _pad_axis(_pad_axis(ab, 2, tq), 3, tk)
+    segments = None
+    if (tq, tk) != (nq, nk):
+        ids = lambda n, t: jnp.broadcast_to((jnp.arange(t) < n).astype(jnp.int32), (q4.shape[0], t))
+        segments = fa.SegmentIds(q=ids(nq, tq), kv=ids(nk, tk))
+    sizes = fa.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
+                          block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
+                          block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+    out = fa.flash_attention(qp, kp, vp, ab, segments, sm_scale=1.0 if scale is None else scale, block_sizes=sizes)
+    return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
+
+
+# ---------------------------------------------------------------- 'plain' and 'reference'
+
+def plain_attention(q, k, v, bias=None, dropout: Optional[Callable] = None):
     """The plain formula, differentiated by JAX; `dropout` (or None) on the attention weights."""
     weights = jax.nn.softmax(_attention_logits(q, k, bias), axis=-1)
     return matmul('...qk,...kd->...qd', (weights if dropout is None else dropout(weights)).astype(v.dtype), v)
+
+
+reference_attention = plain_attention   # its name before 'reference' named the hand-written path
 
 
 def _attention_logits(q, k, bias):
@@ -59,6 +273,12 @@ def _attention_probs(q, k, bias):
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     return e / jnp.sum(e, axis=-1, keepdims=True)  # jax.nn.softmax's formula
 
+
+# 'reference': the same forward formula with the derivatives written out. Autodiff of softmax makes XLA:CPU
+# materialise the broadcast normaliser and run extra passes over the N x N array; these keep the
+# probabilities as the one saved N x N array. Float32 gets a JVP (forward mode, jax.jvp and Hessian-vector
+# products keep working; reverse mode is its transpose); low precision gets a VJP, as `matmul`'s own
+# low-precision path does.
 
 @jax.custom_jvp
 def _attention_f32(q, k, v, bias):

@@ -10,6 +10,21 @@ BF16); 'float32' widens them to float32 first (the same products and float32 acc
 faster float32 GEMM), the default on a CPU without them (AVX2 only: XLA's bf16 GEMM converts tile by
 tile and runs slower than its float32 GEMM).
 
+The bf16 policy per backend, in one table (`BF16_POLICY`; `bf16_policy(backend)` gives a row, the bench
+prints it). Everything not named a matmul operand is what timm keeps under torch.autocast(bfloat16):
+
+| backend                                 | matmul operands         | attention ('auto')             |
+|-----------------------------------------|-------------------------|--------------------------------|
+| GPU (CUDA)                              | bf16 ('native')         | 'cudnn' (fused kernel)         |
+| TPU                                     | bf16 ('native')         | 'pallas' (N >= 512), else 'xla' |
+| CPU with bf16 dots (AMX, AVX512_BF16, ARM BF16) | bf16 ('native') | 'reference'                    |
+| CPU without them (AVX2 only)            | widened to float32 ('float32') | 'reference'             |
+
+On every backend: float32 accumulation of every matmul (one rounding of its output), logits, bias and
+softmax in float32, the residual stream in float32 (timm's is: its float32 position embedding promotes it),
+norms, GELU and the position embedding computed in float32, each rounding its output to the compute dtype
+where a matmul reads it (branch activations are bf16 between matmuls).
+
 `policy()` resolves it once, at first use, from the environment variable VIT_FLAX_BF16_MATMUL
 (native|float32; read once, at that first use, never again), else the backend and /proc/cpuinfo, and
 caches it. `set_policy(value)` overrides it explicitly (None: back to the resolved default);
@@ -47,12 +62,34 @@ def _cpu_has_bf16() -> Optional[bool]:
     return bool(lines) and bool(_BF16_CPU_FLAGS & set(lines[0].split(':', 1)[-1].split()))
 
 
+BF16_POLICY = {   # the table above; attention's 'auto' choice is ops/attention.choose_impl's
+    'gpu': dict(matmul='native', accumulate='float32', attention='cudnn', softmax='float32', residual='float32',
+                norms='float32'),
+    'tpu': dict(matmul='native', accumulate='float32', attention='pallas (N >= 512) / xla', softmax='float32',
+                residual='float32', norms='float32'),
+    'cpu-bf16': dict(matmul='native', accumulate='float32', attention='reference', softmax='float32',
+                     residual='float32', norms='float32'),
+    'cpu': dict(matmul='float32', accumulate='float32', attention='reference', softmax='float32',
+                residual='float32', norms='float32'),
+}
+
+
+def bf16_policy(backend: str, cpu_has_bf16: Optional[bool] = None) -> dict:
+    """The BF16_POLICY row for `backend` ('cpu', 'gpu'/'cuda', 'tpu'; others take the GPU row);
+    `cpu_has_bf16` (default: read /proc/cpuinfo; unreadable counts as having them) picks the CPU row."""
+    backend = backend.lower()
+    if backend == 'cpu':
+        has = _cpu_has_bf16() if cpu_has_bf16 is None else cpu_has_bf16
+        return BF16_POLICY['cpu' if has is False else 'cpu-bf16']
+    return BF16_POLICY['tpu' if backend == 'tpu' else 'gpu']
+
+
 @functools.lru_cache(maxsize=None)
 def _resolved() -> str:
     forced = os.environ.get(BF16_MATMUL_ENV, '').lower()
     if forced:
         return _check(forced, BF16_MATMUL_ENV)
-    return 'native' if jax.default_backend() != 'cpu' or _cpu_has_bf16() is not False else 'float32'
+    return bf16_policy(jax.default_backend())['matmul']
 
 
 def policy() -> str:

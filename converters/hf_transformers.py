@@ -25,7 +25,8 @@ own spelling, `save_original_format=False`, differs in the block names only, not
 - dinov2 / dinov2_with_registers (no prefix in Dinov2Model): `embeddings.{cls_token, mask_token (1, D),
   register_tokens, position_embeddings, patch_embeddings.projection}`, `encoder.layer.i.{norm1,
   attention.attention.{query,key,value} (5.x: attention.{q,k,v,o}_proj), attention.output.dense,
-  layer_scale1.lambda1, norm2, mlp.fc1/fc2 | mlp.weights_in/weights_out (SwiGLU), layer_scale2.lambda1}`,
+  layer_scale1.lambda1, norm2, mlp.fc1/fc2 | mlp.weights_in/weights_out (SwiGLU; 5.x: mlp.gate_proj, up_proj =
+  the halves of weights_in, down_proj), layer_scale2.lambda1}`,
   `layernorm`. `mask_token` serves masked training only: dropped on read (said), written as zeros (its init).
   With registers, transformers adds positions to [cls, patches] before inserting the registers: the class
   row is folded into the token (cls + pos[0]) as timm does, and written back as a zero row.
@@ -90,6 +91,7 @@ def _split(n: int, name: str) -> Transform:
 
 
 QKV = _split(3, 'qkv')
+GATE_UP = _split(2, 'gate_up')   # timm's SwiGLUPacked fc1 (silu'd half first) <-> transformers 5's gate_proj, up_proj
 # timm's attn_pool q (D rows) and kv (2D rows) <-> nn.MultiheadAttention's in_proj (rows q, k, v)
 Q_KV = Transform('q_kv', lambda a: [np.concatenate(a, axis=0)],
                  lambda a: [a[0][:a[0].shape[0] // 3], a[0][a[0].shape[0] // 3:]])
@@ -204,8 +206,12 @@ def vit_table(model, cls: str, spelling: str, prefix: Optional[str] = None) -> L
         rules += _qkv(f'{t}attn.qkv', [h + k for k in block['qkv']], model.qkv_bias)
         rules += _linear(f'{t}attn.proj', h + block['proj'])
         rules += _linear(f'{t}norm2', h + block['norm2'])
-        rules += _linear(f'{t}mlp.fc1', h + ('mlp.weights_in' if swiglu else block['fc1']))
-        rules += _linear(f'{t}mlp.fc2', h + ('mlp.weights_out' if swiglu else block['fc2']))
+        if swiglu and spelling == 'internal':   # 5.x: weights_in as gate_proj + up_proj, weights_out as down_proj
+            rules += [rule(f'{t}mlp.fc1.{w}', (f'{h}mlp.gate_proj.{w}', f'{h}mlp.up_proj.{w}'), GATE_UP)
+                      for w in ('weight', 'bias')] + _linear(f'{t}mlp.fc2', f'{h}mlp.down_proj')
+        else:
+            rules += _linear(f'{t}mlp.fc1', h + ('mlp.weights_in' if swiglu else block['fc1']))
+            rules += _linear(f'{t}mlp.fc2', h + ('mlp.weights_out' if swiglu else block['fc2']))
         if model.init_values:
             rules += [rule(f'{t}ls1.gamma', f'{h}layer_scale1.lambda1'), rule(f'{t}ls2.gamma', f'{h}layer_scale2.lambda1')]
     rules += _linear('norm', p + ('post_layernorm' if clip_like else 'layernorm'))
@@ -660,7 +666,7 @@ def target_class(model) -> str:
         return 'CLIPVisionModelWithProjection' if model.num_classes else 'CLIPVisionModel'
     if not model.has_class_token or model.pool_type == 'map':
         return 'SiglipVisionModel'
-    if model.init_values:
+    if model.init_values and not model.num_classes and not model.distilled:   # with a head: ViT's, refused
         return 'Dinov2WithRegistersModel' if model.reg_tokens else 'Dinov2Model'
     if model.distilled:
         return 'DeiTForImageClassificationWithTeacher'
@@ -738,7 +744,8 @@ def config_for(model, cls: str, class_names=None) -> dict:
 def _swiglu_ratio(model) -> float:
     """An mlp_ratio that transformers' Dinov2SwiGLUFFN turns into this model's hidden width (half of fc1's)."""
     hidden = model.mlp_hidden // 2
-    for r in (hidden * 3 / 2 / model.embed_dim, model.mlp_ratio):
+    exact = hidden * 3 / 2 / model.embed_dim
+    for r in (model.mlp_ratio, round(exact), exact):   # an integer where one fits: transformers 5 types it int
         h = int(model.embed_dim * r)
         if (int(h * 2 / 3) + 7) // 8 * 8 == hidden:
             return r
@@ -781,7 +788,9 @@ def check_holds(model, cls: str, cfg: dict) -> None:
     mt, vcfg = vision_config(cfg, 'config.json')
     n = model.num_classes if 'CLIP' not in cls else (model.num_classes if cls.endswith('Projection') else 0)
     want = arch_from_config(mt, vcfg, cls, 'config.json', n)
-    back = model.clone(**_diff(model, want))
+    import vit_flax
+    base = vit_flax.create_model(_DEFAULT[_kind(cls)])   # what the config leaves unsaid: the kind's plain model
+    back = base.clone(**_diff(base, want))
     if 'CLIP' in cls and not cls.endswith('Projection') and model.num_classes:
         raise ConversionError(f'transformers\' {cls} cannot hold a head ({model.num_classes} outputs)')
     for k, label in _HELD[type(model).__name__]:

@@ -1,0 +1,149 @@
+"""Hugging Face transformers folders: what config.json says (eps, activations, labels), sharded and .bin files,
+bad input refused in one line by the CLI, and what transformers cannot hold refused on write.
+(Every class both ways: test_transformers.py.)"""
+import json
+import os
+
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from converters import pipeline
+from converters.errors import ConversionError
+
+from helpers import cli, hf_model, hf_output, hf_strict_load, images, rel_err, run_flax
+
+pytest.importorskip('transformers')
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=8)
+
+
+def _saved(tmp_path, name, cls='ViTForImageClassification', config_cls='ViTConfig', **config):
+    folder = tmp_path / name
+    hf_model(cls, config_cls, **{**TINY, **config}).save_pretrained(str(folder))
+    return folder
+
+
+def test_vit_config_eps_and_activations_are_built_into_the_model(tmp_path):
+    """ViT's layer_norm_eps defaults to 1e-12 (timm 1e-6); CLIP's quick_gelu, SigLIP's tanh GELU: each built in
+    (the override said on stderr) and written back into config.json as it was."""
+    for cls, config_cls, cfg, want in [
+            ('ViTForImageClassification', 'ViTConfig', dict(num_labels=3), dict(norm_eps=1e-12, activation='exact')),
+            ('CLIPVisionModel', 'CLIPVisionConfig', {}, dict(norm_eps=1e-5, activation='quick_gelu', pre_norm=True)),
+            ('SiglipVisionModel', 'SiglipVisionConfig', {}, dict(norm_eps=1e-6, activation='tanh'))]:
+        folder = _saved(tmp_path, cls, cls, config_cls, **cfg)
+        notes = []
+        model, params, ck = pipeline.load_model(folder, log=notes.append)
+        assert {k: getattr(model, k) for k in want} == want
+        if cls.startswith('ViT'):   # timm's registered ViT has 1e-6: the override is said
+            assert any('model_type vit' in n and 'norm_eps=1e-12' in n for n in notes), notes
+        pipeline.write_transformers(flatten_dict(params, sep='/'), model, tmp_path / f'{cls}.out', log=lambda s: None)
+        written = json.loads((tmp_path / f'{cls}.out' / 'config.json').read_text())
+        original = json.loads((folder / 'config.json').read_text())
+        assert written['layer_norm_eps'] == original['layer_norm_eps']
+        assert written['hidden_act'] == original['hidden_act']
+
+
+def test_convert_reads_and_writes_through_the_cli_with_class_names_from_id2label(tmp_path):
+    labels = {0: 'cat', 1: 'dog', 2: 'owl'}
+    folder = _saved(tmp_path, 'in', id2label=labels, label2id={v: k for k, v in labels.items()})
+    model, params, ck = pipeline.load_model(folder, log=lambda s: None)
+    assert ck.class_names == ['cat', 'dog', 'owl']
+    r = cli('convert', folder, tmp_path / 'out', '--format', 'transformers')
+    assert r.returncode == 0, r.stderr
+    assert 'model_type vit (ViTForImageClassification) is vit_base_patch16_224 with' in r.stderr
+    back = hf_strict_load('ViTForImageClassification', tmp_path / 'out')
+    assert back.config.id2label == labels
+
+
+def test_sharded_and_pytorch_bin_folders_read_as_the_single_file(tmp_path):
+    import torch
+    ref = hf_model('ViTForImageClassification', 'ViTConfig', **TINY, num_labels=3)
+    x = images((2, 32, 32, 3))
+    y = hf_output(ref, x, 'logits')
+    ref.save_pretrained(str(tmp_path / 'sharded'), max_shard_size='20KB')
+    names = os.listdir(tmp_path / 'sharded')
+    assert 'model.safetensors.index.json' in names and sum(n.endswith('.safetensors') for n in names) > 2
+    model, params, _ = pipeline.load_model(tmp_path / 'sharded', log=lambda s: None)
+    assert rel_err(run_flax(model, params, x), y) < 1e-5
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'sharded' / 'config.json').read_text())
+    torch.save(ref.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
+    _, params_bin, ck = pipeline.load_model(tmp_path / 'bin', log=lambda s: None)
+    assert ck.format == 'torch'
+    assert all(np.array_equal(v, flatten_dict(params, sep='/')[k]) for k, v in flatten_dict(params_bin, sep='/').items())
+
+
+def _refused(r, *words):
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    line = r.stderr.strip()
+    assert '\n' not in line and 'Traceback' not in line, line
+    for w in words:
+        assert w in line, line
+    return line
+
+
+@pytest.mark.parametrize('edit,words', [
+    (dict(model_type='bert'), ("model_type 'bert'",)),
+    (dict(hidden_size=48), ('hidden_size', 'embed_dim=48', 'embed_dim=32')),
+    (dict(intermediate_size=96), ('intermediate_size', 'mlp_dim=96')),
+    (dict(num_hidden_layers=3), ('num_hidden_layers=3', '2 blocks')),
+    (dict(image_size=48), ('image_size',)),
+    (dict(id2label={'0': 'a', '1': 'b'}), ('id2label', '2 labels', '3 rows')),
+    (dict(hidden_act='relu'), ("hidden_act='relu'",)),
+], ids=['bert', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'image_size', 'id2label', 'hidden_act'])
+def test_a_config_json_the_weights_contradict_is_refused_naming_the_file_and_field(tmp_path, edit, words):
+    folder = _saved(tmp_path, 'vit', num_labels=3)
+    cfg = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps({**cfg, **edit}))
+    _refused(cli('convert', folder, tmp_path / 'out.safetensors'), str(folder / 'config.json'), *words)
+    assert not (tmp_path / 'out.safetensors').exists()
+
+
+def test_a_missing_shard_is_refused_naming_it(tmp_path):
+    ref = hf_model('ViTForImageClassification', 'ViTConfig', **TINY, num_labels=3)
+    ref.save_pretrained(str(tmp_path / 'sharded'), max_shard_size='20KB')
+    shard = sorted(n for n in os.listdir(tmp_path / 'sharded') if n.endswith('.safetensors'))[1]
+    os.remove(tmp_path / 'sharded' / shard)
+    _refused(cli('convert', tmp_path / 'sharded', tmp_path / 'out', '--format', 'transformers'),
+             'model.safetensors.index.json', shard)
+    assert not (tmp_path / 'out').exists()
+
+
+def _random_params(model, seed=0):
+    """Random arrays of the model's parameter shapes (nothing compiled: the writer never runs the model)."""
+    from vit_flax.summary import param_shapes
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(v.shape).astype(np.float32)
+            for k, v in flatten_dict(param_shapes(model), sep='/').items()}
+
+
+def test_what_transformers_cannot_hold_is_refused_on_write_naming_it(tmp_path):
+    import vit_flax
+    small = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8)
+    for name, over, words in [
+            ('vit_base_patch16_clip_224', dict(num_classes=16), 'a head bias'),
+            ('vit_base_patch16_224', dict(num_classes=3, init_values=1e-5), 'LayerScale'),
+            ('deit_base_distilled_patch16_224', dict(num_classes=3, reg_tokens=2), 'register tokens'),
+            ('vit_base_patch16_224', dict(num_classes=3, qk_norm=True), 'q/k norms'),
+            ('vit_base_patch16_224', dict(num_classes=3, global_pool='avg'), 'pooling')]:
+        model = vit_flax.create_model(name, **small, **over)
+        with pytest.raises(ConversionError, match=words):
+            pipeline.write_transformers(_random_params(model), model, tmp_path / 'out', log=lambda s: None)
+        assert not (tmp_path / 'out').exists()
+    pipeline.save_params(_random_params(model), tmp_path / 'avg.npz', name, **small, **over)
+    _refused(cli('convert', tmp_path / 'avg.npz', tmp_path / 'out', '--format', 'transformers'), 'pooling')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_transformers_folder_loads_into_a_named_model_as_train_weights_does(tmp_path):
+    """`load_params` (train_flax.py --weights) takes a transformers folder like any checkpoint, a new head
+    replacing the file's when num_classes is given."""
+    folder = _saved(tmp_path, 'vit', num_labels=3)
+    _, _, ck = pipeline.load_model(folder, log=lambda s: None)
+    over = {k: getattr(ck.model, k) for k in ('embed_dim', 'depth', 'num_heads', 'img_size', 'patch_size',
+                                              'mlp_dim', 'norm_eps')}
+    params = pipeline.load_params(folder, ck.model_name, num_classes=5, log=lambda s: None, **over)
+    assert params['head']['kernel'].shape == (32, 5)
+    np.testing.assert_array_equal(params['cls'], ck.flat['cls'])

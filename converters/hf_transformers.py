@@ -413,7 +413,8 @@ def _diff(model, want: dict) -> dict:
     if 'init_values' in kw and not want['init_values']:
         kw['init_values'] = None
     if hasattr(model, 'activation') and model.activation != _activation(want):
-        kw['act_layer'] = want['act_layer']
+        if model.act_layer != want['act_layer']:
+            kw['act_layer'] = want['act_layer']
         if model.gelu != want['gelu']:
             kw['gelu'] = want['gelu']
     elif not hasattr(model, 'activation') and 'gelu' in want and model.gelu != want['gelu']:
@@ -457,8 +458,9 @@ def match_name(want: dict, kind: str, model_name: Optional[str], where: str):
         key = (len(_diff(m, want)), _NAME_HINT[kind] not in name, name)
         if best is None or key < best[0]:
             best = (key, name, m)
-    if best is None:
-        name = _DEFAULT[kind]
+    if best is None:   # an architecture no name has: the closest name of its kind, re-shaped by every field
+        names = [n for n in list_models() if model_config(n)[0] is cls and _NAME_HINT[kind] in n] or [_DEFAULT[kind]]
+        name = min(names, key=lambda n: (len(_diff(vit_flax.create_model(n), want)), n))
         base = vit_flax.create_model(name)
         return name, base.clone(**_diff(base, want))
     _, name, m = best
@@ -628,6 +630,14 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
         except ConversionError as e:
             err = err or e
     if timm_state is None:
+        flipped = model.clone(qkv_bias=not model.qkv_bias)
+        for sp in SPELLINGS:   # the keys fit once q/k/v biases are (not) there: config.json's qkv_bias is wrong
+            try:
+                rules.torch_to_flax(state, table(flipped, cls, sp, prefix), ignore=IGNORE)
+            except ConversionError:
+                continue
+            raise ConversionError(f'{cfg_path}: qkv_bias={str(model.qkv_bias).lower()}, but the weights '
+                                  f'{"lack" if model.qkv_bias else "hold"} query/key/value biases')
         raise ConversionError(f'{weights}: {err}')
     try:
         _check_shapes(family, timm_state, model, mt, cfg_path)

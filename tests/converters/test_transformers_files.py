@@ -92,7 +92,12 @@ def _refused(r, *words):
     (dict(image_size=48), ('image_size',)),
     (dict(id2label={'0': 'a', '1': 'b'}), ('id2label', '2 labels', '3 rows')),
     (dict(hidden_act='relu'), ("hidden_act='relu'",)),
-], ids=['bert', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'image_size', 'id2label', 'hidden_act'])
+    (dict(hidden_size='wide'), ("hidden_size='wide'",)),
+    (dict(patch_size=0), ('patch_size=0',)),
+    (dict(layer_norm_eps=-1), ('layer_norm_eps=-1',)),
+    (dict(qkv_bias=False), ('qkv_bias',)),
+], ids=['bert', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'image_size', 'id2label', 'hidden_act',
+        'hidden_size-type', 'patch_size-zero', 'eps-negative', 'qkv_bias'])
 def test_a_config_json_the_weights_contradict_is_refused_naming_the_file_and_field(tmp_path, edit, words):
     folder = _saved(tmp_path, 'vit', num_labels=3)
     cfg = json.loads((folder / 'config.json').read_text())

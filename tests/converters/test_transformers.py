@@ -54,6 +54,9 @@ CASES = {
     'SwinForImageClassification': ('SwinForImageClassification', 'SwinConfig', dict(SWIN, num_labels=3), 'logits',
                                    None, None, None),
     'SwinModel': ('SwinModel', 'SwinConfig', SWIN, 'pooler_output', None, None, None),
+    # the last stage no larger than the window: transformers and timm both take the whole stage, unshifted
+    'SwinModel-stage-is-window': ('SwinModel', 'SwinConfig', dict(SWIN, patch_size=4), 'pooler_output', None, None,
+                                  None),
 }
 
 

@@ -52,7 +52,7 @@ def test_convert_reads_and_writes_through_the_cli_with_class_names_from_id2label
     assert ck.class_names == ['cat', 'dog', 'owl']
     r = cli('convert', folder, tmp_path / 'out', '--format', 'transformers')
     assert r.returncode == 0, r.stderr
-    assert 'model_type vit (ViTForImageClassification) is vit_base_patch16_224 with' in r.stderr
+    assert 'model_type vit (ViTForImageClassification) is vit_' in r.stderr and 'norm_eps=1e-12' in r.stderr
     back = hf_strict_load('ViTForImageClassification', tmp_path / 'out')
     assert back.config.id2label == labels
 
@@ -152,3 +152,23 @@ def test_a_transformers_folder_loads_into_a_named_model_as_train_weights_does(tm
     params = pipeline.load_params(folder, ck.model_name, num_classes=5, log=lambda s: None, **over)
     assert params['head']['kernel'].shape == (32, 5)
     np.testing.assert_array_equal(params['cls'], ck.flat['cls'])
+
+
+@pytest.mark.parametrize('name,over,cls,field', [
+    ('vit_base_patch16_224', dict(num_classes=0), 'ViTForImageClassification', 'logits'),   # num_labels 0: identity
+    ('deit_base_patch16_224', dict(num_classes=0, reg_tokens=1), 'DeiTForImageClassification', 'logits'),
+    ('vit_small_patch14_reg4_dinov2', dict(img_size=28, patch_size=14), 'Dinov2WithRegistersModel', 'pooler_output'),
+    ('vit_base_patch16_siglip_gap_224', {}, 'SiglipVisionModel', 'last_hidden_state'),
+], ids=['vit-headless', 'deit-one-register', 'timm-dinov2-reg4', 'siglip-gap'])
+def test_timm_named_models_are_written_as_the_transformers_class_that_computes_them(tmp_path, name, over, cls, field):
+    """Models that never came from transformers (timm's names) written out: the class follows the model and
+    computes what the Flax model does (a headless ViT's pooled token is an identity classifier's logits; timm's
+    register DINOv2 has its class position folded into the token, written back as a zero row)."""
+    from helpers import perturb
+    import vit_flax
+    model = vit_flax.create_model(name, **{**dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8), **over})
+    params = perturb(model)
+    assert pipeline.write_transformers(flatten_dict(params, sep='/'), model, tmp_path / 'out', log=lambda s: None) == cls
+    x = images((2,) + tuple(model.input_shape))
+    y = run_flax(model, params, x, **({'method': 'forward_features'} if field == 'last_hidden_state' else {}))
+    assert rel_err(hf_output(hf_strict_load(cls, tmp_path / 'out'), x, field), y) < 1e-5

@@ -111,7 +111,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
                     adapt_core: bool = False) -> Checkpoint:
     """Read any supported checkpoint and decode it into the flat Flax tree of a matching model.
 
-    `path`: a file, an orbax folder, a timm model folder, `hf-hub:ORG/NAME` (local cache only) or a
+    `path`: a file, an orbax folder, a timm model folder, a Hugging Face transformers folder (config.json with a
+    `model_type`, see hf_transformers), `hf-hub:ORG/NAME` (local cache only; a timm or transformers repo) or a
     training workdir (`step`: 'best' by default, 'latest' or a number).
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
     `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
@@ -121,13 +122,11 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     path = str(path)
     if training_ckpt.is_training_checkpoint(path):
         return _read_training(path, step, log)
-    if hf_transformers.is_transformers_folder(path):
-        if step is not None:
-            raise ConversionError(f'{path}: a step is chosen only in a training workdir')
-        return _read_transformers(path, model_name, arch, img_size)
     folder = timm_folder.resolve(path)
     if step is not None:
         raise ConversionError(f'{path}: a step is chosen only in a training workdir')
+    if folder is not None and hf_transformers.is_transformers_folder(folder):   # config.json names a model_type
+        return _read_transformers(path, folder, model_name, arch, img_size)
     if folder is not None:
         return _read_folder(path, folder, model_name, arch, img_size)
     fmt = formats.file_format(path)
@@ -220,9 +219,10 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
 
 
 
-def _read_transformers(path, model_name, arch, img_size) -> Checkpoint:
-    """A Hugging Face transformers folder (config.json `model_type`): see hf_transformers.read_folder."""
-    r = hf_transformers.read_folder(path, model_name, arch)
+def _read_transformers(path, folder, model_name, arch, img_size) -> Checkpoint:
+    """A Hugging Face transformers folder (config.json `model_type`; `path` as given, maybe hf-hub:, `folder`
+    where it is): see hf_transformers.read_folder."""
+    r = hf_transformers.read_folder(folder, model_name, arch)
     fam = r['family']
     if img_size is not None and fam.pos_key is None and to_tuple(img_size, 2) != to_tuple(r['model'].img_size, 2):
         r['model'] = r['model'].clone(img_size=img_size)

@@ -117,10 +117,11 @@ def test_a_missing_shard_is_refused_naming_it(tmp_path):
 
 
 def _random_params(model, seed=0):
-    """Random arrays of the model's parameter shapes (nothing compiled: the writer never runs the model)."""
+    """Flat params of the model's shapes, no init compiled: norm scales 1 and everything else 0, plus seeded
+    N(0, 0.05) noise everywhere (as `perturb` moves an initialised tree)."""
     from vit_flax.summary import param_shapes
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(v.shape).astype(np.float32)
+    return {k: (float(k.endswith('scale')) + 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
             for k, v in flatten_dict(param_shapes(model), sep='/').items()}
 
 
@@ -164,11 +165,28 @@ def test_timm_named_models_are_written_as_the_transformers_class_that_computes_t
     """Models that never came from transformers (timm's names) written out: the class follows the model and
     computes what the Flax model does (a headless ViT's pooled token is an identity classifier's logits; timm's
     register DINOv2 has its class position folded into the token, written back as a zero row)."""
-    from helpers import perturb
     import vit_flax
+    from flax.traverse_util import unflatten_dict
     model = vit_flax.create_model(name, **{**dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8), **over})
-    params = perturb(model)
-    assert pipeline.write_transformers(flatten_dict(params, sep='/'), model, tmp_path / 'out', log=lambda s: None) == cls
+    flat = _random_params(model)
+    params = unflatten_dict(flat, sep='/')
+    assert pipeline.write_transformers(flat, model, tmp_path / 'out', log=lambda s: None) == cls
     x = images((2,) + tuple(model.input_shape))
     y = run_flax(model, params, x, **({'method': 'forward_features'} if field == 'last_hidden_state' else {}))
     assert rel_err(hf_output(hf_strict_load(cls, tmp_path / 'out'), x, field), y) < 1e-5
+
+
+def test_a_transformers_repo_in_the_offline_hub_cache_reads_through_hf_hub(tmp_path, monkeypatch):
+    """`hf-hub:ORG/NAME` naming a transformers repo (google/vit-*, facebook/dinov2-*, ...) in a fake cache
+    (huggingface_hub's layout, offline) reads as its folder does."""
+    commit = 'a' * 40
+    repo = tmp_path / 'hub' / 'models--google--vit-tiny-test'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    snap = _saved(tmp_path, 'snap', num_labels=3)
+    (repo / 'snapshots').mkdir()
+    snap.rename(repo / 'snapshots' / commit)
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    ck = pipeline.read_checkpoint('hf-hub:google/vit-tiny-test', log=lambda s: None)
+    assert ck.kind == 'transformers' and ck.model.norm_eps == 1e-12 and ck.source == 'hf-hub:google/vit-tiny-test'

@@ -43,6 +43,7 @@ own spelling, `save_original_format=False`, differs in the block names only, not
   attention.output.dense, layernorm_after, intermediate.dense | 5.x mlp.fc1, output.dense | 5.x mlp.fc2}`,
   `encoder.layers.i.downsample.{reduction, norm}` at the end of stage i (timm: the start of stage i+1),
   `layernorm`, `classifier`; `relative_position_index` buffers (older files) ignored.
+- swinv2 (`swinv2.`): `swinv2_table` (keys only: no vit-flax Swin V2 model yet).
 
 Numerics: transformers' "gelu" is exact, "gelu_pytorch_tanh"/"gelu_new" the tanh form, "quick_gelu"
 x*sigmoid(1.702x); ViT/DeiT's layer_norm_eps defaults to 1e-12, DINOv2/SigLIP 1e-6, CLIP/Swin 1e-5: every one
@@ -167,7 +168,7 @@ PREFIX = {'ViTModel': '', 'ViTForImageClassification': 'vit.', 'DeiTModel': '', 
           'DeiTForImageClassificationWithTeacher': 'deit.', 'Dinov2Model': '', 'Dinov2WithRegistersModel': '',
           'SiglipVisionModel': 'vision_model.', 'SiglipModel': 'vision_model.', 'CLIPVisionModel': 'vision_model.',
           'CLIPVisionModelWithProjection': 'vision_model.', 'CLIPModel': 'vision_model.', 'SwinModel': '',
-          'SwinForImageClassification': 'swin.'}
+          'SwinForImageClassification': 'swin.', 'Swinv2Model': '', 'Swinv2ForImageClassification': 'swinv2.'}
 
 
 def vit_table(model, cls: str, spelling: str, prefix: Optional[str] = None) -> List[Rule]:
@@ -258,9 +259,46 @@ def swin_table(model, cls: str, spelling: str, prefix: Optional[str] = None) -> 
     return rules
 
 
+def swinv2_table(model, cls: str, spelling: str = 'hub', prefix: Optional[str] = None) -> List[Rule]:
+    """timm Swin V2 keys (`swin_transformer_v2.py`) <-> transformers' Swinv2Model / Swinv2ForImageClassification
+    (`swinv2.`), for a model with `depths` and `num_classes` (both spellings are the same keys in 5.x).
+
+    Per block: `attention.self.{query (weight, bias), key (weight only), value (weight, bias)}` = timm's
+    `attn.qkv.weight` (rows q, k, v) with `attn.q_bias`, `attn.v_bias` (timm's k bias is a zero buffer);
+    `attention.self.logit_scale` (H, 1, 1), `continuous_position_bias_mlp.{0 (w, b), 2 (w)}` = `attn.cpb_mlp`;
+    `layernorm_before/after` are V2's post-norms, timm's `norm1/norm2`; merging as V1's (transformers: the end of
+    stage i, reduction then norm; timm: the start of stage i+1). No vit-flax Swin V2 model reads it yet (the
+    Swin V2 family is being built): this table is checked against timm and transformers directly."""
+    del spelling
+    p = PREFIX[cls] if prefix is None else prefix
+    rules = _linear('patch_embed.proj', f'{p}embeddings.patch_embeddings.projection')
+    rules += _linear('patch_embed.norm', f'{p}embeddings.norm')
+    for i, depth in enumerate(model.depths):
+        s = f'{p}encoder.layers.{i}.'
+        for j in range(depth):
+            t, h = f'layers.{i}.blocks.{j}.', f'{s}blocks.{j}.attention.'
+            b = f'{s}blocks.{j}.'
+            rules += [rule(f'{t}attn.qkv.weight', tuple(f'{h}self.{n}.weight' for n in ('query', 'key', 'value')), QKV),
+                      rule(f'{t}attn.q_bias', f'{h}self.query.bias'), rule(f'{t}attn.v_bias', f'{h}self.value.bias'),
+                      rule(f'{t}attn.logit_scale', f'{h}self.logit_scale'),
+                      rule(f'{t}attn.cpb_mlp.2.weight', f'{h}self.continuous_position_bias_mlp.2.weight')]
+            rules += _linear(f'{t}attn.cpb_mlp.0', f'{h}self.continuous_position_bias_mlp.0')
+            rules += _linear(f'{t}attn.proj', f'{h}output.dense')
+            rules += _linear(f'{t}norm1', f'{b}layernorm_before') + _linear(f'{t}norm2', f'{b}layernorm_after')
+            rules += _linear(f'{t}mlp.fc1', f'{b}intermediate.dense') + _linear(f'{t}mlp.fc2', f'{b}output.dense')
+        if i + 1 < len(model.depths):
+            rules += _linear(f'layers.{i + 1}.downsample.reduction', f'{s}downsample.reduction', bias=False)
+            rules += _linear(f'layers.{i + 1}.downsample.norm', f'{s}downsample.norm')
+    rules += _linear('norm', f'{p}layernorm')
+    if model.num_classes > 0:
+        rules += _linear('head.fc', 'classifier')
+    return rules
+
+
 def table(model, cls: str, spelling: str, prefix: Optional[str] = None) -> List[Rule]:
     """The key table of `cls` for `model` in `spelling` ('hub' or 'internal')."""
-    return (swin_table if _kind(cls) == 'swin' else vit_table)(model, cls, spelling, prefix)
+    fn = {'swin': swin_table, 'swinv2': swinv2_table}.get(_kind(cls), vit_table)
+    return fn(model, cls, spelling, prefix)
 
 
 def prefix_of(cls: str, state) -> str:
@@ -274,7 +312,7 @@ def prefix_of(cls: str, state) -> str:
 
 def _kind(cls: str) -> str:
     for k, names in (('vit', ('ViT',)), ('deit', ('DeiT',)), ('dinov2', ('Dinov2',)), ('siglip', ('Siglip',)),
-                     ('clip', ('CLIP',)), ('swin', ('Swin',))):
+                     ('clip', ('CLIP',)), ('swinv2', ('Swinv2',)), ('swin', ('Swin',))):
         if cls.startswith(names):
             return k
     raise ConversionError(f'no transformers class {cls!r}')

@@ -190,3 +190,30 @@ def test_a_transformers_repo_in_the_offline_hub_cache_reads_through_hf_hub(tmp_p
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     ck = pipeline.read_checkpoint('hf-hub:google/vit-tiny-test', log=lambda s: None)
     assert ck.kind == 'transformers' and ck.model.norm_eps == 1e-12 and ck.source == 'hf-hub:google/vit-tiny-test'
+
+
+@pytest.mark.parametrize('cls', ['Swinv2ForImageClassification', 'Swinv2Model'])
+def test_swinv2_key_table_maps_transformers_to_timm_both_ways_with_the_same_outputs(cls):
+    """No vit-flax Swin V2 yet: the table is judged by timm's SwinTransformerV2 and transformers' Swinv2, a
+    perturbed transformers model's weights loaded strictly into timm (same logits / pooled features) and back."""
+    import timm
+    import torch
+    from converters import hf_transformers, rules
+    from helpers import state_np
+    heads = dict(num_labels=3) if cls.endswith('Classification') else {}
+    ref = hf_model(cls, 'Swinv2Config', image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                   window_size=4, **heads)
+    tm = timm.create_model('swinv2_tiny_window8_256', pretrained=False, img_size=32, patch_size=2, embed_dim=16,
+                           depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=3 if heads else 0).eval()
+    table = hf_transformers.table(type('M', (), dict(depths=(2, 2), num_classes=3 if heads else 0)), cls, 'hub')
+    hf = state_np(ref)
+    timm_state = rules.torch_to_flax(hf, table)
+    missing, unexpected = tm.load_state_dict({k: torch.from_numpy(v) for k, v in timm_state.items()}, strict=False)
+    assert not unexpected and all(k.endswith(('relative_coords_table', 'relative_position_index', 'k_bias'))
+                                  for k in missing), missing
+    x = images((2, 32, 32, 3))
+    from helpers import run_timm
+    y = hf_output(ref, x, 'logits' if heads else 'pooler_output')
+    assert rel_err(run_timm(tm, x), y) < 1e-5
+    back = rules.flax_to_torch(timm_state, table)
+    assert back.keys() == hf.keys() and all(np.array_equal(back[k], v) for k, v in hf.items())

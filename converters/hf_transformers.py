@@ -470,7 +470,7 @@ _DEFAULT = {'vit': 'vit_base_patch16_224', 'deit': 'deit_base_patch16_224', 'din
             'swin': 'swin_tiny_patch4_window7_224'}
 
 
-def match_name(want: dict, kind: str, model_name: Optional[str], where: str):
+def match_name(want: dict, kind: str, model_name: Optional[str], where: str, arch: Optional[dict] = None):
     """(registered name, model): the registered model sharing `want`'s core fields with the fewest other
     fields differing (ties: the name of the same kind first, then alphabetical), the rest as overrides; with
     none sharing the core, the kind's default name re-shaped by every field."""
@@ -484,7 +484,11 @@ def match_name(want: dict, kind: str, model_name: Optional[str], where: str):
         name = split_tag(model_name)[0]
         if model_config(name)[0] is not cls:
             raise ConversionError(f'{where}: holds a {kind} checkpoint, but {name} is a {model_config(name)[0].__name__}')
-        base = vit_flax.create_model(name)
+        base = vit_flax.create_model(name, **(arch or {}))
+        for k in core:   # a name pins the architecture: config.json must describe the same one
+            if not _fields_equal(base, k, want[k]):
+                mine = base.mlp_hidden if k == 'mlp_dim' else getattr(base, k)
+                raise ConversionError(f'{where}: the config gives {k}={want[k]}, but {name} has {k}={mine}')
         return name, base.clone(**_diff(base, want))
     best = None
     for name in list_models():
@@ -645,10 +649,10 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     if kind == 'swin' and hf_depth != len(want['depths']):
         raise ConversionError(f'{cfg_path}: depths={list(want["depths"])} has {len(want["depths"])} stages, but the '
                               f'weights hold {hf_depth}')
-    name, model = match_name(want, kind, model_name, cfg_path)
+    name, model = match_name(want, kind, model_name, cfg_path, arch)
     family = family_of(model)
     notes = []
-    over = _diff(__import__('vit_flax').create_model(name), want)
+    over = _diff(__import__('vit_flax').create_model(name, **(arch or {}) if model_name else {}), want)
     notes.append(f'{cfg_path}: model_type {mt} ({cls}) is {name}' +
                  (f' with {", ".join(f"{k}={v!r}" for k, v in over.items())}' if over else ''))
     prefix = prefix_of(cls, raw)

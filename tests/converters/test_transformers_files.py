@@ -217,3 +217,9 @@ def test_swinv2_key_table_maps_transformers_to_timm_both_ways_with_the_same_outp
     assert rel_err(run_timm(tm, x), y) < 1e-5
     back = rules.flax_to_torch(timm_state, table)
     assert back.keys() == hf.keys() and all(np.array_equal(back[k], v) for k, v in hf.items())
+
+
+def test_a_named_model_of_another_architecture_is_refused(tmp_path):
+    folder = _saved(tmp_path, 'vit', num_labels=3)
+    _refused(cli('convert', folder, tmp_path / 'out.npz', '--model', 'vit_small_patch16_224'),
+             'config.json', 'embed_dim=32', 'vit_small_patch16_224 has embed_dim=384')

@@ -106,8 +106,10 @@ def _fold_to_hf(a):
 
 
 # Dinov2WithRegisters: (cls_token, pos_embed over patches) <-> (cls_token, position_embeddings over [cls, patches])
+# (in float32, one rounding to the file's dtype: a bfloat16 file's folded token is rounded once, as timm's is)
 FOLD = Transform('fold_class_position', _fold_to_hf,
-                 lambda a: [(a[0] + a[1][:, :1]).astype(a[1].dtype), a[1][:, 1:]])
+                 lambda a: [(a[0].astype(np.float32) + a[1][:, :1].astype(np.float32)).astype(a[1].dtype),
+                            a[1][:, 1:]])
 
 
 def _projection_to_hf(a):
@@ -859,7 +861,7 @@ def hf_state(timm_state: Dict[str, np.ndarray], model, cls: str) -> Dict[str, np
                               f'this head\'s bias is nonzero')
     state = rules.flax_to_torch(timm_state, table(model, cls, 'hub'))
     if _kind(cls) == 'dinov2':
-        state['embeddings.mask_token'] = np.zeros((1, model.embed_dim), np.float32)
+        state['embeddings.mask_token'] = np.zeros((1, model.embed_dim), state['embeddings.cls_token'].dtype)
     return state
 
 
@@ -872,6 +874,8 @@ def write_folder(timm_state, model, path: str, class_names=None, force: bool = F
     cfg = config_for(model, cls, class_names)
     check_holds(model, cls, cfg)
     state = hf_state(timm_state, model, cls)
+    dtypes = {str(np.asarray(v).dtype) for v in state.values()}
+    cfg['torch_dtype'] = cfg['dtype'] = next(iter(dtypes)) if len(dtypes) == 1 else 'float32'   # --dtype bfloat16
     with atomic_output(path, force) as tmp:
         os.mkdir(tmp)
         write_safetensors(state, os.path.join(tmp, WEIGHT_FILES[0]))

@@ -600,21 +600,20 @@ def _labels(cfg: dict, n: int) -> Optional[List[str]]:
 _HF_FIELD = {'embed_dim': 'hidden_size', 'depth': 'num_hidden_layers', 'mlp_dim': 'intermediate_size',
              'patch_size': 'patch_size', 'in_chans': 'num_channels', 'num_patches': 'image_size',
              'depths': 'depths', 'num_heads': 'num_heads', 'window_size': 'window_size', 'mlp_ratio': 'mlp_ratio',
-             'reg_tokens': 'num_register_tokens', 'qkv_bias': 'qkv_bias', 'num_classes': 'id2label'}
+             'reg_tokens': 'num_register_tokens', 'qkv_bias': 'qkv_bias', 'num_classes': 'id2label',
+             'stage_windows': 'window_size'}
 
 
 def _check_shapes(family, timm_state, model, mt, cfg_path):
     """config.json against the weights' shapes (what the family reads off the timm state_dict)."""
     import math
+    from vit_flax.models.layers import to_tuple
     got = family.config_from_torch(timm_state)
-    if mt == 'swin':
+    if mt == 'swin':   # (a ViT's heads are not in its shapes: a wrong num_attention_heads cannot be seen)
         expect = dict(embed_dim=model.embed_dim, depths=tuple(model.depths), num_heads=tuple(model.num_heads),
-                      in_chans=model.in_chans, qkv_bias=model.qkv_bias,
-                      patch_size=tuple(model.patch_size if isinstance(model.patch_size, (tuple, list))
-                                       else (model.patch_size,) * 2),
-                      mlp_ratio=model.mlp_ratio)
+                      in_chans=model.in_chans, qkv_bias=model.qkv_bias, patch_size=to_tuple(model.patch_size, 2),
+                      mlp_ratio=model.mlp_ratio, stage_windows=tuple(w[0] for w, _ in model.stage_windows()))
     else:
-        from vit_flax.models.layers import to_tuple
         expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_dim=model.mlp_hidden,
                       patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans,
                       num_patches=int(math.prod(model.grid_size)), reg_tokens=model.reg_tokens,
@@ -624,13 +623,17 @@ def _check_shapes(family, timm_state, model, mt, cfg_path):
             field = _HF_FIELD[k]
             if 'mlp' in k and mt.startswith('dinov2'):
                 field = 'mlp_ratio'
-            if mt == 'swin' and k == 'mlp_ratio':
-                field = 'mlp_ratio'
+            if k == 'stage_windows':
+                field = 'window_size'
             raise ConversionError(f'{cfg_path}: {field} gives {k}={v}, but the weights have {k}={got[k]}')
 
 
-def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[dict] = None, log: Log = print):
-    """(hf state, format, weights path, family, name, model, flax tree, notes, class names, class, spelling)."""
+def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[dict] = None) -> dict:
+    """A transformers folder decoded: {raw (the file's arrays), format, weights (the file read), family, name
+    (registered), model, flat (the Flax tree), notes (what config.json decided, for stderr), class_names, cls
+    (the transformers class its keys are), spelling ('hub' | 'internal')}. `model_name` pins the registered
+    base, `arch` overrides fields (as `pipeline.match_model`)."""
+    import vit_flax
     from . import rules
     from .families import family_of
     folder = os.path.abspath(folder)
@@ -654,7 +657,7 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     name, model = match_name(want, kind, model_name, cfg_path, arch)
     family = family_of(model)
     notes = []
-    over = _diff(__import__('vit_flax').create_model(name, **(arch or {}) if model_name else {}), want)
+    over = _diff(vit_flax.create_model(name, **((arch or {}) if model_name else {})), want)
     notes.append(f'{cfg_path}: model_type {mt} ({cls}) is {name}' +
                  (f' with {", ".join(f"{k}={v!r}" for k, v in over.items())}' if over else ''))
     prefix = prefix_of(cls, raw)

@@ -21,7 +21,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 
 def _saved(tmp_path, name, cls='ViTForImageClassification', config_cls='ViTConfig', **config):
     folder = tmp_path / name
-    hf_model(cls, config_cls, **{**TINY, **config}).save_pretrained(str(folder))
+    base = TINY if not cls.startswith('Swin') else {}
+    hf_model(cls, config_cls, **{**base, **config}).save_pretrained(str(folder))
     return folder
 
 
@@ -223,3 +224,11 @@ def test_a_named_model_of_another_architecture_is_refused(tmp_path):
     folder = _saved(tmp_path, 'vit', num_labels=3)
     _refused(cli('convert', folder, tmp_path / 'out.npz', '--model', 'vit_small_patch16_224'),
              'config.json', 'embed_dim=32', 'vit_small_patch16_224 has embed_dim=384')
+
+
+def test_a_swin_config_json_with_another_window_is_refused_naming_window_size(tmp_path):
+    folder = _saved(tmp_path, 'swin', 'SwinForImageClassification', 'SwinConfig', image_size=32, patch_size=2,
+                    embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=3)
+    cfg = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps({**cfg, 'window_size': 2}))
+    _refused(cli('convert', folder, tmp_path / 'out.npz'), 'config.json', 'window_size')

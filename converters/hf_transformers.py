@@ -335,6 +335,14 @@ def _get(cfg: dict, key: str, default, where: str, kind=(int,)):
     return v
 
 
+def _size(cfg, key, default, where):
+    """`image_size` / `patch_size`: an int, or [h, w] (transformers takes either)."""
+    v = cfg.get(key, default)
+    if isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 1 for x in v):
+        return v[0] if v[0] == v[1] else tuple(v)
+    return _get(cfg, key, default, where)
+
+
 def _int_list(cfg, key, default, where):
     v = cfg.get(key, default)
     if not isinstance(v, list) or not v or any(type(x) is not int or x < 1 for x in v):
@@ -344,7 +352,7 @@ def _int_list(cfg, key, default, where):
 
 def _act(cfg, where):
     act = cfg.get('hidden_act', 'gelu')
-    if act not in _ACT:
+    if not isinstance(act, str) or act not in _ACT:
         raise ConversionError(f'{where}: hidden_act={act!r} is not one vit-flax builds ({", ".join(_ACT)})')
     return _ACT[act]
 
@@ -376,14 +384,16 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
             raise ConversionError(f'{where}: hidden_act={cfg.get("hidden_act")!r}: vit-flax\'s Swin has GELU only')
         return dict(embed_dim=g('embed_dim', 96), depths=depths, num_heads=heads, window_size=g('window_size', 7),
                     mlp_ratio=float(g('mlp_ratio', 4.0, (float,))), qkv_bias=bool(cfg.get('qkv_bias', True)),
-                    patch_size=g('patch_size', 4), img_size=g('image_size', 224), in_chans=g('num_channels', 3),
+                    patch_size=_size(cfg, 'patch_size', 4, where), img_size=_size(cfg, 'image_size', 224, where),
+                    in_chans=g('num_channels', 3),
                     norm_eps=float(g('layer_norm_eps', 1e-5, (float,))), gelu=act, num_classes=num_classes,
                     always_partition=False)
     dim = g('hidden_size', 768)
     defaults = {'vit': 1e-12, 'deit': 1e-12, 'dinov2': 1e-6, 'dinov2_with_registers': 1e-6,
                 'siglip_vision_model': 1e-6, 'siglip': 1e-6, 'clip_vision_model': 1e-5, 'clip': 1e-5}
     out = dict(embed_dim=dim, depth=g('num_hidden_layers', 12), num_heads=g('num_attention_heads', 12),
-               img_size=g('image_size', 224), patch_size=g('patch_size', 16), in_chans=g('num_channels', 3),
+               img_size=_size(cfg, 'image_size', 224, where), patch_size=_size(cfg, 'patch_size', 16, where),
+               in_chans=g('num_channels', 3),
                norm_eps=float(g('layer_norm_eps', defaults[mt], (float,))), num_classes=num_classes,
                class_token=True, global_pool='token', distilled=False, reg_tokens=0, no_embed_class=False,
                pre_norm=False, init_values=None, representation_size=None, qkv_bias=True, mlp_layer='mlp')

@@ -49,6 +49,7 @@ Numerics: transformers' "gelu" is exact, "gelu_pytorch_tanh"/"gelu_new" the tanh
 x*sigmoid(1.702x); ViT/DeiT's layer_norm_eps defaults to 1e-12, DINOv2/SigLIP 1e-6, CLIP/Swin 1e-5: every one
 is built into the model as the config says.
 """
+import functools
 import json
 import os
 from typing import Callable, Dict, List, Optional, Tuple
@@ -482,10 +483,19 @@ _DEFAULT = {'vit': 'vit_base_patch16_224', 'deit': 'deit_base_patch16_224', 'din
             'swin': 'swin_tiny_patch4_window7_224'}
 
 
+@functools.lru_cache(maxsize=None)
+def _registered(cls, count: int = 0) -> Tuple[tuple, ...]:
+    """(name, model) of every registered name building `cls` (modules are frozen: built once per registry
+    size `count`, so a name registered later is seen)."""
+    import vit_flax
+    from vit_flax.registry import list_models, model_config
+    return tuple((n, vit_flax.create_model(n)) for n in list_models() if model_config(n)[0] is cls)
+
+
 def match_name(want: dict, kind: str, model_name: Optional[str], where: str, arch: Optional[dict] = None):
     """(registered name, model): the registered model sharing `want`'s core fields with the fewest other
     fields differing (ties: the name of the same kind first, then alphabetical), the rest as overrides; with
-    none sharing the core, the kind's default name re-shaped by every field."""
+    none sharing the core, the closest name of the kind re-shaped by every field."""
     import vit_flax
     from vit_flax.registry import list_models, model_config, split_tag
     from vit_flax.models.swin import SwinTransformer
@@ -503,19 +513,15 @@ def match_name(want: dict, kind: str, model_name: Optional[str], where: str, arc
                 raise ConversionError(f'{where}: the config gives {k}={want[k]}, but {name} has {k}={mine}')
         return name, base.clone(**_diff(base, want))
     best = None
-    for name in list_models():
-        if model_config(name)[0] is not cls:
-            continue
-        m = vit_flax.create_model(name)
+    for name, m in _registered(cls, len(list_models())):
         if not all(_fields_equal(m, k, want[k]) for k in core):
             continue
         key = (len(_diff(m, want)), _NAME_HINT[kind] not in name, name)
         if best is None or key < best[0]:
             best = (key, name, m)
     if best is None:   # an architecture no name has: the closest name of its kind, re-shaped by every field
-        names = [n for n in list_models() if model_config(n)[0] is cls and _NAME_HINT[kind] in n] or [_DEFAULT[kind]]
-        name = min(names, key=lambda n: (len(_diff(vit_flax.create_model(n), want)), n))
-        base = vit_flax.create_model(name)
+        named = [(n, m) for n, m in _registered(cls, len(list_models())) if _NAME_HINT[kind] in n]
+        name, base = min(named, key=lambda nm: (len(_diff(nm[1], want)), nm[0]))
         return name, base.clone(**_diff(base, want))
     _, name, m = best
     return name, m.clone(**_diff(m, want))

@@ -232,3 +232,17 @@ def test_a_swin_config_json_with_another_window_is_refused_naming_window_size(tm
     cfg = json.loads((folder / 'config.json').read_text())
     (folder / 'config.json').write_text(json.dumps({**cfg, 'window_size': 2}))
     _refused(cli('convert', folder, tmp_path / 'out.npz'), 'config.json', 'window_size')
+
+
+def test_any_config_field_of_any_json_type_is_read_or_refused_in_one_line(tmp_path):
+    """Every field of a ViT's config.json set to values of other JSON types: read (the field is unused or the
+    value fits) or refused with one ConversionError line, never another exception."""
+    folder = _saved(tmp_path, 'vit', num_labels=3)
+    cfg = json.loads((folder / 'config.json').read_text())
+    for key in cfg:
+        for value in ('x', -1, [], None):
+            (folder / 'config.json').write_text(json.dumps({**cfg, key: value}))
+            try:
+                pipeline.read_checkpoint(folder, log=lambda s: None)
+            except ConversionError as e:
+                assert '\n' not in str(e)

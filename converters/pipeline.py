@@ -24,7 +24,7 @@ from vit_flax.models.layers import to_tuple
 from vit_flax.registry import UnknownOptionError, check_options, list_models, model_config, split_tag
 from vit_flax.summary import param_shapes
 
-from . import formats, rules
+from . import formats, hf_transformers, rules
 from .errors import ConversionError
 from .families import FAMILIES, Family, family_of, flax_family, torch_family
 from .formats import timm_folder, training_ckpt
@@ -112,7 +112,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
                     adapt_core: bool = False) -> Checkpoint:
     """Read any supported checkpoint and decode it into the flat Flax tree of a matching model.
 
-    `path`: a file, an orbax folder, a timm model folder, `hf-hub:ORG/NAME` (local cache only) or a
+    `path`: a file, an orbax folder, a timm model folder, a Hugging Face transformers folder (config.json with a
+    `model_type`, see hf_transformers), `hf-hub:ORG/NAME` (local cache only; a timm or transformers repo) or a
     training workdir (`step`: 'best' by default, 'latest' or a number).
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
     `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
@@ -125,6 +126,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     folder = timm_folder.resolve(path)
     if step is not None:
         raise ConversionError(f'{path}: a step is chosen only in a training workdir')
+    if folder is not None and hf_transformers.is_transformers_folder(folder):   # config.json names a model_type
+        return _read_transformers(path, folder, model_name, arch, img_size)
     if folder is not None:
         return _read_folder(path, folder, model_name, arch, img_size)
     fmt = formats.file_format(path)
@@ -215,6 +218,19 @@ def _read_folder(path, folder, model_name, arch, img_size) -> Checkpoint:
     ck.kind, ck.source, ck.pretrained_cfg, ck.class_names = 'timm-folder', path, fc.pretrained_cfg, fc.label_names
     return ck
 
+
+
+def _read_transformers(path, folder, model_name, arch, img_size) -> Checkpoint:
+    """A Hugging Face transformers folder (config.json `model_type`; `path` as given, maybe hf-hub:, `folder`
+    where it is): see hf_transformers.read_folder."""
+    r = hf_transformers.read_folder(folder, model_name, arch)
+    fam = r['family']
+    if img_size is not None and fam.pos_key is None and to_tuple(img_size, 2) != to_tuple(r['model'].img_size, 2):
+        r['model'] = r['model'].clone(img_size=img_size)
+    layout = f'transformers {r["cls"]} ({r["spelling"]} keys)'
+    return Checkpoint(r['weights'], r['format'], layout, r['raw'], r['flat'], fam, r['name'], r['model'],
+                      detected=model_name is None, notes=r['notes'], kind='transformers', source=path,
+                      class_names=r['class_names'])
 
 
 # Architecture fields that may be 0 (every other integer read off a checkpoint's shapes must be >= 1).
@@ -454,6 +470,13 @@ def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optiona
     else:
         formats.write_orbax(flat, path, force)
     return layout
+
+
+def write_transformers(flat: Dict[str, np.ndarray], model, path: str, *, class_names: Optional[List[str]] = None,
+                       force: bool = False, log: Callable[[str], None] = _stderr) -> str:
+    """Write a transformers folder (config.json + model.safetensors, the Hub's key spelling) that the class
+    holding `model` loads with `from_pretrained(path)`; returns that class (see hf_transformers.write_folder)."""
+    return hf_transformers.write_folder(to_torch_state(flat, model, None, log), model, path, class_names, force, log)
 
 
 def write_model_folder(flat: Dict[str, np.ndarray], model, model_name: str, path: str, *, pretrained_cfg: dict,

@@ -74,6 +74,42 @@ def run_flax(model, params, x, **kw):
     return np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x, **kw))(params, x))
 
 
+# ---------------------------------------------------------------- Hugging Face transformers models
+
+def hf_model(cls_name: str, config_name: str, seed=0, **config):
+    """transformers' `cls_name` built from `config_name(**config)` (a tiny config), every parameter moved off
+    its init by a seeded randn * 0.02 (`perturb_timm`), in eval mode."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(getattr(transformers, config_name)(**config))
+    return perturb_timm(model, seed)
+
+
+def hf_output(model, x_nhwc, field: str):
+    """One output of a transformers vision model (`logits`, `pooler_output`, `image_embeds`,
+    `last_hidden_state`; `image_features`: a full CLIPModel's projected embedding) on NHWC images, as numpy."""
+    import torch
+    pixels = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        if field == 'image_features':
+            out = model.get_image_features(pixel_values=pixels)
+            return (out if isinstance(out, torch.Tensor) else out.pooler_output).numpy()
+        if hasattr(model, 'vision_model') and hasattr(model, 'text_model'):   # a full CLIP / SigLIP: its tower
+            return getattr(model.vision_model(pixel_values=pixels), field).numpy()
+        return getattr(model(pixel_values=pixels), field).numpy()
+
+
+def hf_strict_load(cls_name: str, folder):
+    """`cls_name.from_pretrained(folder)` and its loading info, asserted free of missing, unexpected and
+    mismatched keys."""
+    import transformers
+    model, info = getattr(transformers, cls_name).from_pretrained(str(folder), output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k != 'error_msgs'}
+    assert not bad and not info.get('error_msgs'), bad
+    return model.eval()
+
+
 # ---------------------------------------------------------------- the `vit-flax` command
 
 CLI = [sys.executable, '-m', 'vit_flax_cli']

@@ -102,7 +102,7 @@ def cmd_convert(a):
         raise ConversionError(f'{dst}: is the source or contains it; choose another destination')
     if os.path.exists(dst) and not a.force:  # before the (slow) read; atomic_output checks again
         raise ConversionError(f'{dst}: exists; pass --force to replace it')
-    folder = a.format == 'timm-folder'
+    folder = a.format in ('timm-folder', 'transformers')
     if not folder:
         from converters.formats import file_format
         file_format(dst)   # an unknown extension fails before the read
@@ -116,7 +116,10 @@ def cmd_convert(a):
         flat = _cast_floats(flat, a.dtype, dst)
     names = ck.class_names if ck.class_names and len(ck.class_names) <= model.num_classes else None
     beside = None if folder or not names else _class_indices_beside(dst, names, a.force)
-    if folder:
+    if a.format == 'transformers':
+        layout = 'transformers ' + pipeline.write_transformers(flat, model, dst, class_names=names, force=a.force,
+                                                               log=_say)
+    elif folder:
         from .predict import data_config
         cfg, why = data_config(ck, model)
         _say(f'preprocessing in config.json: {why}')
@@ -353,9 +356,11 @@ def build_parser():
                    'default: a checkpoint like that is broken), with a warning')
     s.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
                    help='write floating-point arrays in this dtype (default: as read)')
-    s.add_argument('--format', choices=('auto', 'timm-folder'), default='auto',
+    s.add_argument('--format', choices=('auto', 'timm-folder', 'transformers'), default='auto',
                    help='auto (default): from DST\'s extension; timm-folder: DST is a folder of config.json + model.safetensors '
-                   'that timm.create_model(\'local-dir:DST\', pretrained=True) loads')
+                   'that timm.create_model(\'local-dir:DST\', pretrained=True) loads; transformers: a Hugging Face '
+                   'transformers folder that the class holding the model (ViTForImageClassification, Dinov2Model, '
+                   'SiglipVisionModel, ...) loads with from_pretrained(DST)')
     s.add_argument('--step', help='SRC is a training workdir: best (default), latest, or a step number')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
                    '(default) or microsoft or wzmiaomiao (Swin; WZMIAOMIAO\'s swin_transformer/model.py); '

@@ -11,6 +11,7 @@ Every path goes through the flat Flax tree (keys joined by '/', blocks unrolled)
 
 `load_model`, `load_params` and `save_params` are these steps in order. Nothing here knows a family by name.
 """
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -111,7 +112,7 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
                     adapt_core: bool = False) -> Checkpoint:
     """Read any supported checkpoint and decode it into the flat Flax tree of a matching model.
 
-    `path`: a file, an orbax folder, a timm model folder, `hf-hub:ORG/NAME` (local cache only) or a
+    `path`: a file, an orbax folder, a timm model folder, `hf-hub:ORG/NAME[@REV]` (huggingface_hub) or a
     training workdir (`step`: 'best' by default, 'latest' or a number).
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
     `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
@@ -124,7 +125,9 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     folder = timm_folder.resolve(path)
     if step is not None:
         raise ConversionError(f'{path}: a step is chosen only in a training workdir')
-    if folder is not None:
+    if folder is not None and not os.path.isdir(folder):   # an hf-hub repo without config.json: its weights
+        path = folder
+    elif folder is not None:
         return _read_folder(path, folder, model_name, arch, img_size)
     fmt = formats.file_format(path)
     raw = formats.read_file(path)

@@ -126,3 +126,30 @@ def hidden(*packages):
 
 
 WITHOUT_TORCH = ('torch', 'timm', 'torchvision', 'vit_pytorch')
+
+
+# ---------------------------------------------------------------- a Hugging Face cache, offline
+
+def fake_hub(cache, folder, repo='timm/vit_tiny_patch16_224.fake_tag', commit='a' * 40, refs=('main',), only=None):
+    """`cache` (an HF_HUB_CACHE) holding `folder`'s files as a snapshot of `repo`, laid out as huggingface_hub
+    lays it out: `models--ORG--NAME/blobs/<sha256>`, `snapshots/<commit>/<file>` symlinks to the blobs,
+    `refs/<branch>` holding the commit for each of `refs`. `only`: the files of `folder` to cache (a partial
+    download). Returns the repo name."""
+    import hashlib
+    import os
+    import shutil
+    root = os.path.join(str(cache), 'models--' + repo.replace('/', '--'))
+    snap = os.path.join(root, 'snapshots', commit)
+    for d in (snap, os.path.join(root, 'blobs'), os.path.join(root, 'refs')):
+        os.makedirs(d, exist_ok=True)
+    for ref in refs:
+        with open(os.path.join(root, 'refs', ref), 'w') as f:
+            f.write(commit)   # huggingface_hub writes no newline
+    for name in sorted(os.listdir(folder)) if only is None else only:
+        with open(os.path.join(folder, name), 'rb') as f:
+            blob = os.path.join(root, 'blobs', hashlib.sha256(f.read()).hexdigest())
+        shutil.copy(os.path.join(folder, name), blob)
+        link = os.path.join(snap, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(blob, snap), link)
+    return repo

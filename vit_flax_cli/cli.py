@@ -367,8 +367,8 @@ def build_parser():
 
     s = sub.add_parser('predict', parents=[common], help='top-k classes of images, with the checkpoint\'s own '
                        'preprocessing and class names',
-                       description='CKPT: a training workdir, a timm model folder, hf-hub:ORG/NAME (local cache '
-                       'only) or any file the converters read. Preprocessing (resize, centre crop, mean/std) comes '
+                       description='CKPT: a training workdir, a timm model folder, hf-hub:ORG/NAME[@REV] (through '
+                       'huggingface_hub; HF_HUB_OFFLINE=1: its cache only) or any file the converters read. Preprocessing (resize, centre crop, mean/std) comes '
                        'from what the checkpoint records; the defaults are said on stderr.')
     s.add_argument('ckpt', help='checkpoint: any the converters read')
     s.add_argument('images', nargs='+', metavar='IMAGE', help='image files (any Pillow reads)')

@@ -104,8 +104,8 @@ def cmd_convert(a):
         raise ConversionError(f'{dst}: exists; pass --force to replace it')
     folder = a.format == 'timm-folder'
     if not folder:
-        from converters.formats import file_format
-        file_format(dst)   # an unknown extension fails before the read
+        from converters.formats import output_format
+        output_format(dst)   # an unknown (or read-only) extension fails before the read
     t0 = time.perf_counter()
     model, params, ck = pipeline.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
                                        bias_resize=a.bias_resize, cast=False, allow_nonfinite=a.allow_nonfinite,

@@ -209,4 +209,6 @@ def read_vit(path: str, raw: Optional[Dict[str, np.ndarray]] = None) -> HFFlax:
                  f'layer_norm_eps {eps:g}, hidden_act {act}' + (', pooler read as pre_logits (tanh)'
                                                                 if 'pooler/dense/kernel' in tree else ''))
     size = cfg.get('image_size')
-    return HFFlax(flat, arch, tuple(size) if isinstance(size, list) else size, cfg_path, names, notes)
+    from ..preprocess import read_hf_preprocessor
+    pcfg = read_hf_preprocessor(os.path.dirname(os.path.abspath(path)))
+    return HFFlax(flat, arch, tuple(size) if isinstance(size, list) else size, cfg_path, names, notes, pcfg)

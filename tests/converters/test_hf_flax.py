@@ -7,76 +7,15 @@ kernel = weight.T, conv kernel (p,p,C,D) = weight.permute(2,3,1,0), q/k/v kernel
 beside it, and without config.json (transformers' ViT defaults); outputs compared within 1e-5 relative.
 """
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 from flax.serialization import msgpack_serialize
-from helpers import cli, images, perturb_timm, rel_err, run_flax
+from helpers import cli, flax_vit_tree, hf_vit, images, rel_err, run_flax, run_hf, write_hf_flax
 
 from converters import pipeline
 from converters.errors import ConversionError
 from converters.formats import hf_flax
-
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32,
-            patch_size=8)
-_NAMES = {'q_proj': 'attention/attention/query', 'k_proj': 'attention/attention/key',
-          'v_proj': 'attention/attention/value', 'o_proj': 'attention/output/dense',
-          'layernorm_before': 'layernorm_before', 'layernorm_after': 'layernorm_after',
-          'mlp.fc1': 'intermediate/dense', 'mlp.fc2': 'output/dense'}
-
-
-def hf_vit(cls='ViTModel', seed=0, **cfg):
-    import transformers
-    config = transformers.ViTConfig(**{**TINY, **cfg})
-    torch.manual_seed(seed)
-    return perturb_timm(getattr(transformers, cls)(config), seed), config
-
-
-def flax_vit_tree(model) -> dict:
-    """The nested params FlaxViTModel (or FlaxViTForImageClassification: under `vit`, beside `classifier`) holds
-    for the torch model's weights (transformers 5's own key spelling: layers.i.attention.q_proj, mlp.fc1)."""
-    tree = {}
-
-    def put(path, v):
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = np.ascontiguousarray(v, np.float32)
-
-    for k, t in model.state_dict().items():
-        v = t.detach().numpy()
-        pre, k = (('vit',), k[4:]) if k.startswith('vit.') else ((), k)
-        *mod, leaf = k.split('.')
-        mod = '.'.join(mod)
-        if leaf == 'weight':
-            leaf = 'scale' if v.ndim == 1 else 'kernel'
-            v = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v.T if v.ndim == 2 else v
-        if mod.startswith('layers.'):
-            _, i, rest = mod.split('.', 2)
-            path = ('encoder', 'layer', i, *_NAMES[rest.replace('attention.', '')].split('/'))
-        elif mod == 'embeddings':
-            path = ('embeddings',)
-        else:
-            path = tuple(mod.split('.'))
-        put(pre + path + (leaf,), v)
-    return tree
-
-
-def write_hf_flax(model, config, folder, name=hf_flax.MSGPACK, with_config=True):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, name), 'wb') as f:
-        f.write(msgpack_serialize(flax_vit_tree(model)))
-    if with_config:
-        config.to_json_file(os.path.join(folder, 'config.json'))
-    return os.path.join(folder, name)
-
-
-def run_hf(model, x_nhwc, out):
-    with torch.no_grad():
-        return getattr(model(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()), out).numpy()
-
 
 @pytest.mark.parametrize('cls,cfg,out', [
     ('ViTModel', {}, 'pooler_output'),

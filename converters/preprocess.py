@@ -277,3 +277,15 @@ def read_hf_preprocessor(folder: str) -> Optional[dict]:
         return None
     from .formats.timm_folder import _load_json
     return from_hf(_load_json(path), path)
+
+
+def hf_preprocessor_of(ck) -> Optional[Tuple[dict, str]]:
+    """(recorded cfg, where) from the preprocessor_config.json of the transformers folder checkpoint `ck` was read
+    from (the folder named, or the one holding its weights), None when there is none (or `ck` records its own:
+    a training run's meta, a timm folder's pretrained_cfg)."""
+    if ck.kind in ('training', 'timm-folder'):
+        return None
+    source = getattr(ck, 'source', None)
+    folder = source if source and os.path.isdir(source) else os.path.dirname(os.path.abspath(ck.path))
+    recorded = ck.pretrained_cfg if ck.kind == 'transformers' and ck.pretrained_cfg else read_hf_preprocessor(folder)
+    return None if recorded is None else (recorded, os.path.join(folder, HF_PREPROCESSOR))

@@ -292,9 +292,13 @@ def cmd_parity(a):
     if a.dtype != 'float32':   # Flax computes in bf16 (float32 params, norms, softmax, accumulation), timm in float32
         import jax.numpy as jnp
         model = model.clone(dtype=jnp.bfloat16)
-    rows = parity.compare(model, params, ck.model_name, batch=a.batch)
-    against = '' if a.dtype == 'float32' else ' against timm in float32'
-    print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, Flax {a.dtype}{against}')
+    hf = parity.transformers_folder(ck)   # a transformers folder: transformers' own model on its own weights
+    rows = parity.compare_transformers(model, params, hf, batch=a.batch) if hf else \
+        parity.compare(model, params, ck.model_name, batch=a.batch)
+    ref = 'transformers' if hf else 'timm'
+    against = '' if a.dtype == 'float32' else f' against {ref} in float32'
+    print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, Flax {a.dtype}{against}'
+          + (f', against transformers {hf}' if hf else ''))
     print(parity.format_table(rows, tol))
     return 0 if all(r.rel <= tol for r in rows) else 1
 
@@ -389,7 +393,8 @@ def build_parser():
     _add_set(s)
     s.set_defaults(fn=cmd_inspect, num_classes=None, img_size=None)
 
-    s = sub.add_parser('parity', parents=[common], help='run timm and Flax on the same input; per-block differences')
+    s = sub.add_parser('parity', parents=[common], help='run timm (transformers, for a transformers folder) and Flax '
+                       'on the same input; per-block differences')
     s.add_argument('ckpt', help='checkpoint: any the converters read')
     s.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
     s.add_argument('--tol', type=float, default=None,

@@ -18,17 +18,12 @@ from converters.formats import timm_folder, training_ckpt
 
 def data_config(ck, model) -> Tuple[dict, str]:
     """(complete preprocessing config, where it came from) for a checkpoint `read_checkpoint` read."""
-    if ck.pretrained_cfg is None and ck.kind != 'training':   # a transformers folder's preprocessor_config.json
-        folder = ck.source if ck.source and os.path.isdir(ck.source) else os.path.dirname(os.path.abspath(ck.path))
-        recorded = preprocess.read_hf_preprocessor(folder)
-        if recorded is not None:
-            where = os.path.join(folder, preprocess.HF_PREPROCESSOR)
-            return preprocess.resolve(recorded, model, where), where
+    hf = preprocess.hf_preprocessor_of(ck)   # a transformers folder's preprocessor_config.json
+    if hf is not None:
+        return preprocess.resolve(hf[0], model, hf[1]), hf[1]
     if ck.pretrained_cfg is not None:
         where = {'training': f'recorded in the training checkpoint {ck.path}',
-                 'timm-folder': f'the pretrained_cfg of {ck.source}',
-                 'transformers': os.path.join(os.path.dirname(os.path.abspath(ck.path)), preprocess.HF_PREPROCESSOR)
-                 }.get(ck.kind, ck.source)
+                 'timm-folder': f'the pretrained_cfg of {ck.source}'}.get(ck.kind, ck.source)
         return preprocess.resolve(ck.pretrained_cfg, model, where), where
     cfg, why = preprocess.default_config(model, ck.model_name, ck.format)
     return preprocess.resolve(cfg, model, ck.path), f'{ck.path} records no preprocessing: {why}'

@@ -90,6 +90,7 @@ def hf_folder(tmp_path_factory):
     d = tmp_path_factory.mktemp('hf')
     tm, config = hf_vit('ViTForImageClassification', num_labels=5, id2label=dict(enumerate(NAMES)),
                         label2id={n: i for i, n in enumerate(NAMES)})
+    config.architectures = ['ViTForImageClassification']   # what save_pretrained records
     write_hf_flax(tm, config, d / 'vit')
     cls, pp = PREPROCESSORS['deit']
     (d / 'vit' / 'preprocessor_config.json').write_text(json.dumps(dict(pp, image_processor_type=cls[:-3])))
@@ -117,3 +118,67 @@ def test_predict_on_a_transformers_folder_follows_its_preprocessor_config_and_la
         got = {t['label']: t['prob'] for t in pred['top_k']}
         assert set(got) == set(NAMES)
         np.testing.assert_allclose([got[n] for n in NAMES], row, atol=1e-5)
+
+
+def test_parity_runs_transformers_own_model_on_the_folder_block_by_block(hf_folder, tmp_path):
+    _, folder, _ = hf_folder
+    p = cli('parity', folder)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f'against transformers {folder}' in p.stdout and 'PASS' in p.stdout
+    labels = [line.split()[0] + (' ' + line.split()[1] if line.startswith('block') else '')
+              for line in p.stdout.splitlines()[2:-1]]
+    assert labels == ['embed', 'block 0', 'block 1', 'logits'], p.stdout   # no last_hidden_state in *ForImage*
+    worst = max(float(line.split()[-1]) for line in p.stdout.splitlines()[2:-1])
+    assert worst < 1e-5, p.stdout
+    # a Flax model that computes otherwise (timm's eps instead of transformers' 1e-12 ... and a wrong activation)
+    p = cli('parity', folder, '--set', 'act_layer=quick_gelu')
+    assert p.returncode == 1 and 'FAIL: first divergence at block 0' in p.stdout, p.stdout
+
+
+def test_parity_refuses_a_folder_transformers_does_not_load_strictly(hf_folder, tmp_path):
+    import shutil
+    _, folder, _ = hf_folder
+    shutil.copytree(folder, tmp_path / 'f')
+    cfg = json.loads((tmp_path / 'f' / 'config.json').read_text())
+    (tmp_path / 'f' / 'config.json').write_text(json.dumps(dict(cfg, architectures=['ViTModel'])))
+    p = cli('parity', tmp_path / 'f')
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert 'transformers ViTModel does not load it strictly: ' in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_train_fine_tunes_from_a_transformers_folder_with_its_normalisation(tmp_path):
+    import subprocess
+    import sys
+    from helpers import hf_vit, write_hf_flax
+    tm, config = hf_vit('ViTForImageClassification', hidden_size=192, num_attention_heads=3, intermediate_size=768,
+                        num_hidden_layers=1, num_labels=4)
+    config.architectures = ['ViTForImageClassification']
+    write_hf_flax(tm, config, tmp_path / 'vit')
+    pp = dict(PREPROCESSORS['vit'][1], image_mean=[0.4, 0.45, 0.5], image_std=[0.2, 0.25, 0.3])
+    (tmp_path / 'vit' / 'preprocessor_config.json').write_text(json.dumps(pp))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, 'train_flax.py', '--model', 'vit_tiny_patch16_224', '--weights',
+                        str(tmp_path / 'vit'), '--img-size', '16', '--patch-size', '8', '--depth', '1',
+                        '--epochs', '1', '--batch-size', '64', '--workdir', str(tmp_path / 'run')],
+                       cwd=root, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=root, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert 'head: 4 -> 10 classes' in out and 'pos_embedding: grid (4, 4) -> (2, 2)' in out, out[-3000:]
+    assert 'the weights were trained with LayerNorm eps 1e-12, vit_tiny_patch16_224 computes 1e-06' in out
+    from converters.formats import training_ckpt
+    ck = training_ckpt.select(str(tmp_path / 'run'), 'latest', log=lambda m: None)
+    assert ck.meta['weights']['format'] == 'msgpack' and ck.meta['weights']['normalization'] == 'preprocessor_config'
+    assert ck.meta['pretrained_cfg']['mean'] == [0.4, 0.45, 0.5] and ck.meta['pretrained_cfg']['std'] == [0.2, 0.25, 0.3]
+
+
+def test_parity_of_a_headless_vit_compares_the_final_norm_and_the_pooler_output(tmp_path):
+    from helpers import hf_vit, write_hf_flax
+    tm, config = hf_vit('ViTModel', seed=2)
+    config.architectures = ['ViTModel']
+    write_hf_flax(tm, config, tmp_path / 'm')
+    p = cli('parity', tmp_path / 'm', '--batch', '1')
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = p.stdout.splitlines()[2:-1]
+    assert [r.split()[0] for r in rows][-2:] == ['norm', 'pooler_output'] and len(rows) == 5, p.stdout
+    assert max(float(r.split()[-1]) for r in rows) < 1e-5, p.stdout

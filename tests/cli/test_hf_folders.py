@@ -182,3 +182,16 @@ def test_parity_of_a_headless_vit_compares_the_final_norm_and_the_pooler_output(
     rows = p.stdout.splitlines()[2:-1]
     assert [r.split()[0] for r in rows][-2:] == ['norm', 'pooler_output'] and len(rows) == 5, p.stdout
     assert max(float(r.split()[-1]) for r in rows) < 1e-5, p.stdout
+
+
+def test_a_transformers_repo_in_the_offline_hub_cache_predicts_as_its_folder(hf_folder, tmp_path, monkeypatch):
+    from helpers import fake_hub
+    _, folder, paths = hf_folder
+    repo = fake_hub(tmp_path / 'hub', folder, 'google/vit-tiny-fake', commit='c' * 40)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
+    a, b = (cli('predict', src, paths[0], '--json') for src in (folder, f'hf-hub:{repo}'))
+    assert a.returncode == 0 and b.returncode == 0, b.stderr
+    snap = tmp_path / 'hub' / 'models--google--vit-tiny-fake' / 'snapshots' / ('c' * 40)
+    assert f'({snap / "preprocessor_config.json"})' in b.stderr, b.stderr
+    assert json.loads(a.stdout)['predictions'] == json.loads(b.stdout)['predictions']

@@ -11,6 +11,7 @@ Every path goes through the flat Flax tree (keys joined by '/', blocks unrolled)
 
 `load_model`, `load_params` and `save_params` are these steps in order. Nothing here knows a family by name.
 """
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -27,7 +28,7 @@ from vit_flax.summary import param_shapes
 from . import formats, hf_transformers, rules
 from .errors import ConversionError
 from .families import FAMILIES, Family, family_of, flax_family, torch_family
-from .formats import timm_folder, training_ckpt
+from .formats import hf_flax, timm_folder, training_ckpt
 from .resample import DEFAULT_METHOD
 from .scan import is_scanned, stack_blocks, unstack_blocks
 
@@ -113,7 +114,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     """Read any supported checkpoint and decode it into the flat Flax tree of a matching model.
 
     `path`: a file, an orbax folder, a timm model folder, a Hugging Face transformers folder (config.json with a
-    `model_type`, see hf_transformers), `hf-hub:ORG/NAME` (local cache only; a timm or transformers repo) or a
+    `model_type`, see hf_transformers; Flax-only folders read by formats.hf_flax), `hf-hub:ORG/NAME[@REV]`
+    (huggingface_hub; a timm or transformers repo) or a
     training workdir (`step`: 'best' by default, 'latest' or a number).
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
     `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
@@ -126,13 +128,24 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     folder = timm_folder.resolve(path)
     if step is not None:
         raise ConversionError(f'{path}: a step is chosen only in a training workdir')
-    if folder is not None and hf_transformers.is_transformers_folder(folder):   # config.json names a model_type
-        return _read_transformers(path, folder, model_name, arch, img_size)
-    if folder is not None:
+    if folder is not None and not os.path.isdir(folder):   # an hf-hub repo without config.json: its weights
+        path = folder
+    elif folder is not None:
+        msgpack = hf_flax.folder_msgpack(folder)   # a transformers folder whose weights are Flax's only
+        if msgpack is not None:
+            ck = read_checkpoint(msgpack, model_name, arch, img_size, None, log, adapt_core)
+            ck.source = path
+            return ck
+        if hf_transformers.is_transformers_folder(folder):   # config.json names a model_type
+            return _read_transformers(path, folder, model_name, arch, img_size)
         return _read_folder(path, folder, model_name, arch, img_size)
     fmt = formats.file_format(path)
     raw = formats.read_file(path)
-    scanned, notes, flat = False, [], None
+    scanned, notes, flat, hf, arch_in = False, [], None, None, arch
+    if fmt == 'msgpack':   # transformers' former Flax checkpoints: our ViT tree, config.json beside the file
+        hf = hf_flax.read_vit(path, raw)
+        flat, layout, notes = hf.flat, 'hf_flax', list(hf.notes)
+        img_size = img_size if img_size is not None else hf.img_size
     if fmt == 'npz':   # a family's own .npz layouts (Google's), else the Flax tree itself
         flat, layout, scanned = next(filter(None, (fam.from_npz(raw, path) for fam in FAMILIES)), (None,) * 3)
     if fmt in ('npz', 'orbax') and flat is None:
@@ -164,13 +177,18 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     name, model = match_model(family, cfg, path, model_name, arch, adapt_core)
     if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
         model = model.clone(scan_blocks=True)
+    if hf is not None:   # what config.json says beyond the shapes (eps, activation), unless the caller said
+        model = model.clone(**{k: v for k, v in hf.arch.items() if k not in (arch_in or {})})
     if flat is None:
         try:
             flat = rules.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
         except ConversionError as e:
             raise ConversionError(f'{path}: {e}') from None
     flat = family.unstore(flat, model)
-    return Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
+    ck = Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
+    if hf is not None:
+        ck.kind, ck.source, ck.class_names, ck.pretrained_cfg = 'transformers', path, hf.class_names, hf.pretrained_cfg
+    return ck
 
 
 def _read_training(path, step, log) -> Checkpoint:
@@ -455,7 +473,7 @@ def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optiona
     Layouts that need arrays the model computes (timm's `pos_embed` of a sincos2d model; vit_jax's released
     and linen npz) get them written out, said through `log`; big_vision's npz and orbax hold the tree itself.
     """
-    fmt = formats.file_format(path)
+    fmt = formats.output_format(path)
     allowed = output_layouts(model, fmt)
     layout = layout or allowed[0]
     if layout not in allowed:

@@ -5,11 +5,12 @@ time (torchvision's Resize of the shorter side to input/crop_pct with the named 
 ToTensor, Normalize), as an NHWC float32 array for Flax, with no torch in the way.
 
 Where the preprocessing comes from (`data_config`): what the checkpoint records (a training run's meta, a
-timm config.json), else a default by kind of file: Google `.npz` weights were trained on [-1, 1] pixels
+timm config.json, a transformers folder's preprocessor_config.json: `from_hf`), else a default by kind of file: Google `.npz` weights were trained on [-1, 1] pixels
 (mean = std = 0.5); a bare PyTorch file gets the normalisation of timm's default weights for its family;
 resizing follows WZMIAOMIAO's Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear) scaled to the model.
 """
 import math
+import os
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -22,6 +23,11 @@ WZMIAOMIAO_CROP_PCT, WZMIAOMIAO_INTERPOLATION = 0.875, 'bilinear'   # Resize(256
 FIELDS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos', 'box', 'hamming')
 CROP_MODES = ('center', 'squash')
+# where an odd margin puts the centre crop: torchvision's CenterCrop rounds (timm), transformers' center_crop floors
+CROP_OFFSETS = ('round', 'floor')
+HF_PREPROCESSOR = 'preprocessor_config.json'
+# PIL's resampling codes, as transformers' image processors record them (PILImageResampling)
+PIL_FILTERS = {0: 'nearest', 1: 'lanczos', 2: 'bilinear', 3: 'bicubic', 4: 'box', 5: 'hamming'}
 
 
 def family_default(model_name: str) -> Tuple[tuple, tuple, str]:
@@ -74,6 +80,10 @@ def resolve(recorded: Optional[dict], model, where: str) -> dict:
         cfg[k] = [float(x) for x in v]
     if not all(cfg['std']):
         raise ConversionError(f'{where}: std {cfg["std"]} holds a zero')
+    if rec.get('crop_offset', 'round') not in CROP_OFFSETS:
+        raise ConversionError(f'{where}: crop_offset {rec["crop_offset"]!r} is not one of {", ".join(CROP_OFFSETS)}')
+    if rec.get('crop_offset') == 'floor':
+        cfg['crop_offset'] = 'floor'
     size = rec.get('input_size')
     if size is not None and (not isinstance(size, (list, tuple)) or list(size)[-2:] != [h, w]):
         cfg['note'] = f'recorded input_size {size} differs from the model\'s {h}x{w}: the model\'s is used'
@@ -87,7 +97,8 @@ def describe(cfg: dict) -> str:
     std = ', '.join(f'{x:g}' for x in cfg['std'])
     resize = f'resize shorter side to {scale[0]}' if cfg['crop_mode'] == 'center' and scale[0] == scale[1] \
         else f'resize to {scale[0]}x{scale[1]}'
-    return (f'{resize} ({cfg["interpolation"]}), centre crop {h}x{w} (crop_pct {cfg["crop_pct"]:g}), '
+    floor = ', offset floored as transformers' if cfg.get('crop_offset') == 'floor' else ''
+    return (f'{resize} ({cfg["interpolation"]}), centre crop {h}x{w} (crop_pct {cfg["crop_pct"]:g}{floor}), '
             f'mean ({mean}), std ({std})')
 
 
@@ -119,10 +130,13 @@ def _resize_keep_ratio(img, size: Tuple[int, int], resample):
     return img.resize((new_w, new_h), resample)
 
 
-def _center_crop(img, h: int, w: int):
-    """torchvision's CenterCrop (zero padding where the image is smaller, as PIL's crop gives)."""
+def _center_crop(img, h: int, w: int, offset: str = 'round'):
+    """torchvision's CenterCrop (zero padding where the image is smaller, as PIL's crop gives); `offset='floor'`:
+    transformers' center_crop, which puts an odd margin's extra pixel at the bottom/right."""
     iw, ih = img.size
     top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
+    if offset == 'floor' and ih >= h and iw >= w:
+        top, left = (ih - h) // 2, (iw - w) // 2
     if ih < h or iw < w:   # torchvision pads symmetrically first, then crops
         pad_t, pad_l = (h - ih) // 2 if ih < h else 0, (w - iw) // 2 if iw < w else 0
         top, left = (0 if ih < h else top) - pad_t, (0 if iw < w else left) - pad_l
@@ -141,7 +155,7 @@ def resize_and_crop(img, cfg: dict):
         img = _resize_shorter(img, scale[0], resample)
     else:
         img = _resize_keep_ratio(img, scale, resample)
-    return _center_crop(img, h, w)
+    return _center_crop(img, h, w, cfg.get('crop_offset', 'round'))
 
 
 def transform(img, cfg: dict) -> np.ndarray:
@@ -185,3 +199,93 @@ def _read_image(path: str, use):
 
 def config_for_json(cfg: Dict) -> Dict:
     return {k: cfg[k] for k in FIELDS}
+
+
+# ---------------------------------------------------------------- transformers' image processors
+
+def _hw(size, key: str, where: str):
+    """(h, w) of a transformers size: {'height', 'width'}, an int (square), or None."""
+    if isinstance(size, dict) and 'height' in size and 'width' in size:
+        h, w = size['height'], size['width']
+    elif type(size) is int:
+        h = w = size
+    else:
+        raise ConversionError(f'{where}: {key} {size!r} is not {{"height", "width"}} or a size')
+    if not all(type(v) is int and 0 < v <= 1 << 16 for v in (h, w)):
+        raise ConversionError(f'{where}: {key} {size!r} is not a positive size')
+    return h, w
+
+
+def _pct(crop: int, scale: int) -> float:
+    """crop / scale, nudged down until timm's floor(crop / crop_pct) gives `scale` back."""
+    pct = crop / scale
+    while math.floor(crop / pct) < scale:
+        pct = math.nextafter(pct, 0)
+    return pct
+
+
+def from_hf(pp: dict, where: str) -> dict:
+    """A transformers `preprocessor_config.json` (ViT/DeiT/CLIP/BiT/SigLIP/ConvNeXt image processors and the
+    older feature extractors) in timm's pretrained_cfg vocabulary, computing what the PIL image processor
+    computes: resize (`size`: {'height', 'width'} squashes, {'shortest_edge'} keeps the aspect ratio; an int is
+    square unless a centre crop follows), centre crop (`do_center_crop`, `crop_size`; transformers floors the
+    offset), rescale by 1/255, normalise (`image_mean`, `image_std`), PIL filter `resample`. What it cannot
+    express (another rescale factor, no resize, a longest edge) is refused in one line naming the field."""
+    if not isinstance(pp, dict):
+        raise ConversionError(f'{where}: a JSON {type(pp).__name__}, not an object')
+    resample = pp.get('resample', 2)
+    if resample not in PIL_FILTERS:
+        raise ConversionError(f'{where}: resample {resample!r} is not a PIL filter (0-5)')
+    if pp.get('do_rescale', True) and abs(float(pp.get('rescale_factor', 1 / 255)) - 1 / 255) > 1e-9:
+        raise ConversionError(f'{where}: rescale_factor {pp["rescale_factor"]!r}: only 1/255 is supported')
+    if not pp.get('do_rescale', True) or not pp.get('do_resize', True):
+        key = 'do_rescale' if not pp.get('do_rescale', True) else 'do_resize'
+        raise ConversionError(f'{where}: {key} false is not supported (vit-flax resizes and rescales to [0, 1])')
+    size = pp.get('size', 224)
+    crop = pp.get('do_center_crop', False) and pp.get('crop_size') is not None
+    if isinstance(size, dict) and set(size) - {'shortest_edge'} and 'shortest_edge' in size:
+        raise ConversionError(f'{where}: size {size!r}: a longest edge is not supported')
+    shortest = size.get('shortest_edge') if isinstance(size, dict) else (size if type(size) is int and crop else None)
+    if isinstance(size, dict) and 'shortest_edge' in size and not (type(shortest) is int and shortest > 0):
+        raise ConversionError(f'{where}: size {size!r} is not a positive size')
+    if shortest is not None and not crop and pp.get('crop_pct') is not None:   # ConvNeXt: shortest/crop_pct, crop
+        h = w = shortest
+        pct, mode = float(pp['crop_pct']), 'center'
+    elif shortest is not None:
+        h, w = _hw(pp['crop_size'], 'crop_size', where) if crop else (shortest, shortest)
+        if h != w:
+            raise ConversionError(f'{where}: crop_size {pp["crop_size"]!r} after a shortest_edge resize: only '
+                                  f'square crops are supported')
+        pct, mode = _pct(min(h, w), shortest), 'center'
+    else:
+        sh, sw = _hw(size, 'size', where)
+        h, w = _hw(pp['crop_size'], 'crop_size', where) if crop else (sh, sw)
+        if crop and sh * w != sw * h:
+            raise ConversionError(f'{where}: size {size!r} and crop_size {pp["crop_size"]!r} differ in aspect')
+        pct, mode = _pct(h, sh) if crop else 1.0, 'squash'
+    normalize = pp.get('do_normalize', True)
+    mean = pp.get('image_mean', list(IMAGENET[0])) if normalize else [0.0] * 3
+    std = pp.get('image_std', list(IMAGENET[1])) if normalize else [1.0] * 3
+    return dict(input_size=[3, h, w], interpolation=PIL_FILTERS[resample], crop_pct=pct, crop_mode=mode,
+                mean=mean, std=std, crop_offset='floor')
+
+
+def read_hf_preprocessor(folder: str) -> Optional[dict]:
+    """`from_hf` of `folder`'s preprocessor_config.json, or None when it has none."""
+    path = os.path.join(folder, HF_PREPROCESSOR)
+    if not os.path.isfile(path):
+        return None
+    from .formats.timm_folder import _load_json
+    return from_hf(_load_json(path), path)
+
+
+def hf_preprocessor_of(ck) -> Optional[Tuple[dict, str]]:
+    """(recorded cfg, where) from the preprocessor_config.json of the transformers folder checkpoint `ck` was read
+    from (the folder named, or the one holding its weights), None when there is none (or `ck` records its own:
+    a training run's meta, a timm folder's pretrained_cfg)."""
+    if ck.kind in ('training', 'timm-folder'):
+        return None
+    source = getattr(ck, 'source', None)
+    folder = source if source and os.path.isdir(source) else os.path.dirname(os.path.abspath(ck.path))
+    recorded = ck.pretrained_cfg if ck.kind == 'transformers' and ck.pretrained_cfg else read_hf_preprocessor(folder)
+    return None if recorded is None else (recorded, os.path.join(folder, HF_PREPROCESSOR))

@@ -113,7 +113,7 @@ def _module_needs_torch(path: str) -> bool:
 
 
 # helpers.py's functions that import torch themselves
-TORCH_HELPERS = ('perturb_timm', 'timm_model', 'run_timm', 'state_np')
+TORCH_HELPERS = ('perturb_timm', 'timm_model', 'run_timm', 'state_np', 'hf_vit', 'run_hf', 'flax_vit_tree', 'write_hf_flax')
 
 
 @functools.lru_cache(maxsize=None)

@@ -162,3 +162,99 @@ def hidden(*packages):
 
 
 WITHOUT_TORCH = ('torch', 'timm', 'torchvision', 'vit_pytorch')
+
+
+# ---------------------------------------------------------------- a Hugging Face cache, offline
+
+def fake_hub(cache, folder, repo='timm/vit_tiny_patch16_224.fake_tag', commit='a' * 40, refs=('main',), only=None):
+    """`cache` (an HF_HUB_CACHE) holding `folder`'s files as a snapshot of `repo`, laid out as huggingface_hub
+    lays it out: `models--ORG--NAME/blobs/<sha256>`, `snapshots/<commit>/<file>` symlinks to the blobs,
+    `refs/<branch>` holding the commit for each of `refs`. `only`: the files of `folder` to cache (a partial
+    download). Returns the repo name."""
+    import hashlib
+    import os
+    import shutil
+    root = os.path.join(str(cache), 'models--' + repo.replace('/', '--'))
+    snap = os.path.join(root, 'snapshots', commit)
+    for d in (snap, os.path.join(root, 'blobs'), os.path.join(root, 'refs')):
+        os.makedirs(d, exist_ok=True)
+    for ref in refs:
+        with open(os.path.join(root, 'refs', ref), 'w') as f:
+            f.write(commit)   # huggingface_hub writes no newline
+    for name in sorted(os.listdir(folder)) if only is None else only:
+        with open(os.path.join(folder, name), 'rb') as f:
+            blob = os.path.join(root, 'blobs', hashlib.sha256(f.read()).hexdigest())
+        shutil.copy(os.path.join(folder, name), blob)
+        link = os.path.join(snap, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(blob, snap), link)
+    return repo
+
+
+# ---------------------------------------------------------------- transformers' ViT and its former Flax files
+
+HF_VIT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32,
+                   patch_size=8)
+_NAMES = {'q_proj': 'attention/attention/query', 'k_proj': 'attention/attention/key',
+          'v_proj': 'attention/attention/value', 'o_proj': 'attention/output/dense',
+          'layernorm_before': 'layernorm_before', 'layernorm_after': 'layernorm_after',
+          'mlp.fc1': 'intermediate/dense', 'mlp.fc2': 'output/dense'}
+
+
+def hf_vit(cls='ViTModel', seed=0, **cfg):
+    """A perturbed transformers ViT (`cls`) of HF_VIT_TINY's sizes (`cfg` on top), and its ViTConfig."""
+    import torch
+    import transformers
+    config = transformers.ViTConfig(**{**HF_VIT_TINY, **cfg})
+    torch.manual_seed(seed)
+    return perturb_timm(getattr(transformers, cls)(config), seed), config
+
+
+def flax_vit_tree(model) -> dict:
+    """The nested params transformers' FlaxViTModel (FlaxViTForImageClassification: under `vit`, beside
+    `classifier`) holds for a torch ViT's weights (transformers 5's own key spelling: layers.i.attention.q_proj,
+    mlp.fc1): kernel = weight.T, conv kernel (p,p,C,D) = weight.permute(2,3,1,0), q/k/v kernels (D, heads*hd)."""
+    tree = {}
+
+    def put(path, v):
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = np.ascontiguousarray(v, np.float32)
+
+    for k, t in model.state_dict().items():
+        v = t.detach().numpy()
+        pre, k = (('vit',), k[4:]) if k.startswith('vit.') else ((), k)
+        *mod, leaf = k.split('.')
+        mod = '.'.join(mod)
+        if leaf == 'weight':
+            leaf = 'scale' if v.ndim == 1 else 'kernel'
+            v = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v.T if v.ndim == 2 else v
+        if mod.startswith('layers.'):
+            _, i, rest = mod.split('.', 2)
+            path = ('encoder', 'layer', i, *_NAMES[rest.replace('attention.', '')].split('/'))
+        elif mod == 'embeddings':
+            path = ('embeddings',)
+        else:
+            path = tuple(mod.split('.'))
+        put(pre + path + (leaf,), v)
+    return tree
+
+
+def write_hf_flax(model, config, folder, name='flax_model.msgpack', with_config=True):
+    """`folder/name`: `flax_vit_tree(model)` as HF's Flax save_pretrained wrote it (msgpack), config.json beside."""
+    import os
+    from flax.serialization import msgpack_serialize
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), 'wb') as f:
+        f.write(msgpack_serialize(flax_vit_tree(model)))
+    if with_config:
+        config.to_json_file(os.path.join(folder, 'config.json'))
+    return os.path.join(folder, name)
+
+
+def run_hf(model, x_nhwc, out):
+    """transformers' model output `out` ('logits', 'pooler_output', ...) on NHWC images, as numpy."""
+    import torch
+    with torch.no_grad():
+        return getattr(model(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()), out).numpy()

@@ -104,8 +104,8 @@ def cmd_convert(a):
         raise ConversionError(f'{dst}: exists; pass --force to replace it')
     folder = a.format in ('timm-folder', 'transformers')
     if not folder:
-        from converters.formats import file_format
-        file_format(dst)   # an unknown extension fails before the read
+        from converters.formats import output_format
+        output_format(dst)   # an unknown (or read-only) extension fails before the read
     t0 = time.perf_counter()
     model, params, ck = pipeline.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
                                        bias_resize=a.bias_resize, cast=False, allow_nonfinite=a.allow_nonfinite,
@@ -295,9 +295,13 @@ def cmd_parity(a):
     if a.dtype != 'float32':   # Flax computes in bf16 (float32 params, norms, softmax, accumulation), timm in float32
         import jax.numpy as jnp
         model = model.clone(dtype=jnp.bfloat16)
-    rows = parity.compare(model, params, ck.model_name, batch=a.batch)
-    against = '' if a.dtype == 'float32' else ' against timm in float32'
-    print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, Flax {a.dtype}{against}')
+    hf = parity.transformers_folder(ck)   # a transformers folder: transformers' own model on its own weights
+    rows = parity.compare_transformers(model, params, hf, batch=a.batch) if hf else \
+        parity.compare(model, params, ck.model_name, batch=a.batch)
+    ref = 'transformers' if hf else 'timm'
+    against = '' if a.dtype == 'float32' else f' against {ref} in float32'
+    print(f'parity: {ck.model_name} from {a.ckpt} ({ck.format}, {ck.layout}), batch {a.batch}, Flax {a.dtype}{against}'
+          + (f', against transformers {hf}' if hf else ''))
     print(parity.format_table(rows, tol))
     return 0 if all(r.rel <= tol for r in rows) else 1
 
@@ -374,8 +378,8 @@ def build_parser():
 
     s = sub.add_parser('predict', parents=[common], help='top-k classes of images, with the checkpoint\'s own '
                        'preprocessing and class names',
-                       description='CKPT: a training workdir, a timm model folder, hf-hub:ORG/NAME (local cache '
-                       'only) or any file the converters read. Preprocessing (resize, centre crop, mean/std) comes '
+                       description='CKPT: a training workdir, a timm model folder, hf-hub:ORG/NAME[@REV] (through '
+                       'huggingface_hub; HF_HUB_OFFLINE=1: its cache only) or any file the converters read. Preprocessing (resize, centre crop, mean/std) comes '
                        'from what the checkpoint records; the defaults are said on stderr.')
     s.add_argument('ckpt', help='checkpoint: any the converters read')
     s.add_argument('images', nargs='+', metavar='IMAGE', help='image files (any Pillow reads)')
@@ -396,7 +400,8 @@ def build_parser():
     _add_set(s)
     s.set_defaults(fn=cmd_inspect, num_classes=None, img_size=None)
 
-    s = sub.add_parser('parity', parents=[common], help='run timm and Flax on the same input; per-block differences')
+    s = sub.add_parser('parity', parents=[common], help='run timm (transformers, for a transformers folder) and Flax '
+                       'on the same input; per-block differences')
     s.add_argument('ckpt', help='checkpoint: any the converters read')
     s.add_argument('--model', help='registered model name (default: detected from the checkpoint)')
     s.add_argument('--tol', type=float, default=None,

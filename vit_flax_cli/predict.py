@@ -18,6 +18,9 @@ from converters.formats import timm_folder, training_ckpt
 
 def data_config(ck, model) -> Tuple[dict, str]:
     """(complete preprocessing config, where it came from) for a checkpoint `read_checkpoint` read."""
+    hf = preprocess.hf_preprocessor_of(ck)   # a transformers folder's preprocessor_config.json
+    if hf is not None:
+        return preprocess.resolve(hf[0], model, hf[1]), hf[1]
     if ck.pretrained_cfg is not None:
         where = {'training': f'recorded in the training checkpoint {ck.path}',
                  'timm-folder': f'the pretrained_cfg of {ck.source}'}.get(ck.kind, ck.source)

@@ -6,13 +6,14 @@ The pixel normalisation follows the weights being fine-tuned:
   pretrained weights of the family use: ViT 0.5/0.5 (the AugReg and original Google weights), DeiT and Swin
   ImageNet mean/std, and say so.
 - a training workdir: the normalisation recorded in its metadata.
+- a transformers folder (or hf-hub repo) with a preprocessor_config.json: its image_mean/image_std.
 - no weights: 0.5/0.5, WZMIAOMIAO's choice. `--mean/--std` override all of these.
 """
 from typing import Callable, Optional, Tuple
 
 import vit_flax
-from converters import formats, pipeline
-from converters.preprocess import HALF, family_default   # predict uses the same defaults
+from converters import pipeline
+from converters.preprocess import HALF, family_default, hf_preprocessor_of   # predict uses the same defaults
 
 
 def load(path: str, model_name: str, overrides: dict, resample: str, log: Callable[[str], None]):
@@ -31,11 +32,19 @@ def load(path: str, model_name: str, overrides: dict, resample: str, log: Callab
         norm = (tuple(cfg['mean']), tuple(cfg['std']), f'recorded in {ck.path}')
         log(f'weights: {ck.path} (training checkpoint of {ck.model_name})')
         return params, dict(path=ck.path, format='training', normalization='checkpoint'), norm
-    fmt = formats.file_format(path)
-    if fmt == 'npz':
+    fmt = ck.format   # the weight file's (a folder's, an hf-hub snapshot's)
+    hf = hf_preprocessor_of(ck)
+    if hf is not None:
+        norm, source = (tuple(hf[0]['mean']), tuple(hf[0]['std']), f'recorded in {hf[1]}'), 'preprocessor_config'
+    elif fmt == 'npz':
         norm, source = HALF + ("Google's convention for .npz weights ([-1, 1])",), 'google'
     else:
         norm, source = family_default(model_name), 'family-default'
+    target = vit_flax.create_model(model_name, **overrides, **extra)
+    for k, what in (('norm_eps', 'LayerNorm eps'), ('activation', 'activation')):
+        src, dst = getattr(ck.model, k, None), getattr(target, k, None)
+        if src != dst:   # the function the weights were trained in differs from the one fine-tuned
+            log(f'warning: {path}: the weights were trained with {what} {src}, {model_name} computes {dst}')
     log(f'weights: {path} ({fmt})')
     return params, dict(path=str(path), format=fmt, normalization=source), norm
 

@@ -17,7 +17,8 @@ TORCH_EXTS = ('.pth', '.pt', '.bin')
 
 
 def file_format(path: str) -> str:
-    """'npz', 'torch', 'safetensors' or 'orbax' (a directory), from the path alone."""
+    """'npz', 'torch', 'safetensors', 'msgpack' (transformers' Flax files) or 'orbax' (a directory), from the
+    path alone."""
     p = str(path).rstrip('/')
     if os.path.isdir(p):
         return 'orbax'
@@ -28,10 +29,21 @@ def file_format(path: str) -> str:
         return 'torch'
     if ext == '.safetensors':
         return 'safetensors'
+    if ext == '.msgpack':
+        return 'msgpack'
     if ext == '':
         return 'orbax'  # a directory to be written
     raise ConversionError(f'{path}: unknown checkpoint extension {ext!r} '
-                          f'(expected .npz, .pth/.pt/.bin, .safetensors or a directory for orbax)')
+                          f'(expected .npz, .pth/.pt/.bin, .safetensors, .msgpack or a directory for orbax)')
+
+
+def output_format(path: str) -> str:
+    """`file_format` of a path to write: transformers' Flax msgpack files are read, never written."""
+    fmt = file_format(path)
+    if fmt == 'msgpack':
+        raise ConversionError(f'{path}: .msgpack (transformers\' former Flax checkpoints) is read, not written; '
+                              f'write .npz, .safetensors, .pth or an orbax directory')
+    return fmt
 
 
 # ---------------------------------------------------------------- dispatch by format
@@ -43,11 +55,12 @@ def file_format(path: str) -> str:
 
 def read_file(path: str) -> Dict[str, np.ndarray]:
     """Any supported file -> its flat dict of arrays, keys as stored."""
-    return {'npz': read_npz, 'torch': read_torch, 'safetensors': read_safetensors,
+    return {'npz': read_npz, 'torch': read_torch, 'safetensors': read_safetensors, 'msgpack': read_msgpack,
             'orbax': read_orbax}[file_format(path)](str(path))
 
 
 # The readers and writers, one module per format (imported here: none of them imports jax or torch until used).
+from .hf_flax import read_msgpack  # noqa: E402
 from .npz import read_npz, write_npz  # noqa: E402
 from .orbax import read_orbax, write_orbax  # noqa: E402
 from .safetensors import read_safetensors, write_safetensors  # noqa: E402

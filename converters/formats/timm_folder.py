@@ -9,11 +9,11 @@ reads; a hub snapshot (`$HF_HOME/hub/models--timm--NAME/snapshots/<commit>/`) is
                                       "mean", "std", "num_classes", ...}}
     model.safetensors (or pytorch_model.bin: a torch state_dict, read without running pickle code)
 
-`hf-hub:ORG/NAME[@REVISION]` resolves in the local cache only: nothing is ever downloaded.
+`hf-hub:ORG/NAME[@REVISION]` resolves through huggingface_hub (hf_hub.py): downloaded when online, read from
+its cache offline (`HF_HUB_OFFLINE=1`).
 """
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -163,45 +163,30 @@ def read_config(folder: str, where: Optional[str] = None) -> FolderConfig:
     return FolderConfig(folder, path, weights, name, tag, arch, num_classes, pcfg, labels, notes)
 
 
-# ---------------------------------------------------------------- the Hugging Face hub cache
+# ---------------------------------------------------------------- the Hugging Face Hub
 
 def hf_cache_dir() -> str:
-    """Where huggingface_hub keeps its cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get('HF_HUB_CACHE') or os.environ.get('HUGGINGFACE_HUB_CACHE'):
-        return os.environ.get('HF_HUB_CACHE') or os.environ['HUGGINGFACE_HUB_CACHE']
-    home = os.environ.get('HF_HOME') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'huggingface')
-    return os.path.join(home, 'hub')
-
-
-_REPO = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$')
+    """Where huggingface_hub keeps its cache (see hf_hub.cache_dir)."""
+    from . import hf_hub
+    return hf_hub.cache_dir()
 
 
 def resolve_hf_hub(spec: str) -> str:
-    """`hf-hub:ORG/NAME[@REV]` -> its snapshot folder in the local cache (`refs/REV`, or REV as a commit)."""
-    repo, _, rev = spec[len(HF_HUB):].partition('@')
-    rev = rev or 'main'
-    if not _REPO.match(repo) or '..' in repo or '/' in rev or rev.startswith('.'):
-        raise ConversionError(f'{spec}: expected hf-hub:ORG/NAME[@REVISION], e.g. hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k')
-    cache = hf_cache_dir()
-    root = os.path.join(cache, 'models--' + repo.replace('/', '--'))
-    commit = rev if re.fullmatch(r'[0-9a-f]{40}', rev) else None
-    if commit is None:
-        try:
-            with open(os.path.join(root, 'refs', rev)) as f:
-                commit = f.read(100).strip()
-        except OSError:
-            commit = None
-    snap = os.path.join(root, 'snapshots', commit) if commit else None
-    if snap is None or not os.path.isfile(os.path.join(snap, CONFIG)):
-        fetch = f'hf download {repo}' + (f' --revision {rev}' if rev != 'main' else '')  # huggingface_hub's CLI
-        raise ConversionError(f'{spec}: not in the local Hugging Face cache ({cache}); vit-flax never downloads: '
-                              f'fetch it where there is network (`{fetch}`) or set HF_HOME to a cache that holds it')
-    return snap
+    """`hf-hub:ORG/NAME[@REV]` -> its local snapshot folder, through huggingface_hub (hf_hub.py: downloaded when
+    online, the cache offline); a snapshot without config.json (an open_clip repo) -> its weight file."""
+    from . import hf_hub
+    snap = hf_hub.resolve(spec)
+    if os.path.isfile(os.path.join(snap, CONFIG)):
+        return snap
+    weights = [f for f in hf_hub.wanted(hf_hub._listing(snap)) if f in hf_hub.OPEN_CLIP_WEIGHTS]
+    if not weights:
+        raise ConversionError(f'{spec}: the snapshot {snap} has no config.json')
+    return os.path.join(snap, weights[0])
 
 
 def resolve(path: str) -> Optional[str]:
-    """The model folder `path` names (itself, or an hf-hub snapshot), or None when it names none."""
+    """The model folder `path` names (itself, or an hf-hub snapshot; for an hf-hub repo without config.json, its
+    weight file), or None when it names none."""
     if str(path).startswith(HF_HUB):
         return resolve_hf_hub(str(path))
     return os.path.abspath(path) if is_model_folder(str(path)) else None

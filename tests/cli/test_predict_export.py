@@ -5,7 +5,7 @@
 - our Pillow/numpy preprocessing against timm's eval transform (`create_transform(**data_config)`);
 - `vit-flax predict` on image files the tests write, against timm on timm's transform of the same files;
 - training workdirs exported and loaded strictly by timm and WZMIAOMIAO's vit_model.py (tests/reference/);
-- `hf-hub:` names resolved from a fake Hugging Face cache; config.json files that lie.
+- `hf-hub:` names resolved from a fake Hugging Face cache, offline; config.json files that lie.
 """
 import json
 import os
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import cli, cli_process, images, perturb, rel_err, run_flax, run_timm, timm_model
+from helpers import cli, cli_process, fake_hub, images, perturb, rel_err, run_flax, run_timm, timm_model
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
@@ -325,25 +325,11 @@ def test_workdir_to_timm_folder_and_predict(workdir, tmp_path):
 
 # ---------------------------------------------------------------- the Hugging Face cache
 
-def fake_hub(home, folder, repo='timm/vit_tiny_patch16_224.fake_tag', commit='a' * 40):
-    """$HF_HOME/hub as huggingface_hub lays it out: blobs, snapshot symlinks, refs/main."""
-    root = home / 'hub' / ('models--' + repo.replace('/', '--'))
-    snap = root / 'snapshots' / commit
-    os.makedirs(snap)
-    os.makedirs(root / 'blobs')
-    os.makedirs(root / 'refs')
-    (root / 'refs' / 'main').write_text(commit)
-    for name in os.listdir(folder):
-        blob = root / 'blobs' / f'blob-{name}'
-        shutil.copy(folder / name, blob)
-        os.symlink(os.path.relpath(blob, snap), snap / name)
-    return repo
-
-
-def test_hf_hub_names_resolve_from_the_local_cache_only(timm_folder, tmp_path, monkeypatch):
+def test_hf_hub_names_resolve_from_the_local_cache_offline(timm_folder, tmp_path, monkeypatch):
     tm, folder, paths = timm_folder
-    repo = fake_hub(tmp_path / 'hf', folder)
+    repo = fake_hub(tmp_path / 'hf' / 'hub', folder)
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')   # no network in tests: huggingface_hub reads its cache
     monkeypatch.delenv('HF_HUB_CACHE', raising=False)
     monkeypatch.delenv('HUGGINGFACE_HUB_CACHE', raising=False)
     p = cli('convert', f'hf-hub:{repo}', tmp_path / 'o.pth')
@@ -354,11 +340,11 @@ def test_hf_hub_names_resolve_from_the_local_cache_only(timm_folder, tmp_path, m
     p = cli('predict', f'hf-hub:{repo}@{"a" * 40}', paths[0], '--top-k', '1')
     assert p.returncode == 0 and p.stdout.splitlines()[1].split()[1] in NAMES, p.stderr
     # a real process, told where the cache is by $HF_HOME alone
-    env = dict(os.environ, HF_HOME=str(tmp_path / 'hf'))
+    env = dict(os.environ, HF_HOME=str(tmp_path / 'hf'), HF_HUB_OFFLINE='1')
     env.pop('HF_HUB_CACHE', None)
     one_line_error(cli_process('convert', 'hf-hub:timm/vit_small_patch16_224.not_cached', tmp_path / 'n.pth', env=env),
                    'hf-hub:timm/vit_small_patch16_224.not_cached: not in the local Hugging Face cache',
-                   str(tmp_path / 'hf' / 'hub'))
+                   str(tmp_path / 'hf' / 'hub'), 'HF_HUB_OFFLINE is set')
     one_line_error(cli('predict', 'hf-hub:nothing', paths[0]), 'expected hf-hub:ORG/NAME')
     miss = cli('convert', 'hf-hub:timm/vit_small_patch16_224.gone@v2', tmp_path / 'n.pth')
     one_line_error(miss, '`hf download timm/vit_small_patch16_224.gone --revision v2`')   # huggingface_hub's CLI

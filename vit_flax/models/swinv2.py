@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ModelConfigError
-from ..ops.attention import check_impl, dot_product_attention
+from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
                      merge_heads, remat_block, to_tuple)
@@ -85,7 +85,7 @@ class WindowAttentionV2(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, mask=None, deterministic: bool = True):
@@ -139,7 +139,7 @@ class SwinTransformerV2Block(nn.Module):
     gelu: str = 'exact'
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -176,7 +176,7 @@ class SwinTransformerV2Stage(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
-    attn_impl: str = 'fused'
+    attn_impl: str = 'auto'
 
     def setup(self):
         if self.has_downsample:
@@ -226,7 +226,7 @@ class SwinTransformerV2(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
-    attn_impl: Literal['fused', 'reference'] = 'fused'
+    attn_impl: AttnImpl = 'auto'  # the attention kernel (ops/attention.py)
 
     @property
     def input_shape(self):

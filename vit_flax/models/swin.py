@@ -187,26 +187,11 @@ class SwinTransformerBlock(nn.Module):
     attn_impl: str = 'auto'
 
     def _attn(self, x, deterministic):
-        b, h, w, c = x.shape
-        (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        has_shift = bool(sh or sw)
-        # timm rolls first and pads after, so the padding always sits at the bottom/right of the rolled map
-        if has_shift:
-            x = jnp.roll(x, (-sh, -sw), axis=(1, 2))
-        pad_h, pad_w = (wh - h % wh) % wh, (ww - w % ww) % ww
-        if pad_h or pad_w:
-            x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        hp, wp = h + pad_h, w + pad_w
-        mask = shifted_window_mask((hp, wp), self.window_size, self.shift_size) if has_shift else None
-        windows = window_partition(x, self.window_size)
-        windows = WindowAttention(num_heads=self.num_heads, window_size=self.window_size, qkv_bias=self.qkv_bias,
-                                  qk_scale=self.qk_scale, proj_drop_rate=self.proj_drop_rate,
-                                  attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl,
-                                  name='attn')(windows, mask, deterministic)
-        x = window_reverse(windows, self.window_size, hp, wp)[:, :h, :w, :]
-        if has_shift:
-            x = jnp.roll(x, (sh, sw), axis=(1, 2))
-        return x
+        attn = WindowAttention(num_heads=self.num_heads, window_size=self.window_size, qkv_bias=self.qkv_bias,
+                               qk_scale=self.qk_scale, proj_drop_rate=self.proj_drop_rate,
+                               attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl,
+                               name='attn')
+        return attend_in_windows(x, self.window_size, self.shift_size, lambda w, m: attn(w, m, deterministic))
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -298,6 +283,30 @@ class SwinStage(nn.Module):
         return x
 
 
+def swin_features(model, x, train: bool):
+    """Swin V1's and V2's `forward_features` (both models hold `patch_embed`, `layers`, `norm`): images
+    (B, H, W, C) -> the normed feature map, sowing 'embed', 'stage_i' and 'encoded' intermediates."""
+    if x.ndim != 4 or x.shape[-1] != model.in_chans:
+        raise ModelConfigError(f'expected NHWC images with {model.in_chans} channels, got shape {tuple(x.shape)}')
+    x = model.patch_embed(x.astype(model.dtype))
+    model.sow('intermediates', 'embed', x)
+    for i, stage in enumerate(model.layers):
+        x = stage(x, not train)
+        model.sow('intermediates', f'stage_{i}', x)
+    x = model.norm(x)
+    model.sow('intermediates', 'encoded', x)
+    return x
+
+
+def swin_head(model, x, train: bool, pre_logits: bool):
+    """Swin V1's and V2's `forward_head`: global average pool, then dropout and `head` unless `pre_logits` or
+    `num_classes=0`."""
+    x = x.mean(axis=(1, 2))
+    if pre_logits or model.num_classes == 0:
+        return x
+    return model.head(model.head_dropout(x, deterministic=not train))
+
+
 class SwinTransformer(nn.Module):
     """Swin Transformer V1. Input NHWC images; output logits (pooled features with `num_classes=0`)."""
     num_classes: int = 1000
@@ -380,29 +389,17 @@ class SwinTransformer(nn.Module):
 
     def forward_features(self, x, train: bool = False):
         """Images (B, H, W, C) -> normed feature map (B, H/32, W/32, num_features), like timm's."""
-        if x.ndim != 4 or x.shape[-1] != self.in_chans:
-            raise ModelConfigError(f'expected NHWC images with {self.in_chans} channels, got shape {tuple(x.shape)}')
-        x = self.patch_embed(x.astype(self.dtype))
-        self.sow('intermediates', 'embed', x)
-        for i, stage in enumerate(self.layers):
-            x = stage(x, not train)
-            self.sow('intermediates', f'stage_{i}', x)
-        x = self.norm(x)
-        self.sow('intermediates', 'encoded', x)
-        return x
+        return swin_features(self, x, train)
 
     def forward_head(self, x, train: bool = False, pre_logits: bool = False):
         """Feature map -> global average pool -> head (pooled features with `pre_logits` or `num_classes=0`)."""
-        x = x.mean(axis=(1, 2))
-        if pre_logits or self.num_classes == 0:
-            return x
-        return self.head(self.head_dropout(x, deterministic=not train))
+        return swin_head(self, x, train, pre_logits)
 
     def __call__(self, x, train: bool = False):
         return self.forward_head(self.forward_features(x, train), train)
 
 
-_SIZES = dict(
+SIZES = dict(  # timm's Swin sizes, V1 and V2 alike
     tiny=dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
     small=dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     base=dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
@@ -413,7 +410,7 @@ _SIZES = dict(
 for _size, _window, _res in [('tiny', 7, 224), ('small', 7, 224), ('base', 7, 224), ('base', 12, 384),
                              ('large', 7, 224), ('large', 12, 384)]:
     register(f'swin_{_size}_patch4_window{_window}_{_res}', SwinTransformer, img_size=_res, patch_size=4,
-             window_size=_window, **_SIZES[_size])
+             window_size=_window, **SIZES[_size])
 
 # Swin-S3 (Chen et al., https://arxiv.org/abs/2111.14725): V1 with a window per stage, as timm registers them.
 for _size, _depths, _windows in [('tiny', (2, 2, 6, 2), (7, 7, 14, 7)), ('small', (2, 2, 18, 2), (14, 14, 14, 7)),

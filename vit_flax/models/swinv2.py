@@ -36,8 +36,8 @@ from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
                      merge_heads, remat_block, to_tuple)
-from .swin import PatchEmbed, PatchMerging, attend_in_windows, relative_position_index, stage_window_shift, \
-    stage_window_sizes
+from .swin import SIZES, PatchEmbed, PatchMerging, attend_in_windows, relative_position_index, stage_window_shift, \
+    stage_window_sizes, swin_features, swin_head
 
 Dtype = Any
 Pair = Tuple[int, int]
@@ -291,34 +291,16 @@ class SwinTransformerV2(nn.Module):
 
     def forward_features(self, x, train: bool = False):
         """Images (B, H, W, C) -> normed feature map (B, H/32, W/32, num_features), like timm's."""
-        if x.ndim != 4 or x.shape[-1] != self.in_chans:
-            raise ModelConfigError(f'expected NHWC images with {self.in_chans} channels, got shape {tuple(x.shape)}')
-        x = self.patch_embed(x.astype(self.dtype))
-        self.sow('intermediates', 'embed', x)
-        for i, stage in enumerate(self.layers):
-            x = stage(x, not train)
-            self.sow('intermediates', f'stage_{i}', x)
-        x = self.norm(x)
-        self.sow('intermediates', 'encoded', x)
-        return x
+        return swin_features(self, x, train)
 
     def forward_head(self, x, train: bool = False, pre_logits: bool = False):
         """Feature map -> global average pool -> head (pooled features with `pre_logits` or `num_classes=0`)."""
-        x = x.mean(axis=(1, 2))
-        if pre_logits or self.num_classes == 0:
-            return x
-        return self.head(self.head_dropout(x, deterministic=not train))
+        return swin_head(self, x, train, pre_logits)
 
     def __call__(self, x, train: bool = False):
         return self.forward_head(self.forward_features(x, train), train)
 
 
-_SIZES = dict(
-    tiny=dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    small=dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    base=dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    large=dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-)
 _FINE_TUNED = (12, 12, 12, 6)   # the 12toN models' pretrained windows (stage 4 was 6x6 at 192)
 
 # timm's twelve `swinv2_*` names with the defaults of their (only or first) pretrained tag: input size, classes
@@ -337,4 +319,4 @@ for _name, _size, _window, _res, _classes, _pretrained in [
         ('swinv2_large_window12to16_192to256', 'large', 16, 256, 1000, _FINE_TUNED),
         ('swinv2_large_window12to24_192to384', 'large', 24, 384, 1000, _FINE_TUNED)]:
     register(_name, SwinTransformerV2, img_size=_res, patch_size=4, window_size=_window, num_classes=_classes,
-             pretrained_window_sizes=_pretrained or (0, 0, 0, 0), **_SIZES[_size])
+             pretrained_window_sizes=_pretrained or (0, 0, 0, 0), **SIZES[_size])

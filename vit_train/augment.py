@@ -669,3 +669,17 @@ class TrainAugment:
             extras = dict(erase=erase_boxes(random.Random(s_er), self.size, self.size, self.reprob, self.recount),
                           erase_seed=np.uint32(s_noise))
         return img, extras
+
+
+def describe(aa, color_jitter, reprob, remode, recount, aug_repeats) -> str:
+    """The start-up line's account of the training augmentation."""
+    parts = [f'--aa {aa}' if aa else 'no --aa policy']
+    if color_jitter and (not aa or '3a' in aa):
+        parts.append(f'color jitter {color_jitter:g}')
+    elif color_jitter:
+        parts.append('no color jitter (timm drops it under an --aa policy other than 3a)')
+    parts.append(f'random erasing p={reprob:g} mode={remode} count 1-{recount}' if reprob else 'no random erasing')
+    if aug_repeats > 1:
+        parts.append(f'each image {aug_repeats} times in a row (--aug-repeats; an epoch sees 1/{aug_repeats} of '
+                     f'the images)')
+    return ', '.join(parts)

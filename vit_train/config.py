@@ -85,6 +85,13 @@ class TrainConfig:
     crop_pct: Optional[float] = None
     crop_scale: Optional[Tuple[float, float]] = None
     hflip: Optional[bool] = None
+    # augmentation (timm's flags, names and defaults)
+    aa: Optional[str] = None
+    color_jitter: Optional[float] = None   # 0.4 (timm's) except digits: 0
+    reprob: float = 0.0
+    remode: str = 'pixel'
+    recount: int = 1
+    aug_repeats: int = 0
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -234,6 +241,25 @@ def _flags(prog=None) -> argparse.ArgumentParser:
                    help='training RandomResizedCrop area range (default 0.08 1, digits 0.85 1)')
     d.add_argument('--hflip', action=argparse.BooleanOptionalAction, help='random horizontal flip (default: on; off for digits)')
 
+    g = p.add_argument_group('augmentation (timm\'s flags and meanings; docs/TRAINING.md)')
+    g.add_argument('--aa', metavar='POLICY', help='timm\'s auto-augment policy, applied after the crop and flip: '
+                   'rand-m<M>-n<N>-mstd<S>-mmax<X>-inc<0|1>-p<P>[-t<set>] (RandAugment, e.g. DeiT\'s rand-m9-mstd0.5-inc1), '
+                   'original, originalr, v0, v0r (AutoAugment), 3a (DeiT III), augmix-m<M>-w<W>-d<D>-a<A>-b<0|1> '
+                   '(default: none)')
+    g.add_argument('--color-jitter', type=float, metavar='X',
+                   help='torchvision ColorJitter(X, X, X) (brightness, contrast, saturation), only without --aa or with '
+                   '--aa 3a, as timm (default 0.4 as timm; 0 for digits)')
+    g.add_argument('--reprob', type=float, default=0.0, metavar='P',
+                   help='random erasing probability per image, timm\'s RandomErasing on the normalised image (default 0: off)')
+    g.add_argument('--remode', choices=('const', 'rand', 'pixel'), default='pixel',
+                   help='random erasing fill: const 0 (the mean colour), rand N(0,1) per box and channel, pixel N(0,1) '
+                   'per pixel (default pixel, as timm)')
+    g.add_argument('--recount', type=int, default=1,
+                   help='random erasing: 1 to N boxes per image, their area split between them (default 1)')
+    g.add_argument('--aug-repeats', type=int, default=0, metavar='N',
+                   help='repeated augmentation (timm\'s RepeatAugSampler): each image N times in a row, each copy '
+                   'augmented on its own, the epoch length kept; --batch-size must be a multiple of N (default 0: off)')
+
     o = p.add_argument_group('optimisation')
     o.add_argument('--epochs', type=int, default=10, help='number of passes over the training set (default 10)')
     o.add_argument('--batch-size', type=int, default=32,
@@ -277,7 +303,7 @@ def _flags(prog=None) -> argparse.ArgumentParser:
 
 # integer flags and their least value
 MINIMA = dict(img_size=1, patch_size=1, depth=1, num_classes=1, epochs=1, batch_size=1, grad_accum=1, keep=1,
-              save_every=0, workers=0, num_processes=1, process_id=0)
+              save_every=0, workers=0, num_processes=1, process_id=0, recount=1, aug_repeats=0)
 
 
 def resolve(args) -> argparse.Namespace:
@@ -304,6 +330,9 @@ def resolve(args) -> argparse.Namespace:
     a.crop_pct = crop_pct if a.crop_pct is None else a.crop_pct
     a.crop_scale = tuple(scale if a.crop_scale is None else a.crop_scale)
     a.hflip = hflip if a.hflip is None else a.hflip
+    if a.color_jitter is None:
+        a.color_jitter = 0.0 if a.dataset == 'digits' else 0.4
+    check_augmentation(a)
     for k, v in OPTIMIZER_DEFAULTS[a.optimizer].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -314,6 +343,26 @@ def resolve(args) -> argparse.Namespace:
     a.workdir = os.path.abspath(a.workdir)
     check_workdir(a.workdir)
     return a
+
+
+def check_augmentation(a) -> None:
+    """The augmentation flags, refused in one line naming the flag (and the token of a policy) before anything
+    is read or compiled."""
+    from . import augment
+    if a.aa is not None:
+        if not a.aa.strip():
+            raise TrainError('--aa wants a policy (rand-m9-mstd0.5-inc1, original, v0, 3a, augmix-...), got an empty string')
+        try:
+            augment.parse_policy(a.aa, augment.policy_hparams(224, (0.5, 0.5, 0.5), a.interpolation))
+        except augment.AugmentError as e:
+            raise TrainError(str(e)) from None
+    if not (np.isfinite(a.color_jitter) and a.color_jitter >= 0):
+        raise TrainError(f'--color-jitter wants a number >= 0, got {a.color_jitter}')
+    if not 0 <= a.reprob <= 1:
+        raise TrainError(f'--reprob wants a probability in [0, 1], got {a.reprob}')
+    if a.aug_repeats > 1 and a.batch_size % a.aug_repeats:
+        raise TrainError(f'--aug-repeats {a.aug_repeats}: --batch-size {a.batch_size} is not a multiple of it (each '
+                         f'batch holds whole groups of an image\'s copies)')
 
 
 def check_workdir(path: str) -> None:

@@ -492,19 +492,36 @@ class _Transform:
 
     def apply(self, rec, rng):
         if rec.get('pad'):
-            return self._out(None, 0, weight=0.0)
+            return dict(self._out(None, 0, weight=0.0), **self.no_extras())
         img = self._open(rec)
         if img is None:
-            return self._out(None, rec['label'], weight=0.0, unreadable=1)
-        return self._out(self.image(img, rng), rec['label'])
+            return dict(self._out(None, rec['label'], weight=0.0, unreadable=1), **self.no_extras())
+        img = self.image(img, rng)
+        img, extras = img if isinstance(img, tuple) else (img, {})  # (image, per-element arrays such as boxes)
+        return dict(self._out(img, rec['label']), **extras)
+
+    def no_extras(self) -> dict:
+        """The per-element arrays `image` adds, as they are for a padding or unreadable row."""
+        return {}
 
 
 class TrainTransform(_Transform):
-    """RandomResizedCrop(size, scale) + horizontal flip (p=0.5), as WZMIAOMIAO's training transform."""
+    """RandomResizedCrop(size, scale) + horizontal flip (p=0.5), as WZMIAOMIAO's training transform, then
+    `augment` (a `vit_train.augment.TrainAugment`: the --aa policy, or --color-jitter without one, and
+    --reprob's erasing boxes), in timm's create_transform(is_training=True) order; normalisation and the
+    erasing fill happen on the device. With erasing each element also carries 'erase' (int32 (recount, 4)
+    boxes) and 'erase_seed' (uint32)."""
 
-    def __init__(self, size, interpolation, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, warned_dir=None):
+    def __init__(self, size, interpolation, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, warned_dir=None,
+                 augment=None):
         super().__init__(size, interpolation, warned_dir)
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.augment = augment if augment is not None and augment.active else None
+
+    def no_extras(self):
+        if self.augment is None or not self.augment.reprob:
+            return {}
+        return dict(erase=np.zeros((self.augment.recount, 4), np.int32), erase_seed=np.uint32(0))
 
     def image(self, img, rng):
         from PIL import Image
@@ -512,6 +529,8 @@ class TrainTransform(_Transform):
         img = img.resize((self.size, self.size), _pil(self.interpolation), box=(left, top, left + cw, top + ch))
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.augment is not None:
+            return self.augment(img, rng)
         return img
 
     def __call__(self, rec, rng):  # grain's random_map signature
@@ -552,21 +571,59 @@ def _ignore_sigint(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class RepeatEach:
+    """Each element of a grain MapDataset `repeats` times in a row (timm's RepeatAugSampler order: an image's
+    copies are neighbours, each augmented on its own by the random map downstream). Epoch-aware as grain's own
+    datasets: index e * len + i reads the parent's epoch e (e * parent_len + i // repeats)."""
+
+    @staticmethod
+    def make(parent, repeats: int):
+        grain = _grain()
+
+        class _RepeatEach(grain.MapDataset):
+            def __init__(self, parent, repeats):
+                super().__init__(parent)
+                self._repeats, self._plen = repeats, len(parent)
+
+            def __len__(self):
+                return self._plen * self._repeats
+
+            def __str__(self):
+                return f'RepeatEach({self._repeats})'
+
+            def __getitem__(self, index):
+                if isinstance(index, slice):
+                    return self.slice(index)
+                epoch, i = divmod(index, self._plen * self._repeats)
+                return self._parent[epoch * self._plen + i // self._repeats]
+
+        return _RepeatEach(parent, repeats)
+
+
 def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, process_index: int,
-                   process_count: int, workers: int = 0, start_step: int = 0):
+                   process_count: int, workers: int = 0, start_step: int = 0, aug_repeats: int = 0):
     """An endless grain iterator of this process's share of each global training batch.
 
     Each epoch is a fresh shuffle (grain reshuffles per epoch) cut to whole global batches; global batch k
     is the shuffled positions [k*batch, (k+1)*batch) and process p yields rows [p*b, (p+1)*b) of it
     (b = batch / process_count), so any number of processes sees the same global batches in the same
     order. Augmentation is seeded by the element's position, so it is the same too. `start_step` skips
-    ahead without reading (the iterator state, restored instead, does the same)."""
+    ahead without reading (the iterator state, restored instead, does the same).
+
+    `aug_repeats` > 1 (timm's --aug-repeats, RepeatAugSampler): each epoch's shuffle has every image repeated
+    that many times in a row, each copy augmented independently, and is cut to the same whole batches as
+    without repeats (the epoch length is kept, so an epoch sees about len/aug_repeats distinct images). The
+    batch is a multiple of aug_repeats (config checks), so an image's copies share one global batch, as the
+    copies timm's sampler deals out to the ranks do."""
     grain = _grain()
     steps_per_epoch = len(source) // batch
     if steps_per_epoch == 0:
         raise TrainError(f'{len(source)} training images are fewer than one batch of {batch}')
     local = batch // process_count
-    ds = (grain.MapDataset.source(source).shuffle(seed=seed % 2 ** 32)[:steps_per_epoch * batch]
+    ds = grain.MapDataset.source(source).shuffle(seed=seed % 2 ** 32)
+    if aug_repeats > 1:
+        ds = RepeatEach.make(ds, aug_repeats)
+    ds = (ds[:steps_per_epoch * batch]
           .repeat(None).random_map(transform, seed=seed % 2 ** 32)
           .batch(local, drop_remainder=True)[process_index::process_count])
     if start_step:

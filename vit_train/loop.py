@@ -18,7 +18,7 @@ from vit_flax import registry
 from vit_flax.models.layers import checkpoint_policy
 from converters.formats import training_ckpt as fmt
 
-from . import config, data, optim, report, sharding, step as steps, weights
+from . import augment, config, data, optim, report, sharding, step as steps, weights
 from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums, quiet_orbax
 from .errors import Interrupted, NonFiniteLoss, TrainError, signals_deferred
 
@@ -245,19 +245,27 @@ def _run(namespace, own_process, warned_dir):
                      num_processes=nproc, data_workers=args.workers, mesh=mesh_sizes,
                      config=_jsonable(dict(vars(args), crop_scale=list(args.crop_scale))))
 
-    train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip, warned_dir=warned_dir)
     eval_tf = data.EvalTransform(size, args.interpolation, args.crop_pct, warned_dir=warned_dir)
 
-    def data_iter(start_step=0):
+    def data_iter(wnorm, start_step=0):
+        # the policies fill with the normalisation mean (timm's img_mean), known once the weights are
+        mean = weights.normalization(args, wnorm)[0]
+        aug = augment.TrainAugment(args.aa, args.color_jitter, args.reprob, args.recount, size, mean,
+                                   args.interpolation)
+        train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip,
+                                       warned_dir=warned_dir, augment=aug)
         return data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,
-                                   process_count=nproc, workers=args.workers, start_step=start_step)
+                                   process_count=nproc, workers=args.workers, start_step=start_step,
+                                   aug_repeats=args.aug_repeats)
 
     def resume_iter(meta):
+        cfg = meta['pretrained_cfg']
+        wnorm = (tuple(cfg['mean']), tuple(cfg['std']), '')
         if meta['num_processes'] == nproc and meta['data_workers'] == args.workers:
-            return data_iter(), True
+            return data_iter(wnorm), True
         log(f"data: checkpoint written by {meta['num_processes']} process(es) with {meta['data_workers']} "
             f"worker(s); positioning the pipeline from the step instead of its saved state")
-        return data_iter(meta['step']), False
+        return data_iter(wnorm, meta['step']), False
 
     def load_weights():
         over = {k: v for k, v in overrides.items() if k != 'drop_path_rate'}
@@ -302,7 +310,7 @@ def _run(namespace, own_process, warned_dir):
             params = jax.jit(spec.init_params, out_shardings=spec.shardings['params'])(jax.random.PRNGKey(args.seed))
         state = dict(params=params, opt_state=jax.jit(spec.init_opt, out_shardings=spec.shardings['opt_state'])(params),
                      step=sharding.put(np.int32(0), spec.shardings['step']))
-        it, start, best_acc = data_iter(), 0, None
+        it, start, best_acc = data_iter(wnorm), 0, None
     mean, std, norm_why = weights.normalization(args, wnorm)
     base_meta.update(weights=winfo, pretrained_cfg=dict(input_size=[3, size, size], interpolation=args.interpolation,
                                                         crop_pct=args.crop_pct, crop_mode='center',
@@ -311,11 +319,13 @@ def _run(namespace, own_process, warned_dir):
     # ---- the compiled steps
     replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     batch_shardings = {k: batch_sh for k in ('image', 'label', 'weight', 'unreadable')}
+    erase_keys = ('erase', 'erase_seed') if args.reprob else ()  # random erasing's boxes and noise seeds
     train_step = jax.jit(
         steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
-                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum),
-        in_shardings=(spec.shardings, batch_shardings, replicated), out_shardings=(spec.shardings, replicated),
-        donate_argnums=0)
+                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum,
+                              erase_mode=args.remode if args.reprob else None),
+        in_shardings=(spec.shardings, dict(batch_shardings, **{k: batch_sh for k in erase_keys}), replicated),
+        out_shardings=(spec.shardings, replicated), donate_argnums=0)
     eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),
                         in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
 
@@ -331,6 +341,8 @@ def _run(namespace, own_process, warned_dir):
     log(f'model: {args.model} {overrides} {args.dtype}, {spec.num_params:,} params'
         + (f', {spec.num_trainable:,} trainable (--freeze-layers)' if args.freeze_layers else ''))
     log(f'normalisation: mean {list(mean)} std {list(std)} ({norm_why})')
+    log('augmentation: ' + augment.describe(args.aa, args.color_jitter, args.reprob, args.remode, args.recount,
+                                            args.aug_repeats))
     log(f'mesh: data={mesh_sizes["data"]} fsdp={mesh_sizes["fsdp"]} over {ndev} device(s) in {nproc} process(es); '
         + sharding.describe(state['params']))
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import optim
+from . import erasing, optim
 
 
 def normalize(images, mean, std):
@@ -24,16 +24,20 @@ def _logits(model, params, x, train, rng=None):
     return out.astype(jnp.float32)
 
 
-def make_train_step(model, tx, trainable, *, mean, std, label_smoothing=0.0, grad_accum=1, seed=0):
+def make_train_step(model, tx, trainable, *, mean, std, label_smoothing=0.0, grad_accum=1, seed=0, erase_mode=None):
     """step(state, batch, lr) -> (state, metrics). `tx` is the update direction (optim.make), scaled by the
     learning rate `lr`. Only keys in `trainable` get gradients and updates; the other params are passed
-    through untouched (bit-identical)."""
+    through untouched (bit-identical). `erase_mode` (const, rand, pixel): fill the batch's 'erase' boxes of the
+    normalised images (timm's RandomErasing, `vit_train.erasing`)."""
     trainable = frozenset(trainable)
     base_key = jax.random.PRNGKey(seed)
 
     def loss_sum(train_p, frozen_p, batch, rng):
         params = unflatten_dict({**train_p, **frozen_p}, sep='/')
-        logits = _logits(model, params, normalize(batch['image'], mean, std), True, rng)
+        x = normalize(batch['image'], mean, std)
+        if erase_mode:
+            x = erasing.erase(x, batch['erase'], batch['erase_seed'], erase_mode)
+        logits = _logits(model, params, x, True, rng)
         labels = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]), label_smoothing)
         w = batch['weight']
         ce = optax.softmax_cross_entropy(logits, labels)

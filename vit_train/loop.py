@@ -335,7 +335,11 @@ def _run(namespace, own_process, warned_dir):
     log(f'data: {args.dataset} {len(ds.train)} train / {len(ds.val)} val images, {num_classes} classes, '
         f'{size}px, {spe} steps of {batch} per epoch')
     left = len(ds.train) - spe * batch  # an epoch is whole batches (data.train_iterator)
-    if left:
+    if args.aug_repeats > 1:
+        seen = spe * batch // args.aug_repeats
+        log(f'train: {len(ds.train)} images, batch {batch}: {spe} step{"s" * (spe > 1)} per epoch of {seen} images '
+            f'{args.aug_repeats} times each (--aug-repeats; a new shuffle, so other images, each epoch)')
+    elif left:
         log(f'train: {len(ds.train)} images, batch {batch}: {spe} step{"s" * (spe > 1)} per epoch, {left} image'
             f'{"s" * (left > 1)} left out each epoch (a different {left} each epoch: every epoch is a new shuffle)')
     log(f'model: {args.model} {overrides} {args.dtype}, {spec.num_params:,} params'

@@ -1,0 +1,45 @@
+"""train_flax.py with DeiT's host-side augmentation (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 in
+pixel mode, 3 repeats): killed with SIGKILL after its first checkpoint, the rerun resumes and ends bit-identical
+to the uninterrupted run (the same pixels, boxes and noise after the resume), as tests/training/test_train.py
+shows for the plain pipeline."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train import ROOT, TRAIN, assert_same_params, latest, run
+
+# 1 epoch of 22 steps of 63 (a multiple of the 3 repeats), a checkpoint every 8 steps (8 16 22)
+AUG = ('--depth', '1', '--batch-size', '63', '--epochs', '1', '--save-every', '8', '--keep', '2',
+       '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--aug-repeats', '3')
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
+                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+
+
+def test_kill_9_with_augmentation_then_rerun_resumes_bit_identical(env, tmp_path):
+    ref = run(env, tmp_path / 'reference', *AUG)
+    assert ('augmentation: --aa rand-m9-mstd0.5-inc1, random erasing p=0.25 mode=pixel count 1-1, each image 3 times '
+            'in a row') in ref.stdout, ref.stdout
+    assert 'train: 1442 images, batch 63: 22 steps per epoch of 462 images 3 times each' in ref.stdout
+    workdir = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, TRAIN, '--workdir', str(workdir), *AUG], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = workdir / 'checkpoints' / '8' / '_CHECKPOINT_METADATA'
+    deadline = time.time() + 600
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = run(env, workdir, *AUG)
+    m = re.search(r'resumed from the checkpoint of step (\d+) of 22 .*; continuing with step (\d+)', r.stdout)
+    assert m and 8 <= int(m.group(1)) < 22, r.stdout
+    assert_same_params(latest(tmp_path / 'reference'), latest(workdir))

@@ -9,8 +9,8 @@ arguments. `magnitude` is timm's 0-10 scale (f = magnitude / 10; the policies cl
 `translate_pct` (default 0.45), `img_mean` (the fill of geometric ops, default (128, 128, 128)) and
 `interpolation` ('bilinear', 'bicubic', ... or a PIL constant; default bicubic, timm's when none is passed).
 
-Where timm breaks, ours does what timm did before it broke (said per op): Pillow >= 10.? refuses
-`ImageOps.posterize(img, bits)` for bits < 1, which timm's Posterize at magnitudes 0-2 and PosterizeIncreasing
+Where timm breaks, ours does what timm did before it broke (said per op): Pillow 13 (the one installed here)
+refuses `ImageOps.posterize(img, bits)` for bits < 1, which timm's Posterize at magnitudes 0-2 and PosterizeIncreasing
 at 10 ask for; older Pillow returned an all-black image (the mask ~(2**(8-bits)-1) clears every bit), so ours
 does. A greyscale ('L') image with a 3-tuple fill makes Pillow raise inside timm's geometric ops; ours fills
 with that colour's luma (Pillow's own RGB->L conversion of it). The training pipeline converts to RGB before

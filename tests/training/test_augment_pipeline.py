@@ -151,3 +151,29 @@ def test_the_command_line_refuses_a_bad_policy_with_exit_1(tmp_path, capsys):
     assert main(['--aa', 'rand-m9-x1', '--workdir', str(tmp_path / 'w')]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count('\n') == 0 and "unknown token 'x1'" in err and not (tmp_path / 'w').exists()
+
+
+def test_the_pipeline_travels_to_grain_worker_processes():
+    """grain's worker processes get the dataset through cloudpickle: the repeated, augmented pipeline comes back
+    whole and gives the same elements (the worker run itself is test_train_units' slow test)."""
+    import cloudpickle
+    import grain
+    tf = data.TrainTransform(16, 'bilinear', (0.5, 1.0), augment=_aug(reprob=1.0))
+    ds = data.RepeatEach.make(grain.MapDataset.source(_source()).shuffle(seed=3), 3)[:45].repeat(None).random_map(
+        tf, seed=3)
+    copy = cloudpickle.loads(cloudpickle.dumps(ds))
+    for i in (0, 1, 2, 44, 45, 100):
+        a, b = ds[i], copy[i]
+        assert all(np.array_equal(a[k], b[k]) for k in a), i
+
+
+@pytest.mark.slow  # spawning grain's worker processes (each imports jax) takes ~30 s on the shared machine
+def test_worker_processes_give_the_same_augmented_batches():
+    threads, procs = _pipeline(_aug(reprob=0.5), 3), _pipeline(_aug(reprob=0.5), 3, workers=2)
+    try:
+        for _ in range(3):
+            a, b = next(threads), next(procs)
+            for k in a:
+                np.testing.assert_array_equal(a[k], np.asarray(b[k]), err_msg=k)
+    finally:
+        procs.close()

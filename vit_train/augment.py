@@ -390,6 +390,10 @@ class AutoAugment:
             img = op(img, pyrng)
         return img
 
+    def choose(self, pyrng):
+        """The sub-policy (its op names) one image gets (the draw __call__ makes first); for tests."""
+        return [op.name for op in pyrng.choice(self.policy)]
+
 
 class AugMix:
     """timm's AugMixAugment (basic, or blended with b1): chain weights ~ Dirichlet(alpha), blend ~ Beta(alpha,

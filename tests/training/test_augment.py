@@ -146,6 +146,21 @@ def test_rand_op_choice_follows_timms_list(text, expected):
         assert chi_square_p(_counts(names, keys_w), expect_w) < 1e-6, wrong
 
 
+@pytest.mark.parametrize('text', ['3a', 'original', 'v0'])
+def test_autoaugment_sub_policies_are_timms_and_chosen_uniformly(text):
+    ours = A.parse_policy(text)
+    theirs = ta.auto_augment_transform(text, {})
+    assert [[(o.name, o.prob, o.magnitude) for o in sp] for sp in ours.policy] == \
+        [[(o.name, o.prob, o.magnitude) for o in sp] for sp in theirs.policy]
+    rng = np.random.default_rng(4)
+    picks = [tuple(ours.choose(random.Random(int(rng.integers(2 ** 32))))) for _ in range(3000)]
+    index = {tuple(o.name for o in sp): i for i, sp in enumerate(ours.policy)}
+    counts = np.bincount([index[p] for p in picks], minlength=len(ours.policy))
+    distinct = sorted(set(index.values()))  # identical sub-policies (v0/original repeat some) share an index
+    assert chi_square_p(counts[distinct], [sum(index[tuple(o.name for o in sp)] == i for sp in ours.policy)
+                                           for i in distinct]) > 1e-4
+
+
 def test_weighted_sets_choose_without_replacement_by_timms_weights():
     policy = A.parse_policy('rand-n1-tweights')
     names, probs = ta._get_weighted_transforms(ta._RAND_WEIGHTED_0)

@@ -27,7 +27,7 @@ from converters.preprocess import resize_and_crop
 
 from .errors import TrainError
 
-DATASETS = ('digits', 'cifar10', 'cifar100', 'folder')
+DATASETS = ('digits', 'cifar10', 'cifar100', 'folder', 'packed', 'hf')
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos')
 
@@ -399,11 +399,22 @@ def safe_unpickle(raw: bytes, where: str = 'pickle'):
 
 # ---------------------------------------------------------------- choosing a data set
 
-def load(name: str, path: Optional[str], val_split: float) -> Dataset:
+def load(name: str, path: Optional[str], val_split: float, *, image_column: str = 'image',
+         label_column: str = 'label', verify: str = 'sha256') -> Dataset:
+    """The data set `--dataset name --data-path path` names. 'packed' (or a folder holding a dataset.json):
+    ArrayRecord shards (`vit_train.records`), checked against their manifest first (`verify`: sha256 or size);
+    'hf': a datasets folder or Parquet files with `image_column` and `label_column`."""
+    from . import records
     if name == 'digits':
         return digits(val_split)
     if not path:
         raise TrainError(f'--dataset {name} needs --data-path')
+    if name == 'packed' or (name == 'folder' and records.has_manifest(path)):
+        names, tr, va, m = records.load_packed(path, verify)
+        return Dataset('packed', names, tr, va, path if records.is_url(path) else os.path.abspath(path))
+    if name == 'hf':
+        names, tr, va = records.load_hf(path, image_column, label_column, val_split)
+        return Dataset('hf', names, tr, va, os.path.abspath(path))
     if name == 'folder':
         return folder(os.path.abspath(path), val_split)
     return cifar(path, name)
@@ -473,13 +484,19 @@ class _Transform:
         from PIL import Image
         if 'image' in rec:
             return Image.fromarray(rec['image'])
+        if 'bad' in rec:   # a packed record that does not parse (vit_train.records)
+            if first_report(rec['bad'], self.warned_dir):
+                print(f'warning: skipped unreadable record {rec["bad"]}', file=sys.stderr)
+            return None
+        # a file, or a packed record's / Parquet row's encoded bytes: decoded alike, the same pixels
+        name = rec['name'] if 'encoded' in rec else rec['path']
         try:
-            with Image.open(rec['path']) as im:
+            with Image.open(io.BytesIO(rec['encoded']) if 'encoded' in rec else rec['path']) as im:
                 im.load()
                 return im.convert('RGB') if im.mode != 'RGB' else im.copy()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
-            if first_report(rec['path'], self.warned_dir):
-                print(f'warning: skipped unreadable image {rec["path"]} ({type(e).__name__}: {e})', file=sys.stderr)
+            if first_report(name, self.warned_dir):
+                print(f'warning: skipped unreadable image {name} ({type(e).__name__}: {e})', file=sys.stderr)
             return None
 
     def _out(self, img, label, weight=1.0, unreadable=0):

@@ -570,14 +570,19 @@ def _ignore_sigint(worker_index: int, worker_count: int) -> None:
 
 
 def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, process_index: int,
-                   process_count: int, workers: int = 0, start_step: int = 0):
+                   process_count: int, workers: int = 0, start_step: int = 0, read_ahead: Optional[int] = None):
     """An endless grain iterator of this process's share of each global training batch.
 
     Each epoch is a fresh shuffle (grain reshuffles per epoch) cut to whole global batches; global batch k
     is the shuffled positions [k*batch, (k+1)*batch) and process p yields rows [p*b, (p+1)*b) of it
     (b = batch / process_count), so any number of processes sees the same global batches in the same
     order. Augmentation is seeded by the element's position, so it is the same too. `start_step` skips
-    ahead without reading (the iterator state, restored instead, does the same)."""
+    ahead without reading (the iterator state, restored instead, does the same).
+
+    The slice to this process's batches comes last and grain's MapDataset is lazy, so a process reads and
+    decodes only its own rows (a packed set's records, a folder's files): nothing of the other processes'.
+    `read_ahead`: batches grain's reader threads prepare ahead (default twice the threads; 0: none, each
+    batch read when asked for)."""
     grain = _grain()
     steps_per_epoch = len(source) // batch
     if steps_per_epoch == 0:
@@ -588,7 +593,9 @@ def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, 
           .batch(local, drop_remainder=True)[process_index::process_count])
     if start_step:
         ds = ds[start_step:]
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1))))
+    threads = max(1, min(8, os.cpu_count() or 1))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=2 * threads if read_ahead is None else read_ahead))
     if workers:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_sigint)
     return iter(it)

@@ -188,6 +188,9 @@ def load_packed(path, verify: str = 'sha256'):
     """(class names, train PackedSource, val PackedSource, manifest) of a packed data set, checked first."""
     m = read_manifest(path)
     verify_shards(path, m, verify)
+    if is_url(path):
+        raise TrainError(f'{path}: its shards check out, but array_record reads local files only: mount the bucket '
+                         f'(gcsfuse, e.g. /gcs/<bucket>) and pass --data-path as the mounted path')
     root = epath(path)
     out = []
     for split in SPLITS:

@@ -330,3 +330,40 @@ def test_two_processes_over_shards_match_one(packed, tmp_path):
     from converters.formats import training_ckpt
     a, b = (training_ckpt.select(str(tmp_path / w), 'latest', log=lambda m: None) for w in ('one', 'two'))
     assert max(float(np.abs(a.flat[k] - b.flat[k]).max()) for k in a.flat) < 1e-3
+
+
+# ---------------------------------------------------------------- URLs (a gs:// served from memory)
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// through etils.epath's fsspec backend, served by an in-memory file system (no network)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    from etils.epath import backend
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ('gs', 'gcs')
+        root_marker = ''
+        store, pseudo_dirs = {}, ['']
+    monkeypatch.setattr(backend.fsspec_backend, '_get_filesystem', lambda name: FakeGCS())
+    return FakeGCS
+
+
+def test_pack_to_a_url_and_check_its_shards_there(folder, packed, fake_gcs):
+    from etils import epath
+    url = 'gs://bucket/flowers'
+    m = pack.pack(folder, url, shards=3, progress=False)
+    assert not os.path.exists('gs:') and sorted(fake_gcs.store) == sorted(
+        f'gs://bucket/flowers/{n}' for n in os.listdir(packed))
+    local = json.loads(open(os.path.join(packed, 'dataset.json')).read())
+    assert m['splits'] == local['splits']        # the same shards, byte for byte
+    records.verify_shards(url, records.read_manifest(url))
+    with pytest.raises(TrainError, match='array_record reads local files only'):
+        records.load_packed(url)
+    shard = epath.Path(url) / 'val-00002-of-00003.array_record'
+    raw = bytearray(shard.read_bytes())
+    raw[-100] ^= 4
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(TrainError, match='gs://bucket/flowers/val-00002-of-00003.array_record: sha256'):
+        records.load_packed(url)
+    with pytest.raises(TrainError, match='pass --force'):
+        pack.pack(folder, url, progress=False)

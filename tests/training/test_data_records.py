@@ -290,7 +290,7 @@ def flat(params):
     return {k: np.asarray(v) for k, v in flatten_dict(params, sep='/').items()}
 
 
-def test_a_run_from_shards_is_the_folder_run_bit_for_bit_and_resumes_exactly(folder, packed, tmp_path):
+def test_runs_from_shards_and_from_parquet_are_the_folder_run_bit_for_bit_and_resume_exactly(folder, packed, tmp_path):
     a = vit_train.train(dict(RUN, data_path=folder, workdir=str(tmp_path / 'a')))
     b = vit_train.train(dict(RUN, data_path=packed, save_every=2, keep=10, workdir=str(tmp_path / 'b')))
     fa, fb = flat(a.params), flat(b.params)
@@ -309,6 +309,13 @@ def test_a_run_from_shards_is_the_folder_run_bit_for_bit_and_resumes_exactly(fol
     c = vit_train.train(dict(RUN, data_path=packed, save_every=2, keep=10, workdir=str(tmp_path / 'b')))
     fc = flat(c.params)
     assert all(np.array_equal(fa[k], fc[k]) for k in fa)
+    # and a Parquet copy of the folder (--dataset hf) is the same run again
+    pytest.importorskip('datasets')
+    hf_copy(folder, tmp_path)
+    d = vit_train.train(dict(RUN, dataset='hf', data_path=str(tmp_path / 'pq'), image_column='img', label_column='y',
+                             workdir=str(tmp_path / 'd')))
+    fd = flat(d.params)
+    assert all(np.array_equal(fa[k], fd[k]) for k in fa)
 
 
 @pytest.mark.slow   # two processes with jax.distributed on loopback (~1 min here)

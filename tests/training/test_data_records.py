@@ -218,6 +218,11 @@ def test_a_missing_or_damaged_shard_is_one_line_naming_it(packed, tmp_path):
     with pytest.raises(TrainError, match='train-00001-of-00003.array_record: sha256') as e:
         data.load('folder', copy, 0.2)
     assert '\n' not in str(e.value)
+    r = subprocess.run([sys.executable, 'train_flax.py', '--data-path', copy, '--workdir', str(tmp_path / 'w')],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)   # refused before any training
+    assert r.returncode != 0 and r.stderr.count('\n') == 1 and 'train-00001-of-00003.array_record: sha256' in r.stderr, \
+        r.stderr
+    assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
     data.load('packed', copy, 0.2, verify='size')    # the size check alone does not see a flipped bit
     os.remove(shard)
     with pytest.raises(TrainError, match='train-00001-of-00003.array_record: shard named in .* is missing'):

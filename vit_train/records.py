@@ -285,14 +285,23 @@ def _features_class_names(features: dict, column: str):
 
 
 def _split_of(path: str) -> Optional[str]:
-    """'train' / 'val' from a file's or folder's name (train-00000-of-00002.parquet, data/validation/...)."""
+    """'train' or one of VAL_NAMES from a file's or folder's name (train-00000-of-00002.parquet,
+    data/validation/...); None when the name says no split."""
     for part in reversed(os.path.normpath(path).split(os.sep)):
         low = part.lower()
-        if low.startswith('train'):
-            return 'train'
-        if any(low.startswith(n) for n in VAL_NAMES):
-            return 'val'
+        for name in ('train',) + VAL_NAMES:
+            if low == name or low.startswith(name + '-') or low.startswith(name + '_') or low.startswith(name + '.'):
+                return name
     return None
+
+
+def _pick_splits(groups: dict) -> dict:
+    """{'train': ..., 'val': ...} from splits by name: validation before val, valid, test (a set with both a
+    validation and a test split validates on the first); or {None: everything} when no name says train."""
+    if 'train' not in groups:
+        return {None: [f for fs in groups.values() for f in fs]}
+    val = next((n for n in VAL_NAMES if n in groups), None)
+    return {'train': groups['train'], 'val': groups[val]} if val else {'train': groups['train']}
 
 
 def _hf_files(path: str):
@@ -306,14 +315,13 @@ def _hf_files(path: str):
     if os.path.isfile(os.path.join(path, 'dataset_dict.json')):   # DatasetDict.save_to_disk
         with open(os.path.join(path, 'dataset_dict.json')) as f:
             splits = json.load(f).get('splits', [])
-        out, feats = {}, None
-        for s in splits:
-            side = 'train' if s.lower().startswith('train') else 'val' if s.lower() in VAL_NAMES else None
-            if side and side not in out:
-                files, feats = _saved_dataset(os.path.join(path, s))
-                out[side] = files
-        if 'train' not in out:
+        named = {s.lower(): s for s in splits}
+        if 'train' not in named:
             raise TrainError(f'{path}: a datasets folder without a train split (splits: {", ".join(splits)})')
+        out, feats = {}, None
+        for side, name in (('train', 'train'), ('val', next((n for n in VAL_NAMES if n in named), None))):
+            if name:
+                out[side], feats = _saved_dataset(os.path.join(path, named[name]))
         return out, feats
     if os.path.isfile(os.path.join(path, 'state.json')):          # Dataset.save_to_disk
         files, feats = _saved_dataset(path)
@@ -321,12 +329,10 @@ def _hf_files(path: str):
     found = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith('.parquet'))
     if not found:
         raise TrainError(f'{path}: no *.parquet files and no datasets folder (dataset_dict.json or state.json)')
-    out = {}
+    groups = {}
     for f in found:
-        out.setdefault(_split_of(os.path.relpath(f, path)), []).append((f, 'parquet'))
-    if 'train' in out:
-        out.pop(None, None)
-    return out, None
+        groups.setdefault(_split_of(os.path.relpath(f, path)), []).append((f, 'parquet'))
+    return _pick_splits(groups), None
 
 
 def _saved_dataset(folder: str):
@@ -371,9 +377,9 @@ def _read_meta(files, label_column: str, image_column: str):
 
 
 def load_hf(path: str, image_column: str, label_column: str, val_split: float):
-    """(class names, train HFSource, val HFSource). Splits: the datasets folder's (train, and validation / val /
-    test), Parquet files named by split (train-*.parquet, data/validation/...), else WZMIAOMIAO's split of the
-    one set by label (--val-split). Class names: the label column's ClassLabel names, else the sorted labels."""
+    """(class names, train HFSource, val HFSource). Splits: the datasets folder's (train, and the first of
+    validation / val / valid / test), Parquet files named by split (train-*.parquet, data/validation/...), else
+    (one set, or a train split alone) WZMIAOMIAO's split of it by label (--val-split). Class names: the label column's ClassLabel names, else the sorted labels."""
     from .data import wzmiaomiao_split
     groups, feats = _hf_files(os.path.abspath(path))
     read = {side: _read_meta(files, label_column, image_column) for side, files in groups.items()}
@@ -391,14 +397,14 @@ def load_hf(path: str, image_column: str, label_column: str, val_split: float):
         if bad:
             raise TrainError(f'{path}: label {bad[0]!r} outside the {len(names)} class names')
     conv = {side: (files, [index[v] for v in labels]) for side, (files, labels, _) in read.items()}
+    if 'train' in conv and 'val' not in conv:   # a train split alone is cut as a one-split set
+        conv = {None: conv['train']}
     if None in conv:
         files, labels = conv[None]
         per_class = [[i for i, l in enumerate(labels) if l == c] for c in range(len(names))]
         train, val = wzmiaomiao_split(per_class, val_split)
         return (names, HFSource(files, image_column, labels, [i for i, _ in train]),
                 HFSource(files, image_column, labels, [i for i, _ in val]))
-    if 'val' not in conv:
-        raise TrainError(f'{path}: a train split but no validation split ({", ".join(VAL_NAMES)})')
     return (names, HFSource(*conv['train'][:1], image_column, conv['train'][1]),
             HFSource(*conv['val'][:1], image_column, conv['val'][1]))
 

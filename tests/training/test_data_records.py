@@ -268,6 +268,25 @@ def test_a_datasets_folder_and_its_parquet_copy_give_the_folders_batches(folder,
     assert_same_batches(pipeline(ds.train), pipeline(b.train), steps=2)
 
 
+def test_parquet_splits_by_name_prefer_validation_and_a_single_file_is_split_like_a_folder(folder, tmp_path):
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    ds = data.folder(folder, 0.25)
+    paths = list(ds.train.paths) + list(ds.val.paths)
+    names = [CLASSES[l] for l in list(ds.train.labels) + list(ds.val.labels)]   # string labels, no ClassLabel
+    table = pa.table({'image': [{'bytes': open(p, 'rb').read(), 'path': p} for p in paths], 'label': names})
+    pq.write_table(table, tmp_path / 'all.parquet', row_group_size=4)
+    h = data.load('hf', str(tmp_path / 'all.parquet'), 0.25)
+    assert h.class_names == list(CLASSES)
+    # WZMIAOMIAO's rule on the rows by class, as data.folder applies it to the files
+    assert sorted(h.train.labels.tolist()) == sorted(ds.train.labels.tolist()) and len(h.val) == len(ds.val)
+    os.makedirs(tmp_path / 'named')
+    for split, rows in (('train', table.slice(0, 10)), ('test', table.slice(10, 3)), ('validation', table.slice(13, 5))):
+        pq.write_table(rows, tmp_path / 'named' / f'{split}-00000-of-00001.parquet')
+    h = data.load('hf', str(tmp_path / 'named'), 0.25)
+    assert (len(h.train), len(h.val)) == (10, 5)
+
+
 # ---------------------------------------------------------------- the feed ahead of the devices
 
 def test_device_feed_reads_ahead_and_saves_the_state_of_the_next_unused_batch(packed):

@@ -143,7 +143,7 @@ def pack(src: str, dst: str, *, shards: int = 0, force: bool = False, kind: str 
                     source=os.path.abspath(src) if not records.is_url(src) else src, class_names=class_names,
                     splits={}, skipped=[])
     bar = tqdm(total=total, desc=f'pack {os.path.basename(os.path.normpath(src))}', unit='img', file=sys.stderr,
-               disable=not progress)
+               disable=None if progress else True)   # None: only on a terminal
     staging = None if local else tempfile.mkdtemp(prefix='vit-flax-pack-')
     try:
         with ThreadPoolExecutor(threads) as pool:

@@ -225,6 +225,7 @@ class HFSource:
         self.files, self.image_column = files, image_column
         self.blocks = [(f, b) for f, (_, _, sizes) in enumerate(files) for b in range(len(sizes))]
         self.block_offsets = np.cumsum([0] + [n for _, _, sizes in files for n in sizes])
+        self.file_first_block = np.cumsum([0] + [len(sizes) for _, _, sizes in files])
         self.rows = None if rows is None else np.asarray(rows, np.int64)
         all_labels = np.asarray(labels, np.int32)
         self.labels = all_labels if rows is None else all_labels[self.rows]
@@ -255,17 +256,13 @@ class HFSource:
         g = int(self.rows[i]) if self.rows is not None else i
         k = int(np.searchsorted(self.block_offsets, g, side='right')) - 1
         path = self.files[self.blocks[k][0]][0]
-        where = f'{path} row {g - int(self.block_offsets[self._first_block(k)])}'
+        where = f'{path} row {g - int(self.block_offsets[self.file_first_block[self.blocks[k][0]]])}'
         v = self._block(k)[g - int(self.block_offsets[k])].as_py()
         if isinstance(v, dict):
             v = v.get('bytes')
         if not isinstance(v, (bytes, bytearray)):
             return {'bad': f'{where} (no image bytes in column {self.image_column!r})', 'label': int(self.labels[i])}
         return {'encoded': bytes(v), 'label': int(self.labels[i]), 'name': where}
-
-    def _first_block(self, k):
-        f = self.blocks[k][0]
-        return next(j for j, (ff, _) in enumerate(self.blocks) if ff == f)
 
 
 def _arrow_table(path):

@@ -124,9 +124,9 @@ class Reporter:
         print(f"epoch {record['epoch']}/{record['epochs']}  step {record['step']}  "
                  f"train_loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
                  f"val_loss {record['val_loss']:.4f}  val_acc {record['val_acc']:.4f}  "
-                 f"lr {record['learning_rate']:.2e}  {speed_text(record['images_per_sec'])}"
-                 + (f"  data wait {record['data_wait_ms']:.1f} ms/step" if record.get('data_wait_ms') is not None
-                    else ''), flush=True)
+                 f"lr {record['learning_rate']:.2e}  "
+                 + (f"data wait {record['data_wait_ms']:.1f} ms/step  " if record.get('data_wait_ms') is not None
+                    else '') + speed_text(record['images_per_sec']), flush=True)
 
     def close(self) -> None:
         if self.tb is not None:

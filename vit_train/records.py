@@ -141,7 +141,7 @@ def read_manifest(path) -> dict:
     p = epath(path) / MANIFEST
     try:
         m = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, bad JSON, a URL scheme whose file system is not installed
         raise TrainError(f'{p}: not a readable {MANIFEST} ({type(e).__name__}: {e})') from None
     if not isinstance(m, dict) or m.get('format') != FORMAT or m.get('record') != RECORD:
         raise TrainError(f'{p}: not a {FORMAT} manifest (format {m.get("format") if isinstance(m, dict) else None!r})')

@@ -399,7 +399,7 @@ def safe_unpickle(raw: bytes, where: str = 'pickle'):
 
 # ---------------------------------------------------------------- choosing a data set
 
-def load(name: str, path: Optional[str], val_split: float, *, image_column: str = 'image',
+def load(name: str, path: Optional[str], val_split: float, image_column: str = 'image',
          label_column: str = 'label', verify: str = 'sha256') -> Dataset:
     """The data set `--dataset name --data-path path` names. 'packed' (or a folder holding a dataset.json):
     ArrayRecord shards (`vit_train.records`), checked against their manifest first (`verify`: sha256 or size);

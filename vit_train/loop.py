@@ -225,8 +225,8 @@ def _run(namespace, own_process, warned_dir):
         log(args.default_model)
 
     # ---- data and model
-    ds = data.load(args.dataset, args.data_path, args.val_split, image_column=args.image_column,
-                   label_column=args.label_column, verify=args.verify_shards)
+    ds = data.load(args.dataset, args.data_path, args.val_split, args.image_column, args.label_column,
+                   args.verify_shards)
     num_classes = args.num_classes or len(ds.class_names)
     if not len(ds.val):
         raise TrainError(f'no validation images (--val-split {args.val_split})')

@@ -151,6 +151,28 @@ def test_a_killed_pack_leaves_nothing_that_reads_as_a_data_set(tmp_path):
         data.load('folder', str(dst), 0.2)      # no dataset.json: a folder without classes, not a data set
 
 
+def test_cifar_packs_as_raw_pixels_and_reads_back_as_the_archive(tmp_path):
+    rng = np.random.default_rng(3)
+    d = tmp_path / 'cifar-10-batches-bin'
+    d.mkdir()
+    for name in [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']:
+        n = 4
+        rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], 1).astype(np.uint8)
+        (d / name).write_bytes(rec.tobytes())
+    (d / 'batches.meta.txt').write_text('\n'.join(f'class{i}' for i in range(10)) + '\n')
+    m = pack.pack(str(d), str(tmp_path / 'p'), progress=False)
+    assert m['origin'] == 'cifar10' and (m['splits']['train']['count'], m['splits']['val']['count']) == (20, 4)
+    a, b = data.load('cifar10', str(d), 0.2), data.load('folder', str(tmp_path / 'p'), 0.2)
+    assert b.class_names == a.class_names
+    assert all(np.array_equal(b.train[i]['image'], a.train.images[i]) and b.train[i]['label'] == a.train.labels[i]
+               for i in range(20))
+    assert_same_batches(pipeline(a.train, batch=4), pipeline(b.train, batch=4), steps=6)
+    from vit_train import config   # packed CIFAR gets CIFAR's defaults: the 32 px ViT-S/4, crop 1.0, no workers
+    r = config.resolve(config.build_parser().parse_args(['--data-path', str(tmp_path / 'p'),
+                                                          '--workdir', str(tmp_path / 'w')]))
+    assert (r.dataset, r.img_size, r.patch_size, r.crop_pct, r.workers) == ('packed', 32, 4, 1.0, 0)
+
+
 # ---------------------------------------------------------------- reading: the same batches
 
 def test_shards_give_the_folders_batches_and_evaluation(folder, packed):

@@ -7,7 +7,7 @@ from converters.errors import ConversionError
 
 def add_parser(sub, common) -> None:
     d = sub.add_parser('data', parents=[common], help='data sets for training: pack into ArrayRecord shards')
-    dsub = d.add_subparsers(dest='data_cmd', required=True)
+    dsub = d.add_subparsers(dest='data_cmd', required=True, help='pack: SRC into ArrayRecord shards')
     s = dsub.add_parser('pack', parents=[common], help='SRC (image folder, CIFAR archive, datasets folder or Parquet) '
                         'into ArrayRecord shards + dataset.json in DST',
                         description='Each record is the image file\'s bytes as stored (never re-encoded; CIFAR: raw '

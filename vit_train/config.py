@@ -338,6 +338,9 @@ def resolve(args) -> argparse.Namespace:
         a.workers = host_cores() if a.dataset in DECODED and origin not in ('cifar10', 'cifar100') else 0
     if a.workdir is None:
         a.workdir = os.path.join('runs', f'{a.dataset}-{a.model}')
+    if '://' in str(a.workdir):   # os.path would take gs://b/run for a local folder named gs:
+        raise TrainError(f'--workdir {a.workdir}: a URL workdir is not supported yet (checkpoints and logs use local '
+                         f'paths); mount the bucket (gcsfuse, e.g. /gcs/<bucket>/run) and pass the mounted path')
     a.workdir = os.path.abspath(a.workdir)
     check_workdir(a.workdir)
     return a

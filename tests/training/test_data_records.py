@@ -401,6 +401,14 @@ def fake_gcs(monkeypatch):
     return FakeGCS
 
 
+def test_a_url_workdir_is_refused_in_one_line_not_taken_for_a_local_folder(tmp_path, monkeypatch):
+    from vit_train import config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainError, match=r'--workdir gs://bucket/run: a URL workdir is not supported yet.*mount'):
+        config.resolve(config.build_parser().parse_args(['--workdir', 'gs://bucket/run']))
+    assert not os.listdir(tmp_path)
+
+
 def test_pack_to_a_url_and_check_its_shards_there(folder, packed, fake_gcs):
     from etils import epath
     url = 'gs://bucket/flowers'

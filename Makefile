@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-lean names test-slow fuzz memory bench bench-quick bench-gpu bench-parts parity-report train clean
+.PHONY: demo test test-lean names test-slow fuzz memory bench bench-quick bench-gpu bench-parts bench-data parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,11 @@ bench-gpu:
 # The training step part by part (block, attention, MLP, matmuls, LayerNorm), Flax against torch (~3 min).
 bench-parts: $(STAMP)
 	$(PY) benchmarks/parts_vs_torch.py $(BENCH_ARGS)
+
+# The training input pipeline's images/s (ours from a folder and from packed shards, timm's create_loader), on a
+# synthetic ImageNet-like JPEG set made once in $$TMPDIR; each in its own process, alternated (~3 min here).
+bench-data: $(STAMP)
+	$(PY) benchmarks/bench_data.py $(BENCH_ARGS)
 
 parity-report: $(STAMP)
 	$(PY) benchmarks/parity_report.py

@@ -417,6 +417,9 @@ def build_parser():
                        'vit-flax train --help)')
     s.add_argument('args', nargs=argparse.REMAINDER, help='the flags of train_flax.py')
     s.set_defaults(fn=cmd_train)
+
+    from .data_cmd import add_parser as add_data_parser
+    add_data_parser(sub, common)
     return p
 
 

@@ -27,6 +27,7 @@ DEFAULT_MODELS = {
     'cifar100': ('vit_small_patch16_224', dict(img_size=32, patch_size=4)),
     'folder': ('vit_small_patch16_224', {}),
 }
+DEFAULT_MODELS.update(packed=DEFAULT_MODELS['folder'], hf=DEFAULT_MODELS['folder'])
 
 # Per data set: (crop_pct, RandomResizedCrop scale, horizontal flip). Digits are tiny and not mirror
 # symmetric; the others follow WZMIAOMIAO's scripts (RandomResizedCrop + flip, Resize(256)/CenterCrop(224) for folders).
@@ -36,6 +37,9 @@ DATA_DEFAULTS = {
     'cifar100': (1.0, (0.08, 1.0), True),
     'folder': (0.875, (0.08, 1.0), True),
 }
+DATA_DEFAULTS.update(packed=DATA_DEFAULTS['folder'], hf=DATA_DEFAULTS['folder'])
+# the sets whose images are files, decoded in the pipeline's workers (digits and CIFAR are arrays in memory)
+DECODED = ('folder', 'packed', 'hf')
 OPTIMIZER_DEFAULTS = {'adamw': dict(lr=1e-3, weight_decay=0.05), 'sgd': dict(lr=1e-3, weight_decay=5e-5)}
 
 
@@ -79,6 +83,10 @@ class TrainConfig:
     data_path: Optional[str] = None
     val_split: float = 0.2
     workers: Optional[int] = None
+    image_column: str = 'image'
+    label_column: str = 'label'
+    verify_shards: str = 'sha256'
+    prefetch: int = 2
     mean: Optional[Tuple[float, float, float]] = None
     std: Optional[Tuple[float, float, float]] = None
     interpolation: str = 'bilinear'
@@ -224,14 +232,25 @@ def _flags(prog=None) -> argparse.ArgumentParser:
                    '(default: off, every parameter trains)')
 
     d = p.add_argument_group('data')
-    d.add_argument('--dataset', choices=DATASETS, help='default: folder when --data-path is given, else digits')
-    d.add_argument('--data-path', help='folder data set root, or the CIFAR directory / downloaded .tar.gz '
-                   '(default: none, which only --dataset digits allows)')
+    d.add_argument('--dataset', choices=DATASETS, help='default: packed when --data-path holds a dataset.json '
+                   '(`vit-flax data pack`), folder for another --data-path, else digits; hf: a datasets '
+                   'save_to_disk folder or Parquet files')
+    d.add_argument('--data-path', help='folder data set root, packed shards (a dataset.json folder, local or a URL '
+                   'such as gs://...), the CIFAR directory / downloaded .tar.gz, or (hf) a datasets folder, a '
+                   '.parquet or a folder of them (default: none, which only --dataset digits allows)')
+    d.add_argument('--image-column', default='image', help='hf: the column of encoded images (default image)')
+    d.add_argument('--label-column', default='label',
+                   help='hf: the column of labels; ClassLabel features give the class names (default label)')
+    d.add_argument('--verify-shards', choices=('sha256', 'size'), default='sha256',
+                   help='packed: check each shard against dataset.json before training, by sha256 (reads every '
+                   'shard once) or by size only (default sha256)')
+    d.add_argument('--prefetch', type=int, default=2,
+                   help='batches put on the devices ahead of the step that uses them (default 2; 0: none)')
     d.add_argument('--val-split', type=_fraction, default=0.2,
                    help='validation share of digits and of a folder without train/ and val/ (default 0.2)')
     d.add_argument('--workers', type=int,
-                   help='grain worker processes (default: min(8, cpus) for folders, which decode files; '
-                   '0 for the in-memory digits and CIFAR, where threads suffice)')
+                   help='grain worker processes (default: the cores this process may use, for folders, shards '
+                   'and hf, which decode files; 0 for the in-memory digits and CIFAR, where threads suffice)')
     d.add_argument('--mean', type=float, nargs=3, help='normalisation mean (default: what --weights were trained with)')
     d.add_argument('--std', type=float, nargs=3, help='normalisation std (default: as --mean)')
     d.add_argument('--interpolation', choices=INTERPOLATIONS, default='bilinear', help='resize filter (default bilinear)')
@@ -303,7 +322,7 @@ def _flags(prog=None) -> argparse.ArgumentParser:
 
 # integer flags and their least value
 MINIMA = dict(img_size=1, patch_size=1, depth=1, num_classes=1, epochs=1, batch_size=1, grad_accum=1, keep=1,
-              save_every=0, workers=0, num_processes=1, process_id=0, recount=1, aug_repeats=0)
+              save_every=0, workers=0, num_processes=1, process_id=0, recount=1, aug_repeats=0, prefetch=0)
 
 
 def resolve(args) -> argparse.Namespace:
@@ -315,10 +334,18 @@ def resolve(args) -> argparse.Namespace:
             raise TrainError(f'--{k.replace("_", "-")} wants an integer >= {lo}, got {getattr(a, k)}')
     if a.dataset is None:
         a.dataset = 'folder' if a.data_path else 'digits'
+    origin = a.dataset
+    if a.dataset in ('folder', 'packed') and a.data_path:
+        from . import records
+        if records.has_manifest(a.data_path):   # packed shards: their source's defaults (CIFAR's 32 px model)
+            a.dataset, origin = 'packed', records.read_manifest(a.data_path).get('origin', 'folder')
+            origin = origin if origin in DATA_DEFAULTS else 'folder'
+    elif a.dataset == 'packed':
+        origin = 'folder'
     a.demo = a.model is None and a.dataset == 'digits'
     a.default_model = None  # without --model: the line that says which model the data set got
     if a.model is None:
-        a.model, preset = DEFAULT_MODELS[a.dataset]
+        a.model, preset = DEFAULT_MODELS[origin]
         for k, v in preset.items():
             if getattr(a, k) is None:
                 setattr(a, k, v)
@@ -326,7 +353,7 @@ def resolve(args) -> argparse.Namespace:
         why = 'the digits demo, default' if a.demo else 'default'
         a.default_model = (f'model: {_model_text(a.model, chosen)} ({why} for --dataset {a.dataset}; '
                            f'pass --model to choose)')
-    crop_pct, scale, hflip = DATA_DEFAULTS[a.dataset]
+    crop_pct, scale, hflip = DATA_DEFAULTS[origin]
     a.crop_pct = crop_pct if a.crop_pct is None else a.crop_pct
     a.crop_scale = tuple(scale if a.crop_scale is None else a.crop_scale)
     a.hflip = hflip if a.hflip is None else a.hflip
@@ -337,9 +364,12 @@ def resolve(args) -> argparse.Namespace:
         if getattr(a, k) is None:
             setattr(a, k, v)
     if a.workers is None:
-        a.workers = min(8, os.cpu_count() or 1) if a.dataset == 'folder' else 0
+        a.workers = host_cores() if a.dataset in DECODED and origin not in ('cifar10', 'cifar100') else 0
     if a.workdir is None:
         a.workdir = os.path.join('runs', f'{a.dataset}-{a.model}')
+    if '://' in str(a.workdir):   # os.path would take gs://b/run for a local folder named gs:
+        raise TrainError(f'--workdir {a.workdir}: a URL workdir is not supported yet (checkpoints and logs use local '
+                         f'paths); mount the bucket (gcsfuse, e.g. /gcs/<bucket>/run) and pass the mounted path')
     a.workdir = os.path.abspath(a.workdir)
     check_workdir(a.workdir)
     return a
@@ -363,6 +393,14 @@ def check_augmentation(a) -> None:
     if a.aug_repeats > 1 and a.batch_size % a.aug_repeats:
         raise TrainError(f'--aug-repeats {a.aug_repeats}: --batch-size {a.batch_size} is not a multiple of it (each '
                          f'batch holds whole groups of an image\'s copies)')
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def check_workdir(path: str) -> None:

@@ -27,7 +27,7 @@ from converters.preprocess import resize_and_crop
 
 from .errors import TrainError
 
-DATASETS = ('digits', 'cifar10', 'cifar100', 'folder')
+DATASETS = ('digits', 'cifar10', 'cifar100', 'folder', 'packed', 'hf')
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos')
 
@@ -399,11 +399,22 @@ def safe_unpickle(raw: bytes, where: str = 'pickle'):
 
 # ---------------------------------------------------------------- choosing a data set
 
-def load(name: str, path: Optional[str], val_split: float) -> Dataset:
+def load(name: str, path: Optional[str], val_split: float, image_column: str = 'image',
+         label_column: str = 'label', verify: str = 'sha256') -> Dataset:
+    """The data set `--dataset name --data-path path` names. 'packed' (or a folder holding a dataset.json):
+    ArrayRecord shards (`vit_train.records`), checked against their manifest first (`verify`: sha256 or size);
+    'hf': a datasets folder or Parquet files with `image_column` and `label_column`."""
+    from . import records
     if name == 'digits':
         return digits(val_split)
     if not path:
         raise TrainError(f'--dataset {name} needs --data-path')
+    if name == 'packed' or (name == 'folder' and records.has_manifest(path)):
+        names, tr, va, m = records.load_packed(path, verify)
+        return Dataset('packed', names, tr, va, path if records.is_url(path) else os.path.abspath(path))
+    if name == 'hf':
+        names, tr, va = records.load_hf(path, image_column, label_column, val_split)
+        return Dataset('hf', names, tr, va, os.path.abspath(path))
     if name == 'folder':
         return folder(os.path.abspath(path), val_split)
     return cifar(path, name)
@@ -473,13 +484,19 @@ class _Transform:
         from PIL import Image
         if 'image' in rec:
             return Image.fromarray(rec['image'])
+        if 'bad' in rec:   # a packed record that does not parse (vit_train.records)
+            if first_report(rec['bad'], self.warned_dir):
+                print(f'warning: skipped unreadable record {rec["bad"]}', file=sys.stderr)
+            return None
+        # a file, or a packed record's / Parquet row's encoded bytes: decoded alike, the same pixels
+        name = rec['name'] if 'encoded' in rec else rec['path']
         try:
-            with Image.open(rec['path']) as im:
+            with Image.open(io.BytesIO(rec['encoded']) if 'encoded' in rec else rec['path']) as im:
                 im.load()
                 return im.convert('RGB') if im.mode != 'RGB' else im.copy()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
-            if first_report(rec['path'], self.warned_dir):
-                print(f'warning: skipped unreadable image {rec["path"]} ({type(e).__name__}: {e})', file=sys.stderr)
+            if first_report(name, self.warned_dir):
+                print(f'warning: skipped unreadable image {name} ({type(e).__name__}: {e})', file=sys.stderr)
             return None
 
     def _out(self, img, label, weight=1.0, unreadable=0):
@@ -601,7 +618,8 @@ class RepeatEach:
 
 
 def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, process_index: int,
-                   process_count: int, workers: int = 0, start_step: int = 0, aug_repeats: int = 0):
+                   process_count: int, workers: int = 0, start_step: int = 0, aug_repeats: int = 0,
+                   read_ahead: Optional[int] = None):
     """An endless grain iterator of this process's share of each global training batch.
 
     Each epoch is a fresh shuffle (grain reshuffles per epoch) cut to whole global batches; global batch k
@@ -614,7 +632,12 @@ def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, 
     that many times in a row, each copy augmented independently, and is cut to the same whole batches as
     without repeats (the epoch length is kept, so an epoch sees about len/aug_repeats distinct images). The
     batch is a multiple of aug_repeats (config checks), so an image's copies share one global batch, as the
-    copies timm's sampler deals out to the ranks do."""
+    copies timm's sampler deals out to the ranks do.
+
+    The slice to this process's batches comes last and grain's MapDataset is lazy, so a process reads and
+    decodes only its own rows (a packed set's records, a folder's files): nothing of the other processes'.
+    `read_ahead`: batches grain's reader threads prepare ahead (default twice the threads; 0: none, each
+    batch read when asked for)."""
     grain = _grain()
     steps_per_epoch = len(source) // batch
     if steps_per_epoch == 0:
@@ -628,7 +651,9 @@ def train_iterator(source, transform: TrainTransform, *, batch: int, seed: int, 
           .batch(local, drop_remainder=True)[process_index::process_count])
     if start_step:
         ds = ds[start_step:]
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1))))
+    threads = max(1, min(8, os.cpu_count() or 1))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=2 * threads if read_ahead is None else read_ahead))
     if workers:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_sigint)
     return iter(it)

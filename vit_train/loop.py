@@ -18,7 +18,7 @@ from vit_flax import registry
 from vit_flax.models.layers import checkpoint_policy
 from converters.formats import training_ckpt as fmt
 
-from . import augment, config, data, optim, report, sharding, step as steps, weights
+from . import augment, config, data, feed, optim, report, sharding, step as steps, weights
 from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums, quiet_orbax
 from .errors import Interrupted, NonFiniteLoss, TrainError, signals_deferred
 
@@ -138,8 +138,12 @@ class EpochMeter:
         self.on_loss, self.pending = on_loss, []
         self.sums = dict(loss=0.0, correct=0.0, count=0.0, unreadable=0.0)
         self.t_first, self.images_timed = None, 0
+        self.wait, self.steps = 0.0, 0
 
-    def add(self, step_no: int, metrics) -> None:
+    def add(self, step_no: int, metrics, data_wait: float = 0.0) -> None:
+        """`metrics`: the step's device arrays (read one step later); `data_wait`: seconds the loop waited
+        for the step's batch."""
+        self.wait, self.steps = self.wait + data_wait, self.steps + 1
         self.pending.append((step_no, metrics))
         if len(self.pending) > 1:
             self._fetch(*self.pending.pop(0))
@@ -158,6 +162,10 @@ class EpochMeter:
         self.sums['loss'] += m['loss'] * m['count']
         for k in ('correct', 'count', 'unreadable'):
             self.sums[k] += m[k]
+
+    def data_wait_ms(self):
+        """Mean milliseconds per step the loop waited for its batch (None before any step)."""
+        return round(1000 * self.wait / self.steps, 3) if self.steps else None
 
     def mean(self, key: str) -> float:
         return self.sums[key] / max(self.sums['count'], 1.0)
@@ -217,7 +225,8 @@ def _run(namespace, own_process, warned_dir):
         log(args.default_model)
 
     # ---- data and model
-    ds = data.load(args.dataset, args.data_path, args.val_split)
+    ds = data.load(args.dataset, args.data_path, args.val_split, args.image_column, args.label_column,
+                   args.verify_shards)
     num_classes = args.num_classes or len(ds.class_names)
     if not len(ds.val):
         raise TrainError(f'no validation images (--val-split {args.val_split})')
@@ -247,6 +256,8 @@ def _run(namespace, own_process, warned_dir):
 
     eval_tf = data.EvalTransform(size, args.interpolation, args.crop_pct, warned_dir=warned_dir)
 
+    batch_sh = sharding.batch_sharding(mesh)
+
     def data_iter(wnorm, start_step=0):
         # the policies fill with the normalisation mean (timm's img_mean), known once the weights are
         mean = weights.normalization(args, wnorm)[0]
@@ -254,9 +265,10 @@ def _run(namespace, own_process, warned_dir):
                                    args.interpolation)
         train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip,
                                        warned_dir=warned_dir, augment=aug)
-        return data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,
-                                   process_count=nproc, workers=args.workers, start_step=start_step,
-                                   aug_repeats=args.aug_repeats)
+        it = data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,
+                                 process_count=nproc, workers=args.workers, start_step=start_step,
+                                 aug_repeats=args.aug_repeats)
+        return feed.DeviceFeed(it, lambda local: sharding.global_batch(local, batch_sh), args.prefetch)
 
     def resume_iter(meta):
         cfg = meta['pretrained_cfg']
@@ -317,7 +329,7 @@ def _run(namespace, own_process, warned_dir):
                                                         mean=list(mean), std=list(std)))
 
     # ---- the compiled steps
-    replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     batch_shardings = {k: batch_sh for k in ('image', 'label', 'weight', 'unreadable')}
     erase_keys = ('erase', 'erase_seed') if args.reprob else ()  # random erasing's boxes and noise seeds
     train_step = jax.jit(
@@ -385,9 +397,10 @@ def _run(namespace, own_process, warned_dir):
             first = max(start, epoch * spe)
             bar = rep.bar(spe, f'[train epoch {epoch + 1}]', initial=first - epoch * spe)
             for s in range(first, (epoch + 1) * spe):
-                state, metrics = train_step(state, sharding.global_batch(next(it), batch_sh), np.float32(lr_at(s)))
+                state, metrics = train_step(state, next(it), np.float32(lr_at(s)))
+                it.fill()  # the next batches are read and sent while this step computes
                 done = s + 1
-                meter.add(s, metrics)
+                meter.add(s, metrics, it.last_wait)
                 bar.update()
                 speed = meter.images_per_sec()
                 bar.set_postfix_str(f"loss {meter.mean('loss'):.3f} acc {meter.mean('correct'):.3f}"
@@ -403,7 +416,8 @@ def _run(namespace, own_process, warned_dir):
                 raise NonFiniteLoss(f"non-finite validation loss ({val['loss']}) after epoch {epoch + 1} (step {step_no})")
             rec = dict(epoch=epoch + 1, epochs=args.epochs, step=step_no, train_loss=meter.mean('loss'),
                        train_acc=meter.mean('correct'), val_loss=val['loss'], val_acc=val['acc'],
-                       learning_rate=lr_at(step_no - 1), images_per_sec=meter.images_per_sec())
+                       learning_rate=lr_at(step_no - 1), images_per_sec=meter.images_per_sec(),
+                       data_wait_ms=meter.data_wait_ms())
             best_acc = max(best_acc or 0.0, rec['val_acc'])
             save_s = save(step_no, epoch + 1, rec)
             unreadable = meter.sums['unreadable'] + val['unreadable']

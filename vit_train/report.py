@@ -2,7 +2,8 @@
 
 Only process 0 reports. TensorBoard scalars use WZMIAOMIAO's names (train_loss, train_acc, val_loss, val_acc,
 learning_rate), indexed by epoch, plus images_per_sec (absent for an epoch too short to time) and unreadable_images
-(files that would not decode, skipped).
+(files that would not decode, skipped) and data_wait_ms (the mean time a step waited for its batch: ~0 when the
+input pipeline keeps up).
 """
 import json
 import os
@@ -11,7 +12,8 @@ import sys
 from converters.formats import training_ckpt as fmt
 from converters.formats.durable import atomic_output
 
-TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')
+TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images',
+              'data_wait_ms')
 
 
 def printer(main: bool, stream=None):
@@ -110,10 +112,11 @@ class Reporter:
         """Print the epoch's line, write its scalars, rewrite summary.json (atomically)."""
         if not self.main:
             return
-        self.history.append({k: record[k] for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss',
-                                                     'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images')})
+        self.history.append({k: record.get(k) for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss',
+                                                     'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images',
+                                                     'data_wait_ms')})
         for k in TB_SCALARS:
-            if record[k] is not None:  # images_per_sec of an epoch too short to time
+            if record.get(k) is not None:  # images_per_sec of an epoch too short to time
                 self.tb.add_scalar(k, record[k], record['epoch'])
         self.tb.flush()
         with atomic_output(self.summary_path, force=True) as tmp, open(tmp, 'w') as f:
@@ -121,7 +124,9 @@ class Reporter:
         print(f"epoch {record['epoch']}/{record['epochs']}  step {record['step']}  "
                  f"train_loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
                  f"val_loss {record['val_loss']:.4f}  val_acc {record['val_acc']:.4f}  "
-                 f"lr {record['learning_rate']:.2e}  {speed_text(record['images_per_sec'])}", flush=True)
+                 f"lr {record['learning_rate']:.2e}  "
+                 + (f"data wait {record['data_wait_ms']:.1f} ms/step  " if record.get('data_wait_ms') is not None
+                    else '') + speed_text(record['images_per_sec']), flush=True)
 
     def close(self) -> None:
         if self.tb is not None:

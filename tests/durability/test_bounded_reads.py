@@ -1,0 +1,159 @@
+"""Allocation bounded by what exists (issue 40): a few bytes that declare a size never make a reader allocate it.
+
+Each case is a file that once made (or could make) a reader allocate far more than the file justifies; the
+reader must refuse it in one line naming the file, with a tracemalloc peak under 1 MB + 4x the file's size.
+"""
+import ast
+import gzip
+import io
+import os
+import pickle
+import struct
+import tarfile
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+
+from durability import fuzzing as fz
+from converters.errors import ConversionError
+from converters.formats import restricted_pickle, torch_pickle
+from vit_train import data
+from vit_train.errors import TrainError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def peak_of(fn, *args):
+    """(result or the exception raised, tracemalloc's peak in bytes)."""
+    tracemalloc.start()
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001 - the caller asserts which
+        out = e
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return out, peak
+
+
+def bound(path) -> int:
+    return (1 << 20) + 4 * os.path.getsize(path)
+
+
+def flipped_cifar() -> bytes:
+    """The issue's file: the fuzzer's valid CIFAR-10 archive with bit 6 of byte 242 flipped (45,882 bytes):
+    data_batch_1's opcode becomes LONG_BINPUT 139143180 (and the gzip CRC no longer matches)."""
+    out = bytearray(fz.valid_cifar())
+    out[242] ^= 1 << 6
+    return bytes(out)
+
+
+def test_the_issue_archive_with_one_flipped_bit_is_refused_before_anything_is_unpickled(tmp_path):
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    path.write_bytes(flipped_cifar())
+    assert 40_000 < os.path.getsize(path) < 50_000
+    err, peak = peak_of(data.cifar, str(path), 'cifar10')
+    assert isinstance(err, TrainError), err
+    assert str(err) == f'{path}: damaged archive (BadGzipFile: CRC check failed 0xd3542dfb != 0xa718fbe7)'
+    assert peak < bound(path), peak   # was 2,226,597,144 bytes
+
+
+def test_a_lying_memo_index_is_refused_by_the_walk_even_when_the_archive_is_not_compressed(tmp_path):
+    """The same damaged stream with no CRC to catch it: a plain tar (and an extracted directory)."""
+    blob = flipped_cifar()
+    assert blob[3] == 0   # no optional gzip header fields: the deflate stream starts at byte 10
+    raw = zlib.decompressobj(-15).decompress(blob[10:])   # gzip's payload, its CRC not checked
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        members = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    path = tmp_path / 'cifar.tar'
+    path.write_bytes(fz.tar_bytes(members, 'w'))
+    err, peak = peak_of(data.cifar, str(path), 'cifar10')
+    assert isinstance(err, TrainError) and str(err) == \
+        f'{path}: data_batch_1: not a readable pickle (memo index 139143180 at opcode 32)', err
+    assert peak < bound(path), peak
+    folder = tmp_path / 'x' / fz.CIFAR_DIR
+    folder.mkdir(parents=True)
+    for name, blob in members.items():
+        (folder / name).write_bytes(blob)
+    err, peak = peak_of(data.cifar, str(tmp_path / 'x'), 'cifar10')
+    assert isinstance(err, TrainError) and 'memo index 139143180' in str(err), err
+    assert peak < bound(folder / 'data_batch_1'), peak
+
+
+def test_an_archive_that_unpacks_past_the_cap_is_refused_as_it_unpacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'MAX_ARCHIVE', 4 << 20)
+    path = tmp_path / 'bomb.tar.gz'
+    path.write_bytes(gzip.compress(bytes(64 << 20)))   # 64 MB of zeros in ~65 KB
+    err, peak = peak_of(data.cifar, str(path), 'cifar10')
+    assert isinstance(err, TrainError) and str(err) == \
+        f'{path}: unpacks to more than 4,194,304 bytes, more than a CIFAR archive holds', err
+    assert peak < bound(path), peak
+
+
+def test_a_member_larger_than_the_cap_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'MAX_MEMBER', 1000)
+    path = tmp_path / 'c.tar'
+    path.write_bytes(fz.valid_cifar())
+    with pytest.raises(TrainError, match=r'c\.tar: data_batch_1 is \d,\d{3} bytes, more than a CIFAR file holds '
+                                         r'\(1,000 at most\)$'):
+        data.cifar(str(path), 'cifar10')
+
+
+def test_the_caps_hold_the_real_archives():
+    """CIFAR-10's python archive unpacks to ~178 MB, CIFAR-100's to ~161 MB, the binary ones to ~184 MB;
+    the largest member is CIFAR-100's train batch (50,000 x 3,072 pixel bytes + labels and names)."""
+    assert 184_440_000 < data.MAX_ARCHIVE <= 220_000_000
+    assert 50_000 * 3074 < data.MAX_MEMBER < data.MAX_ARCHIVE
+
+
+@pytest.mark.parametrize('op', [b'r' + struct.pack('<I', 139143180), b'j' + struct.pack('<I', 139143180), b'p139143180\n', b'g139143180\n'])
+def test_every_memo_opcode_with_an_absurd_index_is_refused_by_both_readers(op, tmp_path):
+    """LONG_BINPUT / LONG_BINGET / PUT / GET: the plain loader and torch's loader share the walk."""
+    blob = b'\x80\x02]' + op + b'.'
+    err, peak = peak_of(restricted_pickle.load_plain, blob)
+    assert isinstance(err, restricted_pickle.Malformed) and 'memo index 139143180' in str(err), err
+    assert peak < 1 << 20
+    members, prefix = fz.torch_zip_members(fz._written('.pth'))
+    path = tmp_path / 'm.pth'
+    path.write_bytes(fz.zip_bytes(fz._replace(members, prefix + 'data.pkl', blob)))
+    err, peak = peak_of(fz.formats.read_torch, str(path))
+    assert isinstance(err, ConversionError) and 'memo index 139143180' in str(err), err
+    assert peak < bound(path), peak
+
+
+def test_plain_pickles_read_and_code_never_runs(tmp_path):
+    marker = tmp_path / 'ran'
+    arrays = {b'data': np.arange(12, dtype=np.uint8).reshape(2, 6), b'f': np.array([1.5, -2], '>f8')}
+    got = restricted_pickle.load_plain(pickle.dumps(arrays, protocol=2))
+    np.testing.assert_array_equal(got[b'data'], arrays[b'data'])
+    np.testing.assert_array_equal(got[b'f'], [1.5, -2])
+    got = restricted_pickle.load_plain(pickle.dumps(arrays, protocol=5))
+    np.testing.assert_array_equal(got[b'data'], arrays[b'data'])
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+    with pytest.raises(restricted_pickle.Refused, match=r'refused to load (posix|os|nt)\.system'):
+        restricted_pickle.load_plain(pickle.dumps([Evil()], protocol=2))
+    # an array whose shape asks for more than its bytes: refused before anything is allocated
+    lie = pickle.dumps(np.zeros(4, np.uint8), protocol=2).replace(b'K\x04\x85', b'J\x00\x00\x00\x40\x85')
+    with pytest.raises(restricted_pickle.Malformed, match='does not match its 4 bytes'):
+        restricted_pickle.load_plain(lie)
+    assert not marker.exists()
+
+
+def test_there_is_one_restricted_unpickler():
+    """No module subclasses pickle.Unpickler but restricted_pickle; torch's loader and the CIFAR reader use it."""
+    subclasses = []
+    for pkg in ('vit_flax', 'converters', 'vit_train', 'vit_flax_cli'):
+        for root, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in files:
+                if f.endswith('.py'):
+                    tree = ast.parse(open(os.path.join(root, f)).read())
+                    subclasses += [os.path.relpath(os.path.join(root, f), ROOT) for n in ast.walk(tree)
+                                   if isinstance(n, ast.ClassDef)
+                                   and any(ast.unparse(b) in ('pickle.Unpickler', 'Unpickler') for b in n.bases)]
+    assert subclasses == ['converters/formats/restricted_pickle.py'], subclasses
+    assert issubclass(torch_pickle._Unpickler, restricted_pickle.RestrictedUnpickler)

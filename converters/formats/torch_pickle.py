@@ -11,6 +11,7 @@ Files in torch's legacy (pre-1.6, non-zip) format are handed to `torch.load(weig
 a one-line refusal naming the `[torch]` extra).
 """
 import pickle
+import pickletools
 import struct
 from collections import OrderedDict
 from typing import Dict
@@ -236,14 +237,73 @@ def load(path: str, mf: MappedFile):
     return obj, u.refused
 
 
+def _nothing(*args, **kwargs):
+    return None
+
+
+class _LegacyScan(_Unpickler):
+    """The main pickle of a legacy file, walked for its storages' declared sizes only: tensors are not built,
+    storages are not allocated (persistent ids are recorded, rebuilds return None)."""
+    allowed = {**_SAFE, **{k: _nothing for k in _SAFE if k.startswith('torch._')}}
+
+    def __init__(self, data: bytes):
+        RestrictedUnpickler.__init__(self, data)
+        self.refused: Dict[str, type] = {}
+        self.declared: Dict[object, int] = {}
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ('storage', b'storage'):
+            _, stype, key, _location, numel, _view = pid
+            if not isinstance(stype, _StorageType) or not isinstance(key, (str, bytes)):
+                raise ConversionError(f'malformed storage reference {str(pid)[:80]}')
+            numel = _int(numel, f'storage {key!r}: element count')
+            self.declared[key] = max(self.declared.get(key, 0), numel * stype.dtype.itemsize)
+            return None
+        if isinstance(pid, tuple) and pid and pid[0] in ('module', b'module'):
+            return None
+        raise ConversionError(f'unknown persistent id {str(pid)[:80]}')
+
+
+def check_legacy_sizes(path: str, mf: MappedFile) -> int:
+    """Refuse a legacy file whose storages declare more bytes than follow its pickles. torch's legacy loader
+    allocates each storage at the size its pickle declares before it reads the data (a 19 KB file declaring
+    2e9 floats has it ask for 8 GB). The file is: 3 small pickles (magic number, protocol version, system
+    info), the main pickle, the storage keys' pickle, then each storage's 8-byte count and bytes.
+    Returns the bytes declared."""
+    r = MapReader(mf)
+    try:
+        for _ in range(3):
+            for _ in pickletools.genops(r):   # leaves r just after the pickle's STOP
+                pass
+        start = r.tell()
+        for _ in pickletools.genops(r):
+            pass
+        data = mf.bytes(start, r.tell() - start)
+        scan = _LegacyScan(data)
+        restricted_pickle.load(data, lambda _: scan)
+        for _ in pickletools.genops(r):   # the storage keys
+            pass
+    except (Malformed, ValueError) as e:
+        raise ConversionError(f'{path}: not a readable torch file (legacy format: {first_line(e)})') from None
+    except ConversionError as e:
+        raise ConversionError(f'{path}: {e}') from None
+    declared, left = sum(scan.declared.values()), mf.size - r.tell()
+    if declared > left:
+        raise ConversionError(f'{path}: its pickle declares {declared:,} bytes of storages, the file holds '
+                              f'{left:,} after it (corrupt or truncated legacy torch file)')
+    return declared
+
+
 def load_legacy(path: str, mf: MappedFile):
-    """torch's legacy format, through torch's own weights-only loader (eager: tensors are copied).
+    """torch's legacy format, through torch's own weights-only loader (eager: tensors are copied), after
+    `check_legacy_sizes`.
 
     torch reads it through a MapReader: its unpickler trusts declared string lengths, and a real file's
     `read(n)` would allocate whatever a damaged length says before finding the file shorter.
     """
     import warnings
     from ..optional import require
+    check_legacy_sizes(path, mf)
     torch = require('torch', f"{path}: torch's legacy (pre-1.6, non-zip) format")
     try:
         with warnings.catch_warnings():

@@ -157,3 +157,50 @@ def test_there_is_one_restricted_unpickler():
                                    and any(ast.unparse(b) in ('pickle.Unpickler', 'Unpickler') for b in n.bases)]
     assert subclasses == ['converters/formats/restricted_pickle.py'], subclasses
     assert issubclass(torch_pickle._Unpickler, restricted_pickle.RestrictedUnpickler)
+
+
+# ---------------------------------------------------------------- the other readers (issue 40, part 2)
+
+def test_a_deflated_member_declaring_1000x_its_bytes_takes_what_it_holds_not_what_it_declares(tmp_path):
+    """zip (npz, torch): a member may declare up to deflate's 1032:1 of its compressed bytes; the output
+    buffer grows with what really decompresses, so a lie costs what the file holds, not 1000x it."""
+    body = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8)   # incompressible
+    buf = io.BytesIO()
+    np.savez_compressed(buf, a=body)
+    blob = bytearray(buf.getvalue())
+    lie = 100_000_000
+    # the central directory's uncompressed size of the one member (and its local header's): 100 MB
+    cd = blob.rindex(b'PK\x01\x02')
+    blob[cd + 24:cd + 28] = struct.pack('<I', lie)
+    blob[22:26] = struct.pack('<I', lie)
+    path = tmp_path / 'lie.npz'
+    path.write_bytes(bytes(blob))
+    err, peak = peak_of(fz.formats.read_npz, str(path))
+    assert isinstance(err, ConversionError) and str(err) == \
+        f"{path}: member 'a.npy' does not decompress to the {lie} bytes it declares (corrupt archive)", err
+    assert peak < bound(path), peak   # was 100 MB
+    # an honest member compressed 1000:1 still reads
+    path = tmp_path / 'zeros.npz'
+    np.savez_compressed(path, a=np.zeros(4_000_000, np.uint8))
+    assert fz.formats.read_npz(str(path))['a'].sum() == 0
+
+
+def test_a_legacy_torch_file_declaring_storages_larger_than_itself_is_refused_before_torch_allocates(tmp_path,
+                                                                                                     monkeypatch):
+    """torch's legacy loader allocates each storage at its declared size before reading it: a 19 KB file
+    declaring 2e9 floats had it ask for 8 GB (tracemalloc cannot see torch's allocator: torch.load must
+    not be reached at all)."""
+    import torch
+    buf = io.BytesIO()
+    torch.save({'w': torch.arange(4660, dtype=torch.float32)}, buf, _use_new_zipfile_serialization=False)
+    valid = buf.getvalue()
+    i = valid.index(b'M\x34\x12N')   # BININT2 4660 then None: the storage's element count in its persistent id
+    path = tmp_path / 'legacy.pth'
+    path.write_bytes(valid[:i] + b'J' + struct.pack('<i', 2_000_000_000) + valid[i + 3:])
+    monkeypatch.setattr(torch, 'load', lambda *a, **k: pytest.fail('torch.load reached'))
+    with pytest.raises(ConversionError, match=r'legacy\.pth: its pickle declares 8,000,000,000 bytes of storages, '
+                                              r'the file holds 18,\d{3} after it \(corrupt or truncated'):
+        fz.formats.read_torch(str(path))
+    monkeypatch.undo()
+    path.write_bytes(valid)
+    np.testing.assert_array_equal(fz.formats.read_torch(str(path))['w'], np.arange(4660, dtype=np.float32))

@@ -204,3 +204,30 @@ def test_a_legacy_torch_file_declaring_storages_larger_than_itself_is_refused_be
     monkeypatch.undo()
     path.write_bytes(valid)
     np.testing.assert_array_equal(fz.formats.read_torch(str(path))['w'], np.arange(4660, dtype=np.float32))
+
+
+def test_orbax_metadata_declaring_more_than_its_files_can_hold_is_refused_before_tensorstore_allocates(
+        tmp_path, monkeypatch):
+    """tensorstore allocates what the metadata declares: a few KB of checkpoint declaring 16 GB of arrays
+    (under a 24 GB machine's memory, the one check there was) is refused; an all-zero array, which orbax's
+    zstd packs ~18,000:1, still reads."""
+    import jax
+    import orbax.checkpoint as ocp
+    from converters.formats import orbax as orbax_format
+    path = tmp_path / 'zeros'
+    fz.formats.write_orbax({'a/kernel': np.zeros((2048, 2048), np.float32)}, str(path))
+    assert orbax_format.directory_bytes(str(path)) < 8 * 2048 * 2048 // 1000
+    assert fz.formats.read_orbax(str(path))['a/kernel'].shape == (2048, 2048)
+    real = ocp.PyTreeCheckpointer.metadata
+
+    def lying(self, p):   # the metadata a flipped shape in the array's zarr.json would give
+        meta = real(self, p)
+        meta = getattr(getattr(meta, 'item_metadata', None), 'tree', None) or meta
+        return jax.tree_util.tree_map(
+            lambda m: type('M', (), {'shape': (1 << 20, 1 << 12), 'dtype': np.dtype(np.float32)})(), meta)
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, 'metadata', lying)
+    monkeypatch.setattr(fz.formats.mapped, 'machine_memory', lambda: 24 << 30)
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, 'restore', lambda *a, **k: pytest.fail('restore reached'))
+    with pytest.raises(ConversionError, match=r'zeros: the metadata declares 17,179,869,184 bytes of arrays, more '
+                                              r'than its [\d,]+ bytes on disk can hold \(32768:1 at most'):
+        fz.formats.read_orbax(str(path))

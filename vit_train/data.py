@@ -26,6 +26,7 @@ import numpy as np
 
 from converters.errors import ConversionError
 from converters.formats import restricted_pickle
+from converters.formats.images import check_declared_size
 from converters.preprocess import resize_and_crop
 
 from .errors import TrainError
@@ -432,6 +433,7 @@ class _Transform:
             return Image.fromarray(rec['image'])
         try:
             with Image.open(rec['path']) as im:
+                check_declared_size(im, rec['path'])   # before decoding allocates what the header declares
                 im.load()
                 return im.convert('RGB') if im.mode != 'RGB' else im.copy()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file

@@ -107,6 +107,7 @@ def _written(ext: str, **kw) -> bytes:
     key = ext + repr(sorted(kw.items()))
     if key not in _cache:
         model, flat = tiny()
+        os.makedirs(WORKDIR, exist_ok=True)   # (test_fuzz.py removes it when its module ends)
         path = os.path.join(WORKDIR, f'valid{len(_cache)}{ext}')
         pipeline.write_flat(flat, model, path, force=True, **kw)
         with open(path, 'rb') as f:

@@ -30,6 +30,7 @@ _serial = iter(range(10 ** 9))
 
 @pytest.fixture(scope='module', autouse=True)
 def _report_counts():
+    os.makedirs(fz.WORKDIR, exist_ok=True)   # (pytest-xdist may come back to this module on a worker)
     yield
     fz.write_counts()
     shutil.rmtree(fz.WORKDIR, ignore_errors=True)

@@ -430,10 +430,11 @@ def test_kill_9_mid_save_and_mid_validation_then_resume_bit_identical(env, refer
     - the run resumed to the end is bit-identical to an uninterrupted one, validation figures included.
     VIT_FLAX_KILL_ROUNDS=n repeats it n times on one reference run.
     """
-    workdir, committed = tmp_path / 'k', []
+    workdir, committed, seen = tmp_path / 'k', [], []
 
     def after_kill(in_flight):
         left = steps_of(workdir)
+        seen.append(left)
         assert left in may_leave(committed, in_flight), (left, committed, in_flight)
         committed[:] = sorted(set(committed) | set(left))
         return left
@@ -453,6 +454,7 @@ def test_kill_9_mid_save_and_mid_validation_then_resume_bit_identical(env, refer
     r = run(env, workdir, *BASE, patch=RECORD_AFTER_RESUME.format(out=str(record)))
     newest = max(left)
     assert f'resumed from the checkpoint of step {newest} of 44' in r.stdout, r.stdout
+    print(f'steps left by the three kills: {seen}')
     assert json.loads(record.read_text()) == kept(left)                # pruned before the first step trained
     if kept(left) != left:
         assert 'beyond --keep 2 and the best (left by an interrupted run)' in r.stderr, r.stderr[-2000:]

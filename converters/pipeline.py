@@ -23,6 +23,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import vit_flax
 from vit_flax.models.layers import to_tuple
 from vit_flax.registry import UnknownOptionError, check_options, list_models, model_config, split_tag
+from vit_flax.errors import ModelConfigError
 from vit_flax.summary import param_shapes
 
 from . import formats, hf_transformers, rules
@@ -324,7 +325,11 @@ def _is_float(dtype) -> bool:
 
 def validate(flat: Dict[str, np.ndarray], model, where: str) -> None:
     """Raise a one-line error naming the first missing, unexpected, mis-shaped or non-float key."""
-    expected = {k: tuple(v.shape) for k, v in flatten_dict(param_shapes(model), sep='/').items()}
+    try:
+        shapes = param_shapes(model)
+    except ModelConfigError as e:   # a configuration the file's arrays led to, which the model refuses at setup
+        raise ConversionError(f'{where}: {e}') from None
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(shapes, sep='/').items()}
     for k, shape in expected.items():
         if k not in flat:
             raise ConversionError(f'{where}: missing key {k!r} (expected shape {shape})')

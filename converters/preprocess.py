@@ -180,10 +180,12 @@ def check_image(path: str) -> None:
 def _read_image(path: str, use):
     import warnings
     from PIL import Image, UnidentifiedImageError
+    from .formats.images import check_declared_size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                check_declared_size(img, path)   # before decoding allocates what the header declares
                 return use(img)
     except FileNotFoundError:
         raise ConversionError(f'{path}: no such image file') from None

@@ -1,8 +1,16 @@
 """Writing and resuming training checkpoints: the orbax CheckpointManager side of `converters.formats.training_ckpt`.
 
 Saves are asynchronous: `save` blocks only while the arrays are copied off the devices, then orbax writes
-in a background thread and finalizes the step by renaming its temporary directory, so a run killed mid-save
-leaves no step behind (only a `*.orbax-checkpoint-tmp-*` directory, cleaned up on the next start).
+in a background thread and finalizes the step by renaming its temporary directory, then deletes the steps the
+policy no longer keeps (the newest `--keep` plus the best by validation accuracy).
+
+What a kill (-9, a lost host) may leave, and what the next run does with it (the kill contract):
+- a save in flight: no step, only a `*.orbax-checkpoint-tmp-*` directory, removed when the next run starts;
+  the step is lost and the next run trains it again (bit-identical: the data order is in the checkpoint);
+- a save committed but its pruning not done (killed between orbax's rename and its deletions): one extra old
+  step, whole or partly deleted, beside the ones the policy keeps. Harmless: the next run resumes from the
+  newest committed step that restores, then prunes to the policy (`prune`) before it trains a step.
+Never: a committed step deleted that the policy keeps, or a half-written step taken for a committed one.
 """
 import contextlib
 import os
@@ -42,6 +50,7 @@ def _sync(name: str) -> None:
 
 class Checkpoints:
     def __init__(self, workdir: str, keep: int):
+        self.keep = keep
         self.root = os.path.join(os.path.abspath(workdir), fmt.CHECKPOINTS_DIR)  # orbax wants absolute paths
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
@@ -110,8 +119,29 @@ class Checkpoints:
                 self._set_aside(step, f'{self.root}/{step}: does not restore ({type(e).__name__}: {msg})', log)
                 close_iterator(it)
                 continue
+            self.prune(log)
             return state, it, meta
         return None
+
+    def kept(self):
+        """The committed steps the policy keeps: the newest `keep`, and the best by val_acc (orbax's metrics)."""
+        steps = sorted(self.manager.all_steps())
+        keep = set(steps[-self.keep:])
+        best = self.manager.best_step()
+        return keep | ({best} if best is not None else set())
+
+    def prune(self, log: Callable[[str], None]) -> list:
+        """Delete the steps the policy does not keep: what a run killed between a save's commit and orbax's
+        pruning left behind (see the module docstring). Called after a resume, before any training step;
+        returns the steps deleted. The step resumed from is the newest, which the policy always keeps."""
+        self.manager.reload()
+        extra = [s for s in sorted(self.manager.all_steps()) if s not in self.kept()]
+        for step in extra:
+            self.manager.delete(step)
+        if extra:
+            log(f'checkpoints: removed step{"s" * (len(extra) > 1)} {", ".join(map(str, extra))}, beyond --keep '
+                f'{self.keep} and the best (left by an interrupted run)')
+        return extra
 
     def set_aside(self):
         """Names of the steps moved aside as unusable, by this run or an earlier one."""

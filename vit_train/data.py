@@ -5,14 +5,16 @@ element is a dict {'image', 'label', 'weight', 'unreadable'}: an image that cann
 zero image of weight 0 (it takes no part in the loss or the accuracy) and is counted, so an unreadable
 file never stops a run and never changes which examples the other rows of a batch hold.
 
-Nothing here imports the models or jax: grain's worker processes import this module. The one converters module
-it uses, `converters.preprocess` (the eval resize and crop predict uses too), imports only numpy and Pillow.
+Nothing here imports the models or jax: grain's worker processes import this module. The converters modules
+it uses, `converters.preprocess` (the eval resize and crop predict uses too) and
+`converters.formats.restricted_pickle` (the CIFAR batches), import only numpy and Pillow.
 """
+import bz2
+import gzip
 import hashlib
 import io
 import lzma
 import os
-import pickle
 import random
 import sys
 import tarfile
@@ -23,6 +25,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from converters.errors import ConversionError
+from converters.formats import restricted_pickle
+from converters.formats.images import check_declared_size
 from converters.preprocess import resize_and_crop
 
 from .errors import TrainError
@@ -170,11 +175,16 @@ def folder(root: str, val_split: float) -> Dataset:
 
 # ---------------------------------------------------------------- CIFAR archives
 
-# A CIFAR member is at most 150 MB (CIFAR-100's train batch); a larger one is not CIFAR, and reading it whole
-# (a gzip bomb, a tar header that lies) would only exhaust memory.
-MAX_MEMBER = 1 << 30
+# What a CIFAR archive may unpack to. The real ones: cifar-10-python 178 MB (its largest member, a data batch,
+# 31 MB), cifar-10-binary 184 MB (6 x 30,730,000 bytes), cifar-100-python 161 MB (`train` 155 MB),
+# cifar-100-binary 184 MB (`train.bin` 153,700,000 bytes). More is not CIFAR, and reading it (a gzip bomb, a tar
+# header that lies) would only exhaust memory.
+MAX_ARCHIVE = 200_000_000
+MAX_MEMBER = 160_000_000
+_CHUNK = 1 << 16
 # what tarfile, gzip, bz2 and lzma raise on a damaged archive (OSError covers gzip's BadGzipFile)
 _ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
+_COMPRESSED = ((b'\x1f\x8b', gzip.open), (b'BZh', bz2.open), (b'\xfd7zXZ\x00', lzma.open))
 
 
 def _why(e: BaseException) -> str:
@@ -184,12 +194,40 @@ def _why(e: BaseException) -> str:
     return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
 
 
+def unpacked_size(path: str) -> int:
+    """The bytes a (compressed) tar archive unpacks to, decompressed once in 64 KiB pieces to its end, where
+    gzip checks its CRC-32 and length (bz2 its block CRCs, xz its check): a damaged stream is refused here,
+    before any member is trusted, and one that unpacks to more than MAX_ARCHIVE is refused as soon as it does,
+    holding no more than a piece in memory."""
+    with open(path, 'rb') as f:
+        magic = f.read(6)
+    opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
+    if opener is None:
+        return os.path.getsize(path)
+    total = 0
+    try:
+        with opener(path, 'rb') as stream:
+            while True:
+                piece = stream.read(_CHUNK)
+                if not piece:
+                    return total
+                total += len(piece)
+                if total > MAX_ARCHIVE:
+                    raise TrainError(f'{path}: unpacks to more than {MAX_ARCHIVE:,} bytes, more than a CIFAR '
+                                     f'archive holds')
+    except _ARCHIVE_ERRORS as e:
+        raise TrainError(f'{path}: damaged archive ({_why(e)})') from None
+
+
 class _Files:
-    """Read members of an extracted CIFAR directory or of the downloaded .tar.gz, by base name."""
+    """Read members of an extracted CIFAR directory or of the downloaded .tar.gz, by base name. A member is read
+    only after the archive's checksum is verified (unpacked_size) and only when its declared size is within the
+    archive's real unpacked size and MAX_MEMBER; a file of an extracted directory only up to MAX_MEMBER."""
 
     def __init__(self, path: str, candidates: Sequence[str]):
         self.path, self.tar, self.names = path, None, {}
         if os.path.isfile(path):
+            unpacked = unpacked_size(path)
             try:
                 self.tar = tarfile.open(path)
                 members = self.tar.getmembers()  # reads the whole archive: a cut one fails here
@@ -197,6 +235,9 @@ class _Files:
                 raise TrainError(f'{path}: not a readable tar archive ({_why(e)})') from None
             for m in members:
                 if m.isfile():
+                    if m.offset_data + m.size > unpacked:
+                        raise TrainError(f'{path}: member {m.name[:100]} declares {m.size:,} bytes at offset '
+                                         f'{m.offset_data:,}, past the archive\'s {unpacked:,} unpacked bytes')
                     self.names.setdefault(os.path.basename(m.name), m)
         elif os.path.isdir(path):
             for d in [path] + [os.path.join(path, c) for c in candidates]:
@@ -219,14 +260,19 @@ class _Files:
         ref = self.names[name]
         size = ref.size if self.tar else os.path.getsize(ref)
         if size > MAX_MEMBER:
-            raise TrainError(f'{self.where(name)} declares {size:,} bytes, more than a CIFAR file holds')
+            raise TrainError(f'{self.where(name)} is {size:,} bytes, more than a CIFAR file holds '
+                             f'({MAX_MEMBER:,} at most)')
         try:
             if self.tar:
-                return self.tar.extractfile(ref).read()
-            with open(ref, 'rb') as f:
-                return f.read()
+                raw = self.tar.extractfile(ref).read(size)
+            else:
+                with open(ref, 'rb') as f:   # (read(n) allocates n bytes up front: n is the real size)
+                    raw = f.read(size + 1)
         except _ARCHIVE_ERRORS as e:
             raise TrainError(f'{self.where(name)} does not read ({_why(e)})') from None
+        if len(raw) != size:   # a file that grew or a member cut short
+            raise TrainError(f'{self.where(name)} does not read ({len(raw):,} bytes, {size:,} declared)')
+        return raw
 
 
 def _records(raw: bytes, label_bytes: int, where: str):
@@ -297,104 +343,17 @@ def _py_batch(raw: bytes, label_key: str, where: str):
 
 # ---------------------------------------------------------------- a pickle reader that runs no code
 
-_NUMERIC = {'b1', 'u1', 'u2', 'u4', 'u8', 'i1', 'i2', 'i4', 'i8', 'f2', 'f4', 'f8'}
-
-
-class _DType:
-    """Stand-in for numpy.dtype during unpickling: only plain numeric dtypes are accepted."""
-
-    def __init__(self, name, align=False, copy=True):
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        if name not in _NUMERIC:
-            raise pickle.UnpicklingError(f'refused dtype {name!r} (only plain numeric arrays are read)')
-        self.name, self.order = name, '|'
-
-    def __setstate__(self, state):
-        order = state[1] if isinstance(state, tuple) and len(state) > 1 else '|'
-        self.order = order.decode() if isinstance(order, bytes) else order
-
-    def dtype(self):
-        return np.dtype(self.name).newbyteorder('>' if self.order == '>' else '<')
-
-
-class _Array:
-    """Stand-in for numpy.ndarray: rebuilt from (version, shape, dtype, fortran, raw bytes) only."""
-
-    def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _DType)):
-            raise pickle.UnpicklingError('refused: malformed array state')
-        _, shape, dtype, fortran, raw = state
-        raw = raw.encode('latin1') if isinstance(raw, str) else raw
-        if not isinstance(raw, (bytes, bytearray)) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise pickle.UnpicklingError('refused: array data is not raw bytes')
-        dt = dtype.dtype()
-        if len(raw) != int(np.prod(shape)) * dt.itemsize:
-            raise pickle.UnpicklingError(f'array of shape {tuple(shape)} {dt} does not match its {len(raw)} bytes')
-        self.array = np.frombuffer(bytes(raw), dt).reshape(shape, order='F' if fortran else 'C').astype(dt.newbyteorder('='))
-
-
-def _reconstruct(cls, shape, typecode):
-    if cls is not _Array:
-        raise pickle.UnpicklingError('refused: _reconstruct of something other than an ndarray')
-    return _Array()
-
-
-def _frombuffer(buf, dtype, shape, order):
-    a = _Array()
-    a.__setstate__((1, tuple(shape), dtype, order == 'F', bytes(buf)))
-    return a
-
-
-def _latin1(text, encoding='latin1'):
-    # Python 3's protocol-2 pickles write bytes as _codecs.encode(str, 'latin1')
-    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-        raise pickle.UnpicklingError('refused: _codecs.encode other than latin1 text')
-    return text.encode('latin1')
-
-
-_ALLOWED = {
-    ('numpy.core.multiarray', '_reconstruct'): _reconstruct,
-    ('numpy._core.multiarray', '_reconstruct'): _reconstruct,
-    ('numpy.core.numeric', '_frombuffer'): _frombuffer,
-    ('numpy._core.numeric', '_frombuffer'): _frombuffer,
-    ('numpy', 'ndarray'): _Array,
-    ('numpy', 'dtype'): _DType,
-    ('_codecs', 'encode'): _latin1,
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        raise pickle.UnpicklingError(f'refused to load {module}.{name} (only containers, bytes, str, numbers '
-                                     f'and plain numeric arrays are read)')
-
-
-def _unwrap(obj):
-    if isinstance(obj, _Array):
-        return obj.array
-    if isinstance(obj, (_DType,)):
-        return obj.dtype()
-    if isinstance(obj, dict):
-        return {_unwrap(k): _unwrap(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_unwrap(v) for v in obj)
-    return obj
-
-
 def safe_unpickle(raw: bytes, where: str = 'pickle'):
-    """Unpickle plain data only (dicts, lists, tuples, bytes, str, numbers, numeric numpy arrays).
-
-    Any other global (a class, a function such as os.system) is refused before anything runs: the CIFAR
-    python batches need nothing more. `encoding='bytes'` reads the Python 2 originals."""
+    """Unpickle plain data only (dicts, lists, tuples, bytes, str, numbers, numeric numpy arrays), with the
+    project's one restricted unpickler (converters.formats.restricted_pickle: the stream is walked first, absurd
+    memo indices refused, then any global other than numpy's array rebuilding is refused before anything runs:
+    the CIFAR python batches need nothing more). `encoding='bytes'` reads the Python 2 originals."""
     try:
-        return _unwrap(_SafeUnpickler(io.BytesIO(raw), encoding='bytes').load())
-    except pickle.UnpicklingError as e:
-        raise TrainError(f'{where}: {_why(e).split(": ", 1)[-1]}') from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, RecursionError,
-            MemoryError) as e:
-        raise TrainError(f'{where}: not a readable pickle ({_why(e)})') from None
+        return restricted_pickle.load_plain(raw, encoding='bytes')
+    except restricted_pickle.Malformed as e:
+        raise TrainError(f'{where}: not a readable pickle ({e})') from None
+    except ConversionError as e:
+        raise TrainError(f'{where}: {e}') from None
 
 
 # ---------------------------------------------------------------- choosing a data set
@@ -492,6 +451,8 @@ class _Transform:
         name = rec['name'] if 'encoded' in rec else rec['path']
         try:
             with Image.open(io.BytesIO(rec['encoded']) if 'encoded' in rec else rec['path']) as im:
+                # before decoding allocates what the header declares
+                check_declared_size(im, name, len(rec['encoded']) if 'encoded' in rec else None)
                 im.load()
                 return im.convert('RGB') if im.mode != 'RGB' else im.copy()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file

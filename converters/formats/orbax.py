@@ -35,6 +35,16 @@ def _quiet_orbax():
             lg.setLevel(level)
 
 
+# zstd's largest ratio: a 128 KiB block of one repeated byte is an RLE block of 4 bytes (an all-zero float32
+# array writes at ~18,000:1 with orbax's metadata around it)
+MAX_RATIO = 32768
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs
+               if os.path.isfile(os.path.join(r, f)))
+
+
 def read_orbax(path: str) -> Dict[str, np.ndarray]:
     with _quiet_orbax():
         return _read_orbax(path)
@@ -55,12 +65,17 @@ def _read_orbax(path: str) -> Dict[str, np.ndarray]:
         meta = getattr(getattr(meta, 'item_metadata', None), 'tree', None) or meta
     except ORBAX_FAILURES as e:
         raise ConversionError(f'{path}: not a readable orbax checkpoint ({type(e).__name__}: {first_line(e)})') from None
-    # tensorstore allocates what the metadata declares (chunks may be compressed or absent): check it first
+    # tensorstore allocates what the metadata declares (chunks may be compressed or absent): check it first,
+    # against the machine and against the bytes on disk (zstd, orbax's codec, packs at most MAX_RATIO:1)
     leaves = [m for m in jax.tree_util.tree_leaves(meta) if hasattr(m, 'shape') and hasattr(m, 'dtype')]
     declared = sum(mapped.nbytes(tuple(m.shape), np.dtype(m.dtype)) for m in leaves)
+    on_disk = directory_bytes(path)
     if declared > mapped.machine_memory():
         raise ConversionError(f'{path}: the metadata declares {declared:,} bytes of arrays, more than this '
                               f'machine\'s memory')
+    if declared > MAX_RATIO * on_disk:
+        raise ConversionError(f'{path}: the metadata declares {declared:,} bytes of arrays, more than its '
+                              f'{on_disk:,} bytes on disk can hold ({MAX_RATIO}:1 at most; corrupt metadata?)')
     try:
         # Restore as host numpy: a checkpoint saved sharded over 8 devices must read on a machine with one.
         args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)

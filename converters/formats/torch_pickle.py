@@ -1,16 +1,15 @@
 """PyTorch checkpoints (`torch.save`'s zip format) read without torch and without running their pickle.
 
-The pickle in `data.pkl` is first walked opcode by opcode (`pickletools`, which executes nothing) to
-refuse malformed streams and memo indices that would make the C unpickler allocate gigabytes; then it is
-loaded by an unpickler whose `find_class` hands out only our own tensor-rebuilding functions and plain
-containers. Every other global (a class of the training script, `os.system`, ...) becomes an inert
+The pickle in `data.pkl` is read by the project's one restricted unpickler (restricted_pickle.py): first
+walked opcode by opcode (`pickletools`, which executes nothing) to refuse malformed streams and memo indices
+that would make the C unpickler allocate gigabytes; then loaded by an unpickler whose `find_class` hands out
+only our own tensor-rebuilding functions and plain containers. Every other global (a class of the training script, `os.system`, ...) becomes an inert
 stand-in that records its name and runs nothing, so a training checkpoint holding an `argparse.Namespace`
 or a yacs config beside its weights still yields the weights, and code hidden in a pickle never runs.
 Tensors become read-only numpy views of the mapped file, each checked against its storage's bytes.
 Files in torch's legacy (pre-1.6, non-zip) format are handed to `torch.load(weights_only=True)` (without torch:
 a one-line refusal naming the `[torch]` extra).
 """
-import io
 import pickle
 import pickletools
 import struct
@@ -22,6 +21,8 @@ import numpy as np
 
 from ..errors import ConversionError, first_line
 from .mapped import MappedFile, MapReader, ZipArchive, check_shape
+from .restricted_pickle import Malformed, RestrictedUnpickler, latin1
+from . import restricted_pickle
 
 _STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
@@ -35,7 +36,6 @@ _TORCH_DTYPES = {
     'int8': np.int8, 'uint8': np.uint8, 'uint16': np.uint16, 'uint32': np.uint32, 'uint64': np.uint64,
     'bool': np.bool_, 'complex64': np.complex64, 'cfloat': np.complex64, 'complex128': np.complex128,
     'cdouble': np.complex128, 'float8_e4m3fn': ml_dtypes.float8_e4m3fn, 'float8_e5m2': ml_dtypes.float8_e5m2}
-_MEMO_OPS = {'PUT', 'BINPUT', 'LONG_BINPUT', 'GET', 'BINGET', 'LONG_BINGET'}
 _MAX_REFUSED = 1000
 
 
@@ -146,12 +146,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return _opaque('tensor subclass')()
 
 
-def _encode(text, encoding='latin1'):   # protocol 2 pickles bytes as _codecs.encode(str, 'latin1')
-    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-        raise ConversionError('malformed bytes object')
-    return text.encode('latin1')
-
-
 _SAFE = {
     'collections.OrderedDict': OrderedDict,
     'torch._utils._rebuild_tensor': _rebuild_v1,
@@ -163,22 +157,23 @@ _SAFE = {
     'torch.Size': tuple,
     'builtins.set': set,
     'builtins.frozenset': frozenset,
-    '_codecs.encode': _encode,
+    '_codecs.encode': latin1,   # protocol 2 pickles bytes as _codecs.encode(str, 'latin1')
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(RestrictedUnpickler):
+    """The restricted unpickler with tensor rebuilding; an unknown global becomes an inert stand-in."""
+    allowed = _SAFE
+
     def __init__(self, data: bytes, storage_bytes, big_endian: bool):
-        super().__init__(io.BytesIO(data))
+        super().__init__(data)
         self.storage_bytes = storage_bytes
         self.big_endian = big_endian
         self.storages: Dict[str, _Storage] = {}
         self.refused: Dict[str, type] = {}
 
-    def find_class(self, module, name):
+    def refuse(self, module, name):
         full = f'{module}.{name}'
-        if full in _SAFE:
-            return _SAFE[full]
         if (module == 'torch' and name in _STORAGE_DTYPES) or full == 'torch.storage.UntypedStorage':
             # torch.save names UntypedStorage by its defining module (dtypes with no typed storage: float8, uint16)
             return _StorageType(name, _STORAGE_DTYPES[name])
@@ -211,17 +206,6 @@ class _Unpickler(pickle.Unpickler):
         return st
 
 
-def _prescan(data: bytes) -> None:
-    """Walk the pickle without executing it; refuse malformed streams and absurd memo indices."""
-    n = 0
-    for op, arg, _ in pickletools.genops(data):
-        n += 1
-        if op.name in _MEMO_OPS and (type(arg) is not int or arg > n + 16):
-            raise ValueError(f'memo index {arg!r} at opcode {n}')
-        if op.name == 'PROTO' and arg > pickle.HIGHEST_PROTOCOL:
-            raise ValueError(f'unsupported pickle protocol {arg}')
-
-
 def load(path: str, mf: MappedFile):
     """The unpickled object of a zip-format torch file: tensors are numpy views of `mf`.
 
@@ -245,24 +229,81 @@ def load(path: str, mf: MappedFile):
     data = bytes(z.data(z.members[pkl[0]]))
     u = _Unpickler(data, storage_bytes, big)
     try:
-        _prescan(data)
-        obj = u.load()
+        obj = restricted_pickle.load(data, lambda _: u)
+    except Malformed as e:
+        raise ConversionError(f'{path}: malformed pickle in data.pkl ({e})') from None
     except ConversionError as e:
         raise ConversionError(f'{path}: {e}') from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            OverflowError, RecursionError) as e:
-        raise ConversionError(f'{path}: malformed pickle in data.pkl ({first_line(e)})') from None
     return obj, u.refused
 
 
+def _nothing(*args, **kwargs):
+    return None
+
+
+class _LegacyScan(_Unpickler):
+    """The main pickle of a legacy file, walked for its storages' declared sizes only: tensors are not built,
+    storages are not allocated (persistent ids are recorded, rebuilds return None)."""
+    allowed = {**_SAFE, **{k: _nothing for k in _SAFE if k.startswith('torch._')}}
+
+    def __init__(self, data: bytes):
+        RestrictedUnpickler.__init__(self, data)
+        self.refused: Dict[str, type] = {}
+        self.declared: Dict[object, int] = {}
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ('storage', b'storage'):
+            _, stype, key, _location, numel, _view = pid
+            if not isinstance(stype, _StorageType) or not isinstance(key, (str, bytes)):
+                raise ConversionError(f'malformed storage reference {str(pid)[:80]}')
+            numel = _int(numel, f'storage {key!r}: element count')
+            self.declared[key] = max(self.declared.get(key, 0), numel * stype.dtype.itemsize)
+            return None
+        if isinstance(pid, tuple) and pid and pid[0] in ('module', b'module'):
+            return None
+        raise ConversionError(f'unknown persistent id {str(pid)[:80]}')
+
+
+def check_legacy_sizes(path: str, mf: MappedFile) -> int:
+    """Refuse a legacy file whose storages declare more bytes than follow its pickles. torch's legacy loader
+    allocates each storage at the size its pickle declares before it reads the data (a 19 KB file declaring
+    2e9 floats has it ask for 8 GB). The file is: 3 small pickles (magic number, protocol version, system
+    info), the main pickle, the storage keys' pickle, then each storage's 8-byte count and bytes.
+    Returns the bytes declared."""
+    r = MapReader(mf)
+    try:
+        for _ in range(3):
+            for _ in pickletools.genops(r):   # leaves r just after the pickle's STOP
+                pass
+        start = r.tell()
+        for _ in pickletools.genops(r):
+            pass
+        data = mf.bytes(start, r.tell() - start)
+        scan = _LegacyScan(data)
+        restricted_pickle.load(data, lambda _: scan)
+        for _ in pickletools.genops(r):   # the storage keys
+            pass
+    except (Malformed, ValueError) as e:
+        raise ConversionError(f'{path}: not a readable torch file (legacy format: {first_line(e)})') from None
+    except ConversionError as e:
+        raise ConversionError(f'{path}: {e}') from None
+    declared, left = sum(scan.declared.values()), mf.size - r.tell()
+    if declared > left:
+        raise ConversionError(f'{path}: its pickle declares {declared:,} bytes of storages, the file holds '
+                              f'{left:,} after it (corrupt or truncated legacy torch file)')
+    return declared
+
+
 def load_legacy(path: str, mf: MappedFile):
-    """torch's legacy format, through torch's own weights-only loader (eager: tensors are copied).
+    """torch's legacy format, through torch's own weights-only loader (eager: tensors are copied), after
+    `check_legacy_sizes`.
 
     torch reads it through a MapReader: its unpickler trusts declared string lengths, and a real file's
     `read(n)` would allocate whatever a damaged length says before finding the file shorter.
     """
     import warnings
     from ..optional import require
+    check_legacy_sizes(path, mf)
     torch = require('torch', f"{path}: torch's legacy (pre-1.6, non-zip) format")
     try:
         with warnings.catch_warnings():

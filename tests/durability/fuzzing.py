@@ -17,9 +17,17 @@ To fuzz a new reader: add `READERS['x'] = Reader('.x', read_x, valid_x, GENERIC 
 it has a structure worth lying about, a generator in MUTATIONS. A new command goes in COMMANDS
 (test_fuzz.py runs every command over mutants of every reader, in-process and in a subprocess).
 
-Profiles (env VIT_FLAX_FUZZ): `ci` (default, `make test`: derandomized, `examples(n)` = n) and `long`
-(`make fuzz`: random, 25x the examples, failures kept in .hypothesis/ to replay). Cases tried are
-counted per reader in COUNTS and written to $VIT_FLAX_FUZZ_COUNTS (JSON) when that is set.
+Profiles (env VIT_FLAX_FUZZ): `ci` (default, `make test`: derandomized, each reader x mutation a few
+examples) and `long` (`make fuzz`: random, failures kept in .hypothesis/ to replay): every file reader
+`target()` examples (10,000; $VIT_FLAX_FUZZ_TARGET), its mutation drawn per example, and the directory
+readers (orbax, training checkpoints) `dir_target()` (1,000; $VIT_FLAX_FUZZ_DIR_TARGET). Cases tried and
+cases failed are counted per reader (COUNTS, FAILURES) and added to $VIT_FLAX_FUZZ_COUNTS (JSON; several
+pytest-xdist workers add to it under a lock) when that is set; `python tests/durability/fuzz_table.py FILE`
+prints it as a table.
+
+Cost: a case is a mutation made in this process and a read in this process (a few ms for the file
+readers); the registry search that detection makes (~1 s) is shared between mutants that declare the same
+architecture (`memo_match_model`); real processes are kept to the few cases that need one.
 """
 import io
 import json
@@ -51,6 +59,7 @@ settings.register_profile('long', **_common)
 settings.load_profile(PROFILE)
 
 COUNTS: Counter = Counter()
+FAILURES: Counter = Counter()
 WORKDIR = tempfile.mkdtemp(prefix='vit-flax-fuzz-')
 MARKER = os.path.join(WORKDIR, 'PICKLE-CODE-RAN')
 ALLOC_SLACK = 32 << 20
@@ -58,6 +67,19 @@ ALLOC_SLACK = 32 << 20
 
 def examples(n: int) -> int:
     return n * SCALE
+
+
+def target() -> int:
+    """Examples per file reader in the long profile (make fuzz)."""
+    return int(os.environ.get('VIT_FLAX_FUZZ_TARGET', '10000'))
+
+
+def dir_target() -> int:
+    """Examples per directory reader (orbax, training checkpoints) in the long profile."""
+    return int(os.environ.get('VIT_FLAX_FUZZ_DIR_TARGET', '1000'))
+
+
+LONG = PROFILE == 'long'
 
 
 # ---------------------------------------------------------------- the tiny model and its valid files
@@ -85,6 +107,7 @@ def _written(ext: str, **kw) -> bytes:
     key = ext + repr(sorted(kw.items()))
     if key not in _cache:
         model, flat = tiny()
+        os.makedirs(WORKDIR, exist_ok=True)   # (test_fuzz.py removes it when its module ends)
         path = os.path.join(WORKDIR, f'valid{len(_cache)}{ext}')
         pipeline.write_flat(flat, model, path, force=True, **kw)
         with open(path, 'rb') as f:
@@ -715,11 +738,38 @@ class Reader:
     examples: int = 30                # per mutation, in the ci profile
 
 
+_match_memo: Dict[str, tuple] = {}
+
+
+def memo_match_model(family, cfg, path, *args, **kwargs):
+    """pipeline.match_model, memoised on everything but the path (its result is a pure function of the
+    architecture a file declares; the search over the registry costs ~1 s, the file's parsing, which is
+    what is fuzzed, milliseconds): a mutant declaring an architecture seen before gets the same model, or the
+    same refusal naming its own path."""
+    key = repr((family.name, sorted(cfg.items(), key=str), args, sorted(kwargs.items())))
+    if key not in _match_memo:
+        try:
+            _match_memo[key] = ('ok', _match_model(family, cfg, '\0', *args, **kwargs))
+        except ConversionError as e:
+            _match_memo[key] = ('error', str(e))
+    kind, value = _match_memo[key]
+    if kind == 'error':
+        raise ConversionError(value.replace('\0', path))
+    return value
+
+
+_match_model = pipeline.match_model
+
+
 def decode(path):
     """The whole read path of `inspect`/`convert`: read, detect the layout and model, map to Flax."""
     model_name, arch = (TINY_NAME, {k: v for k, v in TINY.items() if k != 'num_classes'}) \
         if formats.file_format(path) in ('torch', 'safetensors') else (None, None)
-    return pipeline.read_checkpoint(path, model_name, arch)
+    pipeline.match_model = memo_match_model
+    try:
+        return pipeline.read_checkpoint(path, model_name, arch)
+    finally:
+        pipeline.match_model = _match_model
 
 
 READERS: Dict[str, Reader] = {
@@ -758,6 +808,14 @@ def check_outcome(name: str, fn, path: str, trace: bool = True):
     them crashes the interpreter (its allocations are not traced anyway; its sizes are checked up front).
     """
     COUNTS[name] += 1
+    try:
+        return _check_outcome(name, fn, path, trace)
+    except BaseException:
+        FAILURES[name] += 1   # (hypothesis' shrinking replays a failure: each replay counts)
+        raise
+
+
+def _check_outcome(name: str, fn, path: str, trace: bool):
     size = file_size(path)
     if trace:
         tracemalloc.start()
@@ -781,13 +839,28 @@ def check_outcome(name: str, fn, path: str, trace: bool = True):
 
 
 def write_counts(only=None) -> None:
-    """Add COUNTS (or its keys in `only`) to the JSON file named by $VIT_FLAX_FUZZ_COUNTS."""
+    """Add COUNTS and FAILURES (or their keys in `only`) to the JSON file named by $VIT_FLAX_FUZZ_COUNTS,
+    {"examples": {reader: n}, "failures": {reader: n}}, under an exclusive lock (pytest-xdist's workers each
+    add theirs)."""
+    import fcntl
     out = os.environ.get('VIT_FLAX_FUZZ_COUNTS')
-    if out:
-        old = json.load(open(out)) if os.path.exists(out) else {}
-        for k, v in COUNTS.items():
-            if only is not None and k not in only:
-                continue
-            old[k] = old.get(k, 0) + v
-        with open(out, 'w') as f:
-            json.dump(old, f, indent=1, sort_keys=True)
+    if not out:
+        return
+    with open(out, 'a+') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        old = json.loads(text) if text.strip() else {}
+        if not isinstance(old.get('examples'), dict):   # (an older file of plain counts)
+            old = {'examples': {}, 'failures': {}}
+        for table, counter in (('examples', COUNTS), ('failures', FAILURES)):
+            for k, v in counter.items():
+                if only is None or k in only:
+                    old[table][k] = old[table].get(k, 0) + v
+        f.seek(0)
+        f.truncate()
+        json.dump(old, f, indent=1, sort_keys=True)
+    for counter in (COUNTS, FAILURES):   # written: a second call must not add them again
+        for k in list(counter):
+            if only is None or k in only:
+                del counter[k]

@@ -1,6 +1,8 @@
 """Fuzzing every checkpoint reader and `vit-flax convert`/`inspect` (harness and tables: fuzzing.py).
 
-`make test` runs bounded, derandomized examples; `make fuzz` (VIT_FLAX_FUZZ=long) 25x as many, random.
+`make test` runs bounded, derandomized examples per reader and mutation, and the failures found so far
+(`test_fixed_failures_stay_fixed`, hypothesis `@example`s); `make fuzz` (VIT_FLAX_FUZZ=long) 10,000 random
+examples per file reader (its mutation drawn per example), 1,000 per directory reader.
 A reader added to fuzzing.READERS is fuzzed here with no change to this file. A new command goes in
 COMMANDS below (argv from the mutant's path and an output stem): it then runs in-process over mutants
 of every file reader, and SUBPROCESS_CASES can name it for a check in a real process.
@@ -10,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 from durability import fuzzing as fz
@@ -20,12 +22,15 @@ from converters.formats.durable import PREFIX
 from converters.errors import ConversionError
 from helpers import cli, cli_process
 
-CASES = [(name, m) for name, r in fz.READERS.items() for m in r.mutations]
+# ci: each reader x mutation; long: each reader, its mutation drawn per example (one count per reader)
+CASES = [(name, None) for name in fz.READERS] if fz.LONG else \
+    [(name, m) for name, r in fz.READERS.items() for m in r.mutations]
 _serial = iter(range(10 ** 9))
 
 
 @pytest.fixture(scope='module', autouse=True)
 def _report_counts():
+    os.makedirs(fz.WORKDIR, exist_ok=True)   # (pytest-xdist may come back to this module on a worker)
     yield
     fz.write_counts()
     shutil.rmtree(fz.WORKDIR, ignore_errors=True)
@@ -50,17 +55,18 @@ def _as_numpy(t):
     return t.numpy()
 
 
-@pytest.mark.parametrize('reader,mutation', CASES, ids=[f'{r}-{m}' for r, m in CASES])
+@pytest.mark.parametrize('reader,mutation', CASES, ids=[f'{r}-{m}' if m else r for r, m in CASES])
 def test_reader_refuses_or_reads(reader, mutation):
     r = fz.READERS[reader]
     valid = r.valid()
 
-    @settings(max_examples=fz.examples(r.examples))
+    @settings(max_examples=fz.target() if fz.LONG else fz.examples(r.examples))
     @given(st.data())
     def run(data):
-        path = write(fresh(r.ext), fz.MUTATIONS[mutation](data.draw, valid))
+        m = mutation or data.draw(st.sampled_from(r.mutations))
+        path = write(fresh(r.ext), fz.MUTATIONS[m](data.draw, valid))
         result = fz.check_outcome(reader, r.read, path)
-        if mutation == 'torch_objects' and reader == 'torch' and not isinstance(result, ConversionError):
+        if m == 'torch_objects' and reader == 'torch' and not isinstance(result, ConversionError):
             # a legal file must read back exactly as torch itself reads it
             expected = fz._cache['last_torch_objects']
             assert sorted(result) == sorted(expected)
@@ -77,7 +83,7 @@ def orbax_dir():
     return path
 
 
-@settings(max_examples=fz.examples(fz.ORBAX_EXAMPLES))
+@settings(max_examples=fz.dir_target() if fz.LONG else fz.ORBAX_EXAMPLES)
 @given(st.data())
 def test_orbax_dir_refused_or_read(orbax_dir, data):
     path = fresh('')
@@ -101,7 +107,7 @@ def read_folder_and_preprocessing(path):
     return predict.data_config(ck, ck.model), predict.class_names(ck, ck.model)
 
 
-@settings(max_examples=fz.examples(40))
+@settings(max_examples=fz.target() if fz.LONG else 40)
 @given(st.data())
 def test_model_folder_config_refused_or_read(model_folder, data):
     """config.json that lies (and mangled bytes): one line naming the folder, or a consistent read."""
@@ -126,7 +132,7 @@ def test_image_refused_or_read(fmt):
     cfg = preprocess.resolve(None, type('M', (), {'input_shape': (8, 8, 3)})(), 'cfg')
     valid = fz.valid_image(fmt)
 
-    @settings(max_examples=fz.examples(25))
+    @settings(max_examples=fz.target() if fz.LONG else 25)
     @given(st.data())
     def run(data):
         path = write(fresh('.' + fmt.lower()), fz.MUTATIONS[data.draw(st.sampled_from(fz.GENERIC))](data.draw, valid))
@@ -209,7 +215,7 @@ def mutant_command(data, reader, mutation, command):
     return COMMANDS[command](src, out), src, out
 
 
-@settings(max_examples=fz.examples(60))
+@settings(max_examples=fz.target() if fz.LONG else 60)
 @given(st.data())
 def test_command_in_process(data):
     reader = data.draw(st.sampled_from(FILE_READERS))
@@ -230,7 +236,7 @@ SUBPROCESS_CASES = [('npz', 'truncate', 'convert-pth'), ('torch', 'torch_evil', 
 
 @pytest.mark.parametrize('reader,mutation,command', SUBPROCESS_CASES)
 def test_command_in_a_real_process(reader, mutation, command, tmp_path):
-    @settings(max_examples=fz.examples(1))
+    @settings(max_examples=5 if fz.LONG else 1)   # (an interpreter start each: seconds)
     @given(st.data())
     def run(data):
         argv, src, out = mutant_command(data, reader, mutation, command)
@@ -253,3 +259,69 @@ def test_orbax_dir_with_corrupt_data_in_a_real_process(orbax_dir, tmp_path):
     assert p.returncode == 1 and p.stderr.count('\n') == 1, p.stderr
     assert p.stderr.startswith('vit-flax: error: ') and 'ckpt: not a readable orbax checkpoint' in p.stderr
     assert sorted(os.listdir(tmp_path)) == ['ckpt']
+
+
+# ---------------------------------------------------------------- failures found so far, checked on every commit
+
+def _flipped_cifar() -> bytes:
+    """Issue 40: one bit of the gzip stream (byte 242, bit 6) turns an opcode of data_batch_1 into
+    LONG_BINPUT 139143180; the C unpickler grew its memo to that index: 2.2 GB for a 45 KB file."""
+    out = bytearray(fz.valid_cifar())
+    out[242] ^= 1 << 6
+    return bytes(out)
+
+
+def _cifar_memo_lie_plain_tar() -> bytes:
+    """The same batch in an uncompressed tar: no CRC to catch it, the pickle walk must."""
+    import io
+    import tarfile
+    import zlib
+    raw = zlib.decompressobj(-15).decompress(_flipped_cifar()[10:])
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        members = {os.path.basename(m.name): t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    return fz.tar_bytes(members, 'w')
+
+
+def _torch_memo_lie() -> bytes:
+    import struct
+    members, prefix = fz.torch_zip_members(fz.valid_torch_by_torch())
+    return fz.zip_bytes(fz._replace(members, prefix + 'data.pkl',
+                                    b'\x80\x02]r' + struct.pack('<I', 139143180) + b'.'))
+
+
+def _npz_deflate_lie() -> bytes:
+    """A deflated member declaring 100 MB (within deflate's 1032:1 of its 100 KB): the output was allocated
+    at the declared size before anything decompressed."""
+    import io
+    import struct
+    buf = io.BytesIO()
+    np.savez_compressed(buf, a=np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8))
+    blob = bytearray(buf.getvalue())
+    cd = blob.rindex(b'PK\x01\x02')
+    blob[cd + 24:cd + 28] = struct.pack('<I', 100_000_000)
+    blob[22:26] = struct.pack('<I', 100_000_000)
+    return bytes(blob)
+
+
+def _npz_head_kernel_without_bias() -> bytes:
+    """make fuzz (57fca2b): half a head was a KeyError in adapt (a traceback)."""
+    import io
+    _, flat = fz.tiny()
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v for k, v in flat.items() if k != 'head/bias'})
+    return buf.getvalue()
+
+
+@settings(phases=[Phase.explicit], deadline=None)
+@given(reader=st.sampled_from(sorted(fz.READERS)), blob=st.binary())
+@example(reader='cifar', blob=_flipped_cifar())
+@example(reader='cifar', blob=_cifar_memo_lie_plain_tar())
+@example(reader='torch', blob=_torch_memo_lie())
+@example(reader='decode-torch', blob=_torch_memo_lie())
+@example(reader='npz', blob=_npz_deflate_lie())
+@example(reader='decode-npz', blob=_npz_head_kernel_without_bias())
+def test_fixed_failures_stay_fixed(reader, blob):
+    """Each file once failed the property (an allocation far beyond its size, a traceback): now it is read,
+    or refused in one line naming it, within the allocation bound."""
+    r = fz.READERS[reader]
+    fz.check_outcome(reader, r.read, write(fresh(r.ext), blob))

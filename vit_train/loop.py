@@ -215,6 +215,8 @@ def _run(namespace, own_process, warned_dir):
     log, warn = report.printer(pid == 0), report.printer(pid == 0, sys.stderr)
     if args.default_model:
         log(args.default_model)
+    if args.accum_note:
+        log(args.accum_note)
 
     # ---- data and model
     ds = data.load(args.dataset, args.data_path, args.val_split)
@@ -286,6 +288,12 @@ def _run(namespace, own_process, warned_dir):
             return TrainResult(state['params'], state, report.read_history(args.workdir), args.workdir, model,
                                best_acc)
         log(report.resumed(start, spe, args.epochs))
+        if meta0['epochs'] != args.epochs:
+            old = meta0['config']
+            old_at = optim.schedule(old['lr'], old['lrf'], round(old['warmup_epochs'] * spe), meta0['epochs'] * spe)
+            log(f"schedule: --epochs {args.epochs} (the checkpoint's run had {meta0['epochs']}): the cosine is "
+                f"recomputed over {total} steps; learning rate at step {start + 1}: {old_at(start):.6g} -> "
+                f"{lr_at(start):.6g}")
         cfg = meta0['pretrained_cfg']
         wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
     else:
@@ -313,7 +321,7 @@ def _run(namespace, own_process, warned_dir):
     batch_shardings = {k: batch_sh for k in ('image', 'label', 'weight', 'unreadable')}
     train_step = jax.jit(
         steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
-                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum),
+                              label_smoothing=args.smoothing, grad_accum=args.grad_accum),
         in_shardings=(spec.shardings, batch_shardings, replicated), out_shardings=(spec.shardings, replicated),
         donate_argnums=0)
     eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),

@@ -366,11 +366,11 @@ def _run(namespace, own_process, warned_dir):
 
     if pid == 0:
         os.makedirs(args.workdir, exist_ok=True)
+        fmt.write_class_indices(os.path.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
         if spec.groups is not None:
             layer_decay.write(os.path.join(args.workdir, 'param_groups.json'), spec.groups, args.layer_decay)
     for line in recipe_lines(args, mix_cfg, spec):
         log(line)
-        fmt.write_class_indices(os.path.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
     log(f'data: {args.dataset} {len(ds.train)} train / {len(ds.val)} val images, {num_classes} classes, '
         f'{size}px, {spe} steps of {batch} per epoch')
     left = len(ds.train) - spe * batch  # an epoch is whole batches (data.train_iterator)

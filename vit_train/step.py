@@ -109,7 +109,7 @@ def make_train_step(model, tx, trainable, *, mean, std, label_smoothing=0.0, gra
             (lsum, correct, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
         wsum = batch['weight'].sum()
         grads = jax.tree.map(lambda g: g / jnp.maximum(wsum, 1.0), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         train_p, opt_state = optim.apply(tx, grads, state['opt_state'], train_p, lr, lr_scales)
         params = unflatten_dict({**frozen_p, **train_p}, sep='/')
         # a finite loss can still give non-finite params (an overflowing update): the loop checks both

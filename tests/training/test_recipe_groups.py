@@ -12,6 +12,7 @@ CASES = {
     'vit': ('vit_small_patch16_224', dict(img_size=32, patch_size=8, depth=3, num_classes=10)),
     'deit-distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=32, patch_size=8, depth=2, num_classes=10)),
     'swin': ('swin_tiny_patch4_window7_224', dict(img_size=32, window_size=2, depths=(1, 1, 2, 1), num_classes=10)),
+    'swinv2': ('swinv2_tiny_window8_256', dict(img_size=32, window_size=2, depths=(1, 1, 2, 1), num_classes=10)),
 }
 
 

@@ -1,6 +1,7 @@
 """The run's settings: `TrainConfig` (the Python face: one field per command-line flag, dashes as
-underscores, the same defaults) and the flags of train_flax.py / `vit-flax train`, whose defaults are read
-from it (`build_parser` refuses a flag without a field or a field without a flag, so the two cannot drift)."""
+underscores, the same defaults) and the flags of train_flax.py / `vit-flax train`, generated from its fields
+(`build_parser`: each field's type, default, help and choices come from the field and its metadata, so the
+two cannot drift); `resolve` checks the values and fills the defaults that depend on other flags."""
 import argparse
 import dataclasses
 import difflib

@@ -85,9 +85,10 @@ def build_model(args, num_classes: int):
 
 def same_run(meta: dict) -> dict:
     """What a resumed run must share with its checkpoint: the model, the data, the batch, the seed, the
-    optimizer, whether it keeps a weight EMA, and the shape of its state (clipping and SGD momentum add to it: a checkpoint that differs there
-    would not restore, and must not be taken for a corrupt one). Anything else (epochs, lr, mesh, workers,
-    dtype, grad-accum, drop-path, the clipping norm) may change."""
+    optimizer, whether it keeps a weight EMA, and the shape of its state (clipping and SGD momentum add to it:
+    a checkpoint that differs there would not restore, and must not be taken for a corrupt one). Anything else
+    (epochs, lr, mesh, workers, dtype, grad-accum, drop-path, the clipping norm, the mixing, the loss, the
+    layer decay) may change."""
     cfg = meta['config']
     return dict(model=meta['model'], num_classes=meta['num_classes'], class_names=meta['class_names'],
                 model_overrides={k: v for k, v in meta['model_overrides'].items() if k != 'drop_path_rate'},

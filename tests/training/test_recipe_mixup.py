@@ -59,7 +59,8 @@ def test_images_and_targets_equal_timm_for_the_same_lambda_and_box(case, monkeyp
     boxes = []
     for i in range(len(lam)):
         yl, xl = rng.integers(0, H - 2), rng.integers(0, W - 2)
-        yh, xh = (H, W) if case == 'batch-cutmix-clipped' else (rng.integers(yl + 1, H + 1), rng.integers(xl + 1, W + 1))
+        yh, xh = (H, W) if case == 'batch-cutmix-clipped' else \
+            (rng.integers(yl + 1, H + 1), rng.integers(xl + 1, W + 1))
         boxes.append((yl, yh, xl, xh))
     lam_np, use_np = np.float32(lam), np.array(use)
     params = (float(lam_np[0]), bool(use_np[0])) if mode == 'batch' else (lam_np.copy(), use_np.copy())

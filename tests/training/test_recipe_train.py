@@ -93,7 +93,8 @@ def test_kill_9_then_resume_is_bit_identical_with_the_recipe_on(env, reference, 
             assert np.array_equal(a.flat[k], b.flat[k]), (ema, k)
     ref = [json.loads(x) for x in (reference[0] / 'metrics.jsonl').read_text().splitlines()]
     got = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
-    assert [(x['step'], x['loss'], x['grad_norm']) for x in got] == [(x['step'], x['loss'], x['grad_norm']) for x in ref]
+    key = lambda x: (x['step'], x['loss'], x['grad_norm'])  # noqa: E731
+    assert [key(x) for x in got] == [key(x) for x in ref]
 
 
 def test_eval_only_and_convert_read_the_raw_and_ema_weights(env, reference, tmp_path):
@@ -147,3 +148,16 @@ def test_dump_batches_are_the_unmixed_batches_mixed_as_timm(tmp_path, capsys):
         np.testing.assert_allclose(y, mixup_target(torch.from_numpy(labels), 10, lam, 0.1).numpy(), atol=1e-5)
         np.testing.assert_allclose(mixed['images'][rows], lam * x + (1 - lam) * x[::-1], atol=1e-5)
         assert 0 < lam < 1
+
+
+@pytest.mark.slow  # a third epoch (~40 s)
+def test_resume_with_more_epochs_recomputes_the_cosine_and_says_so(env, reference, tmp_path):
+    from vit_train import optim
+    workdir = tmp_path / 'longer'
+    shutil.copytree(reference[0], workdir)
+    r = run(env, workdir, *BASE[:4], '--epochs', '3', *BASE[6:])
+    old = optim.schedule(1e-3, 0.01, 22, 44)(44)
+    new = optim.schedule(1e-3, 0.01, 22, 66)(44)
+    assert f"schedule: --epochs 3 (the checkpoint's run had 2): the cosine is recomputed over 66 steps; learning " \
+        f"rate at step 45: {old:.6g} -> {new:.6g}\n" in r.stdout, r.stdout
+    assert json.loads((workdir / 'summary.json').read_text())['step'] == 66

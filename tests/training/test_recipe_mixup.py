@@ -85,7 +85,7 @@ def test_draws_follow_timms_distributions():
     method, and the box of a cut is int(H sqrt(1 - lam)) high before clipping."""
     cfg = mixup.MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.7, switch_prob=0.3, num_classes=K)
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-    lam, use, box = jax.vmap(lambda k: mixup.draw(k, cfg, 1, 64, 64))(keys)
+    lam, use, box = jax.jit(jax.vmap(lambda k: mixup.draw(k, cfg, 1, 64, 64)))(keys)   # one compilation
     lam, use, box = np.asarray(lam)[:, 0], np.asarray(use)[:, 0], np.asarray(box)[:, 0]
     applied = lam != 1
     assert abs(applied.mean() - 0.7) < 0.03
@@ -100,7 +100,7 @@ def test_draws_follow_timms_distributions():
 
 def test_minmax_boxes_lie_in_their_range():
     cfg = mixup.MixupConfig(cutmix_minmax=(0.25, 0.75), mixup_alpha=0.0, num_classes=K)
-    lam, use, box = mixup.draw(jax.random.PRNGKey(3), cfg, 2000, 40, 40)
+    lam, use, box = jax.jit(lambda k: mixup.draw(k, cfg, 2000, 40, 40))(jax.random.PRNGKey(3))
     box = np.asarray(box)
     h, w = box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]
     assert np.asarray(use).all() and h.min() == 10 and h.max() == 29 and w.min() == 10 and box[:, 1].max() <= 40

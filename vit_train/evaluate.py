@@ -51,7 +51,7 @@ def eval_only(args, ds, log, warn, warned_dir, build) -> dict:
         try:
             ck = fmt.select(args.workdir, args.step or 'best', log=warn)
         except Exception as e:  # noqa: BLE001 - ConversionError and orbax's own: one line naming the workdir
-            raise TrainError(f'--eval-only: {args.workdir}: {e}') from None
+            raise TrainError(f'--eval-only: {e}') from None
         meta = ck.meta
         if list(meta['class_names']) != list(ds.class_names):
             raise TrainError(f'--eval-only: {ck.path} was trained on other classes ({len(meta["class_names"])}: '

@@ -76,7 +76,8 @@ def eval_only(args, ds, log, warn, warned_dir, build) -> dict:
         params = jax.device_put(unflatten_dict(flat, sep='/') if _is_flat(flat) else flat, replicated)
         r = evaluate(eval_step, params, ds.val, eval_tf, batch, pid, nproc, batch_sh)
         results[name] = dict(top1=r['acc'], top5=r['top5'], loss=r['loss'])
-        log(f"eval: {name} weights of {source}" + (f' (step {step})' if step is not None else '') +
+        label = {'raw': 'raw weights', 'ema': 'EMA weights'}.get(name, 'weights')
+        log(f"eval: {label} of {source}" + (f' (step {step})' if step is not None else '') +
             f": top-1 {r['acc']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f} on {len(ds.val)} "
             f"{args.dataset} val images (normalisation {why})")
     record = dict(source=source, step=step, dataset=args.dataset, num_val=len(ds.val), results=results)

@@ -108,7 +108,7 @@ def test_eval_only_and_convert_read_the_raw_and_ema_weights(env, reference, tmp_
     assert rec['results']['raw']['top1'] == pytest.approx(best['val_acc'], abs=1e-6)
     assert rec['results']['ema']['top1'] == pytest.approx(best['val_acc_ema'], abs=1e-6)
     assert rec['results']['ema']['top5'] == pytest.approx(best['val_top5_ema'], abs=1e-6)
-    assert 'eval: ema weights of' in r.stdout and 'top-5' in r.stdout
+    assert 'eval: EMA weights of' in r.stdout and 'top-5' in r.stdout
     c = cli_process('convert', workdir, tmp_path / 'ema.npz', '--ema', '--step', STEPS, env=env, cwd=ROOT)
     assert c.returncode == 0 and 'its weight EMA (val_acc_ema' in c.stderr + c.stdout, c.stderr
     c = cli_process('convert', workdir, tmp_path / 'raw.npz', '--step', STEPS, env=env, cwd=ROOT)
@@ -120,6 +120,12 @@ def test_eval_only_and_convert_read_the_raw_and_ema_weights(env, reference, tmp_
         got = flatten_dict(load_params(tmp_path / name, 'vit_tiny_patch16_224', log=lambda m: None, **kw), sep='/')
         want = _ckpt(workdir, ema, STEPS).flat
         assert all(np.array_equal(got[k], want[k]) for k in want), name
+    # the exported EMA evaluated as --weights gives the figure the run recorded for its EMA at that step
+    run(env, tmp_path / 'e', '--eval-only', '--weights', tmp_path / 'ema.npz', '--model', 'vit_tiny_patch16_224',
+        '--img-size', 16, '--patch-size', 8, '--depth', 1, '--batch-size', 64)
+    rec = json.loads((tmp_path / 'e' / 'eval.json').read_text())
+    last = json.loads((workdir / 'summary.json').read_text())['history'][-1]
+    assert rec['results']['weights']['top1'] == pytest.approx(last['val_acc_ema'], abs=1e-6)
 
 
 def test_dump_batches_are_the_unmixed_batches_mixed_as_timm(tmp_path, capsys):

@@ -167,3 +167,25 @@ def test_resume_with_more_epochs_recomputes_the_cosine_and_says_so(env, referenc
     assert f"schedule: --epochs 3 (the checkpoint's run had 2): the cosine is recomputed over 66 steps; learning " \
         f"rate at step 45: {old:.6g} -> {new:.6g}\n" in r.stdout, r.stdout
     assert json.loads((workdir / 'summary.json').read_text())['step'] == 66
+
+
+def test_dump_batches_show_the_erasing_and_mix_the_erased_images(tmp_path):
+    """--reprob: the dumped images are the plain ones with boxes of the mean colour (const fill 0, de-normalised
+    to 0.5); with --mixup too, the erased images are what gets mixed (timm's order: erase, then mix)."""
+    import vit_train
+    common = ['--depth', '1', '--batch-size', '32', '--dump-batches', '1']
+    erase = ['--reprob', '1', '--remode', 'const']
+    for name, extra in (('plain', []), ('erased', erase), ('both', [*erase, '--mixup', '0.8'])):
+        assert vit_train.main([*common, *extra, '--workdir', str(tmp_path / name)]) == 0
+    plain, erased, both = (np.load(tmp_path / d / 'batches.npz')['images'] for d in ('plain', 'erased', 'both'))
+    boxed = ~np.isclose(erased, plain, rtol=0, atol=1e-6)        # (the de-normalisation rounds: 1e-7)
+    assert boxed.any(axis=(1, 2, 3)).sum() >= 24                   # nearly every image got its box
+    assert 0.02 < boxed.mean() < 0.4                                # boxes, not whole images
+    np.testing.assert_allclose(erased[boxed], 0.5, atol=1e-6)       # filled with the mean colour
+    targets = np.load(tmp_path / 'both' / 'batches.npz')['targets']
+    labels = np.load(tmp_path / 'both' / 'batches.npz')['labels']
+    other = labels != labels[::-1]                                  # one lam for the batch (no smoothing)
+    lam = float(targets[np.arange(32), labels][other][0])
+    np.testing.assert_allclose(targets[np.arange(32), labels][other], lam, atol=1e-6)
+    assert 0.5 <= lam < 1 and not np.allclose(both, erased)
+    np.testing.assert_allclose(both, lam * erased + (1 - lam) * erased[::-1], atol=1e-5)

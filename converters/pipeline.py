@@ -111,13 +111,13 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
 
 def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
                     img_size=None, step=None, log: Callable[[str], None] = _stderr,
-                    adapt_core: bool = False) -> Checkpoint:
+                    adapt_core: bool = False, ema: bool = False) -> Checkpoint:
     """Read any supported checkpoint and decode it into the flat Flax tree of a matching model.
 
     `path`: a file, an orbax folder, a timm model folder, a Hugging Face transformers folder (config.json with a
     `model_type`, see hf_transformers; Flax-only folders read by formats.hf_flax), `hf-hub:ORG/NAME[@REV]`
     (huggingface_hub; a timm or transformers repo) or a
-    training workdir (`step`: 'best' by default, 'latest' or a number).
+    training workdir (`step`: 'best' by default, 'latest' or a number; `ema`: its weight EMA, not its params).
     `arch`: field overrides of `model_name` that describe the checkpoint (see `match_model`).
     `img_size`: the size asked for, taken as the checkpoint's own when its positions fit it (a position
     table does not say whether 280 patches are 14x20 or 20x14).
@@ -125,10 +125,12 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     """
     path = str(path)
     if training_ckpt.is_training_checkpoint(path):
-        return _read_training(path, step, log)
+        return _read_training(path, step, log, ema)
     folder = timm_folder.resolve(path)
     if step is not None:
         raise ConversionError(f'{path}: a step is chosen only in a training workdir')
+    if ema:
+        raise ConversionError(f'{path}: EMA weights are chosen only in a training workdir')
     if folder is not None and not os.path.isdir(folder):   # an hf-hub repo without config.json: its weights
         path = folder
     elif folder is not None:
@@ -192,8 +194,8 @@ def read_checkpoint(path: str, model_name: Optional[str] = None, arch: Optional[
     return ck
 
 
-def _read_training(path, step, log) -> Checkpoint:
-    tck = training_ckpt.select(path, 'best' if step is None else step, log)
+def _read_training(path, step, log, ema=False) -> Checkpoint:
+    tck = training_ckpt.select(path, 'best' if step is None else step, log, ema=ema)
     meta = tck.meta
     model = training_ckpt.model_from_meta(meta)
     family = family_of(model)
@@ -201,6 +203,13 @@ def _read_training(path, step, log) -> Checkpoint:
     note = (f'training checkpoint step {tck.step} (epoch {meta["epoch"]}, '
             f'val_acc {"none (saved inside an epoch)" if acc is None else f"{acc:.4f}"}) '
             f'of {meta["model"]}')
+    if ema:
+        acc = meta.get('val_acc_ema')
+        note += f': its weight EMA (val_acc_ema {"none" if acc is None else f"{acc:.4f}"})'
+    elif training_ckpt.has_ema(tck.path):
+        note += ': its raw weights (it also holds a weight EMA: --ema takes that)'
+    else:
+        note += ': its weights'
     return Checkpoint(tck.path, 'training', 'flax', tck.flat, tck.flat, family, meta['model'], model, detected=True,
                       notes=[note], kind='training', source=path, pretrained_cfg=meta['pretrained_cfg'],
                       class_names=list(meta['class_names']))
@@ -377,10 +386,10 @@ def check_finite(flat: Dict[str, np.ndarray], where: str, allow: bool = False,
 
 
 def _load(path, model_name, overrides, target_of, resample, head_init, bias_resize, log, cast,
-          allow_nonfinite=False, step=None, adapt_core=False):
+          allow_nonfinite=False, step=None, adapt_core=False, ema=False):
     """read -> adapt to the target -> validate: the path shared by load_model and load_params."""
     ck = read_checkpoint(path, model_name, arch_overrides(overrides), overrides.get('img_size'), step, log,
-                         adapt_core)
+                         adapt_core, ema)
     for note in ck.notes:
         log(note)
     _check_options(type(ck.model), overrides, path, ck.model_name)
@@ -402,15 +411,16 @@ def _load(path, model_name, overrides, target_of, resample, head_init, bias_resi
 
 def load_model(path: str, model_name: Optional[str] = None, *, resample: str = DEFAULT_METHOD,
                head_init: str = 'zeros', bias_resize: str = 'bicubic', cast: bool = True,
-               log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False, step=None, **overrides):
+               log: Callable[[str], None] = _stderr, allow_nonfinite: bool = False, step=None, ema: bool = False,
+               **overrides):
     """(module, params, Checkpoint): the checkpoint's own architecture, with `overrides` applied on top.
 
     Weights holding NaN/Inf are refused unless `allow_nonfinite` (then a warning is logged). With `cast`,
     params are private float32 arrays; without, they keep the file's dtype and may view its memory map.
-    `step` picks the step of a training workdir (default: the best).
+    `step` picks the step of a training workdir (default: the best), `ema` its weight EMA.
     """
     return _load(path, model_name, overrides, lambda ck: ck.model.clone(**overrides), resample, head_init,
-                 bias_resize, log, cast, allow_nonfinite, step)
+                 bias_resize, log, cast, allow_nonfinite, step, ema=ema)
 
 
 def load_params(path: str, model_name: str, *, resample: str = DEFAULT_METHOD, head_init: str = 'zeros',

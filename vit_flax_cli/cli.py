@@ -109,7 +109,7 @@ def cmd_convert(a):
     t0 = time.perf_counter()
     model, params, ck = pipeline.load_model(a.src, a.model, resample=a.resample, head_init=a.head_init,
                                        bias_resize=a.bias_resize, cast=False, allow_nonfinite=a.allow_nonfinite,
-                                       step=a.step, **_overrides(a))
+                                       step=a.step, ema=a.ema, **_overrides(a))
     from flax.traverse_util import flatten_dict
     flat = flatten_dict(params, sep='/')
     if a.dtype:
@@ -366,6 +366,8 @@ def build_parser():
                    'transformers folder that the class holding the model (ViTForImageClassification, Dinov2Model, '
                    'SiglipVisionModel, ...) loads with from_pretrained(DST)')
     s.add_argument('--step', help='SRC is a training workdir: best (default), latest, or a step number')
+    s.add_argument('--ema', action='store_true', help='SRC is a training workdir run with --model-ema: export its '
+                   'weight EMA (default: its raw weights; the log line says which were taken)')
     s.add_argument('--layout', help='output layout: npz released (default), linen, big_vision; torch timm '
                    '(default) or microsoft or wzmiaomiao (Swin; WZMIAOMIAO\'s swin_transformer/model.py); '
                    'vit-pytorch models: vit-pytorch (default), vit-pytorch-1.16, -1.2, -0.7, -0.6 (older releases)')

@@ -71,12 +71,14 @@ class Checkpoints:
         """Start an asynchronous save; returns the seconds the caller was blocked."""
         fmt.check_meta(meta, 'meta to save')
         t0 = time.perf_counter()
-        acc = meta.get('val_acc')
-        args = ocp.args.Composite(**{
-            fmt.PARAMS: ocp.args.StandardSave(state['params']),
-            fmt.TRAIN_STATE: ocp.args.StandardSave({'opt_state': state['opt_state'], 'step': state['step']}),
-            fmt.DATA: _grain_save(data_iter),
-            fmt.META: ocp.args.JsonSave(meta)})
+        acc = fmt.score(meta)   # the better of the raw weights and the EMA ranks the step for keep-best
+        items = {fmt.PARAMS: ocp.args.StandardSave(state['params']),
+                 fmt.TRAIN_STATE: ocp.args.StandardSave({'opt_state': state['opt_state'], 'step': state['step']}),
+                 fmt.DATA: _grain_save(data_iter),
+                 fmt.META: ocp.args.JsonSave(meta)}
+        if 'ema' in state:
+            items[fmt.EMA] = ocp.args.StandardSave(state['ema'])
+        args = ocp.args.Composite(**items)
         with self._save_errors():  # also the previous save's, which this one waits for
             self.manager.save(step, args=args, metrics={'val_acc': acc} if acc is not None else None, force=True)
         return time.perf_counter() - t0
@@ -102,13 +104,17 @@ class Checkpoints:
                          {'opt_state': abstract_state['opt_state'], 'step': abstract_state['step']})}
             if restore_data:
                 items[fmt.DATA] = _grain_restore(it)
+            if 'ema' in abstract_state:
+                items[fmt.EMA] = ocp.args.StandardRestore(abstract_state['ema'])
             try:
                 r = self.manager.restore(step, args=ocp.args.Composite(**items))
                 state = dict(params=r[fmt.PARAMS], opt_state=r[fmt.TRAIN_STATE]['opt_state'],
                              step=r[fmt.TRAIN_STATE]['step'])
+                if 'ema' in abstract_state:
+                    state['ema'] = r[fmt.EMA]
                 if checksums and meta.get('checksums'):
                     got = checksums(state)
-                    for item in (fmt.PARAMS, fmt.TRAIN_STATE):
+                    for item in (fmt.PARAMS, fmt.TRAIN_STATE) + ((fmt.EMA,) if 'ema' in state else ()):
                         fmt.check_checksums(got[item], meta['checksums'].get(item), f'{self.root}/{step}/{item}')
             except ConversionError as e:
                 self._set_aside(step, str(e), log)
@@ -187,16 +193,22 @@ def device_checksums(state: dict) -> dict:
         x = x.reshape(-1)
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32) if x.dtype.itemsize == 4 else x.astype(jnp.uint32)
         return jnp.sum(bits * (jnp.arange(x.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
-    return {fmt.PARAMS: jax.tree.map(one, state['params']),
-            fmt.TRAIN_STATE: jax.tree.map(one, {'opt_state': state['opt_state'], 'step': state['step']})}
+    out = {fmt.PARAMS: jax.tree.map(one, state['params']),
+           fmt.TRAIN_STATE: jax.tree.map(one, {'opt_state': state['opt_state'], 'step': state['step']})}
+    if 'ema' in state:
+        out[fmt.EMA] = jax.tree.map(one, state['ema'])
+    return out
 
 
 def checksum_record(sums: dict) -> dict:
     """device_checksums' output (fetched) as the meta record: flat '/'-joined param keys, tree paths for the rest."""
     from flax.traverse_util import flatten_dict
     paths = jax.tree_util.tree_flatten_with_path(sums[fmt.TRAIN_STATE])[0]
-    return {fmt.PARAMS: {k: int(v) for k, v in flatten_dict(sums[fmt.PARAMS], sep='/').items()},
-            fmt.TRAIN_STATE: {jax.tree_util.keystr(p): int(v) for p, v in paths}}
+    out = {fmt.PARAMS: {k: int(v) for k, v in flatten_dict(sums[fmt.PARAMS], sep='/').items()},
+           fmt.TRAIN_STATE: {jax.tree_util.keystr(p): int(v) for p, v in paths}}
+    if fmt.EMA in sums:
+        out[fmt.EMA] = {k: int(v) for k, v in flatten_dict(sums[fmt.EMA], sep='/').items()}
+    return out
 
 
 def _grain_save(it):

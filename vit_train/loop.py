@@ -18,7 +18,10 @@ from vit_flax import registry
 from vit_flax.models.layers import checkpoint_policy
 from converters.formats import training_ckpt as fmt
 
-from . import augment, config, data, feed, optim, report, sharding, step as steps, weights
+from . import augment, config, data, dump, ema as ema_mod, evaluate as evaluation, feed, layer_decay, optim, \
+    report, sharding, step as steps, weights
+from .evaluate import evaluate
+from .mixup import MixupConfig
 from .checkpoint import Checkpoints, checksum_record, close_iterator, device_checksums, quiet_orbax
 from .errors import Interrupted, NonFiniteLoss, TrainError, signals_deferred
 
@@ -82,14 +85,16 @@ def build_model(args, num_classes: int):
 
 def same_run(meta: dict) -> dict:
     """What a resumed run must share with its checkpoint: the model, the data, the batch, the seed, the
-    optimizer and the shape of its state (clipping and SGD momentum add to it: a checkpoint that differs there
-    would not restore, and must not be taken for a corrupt one). Anything else (epochs, lr, mesh, workers,
-    dtype, grad-accum, drop-path, the clipping norm) may change."""
+    optimizer, whether it keeps a weight EMA, and the shape of its state (clipping and SGD momentum add to it:
+    a checkpoint that differs there would not restore, and must not be taken for a corrupt one). Anything else
+    (epochs, lr, mesh, workers, dtype, grad-accum, drop-path, the clipping norm, the mixing, the loss, the
+    layer decay) may change."""
     cfg = meta['config']
     return dict(model=meta['model'], num_classes=meta['num_classes'], class_names=meta['class_names'],
                 model_overrides={k: v for k, v in meta['model_overrides'].items() if k != 'drop_path_rate'},
                 dataset={k: meta['dataset'][k] for k in ('name', 'num_train', 'num_val')},
                 **{k: cfg[k] for k in ('batch_size', 'seed', 'optimizer', 'freeze_layers')},
+                model_ema=bool(cfg.get('model_ema', False)),
                 gradient_clipping=bool(cfg['clip_grad']),
                 sgd_momentum=cfg['optimizer'] == 'sgd' and bool(cfg['momentum']))
 
@@ -104,7 +109,8 @@ def check_same_run(old: dict, new: dict, workdir: str) -> None:
 
 @dataclass
 class StateSpec:
-    """Shapes and shardings of the train state {'params', 'opt_state', 'step'}, and how to make one."""
+    """Shapes and shardings of the train state {'params', 'opt_state', 'step'} (+ 'ema' with --model-ema),
+    and how to make one; `lr_scales`/`groups`: the layer-wise decay (None without --layer-decay)."""
     init_params: callable        # rng -> params
     init_opt: callable           # params -> opt_state (trainable params only)
     abstract: dict               # ShapeDtypeStructs carrying their shardings
@@ -113,6 +119,8 @@ class StateSpec:
     trainable: list
     num_params: int
     num_trainable: int
+    lr_scales: dict = None
+    groups: dict = None
 
 
 def state_spec(model, args, mesh) -> StateSpec:
@@ -126,16 +134,24 @@ def state_spec(model, args, mesh) -> StateSpec:
     abstract = dict(params=params, opt_state=jax.eval_shape(init_opt, params), step=jax.ShapeDtypeStruct((), jnp.int32))
     shardings = dict(params=sharding.tree_shardings(abstract['params'], mesh),
                      opt_state=sharding.tree_shardings(abstract['opt_state'], mesh), step=sharding.replicated(mesh))
+    if args.model_ema:   # the weight EMA: a second params tree, sharded as the params
+        abstract['ema'], shardings['ema'] = params, shardings['params']
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     size = lambda keys: sum(int(np.prod(flat[k].shape)) for k in keys)
-    return StateSpec(init_params, init_opt, abstract, shardings, tx, trainable, size(flat), size(trainable))
+    groups = scales = None
+    if args.layer_decay is not None:
+        groups = layer_decay.param_groups(model, {k: flat[k].shape for k in trainable}, args.layer_decay,
+                                          optim.decays)
+        scales = layer_decay.scales(groups)
+    return StateSpec(init_params, init_opt, abstract, shardings, tx, trainable, size(flat), size(trainable),
+                     scales, groups)
 
 
 class EpochMeter:
     """Sums of the step metrics, fetched one step late so the host never waits on the device's queue."""
 
-    def __init__(self, on_loss):
-        self.on_loss, self.pending = on_loss, []
+    def __init__(self, on_loss, on_metrics=None):
+        self.on_loss, self.on_metrics, self.pending = on_loss, on_metrics, []
         self.sums = dict(loss=0.0, correct=0.0, count=0.0, unreadable=0.0)
         self.t_first, self.images_timed = None, 0
         self.wait, self.steps = 0.0, 0
@@ -155,6 +171,8 @@ class EpochMeter:
     def _fetch(self, step_no, metrics):
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         self.on_loss(step_no, m['loss'], m['params_finite'])
+        if self.on_metrics is not None:
+            self.on_metrics(step_no, m)
         if self.t_first is None:  # time from the first finished step on: compilation is not throughput
             self.t_first = time.perf_counter()
         else:
@@ -221,8 +239,10 @@ def _run(namespace, own_process, warned_dir):
     init_distributed(args)
     nproc, pid = jax.process_count(), jax.process_index()
     log, warn = report.printer(pid == 0), report.printer(pid == 0, sys.stderr)
-    if args.default_model:
+    if args.default_model and not (args.eval_only and not args.weights):   # a workdir's own model is evaluated
         log(args.default_model)
+    if args.accum_note:
+        log(args.accum_note)
 
     # ---- data and model
     ds = data.load(args.dataset, args.data_path, args.val_split, args.image_column, args.label_column,
@@ -232,7 +252,10 @@ def _run(namespace, own_process, warned_dir):
         raise TrainError(f'no validation images (--val-split {args.val_split})')
     if num_classes < len(ds.class_names):
         raise TrainError(f'--num-classes {num_classes} is fewer than the {len(ds.class_names)} classes in the data')
+    if args.eval_only:   # evaluate a workdir's checkpoint or --weights, write eval.json, train nothing
+        return evaluation.eval_only(args, ds, log, warn, warned_dir, lambda n: build_model(args, n))
     model, overrides, size = build_model(args, num_classes)
+    mix_cfg = MixupConfig.from_args(args, num_classes)
 
     # ---- devices, batch, schedule, state
     mesh_sizes = sharding.parse_mesh(args.mesh, jax.device_count())
@@ -258,17 +281,20 @@ def _run(namespace, own_process, warned_dir):
 
     batch_sh = sharding.batch_sharding(mesh)
 
-    def data_iter(wnorm, start_step=0):
+    def host_iter(wnorm, start_step=0):
         # the policies fill with the normalisation mean (timm's img_mean), known once the weights are
         mean = weights.normalization(args, wnorm)[0]
         aug = augment.TrainAugment(args.aa, args.color_jitter, args.reprob, args.recount, size, mean,
                                    args.interpolation)
         train_tf = data.TrainTransform(size, args.interpolation, args.crop_scale, hflip=args.hflip,
                                        warned_dir=warned_dir, augment=aug)
-        it = data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,
-                                 process_count=nproc, workers=args.workers, start_step=start_step,
-                                 aug_repeats=args.aug_repeats)
-        return feed.DeviceFeed(it, lambda local: sharding.global_batch(local, batch_sh), args.prefetch)
+        return data.train_iterator(ds.train, train_tf, batch=batch, seed=args.seed, process_index=pid,
+                                   process_count=nproc, workers=args.workers, start_step=start_step,
+                                   aug_repeats=args.aug_repeats)
+
+    def data_iter(wnorm, start_step=0):
+        return feed.DeviceFeed(host_iter(wnorm, start_step), lambda local: sharding.global_batch(local, batch_sh),
+                               args.prefetch)
 
     def resume_iter(meta):
         cfg = meta['pretrained_cfg']
@@ -282,6 +308,15 @@ def _run(namespace, own_process, warned_dir):
     def load_weights():
         over = {k: v for k, v in overrides.items() if k != 'drop_path_rate'}
         return weights.load(args.weights, args.model, over, args.resample, warn)
+
+    if args.dump_batches:   # what the model sees (the run's transform, erasing and mixing); no training
+        wnorm = load_weights()[2] if args.weights else None   # the normalisation a fresh run would use
+        it = host_iter(wnorm)
+        try:
+            return dump.dump_batches(args, it, ds.class_names, num_classes, mix_cfg, log,
+                                     *weights.normalization(args, wnorm)[:2])
+        finally:
+            close_iterator(it)
 
     # ---- resumed, or fresh / fine-tuned (a resumed run keeps its weights' record and normalisation)
     loaded = None
@@ -306,6 +341,12 @@ def _run(namespace, own_process, warned_dir):
             return TrainResult(state['params'], state, report.read_history(args.workdir), args.workdir, model,
                                best_acc)
         log(report.resumed(start, spe, args.epochs))
+        if meta0['epochs'] != args.epochs:
+            old = meta0['config']
+            old_at = optim.schedule(old['lr'], old['lrf'], round(old['warmup_epochs'] * spe), meta0['epochs'] * spe)
+            log(f"schedule: --epochs {args.epochs} (the checkpoint's run had {meta0['epochs']}): the cosine is "
+                f"recomputed over {total} steps; learning rate at step {start + 1}: {old_at(start):.6g} -> "
+                f"{lr_at(start):.6g}")
         cfg = meta0['pretrained_cfg']
         wnorm = (tuple(cfg['mean']), tuple(cfg['std']), 'as recorded in the checkpoint')
     else:
@@ -320,8 +361,13 @@ def _run(namespace, own_process, warned_dir):
             params = sharding.put(params_np, spec.shardings['params'])
         else:
             params = jax.jit(spec.init_params, out_shardings=spec.shardings['params'])(jax.random.PRNGKey(args.seed))
+        if args.head_bias_init is not None:
+            params = set_head_bias(params, args.head_bias_init, spec.shardings['params'])
+            log(f'head: bias set to {args.head_bias_init} (--head-bias-init)')
         state = dict(params=params, opt_state=jax.jit(spec.init_opt, out_shardings=spec.shardings['opt_state'])(params),
                      step=sharding.put(np.int32(0), spec.shardings['step']))
+        if args.model_ema:   # timm's ModelEmaV3 starts as a copy of the model (its own buffers: the state is donated)
+            state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=spec.shardings['params'])(params)
         it, start, best_acc = data_iter(wnorm), 0, None
     mean, std, norm_why = weights.normalization(args, wnorm)
     base_meta.update(weights=winfo, pretrained_cfg=dict(input_size=[3, size, size], interpolation=args.interpolation,
@@ -334,16 +380,24 @@ def _run(namespace, own_process, warned_dir):
     erase_keys = ('erase', 'erase_seed') if args.reprob else ()  # random erasing's boxes and noise seeds
     train_step = jax.jit(
         steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
-                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum,
-                              erase_mode=args.remode if args.reprob else None),
-        in_shardings=(spec.shardings, dict(batch_shardings, **{k: batch_sh for k in erase_keys}), replicated),
+                              label_smoothing=args.smoothing, grad_accum=args.grad_accum, mix=mix_cfg,
+                              bce=args.bce_loss, bce_threshold=args.bce_target_thresh, lr_scales=spec.lr_scales,
+                              ema=args.model_ema, erase_mode=args.remode if args.reprob else None),
+        in_shardings=(spec.shardings, dict(batch_shardings, **{k: batch_sh for k in erase_keys}), replicated,
+                      replicated),
         out_shardings=(spec.shardings, replicated), donate_argnums=0)
+    ema_weight = (lambda n: ema_mod.weight_at(n, args.model_ema_decay, args.model_ema_warmup)) if args.model_ema \
+        else (lambda n: np.float32(0.0))
     eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),
                         in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
 
     if pid == 0:
         os.makedirs(args.workdir, exist_ok=True)
         fmt.write_class_indices(os.path.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
+        if spec.groups is not None:
+            layer_decay.write(os.path.join(args.workdir, 'param_groups.json'), spec.groups, args.layer_decay)
+    for line in recipe_lines(args, mix_cfg, spec):
+        log(line)
     log(f'data: {args.dataset} {len(ds.train)} train / {len(ds.val)} val images, {num_classes} classes, '
         f'{size}px, {spe} steps of {batch} per epoch')
     left = len(ds.train) - spe * batch  # an epoch is whole batches (data.train_iterator)
@@ -365,7 +419,8 @@ def _run(namespace, own_process, warned_dir):
     def save(step_no, epoch, rec):
         meta = dict(base_meta, epoch=epoch, step=step_no, best_val_acc=best_acc, checksums=checksums(state),
                     saved=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-                    **{k: rec.get(k) for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc')})
+                    **{k: rec.get(k) for k in ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'val_top5',
+                                               'val_acc_ema', 'val_top5_ema')})
         with signals_deferred():  # a save is started whole or not at all
             blocked.append(ckpts.save(step_no, state, it, meta))
         return blocked[-1]
@@ -390,15 +445,17 @@ def _run(namespace, own_process, warned_dir):
 
     # ---- epochs
     rep, blocked = report.Reporter(args.workdir, pid == 0, resume_epoch=start // spe), []
+    steplog = report.StepLog(args.workdir, pid == 0, args.log_every, batch, lr_at, rep.tb, resume_step=start)
     done = start  # updates made so far, for the interruption message
     try:
         for epoch in range(start // spe, args.epochs):
-            meter = EpochMeter(check_loss)
+            meter = EpochMeter(check_loss, steplog.on_metrics)
             first = max(start, epoch * spe)
             bar = rep.bar(spe, f'[train epoch {epoch + 1}]', initial=first - epoch * spe)
             for s in range(first, (epoch + 1) * spe):
-                state, metrics = train_step(state, next(it), np.float32(lr_at(s)))
+                state, metrics = train_step(state, next(it), np.float32(lr_at(s)), ema_weight(s + 1))
                 it.fill()  # the next batches are read and sent while this step computes
+                steplog.waited(it.last_wait)
                 done = s + 1
                 meter.add(s, metrics, it.last_wait)
                 bar.update()
@@ -416,9 +473,19 @@ def _run(namespace, own_process, warned_dir):
                 raise NonFiniteLoss(f"non-finite validation loss ({val['loss']}) after epoch {epoch + 1} (step {step_no})")
             rec = dict(epoch=epoch + 1, epochs=args.epochs, step=step_no, train_loss=meter.mean('loss'),
                        train_acc=meter.mean('correct'), val_loss=val['loss'], val_acc=val['acc'],
-                       learning_rate=lr_at(step_no - 1), images_per_sec=meter.images_per_sec(),
+                       val_top5=val['top5'], learning_rate=lr_at(step_no - 1), images_per_sec=meter.images_per_sec(),
                        data_wait_ms=meter.data_wait_ms())
-            best_acc = max(best_acc or 0.0, rec['val_acc'])
+            if args.model_ema:   # the EMA evaluated beside the raw weights; the better one ranks the checkpoint
+                val_ema = evaluate(eval_step, state['ema'], ds.val, eval_tf, batch, pid, nproc, batch_sh)
+                rec.update(val_loss_ema=val_ema['loss'], val_acc_ema=val_ema['acc'], val_top5_ema=val_ema['top5'])
+            rec['val_top5'] = val['top5']
+            score = fmt.score(rec)
+            if args.model_ema:
+                which = 'EMA' if rec['val_acc_ema'] > rec['val_acc'] else 'raw'
+                log(f"epoch {epoch + 1}: val_acc raw {rec['val_acc']:.4f} / EMA {rec['val_acc_ema']:.4f} (top-5 "
+                    f"{rec['val_top5']:.4f} / {rec['val_top5_ema']:.4f}): this checkpoint ranks by the {which} "
+                    f"weights' {score:.4f}" + ('; best so far' if score > (best_acc or 0.0) else ''))
+            best_acc = max(best_acc or 0.0, score)
             save_s = save(step_no, epoch + 1, rec)
             unreadable = meter.sums['unreadable'] + val['unreadable']
             if unreadable:
@@ -439,17 +506,42 @@ def _run(namespace, own_process, warned_dir):
     finally:
         ckpts.close()
         close_iterator(it)
+        steplog.close()
         rep.close()
     log(f'done: best val_acc {best_acc:.4f}; checkpoints in {ckpts.root} '
         f'(a save blocked the loop {np.median(blocked) * 1000:.0f} ms, median of {len(blocked)})')
     return TrainResult(state['params'], state, list(rep.history), args.workdir, model, best_acc)
 
 
-def evaluate(eval_step, params, source, transform, batch, pid, nproc, batch_sh) -> dict:
-    sums = None
-    for local in data.eval_batches(source, transform, batch=batch, process_index=pid, process_count=nproc):
-        m = eval_step(params, sharding.global_batch(local, batch_sh))
-        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    s = {k: float(v) for k, v in jax.device_get(sums).items()}
-    n = max(s['count'], 1.0)
-    return dict(loss=s['loss'] / n, acc=s['correct'] / n, unreadable=s['unreadable'])
+def set_head_bias(params, value: float, shardings):
+    """params with head/bias set to `value` (big_vision's init_head_bias), keeping their shardings."""
+    if 'bias' not in params.get('head', {}):
+        raise TrainError(f'--head-bias-init {value}: the model has no head bias (num_classes=0?)')
+
+    def put(p):
+        return dict(p, head=dict(p['head'], bias=jnp.full_like(p['head']['bias'], value)))
+    return jax.jit(put, out_shardings=shardings)(params)
+
+
+def recipe_lines(args, mix_cfg, spec):
+    """What the run does beyond plain cross-entropy training, one line each."""
+    if mix_cfg is not None:
+        what = ([f'mixup alpha {mix_cfg.mixup_alpha}'] if mix_cfg.mixup_alpha > 0 else []) + \
+            ([f'cutmix alpha {mix_cfg.cutmix_alpha}' + (f' minmax {list(mix_cfg.cutmix_minmax)}'
+                                                          if mix_cfg.cutmix_minmax else '')]
+             if mix_cfg.cutmix_alpha > 0 else [])
+        yield (f"mixing: {', '.join(what)}, prob {mix_cfg.prob}, switch {mix_cfg.switch_prob}, mode {mix_cfg.mode} "
+               f"(timm's Mixup, on the device); smoothing {args.smoothing}")
+    if args.bce_loss:
+        yield (f"loss: binary cross-entropy (timm's BinaryCrossEntropy), target threshold "
+               f"{args.bce_target_thresh}")
+    elif mix_cfg is not None or args.smoothing:
+        yield 'loss: soft-target cross-entropy (timm\'s SoftTargetCrossEntropy)'
+    if args.model_ema:
+        yield (f"EMA: decay {args.model_ema_decay}{' with warm-up' if args.model_ema_warmup else ''} (timm's "
+               f'ModelEmaV3), evaluated each epoch beside the raw weights')
+    if spec.groups is not None:
+        layers = max(g['layer_id'] for g in spec.groups.values()) + 1
+        low = min(g['lr_scale'] for g in spec.groups.values())
+        yield (f'layer decay: {args.layer_decay} over {layers} layer ids, lr x {low:.3g} (stem) .. x 1 (head); '
+               f'every parameter in {os.path.join(args.workdir, "param_groups.json")}')

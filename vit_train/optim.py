@@ -65,8 +65,13 @@ def make(name: str, weight_decay: float, decay_mask: Dict[str, bool], momentum: 
     return optax.chain(optax.clip_by_global_norm(clip_grad), tx) if clip_grad else tx
 
 
-def apply(tx, grads, opt_state, params, lr):
-    """One update with learning rate `lr` (a traced scalar): params - lr * direction."""
+def apply(tx, grads, opt_state, params, lr, lr_scales=None):
+    """One update with learning rate `lr` (a traced scalar): params - lr * direction; with `lr_scales` (flat
+    key -> multiplier, layer-wise decay) params - lr * scale * direction, as timm's per-group lr (the whole
+    direction, AdamW's decoupled weight decay included, is scaled)."""
     updates, opt_state = tx.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u: -lr * u, updates)
+    if lr_scales is None:
+        updates = jax.tree.map(lambda u: -lr * u, updates)
+    else:
+        updates = {k: -(lr * lr_scales[k]) * u for k, u in updates.items()}
     return optax.apply_updates(params, updates), opt_state

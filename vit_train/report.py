@@ -14,6 +14,9 @@ from converters.formats.durable import atomic_output
 
 TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images',
               'data_wait_ms')
+# written when the run has them: top-5, and the weight EMA's figures (--model-ema)
+OPTIONAL_SCALARS = ('val_top5', 'val_loss_ema', 'val_acc_ema', 'val_top5_ema')
+METRICS_JSONL = 'metrics.jsonl'
 
 
 def printer(main: bool, stream=None):
@@ -115,7 +118,8 @@ class Reporter:
         self.history.append({k: record.get(k) for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss',
                                                      'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images',
                                                      'data_wait_ms')})
-        for k in TB_SCALARS:
+        self.history[-1].update({k: record[k] for k in OPTIONAL_SCALARS if k in record})
+        for k in TB_SCALARS + OPTIONAL_SCALARS:
             if record.get(k) is not None:  # images_per_sec of an epoch too short to time
                 self.tb.add_scalar(k, record[k], record['epoch'])
         self.tb.flush()
@@ -131,3 +135,63 @@ class Reporter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class StepLog:
+    """Per-step figures every `every` updates (0: none), to TensorBoard (tags step/loss, step/lr,
+    step/grad_norm, step/data_wait, step/images_per_sec, indexed by the update number) and to
+    WORKDIR/metrics.jsonl, one JSON object a line: {"step", "loss", "lr", "grad_norm", "data_wait",
+    "images_per_sec"}. `loss` and `grad_norm` are those of the logged update (the gradient norm before
+    clipping); `data_wait` is the fraction of the wall time since the previous line the loop spent waiting for
+    the input pipeline; `images_per_sec` the updates' images over that time. A resumed run first drops the
+    lines after its checkpoint's step, so the file reads as one run."""
+
+    def __init__(self, workdir: str, main: bool, every: int, batch: int, lr_at, tb, resume_step: int = 0):
+        self.every, self.batch, self.lr_at, self.tb = every, batch, lr_at, tb
+        self.f = None
+        if main and every:
+            path = os.path.join(workdir, METRICS_JSONL)
+            kept = []
+            try:
+                with open(path) as f:
+                    for line in f:
+                        try:
+                            if json.loads(line)['step'] <= resume_step:
+                                kept.append(line)
+                        except (ValueError, KeyError, TypeError):
+                            pass
+            except OSError:
+                pass
+            self.f = open(path, 'w')
+            self.f.writelines(kept)
+        self.t_last, self.wait, self.steps = None, 0.0, 0
+
+    def waited(self, seconds: float) -> None:
+        import time
+        if self.t_last is None:
+            self.t_last = time.perf_counter() - seconds
+        self.wait += seconds
+
+    def on_metrics(self, step_no: int, m: dict) -> None:
+        """Metrics of update `step_no` (0-based) as the loop fetched them."""
+        import time
+        self.steps += 1
+        n = step_no + 1
+        if self.f is None or n % self.every:
+            return
+        now = time.perf_counter()
+        dt = now - self.t_last if self.t_last is not None else 0.0
+        rec = dict(step=n, loss=m['loss'], lr=self.lr_at(step_no), grad_norm=m.get('grad_norm'),
+                   data_wait=self.wait / dt if dt > 0 else None,
+                   images_per_sec=self.steps * self.batch / dt if dt > 0 else None)
+        self.f.write(json.dumps(rec) + '\n')
+        self.f.flush()
+        for k, v in rec.items():
+            if k != 'step' and v is not None:
+                self.tb.add_scalar(f'step/{k}', v, n)
+        self.t_last, self.wait, self.steps = now, 0.0, 0
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None

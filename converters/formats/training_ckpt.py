@@ -9,7 +9,9 @@ On disk (`WORKDIR` is the training run's `--workdir`)::
           train_state/             item `train_state`: {'opt_state', 'step'} (StandardSave); its structure
                                    depends on the optimizer: readers other than the trainer ignore it
           data/                    item `data`: grain iterator state, `process_<i>-of-<n>.json` per process
-          meta/                    item `meta`: one JSON record (JsonSave), see META_FIELDS
+          ema/                     item `ema` (runs with --model-ema only): the EMA of the params, the same tree
+          meta/                    item `meta`: one JSON record (JsonSave), see META_FIELDS; with an EMA also
+                                   `val_acc_ema` (None inside an epoch)
           metrics/                 orbax's own copy of {'val_acc'} that its keep-best policy ranks
           _CHECKPOINT_METADATA     orbax's commit record (a step without it is half-written: skipped)
         <step>.orbax-checkpoint-tmp-*   a save in flight or killed: never a step
@@ -26,8 +28,9 @@ Orbax keeps no checksum: a flipped bit in an array file restores silently. The t
 array in `meta['checksums']` (`checksum`: params by flat key, the optimizer state by tree path); `read_params`
 checks the params against it when present (checkpoints written before it have none), the trainer both items.
 
-Which step: `latest` is the highest finalized step; `best` is the step with the highest `val_acc`
-(steps without one, saved mid-epoch, are never best), the later step on a tie. A step whose `params` or
+Which step: `latest` is the highest finalized step; `best` is the step with the highest `val_acc`, or
+`val_acc_ema` where the EMA did better (`score`; steps without one, saved mid-epoch, are never best), the
+later step on a tie. `select(..., ema=True)` reads the `ema` item instead of `params`. A step whose `params` or
 `meta` cannot be read, whose params do not match their checksums, or whose meta is not this format, is
 skipped with a warning and the next candidate is used; a step asked for by number is never replaced.
 
@@ -53,6 +56,7 @@ VERSION = 1
 CHECKPOINTS_DIR = 'checkpoints'
 PARAMS, TRAIN_STATE, DATA, META = 'params', 'train_state', 'data', 'meta'
 ITEMS = (PARAMS, TRAIN_STATE, DATA, META)
+EMA = 'ema'   # optional item: the weight EMA (--model-ema), a params tree like `params`
 CORRUPT_SUFFIX = '.corrupt'
 COMMIT_RECORD = '_CHECKPOINT_METADATA'
 CLASS_INDICES = 'class_indices.json'
@@ -166,13 +170,28 @@ def check_checksums(got: Dict[str, int], recorded: Optional[Dict[str, int]], whe
             raise ConversionError(f'{where}: {k} does not match its recorded checksum (a damaged array file)')
 
 
-def read_params(root: str, step: int, meta: Optional[dict] = None) -> Dict[str, np.ndarray]:
-    """The flat ('/'-joined) param tree of one step, as host numpy whatever mesh wrote it; checked against
-    the checksums in `meta` when it has them."""
-    path = os.path.join(step_dir(root, step), PARAMS)
+def read_params(root: str, step: int, meta: Optional[dict] = None, item: str = PARAMS) -> Dict[str, np.ndarray]:
+    """The flat ('/'-joined) param tree of one step (`item` 'ema' for the weight EMA), as host numpy whatever
+    mesh wrote it; checked against the checksums in `meta` when it has them."""
+    path = os.path.join(step_dir(root, step), item)
+    if item == EMA and not os.path.isdir(path):
+        raise ConversionError(f'{step_dir(root, step)}: no EMA weights in this checkpoint (the run had no '
+                              f'--model-ema)')
     flat = read_orbax(path)
-    check_checksums({k: checksum(v) for k, v in flat.items()}, ((meta or {}).get('checksums') or {}).get(PARAMS), path)
+    check_checksums({k: checksum(v) for k, v in flat.items()}, ((meta or {}).get('checksums') or {}).get(item), path)
     return flat
+
+
+def has_ema(path: str) -> bool:
+    """Whether a step directory holds the weight EMA."""
+    return os.path.isdir(os.path.join(path, EMA))
+
+
+def score(meta: dict):
+    """What `best` ranks a step by: the better of val_acc and val_acc_ema (None inside an epoch)."""
+    accs = [a for a in (meta.get('val_acc'), meta.get('val_acc_ema')) if isinstance(a, (int, float)) and
+            math.isfinite(a)]
+    return max(accs) if accs else None
 
 
 @dataclass
@@ -181,6 +200,7 @@ class TrainCheckpoint:
     step: int
     meta: dict
     flat: Dict[str, np.ndarray]     # flat Flax params, host numpy
+    ema: bool = False               # flat is the weight EMA (the `ema` item), not the raw params
 
     @property
     def params(self):
@@ -194,22 +214,25 @@ def _candidates(root: str, which: str, log) -> List[int]:
     scored = []
     for s in steps:
         try:
-            acc = read_meta(root, s).get('val_acc')
+            acc = score(read_meta(root, s))
         except ConversionError as e:
             log(f'warning: {e}; skipped')
             continue
-        if isinstance(acc, (int, float)) and math.isfinite(acc):
+        if acc is not None:
             scored.append((acc, s))
     return [s for _, s in sorted(scored, reverse=True)]
 
 
-def select(path: str, which: Union[str, int] = 'best', log: Callable[[str], None] = _stderr) -> TrainCheckpoint:
-    """Restore params + meta of one step: 'best' (by val_acc), 'latest', or a step number.
+def select(path: str, which: Union[str, int] = 'best', log: Callable[[str], None] = _stderr,
+           ema: bool = False) -> TrainCheckpoint:
+    """Restore params (the weight EMA with `ema`) + meta of one step: 'best' (by `score`), 'latest', or a
+    step number.
 
     `path` is a workdir, its checkpoints root or a step directory (which then fixes the step). A corrupt or
     half-written candidate is skipped with a warning through `log`; an explicit step is never replaced.
     """
     root, fixed = checkpoint_root(path)
+    item = EMA if ema else PARAMS
     if fixed is not None:
         which = fixed
     if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
@@ -217,15 +240,17 @@ def select(path: str, which: Union[str, int] = 'best', log: Callable[[str], None
         if step not in list_steps(root):
             raise ConversionError(f'{root}: no finalized checkpoint step {step} (steps: {list_steps(root)})')
         meta = read_meta(root, step)
-        return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step, meta))
+        return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step, meta, item), ema)
     if which not in ('best', 'latest'):
         raise ConversionError(f"checkpoint selector {which!r}: expected 'best', 'latest' or a step number")
     candidates = _candidates(root, which, log)
     for step in candidates:
         try:
             meta = read_meta(root, step)
-            return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step, meta))
+            return TrainCheckpoint(step_dir(root, step), step, meta, read_params(root, step, meta, item), ema)
         except ConversionError as e:
+            if ema and not has_ema(step_dir(root, step)):
+                raise
             log(f'warning: {e}; trying the next candidate')
     what = 'with a validation accuracy ' if which == 'best' else ''
     raise ConversionError(f'{root}: no readable training checkpoint {what}(steps found: {list_steps(root)})')

@@ -1,7 +1,8 @@
-"""train_flax.py with DeiT's host-side augmentation (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 in
-pixel mode, 3 repeats): killed with SIGKILL after its first checkpoint, the rerun resumes and ends bit-identical
-to the uninterrupted run (the same pixels, boxes and noise after the resume), as tests/training/test_train.py
-shows for the plain pipeline."""
+"""train_flax.py with the whole DeiT recipe: the host side (RandAugment rand-m9-mstd0.5-inc1, random erasing
+0.25 in pixel mode, 3 repeats) and the device side (erasing, then mixup 0.8 / cutmix 1.0 with smoothing 0.1, a
+weight EMA, layer decay 0.65): killed with SIGKILL after its first checkpoint, the rerun resumes and ends
+bit-identical to the uninterrupted run (the same pixels, boxes, noise and mixing draws after the resume; params
+and EMA), as tests/training/test_train.py shows for the plain pipeline."""
 import os
 import re
 import signal
@@ -13,9 +14,12 @@ import pytest
 
 from test_train import ROOT, TRAIN, assert_same_params, latest, run
 
-# 1 epoch of 22 steps of 63 (a multiple of the 3 repeats), a checkpoint every 8 steps (8 16 22)
-AUG = ('--depth', '1', '--batch-size', '63', '--epochs', '1', '--save-every', '8', '--keep', '2',
-       '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--aug-repeats', '3')
+# 1 epoch of 21 steps of 66 (even for the mixing pairs, a multiple of the 3 repeats), a checkpoint every 8
+# steps (8 16 21)
+AUG = ('--depth', '1', '--batch-size', '66', '--epochs', '1', '--save-every', '8', '--keep', '2',
+       '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--aug-repeats', '3',
+       '--mixup', '0.8', '--cutmix', '1.0', '--smoothing', '0.1', '--model-ema', '--model-ema-decay', '0.9',
+       '--layer-decay', '0.65')
 
 
 @pytest.fixture(scope='module')
@@ -24,11 +28,12 @@ def env(tmp_path_factory):
                 JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
 
 
-def test_kill_9_with_augmentation_then_rerun_resumes_bit_identical(env, tmp_path):
+def test_kill_9_with_the_deit_recipe_then_rerun_resumes_bit_identical(env, tmp_path):
     ref = run(env, tmp_path / 'reference', *AUG)
     assert ('augmentation: --aa rand-m9-mstd0.5-inc1, random erasing p=0.25 mode=pixel count 1-1, each image 3 times '
             'in a row') in ref.stdout, ref.stdout
-    assert 'train: 1442 images, batch 63: 22 steps per epoch of 462 images 3 times each' in ref.stdout
+    assert 'train: 1442 images, batch 66: 21 steps per epoch of 462 images 3 times each' in ref.stdout
+    assert 'mixing: mixup alpha 0.8, cutmix alpha 1.0' in ref.stdout and 'EMA: decay 0.9' in ref.stdout, ref.stdout
     workdir = tmp_path / 'killed'
     proc = subprocess.Popen([sys.executable, TRAIN, '--workdir', str(workdir), *AUG], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -40,6 +45,12 @@ def test_kill_9_with_augmentation_then_rerun_resumes_bit_identical(env, tmp_path
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     r = run(env, workdir, *AUG)
-    m = re.search(r'resumed from the checkpoint of step (\d+) of 22 .*; continuing with step (\d+)', r.stdout)
-    assert m and 8 <= int(m.group(1)) < 22, r.stdout
+    m = re.search(r'resumed from the checkpoint of step (\d+) of 21 .*; continuing with step (\d+)', r.stdout)
+    assert m and 8 <= int(m.group(1)) < 21, r.stdout
     assert_same_params(latest(tmp_path / 'reference'), latest(workdir))
+    assert_same_params(ema(tmp_path / 'reference'), ema(workdir))
+
+
+def ema(workdir):
+    from converters.formats import training_ckpt
+    return training_ckpt.select(str(workdir), 'latest', log=lambda m: None, ema=True)

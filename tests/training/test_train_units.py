@@ -394,7 +394,7 @@ def test_every_training_flag_has_help_that_states_its_default():
     assert not missing, missing
     text = ' '.join(config.build_parser().format_help().split())
     for option, default in [('--epochs EPOCHS', 'default 10'), ('--optimizer {sgd,adamw}', 'default adamw'),
-                            ('--seed SEED', 'default 0'), ('--label-smoothing LABEL_SMOOTHING', 'default 0')]:
+                            ('--seed SEED', 'default 0'), ('--label-smoothing SMOOTHING', 'default 0')]:
         assert default in text.split(option)[-1].split(' --', 1)[0], option
 
 

@@ -17,6 +17,20 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+def assert_ranks_as(order, want, ties: float, what=''):
+    """`order` (class indices, best first: a top-k, or an argmax as a 1-list) ranks the classes as the scores
+    `want` (computed by another library: torch against XLA) do, up to near ties. The two agree to a tolerance,
+    not bit for bit (their kernels, picked per CPU instruction set, round differently), so two classes whose
+    `want` scores are within `ties` (twice the value tolerance the test allows) may come in either order on
+    some CPU; any other swap, a repeated class, or a class left out that beats one kept, fails."""
+    order, w = [int(i) for i in order], np.asarray(want, np.float64)
+    assert len(set(order)) == len(order) and all(0 <= i < len(w) for i in order), (what, order)
+    got = w[order]
+    assert np.all(np.diff(got) <= ties), (what, order, got)                 # best first, up to near ties
+    rest = np.delete(w, order)
+    assert not rest.size or rest.max() <= got[-1] + ties, (what, order, w)  # nothing left out beats the last
+
+
 # ---------------------------------------------------------------- weights moved off their init
 
 def perturb(params_or_model, seed=0, scale=0.05):

@@ -28,10 +28,13 @@ TOL = 1e-5
 # two blocks (the second shifted, with its mask) in the first stage, one in each of the others (each with its own
 # window and pretrained window); widths and heads are the registered ones
 REDUCED = (2, 1, 1, 1)
-# `make test` runs one name per mechanism (window 8, window 16 clamped on the last stage, pretrained windows,
-# per-stage windows); the other widths (5-30 s each here) run under `make test-slow`
-FAST_NAMES = ('swinv2_tiny_window8_256', 'swinv2_tiny_window16_256', 'swinv2_base_window12to16_192to256',
-              'swin_s3_tiny_224')
+# `make test` runs the registered widths of two names: window 8, and pretrained windows (12 fine-tuned to 16);
+# a window clamped on the small stages (16 on 32, 16, 8, 4) and Swin-S3's per-stage windows (7, 7, 14, 7) are
+# in `make test` at a small width (test_parity_window_clamped_on_small_stages, test_parity_swin_s3_other_input_size);
+# the other names (window 16, Swin-S3 and the larger widths, 5-30 s each here) run under `make test-slow`
+FAST_NAMES = ('swinv2_tiny_window8_256', 'swinv2_base_window12to16_192to256')
+# the per-name counts: one of each kind (V2 window 8, V2 pretrained windows, Swin-S3) here, all 15 under slow
+COUNT_NAMES = ('swinv2_tiny_window8_256', 'swinv2_base_window12to16_192to256', 'swin_s3_tiny_224')
 
 
 def family(model):
@@ -62,7 +65,7 @@ def check_parity(model, hw=None, batch=2, **timm_extra):
 
 # ---------------------------------------------------------------- registrations, sizes, MACs
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', [n if n in COUNT_NAMES else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_registered_defaults_and_param_count_equal_timms(name):
     """timm's default classes, input size, per-stage windows and pretrained windows, and its parameter count
     (`vit_flax.count_params`: shapes only, jax.eval_shape) against timm's model on the meta device."""

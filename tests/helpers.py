@@ -17,25 +17,54 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+def assert_ranks_as(order, want, ties: float, what=''):
+    """`order` (class indices, best first: a top-k, or an argmax as a 1-list) ranks the classes as the scores
+    `want` (computed by another library: torch against XLA) do, up to near ties. The two agree to a tolerance,
+    not bit for bit (their kernels, picked per CPU instruction set, round differently), so two classes whose
+    `want` scores are within `ties` (twice the value tolerance the test allows) may come in either order on
+    some CPU; any other swap, a repeated class, or a class left out that beats one kept, fails."""
+    order, w = [int(i) for i in order], np.asarray(want, np.float64)
+    assert len(set(order)) == len(order) and all(0 <= i < len(w) for i in order), (what, order)
+    got = w[order]
+    assert np.all(np.diff(got) <= ties), (what, order, got)                 # best first, up to near ties
+    rest = np.delete(w, order)
+    assert not rest.size or rest.max() <= got[-1] + ties, (what, order, w)  # nothing left out beats the last
+
+
 # ---------------------------------------------------------------- weights moved off their init
 
 def perturb(params_or_model, seed=0, scale=0.05):
     """Flax params with every leaf moved off its init (norms off 1, biases and heads off 0), so that no 1s or
     0s are left to hide a bad map: N(0, scale) noise added to each leaf, drawn by numpy from `seed` (an
     op-by-op jax.random per leaf would compile for each shape). Takes a params tree (nested or flat dict,
-    same structure back) or a Flax model, which is first initialised with `vit_flax.init_params(model,
-    PRNGKey(seed))`."""
+    same structure back) or a Flax model, whose starting values are `init_like(model, seed)` (drawn on its
+    shapes: no init to compile)."""
     import flax.linen as nn
-    params = params_or_model
-    if isinstance(params_or_model, nn.Module):
-        import vit_flax
-        params = vit_flax.init_params(params_or_model, jax.random.PRNGKey(seed))
+    params = init_like(params_or_model, seed) if isinstance(params_or_model, nn.Module) else params_or_model
     rng = np.random.default_rng(seed)
 
     def move(leaf):
         leaf = np.asarray(leaf)
         return (leaf + scale * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
     return jax.tree_util.tree_map(move, params)
+
+
+def init_like(model, seed=0):
+    """Params of a Flax model drawn by numpy on its shapes (`jax.eval_shape` of its init, nothing compiled),
+    as an init draws them: kernels N(0, 1/fan_in) (Flax's lecun_normal; fan_in the product of all but the
+    last axis), norm scales 1, every other leaf 0. Compiling a model's real init costs far more than its
+    forward here (a one-stage 32 px Swin V2: ~7x, 23 s against 3 s on a loaded 2-core machine; threefry's rounds),
+    and a test needs values in an init's range, not its exact draws (those tests call vit_flax.init_params)."""
+    from vit_flax.summary import param_shapes
+    rng = np.random.default_rng(seed + 7919)   # not the stream perturb() draws its noise from
+
+    def draw(path, s):
+        name = getattr(path[-1], 'key', str(path[-1]))
+        if name == 'kernel' and len(s.shape) >= 2:
+            fan_in = int(np.prod(s.shape[:-1]))
+            return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+        return (np.ones if name == 'scale' else np.zeros)(s.shape, s.dtype)
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(model))
 
 
 def perturb_timm(model, seed=0, scale=0.02):

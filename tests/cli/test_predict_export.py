@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import cli, cli_process, fake_hub, images, perturb, rel_err, run_flax, run_timm, timm_model
+from helpers import assert_ranks_as, cli, cli_process, fake_hub, images, perturb, rel_err, run_flax, run_timm, timm_model
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 
@@ -92,7 +92,9 @@ def test_our_folder_loads_in_timm_with_the_same_predictions(tmp_path):
     x = images((8, 32, 32, 3), seed=1)
     yt = run_timm(tm, x)
     yf = run_flax(model, unflatten_dict(flat, sep='/'), x, train=False)
-    assert rel_err(yf, yt) < 1e-4 and (yf.argmax(-1) == yt.argmax(-1)).all()
+    assert rel_err(yf, yt) < 1e-4
+    for i, (f, t) in enumerate(zip(yf, yt)):   # the same top class, up to ties within the 1e-4 both may be off by
+        assert_ranks_as([f.argmax()], t, ties=2e-4 * np.abs(yt).max(), what=f'image {i}')
     # read back: the same architecture, preprocessing and weights
     model2, params2, ck = pipeline.load_model(tmp_path / 'folder')
     assert model2.img_size == 32 and model2.depth == 2 and ck.pretrained_cfg['crop_pct'] == 0.875
@@ -173,7 +175,7 @@ def test_predict_images_matches_timm_on_its_own_transform(timm_folder):
     for r, w in zip(out['predictions'], want):
         probs = [t['prob'] for t in r['top_k']]
         assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
-        assert [t['index'] for t in r['top_k']] == list(np.argsort(-w, kind='stable'))
+        assert_ranks_as([t['index'] for t in r['top_k']], w, ties=2e-5, what=r['image'])   # timm's order, up to ties
         assert [t['label'] for t in r['top_k']] == [NAMES[t['index']] for t in r['top_k']]
         np.testing.assert_allclose(probs, np.sort(w)[::-1], atol=1e-5)
 

@@ -94,8 +94,14 @@ def test_microsoft_layout_loads_strictly_in_microsofts_code(tmp_path, img, windo
     own = fresh.state_dict()
     assert list(written['model']) == list(own)
     for k in own:
-        if k.endswith(('relative_coords_table', 'relative_position_index', 'attn_mask')):
+        if k.endswith(('relative_position_index', 'attn_mask')):   # integers, and masks of 0 and -100: exact
             assert own[k].dtype == written['model'][k].dtype and torch.equal(own[k], written['model'][k]), k
+        elif k.endswith('relative_coords_table'):
+            # ours is numpy's float32 log2, Microsoft's torch's: kernels picked per CPU instruction set, which may
+            # round an entry one ulp apart (AVX-512 EPYC: 124 of window 16's 1,922; see test_swinv2.py)
+            assert own[k].dtype == written['model'][k].dtype == torch.float32, k
+            np.testing.assert_allclose(written['model'][k].numpy(), own[k].numpy(),
+                                       rtol=4 * np.finfo(np.float32).eps, atol=0, err_msg=k)
     fresh.load_state_dict(written['model'], strict=True)
     x = images((2, img, img, 3))
     assert rel_err(run_timm(fresh.eval(), x), run_flax(model, params, x)) <= TOL

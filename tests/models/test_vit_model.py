@@ -95,7 +95,7 @@ def test_google_tree_names():
 def test_output_shapes(kw, out):
     m = tiny(**kw)
     x = images((2,) + m.input_shape)
-    assert m.apply({'params': vit_flax.init_params(m)}, x).shape == out
+    assert m.apply({'params': perturb(m)}, x).shape == out   # values drawn on the shapes: no init to compile
 
 
 def test_features_and_pooling_values():
@@ -200,7 +200,7 @@ def test_qk_scale_and_gelu_options():
 
 def test_no_qkv_bias():
     m = tiny(qkv_bias=False)
-    p = vit_flax.init_params(m)
+    p = vit_flax.summary.param_shapes(m)
     assert 'bias' not in p['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_0']['query']
     assert 'bias' in p['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_0']['out']
 
@@ -208,7 +208,7 @@ def test_no_qkv_bias():
 def test_bf16_compute_keeps_float32_params():
     m = tiny(dtype=jnp.bfloat16)
     p = perturb(tiny())
-    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(vit_flax.init_params(m)))
+    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(vit_flax.summary.param_shapes(m)))
     x = images((2, 32, 32, 3))
     out = m.apply({'params': p}, x)
     assert out.dtype == jnp.bfloat16
@@ -249,7 +249,7 @@ def test_intermediates_are_returned():
 def test_wrong_input_size_is_a_clear_error():
     m = tiny()
     with pytest.raises(ValueError, match=r'input shape \(48, 48, 3\)'):
-        m.apply({'params': vit_flax.init_params(m)}, images((1, 48, 48, 3)))
+        m.apply({'params': perturb(m)}, images((1, 48, 48, 3)))
 
 
 def test_vit_flax_imports_neither_torch_nor_converters():

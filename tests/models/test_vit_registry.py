@@ -69,16 +69,35 @@ def test_every_timm_vit_registration_is_built_or_named_as_not_built():
     assert (len(TIMM_NAMES), len(BUILT)) == (189, 181)
 
 
-def test_timm_names_build_timms_input_size_classes_depth_and_parameter_count():
+def check_sizes_and_counts(names, count):
+    """Each name's input size, classes and depth against timm's (its model on the meta device, its entrypoint's
+    arguments), and with `count` its parameter count too (traced: ~0.15 s a name here)."""
     wrong = {}
-    for name in BUILT:
+    for name in names:
         model, tm = vit_flax.create_model(name, scan_blocks=True), timm_meta(name, depth=1)  # scan: one block traced
-        ours = (tuple(model.input_shape[:2]), model.num_classes, model.depth, vit_flax.count_params(model))
         depth = timm_model_args(name)['depth']
-        theirs = (tuple(tm.patch_embed.img_size), tm.num_classes, depth, timm_param_count(name, tm, depth))
+        ours = (tuple(model.input_shape[:2]), model.num_classes, model.depth)
+        theirs = (tuple(tm.patch_embed.img_size), tm.num_classes, depth)
+        if count:
+            ours, theirs = ours + (vit_flax.count_params(model),), theirs + (timm_param_count(name, tm, depth),)
         if ours != theirs:
             wrong[name] = (ours, theirs)
     assert not wrong, wrong
+
+
+def test_timm_names_build_timms_input_size_classes_and_depth():
+    check_sizes_and_counts(BUILT, count=False)
+
+
+def test_one_name_per_architecture_has_timms_parameter_count():
+    """The parameter count of one name per distinct computation (the smallest; hybrids included) in `make test`;
+    of every name (a width, depth, head count or MLP ratio registered wrong on any of them) under slow."""
+    check_sizes_and_counts(_architectures(), count=True)
+
+
+@pytest.mark.slow   # the sweep: 181 names (~35 s of CPU here, the slowest single test of `make test` before)
+def test_timm_names_build_timms_input_size_classes_depth_and_parameter_count():
+    check_sizes_and_counts(BUILT, count=True)
 
 
 # Fields that do not change which computation a name is (sizes, resolution, classes): one name per remaining

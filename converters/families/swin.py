@@ -168,7 +168,7 @@ def resize_relative_bias_table(table: np.ndarray, new_window: Union[int, Tuple[i
     (computed in numpy without torch, `converters.resample.resize_grid`: equal to torch's to ~1e-6).
     method='timm': timm's `resize_rel_pos_bias_table` (used by its `checkpoint_filter_fn` and
     `set_window_size`): BEiT's geometric-progression sample positions, linear interpolation
-    (needs timm: `pip install 'vit-flax[torch]'`). The two give different tables; neither is exact, both are starting points
+    (needs timm: `pip install 'vit-flax-tools[torch]'`). The two give different tables; neither is exact, both are starting points
     for fine-tuning. The source window is taken as square unless `old_window` is given.
     """
     table = np.asarray(table)

@@ -34,7 +34,7 @@ IGNORE = ('relative_position_index', 'attn_mask')
 # ---------------------------------------------------------------- architecture read off a checkpoint
 # Same contract as vit_map's config_from_* / core / overrides (wired in by converters/families.py).
 
-def _blocks_per_stage(keys, pattern) -> Tuple[int, ...]:
+def blocks_per_stage(keys, pattern) -> Tuple[int, ...]:
     found = {}
     for k in keys:
         m = re.match(pattern, k)
@@ -50,7 +50,7 @@ _DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
 _BLOCK = re.compile(r'^layers\.(\d+)\.blocks\.(\d+)\.')
 
 
-def _stage_count(state) -> int:
+def stage_count(state) -> int:
     stages = {int(m.group(1)) for k in state for m in [re.match(r'^layers\.(\d+)\.', k)] if m}
     if not stages:
         raise ConversionError('not a Swin state_dict: no layers.{i} keys')
@@ -60,7 +60,7 @@ def _stage_count(state) -> int:
 def microsoft_to_timm(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Official layout -> timm layout: drop the buffers, move `layers.{i}.downsample` to `layers.{i+1}`,
     `head.*` to `head.fc.*`. Arrays are passed through untouched (bit-exact)."""
-    last = _stage_count(state) - 1
+    last = stage_count(state) - 1
     if f'layers.{last}.downsample.reduction.weight' in state or (
             last > 0 and 'layers.0.downsample.reduction.weight' not in state):
         raise ConversionError('not in the Microsoft layout (patch merging is not at the end of layers.0); '
@@ -101,7 +101,7 @@ def timm_to_microsoft(state: Dict[str, np.ndarray], img_size: Optional[Union[int
     384 for window 12), i.e. the last stage's resolution equals its window (Swin-S3 too: 224).
     Each block's window is read from its bias table (already clamped where a stage is smaller).
     """
-    num_stages = _stage_count(state)
+    num_stages = stage_count(state)
     if 'layers.0.downsample.reduction.weight' in state:
         raise ConversionError('already in the Microsoft layout (layers.0 has a downsample)')
     patch = tuple(state['patch_embed.proj.weight'].shape[-2:])
@@ -283,7 +283,7 @@ class SwinFamily(Family):
     def config_from_flax(self, flat) -> dict:
         """Architecture fields of `SwinTransformer` read off a flat Flax tree (heads and window from the bias tables)."""
         kernel = flat['patch_embed/proj/kernel']
-        depths = _blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
+        depths = blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
         tables = [flat[f'layers_{i}/blocks_0/attn/relative_position_bias_table'] for i in range(len(depths))]
         windows = tuple(_window_of(t) for t in tables)
         return dict(stage_windows=windows,
@@ -296,7 +296,7 @@ class SwinFamily(Family):
     def config_from_torch(self, state) -> dict:
         """The same fields read off a timm-layout state_dict (Swin's bias tables do record the heads)."""
         w = state['patch_embed.proj.weight']
-        depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
+        depths = blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
         tables = [state[f'layers.{i}.blocks.0.attn.relative_position_bias_table'] for i in range(len(depths))]
         windows = tuple(_window_of(t) for t in tables)
         return dict(stage_windows=windows,

@@ -27,7 +27,7 @@ from vit_flax.models.swinv2 import SwinTransformerV2, relative_coords_table
 from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule
 from .base import Family
-from .swin import _blocks_per_stage, _stage_count
+from .swin import blocks_per_stage, stage_count
 
 # Buffers Microsoft's files carry: derived from the config, never read as weights.
 IGNORE = ('relative_position_index', 'relative_coords_table', 'attn_mask', 'k_bias')
@@ -40,7 +40,7 @@ def microsoft_to_timm(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Microsoft layout -> timm layout, as timm's own `checkpoint_filter_fn`: `layers.{i}.downsample` moved to
     `layers.{i+1}`, `head.*` to `head.fc.*`. Arrays pass through untouched (bit-exact). The buffers are kept
     (timm's filter drops them; the rule table ignores them) so that `config_from_torch` can read what they record."""
-    last = _stage_count(state) - 1
+    last = stage_count(state) - 1
     if f'layers.{last}.downsample.reduction.weight' in state or (
             last > 0 and 'layers.0.downsample.reduction.weight' not in state):
         raise ConversionError('not in the Microsoft layout (patch merging is not at the end of layers.0); '
@@ -140,7 +140,7 @@ def pretrained_window_of(table: np.ndarray) -> int:
 
 def read_microsoft_buffers(state) -> dict:
     """{stage_windows, pretrained_window_sizes, img_res} read off Microsoft's buffers (each None when absent)."""
-    depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
+    depths = blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
     windows, pretrained, res = [], [], None
     for i in range(len(depths)):
         index = state.get(f'layers.{i}.blocks.0.attn.relative_position_index')
@@ -219,7 +219,7 @@ class SwinV2Family(Family):
     def config_from_flax(self, flat) -> dict:
         """Architecture fields read off a flat Flax tree (heads from `logit_scale`; the window is not recorded)."""
         kernel = flat['patch_embed/proj/kernel']
-        depths = _blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
+        depths = blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
         return dict(embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:2]),
                     depths=depths,
                     num_heads=tuple(flat[f'layers_{i}/blocks_0/attn/logit_scale'].shape[0] for i in range(len(depths))),
@@ -231,7 +231,7 @@ class SwinV2Family(Family):
         """The same fields off a timm-layout state_dict, plus (`_ms`, for `resolve`) what Microsoft's buffers
         record when the file has them."""
         w = state['patch_embed.proj.weight']
-        depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
+        depths = blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
         return dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), depths=depths,
                     num_heads=tuple(state[f'layers.{i}.blocks.0.attn.logit_scale'].shape[0]
                                     for i in range(len(depths))),

@@ -99,6 +99,26 @@ def test_no_module_imports_from_a_higher_layer():
     assert not found, 'imports against the layering:\n' + '\n'.join(found)
 
 
+def private_imports(root: str):
+    """One line per import of a private name (`_x`) from another project module: what other modules use is
+    public (a name without the underscore), so that a module's private helpers stay its own to change."""
+    found = []
+    for rel, module in project_files(root):
+        for line, name in sorted(set(imports(os.path.join(root, rel), module))):
+            owner, _, last = name.rpartition('.')
+            if name.split('.')[0] in LAYERS and last.startswith('_') and not last.startswith('__') and owner != module:
+                found.append(f'{rel}:{line}: {module} imports the private {name}')
+    return found
+
+
+def test_no_module_imports_another_modules_private_names(tmp_path):
+    found = private_imports(ROOT)
+    assert not found, 'private names used across modules:\n' + '\n'.join(found)
+    write(tmp_path, {'converters/__init__.py': '', 'converters/a.py': 'def _x(): pass\n',
+                     'converters/b.py': 'from .a import _x\nfrom . import a\n'})
+    assert private_imports(str(tmp_path)) == ['converters/b.py:1: converters.b imports the private converters.a._x']
+
+
 def test_every_packaged_module_has_a_layer():
     import tomllib
     with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:

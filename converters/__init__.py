@@ -8,7 +8,7 @@ worker processes do).
 """
 import importlib
 
-_PUBLIC = {'adapt': 'pipeline', 'load_model': 'pipeline', 'load_params': 'pipeline', 'read_checkpoint': 'pipeline',
+_PUBLIC = {'adapt': 'pipeline', 'LoadOptions': 'pipeline', 'load_model': 'pipeline', 'load_params': 'pipeline', 'read_checkpoint': 'pipeline',
            'save_params': 'pipeline', 'write_flat': 'pipeline', 'ConversionError': 'errors'}
 
 __all__ = list(_PUBLIC)

@@ -27,6 +27,14 @@ FORBIDDEN = [
     ('converters.formats', 'converters.families'),
     ('converters.formats', 'converters.pipeline'),
     ('converters.formats', 'vit_flax'),
+    # the read path one way: families <- checkpoint (what a read gives) <- sources (the table) <- pipeline
+    ('converters.families', 'converters.checkpoint'),
+    ('converters.families', 'converters.sources'),
+    ('converters.families', 'converters.pipeline'),
+    ('converters.families', 'converters.hf_transformers'),
+    ('converters.checkpoint', 'converters.sources'),
+    ('converters.checkpoint', 'converters.pipeline'),
+    ('converters.sources', 'converters.pipeline'),
 ]
 
 # (package, allowed): exceptions to FORBIDDEN

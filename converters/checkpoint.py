@@ -95,6 +95,9 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
             shown = ', '.join(f'{k}={cfg.get(k)}' for k in core)
             raise ConversionError(f'{path}: no registered model matches ({shown}); pass --model')
         base = family.with_core(vit_flax.create_model(name), cfg)
+        extra = {k: v for k, v in (arch or {}).items() if k not in core}
+        if extra:   # what the caller or the family's resolve said beyond the file's sizes (an activation)
+            base = base.clone(**extra)
     try:
         return name, base.clone(**family.overrides(cfg, base))
     except ValueError as e:

@@ -25,7 +25,8 @@ from vit_flax.registry import split_tag
 from vit_flax.summary import param_shapes
 
 from . import formats, hf_transformers, rules, sources
-from .checkpoint import Checkpoint, ReadRequest, check_model_options, match_model, stderr as _stderr
+from .checkpoint import Checkpoint, ReadRequest, check_model_options, stderr as _stderr
+from .checkpoint import match_model  # noqa: F401  (converters.pipeline.match_model, as before)
 from .errors import ConversionError
 from .families import family_of
 from .formats import timm_folder

@@ -25,8 +25,6 @@ import os
 from dataclasses import replace
 from typing import Tuple
 
-import numpy as np
-
 from vit_flax.models.layers import to_tuple
 from vit_flax.registry import split_tag
 

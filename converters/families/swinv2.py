@@ -249,6 +249,12 @@ class SwinV2Family(Family):
         channels, and what Microsoft's buffers recorded (window, pretrained windows, input size)."""
         kw = {k: cfg[k] for k in ('num_classes', 'qkv_bias', 'in_chans', 'window_size', 'pretrained_window_sizes',
                                   'img_size') if cfg.get(k) is not None and cfg[k] != getattr(model, k)}
+        stages = len(model.depths)   # the file's (with_core), which may differ from the registered four
+        trained = tuple(model.pretrained_window_sizes)
+        if 'pretrained_window_sizes' not in kw and len(trained) != stages:
+            # not recorded (no buffers): one entry per stage of the file, the registered value where it is one
+            # for every stage (0: each stage's own window), else 0
+            kw['pretrained_window_sizes'] = (trained[0] if len(set(trained)) == 1 else 0,) * stages
         return kw
 
     def preference(self, cfg: dict, name: str, model) -> tuple:

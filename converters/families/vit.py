@@ -575,6 +575,9 @@ class ViTFamily(Family):
     layouts = {'dinov2': (dinov2_to_timm, timm_to_dinov2), 'open_clip': (open_clip_to_timm, timm_to_open_clip),
                'deit3': (deit3_to_timm, timm_to_deit3)}
     layout_models = ('dinov2', 'open_clip', 'deit3')   # writers that take the model too (their checks need it)
+    # the width of every head in DINOv2's and open_clip's files whose sizes no registered name has (the larger
+    # open_clip towers, 80- to 104-wide, are registered: their names give their heads)
+    head_width = {'dinov2': 64, 'open_clip': 64}
     torch_wrap = {'deit3': 'model'}                    # as DeiT III's own training script saves
     adaptable = ('patch_size',)               # FlexiViT's PI-resize of the patch embedding (`adapt`)
 
@@ -594,6 +597,8 @@ class ViTFamily(Family):
         default GELU unless --set act_layer=quick_gelu, which OpenAI's weights need); DINOv2's mask token is
         dropped and a register model's class position row is folded into the token."""
         cfg, arch, notes = dict(cfg), dict(arch or {}), []
+        heads = self.heads_by_convention(cfg, arch, layout, model_name, path)
+        notes += [heads] if heads else []
         if layout == 'open_clip':
             if 'act_layer' not in arch:
                 arch['act_layer'] = 'gelu'
@@ -602,6 +607,9 @@ class ViTFamily(Family):
             notes.append("open_clip layout: conv1, class_embedding, positional_embedding, ln_pre, resblocks, ln_post "
                          "read as timm's CLIP ViT; proj read as the head (zero bias); text tower keys ignored")
         elif layout == 'dinov2':
+            if cfg.get('mlp_layer', 'mlp') != 'mlp' and 'act_layer' not in arch:
+                arch['act_layer'] = 'silu'   # DINOv2's SwiGLUFFN(Fused): F.silu, as timm's ViT-g/14 registration
+                notes.append('dinov2 layout: SwiGLU feed-forward, gated by SiLU (DINOv2\'s SwiGLUFFN)')
             notes.append('dinov2 layout: mask_token dropped (used only by masked-image training), w12/w3 read as fc1/fc2'
                          + ('; the class position row folded into cls_token (registers get no position)'
                             if cfg.get('reg_tokens') else ''))

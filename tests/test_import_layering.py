@@ -133,6 +133,10 @@ def test_every_packaged_module_has_a_layer():
         tool = tomllib.load(f)['tool']['setuptools']
     packaged = {p.split('.')[0] for p in tool.get('packages', [])} | set(tool.get('py-modules', []))
     assert packaged <= set(LAYERS), f'give these a layer in LAYERS: {sorted(packaged - set(LAYERS))}'
+    folders = {os.path.relpath(folder, ROOT).replace(os.sep, '.') for top in LAYERS
+               for folder, dirs, files in os.walk(os.path.join(ROOT, top)) if '__init__.py' in files}
+    missing = folders - set(tool.get('packages', []))
+    assert not missing, f'packages pyproject.toml does not install (add them to [tool.setuptools] packages): {missing}'
 
 
 def write(root, files):

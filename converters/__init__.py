@@ -1,6 +1,6 @@
 """Checkpoint I/O and parameter maps: Google npz layouts <-> Flax tree <-> PyTorch (timm, Microsoft Swin).
 
-Layout (see the README's Architecture section): `formats/` reads and writes files (no model knowledge),
+Layout (see docs/ARCHITECTURE.md): `formats/` reads and writes files (no model knowledge),
 `families/` holds each model family's rule table, layouts and detection, `pipeline` reads -> adapts ->
 writes. Importing this package imports nothing heavy: the public names below load the pipeline (and jax)
 on first use (PEP 562), so a light module such as `converters.preprocess` can be imported alone (grain's
@@ -8,7 +8,7 @@ worker processes do).
 """
 import importlib
 
-_PUBLIC = {'adapt': 'pipeline', 'load_model': 'pipeline', 'load_params': 'pipeline', 'read_checkpoint': 'pipeline',
+_PUBLIC = {'adapt': 'pipeline', 'LoadOptions': 'pipeline', 'load_model': 'pipeline', 'load_params': 'pipeline', 'read_checkpoint': 'pipeline',
            'save_params': 'pipeline', 'write_flat': 'pipeline', 'ConversionError': 'errors'}
 
 __all__ = list(_PUBLIC)

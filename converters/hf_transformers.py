@@ -57,7 +57,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .errors import ConversionError
-from .formats.timm_folder import _load_json
+from .formats.timm_folder import load_json
 from .rules import Rule, Transform, rule
 
 CONFIG = 'config.json'
@@ -79,7 +79,7 @@ def is_transformers_folder(path: str) -> bool:
     if not (os.path.isdir(str(path)) and os.path.isfile(cfg_path)):
         return False
     try:
-        cfg = _load_json(cfg_path)
+        cfg = load_json(cfg_path)
     except ConversionError:
         return False
     return isinstance(cfg, dict) and 'model_type' in cfg and 'architecture' not in cfg
@@ -539,7 +539,7 @@ def read_weights(folder: str) -> Tuple[Dict[str, np.ndarray], str, str]:
     for name in INDEX_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            index = _load_json(path)
+            index = load_json(path)
             wm = index.get('weight_map') if isinstance(index, dict) else None
             if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
                 raise ConversionError(f'{path}: weight_map is not an object of key -> shard file')
@@ -654,7 +654,7 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     from .families import family_of
     folder = os.path.abspath(folder)
     cfg_path = os.path.join(folder, CONFIG)
-    cfg = _load_json(cfg_path)
+    cfg = load_json(cfg_path)
     if not isinstance(cfg, dict):
         raise ConversionError(f'{cfg_path}: a JSON {type(cfg).__name__}, not an object')
     mt, vcfg = vision_config(cfg, cfg_path)

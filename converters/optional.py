@@ -10,12 +10,15 @@ import importlib.util
 
 from .errors import ConversionError, first_line
 
-EXTRA = "pip install 'vit-flax[torch]'"
+# The distribution's name on the package index. `vit-flax` there is an unrelated 2020 project (0.0.3), so this one
+# installs as `vit-flax-tools`; the import names (vit_flax, converters, vit_train) and the `vit-flax` command stay.
+DISTRIBUTION = 'vit-flax-tools'
+EXTRA = f"pip install '{DISTRIBUTION}[torch]'"
 
 
 def require(module: str, what: str):
     """`importlib.import_module(module)`, or a ConversionError: '<what> needs torch, which is not installed
-    here: pip install 'vit-flax[torch]''. `module` may be dotted ('timm.layers'); the message names its top
+    here: pip install 'vit-flax-tools[torch]''. `module` may be dotted ('timm.layers'); the message names its top
     package, and says why when the package is installed but fails to import."""
     top = module.partition('.')[0]
     try:

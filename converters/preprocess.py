@@ -277,8 +277,8 @@ def read_hf_preprocessor(folder: str) -> Optional[dict]:
     path = os.path.join(folder, HF_PREPROCESSOR)
     if not os.path.isfile(path):
         return None
-    from .formats.timm_folder import _load_json
-    return from_hf(_load_json(path), path)
+    from .formats.timm_folder import load_json
+    return from_hf(load_json(path), path)
 
 
 def hf_preprocessor_of(ck) -> Optional[Tuple[dict, str]]:

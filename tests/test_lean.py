@@ -269,10 +269,26 @@ def test_what_needs_torch_fails_in_one_line_naming_the_extra(tiny, tmp_path):
     for what, r in runs.items():
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and not r.stdout, (what, r.stderr)
-        assert "pip install 'vit-flax[torch]'" in lines[0] and 'Traceback' not in r.stderr, (what, r.stderr)
+        assert "pip install 'vit-flax-tools[torch]'" in lines[0] and 'Traceback' not in r.stderr, (what, r.stderr)
     assert 'vit-flax parity needs torch, which is not installed here' in runs['parity'].stderr
     assert "legacy.pth: torch's legacy (pre-1.6, non-zip) format needs torch" in runs['legacy'].stderr
     assert not (tmp_path / 'out.npz').exists()
+
+
+def test_install_hints_name_the_distribution_in_pyproject():
+    """`vit-flax` on the package index is another project: every hint names ours, as pyproject does."""
+    import tomllib
+    from converters.optional import DISTRIBUTION, EXTRA
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, 'pyproject.toml'), 'rb') as f:
+        assert tomllib.load(f)['project']['name'] == DISTRIBUTION != 'vit-flax'
+    assert EXTRA == f"pip install '{DISTRIBUTION}[torch]'"
+    for folder in ('vit_flax', 'converters', 'vit_train', 'vit_flax_cli'):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for name in files:
+                if name.endswith('.py'):
+                    with open(os.path.join(dirpath, name)) as f:
+                        assert "'vit-flax[" not in f.read(), os.path.join(dirpath, name)
 
 
 # ---------------------------------------------------------------- start-up

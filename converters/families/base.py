@@ -60,6 +60,9 @@ class Family:
     in_timm: bool = True
     timm_classifier: str = 'head'      # pretrained_cfg['classifier'] in a timm folder
     timm_default_pool: str = 'token'   # config.json's global_pool when timm_kwargs names none
+    # releases that fix the width of every attention head, which their files cannot record (a fused qkv):
+    # {layout: width}; see `heads_by_convention`
+    head_width: Dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f'<{self.name} family>'
@@ -93,6 +96,32 @@ class Family:
     def core(self, model) -> dict:
         """The fields a registered model must share with a checkpoint to be its architecture."""
         raise NotImplementedError
+
+    def registered_match(self, cfg: dict) -> bool:
+        """Whether a registered model of this family has every core field that `cfg` records."""
+        import vit_flax
+        from vit_flax.registry import list_models, model_config
+        return any(all(cfg.get(k) is None or cfg[k] == v for k, v in self.core(vit_flax.create_model(n)).items())
+                   for n in list_models() if model_config(n)[0] is self.module_cls)
+
+    def heads_by_convention(self, cfg: dict, arch: dict, layout: str, model_name, path: str) -> Optional[str]:
+        """A file of a release that fixes its heads' width (`head_width[layout]`: DINOv2, open_clip) records
+        every size but the head count. Without --model: `--set num_heads=N` gives it; else, when no registered
+        model has the file's sizes, num_heads = embed_dim / width, and the note returned says so (else None).
+        `cfg` is changed in place."""
+        width = self.head_width.get(layout)
+        if width is None or model_name is not None or cfg.get('num_heads') is not None:
+            return None
+        if (arch or {}).get('num_heads') is not None:
+            cfg['num_heads'] = arch['num_heads']
+            return None
+        dim = cfg.get('embed_dim')
+        if not dim or dim % width or self.registered_match(cfg):
+            return None
+        cfg['num_heads'] = dim // width
+        return (f'{path}: the {layout} layout does not record its head count, and no registered model has its '
+                f'sizes: {dim // width} heads of {width} (embed_dim={dim}; the release\'s convention; '
+                f'--set num_heads=N to change it)')
 
     def overrides(self, cfg: dict, model) -> dict:
         """Overrides that make `model` (holding the checkpoint's core fields) hold exactly the checkpoint."""

@@ -24,56 +24,23 @@ from vit_flax.models.swin import SwinTransformer, relative_position_index, shift
 
 from ..errors import ConversionError
 from ..resample import resize_grid
-from ..rules import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule
-from .base import Family
+from ..rules import Rule, dense_rules, mlp_rules, norm_rules, rule
+from .swin_common import (TORCH_BLOCKS, SwinFamilyBase, merging_to_microsoft, merging_to_timm,
+                          norm_and_head_to_microsoft, stage_count)
 
 # Buffers some files carry (Microsoft's release, timm < 0.9): derived from the config, never read.
 IGNORE = ('relative_position_index', 'attn_mask')
 
 
-# ---------------------------------------------------------------- architecture read off a checkpoint
-# Same contract as vit_map's config_from_* / core / overrides (wired in by converters/families.py).
-
-def _blocks_per_stage(keys, pattern) -> Tuple[int, ...]:
-    found = {}
-    for k in keys:
-        m = re.match(pattern, k)
-        if m:
-            i, j = int(m.group(1)), int(m.group(2))
-            found[i] = max(found.get(i, 0), j + 1)
-    return tuple(found[i] for i in range(len(found)))
-
-
 # ---------------------------------------------------------------- Microsoft's release layout
 
-_DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
-_BLOCK = re.compile(r'^layers\.(\d+)\.blocks\.(\d+)\.')
-
-
-def _stage_count(state) -> int:
-    stages = {int(m.group(1)) for k in state for m in [re.match(r'^layers\.(\d+)\.', k)] if m}
-    if not stages:
-        raise ConversionError('not a Swin state_dict: no layers.{i} keys')
-    return max(stages) + 1
+_BLOCK = re.compile(TORCH_BLOCKS)
 
 
 def microsoft_to_timm(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Official layout -> timm layout: drop the buffers, move `layers.{i}.downsample` to `layers.{i+1}`,
     `head.*` to `head.fc.*`. Arrays are passed through untouched (bit-exact)."""
-    last = _stage_count(state) - 1
-    if f'layers.{last}.downsample.reduction.weight' in state or (
-            last > 0 and 'layers.0.downsample.reduction.weight' not in state):
-        raise ConversionError('not in the Microsoft layout (patch merging is not at the end of layers.0); '
-                              'is it already a timm state_dict?')
-    out = {}
-    for k, v in state.items():
-        if any(s in k for s in IGNORE):
-            continue
-        k = _DOWNSAMPLE.sub(lambda m: f'layers.{int(m.group(1)) + 1}.downsample.', k)
-        if k.startswith('head.'):
-            k = 'head.fc.' + k[len('head.'):]
-        out[k] = v
-    return out
+    return merging_to_timm(state, drop=IGNORE)
 
 
 def window_field(windows: Sequence[int]):
@@ -101,7 +68,7 @@ def timm_to_microsoft(state: Dict[str, np.ndarray], img_size: Optional[Union[int
     384 for window 12), i.e. the last stage's resolution equals its window (Swin-S3 too: 224).
     Each block's window is read from its bias table (already clamped where a stage is smaller).
     """
-    num_stages = _stage_count(state)
+    num_stages = stage_count(state)
     if 'layers.0.downsample.reduction.weight' in state:
         raise ConversionError('already in the Microsoft layout (layers.0 has a downsample)')
     patch = tuple(state['patch_embed.proj.weight'].shape[-2:])
@@ -135,16 +102,8 @@ def timm_to_microsoft(state: Dict[str, np.ndarray], img_size: Optional[Union[int
                 if k.endswith('attn.relative_position_bias_table'):
                     out[prefix + 'attn.relative_position_index'] = relative_position_index((w, w))
         if i + 1 < num_stages:
-            src, dst = f'layers.{i + 1}.downsample.', f'layers.{i}.downsample.'
-            for name in ('reduction.weight', 'norm.weight', 'norm.bias'):
-                if src + name in state:
-                    out[dst + name] = state[src + name]
-    for k, v in state.items():
-        if k.startswith('norm.'):
-            out[k] = v
-    for k, v in state.items():
-        if k.startswith('head.fc.'):
-            out['head.' + k[len('head.fc.'):]] = v
+            merging_to_microsoft(state, out, i)
+    norm_and_head_to_microsoft(state, out)
     missing = [k for k in state if not k.startswith(('layers.', 'patch_embed.', 'norm.', 'head.fc.'))
                and not any(s in k for s in IGNORE)]
     if missing:
@@ -168,7 +127,7 @@ def resize_relative_bias_table(table: np.ndarray, new_window: Union[int, Tuple[i
     (computed in numpy without torch, `converters.resample.resize_grid`: equal to torch's to ~1e-6).
     method='timm': timm's `resize_rel_pos_bias_table` (used by its `checkpoint_filter_fn` and
     `set_window_size`): BEiT's geometric-progression sample positions, linear interpolation
-    (needs timm: `pip install 'vit-flax[torch]'`). The two give different tables; neither is exact, both are starting points
+    (needs timm: `pip install 'vit-flax-tools[torch]'`). The two give different tables; neither is exact, both are starting points
     for fine-tuning. The source window is taken as square unless `old_window` is given.
     """
     table = np.asarray(table)
@@ -207,7 +166,7 @@ LAYOUT_CONFIG = {
 }
 
 
-class SwinFamily(Family):
+class SwinFamily(SwinFamilyBase):
     """`vit_flax.SwinTransformer` (Swin V1): timm's layout, Microsoft's release and WZMIAOMIAO's code."""
     name = 'swin'
     module_cls = SwinTransformer
@@ -215,9 +174,6 @@ class SwinFamily(Family):
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft),
                'wzmiaomiao': (microsoft_to_timm, timm_to_wzmiaomiao)}
     layout_config = LAYOUT_CONFIG
-    torch_wrap = {'microsoft': 'model'}
-    timm_classifier = 'head.fc'
-    timm_default_pool = 'avg'
 
     def detect_torch(self, state) -> bool:
         return any('relative_position_bias_table' in k for k in state) and 'patch_embed.proj.weight' in state
@@ -227,9 +183,7 @@ class SwinFamily(Family):
 
     def rules(self, model) -> List[Rule]:
         """The map for a `vit_flax.SwinTransformer` instance (its config decides which rows exist)."""
-        rules = [rule('patch_embed/proj/kernel', 'patch_embed.proj.weight', CONV),
-                 rule('patch_embed/proj/bias', 'patch_embed.proj.bias')]
-        rules += norm_rules('patch_embed/norm', 'patch_embed.norm')
+        rules = self.stem_rules()
         for i, depth in enumerate(model.depths):
             f, t = f'layers_{i}', f'layers.{i}'
             if i > 0:
@@ -243,10 +197,7 @@ class SwinFamily(Family):
                 rules += dense_rules(f'{fb}/attn/proj', f'{tb}.attn.proj')
                 rules += norm_rules(f'{fb}/norm2', f'{tb}.norm2')
                 rules += mlp_rules(f'{fb}/mlp', f'{tb}.mlp')
-        rules += norm_rules('norm', 'norm')
-        if model.num_classes > 0:
-            rules += dense_rules('head', 'head.fc')
-        return rules
+        return rules + self.tail_rules(model)
 
     def timm_kwargs(self, model) -> dict:
         """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`.
@@ -273,38 +224,21 @@ class SwinFamily(Family):
                       embed_layer=partial(PatchEmbed, dynamic_img_pad=True))
         return kw
 
-    def parity_points(self, model):
-        """(label, flax intermediate, timm module) pairs, in forward order; both sides are NHWC."""
-        pts = [('patch_embed', 'embed', 'patch_embed')]
-        pts += [(f'stage {i}', f'stage_{i}', f'layers.{i}') for i in range(len(model.depths))]
-        pts.append(('norm', 'encoded', 'norm'))
-        return pts
-
     def config_from_flax(self, flat) -> dict:
         """Architecture fields of `SwinTransformer` read off a flat Flax tree (heads and window from the bias tables)."""
-        kernel = flat['patch_embed/proj/kernel']
-        depths = _blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
-        tables = [flat[f'layers_{i}/blocks_0/attn/relative_position_bias_table'] for i in range(len(depths))]
+        sizes = self.sizes_from_flax(flat)
+        tables = [flat[f'layers_{i}/blocks_0/attn/relative_position_bias_table'] for i in range(len(sizes['depths']))]
         windows = tuple(_window_of(t) for t in tables)
-        return dict(stage_windows=windows,
-                    embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:2]),
-                    depths=depths, num_heads=tuple(t.shape[1] for t in tables), window_size=window_field(windows),
-                    mlp_ratio=flat['layers_0/blocks_0/mlp/Dense_0/kernel'].shape[1] / kernel.shape[-1],
-                    qkv_bias='layers_0/blocks_0/attn/qkv/bias' in flat,
-                    num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0)
+        return dict(sizes, stage_windows=windows, num_heads=tuple(t.shape[1] for t in tables),
+                    window_size=window_field(windows), qkv_bias='layers_0/blocks_0/attn/qkv/bias' in flat)
 
     def config_from_torch(self, state) -> dict:
         """The same fields read off a timm-layout state_dict (Swin's bias tables do record the heads)."""
-        w = state['patch_embed.proj.weight']
-        depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
-        tables = [state[f'layers.{i}.blocks.0.attn.relative_position_bias_table'] for i in range(len(depths))]
+        sizes = self.sizes_from_torch(state)
+        tables = [state[f'layers.{i}.blocks.0.attn.relative_position_bias_table'] for i in range(len(sizes['depths']))]
         windows = tuple(_window_of(t) for t in tables)
-        return dict(stage_windows=windows,
-                    embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), depths=depths,
-                    num_heads=tuple(t.shape[1] for t in tables), window_size=window_field(windows),
-                    mlp_ratio=state['layers.0.blocks.0.mlp.fc1.weight'].shape[0] / w.shape[0],
-                    qkv_bias='layers.0.blocks.0.attn.qkv.bias' in state,
-                    num_classes=state['head.fc.bias'].shape[0] if 'head.fc.bias' in state else 0)
+        return dict(sizes, stage_windows=windows, num_heads=tuple(t.shape[1] for t in tables),
+                    window_size=window_field(windows), qkv_bias='layers.0.blocks.0.attn.qkv.bias' in state)
 
     def core(self, model) -> dict:
         """Fields of a registered model that a checkpoint must share (the rest are `overrides`)."""
@@ -314,8 +248,7 @@ class SwinFamily(Family):
             window = wh if wh == ww else (wh, ww)
         else:   # square windows per stage (Swin-S3), as a checkpoint's tables record them
             window = window_field([h for h, _ in windows])
-        return dict(embed_dim=model.embed_dim, patch_size=to_tuple(model.patch_size, 2), depths=tuple(model.depths),
-                    num_heads=tuple(model.num_heads), window_size=window, mlp_ratio=model.mlp_ratio)
+        return dict(self.core_sizes(model), window_size=window)
 
     def overrides(self, cfg: dict, model) -> dict:
         """Overrides that make `model` (already holding the file's core fields) hold exactly the checkpoint.

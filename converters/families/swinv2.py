@@ -15,8 +15,7 @@ Layouts:
   with `strict=True`.
 """
 import math
-import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import numpy as np
 
@@ -25,13 +24,12 @@ from vit_flax.models.swin import relative_position_index, shifted_window_mask
 from vit_flax.models.swinv2 import SwinTransformerV2, relative_coords_table
 
 from ..errors import ConversionError
-from ..rules import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule
-from .base import Family
-from .swin import _blocks_per_stage, _stage_count
+from ..rules import Rule, dense_rules, mlp_rules, norm_rules, rule
+from .swin_common import (DOWNSAMPLE, TORCH_BLOCKS, SwinFamilyBase, blocks_per_stage, merging_to_microsoft,
+                          merging_to_timm, norm_and_head_to_microsoft)
 
 # Buffers Microsoft's files carry: derived from the config, never read as weights.
 IGNORE = ('relative_position_index', 'relative_coords_table', 'attn_mask', 'k_bias')
-_DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
 
 
 # ---------------------------------------------------------------- Microsoft's release layout
@@ -40,18 +38,7 @@ def microsoft_to_timm(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Microsoft layout -> timm layout, as timm's own `checkpoint_filter_fn`: `layers.{i}.downsample` moved to
     `layers.{i+1}`, `head.*` to `head.fc.*`. Arrays pass through untouched (bit-exact). The buffers are kept
     (timm's filter drops them; the rule table ignores them) so that `config_from_torch` can read what they record."""
-    last = _stage_count(state) - 1
-    if f'layers.{last}.downsample.reduction.weight' in state or (
-            last > 0 and 'layers.0.downsample.reduction.weight' not in state):
-        raise ConversionError('not in the Microsoft layout (patch merging is not at the end of layers.0); '
-                              'is it already a timm state_dict?')
-    out = {}
-    for k, v in state.items():   # the buffers are kept (the rule table ignores them) for config_from_torch to read
-        k = _DOWNSAMPLE.sub(lambda m: f'layers.{int(m.group(1)) + 1}.downsample.', k)
-        if k.startswith('head.'):
-            k = 'head.fc.' + k[len('head.'):]
-        out[k] = v
-    return out
+    return merging_to_timm(state)
 
 
 def timm_to_microsoft(state: Dict[str, np.ndarray], model) -> Dict[str, np.ndarray]:
@@ -99,17 +86,12 @@ def timm_to_microsoft(state: Dict[str, np.ndarray], model) -> Dict[str, np.ndarr
                          'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias'):
                 out[prefix + name] = state[prefix + name]
         if i + 1 < num_stages:
-            for name in ('reduction.weight', 'norm.weight', 'norm.bias'):
-                out[f'layers.{i}.downsample.{name}'] = state[f'layers.{i + 1}.downsample.{name}']
-    for name in ('norm.weight', 'norm.bias'):
-        out[name] = state[name]
-    for k, v in state.items():
-        if k.startswith('head.fc.'):
-            out['head.' + k[len('head.fc.'):]] = v
+            merging_to_microsoft(state, out, i)
+    norm_and_head_to_microsoft(state, out)
     placed = sum(1 for k in out if not any(s in k for s in IGNORE))
     if placed != len(state):
         extra = next(k for k in state if k not in out and not k.startswith('head.fc.') and
-                     not _DOWNSAMPLE.match(k))
+                     not DOWNSAMPLE.match(k))
         raise ConversionError(f'unexpected timm key {extra!r} for the Microsoft layout')
     return out
 
@@ -140,7 +122,7 @@ def pretrained_window_of(table: np.ndarray) -> int:
 
 def read_microsoft_buffers(state) -> dict:
     """{stage_windows, pretrained_window_sizes, img_res} read off Microsoft's buffers (each None when absent)."""
-    depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
+    depths = blocks_per_stage(state, TORCH_BLOCKS)
     windows, pretrained, res = [], [], None
     for i in range(len(depths)):
         index = state.get(f'layers.{i}.blocks.0.attn.relative_position_index')
@@ -161,16 +143,13 @@ def read_microsoft_buffers(state) -> dict:
 
 # ---------------------------------------------------------------- the family
 
-class SwinV2Family(Family):
+class SwinV2Family(SwinFamilyBase):
     """`vit_flax.SwinTransformerV2`: timm's layout and Microsoft's V2 release."""
     name = 'swinv2'
     module_cls = SwinTransformerV2
     ignore_torch = IGNORE
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft)}
     layout_models = ('microsoft',)
-    torch_wrap = {'microsoft': 'model'}
-    timm_classifier = 'head.fc'
-    timm_default_pool = 'avg'
 
     def detect_torch(self, state) -> bool:
         return 'patch_embed.proj.weight' in state and any(k.endswith(('attn.logit_scale', 'cpb_mlp.0.weight'))
@@ -188,9 +167,7 @@ class SwinV2Family(Family):
 
     def rules(self, model) -> List[Rule]:
         """The map for a `vit_flax.SwinTransformerV2` instance (its config decides which rows exist)."""
-        rules = [rule('patch_embed/proj/kernel', 'patch_embed.proj.weight', CONV),
-                 rule('patch_embed/proj/bias', 'patch_embed.proj.bias')]
-        rules += norm_rules('patch_embed/norm', 'patch_embed.norm')
+        rules = self.stem_rules()
         for i, depth in enumerate(model.depths):
             f, t = f'layers_{i}', f'layers.{i}'
             if i > 0:
@@ -209,46 +186,40 @@ class SwinV2Family(Family):
                 rules += norm_rules(f'{fb}/norm1', f'{tb}.norm1')
                 rules += mlp_rules(f'{fb}/mlp', f'{tb}.mlp')
                 rules += norm_rules(f'{fb}/norm2', f'{tb}.norm2')
-        rules += norm_rules('norm', 'norm')
-        if model.num_classes > 0:
-            rules += dense_rules('head', 'head.fc')
-        return rules
+        return rules + self.tail_rules(model)
 
     # ------------------------------------------------------------ architecture
 
     def config_from_flax(self, flat) -> dict:
         """Architecture fields read off a flat Flax tree (heads from `logit_scale`; the window is not recorded)."""
-        kernel = flat['patch_embed/proj/kernel']
-        depths = _blocks_per_stage(flat, r'^layers_(\d+)/blocks_(\d+)/')
-        return dict(embed_dim=kernel.shape[-1], in_chans=kernel.shape[-2], patch_size=tuple(kernel.shape[:2]),
-                    depths=depths,
-                    num_heads=tuple(flat[f'layers_{i}/blocks_0/attn/logit_scale'].shape[0] for i in range(len(depths))),
-                    mlp_ratio=flat['layers_0/blocks_0/mlp/Dense_0/kernel'].shape[1] / kernel.shape[-1],
-                    qkv_bias='layers_0/blocks_0/attn/q_bias' in flat,
-                    num_classes=flat['head/bias'].shape[0] if 'head/bias' in flat else 0)
+        sizes = self.sizes_from_flax(flat)
+        return dict(sizes, qkv_bias='layers_0/blocks_0/attn/q_bias' in flat,
+                    num_heads=tuple(flat[f'layers_{i}/blocks_0/attn/logit_scale'].shape[0]
+                                    for i in range(len(sizes['depths']))))
 
     def config_from_torch(self, state) -> dict:
         """The same fields off a timm-layout state_dict, plus (`_ms`, for `resolve`) what Microsoft's buffers
         record when the file has them."""
-        w = state['patch_embed.proj.weight']
-        depths = _blocks_per_stage(state, r'^layers\.(\d+)\.blocks\.(\d+)\.')
-        return dict(embed_dim=w.shape[0], in_chans=w.shape[1], patch_size=tuple(w.shape[2:]), depths=depths,
+        sizes = self.sizes_from_torch(state)
+        return dict(sizes, qkv_bias='layers.0.blocks.0.attn.q_bias' in state,
                     num_heads=tuple(state[f'layers.{i}.blocks.0.attn.logit_scale'].shape[0]
-                                    for i in range(len(depths))),
-                    mlp_ratio=state['layers.0.blocks.0.mlp.fc1.weight'].shape[0] / w.shape[0],
-                    qkv_bias='layers.0.blocks.0.attn.q_bias' in state,
-                    num_classes=state['head.fc.bias'].shape[0] if 'head.fc.bias' in state else 0,
+                                    for i in range(len(sizes['depths']))),
                     _ms=read_microsoft_buffers(state) if any(k.endswith(IGNORE) for k in state) else None)
 
     def core(self, model) -> dict:
-        return dict(embed_dim=model.embed_dim, patch_size=to_tuple(model.patch_size, 2), depths=tuple(model.depths),
-                    num_heads=tuple(model.num_heads), mlp_ratio=model.mlp_ratio)
+        return self.core_sizes(model)
 
     def overrides(self, cfg: dict, model) -> dict:
         """The fields that make `model` (holding the file's core fields) hold the checkpoint: its head, biases,
         channels, and what Microsoft's buffers recorded (window, pretrained windows, input size)."""
         kw = {k: cfg[k] for k in ('num_classes', 'qkv_bias', 'in_chans', 'window_size', 'pretrained_window_sizes',
                                   'img_size') if cfg.get(k) is not None and cfg[k] != getattr(model, k)}
+        stages = len(model.depths)   # the file's (with_core), which may differ from the registered four
+        trained = tuple(model.pretrained_window_sizes)
+        if 'pretrained_window_sizes' not in kw and len(trained) != stages:
+            # not recorded (no buffers): one entry per stage of the file, the registered value where it is one
+            # for every stage (0: each stage's own window), else 0
+            kw['pretrained_window_sizes'] = (trained[0] if len(set(trained)) == 1 else 0,) * stages
         return kw
 
     def preference(self, cfg: dict, name: str, model) -> tuple:
@@ -336,12 +307,6 @@ class SwinV2Family(Family):
                     always_partition=model.always_partition, mlp_ratio=model.mlp_ratio, qkv_bias=model.qkv_bias,
                     drop_rate=model.drop_rate, proj_drop_rate=model.proj_drop_rate,
                     attn_drop_rate=model.attn_drop_rate, drop_path_rate=model.drop_path_rate)
-
-    def parity_points(self, model):
-        pts = [('patch_embed', 'embed', 'patch_embed')]
-        pts += [(f'stage {i}', f'stage_{i}', f'layers.{i}') for i in range(len(model.depths))]
-        pts.append(('norm', 'encoded', 'norm'))
-        return pts
 
     def describe(self, ck) -> str:
         return f'Swin V2 ({ck.layout})'

@@ -126,7 +126,9 @@ MODEL_FOLDER_FILES = frozenset({'config.json', 'model.safetensors', 'pytorch_mod
                                 'README.md'})
 
 
-def is_model_folder(path: str) -> bool:
+def is_replaceable_model_folder(path: str) -> bool:
+    """A folder holding config.json and nothing but the files a model folder is written with
+    (MODEL_FOLDER_FILES): one `--force` may replace as a whole."""
     try:
         names = set(os.listdir(path))
     except OSError:
@@ -146,7 +148,7 @@ def atomic_output(path: str, force: bool):
     if os.path.lexists(path):
         if not force:
             raise ConversionError(f'{path}: exists; pass --force to replace it')
-        if os.path.isdir(path) and not is_orbax_dir(path) and not is_model_folder(path):
+        if os.path.isdir(path) and not is_orbax_dir(path) and not is_replaceable_model_folder(path):
             raise ConversionError(f'{path}: is a directory that is not an orbax checkpoint or a model folder; '
                                   f'refusing to replace it')
     parent = os.path.dirname(path)

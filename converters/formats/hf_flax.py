@@ -120,8 +120,8 @@ def read_msgpack(path: str) -> Dict[str, np.ndarray]:
 
 
 def _config(path: str):
-    from .timm_folder import _load_json
-    return _load_json(path) if os.path.isfile(path) else None
+    from .timm_folder import load_json
+    return load_json(path) if os.path.isfile(path) else None
 
 
 def _field(cfg: dict, key: str, default, kind, where: str):

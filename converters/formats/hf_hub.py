@@ -86,7 +86,8 @@ def wanted(files: Sequence[str]) -> List[str]:
     return [f for f in extra if f in have] + weights
 
 
-def _listing(folder: str) -> List[str]:
+def listing(folder: str) -> List[str]:
+    """Every file below `folder` (a snapshot), as paths relative to it with '/' separators."""
     out = []
     for root, _, names in os.walk(folder):
         out += [os.path.relpath(os.path.join(root, n), folder).replace(os.sep, '/') for n in names]
@@ -125,7 +126,7 @@ def resolve(spec: str, log=None) -> str:
     try:
         if files is None:
             snap = hub.snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=True)
-            files = _listing(snap)
+            files = listing(snap)
         patterns = wanted(files)
         if not patterns:
             shown = ', '.join(sorted(files)[:8]) or 'nothing'

@@ -44,11 +44,12 @@ class FolderConfig:
     notes: List[str] = field(default_factory=list)
 
 
-def is_model_folder(path: str) -> bool:
+def has_config_json(path: str) -> bool:
+    """A folder holding config.json: read as a model folder (timm's, transformers', a Flax msgpack's)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
-def _load_json(path: str):
+def load_json(path: str):
     try:
         size = os.path.getsize(path)
         if size > MAX_CONFIG_BYTES:
@@ -81,7 +82,7 @@ def label_list(names, num_classes: Optional[int], where: str) -> Optional[List[s
 
 def read_class_indices(path: str) -> List[str]:
     """WZMIAOMIAO's class_indices.json ({"0": "daisy", ...}) as a list of names."""
-    names = label_list(_load_json(path), None, path)
+    names = label_list(load_json(path), None, path)
     if not names:
         raise ConversionError(f'{path}: holds no class names')
     return names
@@ -134,7 +135,7 @@ def read_config(folder: str, where: Optional[str] = None) -> FolderConfig:
     """Parse and check a model folder's config.json; find its weight file. `where` names the folder in errors."""
     folder = os.path.abspath(folder)
     path = os.path.join(folder, CONFIG)
-    cfg = _load_json(path)
+    cfg = load_json(path)
     if not isinstance(cfg, dict):
         raise ConversionError(f'{path}: a JSON {type(cfg).__name__}, not an object')
     if 'pretrained_cfg' not in cfg:   # timm's legacy single-dict layout: everything at the top level
@@ -178,7 +179,7 @@ def resolve_hf_hub(spec: str) -> str:
     snap = hf_hub.resolve(spec)
     if os.path.isfile(os.path.join(snap, CONFIG)):
         return snap
-    weights = [f for f in hf_hub.wanted(hf_hub._listing(snap)) if f in hf_hub.OPEN_CLIP_WEIGHTS]
+    weights = [f for f in hf_hub.wanted(hf_hub.listing(snap)) if f in hf_hub.OPEN_CLIP_WEIGHTS]
     if not weights:
         raise ConversionError(f'{spec}: the snapshot {snap} has no config.json')
     return os.path.join(snap, weights[0])
@@ -189,7 +190,7 @@ def resolve(path: str) -> Optional[str]:
     weight file), or None when it names none."""
     if str(path).startswith(HF_HUB):
         return resolve_hf_hub(str(path))
-    return os.path.abspath(path) if is_model_folder(str(path)) else None
+    return os.path.abspath(path) if has_config_json(str(path)) else None
 
 
 # ---------------------------------------------------------------- writing

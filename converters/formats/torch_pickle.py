@@ -303,8 +303,8 @@ def load_legacy(path: str, mf: MappedFile):
     """
     import warnings
     from ..optional import require
+    torch = require('torch', f"{path}: torch's legacy (pre-1.6, non-zip) format")   # without it, nothing to check for
     check_legacy_sizes(path, mf)
-    torch = require('torch', f"{path}: torch's legacy (pre-1.6, non-zip) format")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')

@@ -78,7 +78,7 @@ def test_parity_catches_a_wrong_mapping(ckpt, tmp_path, monkeypatch):
         return table.Transform(t.name, lambda a: t.to_torch([a[1], a[0], a[2]]),
                                lambda a: (lambda q, k, v: [k, q, v])(*t.to_flax(a)))
     model, params, ck = pipeline.load_model(ckpt / 'tiny.pth')
-    monkeypatch.setattr(vit_family, 'heads_in', swapped)
+    monkeypatch.setattr(vit_family.family, 'heads_in', swapped)   # the rule table's module
     rows = parity.compare(model, params, ck.model_name)
     table_text = parity.format_table(rows, 1e-4)
     assert 'first divergence at block 0' in table_text

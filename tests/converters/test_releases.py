@@ -183,3 +183,41 @@ def test_dinov2_resample_method_is_dinovisiontransformers_own_interpolation(tmp_
     model, params, _ = pipeline.load_model(tmp_path / 'dinov2.pth', 'vit_small_patch14_dinov2', depth=2,
                                            img_size=98, resample='dinov2')
     assert rel_err(run_flax(model, params, x), y) < 1e-5
+
+
+# ---------------------------------------------------------------- sizes no registered name has
+
+def test_a_dinov2_swiglu_file_of_no_registered_size_converts_without_model_taking_64_wide_heads(tmp_path):
+    """DINOv2 at ViT-S width with 2 SwiGLU blocks (no registered depth): the file records every size but the
+    head count, which DINOv2 fixes at 64-wide heads: `convert` without --model takes 6 heads and SiLU, said on
+    stderr; the logits equal DinoVisionTransformer's."""
+    ref = _dinov2(4, 'swiglufused')
+    torch.save(ref.state_dict(), tmp_path / 'dinov2.pth')
+    r = cli('convert', tmp_path / 'dinov2.pth', tmp_path / 'out.safetensors')
+    assert r.returncode == 0, r.stderr
+    assert '6 heads of 64 (embed_dim=384' in r.stderr and '--set num_heads=N to change it' in r.stderr
+    assert 'gated by SiLU' in r.stderr
+    model, params, ck = pipeline.load_model(tmp_path / 'dinov2.pth', log=lambda s: None)
+    assert (model.num_heads, model.act_layer, model.mlp_layer, model.depth) == (6, 'silu', 'swiglu_packed', 2)
+    x = images((2, 70, 70, 3))
+    with torch.no_grad():
+        assert rel_err(run_flax(model, params, x), ref(_nchw(x)).numpy()) < 1e-5
+
+
+@pytest.mark.parametrize('heads,sets', [(2, ()), (4, ('--set', 'num_heads=4'))], ids=['64-wide', 'set-32-wide'])
+def test_an_open_clip_file_of_no_registered_width_converts_without_model(tmp_path, heads, sets):
+    """An open_clip tower 128 wide (no registered name): 64-wide heads by the release's convention, said on
+    stderr; `--set num_heads` when the file's are otherwise; the converted file computes open_clip's output."""
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    ref = perturb_timm(VisionTransformer(image_size=64, patch_size=16, width=128, layers=2, heads=heads,
+                                         mlp_ratio=4.0, output_dim=32, act_layer=nn.GELU))
+    torch.save(ref.state_dict(), tmp_path / 'open_clip.bin')
+    r = cli('convert', tmp_path / 'open_clip.bin', tmp_path / 'out.npz', *sets)
+    assert r.returncode == 0, r.stderr
+    assert ('2 heads of 64 (embed_dim=128' in r.stderr) == (not sets), r.stderr
+    model, params, ck = pipeline.load_model(tmp_path / 'out.npz', log=lambda s: None)
+    assert (model.embed_dim, model.num_heads, model.num_classes) == (128, heads, 32)
+    x = images((2, 64, 64, 3))
+    with torch.no_grad():
+        assert rel_err(run_flax(model, params, x), ref(_nchw(x)).numpy()) < 1e-5

@@ -116,6 +116,39 @@ def test_microsoft_layout_refuses_what_microsofts_code_cannot_build():
         pipeline.to_torch_state(flat, model, 'microsoft')
 
 
+def test_a_three_stage_file_takes_its_stage_count_from_the_file(tmp_path):
+    """Microsoft's SwinTransformerV2(depths=[2, 2, 2]): read with its buffers (everything recorded), and its
+    weights without them (timm's layout, what `convert` writes): the registered names all have four stages, so
+    the pretrained windows the file does not record are one per stage of the file; logits equal Microsoft's.
+    (Without buffers the window is the registered name's, 8: window 4 is a fine-tuning target unless the
+    pretrained windows are given too, as for a four-stage file.)"""
+    torch.manual_seed(0)
+    ref = perturb_timm(ms.SwinTransformerV2(img_size=64, window_size=4, num_classes=10, embed_dim=16,
+                                            depths=[2, 2, 2], num_heads=[1, 2, 4]), 0)
+    x = images((2, 64, 64, 3))
+    model, params, ck, notes = load(save_ms(ref, tmp_path / 'ms3.pth'))
+    assert (tuple(model.depths), tuple(model.pretrained_window_sizes), model.window_size) == ((2, 2, 2), (0, 0, 0), 4)
+    assert rel_err(run_flax(model, params, x), run_timm(ref, x)) <= TOL
+    flat = flatten_dict(params, sep='/')
+    pipeline.write_flat(flat, model, str(tmp_path / 'timm3.pth'), log=lambda s: None)   # no buffers
+    stripped = {k: v for k, v in ref.state_dict().items() if not k.endswith(('relative_coords_table',
+                                                                             'relative_position_index', 'attn_mask'))}
+    torch.save({'model': stripped}, tmp_path / 'ms3_stripped.pth')
+    for name in ('timm3.pth', 'ms3_stripped.pth'):
+        m, p, ck, notes = load(tmp_path / name)
+        assert (tuple(m.depths), tuple(m.pretrained_window_sizes), m.window_size) == ((2, 2, 2), (0, 0, 0), 8)
+        m, p, ck, notes = load(tmp_path / name, window_size=4, img_size=64, pretrained_window_sizes=(0, 0, 0))
+        assert (tuple(m.depths), tuple(m.pretrained_window_sizes)) == ((2, 2, 2), (0, 0, 0)), name
+        assert rel_err(run_flax(m, p, x), run_timm(ref, x)) <= TOL, name
+    r = cli('convert', tmp_path / 'timm3.pth', tmp_path / 'back.pth', '--layout', 'microsoft',
+            '--set', 'window_size=4', '--set', 'img_size=64', '--set', 'pretrained_window_sizes=(0, 0, 0)')
+    assert r.returncode == 0, r.stderr
+    again = ms.SwinTransformerV2(img_size=64, window_size=4, num_classes=10, embed_dim=16, depths=[2, 2, 2],
+                                 num_heads=[1, 2, 4])
+    again.load_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True)['model'], strict=True)
+    assert rel_err(run_timm(again.eval(), x), run_timm(ref, x)) <= TOL
+
+
 # ---------------------------------------------------------------- fine-tuning at a larger window
 
 def test_window_change_needs_no_table_resampling_and_keeps_the_pretrained_windows(tmp_path):

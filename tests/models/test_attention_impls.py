@@ -1,6 +1,6 @@
-"""The attention implementations (ops/attention.py) compute what 'reference' computes, and 'auto' picks per backend.
+"""The attention implementations (ops/attention.py) compute what 'manual_grad' computes, and 'auto' picks per backend.
 
-Runs on CPU: 'xla' against 'reference' (values and gradients, with and without bias and masks, odd sequence
+Runs on CPU: 'xla' against 'manual_grad' (values and gradients, with and without bias and masks, odd sequence
 lengths), the cuDNN path's padding and masking run with jax's 'xla' kernel, the Pallas flash kernel in
 interpret mode, `choose_impl` with faked backends, whole tiny ViT and Swin models with attn_impl='xla'.
 """
@@ -50,7 +50,7 @@ def assert_close(got, want, tol):
         assert rel_err(g, w) < tol, rel_err(g, w)
 
 
-# ---------------------------------------------------------------- 'xla' and the padded path against 'reference'
+# ---------------------------------------------------------------- 'xla' and the padded path against 'manual_grad'
 
 @pytest.mark.parametrize('kind', ['plain', 'bias', 'mask', 'bias+mask'])
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -59,9 +59,9 @@ def test_xla_matches_reference_values_and_gradients(kind, dtype, tol):
     bias, mask = bias_and_mask(kind)
     run = lambda impl: loss_and_grads(lambda *a: A.dot_product_attention(*a[:3], a[3] if len(a) > 3 else None,
                                                                        mask, impl=impl), q, k, v, bias)
-    want = run('reference')
+    want = run('manual_grad')
     assert_close(run('xla'), want, tol)
-    assert_close(run('plain'), want, tol)
+    assert_close(run('autodiff'), want, tol)
 
 
 @pytest.mark.parametrize('kind', ['plain', 'bias+mask'])
@@ -75,7 +75,7 @@ def test_cudnn_padding_path_masks_the_padded_keys_and_drops_the_padded_queries(k
     padded = lambda *a: A.jax_attention(*a[:3], a[3] if len(a) > 3 else None, mask, implementation='xla',
                                         seq_multiple=multiple)
     want = loss_and_grads(lambda *a: A.dot_product_attention(*a[:3], a[3] if len(a) > 3 else None, mask,
-                                                             impl='reference'), q, k, v, bias)
+                                                             impl='manual_grad'), q, k, v, bias)
     assert_close(loss_and_grads(padded, q, k, v, bias), want, 1e-5)
 
 
@@ -85,7 +85,7 @@ def test_padded_keys_would_change_the_result_if_they_were_not_masked():
     pad = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, 3), (0, 0)))
     out = jax.nn.dot_product_attention(*(pad(t).transpose(0, 2, 1, 3) for t in (q, k, v)), scale=1.0,
                                        implementation='xla').transpose(0, 2, 1, 3)[:, :, :13]
-    assert rel_err(out, A.dot_product_attention(q, k, v, impl='reference')) > 1e-2
+    assert rel_err(out, A.dot_product_attention(q, k, v, impl='manual_grad')) > 1e-2
 
 
 def test_leading_dims_broadcast_bias_and_a_scale_as_swin_passes_them():
@@ -93,8 +93,8 @@ def test_leading_dims_broadcast_bias_and_a_scale_as_swin_passes_them():
     an explicit `scale` equals pre-scaled q."""
     q, k, v = qkv((2, 4, 3, 9, 8))
     bias = jnp.asarray(np.random.default_rng(2).standard_normal((4, 3, 9, 9)), jnp.float32)
-    want = loss_and_grads(lambda *a: A.dot_product_attention(a[0] * 0.3, *a[1:], impl='reference'), q, k, v, bias)
-    for impl in ('xla', 'reference', 'plain'):
+    want = loss_and_grads(lambda *a: A.dot_product_attention(a[0] * 0.3, *a[1:], impl='manual_grad'), q, k, v, bias)
+    for impl in ('xla', 'manual_grad', 'autodiff'):
         got = loss_and_grads(lambda *a: A.dot_product_attention(*a, scale=0.3, impl=impl), q, k, v, bias)
         assert_close(got, want, 1e-5)
 
@@ -121,7 +121,7 @@ def test_pallas_flash_kernel_in_interpret_mode_matches_reference(kind, shape):
     if len(shape) == 5:
         bias = jnp.asarray(np.random.default_rng(2).standard_normal((4, 3, 9, 9)), jnp.float32)
     want = loss_and_grads(lambda *a: A.dot_product_attention(*a[:3], a[3] if len(a) > 3 else None, mask,
-                                                             impl='reference'), q, k, v, bias)
+                                                             impl='manual_grad'), q, k, v, bias)
     with _interpret_mode():
         got = loss_and_grads(lambda *a: A.pallas_attention(*a[:3], a[3] if len(a) > 3 else None, mask), q, k, v, bias)
     assert_close(got, want, 1e-5)
@@ -133,8 +133,8 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 
 
 @pytest.mark.parametrize('backend,dtype,seq,head_dim,bias,want', [
-    ('cpu', F32, 197, 64, False, 'reference'),      # exactly what ran on CPU before 'auto'
-    ('cpu', BF16, 49, 32, True, 'reference'),
+    ('cpu', F32, 197, 64, False, 'manual_grad'),      # exactly what ran on CPU before 'auto'
+    ('cpu', BF16, 49, 32, True, 'manual_grad'),
     ('gpu', BF16, 197, 64, False, 'cudnn'),
     ('cuda', jnp.float16, 49, 32, True, 'cudnn'),   # Swin: bias and mask go to cuDNN as its bias
     ('gpu', F32, 197, 64, False, 'xla'),            # no fused float32 kernel: xla, not a fallback
@@ -165,7 +165,7 @@ def test_auto_fallback_warns_once_per_case_and_still_computes_the_formula(monkey
         outs = [A.dot_product_attention(q, k, v, backend='gpu') for _ in range(3)]   # faked: xla runs on CPU
     assert [str(w.message) for w in caught] == [
         "attention: cuDNN attention takes a head dim <= 128 and a multiple of 8, not 12; using 'xla'"]
-    assert rel_err(outs[0], A.dot_product_attention(q, k, v, impl='reference')) < 1e-2
+    assert rel_err(outs[0], A.dot_product_attention(q, k, v, impl='manual_grad')) < 1e-2
 
 
 @pytest.mark.parametrize('impl,backend,dtype,message', [
@@ -179,14 +179,19 @@ def test_an_explicit_kernel_that_cannot_run_is_a_config_error(impl, backend, dty
 
 
 def test_attention_dropout_runs_the_plain_formula_whatever_the_impl():
-    for impl in ('auto', 'reference', 'plain'):
-        assert A.choose_impl('gpu', BF16, 197, 64, has_dropout=True, impl=impl) == A.Choice('plain')
+    for impl in ('auto', 'manual_grad', 'autodiff'):
+        assert A.choose_impl('gpu', BF16, 197, 64, has_dropout=True, impl=impl) == A.Choice('autodiff')
     choice = A.choose_impl('gpu', BF16, 197, 64, has_dropout=True, impl='cudnn')
-    assert choice.impl == 'plain' and 'applies no attention dropout' in choice.fallback
+    assert choice.impl == 'autodiff' and 'applies no attention dropout' in choice.fallback
 
 
-def test_old_names_map_to_the_kernels_they_named():
-    assert A.check_impl('fused') == 'reference' and A.choose_impl('cpu', F32, 5, 8, impl='fused') == A.Choice('reference')
+def test_old_names_map_to_the_kernels_they_named_with_a_deprecation_warning(monkeypatch):
+    monkeypatch.setattr(A, '_warned', set())
+    for old, new in (('fused', 'manual_grad'), ('reference', 'manual_grad'), ('plain', 'autodiff')):
+        with pytest.warns(DeprecationWarning, match=f"attn_impl={old!r} is deprecated: it is {new!r}"):
+            assert A.check_impl(old) == new
+        assert A.choose_impl('cpu', F32, 5, 8, impl=old) == A.Choice(new)
+    assert A.choose_impl('cpu', F32, 5, 8) == A.Choice('manual_grad')
     with pytest.raises(ModelConfigError, match="got 'flash'$"):
         A.check_impl('flash')
 
@@ -201,7 +206,7 @@ def test_bf16_policy_table_native_operands_on_accelerators_and_cpus_with_bf16_do
     assert cpu['attention'] == cpu_bf16['attention'] == A.choose_impl('cpu', BF16, 197, 64).impl
 
 
-# ---------------------------------------------------------------- whole models: 'xla' against 'reference'
+# ---------------------------------------------------------------- whole models: 'xla' against 'manual_grad'
 
 MODELS = [
     # 9 tokens (an odd count), and the MAP head's cross-attention: 1 probe query against 9 keys
@@ -214,7 +219,7 @@ MODELS = [
 def test_whole_model_with_xla_attention_equals_reference(name, kw):
     """Same parameter tree, the same loss and gradients to float32 rounding: ViT (odd token count, the MAP
     head's cross-attention) and Swin (relative position bias, shifted-window mask)."""
-    ref, xla = (vit_flax.create_model(name, attn_impl=impl, num_classes=5, **kw) for impl in ('reference', 'xla'))
+    ref, xla = (vit_flax.create_model(name, attn_impl=impl, num_classes=5, **kw) for impl in ('manual_grad', 'xla'))
     params = perturb(ref)
     assert jax.tree_util.tree_structure(vit_flax.summary.param_shapes(xla)) == jax.tree_util.tree_structure(params)
     x = images((2,) + ref.input_shape)

@@ -108,11 +108,11 @@ def test_bf16_attention_gradients_are_autodiffs(path):
     # vit-pytorch's attention calls the same kernel as ViT's (ops/attention.py): `make test-slow`
     pytest.param('lucid_vit_tiny_patch16_224', dict(img_size=32, depth=2), 'dropout', marks=pytest.mark.slow),
 ])
-def test_attn_impl_plain_computes_what_reference_computes(name, kw, drop):
-    """attn_impl='plain' (the plain formula, autodiff; 'reference' before 'auto' existed) against 'reference'
-    (the hand-written derivatives, CPU's 'auto', once named 'fused'): the same params, close values and
+def test_attn_impl_autodiff_computes_what_manual_grad_computes(name, kw, drop):
+    """attn_impl='autodiff' (the formula, JAX's derivatives; once 'plain') against 'manual_grad' (the
+    hand-written derivatives, CPU's 'auto', once 'reference' and 'fused'): the same params, close values and
     gradients; with attention dropout active both run the plain formula: equal bits."""
-    fused, ref = (vit_flax.create_model(name, attn_impl=impl, **kw) for impl in ('reference', 'plain'))
+    fused, ref = (vit_flax.create_model(name, attn_impl=impl, **kw) for impl in ('manual_grad', 'autodiff'))
     params, x = random_params(fused), images((2, 32, 32, 3))
     run = lambda m, p, **a: jax.jit(jax.value_and_grad(lambda p: (m.apply({'params': p}, x, **a) ** 2).mean()))(p)
     (l1, g1), (l2, g2) = run(fused, params), run(ref, params)
@@ -122,7 +122,7 @@ def test_attn_impl_plain_computes_what_reference_computes(name, kw, drop):
     train = dict(train=True, rngs={'dropout': jax.random.PRNGKey(0)})
     dropped = [run(m.clone(**{drop: 0.2}), params, **train)[0] for m in (fused, ref)]
     assert dropped[0] == dropped[1] != l1
-    with pytest.raises(ValueError, match="^attn_impl must be one of 'auto', 'reference', .* got 'flash'"):
+    with pytest.raises(ValueError, match="^attn_impl must be one of 'auto', 'manual_grad', 'autodiff', .* got 'flash'"):
         vit_flax.init_params(fused.clone(attn_impl='flash'))
 
 

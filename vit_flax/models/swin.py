@@ -17,9 +17,10 @@ Window geometry follows timm exactly:
 - images whose size is not a multiple of the patch are zero-padded right/bottom (timm's
   `dynamic_img_pad`, Microsoft's detection code); patch merging pads odd sizes the same way.
 
-`attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'reference' (the
-hand-written derivatives, CPU's 'auto'; the plain formula whenever attention dropout is active in training),
-'plain', 'xla', 'cudnn' (GPU) or 'pallas' (TPU); 'fused' is the old name of 'reference'. The relative position bias and
+`attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'manual_grad' (the
+formula with hand-written derivatives, CPU's 'auto'; 'autodiff' whenever attention dropout is active in training),
+'autodiff' (the formula, JAX's derivatives), 'xla', 'cudnn' (GPU) or 'pallas' (TPU); the old names 'reference',
+'fused' and 'plain' are accepted with a DeprecationWarning. The relative position bias and
 the shift mask go to every implementation as its additive bias. Same parameters.
 
 Intermediates: apply with `mutable=['intermediates']` to get the patch embedding `embed` (B, H/4, W/4, C),

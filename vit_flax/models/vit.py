@@ -10,9 +10,10 @@ R+ViT hybrids (`resnet=...`) put vit_jax's ResNet stem (`conv_root`, `gn_root`, 
 resnet.py) at the same top level, before `embedding`. `posemb='sincos2d'` replaces the learned table by
 big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to the patch tokens only.
 
-`attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'reference' (the
-hand-written derivatives, CPU's 'auto'; the plain formula whenever attention dropout is active in training),
-'plain', 'xla', 'cudnn' (GPU) or 'pallas' (TPU); 'fused' is the old name of 'reference'. Same parameters.
+`attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'manual_grad' (the
+formula with hand-written derivatives, CPU's 'auto'; 'autodiff' whenever attention dropout is active in training),
+'autodiff' (the formula, JAX's derivatives), 'xla', 'cudnn' (GPU) or 'pallas' (TPU); the old names 'reference',
+'fused' and 'plain' are accepted with a DeprecationWarning. Same parameters.
 
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).

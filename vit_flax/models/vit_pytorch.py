@@ -18,8 +18,8 @@ Input NHWC. `num_classes=0` returns the pooled features (vit-pytorch returns the
 
 Inner modules spell vit-pytorch's one `dropout` as timm's `attn_drop_rate` (on the attention weights) and
 `proj_drop_rate` (after the output projection and in the MLP): LucidViT passes it to both. `attn_impl`
-(default 'auto') selects the attention implementation as in ViT (ops/attention.py; 'fused' is the old name
-of 'reference').
+(default 'auto') selects the attention implementation as in ViT (ops/attention.py; old names accepted
+with a DeprecationWarning).
 
 Parameter tree: `patch_embed/{pixel_norm, proj, norm}`, `cls` (1, 1, dim), `pos_embedding`
 (1, prefix + patches, dim), `Transformer/layers_{i}/attn/{norm, query, key, value, out}` (Google's

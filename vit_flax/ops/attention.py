@@ -4,9 +4,9 @@ Every model takes the field `attn_impl` and passes it here as `impl`. The implem
 
 | impl        | what runs                                                        | bias/mask | where it can run          |
 |-------------|------------------------------------------------------------------|-----------|---------------------------|
-| 'reference' | the formula with hand-written derivatives (below); 'plain' under | yes       | anywhere (CPU's default)  |
-|             | active attention dropout                                         |           |                           |
-| 'plain'     | the formula, JAX autodiff; the only path that applies dropout    | yes       | anywhere                  |
+| 'manual_grad' | the formula, hand-written derivatives (below);                 | yes       | anywhere (CPU's default)  |
+|             | 'autodiff' under active attention dropout                        |           |                           |
+| 'autodiff'  | the formula, JAX autodiff; the only path that applies dropout    | yes       | anywhere                  |
 | 'xla'       | jax.nn.dot_product_attention(implementation='xla')               | yes       | anywhere                  |
 | 'cudnn'     | jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's    | yes       | CUDA GPU, bf16/fp16,      |
 |             | fused (flash) kernel; sequences padded to an even length when a  |           | head dim <= 128, % 8 == 0 |
@@ -15,18 +15,18 @@ Every model takes the field `attn_impl` and passes it here as `impl`. The implem
 | 'pallas'    | jax.experimental.pallas.ops.tpu.flash_attention (it takes an     | yes       | TPU; head dim <= 128 or   |
 |             | additive bias, splash attention does not), sequences padded to   |           | a multiple of 128         |
 |             | its 128 block, padded keys masked through segment ids            |           |                           |
-| 'auto'      | `choose_impl`: CPU 'reference' (exactly what ran before 'auto'   |           |                           |
+| 'auto'      | `choose_impl`: CPU 'manual_grad' (exactly what ran before 'auto' |           |                           |
 |             | existed), GPU 'cudnn' for bf16/fp16 (else 'xla'), TPU 'pallas'   |           |                           |
 |             | for sequences >= PALLAS_MIN_SEQ (else 'xla'), other backends xla |           |                           |
 
-Old names: 'fused' (the default until 'auto') is 'reference', the same kernel; what 'reference' meant before
-(the plain formula differentiated by JAX) is now 'plain'. The two agree to float32 rounding in values and
-gradients (tests/models/test_fast_paths.py), so a config that says either old name computes what it did.
+Old names, accepted with a DeprecationWarning for one release: 'reference' and 'fused' (its name until 'auto')
+are 'manual_grad', the same kernel; 'plain' is 'autodiff'. The two agree to float32 rounding in values and
+gradients (tests/models/test_fast_paths.py), so a config that says an old name computes what it did.
 
 'auto' falls back, with one warning per distinct case and process, where its backend's kernel cannot take
 the case (a head dim cuDNN or the Pallas kernel does not take); an explicit 'cudnn' or 'pallas' that cannot
 take the case is a ModelConfigError naming why. With attention dropout active (training, nonzero rate) every
-impl runs 'plain' (warning once for 'xla', 'cudnn', 'pallas': their kernels apply no dropout).
+impl runs 'autodiff' (warning once for 'xla', 'cudnn', 'pallas': their kernels apply no dropout).
 
 Shapes: q (..., Nq, Dh), k and v (..., Nk, Dh) with the same leading dims (batch, then heads or
 windows x heads: Swin passes (B, nW, heads, N, Dh)); `bias` float, broadcastable to (..., Nq, Nk), added
@@ -51,9 +51,10 @@ import numpy as np
 from ..errors import ModelConfigError
 from .matmul import matmul
 
-ATTN_IMPLS = ('auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas')
-AttnImpl = Literal['auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas', 'fused']   # the models' field type
-ALIASES = {'fused': 'reference'}   # the name of 'reference' before 'auto' existed
+ATTN_IMPLS = ('auto', 'manual_grad', 'autodiff', 'xla', 'cudnn', 'pallas')
+# old names (module docstring): accepted, with a DeprecationWarning, for one release
+ALIASES = {'reference': 'manual_grad', 'fused': 'manual_grad', 'plain': 'autodiff'}
+AttnImpl = Literal[ATTN_IMPLS + tuple(ALIASES)]   # the models' field type
 PALLAS_BLOCK = 128       # the TPU flash kernel's minimum block (its MIN_BLOCK_SIZE)
 PALLAS_MIN_SEQ = 512     # 'auto' on TPU: shorter sequences take 'xla' (one padded 128 block is mostly padding)
 CUDNN_HEAD_DIM_MAX = 128  # 256 on Hopper and later; 128 holds on every card cuDNN's flash kernel runs on
@@ -62,11 +63,18 @@ _warned = set()
 
 
 def check_impl(impl: str) -> str:
-    """`impl` with old names mapped (module docstring); a ModelConfigError for a name that is none."""
-    impl = ALIASES.get(impl, impl)
+    """`impl` with old names mapped (module docstring; a DeprecationWarning once per name and process); a
+    ModelConfigError for a name that is none."""
+    if impl in ALIASES:
+        if impl not in _warned:
+            _warned.add(impl)
+            warnings.warn(f"attn_impl={impl!r} is deprecated: it is {ALIASES[impl]!r} (the same computation)",
+                          DeprecationWarning, stacklevel=3)
+        return ALIASES[impl]
     if impl not in ATTN_IMPLS:
-        raise ModelConfigError(f"attn_impl must be one of {', '.join(map(repr, ATTN_IMPLS))} (or 'fused', the "
-                               f"old name of 'reference'), got {impl!r}")
+        old = ', '.join(f'{k!r} for {v!r}' for k, v in ALIASES.items())
+        raise ModelConfigError(f"attn_impl must be one of {', '.join(map(repr, ATTN_IMPLS))} (old names: {old}), "
+                               f"got {impl!r}")
     return impl
 
 
@@ -105,9 +113,9 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
     backend = backend.lower()
     gpu = backend in ('gpu', 'cuda')
     if has_dropout:
-        if impl in ('auto', 'reference', 'plain'):
-            return Choice('plain')
-        return Choice('plain', f"attn_impl={impl!r} applies no attention dropout: the plain formula runs while "
+        if impl in ('auto', 'manual_grad', 'autodiff'):
+            return Choice('autodiff')
+        return Choice('autodiff', f"attn_impl={impl!r} applies no attention dropout: the plain formula runs while "
                                f"dropout is active")
     if impl == 'cudnn':
         why = ('cuDNN attention runs on a CUDA GPU, not on backend ' + repr(backend)) if not gpu else \
@@ -122,7 +130,7 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
     if impl != 'auto':
         return Choice(impl)
     if backend == 'cpu':
-        return Choice('reference')
+        return Choice('manual_grad')
     if gpu:
         if not _low_precision(dtype):
             return Choice('xla')   # float32: no fused kernel; not a fallback
@@ -153,11 +161,11 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] 
                          bias is not None, mask is not None, dropout is not None, impl)
     if choice.fallback:
         _warn_once(f'attention: {choice.fallback}; using {choice.impl!r}')
-    if choice.impl in ('reference', 'plain'):
+    if choice.impl in ('manual_grad', 'autodiff'):
         if scale is not None:
             q = (q * jnp.asarray(scale, jnp.float32)).astype(q.dtype)
         bias = _mask_as_bias(bias, mask)
-        if choice.impl == 'plain':
+        if choice.impl == 'autodiff':
             return plain_attention(q, k, v, bias, dropout)
         exact = jnp.finfo(jnp.result_type(q, k, v)).bits >= 32
         return (_attention_f32 if exact else _attention)(q, k, v, bias)
@@ -252,7 +260,7 @@ def pallas_attention(q, k, v, bias=None, mask=None, scale=None, block: int = PAL
     return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
 
 
-# ---------------------------------------------------------------- 'plain' and 'reference'
+# ---------------------------------------------------------------- 'autodiff' and 'manual_grad'
 
 def plain_attention(q, k, v, bias=None, dropout: Optional[Callable] = None):
     """The plain formula, differentiated by JAX; `dropout` (or None) on the attention weights."""
@@ -260,7 +268,7 @@ def plain_attention(q, k, v, bias=None, dropout: Optional[Callable] = None):
     return matmul('...qk,...kd->...qd', (weights if dropout is None else dropout(weights)).astype(v.dtype), v)
 
 
-reference_attention = plain_attention   # its name before 'reference' named the hand-written path
+reference_attention = plain_attention   # its name before attn_impl='reference' named the hand-written path
 
 
 def _attention_logits(q, k, bias):
@@ -274,7 +282,7 @@ def _attention_probs(q, k, bias):
     return e / jnp.sum(e, axis=-1, keepdims=True)  # jax.nn.softmax's formula
 
 
-# 'reference': the same forward formula with the derivatives written out. Autodiff of softmax makes XLA:CPU
+# 'manual_grad': the same forward formula with the derivatives written out. Autodiff of softmax makes XLA:CPU
 # materialise the broadcast normaliser and run extra passes over the N x N array; these keep the
 # probabilities as the one saved N x N array. Float32 gets a JVP (forward mode, jax.jvp and Hessian-vector
 # products keep working; reverse mode is its transpose); low precision gets a VJP, as `matmul`'s own

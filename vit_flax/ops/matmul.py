@@ -17,8 +17,8 @@ prints it). Everything not named a matmul operand is what timm keeps under torch
 |-----------------------------------------|-------------------------|--------------------------------|
 | GPU (CUDA)                              | bf16 ('native')         | 'cudnn' (fused kernel)         |
 | TPU                                     | bf16 ('native')         | 'pallas' (N >= 512), else 'xla' |
-| CPU with bf16 dots (AMX, AVX512_BF16, ARM BF16) | bf16 ('native') | 'reference'                    |
-| CPU without them (AVX2 only)            | widened to float32 ('float32') | 'reference'             |
+| CPU with bf16 dots (AMX, AVX512_BF16, ARM BF16) | bf16 ('native') | 'manual_grad'                  |
+| CPU without them (AVX2 only)            | widened to float32 ('float32') | 'manual_grad'           |
 
 On every backend: float32 accumulation of every matmul (one rounding of its output), logits, bias and
 softmax in float32, the residual stream in float32 (timm's is: its float32 position embedding promotes it),
@@ -67,9 +67,9 @@ BF16_POLICY = {   # the table above; attention's 'auto' choice is ops/attention.
                 norms='float32'),
     'tpu': dict(matmul='native', accumulate='float32', attention='pallas (N >= 512) / xla', softmax='float32',
                 residual='float32', norms='float32'),
-    'cpu-bf16': dict(matmul='native', accumulate='float32', attention='reference', softmax='float32',
+    'cpu-bf16': dict(matmul='native', accumulate='float32', attention='manual_grad', softmax='float32',
                      residual='float32', norms='float32'),
-    'cpu': dict(matmul='float32', accumulate='float32', attention='reference', softmax='float32',
+    'cpu': dict(matmul='float32', accumulate='float32', attention='manual_grad', softmax='float32',
                 residual='float32', norms='float32'),
 }
 

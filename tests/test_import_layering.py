@@ -27,6 +27,14 @@ FORBIDDEN = [
     ('converters.formats', 'converters.families'),
     ('converters.formats', 'converters.pipeline'),
     ('converters.formats', 'vit_flax'),
+    # the read path one way: families <- checkpoint (what a read gives) <- sources (the table) <- pipeline
+    ('converters.families', 'converters.checkpoint'),
+    ('converters.families', 'converters.sources'),
+    ('converters.families', 'converters.pipeline'),
+    ('converters.families', 'converters.hf_transformers'),
+    ('converters.checkpoint', 'converters.sources'),
+    ('converters.checkpoint', 'converters.pipeline'),
+    ('converters.sources', 'converters.pipeline'),
 ]
 
 # (package, allowed): exceptions to FORBIDDEN
@@ -99,12 +107,36 @@ def test_no_module_imports_from_a_higher_layer():
     assert not found, 'imports against the layering:\n' + '\n'.join(found)
 
 
+def private_imports(root: str):
+    """One line per import of a private name (`_x`) from another project module: what other modules use is
+    public (a name without the underscore), so that a module's private helpers stay its own to change."""
+    found = []
+    for rel, module in project_files(root):
+        for line, name in sorted(set(imports(os.path.join(root, rel), module))):
+            owner, _, last = name.rpartition('.')
+            if name.split('.')[0] in LAYERS and last.startswith('_') and not last.startswith('__') and owner != module:
+                found.append(f'{rel}:{line}: {module} imports the private {name}')
+    return found
+
+
+def test_no_module_imports_another_modules_private_names(tmp_path):
+    found = private_imports(ROOT)
+    assert not found, 'private names used across modules:\n' + '\n'.join(found)
+    write(tmp_path, {'converters/__init__.py': '', 'converters/a.py': 'def _x(): pass\n',
+                     'converters/b.py': 'from .a import _x\nfrom . import a\n'})
+    assert private_imports(str(tmp_path)) == ['converters/b.py:1: converters.b imports the private converters.a._x']
+
+
 def test_every_packaged_module_has_a_layer():
     import tomllib
     with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
         tool = tomllib.load(f)['tool']['setuptools']
     packaged = {p.split('.')[0] for p in tool.get('packages', [])} | set(tool.get('py-modules', []))
     assert packaged <= set(LAYERS), f'give these a layer in LAYERS: {sorted(packaged - set(LAYERS))}'
+    folders = {os.path.relpath(folder, ROOT).replace(os.sep, '.') for top in LAYERS
+               for folder, dirs, files in os.walk(os.path.join(ROOT, top)) if '__init__.py' in files}
+    missing = folders - set(tool.get('packages', []))
+    assert not missing, f'packages pyproject.toml does not install (add them to [tool.setuptools] packages): {missing}'
 
 
 def write(root, files):

@@ -1,380 +1,25 @@
-"""The ViT family (`vit_flax.VisionTransformer`: ViT, DeiT, R+ViT hybrids, SigLIP towers, 1-D ViTs) as the
-converters see it: Google's `.npz` layouts, the ResNet stem of hybrids, and the Flax <-> timm rule table, one
-table for both directions.
-
-Google `.npz` layouts (see shared REFERENCE.md):
-- released: vit_jax / AugReg files; block children numbered by one counter
-  (LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3). Written by default, since
-  timm's npz reader and Google's `checkpoint.load` both take it.
-- linen: per-class numbering (LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0),
-  i.e. exactly our Flax tree.
-- big_vision: a `params/` (or `opt/target/`, `params/img/`) prefix, linen numbering, `pos_embedding` at the
-  top level without a cls row, optionally scanned blocks (`Transformer/encoderblock/...` with a leading
-  depth axis).
-
-The ResNet stem of R+ViT hybrids: Google's tree (vit_jax `models_resnet`) <-> timm's `patch_embed.backbone`.
-timm holds the stem as a `ResNetV2` (`stem.conv`, `stem.norm`, `stages.{i}.blocks.{j}.conv{1,2,3}/norm{1,2,3}`,
-`downsample.conv/norm` on a stage's first block) or, for the root block alone (R+ViT-Ti), as a bare
-`conv`/`norm` pair. GroupNorm scale/bias map like LayerNorm's.
-
-A model with big_vision's fixed sincos2d positions has no position param; files that need a table (timm's
-`pos_embed`, vit_jax's released layout) hold it written out (`store`), and a stored table equal to that
-function bit for bit reads back as the fixed one (`unstore`), so round trips stay exact.
-"""
+"""The ViT rule table (Flax <-> timm, one table for both directions) and `ViTFamily`: detection, the
+architecture read off a checkpoint, matching, surgery (positions, the patch kernel), with the layouts of
+npz.py and releases.py and the hybrid stem of hybrid.py."""
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import ml_dtypes
 import numpy as np
 
 from vit_flax.models.posemb import sincos2d
-from vit_flax.models.resnet import ROOT_WIDTH
 from vit_flax.models.vit import VisionTransformer
 
-from ..errors import ConversionError
-from ..resample import resample_patch_kernel, resample_pos_embed
-from ..rules import CONV, Rule, Transform, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
-from ..scan import SCANNED, is_scanned, unstack_blocks
-from .base import Family
-
-
-# ---------------------------------------------------------------- Google's .npz layouts
-
-LAYOUTS = ('released', 'linen', 'big_vision')
-_PREFIXES = ('params/img/', 'opt/target/', 'params/', '')
-# released name -> linen name, for the children of one encoder block
-_RELEASED_TO_LINEN = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
-                      'LayerNorm_2': 'LayerNorm_1', 'MlpBlock_3': 'MlpBlock_0'}
-_LINEN_TO_RELEASED = {v: k for k, v in _RELEASED_TO_LINEN.items()}
-_BLOCK = re.compile(r'^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$')
-_GROUP_NORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
-
-
-def _rename_block_children(flat, table, path):
-    out = {}
-    for k, v in flat.items():
-        m = _BLOCK.match(k)
-        if m:
-            if m.group(2) not in table:
-                raise ConversionError(f'{path}: unexpected block child {m.group(2)!r} in key {k!r}')
-            k = f'{m.group(1)}/{table[m.group(2)]}{m.group(3)}'
-        out[k] = v
-    return out
-
-
-def detect_prefix(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
-    for p in _PREFIXES:
-        if f'{p}embedding/kernel' in arrays:
-            return p
-    raise ConversionError(f"{path}: not a Google ViT checkpoint: no 'embedding/kernel' "
-                          f"under any of the prefixes {', '.join(repr(p) for p in _PREFIXES)}")
-
-
-def detect_npz_layout(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> str:
-    """big_vision (as timm decides it: a `params/` prefix, a top-level pos_embedding or scanned blocks),
-    else released or linen by the block numbering, whatever the prefix (an `opt/target/` file may be either)."""
-    prefix = detect_prefix(arrays, path)
-    if (prefix.startswith('params/') or f'{prefix}pos_embedding' in arrays
-            or any(k.startswith(f'{prefix}Transformer/encoderblock/') for k in arrays)):
-        return 'big_vision'
-    return 'released' if _released_numbering(arrays) else 'linen'
-
-
-def _released_numbering(keys) -> bool:
-    return any('/MultiHeadDotProductAttention_1/' in k for k in keys)
-
-
-def npz_to_flax(arrays: Dict[str, np.ndarray], path: str = '<npz>') -> Tuple[Dict[str, np.ndarray], str]:
-    """Any Google layout -> (flat linen Flax params, layout name). Keys outside the model prefix are dropped."""
-    layout = detect_npz_layout(arrays, path)
-    prefix = detect_prefix(arrays, path)
-    flat = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-    if prefix == 'params/':  # a multi-tower (e.g. LiT/SigLIP) file keeps its image tower under img/
-        flat = {k: v for k, v in flat.items() if not k.startswith(('txt/', 'img/'))}
-    flat = unstack_blocks(flat, path)
-    if _released_numbering(flat):
-        flat = _rename_block_children(flat, _RELEASED_TO_LINEN, path)
-    for k, v in flat.items():  # old hybrid files keep GroupNorm scale/bias as (1, 1, 1, C)
-        if _GROUP_NORM.search(k) and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
-            flat[k] = v.reshape(-1)
-    if 'pos_embedding' in flat:
-        # big_vision adds positions before concatenating cls; an all-zero cls row reproduces that exactly.
-        pe = flat.pop('pos_embedding')
-        if pe.ndim not in (3, 4):
-            raise ConversionError(f'{path}: pos_embedding has shape {pe.shape}: expected (1, N, D) or (1, H, W, D)')
-        if pe.ndim == 4:  # some files keep the (1, h, w, D) grid
-            pe = pe.reshape(1, -1, pe.shape[-1])
-        if 'cls' in flat:
-            pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
-        flat['Transformer/posembed_input/pos_embedding'] = pe
-    return flat, layout
-
-
-def flax_to_npz(flat: Dict[str, np.ndarray], layout: str = 'released') -> Dict[str, np.ndarray]:
-    """Flat linen Flax params -> arrays keyed for `layout`. Stacked (scanned) blocks stay stacked in the
-    linen and big_vision layouts; `released` (vit_jax) has no scanned form and unrolls them."""
-    if layout not in LAYOUTS:
-        raise ConversionError(f'unknown npz layout {layout!r}; choose one of {", ".join(LAYOUTS)}')
-    if layout == 'linen':
-        return dict(flat)
-    if layout == 'released':
-        return _rename_block_children(unstack_blocks(flat), _LINEN_TO_RELEASED, 'params')
-    if 'dist' in flat:
-        raise ConversionError('the big_vision layout cannot hold a distillation token; use released or linen')
-    out = dict(flat)
-    pe = out.pop('Transformer/posembed_input/pos_embedding', None)
-    if pe is not None:  # (a model with fixed sincos2d positions has no table: big_vision stores none)
-        if 'cls' in out:
-            # big_vision has no position for cls: fold its row into the token (same function, one rounding).
-            out['cls'] = out['cls'] + pe[:, :1]
-            pe = pe[:, 1:]
-        out['pos_embedding'] = pe
-    return {f'params/{k}': v for k, v in out.items()}
-
-
-# ---------------------------------------------------------------- the ResNet stem of hybrids
-
-TORCH_PREFIX = 'patch_embed.backbone'
-
-
-def _conv_norm(flax_conv: str, flax_gn: str, torch_conv: str, torch_norm: str) -> List[Rule]:
-    return [rule(f'{flax_conv}/kernel', f'{torch_conv}.weight', CONV)] + norm_rules(flax_gn, torch_norm)
-
-
-def resnet_rules(layers) -> List[Rule]:
-    root = f'{TORCH_PREFIX}.stem' if layers else TORCH_PREFIX
-    rules = _conv_norm('conv_root', 'gn_root', f'{root}.conv', f'{root}.norm')
-    for i, units in enumerate(layers):
-        for j in range(units):
-            f, t = f'block{i + 1}/unit{j + 1}', f'{TORCH_PREFIX}.stages.{i}.blocks.{j}'
-            for r in (1, 2, 3):
-                rules += _conv_norm(f'{f}/conv{r}', f'{f}/gn{r}', f'{t}.conv{r}', f'{t}.norm{r}')
-            if j == 0:
-                rules += _conv_norm(f'{f}/conv_proj', f'{f}/gn_proj', f'{t}.downsample.conv', f'{t}.downsample.norm')
-    return rules
-
-
-def _layers(keys, pattern: str, first: int) -> Tuple[int, ...]:
-    """Units per stage, from the keys matching `pattern` (groups: stage, unit); stages numbered from `first`."""
-    rx = re.compile(pattern)
-    units = {}
-    for k in keys:
-        m = rx.match(k)
-        if m:
-            units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if sorted(units) != list(range(first, first + len(units))):
-        raise ValueError(f'ResNet stages numbered {sorted(units)}, expected {first}, {first + 1}, ...')
-    return tuple(len(units[s]) for s in sorted(units))
-
-
-def _check_root(kernel_out: int) -> None:
-    if kernel_out != ROOT_WIDTH:
-        raise ValueError(f'a ResNet root of {kernel_out} channels (width factor {kernel_out / ROOT_WIDTH:g}) is not '
-                         f'supported: Google\'s and timm\'s hybrids have {ROOT_WIDTH}')
-
-
-def resnet_from_flax(flat) -> Tuple[Optional[Tuple[int, ...]], Optional[int]]:
-    """(units per stage, input channels) of a Flax tree's stem, or (None, None) without one."""
-    if 'conv_root/kernel' not in flat:
-        return None, None
-    kernel = flat['conv_root/kernel']
-    _check_root(kernel.shape[-1])
-    return _layers(flat, r'^block(\d+)/unit(\d+)/conv1/kernel$', 1), kernel.shape[-2]
-
-
-def resnet_from_torch(state) -> Tuple[Optional[Tuple[int, ...]], Optional[int]]:
-    """The same, read off a timm state_dict."""
-    for key in (f'{TORCH_PREFIX}.stem.conv.weight', f'{TORCH_PREFIX}.conv.weight'):
-        if key in state:
-            _check_root(state[key].shape[0])
-            return _layers(state, rf'^{re.escape(TORCH_PREFIX)}\.stages\.(\d+)\.blocks\.(\d+)\.conv1\.weight$', 0), \
-                state[key].shape[1]
-    return None, None
-
-
-def resnet_label(layers) -> str:
-    """'R50', 'R26', ... as Google names its hybrids (1 root conv + 3 per unit + the ViT's embedding)."""
-    return f'R{2 + 3 * sum(layers)}' if layers else 'R'
-
-
-def timm_backbone(layers, in_chans: int):
-    """timm's own backbone for these layers (what its hybrid model functions build)."""
-    from timm.models.vision_transformer_hybrid import _resnetv2
-    return _resnetv2(tuple(layers), in_chans=in_chans)
-
-
-# ---------------------------------------------------------------- the releases' own torch layouts
-
-# facebookresearch/dinov2's hub files (`dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`, DinoVisionTransformer with
-# block_chunks=0): timm's keys but `register_tokens` (timm `reg_token`), SwiGLUFFNFused `mlp.w12`/`mlp.w3` (timm
-# SwiGLUPacked `fc1`/`fc2`), a `mask_token` (1, D) used only by masked-image training, and a position table
-# that always has the class row. DINOv2 adds positions to [cls, patches] before it inserts the registers; timm's
-# register models add them to the patches only (`no_embed_class`), so their class row is folded into the
-# token: cls + pos[0], exactly as timm's `_convert_dinov2` does (the same function, one rounding).
-
-def _dinov2_renames(state, pairs):
-    out = {}
-    for k, v in state.items():
-        for a, b in pairs:
-            if k.endswith(a):
-                k = k[:-len(a)] + b
-        out[k] = v
-    return out
-
-
-def dinov2_to_timm(state):
-    """A DINOv2 hub state_dict -> timm's layout (mask_token dropped, see `read_notes`)."""
-    state = _dinov2_renames({k: v for k, v in state.items() if k != 'mask_token'},
-                            [('.mlp.w12.weight', '.mlp.fc1.weight'), ('.mlp.w12.bias', '.mlp.fc1.bias'),
-                             ('.mlp.w3.weight', '.mlp.fc2.weight'), ('.mlp.w3.bias', '.mlp.fc2.bias')])
-    if 'register_tokens' in state:
-        state['reg_token'] = state.pop('register_tokens')
-        pe = state['pos_embed']
-        state['cls_token'] = (state['cls_token'] + pe[:, :1]).astype(pe.dtype)
-        state['pos_embed'] = pe[:, 1:]
-    return state
-
-
-def timm_to_dinov2(state, model):
-    """timm's layout -> what DinoVisionTransformer loads strictly: the class position row written out (zero
-    where timm folded it into the token), `register_tokens`, SwiGLU as `w12`/`w3`, a zero `mask_token`."""
-    what = [why for bad, why in [
-        (not model.has_class_token, 'no class token'), (model.distilled, 'a distillation token'),
-        (model.num_classes > 0, f'a classifier head ({model.num_classes} classes; pass --num-classes 0)'),
-        (model.pre_norm, 'a pre-norm'), (model.use_fc_norm or not model.final_norm, 'no final norm on the tokens'),
-        (model.norm_layer != 'layernorm', 'RmsNorm'), (model.embed_norm, 'a patch-embedding norm'),
-        (model.qk_norm or model.scale_attn_norm or model.scale_mlp_norm, 'extra attention/MLP norms'),
-        (model.mlp_layer == 'swiglu', "timm's unpacked SwiGLU"), (model.block_fn != 'block', 'ResPostBlock'),
-        (model.resnet is not None, 'a ResNet stem'), (model.representation_size, 'a pre_logits layer'),
-        (model.spatial_dims != 2, '1-D patches')] if bad]
-    if what:
-        raise ConversionError(f'the dinov2 layout (DinoVisionTransformer) cannot hold {what[0]}')
-    state = _dinov2_renames(state, [('.mlp.fc1.weight', '.mlp.w12.weight'), ('.mlp.fc1.bias', '.mlp.w12.bias'),
-                                    ('.mlp.fc2.weight', '.mlp.w3.weight'), ('.mlp.fc2.bias', '.mlp.w3.bias')]) \
-        if model.mlp_layer == 'swiglu_packed' else dict(state)
-    pe = state['pos_embed']
-    if model.no_embed_class:
-        state['pos_embed'] = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
-    elif model.reg_tokens:   # timm's table has cls and register rows; DINOv2 adds none to the registers
-        raise ConversionError('the dinov2 layout cannot hold position rows for register tokens '
-                              '(no_embed_class=False with reg_tokens)')
-    if model.reg_tokens:
-        state['register_tokens'] = state.pop('reg_token')
-    state['mask_token'] = np.zeros((1, model.embed_dim), pe.dtype)
-    return state
-
-
-# OpenAI CLIP / open_clip image towers (`VisionTransformer` of open_clip; `visual.` in a whole CLIP model's
-# state_dict, beside the text tower): conv1 (no bias), class_embedding (D), positional_embedding (N+1, D),
-# ln_pre, transformer.resblocks.N.{ln_1, attn.in_proj_weight/bias (q, k, v rows), attn.out_proj, ls_1.gamma,
-# ln_2, mlp.c_fc, mlp.c_proj, ls_2.gamma}, ln_post, proj (D, E). timm's CLIP names are the same computation:
-# pre_norm, `proj` as `head.weight` = proj.T with a zero bias (timm's `_convert_openai_clip`).
-_OPEN_CLIP_BLOCK = [('ln_1.', 'norm1.'), ('attn.in_proj_weight', 'attn.qkv.weight'), ('attn.in_proj_bias', 'attn.qkv.bias'),
-                    ('attn.out_proj.', 'attn.proj.'), ('ls_1.gamma', 'ls1.gamma'), ('ln_2.', 'norm2.'),
-                    ('mlp.c_fc.', 'mlp.fc1.'), ('mlp.c_proj.', 'mlp.fc2.'), ('ls_2.gamma', 'ls2.gamma')]
-_OPEN_CLIP_TOP = [('conv1.weight', 'patch_embed.proj.weight'), ('ln_pre.weight', 'norm_pre.weight'),
-                  ('ln_pre.bias', 'norm_pre.bias'), ('ln_post.weight', 'norm.weight'), ('ln_post.bias', 'norm.bias')]
-
-
-def _renamed(rest: str, pairs):
-    """`rest` with the first matching prefix `a` of `pairs` [(a, b), ...] replaced by its `b` (None: none matches)."""
-    for a, b in pairs:
-        if rest.startswith(a):
-            return b + rest[len(a):]
-    return None
-
-
-def is_open_clip(state) -> bool:
-    return any(k.endswith('class_embedding') and ('conv1.weight' in state or 'visual.conv1.weight' in state)
-               for k in state)
-
-
-def open_clip_to_timm(state):
-    """An open_clip image tower (or a whole CLIP state_dict: its `visual.` keys) -> timm's layout."""
-    if 'visual.conv1.weight' in state:
-        state = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
-    out = {}
-    for k, v in state.items():
-        if k.startswith('transformer.resblocks.'):
-            i, rest = k[len('transformer.resblocks.'):].split('.', 1)
-            rest = _renamed(rest, _OPEN_CLIP_BLOCK)
-            if rest is None:
-                raise ConversionError(f'open_clip key {k!r} is not one of a ViT block')
-            out[f'blocks.{i}.{rest}'] = v
-        elif k in dict(_OPEN_CLIP_TOP):
-            out[dict(_OPEN_CLIP_TOP)[k]] = v
-        elif k == 'class_embedding':
-            out['cls_token'] = v.reshape(1, 1, -1)
-        elif k == 'positional_embedding':
-            out['pos_embed'] = v[None]
-        elif k == 'proj':
-            if v is not None:
-                out['head.weight'] = np.ascontiguousarray(v.T)
-                out['head.bias'] = np.zeros(v.shape[1], v.dtype)
-        else:
-            raise ConversionError(f'open_clip key {k!r} is not part of the ViT image tower this project reads '
-                                  f'(attentional pooling and other towers are not supported)')
-    return out
-
-
-def timm_to_open_clip(state, model):
-    """timm's layout -> what open_clip's `VisionTransformer` loads strictly (its own key names, no `visual.`)."""
-    what = [why for bad, why in [
-        (not model.pre_norm, 'no pre-norm (ln_pre)'), (not model.has_class_token, 'no class token'),
-        (model.distilled or model.reg_tokens, 'extra prefix tokens'), (model.no_embed_class, 'no position for cls'),
-        (model.pool_type != 'token', f'{model.pool_type!r} pooling (open_clip pools the class token)'),
-        (model.use_fc_norm or not model.final_norm, 'no final norm on the tokens'),
-        (model.norm_layer != 'layernorm' or model.qk_norm or model.scale_attn_norm or model.scale_mlp_norm,
-         'norms other than LayerNorm'), (model.mlp_layer != 'mlp', 'a gated MLP'),
-        (not model.qkv_bias or not model.proj_bias, 'projections without bias'), (model.block_fn != 'block', 'ResPostBlock'),
-        (model.resnet is not None or model.embed_norm or model.spatial_dims != 2, 'another patch embedding')] if bad]
-    if not what and model.num_classes == 0:
-        what = ['a model without a head (open_clip\'s tower ends in its projection `proj`: pass --num-classes E)']
-    if what:
-        raise ConversionError(f'the open_clip layout (open_clip VisionTransformer) cannot hold {what[0]}')
-    if 'head.bias' in state and np.any(state['head.bias'] != 0):
-        raise ConversionError("the open_clip layout's proj has no bias, but this head's bias is not zero")
-    back = {b: a for a, b in _OPEN_CLIP_TOP}
-    out = {}
-    for k, v in state.items():
-        if k.startswith('blocks.'):
-            i, rest = k[len('blocks.'):].split('.', 1)
-            out[f'transformer.resblocks.{i}.{_renamed(rest, [(b, a) for a, b in _OPEN_CLIP_BLOCK])}'] = v
-        elif k in back:
-            out[back[k]] = v
-        elif k == 'cls_token':
-            out['class_embedding'] = v.reshape(-1)
-        elif k == 'pos_embed':
-            out['positional_embedding'] = v[0]
-        elif k == 'head.weight':
-            out['proj'] = np.ascontiguousarray(v.T)
-        elif k != 'head.bias':
-            raise ConversionError(f'the open_clip layout has no place for {k!r}')
-    return out
-
-
-# DeiT III's own files (facebookresearch/deit `models_v2.py`, `{'model': state_dict}`): timm's keys but
-# LayerScale as `blocks.N.gamma_1` / `gamma_2` (timm `ls1.gamma` / `ls2.gamma`); positions for the patches only.
-
-def deit3_to_timm(state):
-    return {k.replace('.gamma_1', '.ls1.gamma').replace('.gamma_2', '.ls2.gamma'): v for k, v in state.items()}
-
-
-def timm_to_deit3(state, model):
-    """timm's layout -> what DeiT III's `vit_models` (Layer_scale_init_Block) loads strictly."""
-    what = [why for bad, why in [
-        (not (model.init_values and model.block_fn == 'block'), 'no LayerScale'),
-        (not model.has_class_token or model.distilled or model.reg_tokens, 'other prefix tokens than one cls'),
-        (not model.no_embed_class, 'a position row for the class token'), (model.pool_type != 'token', 'pooling'),
-        (model.pre_norm or model.use_fc_norm or not model.final_norm or model.norm_layer != 'layernorm'
-         or model.qk_norm or model.scale_attn_norm or model.scale_mlp_norm, 'other norms'),
-        (model.mlp_layer != 'mlp' or not model.proj_bias, 'another MLP'),
-        (model.resnet is not None or model.embed_norm or model.spatial_dims != 2, 'another patch embedding'),
-        (model.representation_size, 'a pre_logits layer')] if bad]
-    if what:
-        raise ConversionError(f'the deit3 layout (DeiT III vit_models) cannot hold {what[0]}')
-    return {k.replace('.ls1.gamma', '.gamma_1').replace('.ls2.gamma', '.gamma_2'): v for k, v in state.items()}
+from ...errors import ConversionError
+from ...resample import resample_patch_kernel, resample_pos_embed
+from ...rules import CONV, Rule, Transform, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
+from ...scan import SCANNED, is_scanned
+from ..base import Family
+from .npz import LAYOUTS, detect_prefix, flax_to_npz, npz_to_flax
+from .hybrid import resnet_from_flax, resnet_from_torch, resnet_label, resnet_rules, timm_backbone
+from .releases import (deit3_to_timm, dinov2_to_timm, is_open_clip, open_clip_to_timm, timm_to_deit3,
+                       timm_to_dinov2, timm_to_open_clip)
 
 
 # ---------------------------------------------------------------- the rule table and the architecture
@@ -575,6 +220,9 @@ class ViTFamily(Family):
     layouts = {'dinov2': (dinov2_to_timm, timm_to_dinov2), 'open_clip': (open_clip_to_timm, timm_to_open_clip),
                'deit3': (deit3_to_timm, timm_to_deit3)}
     layout_models = ('dinov2', 'open_clip', 'deit3')   # writers that take the model too (their checks need it)
+    # the width of every head in DINOv2's and open_clip's files whose sizes no registered name has (the larger
+    # open_clip towers, 80- to 104-wide, are registered: their names give their heads)
+    head_width = {'dinov2': 64, 'open_clip': 64}
     torch_wrap = {'deit3': 'model'}                    # as DeiT III's own training script saves
     adaptable = ('patch_size',)               # FlexiViT's PI-resize of the patch embedding (`adapt`)
 
@@ -594,6 +242,8 @@ class ViTFamily(Family):
         default GELU unless --set act_layer=quick_gelu, which OpenAI's weights need); DINOv2's mask token is
         dropped and a register model's class position row is folded into the token."""
         cfg, arch, notes = dict(cfg), dict(arch or {}), []
+        heads = self.heads_by_convention(cfg, arch, layout, model_name, path)
+        notes += [heads] if heads else []
         if layout == 'open_clip':
             if 'act_layer' not in arch:
                 arch['act_layer'] = 'gelu'
@@ -602,6 +252,9 @@ class ViTFamily(Family):
             notes.append("open_clip layout: conv1, class_embedding, positional_embedding, ln_pre, resblocks, ln_post "
                          "read as timm's CLIP ViT; proj read as the head (zero bias); text tower keys ignored")
         elif layout == 'dinov2':
+            if cfg.get('mlp_layer', 'mlp') != 'mlp' and 'act_layer' not in arch:
+                arch['act_layer'] = 'silu'   # DINOv2's SwiGLUFFN(Fused): F.silu, as timm's ViT-g/14 registration
+                notes.append('dinov2 layout: SwiGLU feed-forward, gated by SiLU (DINOv2\'s SwiGLUFFN)')
             notes.append('dinov2 layout: mask_token dropped (used only by masked-image training), w12/w3 read as fc1/fc2'
                          + ('; the class position row folded into cls_token (registers get no position)'
                             if cfg.get('reg_tokens') else ''))

@@ -46,9 +46,10 @@ def _jsonable(x):
     return x
 
 
-def build_model(args, num_classes: int):
-    """(model, JSON-able overrides for create_model, square input size)."""
-    over = dict(num_classes=num_classes)
+def build_model(args, num_classes: int, extra=None):
+    """(model, JSON-able overrides for create_model, square input size). `extra`: more model fields
+    (`vit-flax xla --set/--scan-blocks/--attn-impl`), checked as the flags' are."""
+    over = dict(num_classes=num_classes, **(extra or {}))
     for k in ('img_size', 'patch_size', 'depth'):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
@@ -129,6 +130,34 @@ def state_spec(model, args, mesh) -> StateSpec:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     size = lambda keys: sum(int(np.prod(flat[k].shape)) for k in keys)
     return StateSpec(init_params, init_opt, abstract, shardings, tx, trainable, size(flat), size(trainable))
+
+
+BATCH_KEYS = ('image', 'label', 'weight', 'unreadable')
+
+
+def jit_steps(model, spec: StateSpec, mesh, args, mean, std):
+    """(train_step, eval_step), jitted with their shardings: what the run calls, and what `--plan` and
+    `vit-flax xla --train` compile (vit_train.plan), so the two can never differ.
+    train_step(state, batch, lr) donates the state; eval_step(params, batch) returns replicated sums."""
+    replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+    train_step = jax.jit(
+        steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
+                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum),
+        in_shardings=(spec.shardings, batch_shardings, replicated), out_shardings=(spec.shardings, replicated),
+        donate_argnums=0)
+    eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),
+                        in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
+    return train_step, eval_step
+
+
+def batch_specs(batch: int, size: int, mesh) -> dict:
+    """ShapeDtypeStructs of one global batch as data.TrainTransform makes it (uint8 NHWC images, int32
+    labels, float32 weights, int32 unreadable flags), split over the mesh as the run splits it."""
+    sh = sharding.batch_sharding(mesh)
+    shapes = dict(image=((batch, size, size, 3), np.uint8), label=((batch,), np.int32),
+                  weight=((batch,), np.float32), unreadable=((batch,), np.int32))
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in shapes.items()}
 
 
 class EpochMeter:
@@ -309,15 +338,8 @@ def _run(namespace, own_process, warned_dir):
                                                         mean=list(mean), std=list(std)))
 
     # ---- the compiled steps
-    replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    batch_shardings = {k: batch_sh for k in ('image', 'label', 'weight', 'unreadable')}
-    train_step = jax.jit(
-        steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
-                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum),
-        in_shardings=(spec.shardings, batch_shardings, replicated), out_shardings=(spec.shardings, replicated),
-        donate_argnums=0)
-    eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),
-                        in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
+    batch_sh = sharding.batch_sharding(mesh)
+    train_step, eval_step = jit_steps(model, spec, mesh, args, mean, std)
 
     if pid == 0:
         os.makedirs(args.workdir, exist_ok=True)

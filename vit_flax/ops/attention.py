@@ -40,6 +40,8 @@ dtype (bf16 under bf16), both products accumulated in float32, logits, bias and 
 timm's SDPA under autocast), the probabilities rounded to v's dtype for the second product; the output
 in v's dtype. cuDNN adds the bias in the compute dtype (jax rounds it to q's dtype), the one difference.
 """
+import contextlib
+import contextvars
 import math
 import warnings
 from typing import Callable, Literal, NamedTuple, Optional
@@ -59,6 +61,18 @@ PALLAS_MIN_SEQ = 512     # 'auto' on TPU: shorter sequences take 'xla' (one padd
 CUDNN_HEAD_DIM_MAX = 128  # 256 on Hopper and later; 128 holds on every card cuDNN's flash kernel runs on
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)   # jax's and the Pallas kernel's large negative logit
 _warned = set()
+_TARGET_BACKEND = contextvars.ContextVar('vit_flax_attention_target_backend', default=None)
+
+
+@contextlib.contextmanager
+def target_backend(backend: Optional[str]):
+    """Inside the block, 'auto' chooses for `backend` ('tpu', 'gpu', 'cpu') instead of jax.default_backend():
+    what a program traced here to be compiled for another platform (a TPU, from a CPU host) needs."""
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
 
 
 def check_impl(impl: str) -> str:
@@ -147,9 +161,9 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] 
     """softmax(scale q k^T + bias, masked) v over (..., N, Dh) arrays (module docstring: shapes, numerics).
 
     `dropout` (applied to the attention weights) is given only when it can drop something; `impl` as in the
-    module docstring; `backend` (default jax.default_backend()) only for what `choose_impl` decides.
+    module docstring; `backend` (default: `target_backend`'s, else jax.default_backend()) only for what `choose_impl` decides.
     """
-    choice = choose_impl(backend or jax.default_backend(), jnp.result_type(q, k, v), k.shape[-2], q.shape[-1],
+    choice = choose_impl(backend or _TARGET_BACKEND.get() or jax.default_backend(), jnp.result_type(q, k, v), k.shape[-2], q.shape[-1],
                          bias is not None, mask is not None, dropout is not None, impl)
     if choice.fallback:
         _warn_once(f'attention: {choice.fallback}; using {choice.impl!r}')

@@ -109,6 +109,7 @@ class TrainConfig:
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
     distributed: bool = False
+    plan: Optional[str] = None           # --plan TARGET: compile the step for TARGET, report, do not train
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -272,6 +273,11 @@ def _flags(prog=None) -> argparse.ArgumentParser:
     r.add_argument('--distributed', action='store_true',
                    help='call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...) '
                    '(default: off)')
+    r.add_argument('--plan', metavar='TARGET',
+                   help='compile exactly the training step this run would take (model, optimizer, mesh, remat, batch) '
+                   'for TARGET (cpu, or tpu:TOPOLOGY such as tpu:v5e:2x2, compiled without a TPU; needs libtpu: '
+                   "pip install 'vit-flax[tpu]'), print memory per device, FLOPs and the roofline, and exit without "
+                   'training: 0 when it fits, 1 (with the largest batch that fits) when it does not (default: off)')
     return p
 
 

@@ -246,6 +246,9 @@ def _run(namespace, own_process, warned_dir):
         log(args.default_model)
 
     # ---- data and model
+    if args.plan and args.num_classes:   # the data decide nothing else the step depends on
+        model = build_model(args, args.num_classes)[0]
+        return planned(args, args.num_classes, log, model)
     ds = data.load(args.dataset, args.data_path, args.val_split)
     num_classes = args.num_classes or len(ds.class_names)
     if not len(ds.val):
@@ -253,6 +256,8 @@ def _run(namespace, own_process, warned_dir):
     if num_classes < len(ds.class_names):
         raise TrainError(f'--num-classes {num_classes} is fewer than the {len(ds.class_names)} classes in the data')
     model, overrides, size = build_model(args, num_classes)
+    if args.plan:
+        return planned(args, num_classes, log, model)
 
     # ---- devices, batch, schedule, state
     mesh_sizes = sharding.parse_mesh(args.mesh, jax.device_count())
@@ -435,6 +440,31 @@ def _run(namespace, own_process, warned_dir):
     log(f'done: best val_acc {best_acc:.4f}; checkpoints in {ckpts.root} '
         f'(a save blocked the loop {np.median(blocked) * 1000:.0f} ms, median of {len(blocked)})')
     return TrainResult(state['params'], state, list(rep.history), args.workdir, model, best_acc)
+
+
+def planned(args, num_classes, log, model):
+    """--plan TARGET: the step this run would compile, compiled for TARGET and described; a TrainError (exit 1)
+    naming the largest batch that fits when it does not fit."""
+    from . import plan
+    if plan.parse_target(args.plan)[0] == 'tpu' and jax.default_backend() == 'cpu':
+        plan.quiet_libtpu_env()
+    p = plan.plan(args, args.plan, num_classes, train=True)
+    log(plan.describe(p))
+    if not p['fits']:
+        ndev = p['devices']
+        probe = lambda n: plan.plan(argparse_copy(args, batch_size=n), args.plan, num_classes, train=True)  # noqa: E731
+        best, _, nxt = plan.max_batch(probe, args.batch_size // 2, ndev * args.grad_accum)
+        raise TrainError(f'--plan {args.plan}: --batch-size {args.batch_size} does not fit ({plan.fmt_bytes(p["peak_bytes"])} '
+                         f'per device, {plan.fmt_bytes(p["memory_bytes"])} there); the largest batch that fits is '
+                         f'{best}' + (f' ({nxt} does not)' if nxt else '') + (' (with --remat it would take less)'
+                                                                                 if not args.remat else ''))
+    log(f'plan: fits on {args.plan}; not training (--plan)')
+    return TrainResult(None, None, [], args.workdir, model, None)
+
+
+def argparse_copy(args, **changes):
+    import argparse
+    return argparse.Namespace(**dict(vars(args), **changes))
 
 
 def evaluate(eval_step, params, source, transform, batch, pid, nproc, batch_sh) -> dict:

@@ -22,7 +22,6 @@ A step that does not fit does not compile on a TPU (RESOURCE_EXHAUSTED: CompileT
 False, `needed_bytes` is XLA's figure and the cost and temporaries are None.
 """
 import importlib.util
-import math
 import os
 import re
 import time
@@ -49,7 +48,7 @@ TPU_SPECS = {
 KNOWN_TOPOLOGIES = ('v4:2x2x1', 'v4:2x2x2', 'v4:4x4x4', 'v5e:1x1', 'v5e:2x2', 'v5e:2x4', 'v5e:4x4', 'v5e:8x8',
                     'v5p:2x2x1', 'v5p:2x2x2', 'v5p:4x4x4', 'v6e:1x1', 'v6e:2x2', 'v6e:2x4', 'v6e:4x4', 'v6e:8x8')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
-TPU_EXTRA = "pip install 'vit-flax[tpu]' (it brings jax[tpu], i.e. libtpu; Python >= 3.11 with jax >= 0.11)"
+TPU_EXTRA = "pip install 'vit-flax[tpu]' (the extra that brings jax[tpu], i.e. libtpu)"
 
 
 def quiet_libtpu_env() -> None:
@@ -173,7 +172,7 @@ def plan(args, target: str, num_classes: int, *, train: bool = True, extra: Opti
     mesh = sharding.make_mesh(sizes, devices=devices)
     batch = args.batch_size
     if batch % ndev or (batch // ndev) % args.grad_accum:
-        raise TrainError(f'--batch-size {batch} must split evenly over the {ndev} devices of {target} (data={sizes["data"]} '
+        raise TrainError(f'batch {batch} must split evenly over the {ndev} devices of {target} (data={sizes["data"]} '
                          f'x fsdp={sizes["fsdp"]}) and --grad-accum {args.grad_accum} micro-batches per device')
     with target_backend(platform):
         model, overrides, size = loop.build_model(args, num_classes, extra)
@@ -282,8 +281,10 @@ def max_batch(probe: Callable[[int], dict], start: int, unit: int, limit: int = 
 
 # ---------------------------------------------------------------- text
 
-def _gib(n) -> str:
-    return '-' if n is None else f'{n / 2 ** 30:.2f} GiB'
+def fmt_bytes(n) -> str:
+    if n is None:
+        return '-'
+    return f'{n / 2 ** 30:.2f} GiB' if abs(n) >= 2 ** 30 else f'{n / 2 ** 20:.1f} MiB'
 
 
 def _si(x, unit='') -> str:
@@ -308,7 +309,7 @@ def describe(p: dict) -> str:
             ('arguments (all)', p['argument_bytes']), ('outputs', p['output_bytes']),
             ('aliased (donated)', p['alias_bytes']), ('temporaries', p['temp_bytes']),
             ('peak', p['peak_bytes']), ('device memory', p['memory_bytes']), ('headroom', p['headroom_bytes'])]
-    lines += [f'  {k:<18} {_gib(v):>12}' for k, v in rows]
+    lines += [f'  {k:<18} {fmt_bytes(v):>12}' for k, v in rows]
     lines.append(f"  fits: {'yes' if p['fits'] else 'NO'}" + (f" ({p['error']})" if p.get('error') else ''))
     if p.get('flops') is not None:
         lines.append('per device per step:')

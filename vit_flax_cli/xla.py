@@ -180,7 +180,11 @@ def _do_sweep(a, num_classes):
         w.writerow(keys + list(cols))
         for over, p in rows:
             w.writerow([over[k] for k in keys] + [p.get(c) for c in cols])
-    _plot(rows, a.out + '.png', a)
+    try:
+        _plot(rows, a.out + '.png', a)
+        wrote = f'{a.out}.csv and {a.out}.png'
+    except ImportError:
+        wrote = f'{a.out}.csv (no PNG: matplotlib is not installed; pip install matplotlib)'
     if a.json:
         print(json.dumps([dict(p, setting=over) for over, p in rows]))
         return 0
@@ -192,7 +196,7 @@ def _do_sweep(a, num_classes):
         print(f'{_label(over):<32} {"yes" if p["fits"] else "NO":>4} {g(p["peak_bytes"]):>9} {g(p["temp_bytes"]):>9} '
               f'{"-" if p.get("flops") is None else format(p["flops"] / 1e9, ".1f"):>9} '
               f'{"-" if ips is None else format(ips, ".0f"):>10} {p["compile_seconds"]:>9.1f}')
-    print(f'wrote {a.out}.csv and {a.out}.png')
+    print(f'wrote {wrote}')
     return 0
 
 

@@ -76,13 +76,17 @@ def parse_target(target: str) -> Tuple[str, Optional[str]]:
                      f'{", ".join(KNOWN_TOPOLOGIES)})')
 
 
+def have_libtpu() -> bool:
+    return importlib.util.find_spec('libtpu') is not None
+
+
 def target_devices(target: str):
     """(platform, devices, spec): the devices to compile for and the chip's TPU_SPECS entry (None for cpu)."""
     import jax
     platform, topo = parse_target(target)
     if platform == 'cpu':
         return 'cpu', jax.devices('cpu'), None
-    if importlib.util.find_spec('libtpu') is None:
+    if not have_libtpu():
         raise TrainError(f'--target {target}: compiling for a TPU needs libtpu, which is not installed: {TPU_EXTRA}')
     from jax.experimental import topologies
     try:

@@ -1,12 +1,13 @@
 """The tables of docs/XLA.md: deviceless TPU compiles of real training steps, one CSV row per compile.
 
-    JAX_PLATFORMS=cpu .venv-tpu/bin/python benchmarks/xla_tables.py runs/xla_tables.csv [--only NAME,...]
+    JAX_PLATFORMS=cpu .venv-tpu/bin/python benchmarks/xla_tables.py runs/xla_tables.csv [--only PART,...]
 
 Every row is vit_train.plan.plan(...) for an AdamW bf16 training step (1000 classes, mesh data=N over the
 slice), appended (and flushed) as soon as it is done, so a partial run still fills the doc. Parts, in order:
 `matrix` (ViT-B/16, ViT-L/16, Swin-B on v5e:2x2, v5p:2x2x1, v6e:2x2 at 256 images per chip, remat off/on),
 `scan` (ViT-B/16 scanned vs unrolled), `maxbatch` (largest batch per chip on v5e:2x2, remat off/on),
-`dinov2` (DINOv2-L/14 at 518). Needs libtpu (`pip install 'vit-flax[tpu]'`). Each compile takes ~0.5-3 min
+`dinov2` (DINOv2-L/14 at 518); also `matrix-reversed`, `maxbatch-off`, `maxbatch-full` (to split the
+work between two processes). Needs libtpu (`pip install 'vit-flax[tpu]'`). Each compile takes ~0.5-3 min
 on 2 CPU cores; the whole run about an hour.
 """
 import csv
@@ -53,25 +54,27 @@ def main(path, only=None):
               p.get('compile_seconds'), p.get('error', ''), flush=True)
 
     parts = only or ('matrix', 'scan', 'maxbatch', 'dinov2')
-    if 'matrix' in parts:
-        for key in ('vit_b16', 'vit_l16', 'swin_b'):
+    for part in parts:
+        if part in ('matrix', 'matrix-reversed'):
+            jobs = [(key, target, remat) for key in ('vit_b16', 'vit_l16', 'swin_b') for target in TARGETS
+                    for remat in (None, 'full')]
+            for key, target, remat in (jobs[::-1] if part == 'matrix-reversed' else jobs):
+                row('matrix', key, one(MODELS[key][0], target, 256, remat), 256, remat)
+        if part == 'scan':   # against the matrix's unrolled vit_b16 v5e remat row: same step, blocks under nn.scan
+            row('scan', 'vit_b16', one('vit_base_patch16_224', 'tpu:v5e:2x2', 256, 'full', dict(scan=True)), 256,
+                'full', True)
+        if part.startswith('maxbatch'):
+            remats = {'maxbatch': (None, 'full'), 'maxbatch-off': (None,), 'maxbatch-full': ('full',)}[part]
+            for key in ('vit_b16', 'vit_l16'):
+                for remat in remats:
+                    probe = lambda n, key=key, remat=remat: one(MODELS[key][0], 'tpu:v5e:2x2', n // 4, remat)  # noqa: E731
+                    best, p, nxt = plan.max_batch(probe, 4 * 128, 4 * 8)   # per chip in steps of 8
+                    row('maxbatch', key, p or dict(target='tpu:v5e:2x2', fits=False), best // 4, remat,
+                        note=f'next tried: {None if nxt is None else nxt // 4} per chip does not fit')
+        if part == 'dinov2':
             for target in TARGETS:
                 for remat in (None, 'full'):
-                    row('matrix', key, one(MODELS[key][0], target, 256, remat), 256, remat)
-    if 'scan' in parts:
-        for scan in (False, True):
-            row('scan', 'vit_b16', one('vit_base_patch16_224', 'tpu:v5e:2x2', 64, None, dict(scan=scan)), 64, None, scan)
-    if 'maxbatch' in parts:
-        for key in ('vit_b16', 'vit_l16'):
-            for remat in (None, 'full'):
-                probe = lambda n, key=key, remat=remat: one(MODELS[key][0], 'tpu:v5e:2x2', n // 4, remat)  # noqa: E731
-                best, p, nxt = plan.max_batch(probe, 4 * 64, 4 * 8)   # per chip in steps of 8
-                row('maxbatch', key, p or dict(target='tpu:v5e:2x2', fits=False), best // 4, remat,
-                    note=f'next tried: {None if nxt is None else nxt // 4} per chip does not fit')
-    if 'dinov2' in parts:
-        for target in ('tpu:v5e:2x2', 'tpu:v5p:2x2x1', 'tpu:v6e:2x2'):
-            for remat in (None, 'full'):
-                row('dinov2', 'dinov2_l14', one(MODELS['dinov2_l14'][0], target, 256, remat), 256, remat)
+                    row('dinov2', 'dinov2_l14', one(MODELS['dinov2_l14'][0], target, 256, remat), 256, remat)
     f.close()
 
 

@@ -19,7 +19,7 @@ Window geometry follows timm exactly:
 
 `attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'reference' (the
 hand-written derivatives, CPU's 'auto'; the plain formula whenever attention dropout is active in training),
-'plain', 'xla', 'cudnn' (GPU) or 'pallas' (TPU); 'fused' is the old name of 'reference'. The relative position bias and
+'plain', 'xla', 'cudnn' (GPU), 'pallas' or 'splash' (TPU); 'fused' is the old name of 'reference'. The relative position bias and
 the shift mask go to every implementation as its additive bias. Same parameters.
 
 Intermediates: apply with `mutable=['intermediates']` to get the patch embedding `embed` (B, H/4, W/4, C),

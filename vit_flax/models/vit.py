@@ -12,7 +12,7 @@ big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to
 
 `attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'reference' (the
 hand-written derivatives, CPU's 'auto'; the plain formula whenever attention dropout is active in training),
-'plain', 'xla', 'cudnn' (GPU) or 'pallas' (TPU); 'fused' is the old name of 'reference'. Same parameters.
+'plain', 'xla', 'cudnn' (GPU), 'pallas' or 'splash' (TPU); 'fused' is the old name of 'reference'. Same parameters.
 
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),
 every block's output (`Transformer/block_{i}`) and the normed tokens (`Transformer/encoded`).

@@ -15,9 +15,13 @@ Every model takes the field `attn_impl` and passes it here as `impl`. The implem
 | 'pallas'    | jax.experimental.pallas.ops.tpu.flash_attention (it takes an     | yes       | TPU; head dim <= 128 or   |
 |             | additive bias, splash attention does not), sequences padded to   |           | a multiple of 128         |
 |             | its 128 block, padded keys masked through segment ids            |           |                           |
+| 'splash'    | jax.experimental.pallas.ops.tpu.splash_attention (block-sparse   | no        | TPU; head dim as 'pallas' |
+|             | flash attention, vmapped over the batch): q pre-scaled, sequences|           |                           |
+|             | padded to its 128 block, padded keys masked by segment ids       |           |                           |
 | 'auto'      | `choose_impl`: CPU 'reference' (exactly what ran before 'auto'   |           |                           |
-|             | existed), GPU 'cudnn' for bf16/fp16 (else 'xla'), TPU 'pallas'   |           |                           |
-|             | for sequences >= PALLAS_MIN_SEQ (else 'xla'), other backends xla |           |                           |
+|             | existed), GPU 'cudnn' for bf16/fp16 (else 'xla'), TPU for        |           |                           |
+|             | sequences >= PALLAS_MIN_SEQ 'splash' (with a bias or mask:       |           |                           |
+|             | 'pallas', which takes one), shorter 'xla'; other backends 'xla'  |           |                           |
 
 Old names: 'fused' (the default until 'auto') is 'reference', the same kernel; what 'reference' meant before
 (the plain formula differentiated by JAX) is now 'plain'. The two agree to float32 rounding in values and
@@ -53,8 +57,8 @@ import numpy as np
 from ..errors import ModelConfigError
 from .matmul import matmul
 
-ATTN_IMPLS = ('auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas')
-AttnImpl = Literal['auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas', 'fused']   # the models' field type
+ATTN_IMPLS = ('auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas', 'splash')
+AttnImpl = Literal['auto', 'reference', 'plain', 'xla', 'cudnn', 'pallas', 'splash', 'fused']   # the models' field type
 ALIASES = {'fused': 'reference'}   # the name of 'reference' before 'auto' existed
 PALLAS_BLOCK = 128       # the TPU flash kernel's minimum block (its MIN_BLOCK_SIZE)
 PALLAS_MIN_SEQ = 512     # 'auto' on TPU: shorter sequences take 'xla' (one padded 128 block is mostly padding)
@@ -111,9 +115,9 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
                 has_mask: bool = False, has_dropout: bool = False, impl: str = 'auto') -> Choice:
     """What runs for `impl` on `backend` ('cpu' | 'gpu' | 'cuda' | 'rocm' | 'tpu' | ...) with these operands.
 
-    Pure (no device queries): the module docstring's rules. Every implementation takes a bias and a mask, so
-    `has_bias` and `has_mask` change no choice today; they are arguments so a kernel that takes neither can
-    be added without changing callers. Raises ModelConfigError for an explicit kernel that cannot run here.
+    Pure (no device queries): the module docstring's rules. Every implementation but 'splash' takes a bias
+    and a mask: with either, 'auto' on a TPU takes 'pallas' instead. Raises ModelConfigError for an explicit
+    kernel that cannot run here.
     """
     impl = check_impl(impl)
     backend = backend.lower()
@@ -133,6 +137,13 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
             _pallas_refusal(head_dim)
         if why:
             raise ModelConfigError(f"attn_impl='pallas': {why}")
+    if impl == 'splash':
+        why = ('splash attention runs on a TPU, not on backend ' + repr(backend)) if backend != 'tpu' else \
+            _pallas_refusal(head_dim)
+        if why is None and (has_bias or has_mask):
+            why = "splash attention takes no additive bias or mask here (use 'pallas' or 'xla')"
+        if why:
+            raise ModelConfigError(f"attn_impl='splash': {why}")
     if impl != 'auto':
         return Choice(impl)
     if backend == 'cpu':
@@ -146,7 +157,7 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
         if seq_len < PALLAS_MIN_SEQ:
             return Choice('xla')
         why = _pallas_refusal(head_dim)
-        return Choice('xla', why) if why else Choice('pallas')
+        return Choice('xla', why) if why else Choice('pallas' if has_bias or has_mask else 'splash')
     return Choice('xla')
 
 
@@ -177,6 +188,8 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] 
         return (_attention_f32 if exact else _attention)(q, k, v, bias)
     if choice.impl == 'pallas':
         return pallas_attention(q, k, v, bias, mask, scale)
+    if choice.impl == 'splash':
+        return splash_attention(q, k, v, scale)
     return jax_attention(q, k, v, bias, mask, scale, implementation=choice.impl,
                          seq_multiple=2 if (choice.impl == 'cudnn' and bias is not None) else 1)
 
@@ -263,6 +276,34 @@ def pallas_attention(q, k, v, bias=None, mask=None, scale=None, block: int = PAL
                           block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
                           block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
     out = fa.flash_attention(qp, kp, vp, ab, segments, sm_scale=1.0 if scale is None else scale, block_sizes=sizes)
+    return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
+
+
+def splash_attention(q, k, v, scale=None, block: int = PALLAS_BLOCK, interpret: Optional[bool] = None):
+    """jax's TPU splash attention (Pallas) over this module's layout, no bias or mask: q scaled first (the
+    kernel does not scale), q/k/v as (batch, heads, N, Dh) with the kernel vmapped over the batch, sequences
+    zero-padded to `block` with segment ids (real tokens 1, padding 0) so a real query sees only real keys,
+    the padded rows sliced off. Forward and backward are the kernel's (dq and dkv kernels, all blocks
+    `block`). `interpret` None: the Pallas interpreter when jax runs on the CPU and no `target_backend` is
+    set (the tests), the compiled kernel otherwise (a TPU, or a deviceless compile for one)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    if interpret is None:
+        interpret = jax.default_backend() == 'cpu' and _TARGET_BACKEND.get() is None
+    lead, q4, k4, v4 = _split_lead(q, k, v)
+    heads, nq, nk = q4.shape[1], q4.shape[-2], k4.shape[-2]
+    tq, tk = (-(-n // block) * block for n in (nq, nk))
+    if scale is not None:
+        q4 = (q4 * jnp.asarray(scale, jnp.float32)).astype(q4.dtype)
+    qp, kp, vp = _pad_axis(q4, 2, tq), _pad_axis(k4, 2, tk), _pad_axis(v4, 2, tk)
+    mask = sm.MultiHeadMask([sm.FullMask((tq, tk)) for _ in range(heads)])
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    segments = None
+    if (tq, tk) != (nq, nk):
+        segments = sk.SegmentIds(q=(jnp.arange(tq) < nq).astype(jnp.int32), kv=(jnp.arange(tk) < nk).astype(jnp.int32))
+    out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(qp, kp, vp)
     return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
 
 

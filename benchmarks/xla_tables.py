@@ -61,7 +61,7 @@ def main(path, only=None):
             for key, target, remat in (jobs[::-1] if part == 'matrix-reversed' else jobs):
                 row('matrix', key, one(MODELS[key][0], target, 256, remat), 256, remat)
         if part == 'scan':   # against the matrix's unrolled vit_b16 v5e remat row: same step, blocks under nn.scan
-            row('scan', 'vit_b16', one('vit_base_patch16_224', 'tpu:v5e:2x2', 256, 'full', dict(scan=True)), 256,
+            row('scan', 'vit_b16', one('vit_base_patch16_224', 'tpu:v5e:2x2', 256, 'full', dict(scan_blocks=True)), 256,
                 'full', True)
         if part.startswith('maxbatch'):
             remats = {'maxbatch': (None, 'full'), 'maxbatch-off': (None,), 'maxbatch-full': ('full',)}[part]

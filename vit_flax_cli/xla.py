@@ -88,7 +88,7 @@ def _setting_args(a, over: dict):
     if isinstance(scan, str):
         scan = scan.lower() in ('1', 'true', 'yes', 'on')
     if scan:
-        extra['scan'] = True
+        extra['scan_blocks'] = True
     impl = over.get('attn_impl', a.attn_impl)
     if impl:
         extra['attn_impl'] = impl

@@ -342,7 +342,7 @@ def describe(p: dict) -> str:
             lines.append(f"  XLA's own estimate {p['optimal_seconds'] * 1e3:.2f} ms")
         coll = ', '.join(f'{k} {v}' for k, v in p['collectives'].items()) or 'none'
         lines.append(f"  optimized HLO: {p['fusions']} fusions; collectives: {coll}")
-        if (p['overrides'].get('scan') or p.get('remat')) and p['model_flops']:
+        if (p['overrides'].get('scan_blocks') or p.get('remat')) and p['model_flops']:
             lines.append('  note: a scanned loop body counts once in XLA\'s FLOPs; remat adds recomputed forwards')
     return '\n'.join(lines)
 

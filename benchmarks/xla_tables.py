@@ -78,8 +78,37 @@ def main(path, only=None):
     f.close()
 
 
+def markdown(paths):
+    """The rows of one or more CSVs as docs/XLA.md's tables (the last row per setting wins)."""
+    rows = {}
+    for path in paths:
+        for r in csv.DictReader(open(path)):
+            rows[(r['part'], r['model'], r['target'], r['batch_per_chip'], r['remat'], r['scan'])] = r
+    g = lambda v: '-' if v in ('', None) else f'{float(v) / 2 ** 30:.2f}'  # noqa: E731
+    f = lambda v, d=0: '-' if v in ('', None) else f'{float(v):.{d}f}'  # noqa: E731
+    print('| part | model | target | batch/chip | remat | scan | fits | params+opt GiB | temp GiB | peak (or needed) GiB '
+          '| TFLOP/step/chip | XLA/analytic | GB accessed | roofline img/s/chip | bound | compile s |')
+    print('|' + '---|' * 16)
+    for r in rows.values():
+        fl, mf = r['flops'], r['model_flops']
+        ratio = f'{float(fl) / float(mf):.3f}' if fl and mf else '-'
+        state = (float(r['param_bytes']) + float(r['opt_state_bytes'])) if r['param_bytes'] else None
+        bound = '-'
+        if r['roofline_seconds'] and fl:
+            spec = plan.TPU_SPECS[r['target'].split(':')[1]]
+            bound = 'compute' if float(fl) / spec['peak_flops'] >= float(r['bytes_accessed']) / spec['hbm_bw'] else 'memory'
+        print(f"| {r['part']} | {r['model']} | {r['target'][4:]} | {r['batch_per_chip']} | {r['remat']} | {r['scan']} "
+              f"| {r['fits']} | {g(state)} | {g(r['temp_bytes'])} | {g(r['peak_bytes'])} "
+              f"| {'-' if not fl else f'{float(fl) / 1e12:.2f}'} | {ratio} "
+              f"| {'-' if not r['bytes_accessed'] else f'{float(r['bytes_accessed']) / 1e9:.1f}'} "
+              f"| {f(r['images_per_sec_per_chip'])} | {bound} | {f(r['compile_seconds'])} |")
+
+
 if __name__ == '__main__':
+    if sys.argv[1] == '--markdown':
+        sys.exit(markdown(sys.argv[2:]))
     only = None
     if '--only' in sys.argv:
         only = sys.argv[sys.argv.index('--only') + 1].split(',')
     sys.exit(main(sys.argv[1], only))
+

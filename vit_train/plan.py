@@ -233,7 +233,8 @@ def plan(args, target: str, num_classes: int, *, train: bool = True, extra: Opti
                headroom_bytes=out['memory_bytes'] - peak, fits=peak <= out['memory_bytes'],
                flops=flops, bytes_accessed=nbytes, transcendentals=cost.get('transcendentals'),
                intensity=(flops / nbytes) if flops and nbytes else None,
-               optimal_seconds=cost.get('optimal_seconds'), roofline_seconds=roof,
+               optimal_seconds=cost.get('optimal_seconds') if (cost.get('optimal_seconds') or 0) > 0 else None,
+               roofline_seconds=roof,
                roofline_bound=None if roof is None else ('compute' if flops / spec['peak_flops'] >= nbytes / spec['hbm_bw']
                                                          else 'memory'),
                images_per_sec_per_chip=(batch / ndev / roof) if roof else None,

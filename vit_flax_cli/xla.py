@@ -49,7 +49,7 @@ def add_parser(sub, common, set_adder, at_least):
                    help='recompute blocks in the backward pass: bare for whole blocks, or a jax.checkpoint_policies '
                    'name (dots_saveable, ...) (default: off)')
     s.add_argument('--scan-blocks', action='store_true', help='ViT: run the blocks with nn.scan (one block compiled)')
-    s.add_argument('--attn-impl', help='attention kernel (auto, reference, plain, xla, pallas, ...; default: the '
+    s.add_argument('--attn-impl', help='attention kernel (auto, reference, plain, xla, pallas, splash, ...; default: the '
                    'model\'s auto, decided for the target\'s platform)')
     s.add_argument('--optimizer', choices=('adamw', 'sgd'), default='adamw', help='with --train (default adamw)')
     s.add_argument('--grad-accum', type=at_least(1, '--grad-accum'), default=1, help='micro-batches per step')
@@ -62,7 +62,8 @@ def add_parser(sub, common, set_adder, at_least):
                    'by ";", remat off for none); prints a table, writes --out.csv and --out.png')
     s.add_argument('--out', default='xla_sweep', help='--sweep: output prefix for .csv and .png (default xla_sweep)')
     s.add_argument('--max-batch', action='store_true',
-                   help='find the largest global batch that fits by doubling from --batch and bisection')
+                   help='find the largest global batch that fits, searching from --batch (each probe is a compile: '
+                   'memory is extrapolated from the bytes XLA reports, with bisection as the safeguard)')
     set_adder(s)
     s.set_defaults(fn=cmd_xla)
     return s

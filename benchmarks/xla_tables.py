@@ -71,6 +71,10 @@ def main(path, only=None):
                     best, p, nxt = plan.max_batch(probe, 4 * 128, 4 * 8)   # per chip in steps of 8
                     row('maxbatch', key, p or dict(target='tpu:v5e:2x2', fits=False), best // 4, remat,
                         note=f'next tried: {None if nxt is None else nxt // 4} per chip does not fit')
+        if part == 'v5e-off':   # refusals are cheap (seconds): the models that do not fit v5e without remat
+            for key in ('vit_l16', 'swin_b', 'dinov2_l14'):
+                row('matrix' if key != 'dinov2_l14' else 'dinov2', key, one(MODELS[key][0], 'tpu:v5e:2x2', 256, None),
+                    256, None)
         if part == 'dinov2':
             for target in TARGETS:
                 for remat in (None, 'full'):

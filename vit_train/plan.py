@@ -225,6 +225,12 @@ def plan(args, target: str, num_classes: int, *, train: bool = True, extra: Opti
     if dump:
         with open(os.path.join(dump, 'optimized_hlo.txt'), 'w') as f:
             f.write(hlo)
+    caveats = []
+    if re.search(r'\swhile\(', hlo):
+        caveats.append('the program has a while loop (nn.scan over blocks, --grad-accum): cost analysis counts its body '
+                       'once, so FLOPs, bytes and the roofline cover one iteration')
+    if 'tpu_custom_call' in hlo:
+        caveats.append('Pallas kernels (splash/flash attention) count 0 FLOPs and bytes in cost analysis')
     roof = None
     if spec and flops is not None and nbytes is not None:
         roof = max(flops / spec['peak_flops'], nbytes / spec['hbm_bw'])
@@ -239,7 +245,7 @@ def plan(args, target: str, num_classes: int, *, train: bool = True, extra: Opti
                                                          else 'memory'),
                images_per_sec_per_chip=(batch / ndev / roof) if roof else None,
                mfu_bound=(out['model_flops'] / roof / spec['peak_flops']) if roof else None,
-               fusions=fusions, collectives=coll)
+               fusions=fusions, collectives=coll, caveats=caveats)
     return out
 
 
@@ -343,8 +349,10 @@ def describe(p: dict) -> str:
             lines.append(f"  XLA's own estimate {p['optimal_seconds'] * 1e3:.2f} ms")
         coll = ', '.join(f'{k} {v}' for k, v in p['collectives'].items()) or 'none'
         lines.append(f"  optimized HLO: {p['fusions']} fusions; collectives: {coll}")
-        if (p['overrides'].get('scan_blocks') or p.get('remat')) and p['model_flops']:
-            lines.append('  note: a scanned loop body counts once in XLA\'s FLOPs; remat adds recomputed forwards')
+        if p.get('remat'):
+            lines.append('  note: remat recomputes each block\'s forward in the backward pass (more FLOPs than 6 x MACs)')
+        for c in p.get('caveats') or ():
+            lines.append(f'  caveat: {c}')
     return '\n'.join(lines)
 
 

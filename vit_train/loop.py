@@ -139,14 +139,22 @@ def jit_steps(model, spec: StateSpec, mesh, args, mean, std):
     """(train_step, eval_step), jitted with their shardings: what the run calls, and what `--plan` and
     `vit-flax xla --train` compile (vit_train.plan), so the two can never differ.
     train_step(state, batch, lr) donates the state; eval_step(params, batch) returns replicated sums."""
+    from vit_flax.ops.attention import batch_mesh
     replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+
+    def on_mesh(fn):   # traced knowing the mesh: the Pallas attention kernels run per device (shard_map)
+        def traced(*a):
+            with batch_mesh(mesh):
+                return fn(*a)
+        return traced
+
     train_step = jax.jit(
-        steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
-                              label_smoothing=args.label_smoothing, grad_accum=args.grad_accum),
+        on_mesh(steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
+                                      label_smoothing=args.label_smoothing, grad_accum=args.grad_accum)),
         in_shardings=(spec.shardings, batch_shardings, replicated), out_shardings=(spec.shardings, replicated),
         donate_argnums=0)
-    eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),
+    eval_step = jax.jit(on_mesh(steps.make_eval_step(model, mean=mean, std=std)),
                         in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
     return train_step, eval_step
 

@@ -68,6 +68,36 @@ _warned = set()
 _TARGET_BACKEND = contextvars.ContextVar('vit_flax_attention_target_backend', default=None)
 
 
+_BATCH_MESH = contextvars.ContextVar('vit_flax_attention_batch_mesh', default=None)
+
+
+@contextlib.contextmanager
+def batch_mesh(mesh):
+    """Inside the block (while a step is traced), the Pallas kernels run per device under shard_map over
+    `mesh`, the batch split over all its axes (how vit_train splits it): XLA cannot partition a Mosaic kernel
+    itself ("Mosaic kernels cannot be automatically partitioned")."""
+    token = _BATCH_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _BATCH_MESH.reset(token)
+
+
+def _per_device(fn, *args):
+    """fn(*args), under shard_map over the batch (dim 0 of every arg and of the output) when a `batch_mesh`
+    with more than one device is set and divides the batch; else as is."""
+    mesh = _BATCH_MESH.get()
+    if mesh is None or mesh.size == 1 or args[0].shape[0] % mesh.size:
+        return fn(*args)
+    from jax.sharding import PartitionSpec as P
+    spec = P(tuple(mesh.axis_names))
+    try:
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)
+    except TypeError:   # jax before check_vma
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_rep=False)
+    return mapped(*args)
+
+
 @contextlib.contextmanager
 def target_backend(backend: Optional[str]):
     """Inside the block, 'auto' chooses for `backend` ('tpu', 'gpu', 'cpu') instead of jax.default_backend():
@@ -303,7 +333,7 @@ def splash_attention(q, k, v, scale=None, block: int = PALLAS_BLOCK, interpret: 
     segments = None
     if (tq, tk) != (nq, nk):
         segments = sk.SegmentIds(q=(jnp.arange(tq) < nq).astype(jnp.int32), kv=(jnp.arange(tk) < nk).astype(jnp.int32))
-    out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(qp, kp, vp)
+    out = _per_device(jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments)), qp, kp, vp)
     return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
 
 

@@ -333,7 +333,11 @@ def splash_attention(q, k, v, scale=None, block: int = PALLAS_BLOCK, interpret: 
     segments = None
     if (tq, tk) != (nq, nk):
         segments = sk.SegmentIds(q=(jnp.arange(tq) < nq).astype(jnp.int32), kv=(jnp.arange(tk) < nk).astype(jnp.int32))
-    out = _per_device(jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments)), qp, kp, vp)
+    # a bf16 kernel's matmuls are bf16 on the MXU: under jax_default_matmul_precision='highest' (set by some
+    # test suites) Mosaic would be asked for fp32 contraction of bf16 operands and refuse ("Bad lhs type")
+    precision = 'default' if _low_precision(qp.dtype) else None
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        out = _per_device(jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments)), qp, kp, vp)
     return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
 
 

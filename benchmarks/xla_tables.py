@@ -101,11 +101,14 @@ def markdown(paths):
         if r['roofline_seconds'] and fl:
             spec = plan.TPU_SPECS[r['target'].split(':')[1]]
             bound = 'compute' if float(fl) / spec['peak_flops'] >= float(r['bytes_accessed']) / spec['hbm_bw'] else 'memory'
+        need = ('>= ' if r['fits'] == 'False' and r['peak_bytes'] else '') + g(r['peak_bytes'])
+        ips = 'n/a (loop body counted once)' if r['scan'] == 'True' else f(r['images_per_sec_per_chip'])
+        fits = r['fits'] or ('error: ' + r['error'][:60] if r.get('error') else '-')
         print(f"| {r['part']} | {r['model']} | {r['target'][4:]} | {r['batch_per_chip']} | {r['remat']} | {r['scan']} "
-              f"| {r['fits']} | {g(state)} | {g(r['temp_bytes'])} | {g(r['peak_bytes'])} "
+              f"| {fits} | {g(state)} | {g(r['temp_bytes'])} | {need} "
               f"| {'-' if not fl else f'{float(fl) / 1e12:.2f}'} | {ratio} "
               f"| {'-' if not r['bytes_accessed'] else f'{float(r['bytes_accessed']) / 1e9:.1f}'} "
-              f"| {f(r['images_per_sec_per_chip'])} | {bound} | {f(r['compile_seconds'])} |")
+              f"| {ips} | {bound} | {f(r['compile_seconds'])} |")
 
 
 if __name__ == '__main__':

@@ -83,7 +83,10 @@ def test_a_vit_with_splash_compiles_for_v5e_and_v6e_without_a_tpu(target, tmp_pa
                                                   workdir='/tmp/vit-flax-splash-test-unused')))
     extra = dict(img_size=96, patch_size=4, depth=1, embed_dim=128, num_heads=2, attn_impl='auto')
     for train in (False, True):
-        p = plan.plan(args, target, 10, train=train, extra=extra, dump=str(tmp_path / str(train)))
+        # at jax's default precision, as a run: under the suite's 'highest' (tests/conftest.py) Mosaic refuses the
+        # bf16 backward kernels ('Bad lhs type': fp32 contraction of bf16 operands), a known limitation
+        with jax.default_matmul_precision('default'):
+            p = plan.plan(args, target, 10, train=train, extra=extra, dump=str(tmp_path / str(train)))
         assert p['fits']
         hlo = open(os.path.join(tmp_path, str(train), 'optimized_hlo.txt')).read()
         assert 'tpu_custom_call' in hlo   # the Pallas (Mosaic) kernels, not XLA's attention

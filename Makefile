@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this project's machines carry (pip takes both from local disk), so they are pinned here, not in pyproject.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-lean names test-slow fuzz memory bench bench-quick bench-gpu bench-parts bench-data parity-report train clean
+.PHONY: demo test test-lean test-tpu names test-slow fuzz memory bench bench-quick bench-gpu bench-parts bench-data parity-report train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,20 @@ test-lean: $(LEAN)/.installed-stamp
 	$(LEAN_PY) -c "import importlib.util as u, sys; sys.exit('torch is installed in $(LEAN)' if u.find_spec('torch') else 0)"
 	$(LEAN_PY) -c "import sys, jax, flax; print(f'lean venv: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, torch absent')"
 	VIT_FLAX_LEAN=1 $(LEAN_PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile tests
+
+# Deviceless TPU compiles (`vit-flax xla`, `train_flax.py --plan`, splash attention): libtpu needs jax >= 0.11, so
+# a third venv on Python 3.12 with the [tpu] extra. JAX_PLATFORMS=cpu: nothing runs on a TPU, libtpu only compiles.
+# Each TPU compile takes 10-40 s here; the files below take a few minutes.
+TPU := .venv-tpu
+TPU_PY := $(TPU)/bin/python
+$(TPU)/.installed-stamp: pyproject.toml Makefile
+	@test -n "$(PYTHON312)" || { echo 'make test-tpu: no Python 3.12 found (pyenv versions); set PYTHON312=...'; exit 1; }
+	test -x $(TPU_PY) || $(PYTHON312) -m venv $(TPU)
+	$(TPU_PY) -m pip install -q -e '.[tpu]' optax orbax-checkpoint pytest hypothesis matplotlib
+	touch $@
+
+test-tpu: $(TPU)/.installed-stamp
+	JAX_PLATFORMS=cpu $(TPU_PY) -m pytest -q -ra -p no:cacheprovider tests/xla tests/models/test_splash.py
 
 # vit_flax_cli/model_names.txt (what `vit-flax list` reads without importing jax), after a registry change
 names: $(STAMP)

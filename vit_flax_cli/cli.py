@@ -1,4 +1,4 @@
-"""The `vit-flax` command: summary, list, convert, inspect, parity, predict, train. Nothing imports this module."""
+"""The `vit-flax` command: summary, list, convert, inspect, parity, predict, xla, train. Nothing imports this module."""
 import argparse
 import fnmatch
 import json
@@ -415,6 +415,9 @@ def build_parser():
     _add_set(s)
     s.set_defaults(fn=cmd_parity, num_classes=None, img_size=None)
 
+    from . import xla
+    xla.add_parser(sub, common, _add_set, _at_least)
+
     s = sub.add_parser('train', add_help=False, help='train or fine-tune (the flags of train_flax.py; '
                        'vit-flax train --help)')
     s.add_argument('args', nargs=argparse.REMAINDER, help='the flags of train_flax.py')
@@ -461,6 +464,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['train']:  # argparse would claim the training flags (and --help) for itself
         return cmd_train(argparse.Namespace(args=argv[1:]))
+    if argv[:1] == ['xla']:   # before jax loads: it runs on the CPU and compiles for the target
+        from .xla import prepare_env
+        prepare_env()
     args = build_parser().parse_args(argv)
     debug = getattr(args, 'debug', False)
     if args.fn is not cmd_list:   # `list` answers without jax; the rest import it here, after --help and usage errors

@@ -244,6 +244,12 @@ class TrainConfig:
                                       'process)', 'run')
     distributed: bool = _switch('call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, '
                                 '...) (default: off)', 'run')
+    plan: Optional[str] = _flag(
+        None, 'compile exactly the training step this run would take (model, optimizer, mesh, remat, batch) for '
+        'TARGET (cpu, or tpu:TOPOLOGY such as tpu:v5e:2x2, compiled without a TPU; needs libtpu: '
+        "pip install 'vit-flax-tools[tpu]'), print memory per device, FLOPs and the roofline, and exit without "
+        'training: 0 when it fits, 1 (with the largest batch that fits) when it does not (default: off)', 'run',
+        metavar='TARGET')
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))

@@ -49,9 +49,10 @@ def _jsonable(x):
     return x
 
 
-def build_model(args, num_classes: int):
-    """(model, JSON-able overrides for create_model, square input size)."""
-    over = dict(num_classes=num_classes)
+def build_model(args, num_classes: int, extra=None):
+    """(model, JSON-able overrides for create_model, square input size). `extra`: more model fields
+    (`vit-flax xla --set/--scan-blocks/--attn-impl`), checked as the flags' are."""
+    over = dict(num_classes=num_classes, **(extra or {}))
     for k in ('img_size', 'patch_size', 'depth'):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
@@ -145,6 +146,55 @@ def state_spec(model, args, mesh) -> StateSpec:
         scales = layer_decay.scales(groups)
     return StateSpec(init_params, init_opt, abstract, shardings, tx, trainable, size(flat), size(trainable),
                      scales, groups)
+
+
+BATCH_KEYS = ('image', 'label', 'weight', 'unreadable')
+ERASE_KEYS = ('erase', 'erase_seed')   # random erasing's boxes and noise seeds (with --reprob)
+
+
+def batch_keys(args) -> tuple:
+    return BATCH_KEYS + (ERASE_KEYS if args.reprob else ())
+
+
+def jit_steps(model, spec: StateSpec, mesh, args, mean, std):
+    """(train_step, eval_step), jitted with their shardings: what the run calls, and what `--plan` and
+    `vit-flax xla --train` compile (vit_train.plan), so the two can never differ.
+    train_step(state, batch, lr, ema_weight) donates the state; eval_step(params, batch) returns replicated
+    sums. The recipe (mixing, BCE, layer decay, EMA, erasing) is the run's flags'."""
+    from vit_flax.ops.attention import batch_mesh
+    replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+
+    def on_mesh(fn):   # traced knowing the mesh: the Pallas attention kernels run per device (shard_map)
+        def traced(*a):
+            with batch_mesh(mesh):
+                return fn(*a)
+        return traced
+
+    mix_cfg = MixupConfig.from_args(args, model.num_classes)
+    train_step = jax.jit(
+        on_mesh(steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
+                                      label_smoothing=args.smoothing, grad_accum=args.grad_accum, mix=mix_cfg,
+                                      bce=args.bce_loss, bce_threshold=args.bce_target_thresh,
+                                      lr_scales=spec.lr_scales, ema=args.model_ema,
+                                      erase_mode=args.remode if args.reprob else None)),
+        in_shardings=(spec.shardings, {k: batch_sh for k in batch_keys(args)}, replicated, replicated),
+        out_shardings=(spec.shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(on_mesh(steps.make_eval_step(model, mean=mean, std=std)),
+                        in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
+    return train_step, eval_step
+
+
+def batch_specs(batch: int, size: int, mesh, args=None, train: bool = True) -> dict:
+    """ShapeDtypeStructs of one global batch as data.TrainTransform makes it (uint8 NHWC images, int32
+    labels, float32 weights, int32 unreadable flags; with --reprob the erasing boxes (recount, 4) int32 and
+    the noise seeds uint32), split over the mesh as the run splits it."""
+    sh = sharding.batch_sharding(mesh)
+    shapes = dict(image=((batch, size, size, 3), np.uint8), label=((batch,), np.int32),
+                  weight=((batch,), np.float32), unreadable=((batch,), np.int32))
+    if train and args is not None and args.reprob:
+        shapes.update(erase=((batch, args.recount, 4), np.int32), erase_seed=((batch,), np.uint32))
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in shapes.items()}
 
 
 class EpochMeter:
@@ -245,6 +295,9 @@ def _run(namespace, own_process, warned_dir):
         log(args.accum_note)
 
     # ---- data and model
+    if args.plan and args.num_classes:   # the data decide nothing else the step depends on
+        model = build_model(args, args.num_classes)[0]
+        return planned(args, args.num_classes, log, model)
     ds = data.load(args.dataset, args.data_path, args.val_split, args.image_column, args.label_column,
                    args.verify_shards)
     num_classes = args.num_classes or len(ds.class_names)
@@ -255,6 +308,8 @@ def _run(namespace, own_process, warned_dir):
     if args.eval_only:   # evaluate a workdir's checkpoint or --weights, write eval.json, train nothing
         return evaluation.eval_only(args, ds, log, warn, warned_dir, lambda n: build_model(args, n))
     model, overrides, size = build_model(args, num_classes)
+    if args.plan:
+        return planned(args, num_classes, log, model)
     mix_cfg = MixupConfig.from_args(args, num_classes)
 
     # ---- devices, batch, schedule, state
@@ -376,20 +431,9 @@ def _run(namespace, own_process, warned_dir):
 
     # ---- the compiled steps
     replicated = sharding.replicated(mesh)
-    batch_shardings = {k: batch_sh for k in ('image', 'label', 'weight', 'unreadable')}
-    erase_keys = ('erase', 'erase_seed') if args.reprob else ()  # random erasing's boxes and noise seeds
-    train_step = jax.jit(
-        steps.make_train_step(model, spec.tx, spec.trainable, mean=mean, std=std, seed=args.seed,
-                              label_smoothing=args.smoothing, grad_accum=args.grad_accum, mix=mix_cfg,
-                              bce=args.bce_loss, bce_threshold=args.bce_target_thresh, lr_scales=spec.lr_scales,
-                              ema=args.model_ema, erase_mode=args.remode if args.reprob else None),
-        in_shardings=(spec.shardings, dict(batch_shardings, **{k: batch_sh for k in erase_keys}), replicated,
-                      replicated),
-        out_shardings=(spec.shardings, replicated), donate_argnums=0)
+    train_step, eval_step = jit_steps(model, spec, mesh, args, mean, std)
     ema_weight = (lambda n: ema_mod.weight_at(n, args.model_ema_decay, args.model_ema_warmup)) if args.model_ema \
         else (lambda n: np.float32(0.0))
-    eval_step = jax.jit(steps.make_eval_step(model, mean=mean, std=std),
-                        in_shardings=(spec.shardings['params'], batch_shardings), out_shardings=replicated)
 
     if pid == 0:
         os.makedirs(args.workdir, exist_ok=True)
@@ -545,3 +589,28 @@ def recipe_lines(args, mix_cfg, spec):
         low = min(g['lr_scale'] for g in spec.groups.values())
         yield (f'layer decay: {args.layer_decay} over {layers} layer ids, lr x {low:.3g} (stem) .. x 1 (head); '
                f'every parameter in {os.path.join(args.workdir, "param_groups.json")}')
+
+
+def planned(args, num_classes, log, model):
+    """--plan TARGET: the step this run would compile, compiled for TARGET and described; a TrainError (exit 1)
+    naming the largest batch that fits when it does not fit."""
+    from . import plan
+    if plan.parse_target(args.plan)[0] == 'tpu' and jax.default_backend() == 'cpu':
+        plan.quiet_libtpu_env()
+    p = plan.plan(args, args.plan, num_classes, train=True)
+    log(plan.describe(p))
+    if not p['fits']:
+        ndev = p['devices']
+        probe = lambda n: plan.plan(argparse_copy(args, batch_size=n), args.plan, num_classes, train=True)  # noqa: E731
+        best, _, nxt = plan.max_batch(probe, args.batch_size // 2, ndev * args.grad_accum)
+        raise TrainError(f'--plan {args.plan}: --batch-size {args.batch_size} does not fit ({plan.fmt_bytes(p["peak_bytes"])} '
+                         f'per device, {plan.fmt_bytes(p["memory_bytes"])} there); the largest batch that fits is '
+                         f'{best}' + (f' ({nxt} does not)' if nxt else '') + (' (with --remat it would take less)'
+                                                                                 if not args.remat else ''))
+    log(f'plan: fits on {args.plan}; not training (--plan)')
+    return TrainResult(None, None, [], args.workdir, model, None)
+
+
+def argparse_copy(args, **changes):
+    import argparse
+    return argparse.Namespace(**dict(vars(args), **changes))

@@ -45,9 +45,12 @@ def parse_mesh(text: str, num_devices: int) -> Dict[str, int]:
     return sizes
 
 
-def make_mesh(sizes: Dict[str, int]) -> Mesh:
+def make_mesh(sizes: Dict[str, int], devices=None) -> Mesh:
+    """The ('data', 'fsdp') mesh over `devices` (default: every device; a TPU topology's compile-only
+    devices for vit_train.plan)."""
     # Auto axes: XLA propagates the shardings through the model (jax >= 0.7 defaults make_mesh to Explicit)
-    return jax.make_mesh((sizes['data'], sizes['fsdp']), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return jax.make_mesh((sizes['data'], sizes['fsdp']), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                         **({} if devices is None else dict(devices=devices)))
 
 
 def fsdp_spec(shape: Tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:

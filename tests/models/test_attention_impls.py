@@ -138,9 +138,9 @@ BF16, F32 = jnp.bfloat16, jnp.float32
     ('gpu', BF16, 197, 64, False, 'cudnn'),
     ('cuda', jnp.float16, 49, 32, True, 'cudnn'),   # Swin: bias and mask go to cuDNN as its bias
     ('gpu', F32, 197, 64, False, 'xla'),            # no fused float32 kernel: xla, not a fallback
-    ('tpu', BF16, 1370, 64, False, 'pallas'),       # DINOv2 at 518
+    ('tpu', BF16, 1370, 64, False, 'splash'),       # DINOv2 at 518: no bias, splash attention
     ('tpu', BF16, 197, 64, False, 'xla'),           # shorter than PALLAS_MIN_SEQ
-    ('tpu', BF16, 1370, 64, True, 'pallas'),
+    ('tpu', BF16, 1370, 64, True, 'pallas'),        # a bias or mask: the flash kernel, which takes one
     ('rocm', BF16, 197, 64, False, 'xla'),
     ('METAL', BF16, 197, 64, False, 'xla'),
 ])

@@ -19,7 +19,7 @@ Window geometry follows timm exactly:
 
 `attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'manual_grad' (the
 formula with hand-written derivatives, CPU's 'auto'; 'autodiff' whenever attention dropout is active in training),
-'autodiff' (the formula, JAX's derivatives), 'xla', 'cudnn' (GPU) or 'pallas' (TPU); the old names 'reference',
+'autodiff' (the formula, JAX's derivatives), 'xla', 'cudnn' (GPU), 'pallas' or 'splash' (TPU); the old names 'reference',
 'fused' and 'plain' are accepted with a DeprecationWarning. The relative position bias and
 the shift mask go to every implementation as its additive bias. Same parameters.
 

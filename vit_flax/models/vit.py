@@ -12,7 +12,7 @@ big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to
 
 `attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'manual_grad' (the
 formula with hand-written derivatives, CPU's 'auto'; 'autodiff' whenever attention dropout is active in training),
-'autodiff' (the formula, JAX's derivatives), 'xla', 'cudnn' (GPU) or 'pallas' (TPU); the old names 'reference',
+'autodiff' (the formula, JAX's derivatives), 'xla', 'cudnn' (GPU), 'pallas' or 'splash' (TPU); the old names 'reference',
 'fused' and 'plain' are accepted with a DeprecationWarning. Same parameters.
 
 Intermediates: apply with `mutable=['intermediates']` to get the embedded tokens (`Transformer/embed`),

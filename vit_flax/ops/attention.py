@@ -15,9 +15,13 @@ Every model takes the field `attn_impl` and passes it here as `impl`. The implem
 | 'pallas'    | jax.experimental.pallas.ops.tpu.flash_attention (it takes an     | yes       | TPU; head dim <= 128 or   |
 |             | additive bias, splash attention does not), sequences padded to   |           | a multiple of 128         |
 |             | its 128 block, padded keys masked through segment ids            |           |                           |
+| 'splash'    | jax.experimental.pallas.ops.tpu.splash_attention (block-sparse   | no        | TPU; head dim as 'pallas' |
+|             | flash attention, vmapped over the batch): q pre-scaled, sequences|           |                           |
+|             | padded to its 128 block, padded keys masked by segment ids       |           |                           |
 | 'auto'      | `choose_impl`: CPU 'manual_grad' (exactly what ran before 'auto' |           |                           |
-|             | existed), GPU 'cudnn' for bf16/fp16 (else 'xla'), TPU 'pallas'   |           |                           |
-|             | for sequences >= PALLAS_MIN_SEQ (else 'xla'), other backends xla |           |                           |
+|             | existed), GPU 'cudnn' for bf16/fp16 (else 'xla'), TPU for        |           |                           |
+|             | sequences >= PALLAS_MIN_SEQ 'splash' (with a bias or mask:       |           |                           |
+|             | 'pallas', which takes one), shorter 'xla'; other backends 'xla'  |           |                           |
 
 Old names, accepted with a DeprecationWarning for one release: 'reference' and 'fused' (its name until 'auto')
 are 'manual_grad', the same kernel; 'plain' is 'autodiff'. The two agree to float32 rounding in values and
@@ -40,6 +44,8 @@ dtype (bf16 under bf16), both products accumulated in float32, logits, bias and 
 timm's SDPA under autocast), the probabilities rounded to v's dtype for the second product; the output
 in v's dtype. cuDNN adds the bias in the compute dtype (jax rounds it to q's dtype), the one difference.
 """
+import contextlib
+import contextvars
 import math
 import warnings
 from typing import Callable, Literal, NamedTuple, Optional
@@ -51,7 +57,7 @@ import numpy as np
 from ..errors import ModelConfigError
 from .matmul import matmul
 
-ATTN_IMPLS = ('auto', 'manual_grad', 'autodiff', 'xla', 'cudnn', 'pallas')
+ATTN_IMPLS = ('auto', 'manual_grad', 'autodiff', 'xla', 'cudnn', 'pallas', 'splash')
 # old names (module docstring): accepted, with a DeprecationWarning, for one release
 ALIASES = {'reference': 'manual_grad', 'fused': 'manual_grad', 'plain': 'autodiff'}
 AttnImpl = Literal[ATTN_IMPLS + tuple(ALIASES)]   # the models' field type
@@ -60,6 +66,48 @@ PALLAS_MIN_SEQ = 512     # 'auto' on TPU: shorter sequences take 'xla' (one padd
 CUDNN_HEAD_DIM_MAX = 128  # 256 on Hopper and later; 128 holds on every card cuDNN's flash kernel runs on
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)   # jax's and the Pallas kernel's large negative logit
 _warned = set()
+_TARGET_BACKEND = contextvars.ContextVar('vit_flax_attention_target_backend', default=None)
+
+
+_BATCH_MESH = contextvars.ContextVar('vit_flax_attention_batch_mesh', default=None)
+
+
+@contextlib.contextmanager
+def batch_mesh(mesh):
+    """Inside the block (while a step is traced), the Pallas kernels run per device under shard_map over
+    `mesh`, the batch split over all its axes (how vit_train splits it): XLA cannot partition a Mosaic kernel
+    itself ("Mosaic kernels cannot be automatically partitioned")."""
+    token = _BATCH_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _BATCH_MESH.reset(token)
+
+
+def _per_device(fn, *args):
+    """fn(*args), under shard_map over the batch (dim 0 of every arg and of the output) when a `batch_mesh`
+    with more than one device is set and divides the batch; else as is."""
+    mesh = _BATCH_MESH.get()
+    if mesh is None or mesh.size == 1 or args[0].shape[0] % mesh.size:
+        return fn(*args)
+    from jax.sharding import PartitionSpec as P
+    spec = P(tuple(mesh.axis_names))
+    try:
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)
+    except TypeError:   # jax before check_vma
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_rep=False)
+    return mapped(*args)
+
+
+@contextlib.contextmanager
+def target_backend(backend: Optional[str]):
+    """Inside the block, 'auto' chooses for `backend` ('tpu', 'gpu', 'cpu') instead of jax.default_backend():
+    what a program traced here to be compiled for another platform (a TPU, from a CPU host) needs."""
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
 
 
 def check_impl(impl: str) -> str:
@@ -105,9 +153,9 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
                 has_mask: bool = False, has_dropout: bool = False, impl: str = 'auto') -> Choice:
     """What runs for `impl` on `backend` ('cpu' | 'gpu' | 'cuda' | 'rocm' | 'tpu' | ...) with these operands.
 
-    Pure (no device queries): the module docstring's rules. Every implementation takes a bias and a mask, so
-    `has_bias` and `has_mask` change no choice today; they are arguments so a kernel that takes neither can
-    be added without changing callers. Raises ModelConfigError for an explicit kernel that cannot run here.
+    Pure (no device queries): the module docstring's rules. Every implementation but 'splash' takes a bias
+    and a mask: with either, 'auto' on a TPU takes 'pallas' instead. Raises ModelConfigError for an explicit
+    kernel that cannot run here.
     """
     impl = check_impl(impl)
     backend = backend.lower()
@@ -127,6 +175,13 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
             _pallas_refusal(head_dim)
         if why:
             raise ModelConfigError(f"attn_impl='pallas': {why}")
+    if impl == 'splash':
+        why = ('splash attention runs on a TPU, not on backend ' + repr(backend)) if backend != 'tpu' else \
+            _pallas_refusal(head_dim)
+        if why is None and (has_bias or has_mask):
+            why = "splash attention takes no additive bias or mask here (use 'pallas' or 'xla')"
+        if why:
+            raise ModelConfigError(f"attn_impl='splash': {why}")
     if impl != 'auto':
         return Choice(impl)
     if backend == 'cpu':
@@ -140,7 +195,7 @@ def choose_impl(backend: str, dtype, seq_len: int, head_dim: int, has_bias: bool
         if seq_len < PALLAS_MIN_SEQ:
             return Choice('xla')
         why = _pallas_refusal(head_dim)
-        return Choice('xla', why) if why else Choice('pallas')
+        return Choice('xla', why) if why else Choice('pallas' if has_bias or has_mask else 'splash')
     return Choice('xla')
 
 
@@ -155,9 +210,9 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] 
     """softmax(scale q k^T + bias, masked) v over (..., N, Dh) arrays (module docstring: shapes, numerics).
 
     `dropout` (applied to the attention weights) is given only when it can drop something; `impl` as in the
-    module docstring; `backend` (default jax.default_backend()) only for what `choose_impl` decides.
+    module docstring; `backend` (default: `target_backend`'s, else jax.default_backend()) only for what `choose_impl` decides.
     """
-    choice = choose_impl(backend or jax.default_backend(), jnp.result_type(q, k, v), k.shape[-2], q.shape[-1],
+    choice = choose_impl(backend or _TARGET_BACKEND.get() or jax.default_backend(), jnp.result_type(q, k, v), k.shape[-2], q.shape[-1],
                          bias is not None, mask is not None, dropout is not None, impl)
     if choice.fallback:
         _warn_once(f'attention: {choice.fallback}; using {choice.impl!r}')
@@ -171,6 +226,8 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] 
         return (_attention_f32 if exact else _attention)(q, k, v, bias)
     if choice.impl == 'pallas':
         return pallas_attention(q, k, v, bias, mask, scale)
+    if choice.impl == 'splash':
+        return splash_attention(q, k, v, scale)
     return jax_attention(q, k, v, bias, mask, scale, implementation=choice.impl,
                          seq_multiple=2 if (choice.impl == 'cudnn' and bias is not None) else 1)
 
@@ -257,6 +314,38 @@ def pallas_attention(q, k, v, bias=None, mask=None, scale=None, block: int = PAL
                           block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
                           block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
     out = fa.flash_attention(qp, kp, vp, ab, segments, sm_scale=1.0 if scale is None else scale, block_sizes=sizes)
+    return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
+
+
+def splash_attention(q, k, v, scale=None, block: int = PALLAS_BLOCK, interpret: Optional[bool] = None):
+    """jax's TPU splash attention (Pallas) over this module's layout, no bias or mask: q scaled first (the
+    kernel does not scale), q/k/v as (batch, heads, N, Dh) with the kernel vmapped over the batch, sequences
+    zero-padded to `block` with segment ids (real tokens 1, padding 0) so a real query sees only real keys,
+    the padded rows sliced off. Forward and backward are the kernel's (dq and dkv kernels, all blocks
+    `block`). `interpret` None: the Pallas interpreter when jax runs on the CPU and no `target_backend` is
+    set (the tests), the compiled kernel otherwise (a TPU, or a deviceless compile for one)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    if interpret is None:
+        interpret = jax.default_backend() == 'cpu' and _TARGET_BACKEND.get() is None
+    lead, q4, k4, v4 = _split_lead(q, k, v)
+    heads, nq, nk = q4.shape[1], q4.shape[-2], k4.shape[-2]
+    tq, tk = (-(-n // block) * block for n in (nq, nk))
+    if scale is not None:
+        q4 = (q4 * jnp.asarray(scale, jnp.float32)).astype(q4.dtype)
+    qp, kp, vp = _pad_axis(q4, 2, tq), _pad_axis(k4, 2, tk), _pad_axis(v4, 2, tk)
+    mask = sm.MultiHeadMask([sm.FullMask((tq, tk)) for _ in range(heads)])
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    segments = None
+    if (tq, tk) != (nq, nk):
+        segments = sk.SegmentIds(q=(jnp.arange(tq) < nq).astype(jnp.int32), kv=(jnp.arange(tk) < nk).astype(jnp.int32))
+    # a bf16 kernel's matmuls are bf16 on the MXU: under jax_default_matmul_precision='highest' (set by some
+    # test suites) Mosaic would be asked for fp32 contraction of bf16 operands and refuse ("Bad lhs type")
+    precision = 'default' if _low_precision(qp.dtype) else None
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        out = _per_device(jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments)), qp, kp, vp)
     return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
 
 

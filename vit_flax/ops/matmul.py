@@ -16,7 +16,7 @@ prints it). Everything not named a matmul operand is what timm keeps under torch
 | backend                                 | matmul operands         | attention ('auto')             |
 |-----------------------------------------|-------------------------|--------------------------------|
 | GPU (CUDA)                              | bf16 ('native')         | 'cudnn' (fused kernel)         |
-| TPU                                     | bf16 ('native')         | 'pallas' (N >= 512), else 'xla' |
+| TPU                                     | bf16 ('native')         | 'splash' (N >= 512), else 'xla' |
 | CPU with bf16 dots (AMX, AVX512_BF16, ARM BF16) | bf16 ('native') | 'manual_grad'                  |
 | CPU without them (AVX2 only)            | widened to float32 ('float32') | 'manual_grad'           |
 

@@ -1,0 +1,117 @@
+"""Deviceless TPU compiles (libtpu's compile-only v5e/v6e devices, no TPU): the numbers `vit-flax xla` and
+`train_flax.py --plan` report for tiny models, checked against what they must be. Skipped without libtpu
+(`pip install 'vit-flax-tools[tpu]'`; `make test-tpu` runs them in a Python 3.12 venv). Each TPU compile takes
+~10-40 s on the shared 2 cores: the plans are built once per module and shared."""
+import os
+
+import pytest
+
+from vit_train import config, plan
+
+pytestmark = pytest.mark.skipif(not plan.have_libtpu(), reason="needs libtpu: pip install 'vit-flax-tools[tpu]' (make test-tpu)")
+plan.quiet_libtpu_env()
+
+V5E = 'tpu:v5e:2x2'
+# a ViT whose widths split into whole 128-lane tiles four ways (fsdp), at 32 px with 4 px patches: 65 tokens
+VIT = dict(model='vit_tiny_patch16_224', extra=dict(img_size=32, patch_size=4, depth=2, embed_dim=512, num_heads=8))
+SWIN = dict(model='swin_tiny_patch4_window7_224',
+            extra=dict(img_size=32, embed_dim=64, depths=(2, 2), num_heads=(2, 4), window_size=4))
+
+
+def make(model, extra, *, target=V5E, batch=256, train=True, remat=None, mesh='', dtype='bfloat16', classes=10):
+    args = config.resolve(config.from_python(dict(model=model, batch_size=batch, dtype=dtype, remat=remat, mesh=mesh,
+                                                  workdir='/tmp/vit-flax-plan-test-unused')))
+    return plan.plan(args, target, classes, train=train, extra=dict(extra))
+
+
+@pytest.fixture(scope='module')
+def vit_train():
+    return make(**VIT)
+
+
+def _flops_ratio(p):
+    return p['flops'] / p['model_flops']
+
+
+def test_tiny_vit_forward_flops_are_twice_the_summary_macs_per_device():
+    p = make(**VIT, train=False)
+    assert p['fits'] and p['devices'] == 4 and p['device_kind'] == 'TPU v5 lite'
+    assert p['batch_per_device'] == 64
+    # vit_flax.summary counts matmuls only; XLA adds the elementwise ops (softmax, GELU, norms)
+    assert 1.0 <= _flops_ratio(p) < 1.02, _flops_ratio(p)
+    assert p['roofline_seconds'] == max(p['flops'] / 197e12, p['bytes_accessed'] / 819e9)
+
+
+def test_tiny_vit_training_step_flops_are_three_times_the_forward(vit_train):
+    p = vit_train
+    assert p['fits'] and p['train']
+    assert 0.98 <= _flops_ratio(p) < 1.02, _flops_ratio(p)
+    assert p['memory_bytes'] == 16 * 2 ** 30 and p['headroom_bytes'] == p['memory_bytes'] - p['peak_bytes']
+    assert p['peak_bytes'] == p['argument_bytes'] + p['output_bytes'] - p['alias_bytes'] + p['temp_bytes']
+    # the state is donated: the new params and optimizer state reuse the old ones' buffers
+    assert p['alias_bytes'] >= p['param_bytes'] + p['opt_state_bytes']
+    assert p['collectives'].get('all-reduce', 0) >= 1   # data parallelism sums the gradients
+    assert p['fusions'] > 10
+
+
+def test_tiny_swin_forward_and_training_step_flops_match_the_summary():
+    fwd, step = make(**SWIN, train=False), make(**SWIN)
+    assert fwd['fits'] and step['fits']
+    assert 1.0 <= _flops_ratio(fwd) < 1.02, _flops_ratio(fwd)
+    assert 0.98 <= _flops_ratio(step) < 1.02, _flops_ratio(step)
+
+
+def test_remat_lowers_the_temporaries_and_recomputes_the_forward(vit_train):
+    r = make(**VIT, remat='full')
+    assert r['temp_bytes'] < 0.8 * vit_train['temp_bytes'], (r['temp_bytes'], vit_train['temp_bytes'])
+    assert r['flops'] > 1.15 * vit_train['flops']   # each block's forward runs again in the backward pass
+
+
+def test_fsdp_splits_the_parameters_and_optimizer_state_four_ways(vit_train):
+    f = make(**VIT, mesh='fsdp=4')
+    state = lambda p: p['param_bytes'] + p['opt_state_bytes']  # noqa: E731
+    assert 0.22 < state(f) / state(vit_train) < 0.32, state(f) / state(vit_train)
+    # what XLA allocates agrees: the arguments are the state and a small batch
+    assert 0.22 < f['argument_bytes'] / vit_train['argument_bytes'] < 0.35
+    assert f['collectives'].get('all-gather', 0) >= 1   # the sharded weights are gathered before use
+
+
+def test_max_batch_fits_and_the_next_batch_does_not():
+    # long sequences (1024 tokens) make the attention temporaries large: a handful of images per device
+    extra = dict(img_size=256, patch_size=8, depth=1, embed_dim=128, num_heads=8, attn_impl='xla')
+    probe = lambda n: make('vit_tiny_patch16_224', extra, batch=n, dtype='float32')  # noqa: E731
+    best, p, nxt = plan.max_batch(probe, 4 * 16, 4 * 16)
+    assert best > 0 and nxt == best + 4 * 16
+    assert p['fits'] and p['batch'] == best and p['peak_bytes'] <= p['memory_bytes']
+    above = probe(nxt)
+    assert not above['fits'] and above['needed_bytes'] > above['memory_bytes']
+
+
+def test_a_step_that_does_not_fit_reports_what_it_needs():
+    p = make(**dict(VIT, extra=dict(VIT['extra'], img_size=224)), batch=4 * 4096)
+    assert p['fits'] is False and p['flops'] is None
+    assert p['needed_bytes'] > p['memory_bytes'] > 15 * 2 ** 30
+    assert 'CompileTimeHbmOom' in p['error']
+
+
+def test_cli_json_has_the_documented_keys(tmp_path):
+    from helpers import cli
+    import json
+    r = cli('xla', 'vit_tiny_patch16_224', '--target', 'tpu:v6e:2x2', '--set', 'img_size=32', '--set', 'patch_size=4',
+            '--set', 'depth=1', '--batch', '16', '--json', '--dump', tmp_path / 'dump')
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for k in plan.JSON_KEYS:
+        assert k in out, k
+    assert out['devices'] == 4 and out['device_kind'] == 'TPU v6 lite' and out['memory_bytes'] == 32 * 2 ** 30
+    assert sorted(os.listdir(tmp_path / 'dump')) == ['optimized_hlo.txt', 'plan.json', 'stablehlo.mlir']
+
+
+def test_bad_topology_and_batch_are_one_line_errors():
+    from helpers import cli
+    r = cli('xla', 'vit_tiny_patch16_224', '--target', 'tpu:v5e:3x7')
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and 'v5e:2x2' in r.stderr, r.stderr
+    r = cli('xla', 'vit_tiny_patch16_224', '--target', V5E, '--batch', '6')
+    assert r.returncode == 1 and 'batch 6' in r.stderr and '4 devices' in r.stderr, r.stderr
+    r = cli('xla', 'vit_tiny_patch16_224', '--target', V5E, '--mesh', 'data=3')
+    assert r.returncode == 1 and '--mesh' in r.stderr, r.stderr

@@ -287,3 +287,20 @@ def run_hf(model, x_nhwc, out):
     import torch
     with torch.no_grad():
         return getattr(model(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()), out).numpy()
+
+
+def kill_9_after_checkpoint(cmd, env, workdir, step: int, cwd=None, timeout: float = 600) -> None:
+    """Start `cmd` (a training run writing to `workdir`), wait until its checkpoint of `step` is committed
+    (orbax's _CHECKPOINT_METADATA), then SIGKILL it: the kill -9 of the resume tests. Fails when the run ends
+    first."""
+    import os
+    import signal
+    import time
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(str(workdir), 'checkpoints', str(step), '_CHECKPOINT_METADATA')
+    deadline = time.time() + timeout
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -22,6 +22,6 @@ def test_bench_gpu_dry_run_prints_and_writes_its_table(tmp_path):
         ran = [l for l in rows if l.startswith(f'| {model} | infer | xla (xla) |')]
         assert ran and 'Error' not in ran[0], table
     assert any(l.startswith('| swin_b | train | xla (xla) |') and 'Error' not in l for l in rows), table
-    assert any('| train | auto (reference) | yes | dots_with_no_batch_dims_saveable |' in l for l in rows), table
+    assert any('| train | auto (manual_grad) | yes | dots_with_no_batch_dims_saveable |' in l for l in rows), table
     assert "attn_impl='cudnn': cuDNN attention runs on a CUDA GPU, not on backend 'cpu'" in table
     assert (tmp_path / 'bench_gpu.json').exists()

@@ -52,7 +52,7 @@ def add_parser(sub, common, set_adder, at_least):
     s.add_argument('--attn-impl', help='attention kernel (auto, reference, plain, xla, pallas, splash, ...; default: the '
                    'model\'s auto, decided for the target\'s platform)')
     s.add_argument('--optimizer', choices=('adamw', 'sgd'), default='adamw', help='with --train (default adamw)')
-    s.add_argument('--grad-accum', type=at_least(1, '--grad-accum'), default=1, help='micro-batches per step')
+    s.add_argument('--grad-accum', type=at_least(1, '--grad-accum'), default=1, help='micro-batches per step (default 1)')
     s.add_argument('--num-classes', type=at_least(1, '--num-classes'),
                    help='head size (default: the model\'s own; 1000 when it has none)')
     s.add_argument('--json', action='store_true', help='print one JSON object (a list of them for --sweep)')

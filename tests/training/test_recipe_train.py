@@ -6,15 +6,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from helpers import cli_process
+from helpers import cli_process, kill_9_after_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, 'train_flax.py')
@@ -75,15 +73,8 @@ def test_recipe_run_keeps_an_ema_and_says_what_it_does(reference):
 
 def test_kill_9_then_resume_is_bit_identical_with_the_recipe_on(env, reference, tmp_path):
     workdir = tmp_path / 'killed'
-    proc = subprocess.Popen([sys.executable, TRAIN, '--workdir', str(workdir), *BASE], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = workdir / 'checkpoints' / '16' / '_CHECKPOINT_METADATA'
-    deadline = time.time() + 600
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, 'the run ended before it could be killed'
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after_checkpoint([sys.executable, TRAIN, '--workdir', str(workdir), *BASE], env, workdir, 16,
+                            cwd=ROOT)
     r = run(env, workdir, *BASE)
     assert re.search(rf'resumed from the checkpoint of step (16|22|32) of {STEPS}', r.stdout), r.stdout
     for ema in (False, True):

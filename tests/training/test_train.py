@@ -10,17 +10,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import cli_process, perturb_timm
+from helpers import cli_process, kill_9_after_checkpoint, perturb_timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 TRAIN = os.path.join(ROOT, 'train_flax.py')
@@ -163,15 +161,8 @@ def test_unreadable_weights_fail_in_one_line_and_write_nothing(env, tmp_path):
 def test_kill_9_then_rerun_resumes_and_ends_bit_identical(env, reference, tmp_path):
     workdir = tmp_path / 'killed'
     e = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    proc = subprocess.Popen([sys.executable, TRAIN, '--workdir', str(workdir), *BASE], cwd=ROOT, env=e,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = workdir / 'checkpoints' / '16' / '_CHECKPOINT_METADATA'
-    deadline = time.time() + 600
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, 'the run ended before it could be killed'
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after_checkpoint([sys.executable, TRAIN, '--workdir', str(workdir), *BASE], e, workdir, 16,
+                            cwd=ROOT)
     r = run(env, workdir, *BASE)
     m = re.search(rf'resumed from the checkpoint of step (\d+) of {STEPS} \((.*?)\); continuing with step (\d+)',
                   r.stdout)

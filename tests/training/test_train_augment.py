@@ -5,13 +5,11 @@ bit-identical to the uninterrupted run (the same pixels, boxes, noise and mixing
 and EMA), as tests/training/test_train.py shows for the plain pipeline."""
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
+from helpers import kill_9_after_checkpoint
 from test_train import ROOT, TRAIN, assert_same_params, latest, run
 
 # 1 epoch of 21 steps of 66 (even for the mixing pairs, a multiple of the 3 repeats), a checkpoint every 8
@@ -35,15 +33,8 @@ def test_kill_9_with_the_deit_recipe_then_rerun_resumes_bit_identical(env, tmp_p
     assert 'train: 1442 images, batch 66: 21 steps per epoch of 462 images 3 times each' in ref.stdout
     assert 'mixing: mixup alpha 0.8, cutmix alpha 1.0' in ref.stdout and 'EMA: decay 0.9' in ref.stdout, ref.stdout
     workdir = tmp_path / 'killed'
-    proc = subprocess.Popen([sys.executable, TRAIN, '--workdir', str(workdir), *AUG], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = workdir / 'checkpoints' / '8' / '_CHECKPOINT_METADATA'
-    deadline = time.time() + 600
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, 'the run ended before it could be killed'
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after_checkpoint([sys.executable, TRAIN, '--workdir', str(workdir), *AUG], env, workdir, 8,
+                            cwd=ROOT)
     r = run(env, workdir, *AUG)
     m = re.search(r'resumed from the checkpoint of step (\d+) of 21 .*; continuing with step (\d+)', r.stdout)
     assert m and 8 <= int(m.group(1)) < 21, r.stdout

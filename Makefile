@@ -21,7 +21,7 @@ demo: $(STAMP)
 # Two worker processes (pytest-xdist), a test file each at a time: module fixtures are built once per file.
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile tests
+	$(PY) -m pytest -q -ra --durations=10 -n $(TEST_JOBS) --dist loadfile tests
 
 # The lean install: a second venv on Python 3.12 with the project and no extras (+ pytest, pytest-xdist,
 # hypothesis), the newest jax the index has (LEAN_JAX); torch must be absent. It runs what needs no torch

@@ -9,6 +9,7 @@ timm config.json, a transformers folder's preprocessor_config.json: `from_hf`), 
 (mean = std = 0.5); a bare PyTorch file gets the normalisation of timm's default weights for its family;
 resizing follows WZMIAOMIAO's Resize(256)/CenterCrop(224) (crop_pct 0.875, bilinear) scaled to the model.
 """
+import io
 import math
 import os
 from typing import Dict, Optional, Tuple
@@ -184,8 +185,10 @@ def _read_image(path: str, use):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_declared_size(img, path)   # before decoding allocates what the header declares
+            with open(path, 'rb') as f:   # from memory: a buffered file allocates what a chunk declares
+                raw = f.read()
+            with Image.open(io.BytesIO(raw)) as img:
+                check_declared_size(img, path, len(raw))   # before decoding allocates what the header declares
                 return use(img)
     except FileNotFoundError:
         raise ConversionError(f'{path}: no such image file') from None

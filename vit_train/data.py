@@ -432,6 +432,11 @@ def first_report(path: str, warned_dir: Optional[str] = None) -> bool:
     return True
 
 
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read()
+
 class _Transform:
     """Decode (or take) the image, then `self.image(...)`; unreadable images become weight-0 zeros, each file
     warned about once per process, or once per run with `warned_dir` (see `first_report`)."""
@@ -450,9 +455,12 @@ class _Transform:
         # a file, or a packed record's / Parquet row's encoded bytes: decoded alike, the same pixels
         name = rec['name'] if 'encoded' in rec else rec['path']
         try:
-            with Image.open(io.BytesIO(rec['encoded']) if 'encoded' in rec else rec['path']) as im:
-                # before decoding allocates what the header declares
-                check_declared_size(im, name, len(rec['encoded']) if 'encoded' in rec else None)
+            # decoded from memory: Pillow's chunk reads ask a file object for the length a chunk declares, and
+            # a buffered file allocates that much before finding the file shorter (make fuzz: a 440-byte PNG
+            # took 67 MB); a BytesIO returns what it holds
+            raw = rec['encoded'] if 'encoded' in rec else _read_bytes(rec['path'])
+            with Image.open(io.BytesIO(raw)) as im:
+                check_declared_size(im, name, len(raw))   # before decoding allocates what the header declares
                 im.load()
                 return im.convert('RGB') if im.mode != 'RGB' else im.copy()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file

@@ -285,3 +285,27 @@ def test_a_configuration_the_model_refuses_at_setup_is_one_line_naming_the_file(
     assert errors[0] == f'vit-flax: error: {src}: a distilled model reads the class and distillation tokens: ' \
                         f'global_pool must be token', r.stderr
     assert os.listdir(tmp_path) == ['case.npz']
+
+
+def test_an_image_chunk_declaring_more_bytes_than_the_file_holds_is_not_allocated(tmp_path):
+    """Pillow reads a PNG chunk by asking the file object for its declared length, and a buffered file
+    allocates that length before finding the file shorter: make fuzz's 440-byte PNG (IDAT declaring 64 MiB)
+    took 67 MB in the trainer's decoding. Images are decoded from their bytes in memory, which hold what
+    the file holds."""
+    from PIL import Image
+    from converters import preprocess
+    buf = io.BytesIO()
+    Image.new('RGB', (10, 12), (200, 30, 40)).save(buf, 'PNG')
+    png = bytearray(buf.getvalue())
+    at = png.index(b'IDAT') - 4
+    png[at:at + 4] = struct.pack('>I', 67109247)   # the fuzzed file's IDAT length
+    path = tmp_path / 'lying.png'
+    path.write_bytes(bytes(png))
+    peak_of(fz.read_image, str(path))   # (Pillow's plugins imported outside the measure)
+    row, peak = peak_of(fz.read_image, str(path))   # Pillow decodes what the chunk really holds
+    assert row['image'].shape == (8, 8, 3) and peak < bound(path), peak
+    cfg = preprocess.resolve(None, type('M', (), {'input_shape': (8, 8, 3)})(), 'cfg')
+    peak_of(preprocess.load_image, str(path), cfg)
+    out, peak = peak_of(preprocess.load_image, str(path), cfg)
+    assert (isinstance(out, ConversionError) and str(path) in str(out)) or out.shape == (8, 8, 3), out
+    assert peak < bound(path), peak

@@ -13,7 +13,6 @@ What a kill (-9, a lost host) may leave, and what the next run does with it (the
 Never: a committed step deleted that the policy keeps, or a half-written step taken for a committed one.
 """
 import contextlib
-import os
 import re
 import time
 from typing import Callable
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from converters.formats import training_ckpt as fmt
+from converters.formats import paths, training_ckpt as fmt
 from converters.errors import ConversionError, first_line
 
 from .errors import TrainError
@@ -51,7 +50,8 @@ def _sync(name: str) -> None:
 class Checkpoints:
     def __init__(self, workdir: str, keep: int):
         self.keep = keep
-        self.root = os.path.join(os.path.abspath(workdir), fmt.CHECKPOINTS_DIR)  # orbax wants absolute paths
+        # orbax wants absolute paths; a URL (gs://bucket/run) it takes as an etils.epath
+        self.root = paths.join(paths.resolve(workdir), fmt.CHECKPOINTS_DIR)
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_acc'], n=1,
@@ -60,9 +60,12 @@ class Checkpoints:
             preservation_policy=policy, best_fn=lambda m: m['val_acc'], best_mode='max',
             enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
         try:
-            self.manager = ocp.CheckpointManager(self.root, options=options)
+            self.manager = ocp.CheckpointManager(paths.epath(self.root), options=options)
         except OSError as e:  # not writable after all (a read-only file system; root ignores permissions)
             raise TrainError(f'--workdir {workdir}: cannot create {self.root} ({type(e).__name__}: {e})') from None
+        except ImportError as e:  # gs:// without gcsfs (etils) or google-cloud-storage (orbax)
+            raise TrainError(f'--workdir {workdir}: {type(e).__name__}: {first_line(e)} (a gs:// workdir needs '
+                             f'pip install gcsfs google-cloud-storage)') from None
 
     def steps(self):
         return fmt.list_steps(self.root)
@@ -152,16 +155,16 @@ class Checkpoints:
     def set_aside(self):
         """Names of the steps moved aside as unusable, by this run or an earlier one."""
         pattern = re.compile(r'\d+' + re.escape(fmt.CORRUPT_SUFFIX) + r'\d*')
-        return sorted(n for n in (os.listdir(self.root) if os.path.isdir(self.root) else []) if pattern.fullmatch(n))
+        return sorted(n for n in paths.listdir(self.root) if pattern.fullmatch(n))
 
     def _set_aside(self, step: int, why: str, log) -> None:
         log(f'warning: checkpoint step {step} is unusable: {why}; falling back to the one before it')
-        src = os.path.join(self.root, str(step))
-        if jax.process_index() == 0 and os.path.isdir(src):
+        src = paths.join(self.root, str(step))
+        if jax.process_index() == 0 and paths.isdir(src):
             dst, n = src + fmt.CORRUPT_SUFFIX, 1
-            while os.path.exists(dst):
+            while paths.exists(dst):
                 dst, n = f'{src}{fmt.CORRUPT_SUFFIX}{n}', n + 1
-            os.replace(src, dst)
+            paths.move(src, dst)
             log(f'warning: moved it to {dst}')
         _sync(f'set_aside_{step}')
         self.manager.reload()

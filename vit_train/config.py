@@ -228,7 +228,8 @@ class TrainConfig:
                            'images/s to TensorBoard and WORKDIR/metrics.jsonl (default 50; 0: off)',
                            'evaluation and logging', metavar='N')
     # ---- run
-    workdir: Optional[str] = _flag(None, 'checkpoints, logs, summary.json (default: runs/<dataset>-<model>)', 'run')
+    workdir: Optional[str] = _flag(None, 'checkpoints, logs, summary.json: a folder or a URL such as gs://bucket/run '
+                                   '(default: runs/<dataset>-<model>)', 'run')
     keep: int = _flag(2, 'keep the last N checkpoints, plus the best (default 2)', 'run')
     save_every: int = _flag(0, 'also checkpoint every N steps inside an epoch (default: at epoch ends only)', 'run')
     debug: bool = _switch('show the traceback of an internal error (default: off, one line)', 'run')
@@ -468,10 +469,8 @@ def resolve(args) -> argparse.Namespace:
         a.workers = host_cores() if a.dataset in DECODED and origin not in ('cifar10', 'cifar100') else 0
     if a.workdir is None:
         a.workdir = os.path.join('runs', f'{a.dataset}-{a.model}')
-    if '://' in str(a.workdir):   # os.path would take gs://b/run for a local folder named gs:
-        raise TrainError(f'--workdir {a.workdir}: a URL workdir is not supported yet (checkpoints and logs use local '
-                         f'paths); mount the bucket (gcsfuse, e.g. /gcs/<bucket>/run) and pass the mounted path')
-    a.workdir = os.path.abspath(a.workdir)
+    from converters.formats import paths
+    a.workdir = paths.resolve(a.workdir)   # a URL (gs://bucket/run) as given: never through os.path
     check_workdir(a.workdir)
     return a
 
@@ -505,7 +504,18 @@ def host_cores() -> int:
 
 
 def check_workdir(path: str) -> None:
-    """Refuse a --workdir that cannot be created or written, before anything is read or written."""
+    """Refuse a --workdir that cannot be created or written, before anything is read or written. A URL:
+    refused when its scheme has no file system here (gs:// without gcsfs) or it cannot be reached; write
+    permission shows at the first write."""
+    from converters.formats import paths
+    if paths.is_url(path):
+        try:
+            paths.exists(path)
+        except Exception as e:  # noqa: BLE001 - ImportError (gcsfs), NotImplementedError (scheme), auth errors
+            hint = ' (a gs:// workdir needs pip install gcsfs google-cloud-storage)' if path.startswith('gs://') else ''
+            raise TrainError(f'--workdir {path}: cannot be reached ({type(e).__name__}: '
+                             f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}){hint}') from None
+        return
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

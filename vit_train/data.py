@@ -368,6 +368,13 @@ def load(name: str, path: Optional[str], val_split: float, image_column: str = '
         return digits(val_split)
     if not path:
         raise TrainError(f'--dataset {name} needs --data-path')
+    if records.is_url(path) and name in ('folder', 'packed'):   # a pod reads shards, not a bucket of JPEGs
+        if name == 'folder' and not records.has_manifest(path):
+            records.read_manifest(path)   # (its one line: no dataset.json, no file system for the scheme, ...)
+        name = 'packed'
+    elif records.is_url(path):
+        raise TrainError(f'--data-path {path}: --dataset {name} reads a local path; pack it (vit-flax data pack '
+                         f'SRC DST) and pass the packed folder, which may be a URL')
     if name == 'packed' or (name == 'folder' and records.has_manifest(path)):
         names, tr, va, m = records.load_packed(path, verify)
         return Dataset('packed', names, tr, va, path if records.is_url(path) else os.path.abspath(path))

@@ -7,11 +7,13 @@ int32 (N*B,) the original labels, `class_names`. The erasing and mixing are the 
 with the same seed and update numbers 0..N-1), so these are the batches of the run's first N updates.
 WORKDIR/batches.png is a contact sheet: each image with its label and its top-2 target classes and weights.
 """
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from converters.formats import paths
 
 from . import step as steps
 from .errors import TrainError
@@ -39,11 +41,14 @@ def dump_batches(args, it, class_names, num_classes, mix_cfg, log, mean, std) ->
         targets.append(np.asarray(t, np.float32))
         labels.append(np.asarray(b['label'], np.int32))
     images, targets, labels = (np.concatenate(v) for v in (images, targets, labels))
-    os.makedirs(args.workdir, exist_ok=True)
-    npz = os.path.join(args.workdir, 'batches.npz')
-    np.savez(npz, images=images, targets=targets, labels=labels, class_names=np.array(class_names))
-    png = os.path.join(args.workdir, 'batches.png')
-    contact_sheet(images, targets, labels, class_names).save(png)
+    paths.makedirs(args.workdir)
+    npz, png = paths.join(args.workdir, 'batches.npz'), paths.join(args.workdir, 'batches.png')
+    for out, write in ((npz, lambda f: np.savez(f, images=images, targets=targets, labels=labels,
+                                                 class_names=np.array(class_names))),
+                       (png, lambda f: contact_sheet(images, targets, labels, class_names).save(f, format='PNG'))):
+        buf = io.BytesIO()
+        write(buf)
+        paths.write_bytes(out, buf.getvalue())
     log(f'dump: {args.dump_batches} batch(es), {len(labels)} images as the model sees them (mixing '
         f'{"on" if mix_cfg is not None else "off"}) -> {npz} and {png}; no training')
     return dict(npz=npz, png=png, images=images, targets=targets, labels=labels)

@@ -9,13 +9,11 @@ It prints one line per set of weights and writes WORKDIR/eval.json:
 {"source", "step", "dataset", "num_val", "results": {"raw"|"ema"|"weights": {"top1", "top5", "loss"}}}.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 
-from converters.formats import training_ckpt as fmt
-from converters.formats.durable import atomic_output
+from converters.formats import paths, training_ckpt as fmt
 
 from . import data, sharding, step as steps, weights
 from .errors import TrainError
@@ -44,7 +42,7 @@ def eval_only(args, ds, log, warn, warned_dir, build) -> dict:
         params, _, wnorm = weights.load(args.weights, args.model,
                                         {k: v for k, v in overrides.items() if k != 'drop_path_rate'},
                                         args.resample, warn)
-        sets, source, step = {'weights': params}, os.path.abspath(args.weights), None
+        sets, source, step = {'weights': params}, paths.resolve(args.weights), None
         mean, std, why = weights.normalization(args, wnorm)
         crop_pct, interpolation = args.crop_pct, args.interpolation
     else:
@@ -59,7 +57,7 @@ def eval_only(args, ds, log, warn, warned_dir, build) -> dict:
         model = fmt.model_from_meta(meta, dtype=jnp.dtype(args.dtype))
         sets, source, step = {'raw': ck.flat}, ck.path, ck.step
         if fmt.has_ema(ck.path):
-            sets['ema'] = fmt.read_params(os.path.dirname(ck.path), ck.step, meta, fmt.EMA)
+            sets['ema'] = fmt.read_params(paths.dirname(ck.path), ck.step, meta, fmt.EMA)
         cfg = meta['pretrained_cfg']
         mean, std, why = tuple(cfg['mean']), tuple(cfg['std']), f'recorded in {ck.path}'
         if args.mean or args.std:
@@ -82,10 +80,9 @@ def eval_only(args, ds, log, warn, warned_dir, build) -> dict:
             f"{args.dataset} val images (normalisation {why})")
     record = dict(source=source, step=step, dataset=args.dataset, num_val=len(ds.val), results=results)
     if pid == 0:
-        os.makedirs(args.workdir, exist_ok=True)
-        out = os.path.join(args.workdir, 'eval.json')
-        with atomic_output(out, force=True) as tmp, open(tmp, 'w') as f:
-            json.dump(record, f, indent=2)
+        paths.makedirs(args.workdir)
+        out = paths.join(args.workdir, 'eval.json')
+        paths.write_text(out, json.dumps(record, indent=2))
         log(f'eval: written to {out}')
     return record
 

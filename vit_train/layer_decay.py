@@ -13,7 +13,6 @@ decaying Dense/Conv kernels only (`optim.decays`); param_groups.json records bot
 """
 import fnmatch
 import json
-import os
 import re
 from itertools import chain
 from typing import Dict
@@ -103,9 +102,8 @@ def scales(groups: dict) -> Dict[str, float]:
 
 
 def write(path: str, groups: dict, layer_decay: float) -> None:
-    from converters.formats.durable import atomic_output
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from converters.formats import paths
+    paths.makedirs(paths.dirname(path))
     record = dict(layer_decay=layer_decay, num_layers=max(g['layer_id'] for g in groups.values()) + 1,
                   params=groups)
-    with atomic_output(path, force=True) as tmp, open(tmp, 'w') as f:
-        json.dump(record, f, indent=1)
+    paths.write_text(path, json.dumps(record, indent=1))

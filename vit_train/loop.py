@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict
 import vit_flax
 from vit_flax import registry
 from vit_flax.models.layers import checkpoint_policy
-from converters.formats import training_ckpt as fmt
+from converters.formats import paths, training_ckpt as fmt
 
 from . import augment, config, data, dump, ema as ema_mod, evaluate as evaluation, feed, layer_decay, optim, \
     report, sharding, step as steps, weights
@@ -375,11 +375,11 @@ def _run(namespace, own_process, warned_dir):
 
     # ---- resumed, or fresh / fine-tuned (a resumed run keeps its weights' record and normalisation)
     loaded = None
-    if args.weights and not fmt.list_steps(os.path.join(args.workdir, fmt.CHECKPOINTS_DIR)):
+    if args.weights and not fmt.list_steps(paths.join(args.workdir, fmt.CHECKPOINTS_DIR)):
         loaded = load_weights()  # a fresh run reads its weights before it writes anything
     if own_process and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
         # a rerun (resume) compiles the same programs: keep them beside the run unless the user chose a cache
-        jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'xla_cache'))
+        jax.config.update('jax_compilation_cache_dir', paths.join(args.workdir, 'xla_cache'))  # (jax takes URLs)
     ckpts = Checkpoints(args.workdir, args.keep)
     sums_fn = jax.jit(device_checksums, in_shardings=(spec.shardings,), out_shardings=sharding.replicated(mesh))
     checksums = lambda st: checksum_record(jax.device_get(sums_fn(st)))  # noqa: E731
@@ -436,10 +436,10 @@ def _run(namespace, own_process, warned_dir):
         else (lambda n: np.float32(0.0))
 
     if pid == 0:
-        os.makedirs(args.workdir, exist_ok=True)
-        fmt.write_class_indices(os.path.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
+        paths.makedirs(args.workdir)
+        fmt.write_class_indices(paths.join(args.workdir, fmt.CLASS_INDICES), ds.class_names)
         if spec.groups is not None:
-            layer_decay.write(os.path.join(args.workdir, 'param_groups.json'), spec.groups, args.layer_decay)
+            layer_decay.write(paths.join(args.workdir, 'param_groups.json'), spec.groups, args.layer_decay)
     for line in recipe_lines(args, mix_cfg, spec):
         log(line)
     log(f'data: {args.dataset} {len(ds.train)} train / {len(ds.val)} val images, {num_classes} classes, '
@@ -588,7 +588,7 @@ def recipe_lines(args, mix_cfg, spec):
         layers = max(g['layer_id'] for g in spec.groups.values()) + 1
         low = min(g['lr_scale'] for g in spec.groups.values())
         yield (f'layer decay: {args.layer_decay} over {layers} layer ids, lr x {low:.3g} (stem) .. x 1 (head); '
-               f'every parameter in {os.path.join(args.workdir, "param_groups.json")}')
+               f'every parameter in {paths.join(args.workdir, "param_groups.json")}')
 
 
 def planned(args, num_classes, log, model):

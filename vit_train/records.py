@@ -1,6 +1,7 @@
 """Packed data sets: ArrayRecord shards + `dataset.json`, and Hugging Face `datasets` folders / Parquet files.
 
-A packed data set is a folder (a local path or a URL epath reads, e.g. gs://bucket/imagenet):
+A packed data set is a folder (a local path or a URL epath reads, e.g. gs://bucket/imagenet; training reads
+shards from a local path or gs://, which array_record opens itself):
 
     dataset.json                              the manifest, written last: its presence means "complete"
     train-00000-of-00004.array_record ...     records of the training split, in the split's order
@@ -188,9 +189,9 @@ def load_packed(path, verify: str = 'sha256'):
     """(class names, train PackedSource, val PackedSource, manifest) of a packed data set, checked first."""
     m = read_manifest(path)
     verify_shards(path, m, verify)
-    if is_url(path):
-        raise TrainError(f'{path}: its shards check out, but array_record reads local files only: mount the bucket '
-                         f'(gcsfuse, e.g. /gcs/<bucket>) and pass --data-path as the mounted path')
+    if is_url(path) and not os.fspath(path).startswith('gs://'):   # (array_record's own GCS reader)
+        raise TrainError(f'{path}: its shards check out, but array_record reads local files and gs:// only: copy '
+                         f'them to one of those (or mount the bucket) and pass that as --data-path')
     root = epath(path)
     out = []
     for split in SPLITS:

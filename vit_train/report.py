@@ -4,19 +4,29 @@ Only process 0 reports. TensorBoard scalars use WZMIAOMIAO's names (train_loss, 
 learning_rate), indexed by epoch, plus images_per_sec (absent for an epoch too short to time) and unreadable_images
 (files that would not decode, skipped) and data_wait_ms (the mean time a step waited for its batch: ~0 when the
 input pipeline keeps up).
+
+The workdir may be a URL (gs://bucket/run): summary.json is then uploaded whole each epoch, metrics.jsonl
+whole at most every URL_UPLOAD_S seconds and at the end (an object store cannot append), and the TensorBoard
+events are written by tensorboardX into a local folder and copied to the workdir after each epoch's flush
+and at the end (tensorboardX writes only local files, s3:// with boto3 and gs:// with google-cloud-storage,
+and its gs:// writer re-uploads the whole file at each flush anyway).
 """
+import io
 import json
 import os
+import shutil
 import sys
+import tempfile
+import time
 
-from converters.formats import training_ckpt as fmt
-from converters.formats.durable import atomic_output
+from converters.formats import paths, training_ckpt as fmt
 
 TB_SCALARS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'learning_rate', 'images_per_sec', 'unreadable_images',
               'data_wait_ms')
 # written when the run has them: top-5, and the weight EMA's figures (--model-ema)
 OPTIONAL_SCALARS = ('val_top5', 'val_loss_ema', 'val_acc_ema', 'val_top5_ema')
 METRICS_JSONL = 'metrics.jsonl'
+URL_UPLOAD_S = 60.0   # a URL workdir's metrics.jsonl is uploaded at most this often (and at the end)
 
 
 def printer(main: bool, stream=None):
@@ -60,8 +70,7 @@ def speed_text(images_per_sec) -> str:
 def read_history(workdir: str) -> list:
     """summary.json's `history` in `workdir` ([] when there is none to read)."""
     try:
-        with open(os.path.join(workdir, fmt.SUMMARY)) as f:
-            return list(json.load(f).get('history', []))
+        return list(json.loads(paths.read_text(paths.join(workdir, fmt.SUMMARY))).get('history', []))
     except (OSError, ValueError, AttributeError):
         return []
 
@@ -94,14 +103,16 @@ def summary_writer(logdir: str):
 class Reporter:
     def __init__(self, workdir: str, main: bool, resume_epoch: int = 0):
         self.workdir, self.main = workdir, main
-        self.summary_path = os.path.join(workdir, fmt.SUMMARY)
+        self.summary_path = paths.join(workdir, fmt.SUMMARY)
         self.history = []
-        self.tb = None
+        self.tb, self.tb_local = None, None
         if main:
-            self.tb = summary_writer(workdir)
+            if paths.is_url(workdir):   # events written here, copied to the workdir (module docstring)
+                self.tb_local = tempfile.mkdtemp(prefix='vit-flax-events-')
+            self.tb = summary_writer(self.tb_local or workdir)
             try:
-                with open(self.summary_path) as f:
-                    self.history = [h for h in json.load(f).get('history', []) if h['epoch'] <= resume_epoch]
+                self.history = [h for h in json.loads(paths.read_text(self.summary_path)).get('history', [])
+                                if h['epoch'] <= resume_epoch]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 self.history = []
 
@@ -123,8 +134,8 @@ class Reporter:
             if record.get(k) is not None:  # images_per_sec of an epoch too short to time
                 self.tb.add_scalar(k, record[k], record['epoch'])
         self.tb.flush()
-        with atomic_output(self.summary_path, force=True) as tmp, open(tmp, 'w') as f:
-            json.dump(dict(record, history=self.history), f, indent=2)
+        self._copy_events()
+        paths.write_text(self.summary_path, json.dumps(dict(record, history=self.history), indent=2))
         print(f"epoch {record['epoch']}/{record['epochs']}  step {record['step']}  "
                  f"train_loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
                  f"val_loss {record['val_loss']:.4f}  val_acc {record['val_acc']:.4f}  "
@@ -132,9 +143,20 @@ class Reporter:
                  + (f"data wait {record['data_wait_ms']:.1f} ms/step  " if record.get('data_wait_ms') is not None
                     else '') + speed_text(record['images_per_sec']), flush=True)
 
+    def _copy_events(self) -> None:
+        """A URL workdir: the local event files (grown since the last copy) uploaded whole."""
+        if self.tb_local:
+            for name in sorted(os.listdir(self.tb_local)):
+                with open(os.path.join(self.tb_local, name), 'rb') as f:
+                    paths.write_bytes(paths.join(self.workdir, name), f.read())
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+            if self.tb_local:
+                self._copy_events()
+                shutil.rmtree(self.tb_local, ignore_errors=True)
 
 
 class StepLog:
@@ -148,21 +170,23 @@ class StepLog:
 
     def __init__(self, workdir: str, main: bool, every: int, batch: int, lr_at, tb, resume_step: int = 0):
         self.every, self.batch, self.lr_at, self.tb = every, batch, lr_at, tb
-        self.f = None
+        self.f, self.url, self.uploaded = None, None, time.perf_counter()
         if main and every:
-            path = os.path.join(workdir, METRICS_JSONL)
+            path = paths.join(workdir, METRICS_JSONL)
             kept = []
             try:
-                with open(path) as f:
-                    for line in f:
-                        try:
-                            if json.loads(line)['step'] <= resume_step:
-                                kept.append(line)
-                        except (ValueError, KeyError, TypeError):
-                            pass
+                for line in io.StringIO(paths.read_text(path)):
+                    try:
+                        if json.loads(line)['step'] <= resume_step:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        pass
             except OSError:
                 pass
-            self.f = open(path, 'w')
+            if paths.is_url(path):   # kept here, uploaded whole (module docstring)
+                self.f, self.url = io.StringIO(), path
+            else:
+                self.f = open(path, 'w')
             self.f.writelines(kept)
         self.t_last, self.wait, self.steps = None, 0.0, 0
 
@@ -186,6 +210,9 @@ class StepLog:
                    images_per_sec=self.steps * self.batch / dt if dt > 0 else None)
         self.f.write(json.dumps(rec) + '\n')
         self.f.flush()
+        if self.url and now - self.uploaded >= URL_UPLOAD_S:
+            paths.write_text(self.url, self.f.getvalue())
+            self.uploaded = now
         for k, v in rec.items():
             if k != 'step' and v is not None:
                 self.tb.add_scalar(f'step/{k}', v, n)
@@ -193,5 +220,7 @@ class StepLog:
 
     def close(self) -> None:
         if self.f is not None:
+            if self.url:
+                paths.write_text(self.url, self.f.getvalue())
             self.f.close()
             self.f = None

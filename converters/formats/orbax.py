@@ -9,7 +9,7 @@ from typing import Dict
 
 import numpy as np
 
-from . import mapped
+from . import mapped, paths
 from ..errors import ConversionError, first_line
 from .durable import atomic_output, is_orbax_dir
 
@@ -41,6 +41,8 @@ MAX_RATIO = 32768
 
 
 def directory_bytes(path: str) -> int:
+    if paths.is_url(path):
+        return sum(f.stat().length for f in paths.files(path))
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs
                if os.path.isfile(os.path.join(r, f)))
 
@@ -54,14 +56,15 @@ def _read_orbax(path: str) -> Dict[str, np.ndarray]:
     import jax
     import orbax.checkpoint as ocp
     from flax.traverse_util import flatten_dict
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = paths.resolve(path)
+    if not paths.isdir(path):
         raise ConversionError(f'{path}: no such orbax checkpoint directory')
-    if not is_orbax_dir(path):
+    if not (any(paths.exists(paths.join(path, f)) for f in ('_CHECKPOINT_METADATA', '_METADATA'))
+            if paths.is_url(path) else is_orbax_dir(path)):
         raise ConversionError(f'{path}: a directory, but not an orbax checkpoint (no _METADATA)')
     ckptr = ocp.PyTreeCheckpointer()
     try:
-        meta = ckptr.metadata(path)
+        meta = ckptr.metadata(paths.epath(path))
         meta = getattr(getattr(meta, 'item_metadata', None), 'tree', None) or meta
     except ORBAX_FAILURES as e:
         raise ConversionError(f'{path}: not a readable orbax checkpoint ({type(e).__name__}: {first_line(e)})') from None
@@ -79,7 +82,7 @@ def _read_orbax(path: str) -> Dict[str, np.ndarray]:
     try:
         # Restore as host numpy: a checkpoint saved sharded over 8 devices must read on a machine with one.
         args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        tree = ckptr.restore(path, restore_args=args)
+        tree = ckptr.restore(paths.epath(path), restore_args=args)
     except ORBAX_FAILURES as e:
         raise ConversionError(f'{path}: not a readable orbax checkpoint ({type(e).__name__}: {first_line(e)})') from None
     if isinstance(tree, dict) and 'params' in tree and isinstance(tree['params'], dict):

@@ -39,7 +39,6 @@ The trainer keeps the last `--keep` steps and the best one; each epoch end is a 
 """
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
@@ -48,7 +47,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from .orbax import read_orbax
-from .durable import atomic_output
+from . import paths
 from ..errors import ConversionError
 
 FORMAT = 'vit-flax-train'
@@ -104,12 +103,12 @@ def check_meta(meta: dict, where: str = 'meta') -> dict:
 
 def checkpoint_root(path: str):
     """(root, step or None) for a workdir, its `checkpoints/` directory, or one step directory in it."""
-    path = os.path.abspath(str(path).rstrip('/'))
-    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-        return os.path.join(path, CHECKPOINTS_DIR), None
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, META)):
-        return os.path.dirname(path), int(name)
+    path = paths.resolve(str(path).rstrip('/'))
+    if paths.isdir(paths.join(path, CHECKPOINTS_DIR)):
+        return paths.join(path, CHECKPOINTS_DIR), None
+    name = paths.basename(path)
+    if name.isdigit() and paths.isdir(paths.join(path, META)):
+        return paths.dirname(path), int(name)
     return path, None
 
 
@@ -118,30 +117,29 @@ def is_training_checkpoint(path: str) -> bool:
     root, step = checkpoint_root(path)
     if step is not None:
         return True
-    return os.path.isdir(root) and any(n.isdigit() and os.path.isdir(os.path.join(root, n, META))
-                                       for n in os.listdir(root))
+    return any(n.isdigit() and paths.isdir(paths.join(root, n, META)) for n in paths.listdir(root))
 
 
 def list_steps(root: str) -> List[int]:
     """Finalized steps under an orbax root, ascending (in-flight `*.orbax-checkpoint-tmp-*` excluded)."""
     import orbax.checkpoint as ocp
-    return sorted(ocp.utils.checkpoint_steps(root)) if os.path.isdir(root) else []
+    return sorted(ocp.utils.checkpoint_steps(paths.epath(root))) if paths.isdir(root) else []
 
 
 def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, str(step))
+    return paths.join(root, str(step))
 
 
 # ---------------------------------------------------------------- reading one step
 
 def read_meta(root: str, step: int) -> dict:
-    commit = os.path.join(step_dir(root, step), COMMIT_RECORD)
-    if not os.path.isfile(commit):  # orbax writes it before it renames the step into place
+    commit = paths.join(step_dir(root, step), COMMIT_RECORD)
+    if not paths.isfile(commit):  # orbax writes it before it renames the step into place
         raise ConversionError(f'{commit}: missing: a half-written or half-copied step')
-    path = os.path.join(step_dir(root, step), META)
+    path = paths.join(step_dir(root, step), META)
     try:
         import orbax.checkpoint as ocp
-        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(paths.epath(path))
     except Exception as e:  # noqa: BLE001 - orbax/json raise many types; all mean "unreadable"
         raise ConversionError(f'{path}: unreadable metadata ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""})') from None
     return check_meta(meta, path)
@@ -173,8 +171,8 @@ def check_checksums(got: Dict[str, int], recorded: Optional[Dict[str, int]], whe
 def read_params(root: str, step: int, meta: Optional[dict] = None, item: str = PARAMS) -> Dict[str, np.ndarray]:
     """The flat ('/'-joined) param tree of one step (`item` 'ema' for the weight EMA), as host numpy whatever
     mesh wrote it; checked against the checksums in `meta` when it has them."""
-    path = os.path.join(step_dir(root, step), item)
-    if item == EMA and not os.path.isdir(path):
+    path = paths.join(step_dir(root, step), item)
+    if item == EMA and not paths.isdir(path):
         raise ConversionError(f'{step_dir(root, step)}: no EMA weights in this checkpoint (the run had no '
                               f'--model-ema)')
     flat = read_orbax(path)
@@ -184,7 +182,7 @@ def read_params(root: str, step: int, meta: Optional[dict] = None, item: str = P
 
 def has_ema(path: str) -> bool:
     """Whether a step directory holds the weight EMA."""
-    return os.path.isdir(os.path.join(path, EMA))
+    return paths.isdir(paths.join(path, EMA))
 
 
 def score(meta: dict):
@@ -271,5 +269,4 @@ def model_from_meta(meta: dict, **extra):
 
 def write_class_indices(path: str, class_names: List[str]) -> None:
     """WZMIAOMIAO's `class_indices.json`: {"0": "daisy", ...}, indent 4 (atomic and durable: rewritten by each run)."""
-    with atomic_output(path, force=True) as tmp, open(tmp, 'w') as f:
-        f.write(json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=4))
+    paths.write_text(path, json.dumps({str(i): n for i, n in enumerate(class_names)}, indent=4))

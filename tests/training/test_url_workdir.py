@@ -81,6 +81,10 @@ def test_a_gs_workdir_and_gs_shards_train_report_and_resume_exactly_past_a_damag
     ck = training_ckpt.select(url, 'latest', log=lambda m: None)
     assert ck.step == steps[-1] and ck.path == f'{url}/checkpoints/{steps[-1]}'
     assert all(np.array_equal(ck.flat[k], fa[k]) for k in fa)
+    from converters import pipeline   # what --weights gs://bucket/run (fine-tuning) and `vit-flax convert` read
+    got = flat(pipeline.load_params(url, RUN['model'], img_size=16, patch_size=8, depth=1, num_classes=3,
+                                    log=lambda m: None))
+    assert all(np.array_equal(got[k], fa[k]) for k in fa)
 
     # the last step damaged: set aside in the bucket, the run resumes mid-epoch from the one before, the same end
     (run_dir / 'checkpoints' / str(steps[-1]) / 'meta' / 'metadata').write_text('{')

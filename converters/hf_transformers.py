@@ -16,7 +16,7 @@ Numerics: transformers' "gelu" is exact, "gelu_pytorch_tanh"/"gelu_new" the tanh
 x*sigmoid(1.702x); ViT/DeiT's layer_norm_eps defaults to 1e-12, DINOv2/SigLIP 1e-6, CLIP/Swin 1e-5: every one
 is built into the model as the config says.
 """
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -173,6 +173,18 @@ def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
 
 # ---------------------------------------------------------------- reading
 
+def registered_model(family, shapes: dict, want: dict, where: str, model_name=None, arch=None):
+    """(registered name, model) for a file whose weights give `shapes` (the family's `config_from_*`) and whose
+    config.json gives `want`: the pipeline's matcher (`checkpoint.match_model`) on the shapes, the heads and what
+    config.json records beside them (eps, activation, input size: a registered name that has them is preferred),
+    then every field of `want` set on the model."""
+    from .checkpoint import match_model
+    recorded = dict(shapes, num_heads=want['num_heads'], img_size_hint=want['img_size'],
+                    **{k: want[k] for k in ('norm_eps', 'act_layer', 'gelu', 'img_size') if k in want})
+    name, model = match_model(family, recorded, where, model_name, arch)
+    return name, model.clone(**field_overrides(model, want))
+
+
 def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[dict] = None) -> dict:
     """A transformers folder decoded: {raw (the file's arrays), format, weights (the file read), family, name
     (registered), model, flat (the Flax tree), notes (what config.json decided, for stderr), class_names, cls
@@ -185,7 +197,6 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     import os
     import vit_flax
     from . import rules
-    from .checkpoint import match_model
     folder = os.path.abspath(folder)
     cfg_path, cfg = files.read_config(folder)
     mt, vcfg = files.vision_config(cfg, cfg_path)
@@ -226,11 +237,7 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
         raise ConversionError(f'{weights}: {err}')
     try:
         shapes = _check_shapes(family, timm_state, described, mt, cfg_path)
-        # the pipeline's matcher, on what the weights record, the heads and what config.json says beside them
-        recorded = dict(shapes, num_heads=want['num_heads'], img_size_hint=want['img_size'],
-                        **{k: want[k] for k in ('norm_eps', 'act_layer', 'gelu') if k in want})
-        name, model = match_model(family, recorded, cfg_path, model_name, arch)
-        model = model.clone(**field_overrides(model, want))
+        name, model = registered_model(family, shapes, want, cfg_path, model_name, arch)
         flat = rules.torch_to_flax(timm_state, family.rules(model), ignore=family.ignore_torch)
     except (KeyError, IndexError, ValueError) as e:
         raise ConversionError(f'{weights}: malformed checkpoint ({e})') from None

@@ -483,8 +483,8 @@ class ViTFamily(Family):
     def overrides(self, cfg: dict, model) -> dict:
         """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`. What a file
         cannot record (the activation, norm eps, avg against max pooling, ResPostBlock, LayerScale's initial
-        value) stays the registered model's; a config.json beside the weights records the first two (`norm_eps`,
-        `act_layer`, `gelu` in `cfg`)."""
+        value) stays the registered model's; a config.json beside the weights records the first two and the
+        input size (`norm_eps`, `act_layer`, `gelu`, `img_size` in `cfg`)."""
         current = dict(num_classes=model.num_classes, representation_size=model.representation_size or None,
                        distilled=model.distilled, class_token=model.has_class_token,
                        qkv_bias=model.qkv_bias, in_chans=model.in_chans, embed_norm=model.embed_norm,
@@ -494,8 +494,8 @@ class ViTFamily(Family):
                        scale_mlp_norm=model.scale_mlp_norm, norm_layer=model.norm_layer, mlp_layer=model.mlp_layer,
                        final_norm=model.final_norm)
         kw = {k: cfg[k] for k, v in current.items() if k in cfg and cfg[k] != v}
-        # what a config.json records beside the shapes (a transformers folder): its eps and activation
-        kw.update(field_overrides(model, {k: cfg[k] for k in ('norm_eps', 'act_layer', 'gelu') if k in cfg}))
+        # what a config.json records beside the shapes (a transformers folder): eps, activation, input size
+        kw.update(field_overrides(model, {k: cfg[k] for k in ('norm_eps', 'act_layer', 'gelu', 'img_size') if k in cfg}))
         if cfg.get('global_pool') is not None and not _same_pooling(cfg, model):
             kw.update(global_pool=cfg['global_pool'], fc_norm=None)
         read_block = cfg.get('block_fn', 'block')

@@ -89,14 +89,9 @@ _VIT_BLOCK = {
                      qkv=('attention.q_proj', 'attention.k_proj', 'attention.v_proj'), proj='attention.o_proj',
                      fc1='mlp.fc1', fc2='mlp.fc2'),
 }
-_DINO_BLOCK = {
-    'hub': dict(layer='encoder.layer.{i}.', norm1='norm1', norm2='norm2',
-                qkv=('attention.attention.query', 'attention.attention.key', 'attention.attention.value'),
-                proj='attention.output.dense', fc1='mlp.fc1', fc2='mlp.fc2'),
-    'internal': dict(layer='encoder.layer.{i}.', norm1='norm1', norm2='norm2',
-                     qkv=('attention.q_proj', 'attention.k_proj', 'attention.v_proj'), proj='attention.o_proj',
-                     fc1='mlp.fc1', fc2='mlp.fc2'),
-}
+# DINOv2's: ViT's attention, its own norms and MLP names, `encoder.layer.i.` in both spellings
+_DINO_BLOCK = {sp: dict(b, layer='encoder.layer.{i}.', norm1='norm1', norm2='norm2', fc1='mlp.fc1', fc2='mlp.fc2')
+               for sp, b in _VIT_BLOCK.items()}
 _CLIP_BLOCK = dict(layer='encoder.layers.{i}.', norm1='layer_norm1', norm2='layer_norm2',
                    qkv=('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), proj='self_attn.out_proj',
                    fc1='mlp.fc1', fc2='mlp.fc2')

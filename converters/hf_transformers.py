@@ -197,6 +197,7 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     import os
     import vit_flax
     from . import rules
+    from .checkpoint import check_model_class
     folder = os.path.abspath(folder)
     cfg_path, cfg = files.read_config(folder)
     mt, vcfg = files.vision_config(cfg, cfg_path)
@@ -213,6 +214,8 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     if kind == 'swin' and hf_depth != len(want['depths']):
         raise ConversionError(f'{cfg_path}: depths={list(want["depths"])} has {len(want["depths"])} stages, but the '
                               f'weights hold {hf_depth}')
+    if model_name:
+        check_model_class(family, model_name, cfg_path, kind)
     plain = family.module_cls()
     described = plain.clone(**field_overrides(plain, want))   # the model config.json describes: its key table's
     dropped = [k for k in raw if not k.startswith(prefix) and not files.is_head_key(k, cls)]

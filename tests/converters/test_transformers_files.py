@@ -226,6 +226,15 @@ def test_a_named_model_of_another_architecture_is_refused(tmp_path):
              'config.json', 'embed_dim=32', 'vit_small_patch16_224 has embed_dim=384')
 
 
+def test_a_named_model_of_another_family_is_refused_before_its_overrides_are_applied(tmp_path):
+    """--model naming a ViT for a Swin folder, with ViT fields set (--set depth=2): the family is refused in one
+    line, not the fields."""
+    folder = _saved(tmp_path, 'swin', 'SwinModel', 'SwinConfig', image_size=32, patch_size=2, embed_dim=16,
+                    depths=[2, 2], num_heads=[2, 4], window_size=4)
+    with pytest.raises(ConversionError, match='holds a swin checkpoint, but vit_base_patch16_224 is a VisionTransformer'):
+        pipeline.read_checkpoint(folder, 'vit_base_patch16_224', dict(depth=2), log=lambda s: None)
+
+
 def test_a_swin_config_json_with_another_window_is_refused_naming_window_size(tmp_path):
     folder = _saved(tmp_path, 'swin', 'SwinForImageClassification', 'SwinConfig', image_size=32, patch_size=2,
                     embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=3)

@@ -65,6 +65,16 @@ def family_names(family: Family) -> List[str]:
     return [n for n in list_models() if model_config(n)[0] is family.module_cls]
 
 
+def check_model_class(family: Family, model_name: str, path: str, what: Optional[str] = None) -> str:
+    """`model_name` without its pretrained tag (which names weights, not an architecture), refused (one line) when
+    it is not a model of `family` (`what`: the kind of checkpoint to call it, by default the family's name)."""
+    model_name = split_tag(model_name)[0]
+    cls, _ = model_config(model_name)
+    if cls is not family.module_cls:
+        raise ConversionError(f'{path}: holds a {what or family.name} checkpoint, but {model_name} is a {cls.__name__}')
+    return model_name
+
+
 def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] = None, arch: Optional[dict] = None,
                 adapt_core: bool = False):
     """(name, module) for the checkpoint architecture `cfg`.
@@ -76,10 +86,7 @@ def match_model(family: Family, cfg: dict, path: str, model_name: Optional[str] 
     accepted when the file records every core field (npz/orbax record the heads, a fused torch qkv does not).
     """
     if model_name:
-        model_name = split_tag(model_name)[0]   # a pretrained tag names weights, not an architecture
-        cls, _ = model_config(model_name)
-        if cls is not family.module_cls:
-            raise ConversionError(f'{path}: holds a {family.name} checkpoint, but {model_name} is a {cls.__name__}')
+        model_name = check_model_class(family, model_name, path)
         base = vit_flax.create_model(model_name, **(arch or {}))
         for k, v in family.core(base).items():
             if cfg.get(k) is not None and cfg[k] != v:

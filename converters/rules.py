@@ -103,6 +103,27 @@ def mlp_rules(flax: str, torch: str) -> List[Rule]:
     return dense_rules(f'{flax}/Dense_0', f'{torch}.fc1') + dense_rules(f'{flax}/Dense_1', f'{torch}.fc2')
 
 
+def split_rows(n: int, name: str) -> Transform:
+    """One array fused along axis 0 (the flax side) <-> `n` equal arrays (the torch side): timm's fused qkv <->
+    transformers' query, key, value."""
+    return Transform(name, lambda a: list(np.split(a[0], n, axis=0)), lambda a: [np.concatenate(a, axis=0)])
+
+
+QKV_ROWS = split_rows(3, 'qkv')
+
+
+def renamed_rules(a: str, b: str, bias: bool = True) -> List[Rule]:
+    """A torch module's weight (and bias) under another name: key tables between two torch layouts (timm's keys
+    on the flax side, transformers' on the torch side), arrays unchanged."""
+    return [rule(f'{a}.weight', f'{b}.weight')] + ([rule(f'{a}.bias', f'{b}.bias')] if bias else [])
+
+
+def qkv_rules(a: str, parts: Sequence[str], bias: bool) -> List[Rule]:
+    """timm's fused `a` (weight, bias) <-> the separate projections `parts` (q, k, v) of another torch layout."""
+    rules = [rule(f'{a}.weight', tuple(f'{k}.weight' for k in parts), QKV_ROWS)]
+    return rules + ([rule(f'{a}.bias', tuple(f'{k}.bias' for k in parts), QKV_ROWS)] if bias else [])
+
+
 def _take(src: Dict[str, np.ndarray], keys: Sequence[str], side: str, used: set) -> Arrays:
     missing = [k for k in keys if k not in src]
     if missing:

@@ -11,7 +11,8 @@ another source's `read` directly, never back to `read_checkpoint`. The order (SO
                       an open_clip one, is its weight file)
 3. Flax msgpack folder  config.json with a `model_type` and `flax_model.msgpack` as its only weights
                       (formats/hf_flax): read as that file
-4. transformers folder  config.json with a `model_type` (hf_transformers: its key tables, config.json)
+4. transformers folder  config.json with a `model_type` (formats/transformers_folder: the files;
+                      hf_transformers: config.json, the family's `transformers` key table, match_model)
 5. timm folder        config.json with an `architecture` (formats/timm_folder): its weight file, then
                       config.json's fields checked against the weights
 6. file               by format (formats.file_format: npz, torch, safetensors, orbax folder, msgpack): a
@@ -32,7 +33,7 @@ from . import formats, hf_transformers, rules
 from .checkpoint import Checkpoint, ReadRequest, check_model_options, match_model, read_config
 from .errors import ConversionError
 from .families import FAMILIES, family_of, flax_family, torch_family
-from .formats import hf_flax, timm_folder, training_ckpt
+from .formats import hf_flax, timm_folder, training_ckpt, transformers_folder
 from .scan import is_scanned, unstack_blocks
 
 
@@ -101,7 +102,7 @@ class TransformersFolder(Source):
     name = 'transformers folder'
 
     def matches(self, path):
-        return timm_folder.has_config_json(path) and hf_transformers.is_transformers_folder(os.path.abspath(path))
+        return timm_folder.has_config_json(path) and transformers_folder.is_transformers_folder(os.path.abspath(path))
 
     def read(self, path, request):
         r = hf_transformers.read_folder(os.path.abspath(path), request.model_name, request.arch)

@@ -27,6 +27,11 @@ FORBIDDEN = [
     ('converters.formats', 'converters.families'),
     ('converters.formats', 'converters.pipeline'),
     ('converters.formats', 'vit_flax'),
+    # a format knows its files, not what they mean for a model: transformers_folder reads config.json and
+    # weights, hf_transformers maps them to models through the families' `transformers` layouts
+    ('converters.formats', 'converters.hf_transformers'),
+    ('converters.formats', 'converters.checkpoint'),
+    ('converters.formats', 'converters.sources'),
     # the read path one way: families <- checkpoint (what a read gives) <- sources (the table) <- pipeline
     ('converters.families', 'converters.checkpoint'),
     ('converters.families', 'converters.sources'),

@@ -10,8 +10,10 @@ A family module (`vit.py`, `swin.py`, `vit_pytorch.py`) defines one subclass and
   name to take);
 - weights: `rules(model)` (the rule table, run both ways by `converters.rules`), `layouts` (other torch
   layouts: name -> (to the table's layout, from it)), `store`/`unstore` (arrays a file holds that the model
-  computes), `from_npz`/`to_npz` (a family's own `.npz` layouts), `adapt(...)` (surgery towards another
-  model of the family: positions, windows), `head_features(model)`, `fine_tune_target(...)` (what a fine-tuning target implies);
+  computes), `from_npz`/`to_npz` (a family's own `.npz` layouts), `transformers_classes` and
+  `transformers_table(...)` (the `transformers` layout: a key table per class), `adapt(...)` (surgery towards
+  another model of the family: positions, windows), `head_features(model)`, `fine_tune_target(...)` (what a
+  fine-tuning target implies);
 - torch and timm: `timm_kwargs(model)`, `torch_model(model, name)`, `parity_points(model)`,
   `timm_folder_config(...)`; and `describe(ck)` for `vit-flax inspect`.
 
@@ -34,6 +36,49 @@ def _plain(v):
     if isinstance(v, functools.partial):
         return [v.func, list(map(_plain, v.args)), {k: _plain(x) for k, x in v.keywords.items()}]
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def holds_field(model, k: str, v) -> bool:
+    """Whether `model` has field `k` = `v` as it computes (an MLP width, sizes as pairs, a class token, a pooling,
+    LayerScale's presence: its initial value only seeds training); `act_layer` and `gelu` are compared as one, by
+    `field_overrides`."""
+    from vit_flax.models.layers import to_tuple
+    if k == 'mlp_dim':
+        return model.mlp_hidden == v
+    if k in ('patch_size', 'img_size', 'window_size'):
+        return tuple(to_tuple(getattr(model, k), 2)) == tuple(to_tuple(v, 2))
+    if k == 'class_token':
+        return model.has_class_token == v
+    if k in ('act_layer', 'gelu') and hasattr(model, 'activation'):
+        return True
+    if k == 'global_pool':
+        return model.pool_type == {'gap': 'avg'}.get(v, v) and model.use_fc_norm == (v == 'avg')
+    if k == 'init_values':
+        return bool(model.init_values) == bool(v)
+    if k in ('depths', 'num_heads') and isinstance(v, tuple):
+        return tuple(getattr(model, k)) == v
+    return getattr(model, k) == v
+
+
+def field_overrides(model, fields: dict) -> dict:
+    """The overrides that make `model` the one `fields` (model fields, as a transformers config.json gives them:
+    `act_layer` None with `gelu` for a GELU) describes; {} when it is already."""
+    kw = {k: v for k, v in fields.items() if k not in ('gelu', 'act_layer') and not holds_field(model, k, v)}
+    if 'global_pool' in kw:
+        kw['fc_norm'] = None
+    if 'init_values' in kw and not fields['init_values']:
+        kw['init_values'] = None
+    if hasattr(model, 'activation') and ('act_layer' in fields or 'gelu' in fields) \
+            and model.activation != (fields.get('act_layer') or fields.get('gelu')):
+        if model.act_layer != fields.get('act_layer'):
+            kw['act_layer'] = fields.get('act_layer')
+        if model.gelu != fields.get('gelu', model.gelu):
+            kw['gelu'] = fields['gelu']
+    elif not hasattr(model, 'activation') and 'gelu' in fields and model.gelu != fields['gelu']:
+        kw['gelu'] = fields['gelu']
+    if 'mlp_dim' in kw and hasattr(model, 'mlp_ratio') and not hasattr(model, 'mlp_hidden'):
+        kw.pop('mlp_dim')
+    return kw
 
 
 class Family:
@@ -63,6 +108,9 @@ class Family:
     # releases that fix the width of every attention head, which their files cannot record (a fused qkv):
     # {layout: width}; see `heads_by_convention`
     head_width: Dict[str, int] = {}
+    # the `transformers` layout: the Hugging Face transformers classes holding this family's models,
+    # {class: (kind, the prefix of its backbone's keys)}, each read and written by `transformers_table`
+    transformers_classes: Dict[str, Tuple[str, str]] = {}
 
     def __repr__(self) -> str:
         return f'<{self.name} family>'
@@ -155,6 +203,13 @@ class Family:
     def rules(self, model) -> list:
         """The rule table for this model instance (its config decides which rows exist)."""
         raise NotImplementedError
+
+    def transformers_table(self, model, cls: str, spelling: str, prefix: str) -> list:
+        """The `transformers` layout of `model` as class `cls` (one of `transformers_classes`): timm's keys (the
+        rules' flax side) <-> transformers' (the torch side) in `spelling` ('hub': what `save_pretrained` writes
+        and the Hub holds; 'internal': transformers 5's own names), the backbone's keys under `prefix`. Run
+        both ways by `converters.rules`, in front of the rule table (converters/hf_transformers.py)."""
+        raise ConversionError(f'transformers has no {self.name} class {cls!r}')
 
     def store(self, flat, model, log: Log = lambda s: None):
         """The tree as files holding arrays the model computes store it (the rules' form)."""

@@ -24,7 +24,7 @@ from vit_flax.models.swin import SwinTransformer, relative_position_index, shift
 
 from ..errors import ConversionError
 from ..resample import resize_grid
-from ..rules import Rule, dense_rules, mlp_rules, norm_rules, rule
+from ..rules import Rule, dense_rules, mlp_rules, norm_rules, qkv_rules, renamed_rules, rule
 from .swin_common import (TORCH_BLOCKS, SwinFamilyBase, merging_to_microsoft, merging_to_timm,
                           norm_and_head_to_microsoft, stage_count)
 
@@ -166,6 +166,20 @@ LAYOUT_CONFIG = {
 }
 
 
+# transformers' Swin block: timm name -> transformers name under `encoder.layers.i.blocks.j.`, per key spelling
+# (5.x: transformers 5's own, `save_original_format=False`); `relative_position_index` buffers (older files) ignored
+TRANSFORMERS_BLOCK = {
+    'hub': dict(norm1='layernorm_before', norm2='layernorm_after',
+                qkv=('attention.self.query', 'attention.self.key', 'attention.self.value'),
+                table='attention.self.relative_position_bias_table', proj='attention.output.dense',
+                fc1='intermediate.dense', fc2='output.dense'),
+    'internal': dict(norm1='layernorm_before', norm2='layernorm_after',
+                     qkv=('attention.q_proj', 'attention.k_proj', 'attention.v_proj'),
+                     table='attention.relative_position_bias.relative_position_bias_table', proj='attention.o_proj',
+                     fc1='mlp.fc1', fc2='mlp.fc2'),
+}
+
+
 class SwinFamily(SwinFamilyBase):
     """`vit_flax.SwinTransformer` (Swin V1): timm's layout, Microsoft's release and WZMIAOMIAO's code."""
     name = 'swin'
@@ -174,6 +188,7 @@ class SwinFamily(SwinFamilyBase):
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft),
                'wzmiaomiao': (microsoft_to_timm, timm_to_wzmiaomiao)}
     layout_config = LAYOUT_CONFIG
+    transformers_classes = {'SwinModel': ('swin', ''), 'SwinForImageClassification': ('swin', 'swin.')}
 
     def detect_torch(self, state) -> bool:
         return any('relative_position_bias_table' in k for k in state) and 'patch_embed.proj.weight' in state
@@ -198,6 +213,14 @@ class SwinFamily(SwinFamilyBase):
                 rules += norm_rules(f'{fb}/norm2', f'{tb}.norm2')
                 rules += mlp_rules(f'{fb}/mlp', f'{tb}.mlp')
         return rules + self.tail_rules(model)
+
+    def transformers_block(self, model, t: str, h: str, spelling: str) -> List[Rule]:
+        b = TRANSFORMERS_BLOCK[spelling]
+        return (renamed_rules(f'{t}norm1', h + b['norm1']) + qkv_rules(f'{t}attn.qkv', [h + k for k in b['qkv']],
+                                                                        model.qkv_bias)
+                + [rule(f'{t}attn.relative_position_bias_table', h + b['table'])]
+                + renamed_rules(f'{t}attn.proj', h + b['proj']) + renamed_rules(f'{t}norm2', h + b['norm2'])
+                + renamed_rules(f'{t}mlp.fc1', h + b['fc1']) + renamed_rules(f'{t}mlp.fc2', h + b['fc2']))
 
     def timm_kwargs(self, model) -> dict:
         """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`.

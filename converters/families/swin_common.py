@@ -11,7 +11,7 @@ import numpy as np
 from vit_flax.models.layers import to_tuple
 
 from ..errors import ConversionError
-from ..rules import CONV, Rule, dense_rules, norm_rules, rule
+from ..rules import CONV, Rule, dense_rules, norm_rules, renamed_rules, rule
 from .base import Family
 
 DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.')
@@ -91,6 +91,30 @@ class SwinFamilyBase(Family):
 
     def tail_rules(self, model) -> List[Rule]:
         return norm_rules('norm', 'norm') + (dense_rules('head', 'head.fc') if model.num_classes > 0 else [])
+
+    def transformers_table(self, model, cls: str, spelling: str, prefix: str) -> List[Rule]:
+        """timm Swin keys <-> transformers' Swin / Swinv2 classes (`swin.` / `swinv2.` in *ForImageClassification):
+        `embeddings.{patch_embeddings.projection, norm}`, `encoder.layers.i.blocks.j.*` (`transformers_block`),
+        `encoder.layers.i.downsample.{reduction, norm}` at the end of stage i (timm: the start of stage i+1),
+        `layernorm`, `classifier`."""
+        p = prefix
+        rules = renamed_rules('patch_embed.proj', f'{p}embeddings.patch_embeddings.projection')
+        rules += renamed_rules('patch_embed.norm', f'{p}embeddings.norm')
+        for i, depth in enumerate(model.depths):
+            s = f'{p}encoder.layers.{i}.'
+            for j in range(depth):
+                rules += self.transformers_block(model, f'layers.{i}.blocks.{j}.', f'{s}blocks.{j}.', spelling)
+            if i + 1 < len(model.depths):   # merging: the end of stage i here, the start of stage i+1 in timm
+                rules += renamed_rules(f'layers.{i + 1}.downsample.reduction', f'{s}downsample.reduction', bias=False)
+                rules += renamed_rules(f'layers.{i + 1}.downsample.norm', f'{s}downsample.norm')
+        rules += renamed_rules('norm', f'{p}layernorm')
+        if model.num_classes > 0:
+            rules += renamed_rules('head.fc', 'classifier')
+        return rules
+
+    def transformers_block(self, model, t: str, h: str, spelling: str) -> List[Rule]:
+        """One block's rows of `transformers_table`: timm's keys under `t`, transformers' under `h`."""
+        raise NotImplementedError
 
     def parity_points(self, model):
         """(label, flax intermediate, timm module) pairs, in forward order; both sides are NHWC."""

@@ -24,7 +24,7 @@ from vit_flax.models.swin import relative_position_index, shifted_window_mask
 from vit_flax.models.swinv2 import SwinTransformerV2, relative_coords_table
 
 from ..errors import ConversionError
-from ..rules import Rule, dense_rules, mlp_rules, norm_rules, rule
+from ..rules import QKV_ROWS, Rule, dense_rules, mlp_rules, norm_rules, renamed_rules, rule
 from .swin_common import (DOWNSAMPLE, TORCH_BLOCKS, SwinFamilyBase, blocks_per_stage, merging_to_microsoft,
                           merging_to_timm, norm_and_head_to_microsoft)
 
@@ -150,6 +150,8 @@ class SwinV2Family(SwinFamilyBase):
     ignore_torch = IGNORE
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft)}
     layout_models = ('microsoft',)
+    # keys only (config.json's swinv2 model_type is not read yet): judged against timm and transformers directly
+    transformers_classes = {'Swinv2Model': ('swinv2', ''), 'Swinv2ForImageClassification': ('swinv2', 'swinv2.')}
 
     def detect_torch(self, state) -> bool:
         return 'patch_embed.proj.weight' in state and any(k.endswith(('attn.logit_scale', 'cpb_mlp.0.weight'))
@@ -187,6 +189,23 @@ class SwinV2Family(SwinFamilyBase):
                 rules += mlp_rules(f'{fb}/mlp', f'{tb}.mlp')
                 rules += norm_rules(f'{fb}/norm2', f'{tb}.norm2')
         return rules + self.tail_rules(model)
+
+    def transformers_block(self, model, t: str, h: str, spelling: str) -> List[Rule]:
+        """transformers' Swinv2 block (both spellings are the same keys in 5.x): `attention.self.{query (weight,
+        bias), key (weight only), value (weight, bias)}` = timm's `attn.qkv.weight` (rows q, k, v) with
+        `attn.q_bias`, `attn.v_bias` (timm's k bias is a zero buffer); `attention.self.logit_scale` (H, 1, 1),
+        `continuous_position_bias_mlp.{0 (w, b), 2 (w)}` = `attn.cpb_mlp`; `layernorm_before/after` are V2's
+        post-norms, timm's `norm1/norm2`."""
+        a = f'{h}attention.'
+        qkv = tuple(f'{a}self.{n}.weight' for n in ('query', 'key', 'value'))
+        rules = [rule(f'{t}attn.qkv.weight', qkv, QKV_ROWS),
+                 rule(f'{t}attn.q_bias', f'{a}self.query.bias'), rule(f'{t}attn.v_bias', f'{a}self.value.bias'),
+                 rule(f'{t}attn.logit_scale', f'{a}self.logit_scale'),
+                 rule(f'{t}attn.cpb_mlp.2.weight', f'{a}self.continuous_position_bias_mlp.2.weight')]
+        rules += renamed_rules(f'{t}attn.cpb_mlp.0', f'{a}self.continuous_position_bias_mlp.0')
+        rules += renamed_rules(f'{t}attn.proj', f'{a}output.dense')
+        rules += renamed_rules(f'{t}norm1', f'{h}layernorm_before') + renamed_rules(f'{t}norm2', f'{h}layernorm_after')
+        return rules + renamed_rules(f'{t}mlp.fc1', f'{h}intermediate.dense') + renamed_rules(f'{t}mlp.fc2', f'{h}output.dense')
 
     # ------------------------------------------------------------ architecture
 

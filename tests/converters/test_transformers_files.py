@@ -226,6 +226,15 @@ def test_a_named_model_of_another_architecture_is_refused(tmp_path):
              'config.json', 'embed_dim=32', 'vit_small_patch16_224 has embed_dim=384')
 
 
+def test_a_named_model_of_another_family_is_refused_before_its_overrides_are_applied(tmp_path):
+    """--model naming a ViT for a Swin folder, with ViT fields set (--set depth=2): the family is refused in one
+    line, not the fields."""
+    folder = _saved(tmp_path, 'swin', 'SwinModel', 'SwinConfig', image_size=32, patch_size=2, embed_dim=16,
+                    depths=[2, 2], num_heads=[2, 4], window_size=4)
+    with pytest.raises(ConversionError, match='holds a swin checkpoint, but vit_base_patch16_224 is a VisionTransformer'):
+        pipeline.read_checkpoint(folder, 'vit_base_patch16_224', dict(depth=2), log=lambda s: None)
+
+
 def test_a_swin_config_json_with_another_window_is_refused_naming_window_size(tmp_path):
     folder = _saved(tmp_path, 'swin', 'SwinForImageClassification', 'SwinConfig', image_size=32, patch_size=2,
                     embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=3)
@@ -246,3 +255,27 @@ def test_any_config_field_of_any_json_type_is_read_or_refused_in_one_line(tmp_pa
                 pipeline.read_checkpoint(folder, log=lambda s: None)
             except ConversionError as e:
                 assert '\n' not in str(e)
+
+
+@pytest.mark.parametrize('name,over,not_this', [
+    ('vit_base_patch16_clip_quickgelu_224', dict(num_classes=0), 'vit_base_patch16_clip_224'),   # OpenAI's CLIP
+    ('vit_so400m_patch14_siglip_384', {}, 'vit_so400m_patch14_siglip_378'),   # 27x27 patches of 14 either way
+], ids=['clip-quick_gelu', 'siglip-384'])
+def test_what_config_json_records_beside_the_shapes_picks_the_registered_name_that_has_it(name, over, not_this):
+    """The pipeline's matcher ranks registered names by what config.json records beside the shapes too (eps,
+    activation, input size): the name whose fields a Hub folder's config.json states is the one read, not another
+    of the same sizes given them as overrides."""
+    import vit_flax
+    from converters import hf_transformers
+    from converters.families import family_of
+    from vit_flax.summary import param_shapes
+    model = vit_flax.create_model(name, **over)
+    cls = hf_transformers.target_class(model)
+    cfg = hf_transformers.config_for(model, cls)
+    want = hf_transformers.arch_from_config(cfg['model_type'], cfg, cls, 'config.json', model.num_classes)
+    zeros = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in flatten_dict(param_shapes(model), sep='/').items()}
+    family = family_of(model)
+    shapes = family.config_from_flax(zeros)
+    assert family.core(vit_flax.create_model(not_this)) == family.core(model)   # the sizes cannot tell them apart
+    got, read = hf_transformers.registered_model(family, shapes, want, 'config.json')
+    assert got == name and read == model

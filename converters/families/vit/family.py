@@ -15,7 +15,8 @@ from ...errors import ConversionError
 from ...resample import resample_patch_kernel, resample_pos_embed
 from ...rules import CONV, Rule, Transform, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
 from ...scan import SCANNED, is_scanned
-from ..base import Family
+from ..base import Family, field_overrides
+from . import transformers
 from .npz import LAYOUTS, detect_prefix, flax_to_npz, npz_to_flax
 from .hybrid import resnet_from_flax, resnet_from_torch, resnet_label, resnet_rules, timm_backbone
 from .releases import (deit3_to_timm, dinov2_to_timm, is_open_clip, open_clip_to_timm, timm_to_deit3,
@@ -225,6 +226,10 @@ class ViTFamily(Family):
     head_width = {'dinov2': 64, 'open_clip': 64}
     torch_wrap = {'deit3': 'model'}                    # as DeiT III's own training script saves
     adaptable = ('patch_size',)               # FlexiViT's PI-resize of the patch embedding (`adapt`)
+    transformers_classes = transformers.CLASSES
+
+    def transformers_table(self, model, cls: str, spelling: str, prefix: str) -> List[Rule]:
+        return transformers.table(model, cls, spelling, prefix)
 
     def detect_layout(self, state) -> str:
         """'dinov2' (a `mask_token`, or `register_tokens`), 'open_clip' (`class_embedding` beside `conv1`, with or
@@ -478,7 +483,8 @@ class ViTFamily(Family):
     def overrides(self, cfg: dict, model) -> dict:
         """Overrides that make registered `model` hold exactly the checkpoint described by `cfg`. What a file
         cannot record (the activation, norm eps, avg against max pooling, ResPostBlock, LayerScale's initial
-        value) stays the registered model's."""
+        value) stays the registered model's; a config.json beside the weights records the first two and the
+        input size (`norm_eps`, `act_layer`, `gelu`, `img_size` in `cfg`)."""
         current = dict(num_classes=model.num_classes, representation_size=model.representation_size or None,
                        distilled=model.distilled, class_token=model.has_class_token,
                        qkv_bias=model.qkv_bias, in_chans=model.in_chans, embed_norm=model.embed_norm,
@@ -488,6 +494,8 @@ class ViTFamily(Family):
                        scale_mlp_norm=model.scale_mlp_norm, norm_layer=model.norm_layer, mlp_layer=model.mlp_layer,
                        final_norm=model.final_norm)
         kw = {k: cfg[k] for k, v in current.items() if k in cfg and cfg[k] != v}
+        # what a config.json records beside the shapes (a transformers folder): eps, activation, input size
+        kw.update(field_overrides(model, {k: cfg[k] for k in ('norm_eps', 'act_layer', 'gelu', 'img_size') if k in cfg}))
         if cfg.get('global_pool') is not None and not _same_pooling(cfg, model):
             kw.update(global_pool=cfg['global_pool'], fc_norm=None)
         read_block = cfg.get('block_fn', 'block')

@@ -4,7 +4,7 @@ map (one table, run both ways), Facebook's ResMLP release layout, and the archit
 Files:
 - Google's `.npz` (vit_jax's `imagenet21k/Mixer-B_16.npz` and the like, what `vit_jax.checkpoint.load` reads for
   `models_mixer.MlpMixer`): `stem`, `MixerBlock_{i}/...`, `pre_head_layer_norm`, `head`, keys joined by '/', i.e.
-  exactly the model's tree (vit_jax's `checkpoint.save` writes them so): read and written as the tree itself.
+  exactly the model's tree (what `vit_jax.checkpoint.load` recovers from the '/' keys): read and written as it is.
   vit_jax computes the tanh GELU (flax's `nn.gelu` default); timm, reading the same weights (its `goog_in21k*`
   `.pth` files are these arrays converted; it has no `.npz` reader for Mixer), computes the exact one, and so
   does this model by default (`act_layer='gelu'`): reading a Google Mixer file says so, and `--set

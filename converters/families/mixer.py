@@ -280,7 +280,18 @@ class MixerFamily(Family):
         return f'{kind} ({ck.layout})'
 
     def timm_folder_config(self, model, model_name: str, pretrained_cfg: dict, class_names=None) -> dict:
+        """As every family's, with timm's `stem.proj` first conv; refused (one line) where the model differs from
+        `model_name` in an argument timm's entrypoint for it fixes itself (its sizes and blocks: it would raise
+        on the folder's model_args)."""
+        from vit_flax.registry import model_config
         cfg = super().timm_folder_config(model, model_name, pretrained_cfg, class_names)
+        to_timm = {'init_values': 'block_layer'}   # ResMLP's LayerScale start is an argument of timm's block
+        fixed = {to_timm.get(k, k) for k in model_config(model_name)[1]}
+        clash = sorted(set(cfg['model_args']) & fixed)
+        if clash:
+            values = ', '.join(f'{k}={cfg["model_args"][k]}' for k in clash)
+            raise ConversionError(f"timm's {model_name} fixes {', '.join(clash)} itself: a timm folder cannot describe "
+                                  f'this model ({values}); write a .pth or .safetensors instead')
         cfg['pretrained_cfg']['first_conv'] = 'stem.proj'   # timm's mlp_mixer default_cfg
         return cfg
 

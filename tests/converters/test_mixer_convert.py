@@ -153,3 +153,32 @@ def test_a_mixer_file_cannot_be_loaded_at_another_token_count(google_file):
     path, _, _ = google_file
     with pytest.raises(ConversionError, match='token-mixing weights are sized for a'):
         converters.load_params(path, 'mixer_s16_224', log=lambda s: None, **dict(OURS, img_size=64))
+
+
+def test_a_timm_folder_of_a_mixer_timms_entrypoint_cannot_build_is_refused_before_writing(tmp_path):
+    """timm's mlp_mixer entrypoints fix their sizes and blocks: a folder whose model_args change them would not
+    load (timm raises on a repeated keyword), so writing one is refused in one line and nothing is written."""
+    model = vit_flax.create_model('resmlp_12_224', **OURS)
+    converters.save_params(perturb(model), tmp_path / 'r.safetensors', 'resmlp_12_224', **OURS)
+    r = cli('convert', tmp_path / 'r.safetensors', tmp_path / 'folder', '--format', 'timm-folder')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    # (the file's patch 8 is resmlp_big_24_224's: the name detected)
+    assert r.stderr.strip().splitlines()[-1] == (
+        "vit-flax: error: timm's resmlp_big_24_224 fixes embed_dim, num_blocks itself: a timm folder cannot "
+        'describe this model (embed_dim=32, num_blocks=2); write a .pth or .safetensors instead')
+    assert not (tmp_path / 'folder').exists()
+
+
+@pytest.mark.slow   # 30 blocks compiled and loaded in timm (~30 s here)
+def test_a_timm_folder_of_a_registered_mixer_loads_in_timm_local_dir(tmp_path):
+    import timm
+    over = dict(num_classes=10, img_size=32)
+    model = vit_flax.create_model('gmlp_ti16_224', **over)
+    params = perturb(model)
+    converters.save_params(params, tmp_path / 'g.safetensors', 'gmlp_ti16_224', **over)
+    r = cli('convert', tmp_path / 'g.safetensors', tmp_path / 'folder', '--format', 'timm-folder')
+    assert r.returncode == 0, r.stderr
+    tm = timm.create_model(f'local-dir:{tmp_path / "folder"}', pretrained=True).eval()
+    x = images((2, 32, 32, 3))
+    assert tm.pretrained_cfg['first_conv'] == 'stem.proj'
+    assert rel_err(run_flax(model, params, x), run_timm(tm, x)) < 1e-5

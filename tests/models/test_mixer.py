@@ -109,3 +109,14 @@ def test_a_mixer_takes_only_the_grid_its_token_mixing_is_sized_for():
     model = vit_flax.create_model('mixer_s32_224', **REDUCED)
     with pytest.raises(ModelConfigError, match=r'sized for a \(4, 4\) grid'):
         jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), jax.ShapeDtypeStruct((1, 48, 48, 3), 'float32'))
+
+
+def test_train_depth_flag_sets_a_mixers_num_blocks():
+    """`vit-flax train --depth N` means blocks for every family: a Mixer's field is timm's `num_blocks`."""
+    from types import SimpleNamespace
+    from vit_train.loop import build_model
+    args = SimpleNamespace(model='gmlp_ti16_224', img_size=32, patch_size=8, depth=2, drop_path=0.1, remat=None,
+                           dtype='float32')
+    model, over, size = build_model(args, 10)
+    assert (model.num_blocks, model.drop_path_rate, size) == (2, 0.1, 32)
+    assert over == dict(num_classes=10, img_size=32, patch_size=8, num_blocks=2, drop_path_rate=0.1)

@@ -9,7 +9,8 @@ Files:
   `.pth` files are these arrays converted; it has no `.npz` reader for Mixer), computes the exact one, and so
   does this model by default (`act_layer='gelu'`): reading a Google Mixer file says so, and `--set
   act_layer=gelu_tanh` gives vit_jax's function (then our logits are vit_jax's: 0.0 relative on the tests'
-  reduced copy; with timm's GELU 8e-5 there).
+  reduced copy; with timm's GELU 8e-5 there). big_vision's `mlp_mixer.py` has the same tree and GELU; its
+  training checkpoints hold it under `params/` (read as layout `big_vision`, the optimizer state left out).
 - timm (the table below): `stem.proj`, `blocks.{i}.{norm1, mlp_tokens.fc1/fc2, norm2, mlp_channels.fc1/fc2}`
   (Mixer), `blocks.{i}.{norm1.alpha/beta, linear_tokens, ls1, norm2, mlp_channels, ls2}` (ResMLP, alpha/beta
   (1, 1, D)), `blocks.{i}.{norm, mlp_channels.{fc1, gate.norm, gate.proj, fc2}}` (gMLP), `norm`, `head`.
@@ -109,6 +110,16 @@ class MixerFamily(Family):
     def detect_flax(self, flat) -> bool:
         return 'stem/kernel' in flat and any(_FLAX_BLOCK.match(k) for k in flat)
 
+    def from_npz(self, arrays, path: str):
+        """A Mixer tree under big_vision's `params/` (its training checkpoints, beside `opt/...`) or a training
+        state's `opt/target/`: (the tree, 'big_vision', False), the rest of the file left out. An unprefixed Mixer
+        `.npz` (Google's released files) is read as the tree itself (layout 'flax')."""
+        for prefix in ('params/', 'opt/target/'):
+            if f'{prefix}stem/kernel' in arrays and any(_FLAX_BLOCK.match(k[len(prefix):]) for k in arrays
+                                                         if k.startswith(prefix)):
+                return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, 'big_vision', False
+        return None
+
     def detect_layout(self, state) -> str:
         """'facebook' (deit's ResMLP: `patch_embed.proj` and a token Linear `blocks.0.attn.weight`), else 'timm'."""
         if 'patch_embed.proj.weight' in state and 'blocks.0.attn.weight' in state and 'blocks.0.norm1.alpha' in state:
@@ -149,8 +160,9 @@ class MixerFamily(Family):
 
     @staticmethod
     def _config(block_layer, norm_layer, stem, tokens, channels, gate, blocks, head_bias) -> dict:
-        """Fields from the shapes: `stem` the HWIO kernel's shape, `tokens` the token MLP's first (N, hidden) or the token Linear's
-        (N, N) kernel, `channels` the channel MLP's first (D, hidden) kernel, `gate` whether it is a GLU."""
+        """Fields from the shapes: `stem` the HWIO kernel's shape, `tokens` the token MLP's first (N, hidden) or the
+        token Linear's (N, N) kernel, `channels` the channel MLP's first (D, hidden) kernel, `gate` whether it is a
+        GLU."""
         dim, n = stem[-1], tokens.shape[0]
         cfg = dict(block_layer=block_layer, norm_layer=norm_layer, embed_dim=dim, in_chans=stem[2],
                    patch_size=tuple(stem[:2]), num_blocks=blocks, num_patches=n,
@@ -179,7 +191,8 @@ class MixerFamily(Family):
             channels = flat[f'{b}/channel_mixing/Dense_0/kernel']
             gate = flat[f'{b}/channel_mixing/Dense_1/kernel'].shape[0] * 2 == channels.shape[1]
         blocks = 1 + max(int(m.group(2)) for k in flat for m in [_FLAX_BLOCK.match(k)] if m)
-        return self._config(kind, norm, flat['stem/kernel'].shape, tokens, channels, gate, blocks, flat.get('head/bias'))
+        return self._config(kind, norm, flat['stem/kernel'].shape, tokens, channels, gate, blocks,
+                            flat.get('head/bias'))
 
     def config_from_torch(self, state) -> dict:
         """The same fields off a timm-layout state_dict."""
@@ -223,13 +236,14 @@ class MixerFamily(Family):
         return kw
 
     def resolve(self, cfg: dict, arch, layout: str, model_name, path: str):
-        """A Mixer `.npz` (Google's tree) records no activation: said out loud, since vit_jax computes another."""
+        """A Mixer `.npz` (Google's tree) records no activation: said out loud, since vit_jax and big_vision compute
+        another."""
         notes = []
-        if layout == 'flax' and cfg['block_layer'] == 'mixer' and cfg['mlp_layer'] == 'mlp' \
+        if layout in ('flax', 'big_vision') and cfg['block_layer'] == 'mixer' and cfg['mlp_layer'] == 'mlp' \
                 and 'act_layer' not in (arch or {}):
             notes.append(f"{path}: a Mixer tree records no activation: read with timm's exact GELU (act_layer="
-                         f"'gelu'), as timm reads Google's Mixer weights; vit_jax's MlpMixer computes the tanh form "
-                         f'(--set act_layer=gelu_tanh)')
+                         f"'gelu'), as timm reads Google's Mixer weights; vit_jax's and big_vision's MlpMixer compute "
+                         f'the tanh form (--set act_layer=gelu_tanh)')
         return cfg, arch, notes
 
     def adapt(self, flat, src, dst, *, resample: str, bias_resize: str, log):

@@ -182,3 +182,16 @@ def test_a_timm_folder_of_a_registered_mixer_loads_in_timm_local_dir(tmp_path):
     x = images((2, 32, 32, 3))
     assert tm.pretrained_cfg['first_conv'] == 'stem.proj'
     assert rel_err(run_flax(model, params, x), run_timm(tm, x)) < 1e-5
+
+
+def test_a_big_vision_mixer_checkpoint_is_read_from_under_params(google_file, tmp_path):
+    """big_vision's `mlp_mixer.py` (the same tree) saves its training state with the params under `params/` beside
+    the optimizer's: the tree is read from there, the rest left out."""
+    path, params, _ = google_file
+    with np.load(path) as f:
+        arrays = {**{f'params/{k}': v for k, v in f.items()}, 'opt/0/mu/stem/kernel': f['stem/kernel']}
+    np.savez(tmp_path / 'bv.npz', **arrays)
+    _, ours, ck = converters.load_model(tmp_path / 'bv.npz', log=lambda s: None)
+    assert ck.layout == 'big_vision'
+    flat, theirs = flatten_dict(ours, sep='/'), flatten_dict(params, sep='/')
+    assert set(flat) == set(theirs) and all(np.array_equal(flat[k], theirs[k]) for k in flat)

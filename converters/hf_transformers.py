@@ -733,6 +733,9 @@ def _hf_blocks(state, prefix: str) -> int:
 def target_class(model) -> str:
     """The transformers class that holds `model` (its head, tokens and norms decide); `check_holds` then
     refuses what the class cannot hold."""
+    if not hasattr(model, 'depths') and not hasattr(model, 'pre_norm'):   # vit-pytorch's ViT, MLP-Mixer: no class
+        raise ConversionError(f'transformers has no class for a {type(model).__name__}; write .pth, .safetensors '
+                              f'or .npz instead')
     if hasattr(model, 'depths'):
         return 'SwinForImageClassification' if model.num_classes else 'SwinModel'
     if model.pre_norm:

@@ -195,3 +195,12 @@ def test_a_big_vision_mixer_checkpoint_is_read_from_under_params(google_file, tm
     assert ck.layout == 'big_vision'
     flat, theirs = flatten_dict(ours, sep='/'), flatten_dict(params, sep='/')
     assert set(flat) == set(theirs) and all(np.array_equal(flat[k], theirs[k]) for k in flat)
+
+
+def test_a_transformers_folder_of_a_mixer_is_refused_in_one_line(tmp_path):
+    model = vit_flax.create_model('gmlp_ti16_224', **OURS)
+    converters.save_params(perturb(model), tmp_path / 'g.safetensors', 'gmlp_ti16_224', **OURS)
+    r = cli('convert', tmp_path / 'g.safetensors', tmp_path / 'hf', '--format', 'transformers')
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        'vit-flax: error: transformers has no class for a MlpMixer; write .pth, .safetensors or .npz instead')
+    assert not (tmp_path / 'hf').exists()

@@ -52,8 +52,11 @@ def google_load(path):
         return convert_pre_linen(unflatten_dict(dict(f), sep='/'))
 
 
+_GOOGLE_APPLY = jax.jit(lambda p, x: google_model().apply({'params': p}, x, train=False))   # compiled once
+
+
 def google_apply(params):
-    return np.asarray(jax.jit(lambda p, x: google_model().apply({'params': p}, x, train=False))(params, X))
+    return np.asarray(_GOOGLE_APPLY(params, X))
 
 
 @pytest.fixture(scope='module')

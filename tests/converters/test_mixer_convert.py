@@ -207,3 +207,14 @@ def test_a_transformers_folder_of_a_mixer_is_refused_in_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         'vit-flax: error: transformers has no class for a MlpMixer; write .pth, .safetensors or .npz instead')
     assert not (tmp_path / 'hf').exists()
+
+
+def test_every_registration_is_detected_from_its_timm_state_dict():
+    """No name given: each of the 15 timm state_dicts (shapes only, on the meta device) picks its own name."""
+    import timm
+    from converters.checkpoint import match_model
+    for name in timm.list_models(module='mlp_mixer'):
+        with torch.device('meta'):
+            state = timm.create_model(name).state_dict()
+        cfg = dict(FAMILY.config_from_torch(state), img_size_hint=None)
+        assert match_model(FAMILY, cfg, name)[0] == name

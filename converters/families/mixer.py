@@ -132,6 +132,8 @@ class MixerFamily(Family):
         """The map for a `vit_flax.MlpMixer` instance (its block type and norm decide which rows exist)."""
         norm = model.norm_layer
         rules = [rule('stem/kernel', 'stem.proj.weight', CONV), rule('stem/bias', 'stem.proj.bias')]
+        if model.stem_norm:
+            rules += _norm(model.stem_norm_name, 'stem.norm', norm)
         for i in range(model.num_blocks):
             f, t = f'{BLOCK_NAMES[model.block_layer]}_{i}', f'blocks.{i}'
             if model.block_layer == 'mixer':
@@ -191,8 +193,9 @@ class MixerFamily(Family):
             channels = flat[f'{b}/channel_mixing/Dense_0/kernel']
             gate = flat[f'{b}/channel_mixing/Dense_1/kernel'].shape[0] * 2 == channels.shape[1]
         blocks = 1 + max(int(m.group(2)) for k in flat for m in [_FLAX_BLOCK.match(k)] if m)
-        return self._config(kind, norm, flat['stem/kernel'].shape, tokens, channels, gate, blocks,
-                            flat.get('head/bias'))
+        return dict(self._config(kind, norm, flat['stem/kernel'].shape, tokens, channels, gate, blocks,
+                                 flat.get('head/bias')),
+                    stem_norm='stem_layer_norm/scale' in flat or 'stem_affine/alpha' in flat)
 
     def config_from_torch(self, state) -> dict:
         """The same fields off a timm-layout state_dict."""
@@ -209,7 +212,9 @@ class MixerFamily(Family):
             gate = state[f'{b}.mlp_channels.fc2.weight'].shape[1] * 2 == channels.shape[1]
         out, cin, ph, pw = state['stem.proj.weight'].shape
         blocks = 1 + max(int(m.group(1)) for k in state for m in [_TORCH_BLOCK.match(k)] if m)
-        return self._config(kind, norm, (ph, pw, cin, out), tokens, channels, gate, blocks, state.get('head.bias'))
+        return dict(self._config(kind, norm, (ph, pw, cin, out), tokens, channels, gate, blocks,
+                                 state.get('head.bias')),
+                    stem_norm='stem.norm.weight' in state or 'stem.norm.alpha' in state)
 
     def core(self, model) -> dict:
         """Fields of a registered model that a checkpoint must share (the rest are `overrides`)."""
@@ -222,7 +227,7 @@ class MixerFamily(Family):
     def overrides(self, cfg: dict, model) -> dict:
         """Overrides that make `model` (holding the file's core fields) hold exactly the checkpoint: classes,
         channels, and the image size whose grid has the file's token count."""
-        kw = {k: cfg[k] for k in ('num_classes', 'in_chans') if k in cfg and cfg[k] != getattr(model, k)}
+        kw = {k: cfg[k] for k in ('num_classes', 'in_chans', 'stem_norm') if k in cfg and cfg[k] != getattr(model, k)}
         n, hint = cfg.get('num_patches'), cfg.get('img_size_hint')
         if n is not None and n != model.num_patches:
             patch = to_tuple(model.patch_size, 2)
@@ -273,7 +278,7 @@ class MixerFamily(Family):
                     patch_size=model.patch_size, num_blocks=model.num_blocks, embed_dim=model.embed_dim,
                     mlp_ratio=ratio, block_layer=block, mlp_layer=mlp, norm_layer=norm, act_layer=act,
                     drop_rate=model.drop_rate, proj_drop_rate=model.proj_drop_rate,
-                    drop_path_rate=model.drop_path_rate, global_pool=model.global_pool)
+                    drop_path_rate=model.drop_path_rate, global_pool=model.global_pool, stem_norm=model.stem_norm)
 
     def torch_model(self, model, model_name: str):
         """timm's `MlpMixer` built from `timm_kwargs` (any size, depth or width; randomly initialised)."""

@@ -112,19 +112,20 @@ def test_what_we_write_vit_jax_reads_into_our_logits(tmp_path):
     assert err < 1e-5, err
 
 
-@pytest.mark.parametrize('name', ['gmixer_12_224', 'resmlp_12_224', 'gmlp_ti16_224'])
-def test_timm_safetensors_read_and_written_bit_exact_for_each_block_kind(name, tmp_path):
+@pytest.mark.parametrize('name,extra', [('gmixer_12_224', {}), ('resmlp_12_224', {}), ('gmlp_ti16_224', {}),
+                                        ('mixer_s32_224', dict(stem_norm=True))])
+def test_timm_safetensors_read_and_written_bit_exact_for_each_block_kind(name, extra, tmp_path):
     """timm's state_dict as .safetensors -> our params (architecture detected, no name given) -> .safetensors
-    again: the same keys, dtypes and bits, which timm loads strictly."""
+    again: the same keys, dtypes and bits, which timm loads strictly (timm's `stem_norm` too)."""
     from safetensors.torch import save_file
-    model = vit_flax.create_model(name, **OURS)
+    model = vit_flax.create_model(name, **OURS, **extra)
     tm = perturb_timm(FAMILY.torch_model(model, name))
     save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, tmp_path / 'timm.safetensors')
     got, params, ck = converters.load_model(tmp_path / 'timm.safetensors', log=lambda s: None)
-    assert (got.block_layer, got.mlp_layer, got.norm_layer, got.act_layer) == \
-        (model.block_layer, model.mlp_layer, model.norm_layer, model.act_layer)
+    fields = ('block_layer', 'mlp_layer', 'norm_layer', 'act_layer', 'stem_norm')
+    assert [getattr(got, k) for k in fields] == [getattr(model, k) for k in fields]
     converters.save_params(params, tmp_path / 'back.safetensors', ck.model_name, **{
-        k: getattr(got, k) for k in ('num_blocks', 'embed_dim', 'img_size', 'patch_size', 'num_classes')})
+        k: getattr(got, k) for k in ('num_blocks', 'embed_dim', 'img_size', 'patch_size', 'num_classes', 'stem_norm')})
     a, b = state_np(tm), load_file(tmp_path / 'back.safetensors')
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in b.items()}, strict=True)

@@ -60,13 +60,15 @@ def test_full_model_parameter_count_equals_timms(name):
     assert vit_flax.count_params(vit_flax.create_model(name)) == sum(p.numel() for p in timm_meta(name).parameters())
 
 
-@pytest.mark.parametrize('name', ARCHITECTURES)
-def test_reduced_copy_of_each_architecture_equals_timm_both_ways(name):
+@pytest.mark.parametrize('name,extra', [(n, {}) for n in ARCHITECTURES] + [('resmlp_12_224', dict(stem_norm=True))],
+                         ids=ARCHITECTURES + ['resmlp-stem_norm'])
+def test_reduced_copy_of_each_architecture_equals_timm_both_ways(name, extra):
     """Two blocks, width 32, 32 px, weights moved off their init: timm's state_dict read through the rule table
     gives timm's logits (1e-5 relative), and written back it is timm's state_dict bit for bit, which timm loads
     strictly. The stem and gMLP's first Linear are scaled down so that the norms after them see inputs of tiny
-    variance, where their eps (1e-6, the gate's 1e-5) decides the output: a wrong eps fails."""
-    model = vit_flax.create_model(name, **REDUCED)
+    variance, where their eps (1e-6, the gate's 1e-5) decides the output: a wrong eps fails. timm's `stem_norm`
+    (no registration uses it) on a ResMLP."""
+    model = vit_flax.create_model(name, **REDUCED, **extra)
     tm = perturb_timm(FAMILY.torch_model(model, name))
     with torch.no_grad():
         for p in [tm.stem.proj.weight, tm.stem.proj.bias] + [

@@ -15,7 +15,8 @@ over the tokens, a Linear head. Blocks (`block_layer`):
 Stochastic depth uses `drop_path_rate` in every block (timm's MlpMixer: no linear rule).
 
 Parameter tree. Mixer's is Google's (vit_jax `models_mixer`), so that its released `.npz` files are this model's
-own state: `stem/{kernel, bias}` (timm `stem.proj`), `MixerBlock_{i}/{LayerNorm_0, token_mixing/{Dense_0, Dense_1},
+own state: `stem/{kernel, bias}` (timm `stem.proj`; with `stem_norm`, `stem_layer_norm` or `stem_affine`: timm
+`stem.norm`), `MixerBlock_{i}/{LayerNorm_0, token_mixing/{Dense_0, Dense_1},
 LayerNorm_1, channel_mixing/{Dense_0, Dense_1}}` (timm `blocks.{i}.{norm1, mlp_tokens.fc1/fc2, norm2,
 mlp_channels.fc1/fc2}`), `pre_head_layer_norm` (timm `norm`), `head`. ResMLP and gMLP, which have no JAX
 original, are named in the same style (class names numbered as Flax numbers them, the mixing MLPs named by
@@ -233,6 +234,7 @@ class MlpMixer(nn.Module):
     proj_drop_rate: float = 0.0   # inside the MLPs
     drop_path_rate: float = 0.0   # every block alike; only acts with train=True
     global_pool: Literal['avg', ''] = 'avg'
+    stem_norm: bool = False       # timm's option: a norm after the stem (`stem_layer_norm` / `stem_affine`)
     remat: bool = False
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
@@ -263,6 +265,10 @@ class MlpMixer(nn.Module):
     def final_norm_name(self) -> str:
         return 'pre_head_affine' if self.norm_layer == 'affine' else 'pre_head_layer_norm'
 
+    @property
+    def stem_norm_name(self) -> str:
+        return 'stem_affine' if self.norm_layer == 'affine' else 'stem_layer_norm'
+
     def check(self):
         if self.mlp_layer not in MLP_LAYERS[self.block_layer]:
             raise ModelConfigError(f"block_layer={self.block_layer!r} takes mlp_layer "
@@ -287,6 +293,8 @@ class MlpMixer(nn.Module):
         x = PatchConv(features=self.embed_dim, patch_size=to_tuple(self.patch_size, 2), dtype=self.dtype,
                       name='stem')(x.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, self.embed_dim)
+        if self.stem_norm:
+            x = make_norm(self.norm_layer, self.norm_eps, self.dtype, 0, prefix='stem_')(x)
         self.sow('intermediates', 'embed', x)
         cls = remat_block(BLOCKS[self.block_layer], self.remat, self.remat_policy)
         tokens_dim, channels_dim = self.mlp_dims

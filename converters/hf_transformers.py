@@ -267,6 +267,9 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
 def target_class(model) -> str:
     """The transformers class that holds `model` (its head, tokens and norms decide); `check_holds` then
     refuses what the class cannot hold."""
+    if not hasattr(model, 'depths') and not hasattr(model, 'pre_norm'):   # vit-pytorch's ViT, MLP-Mixer: no class
+        raise ConversionError(f'transformers has no class for a {type(model).__name__}; write .pth, .safetensors '
+                              f'or .npz instead')
     if hasattr(model, 'depths'):
         return 'SwinForImageClassification' if model.num_classes else 'SwinModel'
     if model.pre_norm:

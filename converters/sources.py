@@ -177,7 +177,7 @@ class File(Source):
         if flat is not None:
             family = flax_family(flat)
             if family is None:
-                raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch Flax tree '
+                raise ConversionError(f'{path}: not a ViT/DeiT/Swin/vit-pytorch/MLP-Mixer Flax tree '
                                       f'(first keys: {", ".join(list(flat)[:3])})')
             cfg = dict(read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
         else:

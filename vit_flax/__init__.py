@@ -1,4 +1,4 @@
-"""Vision Transformers (ViT, DeiT, Swin V1/V2) in JAX/Flax with Google's parameter trees and timm's names.
+"""Vision Transformers (ViT, DeiT, Swin V1/V2) and MLP-Mixers in JAX/Flax with Google's parameter trees and timm's names.
 
 `models/` holds one module per family (importing it registers its names), `ops/` the fast paths beside
 their references."""
@@ -9,11 +9,12 @@ from .models import vit_timm  # registers timm's other ViTs: DINOv2, DeiT III, C
 from .models.swin import SwinTransformer  # registers the Swin family (V1, Swin-S3)
 from .models.swinv2 import SwinTransformerV2  # registers timm's swinv2_* names
 from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch ViT
+from .models.mixer import MlpMixer  # registers timm's mlp_mixer names: MLP-Mixer, gMixer, ResMLP, gMLP
 from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConfigError', 'UnknownModelError',
            'UnknownOptionError', 'VisionTransformer', 'SwinTransformer', 'SwinTransformerV2',
-           'LucidViT', 'count_params', 'count_macs', 'init_params', 'summarize']
+           'LucidViT', 'MlpMixer', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'
 
 

@@ -7,6 +7,7 @@ family: `Transformer/encoderblock_3/...` is `blocks.3....`), and the timm name i
   final `norm` merged with the last block, everything else (head, head_dist, fc_norm, attn_pool) the last id;
 - Swin (V1, V2): `patch_embed` (and V2's `absolute_pos_embed`) id 0, blocks numbered across stages,
   `layers.i.downsample` with block 0 of stage i, the final `norm` with the last block, the head last.
+- MLP-Mixer, ResMLP, gMLP: `stem` id 0, `blocks.i` id i+1, the final `norm` with the last block, the head last.
 With n ids, id i gets lr x decay^(n-1-i). Weight decay as timm: none for 1-d tensors and for the model's
 `no_weight_decay` names (positions, tokens, Swin's relative-position tables), which is exactly our rule of
 decaying Dense/Conv kernels only (`optim.decays`); param_groups.json records both so that is checked.
@@ -27,10 +28,13 @@ VIT_MATCHER = dict(stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre|di
 SWIN_MATCHER = dict(stem=r'^absolute_pos_embed|patch_embed',
                     blocks=[(r'^layers\.(\d+).downsample', (0,)), (r'^layers\.(\d+)\.\w+\.(\d+)', None),
                             (r'^norm', (99999,))])
+MIXER_MATCHER = dict(stem=r'^stem', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
 # timm's model.no_weight_decay() (fnmatch patterns, as create_optimizer_v2 passes them)
 NO_WEIGHT_DECAY = {'vit': ('pos_embed', 'cls_token', 'dist_token', 'reg_token'),
                    'swin': ('*relative_position_bias_table*',),
-                   'swinv2': ('absolute_pos_embed', '*relative_position_bias_table*', '*cpb_mlp*', '*logit_scale*')}
+                   'swinv2': ('absolute_pos_embed', '*relative_position_bias_table*', '*cpb_mlp*', '*logit_scale*'),
+                   'mixer': ()}
+MATCHERS = {'vit': VIT_MATCHER, 'swin': SWIN_MATCHER, 'swinv2': SWIN_MATCHER, 'mixer': MIXER_MATCHER}
 
 
 def layer_ids(names, matcher) -> Dict[str, int]:
@@ -72,14 +76,14 @@ def param_groups(model, flat_shapes: Dict[str, tuple], layer_decay: float, decay
     """{timm name: {'ours': [keys], 'layer_id', 'lr_scale', 'weight_decay' (ours), 'timm_weight_decay'}} for
     every parameter; `flat_shapes` our flat key -> shape, `decays(key)` our weight-decay rule."""
     fam = family_of(model)
-    if fam.name not in ('vit', 'swin', 'swinv2'):
-        raise TrainError(f'--layer-decay: no timm layer grouping for the {fam.name} family (ViT, DeiT, Swin only)')
+    if fam.name not in MATCHERS:
+        raise TrainError(f'--layer-decay: no timm layer grouping for the {fam.name} family (ViT, DeiT, Swin, Mixer only)')
     names = timm_names(model)
     covered = {k for ks in names.values() for k in ks}
     missing = sorted(set(flat_shapes) - covered)
     if missing:
         raise TrainError(f'--layer-decay: parameter {missing[0]} has no timm name in the {fam.name} rule table')
-    ids = layer_ids(list(names), SWIN_MATCHER if fam.name.startswith('swin') else VIT_MATCHER)
+    ids = layer_ids(list(names), MATCHERS[fam.name])
     last = max(ids.values())
     no_wd = NO_WEIGHT_DECAY[fam.name]
     out = {}
@@ -88,8 +92,10 @@ def param_groups(model, flat_shapes: Dict[str, tuple], layer_decay: float, decay
         if not ours:
             continue
         # timm's tensor is 1-d where ours is, and for every bias and norm scale (Google's q/k/v biases are
-        # (heads, head_dim), timm's fused qkv bias is 1-d)
-        one_d = all(len(flat_shapes[k]) <= 1 or k.rsplit('/', 1)[-1] in ('bias', 'scale') for k in ours)
+        # (heads, head_dim), timm's fused qkv bias is 1-d); ResMLP's Affine alpha/beta are (1, 1, D) there, which
+        # timm does decay, and ours (D,) not
+        one_d = all(len(flat_shapes[k]) <= 1 or k.rsplit('/', 1)[-1] in ('bias', 'scale') for k in ours) \
+            and not t.endswith(('.alpha', '.beta'))
         out[t] = dict(ours=ours, layer_id=ids[t], lr_scale=float(layer_decay ** (last - ids[t])),
                       weight_decay=all(decays(k) for k in ours),
                       timm_weight_decay=not (one_d or any(fnmatch.fnmatch(t, p) for p in no_wd)))

@@ -70,6 +70,9 @@ def build_model(args, num_classes: int, extra=None):
         cls, _ = vit_flax.model_config(args.model)
     except KeyError as e:
         raise TrainError(f'--model {args.model}: {e.args[0]}') from None
+    if 'depth' in over and 'num_blocks' in registry.model_fields(cls):   # MLP-Mixer's blocks: timm's num_blocks
+        over['num_blocks'] = over.pop('depth')
+        flags['num_blocks'] = '--depth'
     missing = [k for k in over if k in flags and k not in registry.model_fields(cls)]
     if missing:   # a flag this family has no field for (Swin has depths, not depth)
         raise TrainError(f'{flags[missing[0]]} {over[missing[0]]}: {args.model} (a {cls.__name__}) has no '

@@ -1,5 +1,5 @@
 """Layer-wise lr decay and weight-decay flags equal timm's param_groups_layer_decay (the real timm.optim code)
-for a small ViT, a distilled DeiT and a small Swin, parameter by parameter under timm's names."""
+for a small ViT, a distilled DeiT, a small Swin and a gMLP, parameter by parameter under timm's names."""
 import jax
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ CASES = {
     'deit-distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=32, patch_size=8, depth=2, num_classes=10)),
     'swin': ('swin_tiny_patch4_window7_224', dict(img_size=32, window_size=2, depths=(1, 1, 2, 1), num_classes=10)),
     'swinv2': ('swinv2_tiny_window8_256', dict(img_size=32, window_size=2, depths=(1, 1, 2, 1), num_classes=10)),
+    'gmlp': ('gmlp_ti16_224', dict(img_size=32, num_classes=10)),   # timm's entrypoint fixes its 30 blocks
 }
 
 
@@ -21,7 +22,8 @@ def _timm_groups(name, kw, decay):
     from timm.optim import param_groups_layer_decay
     t = timm.create_model(name, **kw)
     out = {}
-    for g in param_groups_layer_decay(t, weight_decay=0.05, no_weight_decay_list=t.no_weight_decay(),
+    skip = t.no_weight_decay() if hasattr(t, 'no_weight_decay') else ()   # as timm's create_optimizer_v2 asks
+    for g in param_groups_layer_decay(t, weight_decay=0.05, no_weight_decay_list=skip,
                                       layer_decay=decay):
         for p in g['params']:
             n = next(n for n, q in t.named_parameters() if q is p)

@@ -9,11 +9,12 @@ from .models import vit_timm  # registers timm's other ViTs: DINOv2, DeiT III, C
 from .models.swin import SwinTransformer  # registers the Swin family (V1, Swin-S3)
 from .models.swinv2 import SwinTransformerV2  # registers timm's swinv2_* names
 from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch ViT
+from .models.eva import Eva  # registers timm's eva.py: EVA/EVA-02, DINOv3, PE, RoPE-ViT, LingBot, Sapiens2
 from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConfigError', 'UnknownModelError',
            'UnknownOptionError', 'VisionTransformer', 'SwinTransformer', 'SwinTransformerV2',
-           'LucidViT', 'count_params', 'count_macs', 'init_params', 'summarize']
+           'LucidViT', 'Eva', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'
 
 

@@ -7,9 +7,10 @@ from typing import List, Optional
 
 from ..errors import ConversionError
 from .base import Family
-from . import swin, swinv2, vit, vit_pytorch
+from . import eva, swin, swinv2, vit, vit_pytorch
 
-FAMILIES: List[Family] = [vit.FAMILY, swin.FAMILY, swinv2.FAMILY, vit_pytorch.FAMILY]
+# eva first: its detection is strict (keys no timm ViT has), the ViT family's takes any timm ViT-like file
+FAMILIES: List[Family] = [eva.FAMILY, vit.FAMILY, swin.FAMILY, swinv2.FAMILY, vit_pytorch.FAMILY]
 
 
 def register_family(family: Family) -> None:
@@ -34,7 +35,7 @@ def torch_family(state, path: str) -> Family:
     for fam in FAMILIES:
         if fam.detect_torch(state) or fam.detect_layout(state) != fam.torch_layout:
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch state_dict '
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch/Eva state_dict '
                           f'(first keys: {", ".join(list(state)[:3])})')
 
 

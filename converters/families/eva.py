@@ -1,0 +1,288 @@
+"""timm's `Eva` (EVA / EVA-02, DINOv3, Perception Encoder, RoPE-ViT, LingBot, Sapiens2): the Flax tree
+(vit_flax/models/eva.py) <-> timm's state_dict, one rule table run both ways (bit-exact: transposes only).
+
+timm's keys (timm 1.0.31 `eva.py`): `cls_token`, `reg_token`, `pos_embed`, `patch_embed.proj.{weight,bias}`,
+`rope.freqs` (mixed RoPE only: every other RoPE tensor is a non-persistent buffer), `norm_pre`,
+`blocks.{i}.{gamma_1, gamma_2, norm1, attn.{qkv.weight, q_bias, v_bias | qkv.{weight,bias} | q_proj, k_proj,
+v_proj}, attn.{q_norm, k_norm, norm, proj}, norm2, mlp.{fc1 | fc1_g, fc1_x}, mlp.norm, mlp.fc2}`, `norm`,
+`attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}`, `fc_norm`, `head`. `attn.k_bias` is a non-persistent
+zero buffer (never in a state_dict; ignored if a file holds it).
+
+Detection (`detect_torch`): a timm ViT and an Eva share most keys; an Eva is told by a key no timm ViT has
+(`attn.q_bias`, `attn.q_proj`, `mlp.fc1_g`, `rope.freqs`), or LayerScale as `gamma_1` (timm's ViT: `ls1.gamma`)
+beside `norm_pre` or without `pos_embed`. RoPE leaves no key: a PE core/spatial state_dict without LayerScale has
+exactly the keys of a pre-norm ViT, and a RoPE-ViT `_ape` file those of an old DeiT III file; pass `--model`.
+"""
+import re
+from typing import List, Optional
+
+import numpy as np
+
+from vit_flax.models.eva import Eva
+from vit_flax.models.layers import to_tuple
+
+from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, norm_rules, rule
+from .base import Family
+
+_BLOCK = re.compile(r'^blocks\.(\d+)\.')
+_FLAX_BLOCK = re.compile(r'^blocks_(\d+)/')
+
+
+def _norm(model, flax: str, torch: str) -> List[Rule]:
+    if model.norm_layer == 'rmsnorm':
+        return [rule(f'{flax}/scale', f'{torch}.weight')]
+    return norm_rules(flax, torch)
+
+
+class EvaFamily(Family):
+    name = 'eva'
+    module_cls = Eva
+    ignore_torch = ('attn.k_bias',)
+    pos_key = 'pos_embed'
+    timm_default_pool = 'avg'
+
+    # ------------------------------------------------------------ detection
+
+    def detect_torch(self, state) -> bool:
+        if 'patch_embed.proj.weight' not in state or 'blocks.0.norm1.weight' not in state:
+            return False
+        if any('relative_position_bias_table' in k for k in state):
+            return False   # BEiT
+        keys = ('blocks.0.attn.q_bias', 'blocks.0.attn.q_proj.weight', 'blocks.0.mlp.fc1_g.weight', 'rope.freqs')
+        if any(k in state for k in keys):
+            return True
+        return 'blocks.0.gamma_1' in state and ('norm_pre.weight' in state or 'pos_embed' not in state)
+
+    def detect_flax(self, flat) -> bool:
+        return 'patch_embed/kernel' in flat and 'blocks_0/attn/proj/kernel' in flat
+
+    # ------------------------------------------------------------ the rule table
+
+    def rules(self, model) -> List[Rule]:
+        rules = [rule('patch_embed/kernel', 'patch_embed.proj.weight', CONV)]
+        if not model.pre_norm:
+            rules.append(rule('patch_embed/bias', 'patch_embed.proj.bias'))
+        if model.class_token:
+            rules.append(rule('cls_token', 'cls_token'))
+        if model.reg_tokens:
+            rules.append(rule('reg_token', 'reg_token'))
+        if model.use_abs_pos_emb:
+            rules.append(rule('pos_embed', 'pos_embed'))
+        if model.use_rot_pos_emb and model.rope_type == 'mixed':
+            rules.append(rule('rope_freqs', 'rope.freqs'))
+        if model.pre_norm:
+            rules += _norm(model, 'norm_pre', 'norm_pre')
+        for i in range(model.depth):
+            f, t = f'blocks_{i}', f'blocks.{i}'
+            post = model.block_fn == 'res_post'
+            if model.init_values is not None and not post:
+                rules.append(rule(f'{f}/gamma_1', f'{t}.gamma_1'))
+                if not model.attn_only_layer_scale:
+                    rules.append(rule(f'{f}/gamma_2', f'{t}.gamma_2'))
+            rules += _norm(model, f'{f}/norm1', f'{t}.norm1')
+            a, ta = f'{f}/attn', f'{t}.attn'
+            full = model.attn_type == 'rope' and model.qkv_bias
+            if model.qkv_fused:
+                rules += dense_rules(f'{a}/qkv', f'{ta}.qkv', bias=full)
+                if model.qkv_bias and not full:
+                    rules += [rule(f'{a}/q_bias', f'{ta}.q_bias'), rule(f'{a}/v_bias', f'{ta}.v_bias')]
+            else:
+                rules += dense_rules(f'{a}/q_proj', f'{ta}.q_proj', bias=model.qkv_bias)
+                rules += dense_rules(f'{a}/k_proj', f'{ta}.k_proj', bias=full)
+                rules += dense_rules(f'{a}/v_proj', f'{ta}.v_proj', bias=model.qkv_bias)
+            if model.qk_norm:
+                rules += _norm(model, f'{a}/q_norm', f'{ta}.q_norm') + _norm(model, f'{a}/k_norm', f'{ta}.k_norm')
+            if model.scale_attn_norm:
+                rules += _norm(model, f'{a}/norm', f'{ta}.norm')
+            rules += dense_rules(f'{a}/proj', f'{ta}.proj')
+            rules += _norm(model, f'{f}/norm2', f'{t}.norm2')
+            m, tm = f'{f}/mlp', f'{t}.mlp'
+            if model.mlp_layer == 'swiglu':
+                rules += dense_rules(f'{m}/Dense_gate', f'{tm}.fc1_g') + dense_rules(f'{m}/Dense_0', f'{tm}.fc1_x')
+            else:
+                rules += dense_rules(f'{m}/Dense_0', f'{tm}.fc1')
+            if model.scale_mlp_norm:
+                rules += _norm(model, f'{m}/norm', f'{tm}.norm')
+            rules += dense_rules(f'{m}/Dense_1', f'{tm}.fc2')
+        if model.use_final_norm:
+            rules += _norm(model, 'norm', 'norm')
+        if model.global_pool == 'map':
+            h = model.attn_pool_num_heads or model.num_heads
+            f, t = 'attn_pool', 'attn_pool'
+            mha = f'{f}/MultiHeadDotProductAttention_0'
+            rules += [rule(f'{f}/probe', f'{t}.latent'),
+                      rule(f'{mha}/query/kernel', f'{t}.q.weight', heads_in(h, 1)),
+                      rule(f'{mha}/query/bias', f'{t}.q.bias', heads_in(h, 1, kernel=False)),
+                      rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
+                      rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False)),
+                      rule(f'{mha}/out/kernel', f'{t}.proj.weight', heads_out(h)),
+                      rule(f'{mha}/out/bias', f'{t}.proj.bias')]
+            rules += _norm(model, f'{f}/LayerNorm_0', f'{t}.norm')
+            rules += dense_rules(f'{f}/MlpBlock_0/Dense_0', f'{t}.mlp.fc1')
+            rules += dense_rules(f'{f}/MlpBlock_0/Dense_1', f'{t}.mlp.fc2')
+        if model.use_fc_norm:
+            rules += _norm(model, 'fc_norm', 'fc_norm')
+        if model.num_classes > 0:
+            rules += dense_rules('head', 'head')
+        return rules
+
+    # ------------------------------------------------------------ architecture read off a checkpoint
+
+    def _config(self, has, shape) -> dict:
+        """The fields a tree records, through `has(key)` (None: every key) and `shape(key)` (torch's shape) on
+        timm's keys."""
+        w = shape('patch_embed.proj.weight')
+        dim = w[0]
+        depth = 1 + max(int(m.group(1)) for m in map(_BLOCK.match, has(None)) if m)
+        b = 'blocks.0.'
+        fused = has(b + 'attn.qkv.weight')
+        full = has(b + 'attn.qkv.bias') or has(b + 'attn.k_proj.bias')
+        qkv_bias = full or has(b + 'attn.q_bias') or has(b + 'attn.q_proj.bias')
+        swiglu = has(b + 'mlp.fc1_g.weight')
+        hidden = shape(b + ('mlp.fc1_g.weight' if swiglu else 'mlp.fc1.weight'))[0]
+        heads = None
+        if has(b + 'attn.q_norm.weight'):
+            heads = dim // shape(b + 'attn.q_norm.weight')[0]
+        elif has('rope.freqs'):
+            heads = shape('rope.freqs')[2]
+        cfg = dict(embed_dim=dim, in_chans=w[1], patch_size=tuple(w[2:]), depth=depth,
+                   pre_norm=has('norm_pre.weight'), class_token=has('cls_token'),
+                   reg_tokens=shape('reg_token')[1] if has('reg_token') else 0,
+                   use_abs_pos_emb=has('pos_embed'), qkv_fused=fused,
+                   attn_type='rope' if full else ('eva' if qkv_bias else None), qkv_bias=qkv_bias,
+                   mlp_layer='swiglu' if swiglu else None, scale_mlp_norm=has(b + 'mlp.norm.weight'),
+                   scale_attn_norm=has(b + 'attn.norm.weight'), qk_norm=has(b + 'attn.q_norm.weight'),
+                   norm_layer='layernorm' if has(b + 'norm1.bias') else 'rmsnorm',
+                   num_classes=shape('head.weight')[0] if has('head.weight') else 0,
+                   mixed_rope=has('rope.freqs'), layer_scale=has(b + 'gamma_1'),
+                   attn_only_layer_scale=has(b + 'gamma_1') and not has(b + 'gamma_2'),
+                   map_pool=has('attn_pool.latent'), fc_norm=has('fc_norm.weight'), final_norm=has('norm.weight'),
+                   mlp_hidden=hidden, num_heads=heads,
+                   pos_rows=shape('pos_embed')[1] if has('pos_embed') else None)
+        return cfg
+
+    def config_from_torch(self, state) -> dict:
+        return self._config(lambda key: list(state) if key is None else key in state,
+                            lambda key: tuple(np.shape(state[key])))
+
+    def config_from_flax(self, flat) -> dict:
+        """The same fields off a flat Flax tree: its names spelled as timm's, its shapes as torch's."""
+        t = {}
+        for key, v in flat.items():
+            name = _FLAX_BLOCK.sub(lambda m: f'blocks.{m.group(1)}.', key).replace('/', '.')
+            name = (name.replace('patch_embed.kernel', 'patch_embed.proj.weight')
+                    .replace('patch_embed.bias', 'patch_embed.proj.bias').replace('.scale', '.weight')
+                    .replace('.kernel', '.weight').replace('mlp.Dense_gate', 'mlp.fc1_g').replace('rope_freqs', 'rope.freqs')
+                    .replace('attn_pool.probe', 'attn_pool.latent'))
+            if 'mlp.Dense_0' in name:
+                name = name.replace('mlp.Dense_0', 'mlp.fc1_x' if any('Dense_gate' in x for x in flat) else 'mlp.fc1')
+            shape = tuple(np.shape(v))
+            if name.endswith('.weight') and len(shape) == 2 and 'rope' not in name:
+                shape = shape[::-1]
+            if name == 'patch_embed.proj.weight':
+                shape = (shape[3], shape[2]) + shape[:2]
+            t[name] = shape
+        return self._config(lambda key: list(t) if key is None else key in t, lambda key: t[key])
+
+    _CORE = ('embed_dim', 'depth', 'patch_size', 'in_chans', 'pre_norm', 'class_token', 'reg_tokens',
+             'use_abs_pos_emb', 'qkv_fused', 'attn_type', 'qkv_bias', 'mlp_layer', 'scale_mlp_norm',
+             'scale_attn_norm', 'qk_norm', 'norm_layer')
+
+    def core(self, model) -> dict:
+        kw = {k: getattr(model, k) for k in self._CORE}
+        kw['patch_size'] = to_tuple(model.patch_size, 2)
+        if kw['mlp_layer'] != 'swiglu':
+            kw['mlp_layer'] = None if kw['mlp_layer'] in ('mlp', 'swiglu_packed') else kw['mlp_layer']
+        if not model.qkv_bias:
+            kw['attn_type'] = None
+        return kw
+
+    def with_core(self, model, cfg: dict):
+        core = self.core(model)
+        return model.clone(**{k: cfg[k] for k in core if cfg.get(k) is not None and cfg[k] != core[k]})
+
+    def overrides(self, cfg: dict, model) -> dict:
+        """num_classes, num_heads (when recorded), the LayerScale / pooling norms and the MLP width a file records
+        beyond the core fields; img_size when the absolute table is for another grid."""
+        kw = {}
+        if cfg.get('num_classes') is not None and cfg['num_classes'] != model.num_classes:
+            kw['num_classes'] = cfg['num_classes']
+        if cfg.get('num_heads') and cfg['num_heads'] != model.num_heads:
+            kw['num_heads'] = cfg['num_heads']
+        if cfg.get('layer_scale') is not None and cfg['layer_scale'] != (model.init_values is not None):
+            kw['init_values'] = 1e-5 if cfg['layer_scale'] else None
+        if cfg.get('fc_norm') is not None and cfg['fc_norm'] != model.use_fc_norm:
+            kw['fc_norm'] = cfg['fc_norm']
+        if cfg.get('final_norm') is not None and cfg['final_norm'] != model.use_final_norm:
+            kw['use_post_transformer_norm'] = cfg['final_norm']
+        if cfg.get('map_pool') is not None and cfg['map_pool'] != (model.global_pool == 'map'):
+            raise ValueError(f"the checkpoint {'has' if cfg['map_pool'] else 'has no'} attention pool; "
+                             f'the model {"has" if model.global_pool == "map" else "has not"}')
+        m = model.clone(**kw)
+        if cfg.get('mlp_hidden') is not None and cfg['mlp_hidden'] != m.mlp_hidden:
+            per = cfg['mlp_hidden'] / (2 if m.mlp_layer == 'swiglu_packed' else 1)
+            kw['mlp_ratio'] = per / m.embed_dim
+            kw['swiglu_align_to'] = 0
+        if cfg.get('pos_rows') is not None and not m.dynamic_img_size:
+            n = cfg['pos_rows'] - (0 if m.no_embed_class else m.num_prefix_tokens)
+            if n != int(np.prod(m.grid_size)):
+                side = int(round(n ** 0.5))
+                if side * side != n:
+                    raise ValueError(f'{n} positions are not a square grid; pass img_size (HxW)')
+                p = to_tuple(m.patch_size, 2)
+                kw['img_size'] = (side * p[0], side * p[1]) if p[0] != p[1] else side * p[0]
+        return kw
+
+    # ------------------------------------------------------------ timm
+
+    def timm_kwargs(self, model) -> dict:
+        """Arguments that make `timm.create_model(name, **kw)` build `model`'s architecture (timm's Eva)."""
+        from functools import partial
+        from timm.layers import LayerNorm, RmsNorm
+        img = to_tuple(model.img_size, 2)
+        kw = dict(num_classes=model.num_classes, img_size=img, patch_size=to_tuple(model.patch_size, 2),
+                  in_chans=model.in_chans, global_pool=model.global_pool, embed_dim=model.embed_dim,
+                  depth=model.depth, num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
+                  qkv_bias=model.qkv_bias, qkv_fused=model.qkv_fused, qk_norm=model.qk_norm,
+                  mlp_ratio=model.mlp_ratio, swiglu_mlp=model.mlp_layer != 'mlp',
+                  swiglu_align_to=model.swiglu_align_to, scale_mlp=model.scale_mlp_norm,
+                  scale_attn_inner=model.scale_attn_norm, attn_type=model.attn_type, drop_rate=model.drop_rate,
+                  pos_drop_rate=model.pos_drop_rate, patch_drop_rate=model.patch_drop_rate,
+                  proj_drop_rate=model.proj_drop_rate, attn_drop_rate=model.attn_drop_rate,
+                  drop_path_rate=model.drop_path_rate,
+                  norm_layer=partial(RmsNorm if model.norm_layer == 'rmsnorm' else LayerNorm, eps=model.norm_eps),
+                  init_values=model.init_values, attn_only_layer_scale=model.attn_only_layer_scale,
+                  class_token=model.class_token, num_reg_tokens=model.reg_tokens,
+                  no_embed_class=model.no_embed_class, use_abs_pos_emb=model.use_abs_pos_emb,
+                  use_rot_pos_emb=model.use_rot_pos_emb, rope_type=model.rope_type,
+                  rope_grid_offset=model.rope_grid_offset, rope_grid_indexing=model.rope_grid_indexing,
+                  rope_temperature=model.rope_temperature, rope_rotate_half=model.rope_rotate_half,
+                  rope_shift_coords=model.rope_shift_coords, rope_jitter_coords=model.rope_jitter_coords,
+                  rope_rescale_coords=model.rope_rescale_coords, use_post_norm=model.block_fn == 'res_post',
+                  use_pre_transformer_norm=model.pre_norm,
+                  use_post_transformer_norm=model.use_post_transformer_norm, use_fc_norm=model.fc_norm,
+                  attn_pool_num_heads=model.attn_pool_num_heads, attn_pool_mlp_ratio=model.attn_pool_mlp_ratio,
+                  dynamic_img_size=model.dynamic_img_size,
+                  ref_feat_shape=None if model.ref_feat_shape is None else to_tuple(model.ref_feat_shape, 2))
+        if model.mlp_layer == 'swiglu' and not (model.scale_mlp_norm or model.swiglu_align_to):
+            raise ValueError("timm builds a SwiGLU with separate gate weights only with scale_mlp or swiglu_align_to")
+        if model.mlp_layer == 'swiglu_packed' and (model.scale_mlp_norm or model.swiglu_align_to):
+            raise ValueError('timm builds a packed SwiGLU only without scale_mlp and swiglu_align_to')
+        return kw
+
+    def torch_model(self, model, model_name: str):
+        from ..optional import require
+        timm = require('timm', 'vit-flax parity')
+        return timm.create_model(model_name, pretrained=False, **self.timm_kwargs(model))
+
+    def parity_points(self, model):
+        pts = [(f'block {i}', f'block_{i}', f'blocks.{i}') for i in range(model.depth)]
+        if model.use_final_norm:
+            pts.append(('norm', 'encoded', 'norm'))
+        return pts
+
+    def describe(self, ck) -> str:
+        return f'Eva ({ck.layout})'
+
+
+FAMILY = EvaFamily()

@@ -149,8 +149,8 @@ class EvaFamily(Family):
                    pre_norm=has('norm_pre.weight'), class_token=has('cls_token'),
                    reg_tokens=shape('reg_token')[1] if has('reg_token') else 0,
                    use_abs_pos_emb=has('pos_embed'), qkv_fused=fused,
-                   attn_type='rope' if full else ('eva' if qkv_bias else None), qkv_bias=qkv_bias,
-                   mlp_layer='swiglu' if swiglu else None, scale_mlp_norm=has(b + 'mlp.norm.weight'),
+                   attn_type='rope' if full else 'eva', qkv_bias=qkv_bias,
+                   mlp_layer='swiglu' if swiglu else 'fc1', scale_mlp_norm=has(b + 'mlp.norm.weight'),
                    scale_attn_norm=has(b + 'attn.norm.weight'), qk_norm=has(b + 'attn.q_norm.weight'),
                    norm_layer='layernorm' if has(b + 'norm1.bias') else 'rmsnorm',
                    num_classes=shape('head.weight')[0] if has('head.weight') else 0,
@@ -191,15 +191,21 @@ class EvaFamily(Family):
     def core(self, model) -> dict:
         kw = {k: getattr(model, k) for k in self._CORE}
         kw['patch_size'] = to_tuple(model.patch_size, 2)
-        if kw['mlp_layer'] != 'swiglu':
-            kw['mlp_layer'] = None if kw['mlp_layer'] in ('mlp', 'swiglu_packed') else kw['mlp_layer']
-        if not model.qkv_bias:
-            kw['attn_type'] = None
+        # what the keys say: one `fc1` (a GELU MLP or a packed SwiGLU, the registered name tells which) or
+        # `fc1_g` + `fc1_x`; without biases, EVA's attention and timm's AttentionRope hold the same weights
+        kw['mlp_layer'] = 'swiglu' if model.mlp_layer == 'swiglu' else 'fc1'
+        if not model.qkv_bias and model.num_kv_heads is None:
+            kw['attn_type'] = 'eva'
         return kw
 
     def with_core(self, model, cfg: dict):
         core = self.core(model)
-        return model.clone(**{k: cfg[k] for k in core if cfg.get(k) is not None and cfg[k] != core[k]})
+        kw = {k: cfg[k] for k in core if cfg.get(k) is not None and cfg[k] != core[k]}
+        if kw.get('mlp_layer') == 'fc1':
+            kw['mlp_layer'] = 'mlp'
+        if kw.get('attn_type') == 'eva' and not cfg.get('qkv_bias'):
+            del kw['attn_type']
+        return model.clone(**kw)
 
     def overrides(self, cfg: dict, model) -> dict:
         """num_classes, num_heads (when recorded), the LayerScale / pooling norms and the MLP width a file records
@@ -225,7 +231,11 @@ class EvaFamily(Family):
             kw['swiglu_align_to'] = 0
         if cfg.get('pos_rows') is not None and not m.dynamic_img_size:
             n = cfg['pos_rows'] - (0 if m.no_embed_class else m.num_prefix_tokens)
-            if n != int(np.prod(m.grid_size)):
+            hint = cfg.get('img_size_hint')
+            if n != int(np.prod(m.grid_size)) and hint is not None \
+                    and int(np.prod(m.clone(img_size=hint).grid_size)) == n:
+                kw['img_size'] = hint
+            elif n != int(np.prod(m.grid_size)):
                 side = int(round(n ** 0.5))
                 if side * side != n:
                     raise ValueError(f'{n} positions are not a square grid; pass img_size (HxW)')

@@ -81,21 +81,29 @@ def _timm_meta(name, **kw):
         return timm.create_model(name, **kw)
 
 
-@pytest.mark.parametrize('name', NAMES)
-def test_defaults_and_reduced_param_count_equal_timms(name):
-    """timm's default classes and input size, and the parameter count of each name's configuration at depth 2
-    (every option that shapes a block, the stem and the head; full depth below), against timm on the meta
-    device."""
+def test_defaults_equal_timms():
+    """timm's default classes and input size (its default pretrained config) for all 65 names."""
+    from timm.models import get_pretrained_cfg
+    for name in NAMES:
+        model, cfg = vit_flax.create_model(name), get_pretrained_cfg(name)
+        assert (model.num_classes, tuple(model.input_shape[:2])) == (cfg.num_classes, tuple(cfg.input_size[1:])), name
+
+
+# one name per architecture in `make test`, every name under `make test-slow` (~0.5 s each)
+COUNT_FAST = tuple(ARCHS[a] for a in FAST)
+
+
+@pytest.mark.parametrize('name', [n if n in COUNT_FAST else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
+def test_reduced_param_count_equals_timms(name):
+    """The parameter count of each name's configuration at depth 2 (every option that shapes a block, the stem
+    and the head; full depth below), against timm's model on the meta device; and its prefix tokens."""
     model = vit_flax.create_model(name)
-    tm = _timm_meta(name)
-    assert model.num_classes == tm.num_classes
-    assert tuple(model.input_shape[:2]) == tuple(tm.patch_embed.img_size)
-    assert model.num_prefix_tokens == tm.num_prefix_tokens
     kw = dict(depth=2)
     if model.num_kv_heads is not None:
         kw['num_kv_heads'] = tuple(model.num_kv_heads)[7:9]   # a full-heads block and a GQA block
-    tm2 = _timm_meta(name, **kw)
-    assert vit_flax.count_params(vit_flax.create_model(name, **kw)) == sum(p.numel() for p in tm2.parameters())
+    tm = _timm_meta(name, **kw)
+    assert model.num_prefix_tokens == tm.num_prefix_tokens
+    assert vit_flax.count_params(vit_flax.create_model(name, **kw)) == sum(p.numel() for p in tm.parameters())
 
 
 FULL_COUNT = ('eva02_large_patch14_clip_224', 'vit_pe_core_large_patch14_336', 'vit_huge_plus_patch16_dinov3')
@@ -201,7 +209,7 @@ def test_rope_bf16_against_float32_reported(capsys):
 
 def torch_macs(name, **kw):
     from torch.utils.flop_counter import FlopCounterMode
-    tm = _timm_meta(name, **kw).eval()
+    tm = _timm_meta(name, **kw).eval().requires_grad_(False)
     h, w = tm.patch_embed.img_size
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         tm(torch.empty(1, 3, h, w, device='meta'))

@@ -1,0 +1,84 @@
+"""Eva (timm eva.py) through the converters: timm's state_dicts read and written bit-exact and loaded strictly by
+timm, the family detected from the keys (and a timm ViT still read as a ViT), and the `vit-flax convert` round
+trip timm .pth -> .npz -> .pth."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+import vit_flax
+from converters import pipeline
+from converters.families import eva as eva_family, torch_family
+
+from helpers import cli, images, perturb_timm, rel_err, run_flax, run_timm, state_np
+
+FAMILY = eva_family.FAMILY
+TOL = 1e-5
+SMALL = dict(depth=2, embed_dim=64, num_heads=4, img_size=(48, 64), num_classes=5)
+
+
+def timm_reduced(name, seed=0, **extra):
+    model = vit_flax.create_model(name, **dict(SMALL, **extra))
+    torch.manual_seed(seed)
+    return model, perturb_timm(timm.create_model(name, pretrained=False, **FAMILY.timm_kwargs(model)), seed)
+
+
+@pytest.mark.parametrize('name', ['eva02_base_patch14_448', 'vit_base_patch16_dinov3', 'vit_pe_core_base_patch16_224',
+                                  'vit_base_patch16_rope_mixed_224', 'vit_medium_patch16_rope_reg1_gap_256'])
+def test_timm_state_dict_is_detected_as_eva(name):
+    _, tm = timm_reduced(name)
+    assert torch_family(state_np(tm), 'x.pth') is FAMILY or name.startswith('vit_pe_core')
+
+
+def test_timm_vit_and_deit3_files_stay_vit():
+    for name in ('vit_tiny_patch16_224', 'deit3_small_patch16_224', 'vit_base_patch16_clip_224'):
+        with torch.device('meta'):
+            tm = timm.create_model(name, depth=1)
+        state = {k: np.zeros(v.shape, np.float32) for k, v in tm.state_dict().items()}
+        assert torch_family(state, 'x.pth') is not FAMILY, name
+
+
+def test_a_pth_loads_with_its_name_and_writes_back_bit_exact(tmp_path):
+    """A reduced EVA-02 (unfused q/k/v, SwiGLU with sub-LN, rope) saved by torch: read with --model, logits as
+    timm's; written back as .pth, timm loads it strictly and gets the same state_dict bit for bit."""
+    model, tm = timm_reduced('eva02_base_patch14_448')
+    src = tmp_path / 'eva02.pth'
+    torch.save(tm.state_dict(), src)
+    got, params, ck = pipeline.load_model(str(src), 'eva02_base_patch14_448', **SMALL)
+    assert ck.family is FAMILY and got == model
+    x = images((2,) + tuple(model.input_shape))
+    assert rel_err(run_flax(model, params, x), run_timm(tm, x)) <= TOL
+    pipeline.save_params(params, str(tmp_path / 'back.pth'), 'eva02_base_patch14_448', **SMALL)
+    back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)
+    ref = tm.state_dict()
+    assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+    tm.load_state_dict(back, strict=True)
+
+
+def test_a_dinov3_file_of_registered_sizes_is_read_without_a_name(tmp_path):
+    """A DINOv3 ViT-S/16 (q/v bias) at its registered sizes: detected from the keys alone, no --model."""
+    name = 'vit_small_patch16_dinov3_qkvb'
+    torch.manual_seed(0)
+    tm = perturb_timm(timm.create_model(name, pretrained=False, depth=12), 0)
+    src = tmp_path / 'dinov3.pth'
+    torch.save(tm.state_dict(), src)
+    model, params, ck = pipeline.load_model(str(src))
+    assert ck.family is FAMILY and ck.model_name in (name, 'vit_small_patch16_lingbot')
+    assert (model.embed_dim, model.depth, model.reg_tokens, model.qkv_bias) == (384, 12, 4, True)
+
+
+def test_convert_cli_round_trip(tmp_path):
+    """`vit-flax convert` timm .pth -> .npz -> .pth: the same state_dict bit for bit."""
+    model, tm = timm_reduced('vit_base_patch16_sapiens2', num_kv_heads=(4, 2))
+    src = tmp_path / 'sap.pth'
+    torch.save(tm.state_dict(), src)
+    sets = [f'--set={k}={v}' for k, v in dict(depth=2, embed_dim=64, num_heads=4, num_classes=5).items()]
+    r = cli('convert', src, tmp_path / 'sap.npz', '--model', 'vit_base_patch16_sapiens2', *sets,
+            '--set=num_kv_heads=4,2')
+    assert r.returncode == 0, r.stderr
+    r = cli('convert', tmp_path / 'sap.npz', tmp_path / 'back.pth', '--model', 'vit_base_patch16_sapiens2', *sets,
+            '--set=num_kv_heads=4,2')
+    assert r.returncode == 0, r.stderr
+    back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)
+    ref = tm.state_dict()
+    assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)

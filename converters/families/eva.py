@@ -21,6 +21,7 @@ import numpy as np
 from vit_flax.models.eva import Eva
 from vit_flax.models.layers import to_tuple
 
+from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, norm_rules, rule
 from .base import Family
 
@@ -34,10 +35,92 @@ def _norm(model, flax: str, torch: str) -> List[Rule]:
     return norm_rules(flax, torch)
 
 
+# ---------------------------------------------------------------- DINOv3's release layout
+
+_DINO_MLP = {'w1': 'fc1_g', 'w2': 'fc1_x', 'w3': 'fc2'}
+
+
+def dinov3_to_timm(state) -> dict:
+    """facebookresearch/dinov3 hub state_dicts -> timm's keys, as timm's `checkpoint_filter_fn` reads them:
+    `storage_tokens` -> `reg_token`, `ls{1,2}.gamma` -> `gamma_{1,2}`, `attn.qkv.bias` split into `q_bias`,
+    `v_bias` (the k third is masked to zero by `bias_mask` in DINOv3's code: dropped), `mlp.w1/w2/w3` ->
+    `mlp.fc1_g/fc1_x/fc2`; dropped: `rope_embed.periods` (recomputed in float32), `bias_mask`, `mask_token`
+    (training only), `local_cls_norm` (training only: the local crops' class-token norm). Arrays pass
+    untouched."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(('periods', 'bias_mask')) or k == 'mask_token' or k.startswith('local_cls_norm'):
+            continue
+        if k.startswith('cls_norm'):
+            raise ConversionError("a DINOv3 file with `cls_norm` (untie_cls_and_patch_norms) has no timm form")
+        if k == 'storage_tokens':
+            k = 'reg_token'
+        k = re.sub(r'\.ls([12])\.gamma$', lambda m: f'.gamma_{m.group(1)}', k)
+        k = re.sub(r'\.mlp\.(w[123])\.', lambda m: f'.mlp.{_DINO_MLP[m.group(1)]}.', k)
+        if k.endswith('attn.qkv.bias'):
+            q, _, vb = np.split(np.asarray(v), 3)
+            out[k[:-len('qkv.bias')] + 'q_bias'], out[k[:-len('qkv.bias')] + 'v_bias'] = q, vb
+            continue
+        out[k] = v
+    return out
+
+
+def timm_to_dinov3(state, model) -> dict:
+    """timm's keys -> a DINOv3 hub state_dict that DINOv3's `DinoVisionTransformer` loads strictly: the inverse
+    renames, `qkv.bias` = [q_bias | 0 | v_bias] with `bias_mask` [1 | 0 | 1], `rope_embed.periods` (float32, the
+    model's), and a zero `mask_token` (1, D) (training only; the file read had one, which reading dropped)."""
+    problems = []
+    if not model.class_token or model.use_abs_pos_emb or model.rope_type != 'dinov3' or not model.use_rot_pos_emb:
+        problems.append('a class token, no absolute positions and DINOv3 RoPE')
+    if model.attn_type != 'eva' or not model.qkv_fused or model.qk_norm or model.scale_attn_norm \
+            or model.scale_mlp_norm or model.init_values is None or model.attn_only_layer_scale \
+            or model.block_fn != 'block' or model.pre_norm or model.mlp_layer == 'swiglu_packed':
+        problems.append("EVA attention with fused qkv, LayerScale on both branches, a GELU MLP or SwiGLU, no "
+                        "sub-norms")
+    if not model.use_final_norm or model.use_fc_norm or model.num_classes or model.norm_layer != 'layernorm':
+        problems.append('the final LayerNorm, no fc_norm and no head')
+    if problems:
+        raise ConversionError("DINOv3's DinoVisionTransformer needs " + '; '.join(problems))
+    from vit_flax.ops.rope import dinov3_periods
+    dim = model.embed_dim
+    out = {'cls_token': state['cls_token']}
+    if 'reg_token' in state:
+        out['storage_tokens'] = state['reg_token']
+    out['mask_token'] = np.zeros((1, dim), np.asarray(state['cls_token']).dtype)
+    out['patch_embed.proj.weight'] = state['patch_embed.proj.weight']
+    out['patch_embed.proj.bias'] = state['patch_embed.proj.bias']
+    out['rope_embed.periods'] = dinov3_periods(model.head_dim, model.rope_temperature)
+    inv = {v: k for k, v in _DINO_MLP.items()}
+    for k, v in state.items():
+        if not k.startswith('blocks.'):
+            continue
+        if k.endswith(('attn.q_bias', 'attn.v_bias')):
+            if k.endswith('q_bias'):
+                base = k[:-len('q_bias')]
+                q, vb = np.asarray(v), np.asarray(state[base + 'v_bias'])
+                out[base + 'qkv.bias'] = np.concatenate([q, np.zeros_like(q), vb])
+                out[base + 'qkv.bias_mask'] = np.concatenate([np.ones_like(q), np.zeros_like(q), np.ones_like(q)])
+            continue
+        k = re.sub(r'\.gamma_([12])$', lambda m: f'.ls{m.group(1)}.gamma', k)
+        k = re.sub(r'\.mlp\.(fc1_g|fc1_x|fc2)\.', lambda m: f'.mlp.{inv[m.group(1)]}.', k) \
+            if model.mlp_layer == 'swiglu' else k
+        out[k] = v
+    out['norm.weight'], out['norm.bias'] = state['norm.weight'], state['norm.bias']
+    return out
+
+
 class EvaFamily(Family):
     name = 'eva'
     module_cls = Eva
     ignore_torch = ('attn.k_bias',)
+    layouts = {'dinov3': (dinov3_to_timm, timm_to_dinov3)}
+    layout_models = ('dinov3',)
+    layout_config = {'dinov3': (dict(global_pool='token'),
+                                "DINOv3's code returns the normed class token; mask_token, rope_embed.periods, "
+                                'bias_mask and the k third of qkv.bias (masked to zero) dropped, periods recomputed '
+                                'in float32')}
+    # DINOv3's releases: 64-wide heads (its fused qkv does not record the count)
+    head_width = {'dinov3': 64}
     pos_key = 'pos_embed'
     timm_default_pool = 'avg'
 
@@ -52,6 +135,10 @@ class EvaFamily(Family):
         if any(k in state for k in keys):
             return True
         return 'blocks.0.gamma_1' in state and ('norm_pre.weight' in state or 'pos_embed' not in state)
+
+    def detect_layout(self, state) -> str:
+        """'dinov3' (facebookresearch/dinov3: `storage_tokens`, or `rope_embed.periods`), else 'timm'."""
+        return 'dinov3' if 'storage_tokens' in state or 'rope_embed.periods' in state else 'timm'
 
     def detect_flax(self, flat) -> bool:
         return 'patch_embed/kernel' in flat and 'blocks_0/attn/proj/kernel' in flat
@@ -184,6 +271,11 @@ class EvaFamily(Family):
             t[name] = shape
         return self._config(lambda key: list(t) if key is None else key in t, lambda key: t[key])
 
+    def resolve(self, cfg: dict, arch, layout: str, model_name, path: str):
+        """A DINOv3 file of no registered size: 64-wide heads (the release's convention), said out loud."""
+        note = self.heads_by_convention(cfg, arch, layout, model_name, path)
+        return cfg, arch, [note] if note else []
+
     _CORE = ('embed_dim', 'depth', 'patch_size', 'in_chans', 'pre_norm', 'class_token', 'reg_tokens',
              'use_abs_pos_emb', 'qkv_fused', 'attn_type', 'qkv_bias', 'mlp_layer', 'scale_mlp_norm',
              'scale_attn_norm', 'qk_norm', 'norm_layer')
@@ -211,6 +303,8 @@ class EvaFamily(Family):
         """num_classes, num_heads (when recorded), the LayerScale / pooling norms and the MLP width a file records
         beyond the core fields; img_size when the absolute table is for another grid."""
         kw = {}
+        if cfg.get('global_pool') is not None and cfg['global_pool'] != model.global_pool:
+            kw['global_pool'] = cfg['global_pool']
         if cfg.get('num_classes') is not None and cfg['num_classes'] != model.num_classes:
             kw['num_classes'] = cfg['num_classes']
         if cfg.get('num_heads') and cfg['num_heads'] != model.num_heads:

@@ -82,3 +82,45 @@ def test_convert_cli_round_trip(tmp_path):
     back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)
     ref = tm.state_dict()
     assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+
+
+# ---------------------------------------------------------------- DINOv3's own files (facebookresearch/dinov3)
+
+def dinov3_release(seed=0, **kw):
+    """tests/reference/dinov3_vit.py (our re-implementation of DINOv3's code: its keys and computation), every
+    weight moved off its init; the k third of qkv.bias left nonzero, as bias_mask zeroes it."""
+    from reference import dinov3_vit
+    torch.manual_seed(seed)
+    ref = perturb_timm(dinov3_vit.DinoV3(**kw), seed)
+    for blk in ref.blocks:
+        if blk.attn.qkv.bias is not None:
+            d = blk.attn.qkv.bias.shape[0] // 3
+            blk.attn.qkv.bias_mask[d:2 * d] = 0
+    return ref
+
+
+@pytest.mark.parametrize('kw,name', [(dict(), 'vit_base_patch16_dinov3_qkvb'),
+                                     (dict(qkv_bias=False, ffn_ratio=3.0, swiglu_align=64), 'vit_7b_patch16_dinov3')])
+def test_dinov3_hub_file_reads_and_writes_back_for_dinov3s_code(tmp_path, kw, name):
+    """A DINOv3 hub state_dict (storage_tokens, rope_embed.periods, ls1.gamma, mask_token, bias_mask): read with
+    --model (and the reduced sizes), the class token as DINOv3's code's normed class token; written back with
+    --layout dinov3, DINOv3's model loads it strictly and computes the same."""
+    ref = dinov3_release(**kw).eval()
+    src = tmp_path / 'dinov3_vit.pth'
+    torch.save(ref.state_dict(), src)
+    sizes = dict(depth=2, embed_dim=64, num_heads=4, img_size=(48, 64))
+    notes = []
+    model, params, ck = pipeline.load_model(str(src), name, log=notes.append, **sizes)
+    assert ck.layout == 'dinov3' and model.global_pool == 'token' and 'mask_token' in '\n'.join(notes)
+    x = images((2, 48, 64, 3))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert rel_err(run_flax(model, params, x), want[:, 0]) <= TOL
+    tokens = run_flax(model.clone(global_pool=''), params, x)
+    assert rel_err(tokens, want) <= TOL
+    pipeline.save_params(params, str(tmp_path / 'back.pth'), name, layout='dinov3', global_pool='token', **sizes)
+    back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)
+    again = dinov3_release(seed=1, **kw).eval()
+    again.load_state_dict(back, strict=True)
+    with torch.no_grad():
+        assert rel_err(again(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy(), want) <= TOL

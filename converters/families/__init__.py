@@ -7,10 +7,11 @@ from typing import List, Optional
 
 from ..errors import ConversionError
 from .base import Family
-from . import eva, swin, swinv2, vit, vit_pytorch
+from . import beit, eva, swin, swinv2, vit, vit_pytorch
 
-# eva first: its detection is strict (keys no timm ViT has), the ViT family's takes any timm ViT-like file
-FAMILIES: List[Family] = [eva.FAMILY, vit.FAMILY, swin.FAMILY, swinv2.FAMILY, vit_pytorch.FAMILY]
+# beit and eva first: their detection is strict (keys no timm ViT has; BEiT's tables with `blocks.`, not Swin's
+# `layers.`), the ViT family's takes any timm ViT-like file, Swin's any relative_position_bias_table
+FAMILIES: List[Family] = [beit.FAMILY, eva.FAMILY, vit.FAMILY, swin.FAMILY, swinv2.FAMILY, vit_pytorch.FAMILY]
 
 
 def register_family(family: Family) -> None:
@@ -35,7 +36,7 @@ def torch_family(state, path: str) -> Family:
     for fam in FAMILIES:
         if fam.detect_torch(state) or fam.detect_layout(state) != fam.torch_layout:
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch/Eva state_dict '
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch/Eva/BEiT state_dict '
                           f'(first keys: {", ".join(list(state)[:3])})')
 
 

@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional, Sequence, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..errors import ModelConfigError
 from ..ops import rope as rope_ops
@@ -45,6 +46,36 @@ from .layers import norm_layer as make_norm
 from .vit import MAPHead
 
 Dtype = Any
+
+
+def relative_table_size(window) -> int:
+    """Rows of BEiT's relative position bias table: (2 Wh - 1)(2 Ww - 1) + 3 (cls->patch, patch->cls, cls->cls)."""
+    wh, ww = window
+    return (2 * wh - 1) * (2 * ww - 1) + 3
+
+
+def relative_position_index(window) -> np.ndarray:
+    """(N + 1, N + 1) int32 index into the table (timm `gen_relative_position_index`): patches p, q (row-major)
+    take (di + Wh - 1)(2 Ww - 1) + (dj + Ww - 1) for (di, dj) = p - q; row 0 (the class token's queries) L - 3,
+    column 0 L - 2, [0, 0] L - 1, for L the table's rows."""
+    wh, ww = window
+    ii, jj = np.meshgrid(np.arange(wh), np.arange(ww), indexing='ij')
+    coords = np.stack([ii.reshape(-1), jj.reshape(-1)])
+    rel = coords[:, :, None] - coords[:, None, :]
+    idx = (rel[0] + wh - 1) * (2 * ww - 1) + rel[1] + ww - 1
+    size = relative_table_size(window)
+    out = np.zeros((wh * ww + 1,) * 2, np.int32)
+    out[1:, 1:] = idx
+    out[0, :] = size - 3
+    out[:, 0] = size - 2
+    out[0, 0] = size - 1
+    return out
+
+
+def relative_bias(table, window):
+    """(heads, N + 1, N + 1) float32 bias from a (L, heads) table."""
+    idx = relative_position_index(tuple(window))
+    return jnp.asarray(table, jnp.float32)[idx].transpose(2, 0, 1)
 
 
 class EvaAttention(nn.Module):
@@ -64,9 +95,10 @@ class EvaAttention(nn.Module):
     proj_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
     attn_impl: str = 'auto'
+    rel_pos_window: Optional[Tuple[int, int]] = None   # BEiT: this attention's own relative position bias table
 
     @nn.compact
-    def __call__(self, x, rope=None, deterministic: bool = True):
+    def __call__(self, x, rope=None, deterministic: bool = True, shared_bias=None):
         b, n, dim = x.shape
         heads = self.num_heads
         kv_heads = self.num_kv_heads or heads
@@ -107,8 +139,15 @@ class EvaAttention(nn.Module):
             k, v = (jnp.repeat(t, heads // kv_heads, axis=1) for t in (k, v))
         q = (q * jnp.float32(hd ** -0.5)).astype(self.dtype)
         k, v = k.astype(self.dtype), v.astype(self.dtype)
+        bias = shared_bias
+        if self.rel_pos_window is not None:
+            own = self.param('relative_position_bias_table', nn.initializers.zeros,
+                             (relative_table_size(self.rel_pos_window), heads))
+            own = relative_bias(own, tuple(self.rel_pos_window))
+            bias = own if bias is None else own + bias
         drop = nn.Dropout(rate=self.attn_drop_rate)
-        out = dot_product_attention(q, k, v, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
+        out = dot_product_attention(q, k, v, bias=None if bias is None else bias[None], impl=self.attn_impl,
+                                    dropout=active_dropout(drop, deterministic))
         out = merge_heads(out)
         if self.scale_norm:
             out = make_norm(self.norm, self.norm_eps, self.dtype, name='norm')(out)
@@ -141,9 +180,10 @@ class EvaBlock(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     attn_impl: str = 'auto'
+    rel_pos_window: Optional[Tuple[int, int]] = None
 
     @nn.compact
-    def __call__(self, x, rope=None, deterministic: bool = True):
+    def __call__(self, x, rope=None, deterministic: bool = True, shared_bias=None):
         norm = lambda name: make_norm(self.norm, self.norm_eps, self.dtype, name=name)
         drop_path = lambda y: DropPath()(y, rate=self.drop_path_rate, deterministic=deterministic)
         attn = EvaAttention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qkv_bias=self.qkv_bias,
@@ -151,16 +191,17 @@ class EvaBlock(nn.Module):
                             scale_norm=self.scale_attn_norm, norm=self.norm, norm_eps=self.norm_eps,
                             rotate_half=self.rotate_half, num_prefix_tokens=self.num_prefix_tokens,
                             attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
-                            dtype=self.dtype, attn_impl=self.attn_impl, name='attn')
+                            dtype=self.dtype, attn_impl=self.attn_impl, rel_pos_window=self.rel_pos_window,
+                            name='attn')
         mlp = MlpBlock(mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate,
                        gelu='silu' if self.mlp_layer != 'mlp' else 'exact', dtype=self.dtype, kind=self.mlp_layer,
                        norm=self.norm if self.scale_mlp_norm else None, norm_eps=self.norm_eps, name='mlp')
         if self.block_fn == 'res_post':
-            x = x + drop_path(norm('norm1')(attn(x, rope, deterministic)))
+            x = x + drop_path(norm('norm1')(attn(x, rope, deterministic, shared_bias)))
             return x + drop_path(norm('norm2')(mlp(x, deterministic)))
         gamma = lambda name: self.param(name, lambda _, s: jnp.full(s, self.init_values, jnp.float32),
                                         (x.shape[-1],))
-        y = attn(norm('norm1')(x), rope, deterministic)
+        y = attn(norm('norm1')(x), rope, deterministic, shared_bias)
         if self.init_values is not None:
             y = y * gamma('gamma_1')
         x = x + drop_path(y)

@@ -48,8 +48,7 @@ ARCHS = {
     'sapiens2': 'vit_base_patch16_sapiens2',                  # GQA, RMSNorm, q/k norm, attn-only LayerScale
 }
 # `make test` runs these; the others under `make test-slow`
-FAST = ('eva02_swiglu', 'eva02_packed', 'eva_giant', 'pe_core', 'rope_mixed', 'dinov3_qkvb', 'sapiens2',
-        'eva02_post_norm')
+FAST = ('eva02_swiglu', 'pe_core', 'rope_mixed', 'dinov3_qkvb', 'sapiens2')
 
 
 def reduced(name, **extra):
@@ -106,7 +105,7 @@ def test_reduced_param_count_equals_timms(name):
     assert vit_flax.count_params(vit_flax.create_model(name, **kw)) == sum(p.numel() for p in tm.parameters())
 
 
-FULL_COUNT = ('eva02_large_patch14_clip_224', 'vit_pe_core_large_patch14_336', 'vit_huge_plus_patch16_dinov3')
+FULL_COUNT = ('vit_huge_plus_patch16_dinov3',)
 
 
 @pytest.mark.parametrize('name', [n if n in FULL_COUNT else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
@@ -138,10 +137,10 @@ def test_logits_equal_timms_on_a_reduced_copy(arch):
 def test_dynamic_img_size_other_grid_equals_timm():
     """A DINOv3 (dynamic size, rope built for the input's grid) and an EVA-02 with abs positions resized:
     another input size than the model's, logits as timm's."""
-    for name in ('vit_small_patch16_dinov3_qkvb', 'eva02_tiny_patch14_224'):
+    for name, hw in (('vit_small_patch16_dinov3_qkvb', (80, 48)), ('eva02_tiny_patch14_224', (84, 56))):
         model = reduced(name, num_classes=5, dynamic_img_size=True)
         tm = timm_twin(model, name)
-        x = images((1, 80, 48, 3))
+        x = images((1,) + hw + (3,))
         err = rel_err(run_flax(model, converted(model, tm), x), run_timm(tm, x))
         assert err <= TOL, (name, err)
 

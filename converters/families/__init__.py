@@ -31,8 +31,14 @@ def flax_family(flat) -> Optional[Family]:
     return next((fam for fam in FAMILIES if fam.detect_flax(flat)), None)
 
 
-def torch_family(state, path: str) -> Family:
-    """The family of a torch state_dict in any layout a family reads; a one-line error otherwise."""
+def torch_family(state, path: str, prefer: Optional[type] = None) -> Family:
+    """The family of a torch state_dict in any layout a family reads; a one-line error otherwise. `prefer` (the
+    module class of a model the caller named) wins where its family can read the keys (`Family.can_read`): a file
+    whose keys two families share (RoPE leaves no key: PE's timm files are a pre-norm ViT's) is read as named."""
+    if prefer is not None:
+        fam = next((f for f in FAMILIES if f.module_cls is prefer), None)
+        if fam is not None and (fam.can_read(state) or fam.detect_layout(state) != fam.torch_layout):
+            return fam
     for fam in FAMILIES:
         if fam.detect_torch(state) or fam.detect_layout(state) != fam.torch_layout:
             return fam

@@ -109,16 +109,118 @@ def timm_to_dinov3(state, model) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- Perception Encoder's release layout
+
+_PE_SWAPS = [('conv1', 'patch_embed.proj'), ('positional_embedding', 'pos_embed'),
+             ('transformer.resblocks.', 'blocks.'), ('ln_pre', 'norm_pre'), ('ln_post', 'norm'), ('ln_', 'norm'),
+             ('ls_1.gamma', 'gamma_1'), ('ls_2.gamma', 'gamma_2'), ('in_proj_', 'qkv.'), ('out_proj', 'proj'),
+             ('mlp.c_fc', 'mlp.fc1'), ('mlp.c_proj', 'mlp.fc2')]
+
+
+def is_pe(state) -> bool:
+    """A Perception Encoder vision tower (facebookresearch/perception_models), bare or under `visual.`: CLIP's
+    keys (`conv1`, `transformer.resblocks`) with PE's LayerScale (`ls_1.gamma`) or attention pool (`attn_pool.probe`).
+    PE's spatial T/S/B/L towers have neither: their keys are an open_clip ViT's (read them with that layout)."""
+    for p in ('', 'visual.'):
+        if p + 'conv1.weight' in state and (p + 'attn_pool.probe' in state
+                                            or p + 'transformer.resblocks.0.ls_1.gamma' in state):
+            return True
+    return False
+
+
+def pe_to_timm(state) -> dict:
+    """perception_models' vision tower -> timm's keys, as timm's `_convert_pe` reads it: the `visual.` prefix
+    stripped (other keys, a CLIP text tower, left out), CLIP's names to timm's, `class_embedding` (D,) -> (1, 1, D),
+    `positional_embedding` (L, D) -> (1, L, D), the pool's fused `in_proj` split into `q` and `kv`, `proj` (D, E)
+    -> `head.weight` (E, D) with a zero `head.bias` (PE has none)."""
+    prefix = 'visual.' if any(k.startswith('visual.conv1') for k in state) else ''
+    out = {}
+    for k, v in state.items():
+        if not k.startswith(prefix):
+            continue
+        k = k[len(prefix):]
+        for a, b in _PE_SWAPS:
+            k = k.replace(a, b)
+        v = np.asarray(v)
+        if k.startswith('attn_pool'):
+            k = (k.replace('attn_pool.attn', 'attn_pool').replace('attn_pool.layernorm', 'attn_pool.norm')
+                 .replace('attn_pool.probe', 'attn_pool.latent'))
+            if k.startswith('attn_pool.qkv'):
+                dim = v.shape[0] // 3
+                kind = k.rsplit('.', 1)[1]
+                out[f'attn_pool.q.{kind}'], out[f'attn_pool.kv.{kind}'] = v[:dim], v[dim:]
+                continue
+        elif k == 'proj':
+            out['head.weight'] = np.ascontiguousarray(v.T)
+            out['head.bias'] = np.zeros(v.shape[1], v.dtype)
+            continue
+        elif k == 'class_embedding':
+            k, v = 'cls_token', v[None, None]
+        elif k == 'pos_embed':
+            v = v[None]
+        out[k] = v
+    return out
+
+
+def timm_to_pe(state, model) -> dict:
+    """timm's keys -> perception_models' vision tower keys (unprefixed, as its VisionTransformer's state_dict):
+    the inverse of `pe_to_timm`; refused when the model is not one PE's code builds or has a nonzero head bias."""
+    if model.attn_type != 'rope' or not model.pre_norm or not model.qkv_fused or not model.qkv_bias \
+            or model.rope_type != 'cat' or model.rope_grid_indexing != 'xy' or model.mlp_layer != 'mlp' \
+            or not model.use_abs_pos_emb or model.reg_tokens or model.use_fc_norm or model.qk_norm \
+            or model.global_pool not in ('map', 'token', 'avg', ''):
+        raise ConversionError("PE's VisionTransformer needs rope attention with a fused qkv bias, norm_pre, 'xy' "
+                              'axial RoPE, absolute positions, a GELU MLP, no registers and no fc_norm')
+    if 'head.bias' in state and np.any(np.asarray(state['head.bias'])):
+        raise ConversionError("PE's projection has no bias: this model's head.bias is not zero")
+    out = {}
+    for k, v in state.items():
+        v = np.asarray(v)
+        if k == 'cls_token':
+            out['class_embedding'] = v[0, 0]
+            continue
+        if k == 'pos_embed':
+            out['positional_embedding'] = v[0]
+            continue
+        if k == 'head.weight':
+            out['proj'] = np.ascontiguousarray(v.T)
+            continue
+        if k == 'head.bias':
+            continue
+        if k.startswith('attn_pool.'):
+            if k.startswith(('attn_pool.q.', 'attn_pool.kv.')):
+                if k.startswith('attn_pool.q.'):
+                    kind = k.rsplit('.', 1)[1]
+                    out[f'attn_pool.attn.in_proj_{kind}'] = np.concatenate([v, np.asarray(state[f'attn_pool.kv.{kind}'])])
+                continue
+            k = (k.replace('attn_pool.latent', 'attn_pool.probe').replace('attn_pool.norm', 'attn_pool.layernorm')
+                 .replace('attn_pool.proj', 'attn_pool.attn.out_proj'))
+            out[k] = v
+            continue
+        k = re.sub(r'\.norm([12])\.', lambda m: f'.ln_{m.group(1)}.', k)
+        k = k.replace('norm_pre.', 'ln_pre.')
+        if k.startswith('norm.'):
+            k = 'ln_post.' + k[len('norm.'):]
+        for a, b in (('patch_embed.proj', 'conv1'), ('blocks.', 'transformer.resblocks.'), ('gamma_1', 'ls_1.gamma'),
+                     ('gamma_2', 'ls_2.gamma'), ('attn.qkv.', 'attn.in_proj_'), ('attn.proj', 'attn.out_proj'),
+                     ('mlp.fc1', 'mlp.c_fc'), ('mlp.fc2', 'mlp.c_proj')):
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
 class EvaFamily(Family):
     name = 'eva'
     module_cls = Eva
     ignore_torch = ('attn.k_bias',)
-    layouts = {'dinov3': (dinov3_to_timm, timm_to_dinov3)}
-    layout_models = ('dinov3',)
+    layouts = {'dinov3': (dinov3_to_timm, timm_to_dinov3), 'pe': (pe_to_timm, timm_to_pe)}
+    layout_models = ('dinov3', 'pe')
     layout_config = {'dinov3': (dict(global_pool='token'),
                                 "DINOv3's code returns the normed class token; mask_token, rope_embed.periods, "
                                 'bias_mask and the k third of qkv.bias (masked to zero) dropped, periods recomputed '
-                                'in float32')}
+                                'in float32'),
+                     'pe': ({}, "perception_models' vision tower: CLIP's key names, proj read as the head with a "
+                                'zero bias, the text tower (if any) left out')}
     # DINOv3's releases: 64-wide heads (its fused qkv does not record the count)
     head_width = {'dinov3': 64}
     pos_key = 'pos_embed'
@@ -136,8 +238,16 @@ class EvaFamily(Family):
             return True
         return 'blocks.0.gamma_1' in state and ('norm_pre.weight' in state or 'pos_embed' not in state)
 
+    def can_read(self, state) -> bool:
+        """timm-layout keys of any Eva, including those a timm ViT shares (PE without LayerScale, RoPE-ViT _ape)."""
+        return 'patch_embed.proj.weight' in state and 'blocks.0.norm1.weight' in state and not any(
+            'relative_position_bias_table' in k for k in state)
+
     def detect_layout(self, state) -> str:
-        """'dinov3' (facebookresearch/dinov3: `storage_tokens`, or `rope_embed.periods`), else 'timm'."""
+        """'dinov3' (facebookresearch/dinov3: `storage_tokens`, or `rope_embed.periods`), 'pe' (`is_pe`), else
+        'timm'."""
+        if is_pe(state):
+            return 'pe'
         return 'dinov3' if 'storage_tokens' in state or 'rope_embed.periods' in state else 'timm'
 
     def detect_flax(self, flat) -> bool:

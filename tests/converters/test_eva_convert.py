@@ -124,3 +124,36 @@ def test_dinov3_hub_file_reads_and_writes_back_for_dinov3s_code(tmp_path, kw, na
     again.load_state_dict(back, strict=True)
     with torch.no_grad():
         assert rel_err(again(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy(), want) <= TOL
+
+
+# ---------------------------------------------------------------- Perception Encoder's own files
+
+@pytest.mark.parametrize('name', ['vit_pe_core_base_patch16_224', 'vit_pe_lang_large_patch14_448'])
+def test_pe_files_read_and_write_as_timms_convert_pe_reads_them(tmp_path, name):
+    """A PE vision tower (perception_models' keys, under `visual.` as in a CLIP checkpoint): written with
+    --layout pe from timm's weights, timm's own `_convert_pe` turns it back into timm's state_dict bit for bit
+    (and timm loads that strictly); read by the converters, logits as timm's."""
+    from timm.models.eva import _convert_pe
+    model, tm = timm_reduced(name)
+    with torch.no_grad():
+        if tm.num_classes:
+            tm.head.bias.zero_()   # PE's projection has no bias
+    ref = tm.state_dict()
+    params = pipeline.load_model(_save(tmp_path / 'timm.pth', ref), name, **SMALL)[1]
+    pipeline.save_params(params, str(tmp_path / 'pe.pth'), name, layout='pe', **SMALL)
+    pe = torch.load(tmp_path / 'pe.pth', map_location='cpu', weights_only=True)
+    assert 'conv1.weight' in pe and 'transformer.resblocks.0.attn.in_proj_weight' in pe
+    visual = {'visual.' + k: v for k, v in pe.items()}
+    got = _convert_pe(visual, tm)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    tm.load_state_dict(got, strict=True)
+    notes = []
+    model2, params2, ck = pipeline.load_model(_save(tmp_path / 'clip.pth', visual), name, log=notes.append, **SMALL)
+    assert ck.layout == 'pe' and 'pe layout' in '\n'.join(notes)
+    x = images((2,) + tuple(model.input_shape))
+    assert rel_err(run_flax(model2, params2, x), run_timm(tm, x)) <= TOL
+
+
+def _save(path, state):
+    torch.save(state, path)
+    return str(path)

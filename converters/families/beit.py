@@ -13,16 +13,43 @@ from vit_flax.models.beit import Beit
 from vit_flax.models.eva import relative_table_size
 from vit_flax.models.layers import to_tuple
 
+from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, norm_rules, rule
 from .base import Family
 
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 
 
+def unilm_to_timm(state) -> dict:
+    """microsoft/unilm's BEiT files -> timm's keys: the persistent `relative_position_index` buffers dropped (the
+    grid gives them); a pre-training file's `mask_token` and `lm_head` are refused (no classifier model holds them)."""
+    extra = [k for k in state if k == 'mask_token' or k.startswith('lm_head.')]
+    if extra:
+        raise ConversionError(f'a BEiT pre-training file ({extra[0]}): its masked-image-modelling head has no place in '
+                              'a classifier; drop mask_token and lm_head.* first')
+    return {k: v for k, v in state.items() if not k.endswith('relative_position_index')}
+
+
+def timm_to_unilm(state, model) -> dict:
+    """timm's keys -> unilm's BEiT layout: each relative position table followed by its `relative_position_index`
+    (int64 (N + 1, N + 1)), saved under {'model': ...} as unilm's fine-tuning saves it."""
+    from vit_flax.models.eva import relative_position_index
+    index = relative_position_index(model.grid_size).astype(np.int64)
+    out = {}
+    for k, v in state.items():
+        out[k] = v
+        if k.endswith('relative_position_bias_table'):
+            out[k[:-len('relative_position_bias_table')] + 'relative_position_index'] = index
+    return out
+
+
 class BeitFamily(Family):
     name = 'beit'
     module_cls = Beit
     ignore_torch = ('relative_position_index', 'attn.k_bias')
+    layouts = {'unilm': (unilm_to_timm, timm_to_unilm)}
+    layout_models = ('unilm',)
+    torch_wrap = {'unilm': 'model'}
     pos_key = 'pos_embed'
     timm_default_pool = 'avg'
 
@@ -30,6 +57,10 @@ class BeitFamily(Family):
         return 'blocks.0.attn.qkv.weight' in state and 'cls_token' in state and (
             'blocks.0.attn.relative_position_bias_table' in state or 'rel_pos_bias.relative_position_bias_table'
             in state)
+
+    def detect_layout(self, state) -> str:
+        """'unilm' (microsoft/unilm's files: `relative_position_index` buffers), else 'timm'."""
+        return 'unilm' if any(k.endswith('relative_position_index') for k in state) else 'timm'
 
     def detect_flax(self, flat) -> bool:
         return 'patch_embed/kernel' in flat and any(k.endswith('relative_position_bias_table') for k in flat)
@@ -118,7 +149,11 @@ class BeitFamily(Family):
         if cfg.get('mlp_hidden') is not None and cfg['mlp_hidden'] != model.mlp_hidden:
             kw['mlp_ratio'] = cfg['mlp_hidden'] / model.embed_dim
         rows = cfg.get('table_rows')
-        if rows is not None and rows != relative_table_size(model.grid_size):
+        hint = cfg.get('img_size_hint')
+        if rows is not None and rows != relative_table_size(model.grid_size) and hint is not None \
+                and relative_table_size(model.clone(img_size=hint).grid_size) == rows:
+            kw['img_size'] = hint
+        elif rows is not None and rows != relative_table_size(model.grid_size):
             side = int(round((((rows - 3) ** 0.5) + 1) / 2))
             if relative_table_size((side, side)) != rows:
                 raise ValueError(f'a relative position table of {rows} rows is not a square grid; pass img_size')

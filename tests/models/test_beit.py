@@ -74,3 +74,30 @@ def test_macs_equal_torch_flop_counter():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         tm(torch.empty(1, 3, 224, 224, device='meta'))
     assert vit_flax.count_macs(vit_flax.create_model(name, depth=2)) == counter.get_total_flops() // 2
+
+
+def test_unilm_files_with_index_buffers_read_and_write_back(tmp_path):
+    """unilm's BEiT layout ({'model': state_dict} with persistent relative_position_index buffers): read (buffers
+    ignored), logits as timm's; written back with --layout unilm, the buffers are timm's index and the rest is
+    timm's state_dict bit for bit."""
+    from converters import pipeline
+    from timm.models.beit import gen_relative_position_index
+    name = 'beitv2_base_patch16_224'
+    model = vit_flax.create_model(name, **SMALL)
+    torch.manual_seed(0)
+    tm = perturb_timm(timm.create_model(name, pretrained=False, **FAMILY.timm_kwargs(model)), 0)
+    ref = tm.state_dict()
+    index = gen_relative_position_index((3, 4))
+    unilm = {}
+    for k, v in ref.items():
+        unilm[k] = v
+        if k.endswith('relative_position_bias_table'):
+            unilm[k.replace('relative_position_bias_table', 'relative_position_index')] = index
+    torch.save({'model': unilm}, tmp_path / 'beit.pth')
+    got, params, ck = pipeline.load_model(str(tmp_path / 'beit.pth'), name, **SMALL)
+    assert ck.layout == 'unilm'
+    x = images((2, 48, 64, 3))
+    assert rel_err(run_flax(got, params, x), run_timm(tm, x)) <= 1e-5
+    pipeline.save_params(params, str(tmp_path / 'back.pth'), name, layout='unilm', **SMALL)
+    back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)['model']
+    assert set(back) == set(unilm) and all(torch.equal(back[k], unilm[k]) for k in unilm)

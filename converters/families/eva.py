@@ -109,6 +109,47 @@ def timm_to_dinov3(state, model) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- EVA-02's release layout (baaivision/EVA)
+
+_EVA02_RENAMES = [('mlp.ffn_ln', 'mlp.norm'), ('attn.inner_attn_ln', 'attn.norm'), ('mlp.w12', 'mlp.fc1'),
+                  ('mlp.w1', 'mlp.fc1_g'), ('mlp.w2', 'mlp.fc1_x'), ('mlp.w3', 'mlp.fc2')]
+
+
+def is_eva02(state) -> bool:
+    """baaivision/EVA's EVA-02 keys: `mlp.w12` / `mlp.w1`, `mlp.ffn_ln`, `attn.inner_attn_ln` or `rope.freqs_cos`."""
+    return any(('.mlp.w1' in k or '.mlp.ffn_ln.' in k or '.attn.inner_attn_ln.' in k or 'rope.freqs_' in k)
+               for k in state)
+
+
+def eva02_to_timm(state) -> dict:
+    """EVA-02's own files -> timm's keys, as timm's `checkpoint_filter_fn` reads them: RoPE buffers
+    (`rope.freqs_cos/sin`, persistent there) dropped, `ffn_ln` -> `mlp.norm`, `inner_attn_ln` -> `attn.norm`,
+    `w12` -> `fc1` (packed), `w1/w2/w3` -> `fc1_g/fc1_x/fc2`, and with separate q/k/v projections the `q_bias`,
+    `v_bias` -> `q_proj.bias`, `v_proj.bias`. A MIM pre-training file (`mask_token`): `mask_token` and `lm_head`
+    dropped and `norm` read as `fc_norm`, as timm does."""
+    mim = 'mask_token' in state
+    unfused = 'blocks.0.attn.q_proj.weight' in state
+    out = {}
+    for k, v in state.items():
+        if 'rope' in k and k != 'rope.freqs':
+            continue
+        if mim and k in ('mask_token', 'lm_head.weight', 'lm_head.bias'):
+            continue
+        if mim and k in ('norm.weight', 'norm.bias'):
+            k = 'fc_' + k
+        for a, b in _EVA02_RENAMES:
+            k = k.replace(a, b)
+        if unfused:
+            k = k.replace('q_bias', 'q_proj.bias').replace('v_bias', 'v_proj.bias')
+        out[k] = v
+    return out
+
+
+def timm_to_eva02(state, model) -> dict:
+    raise ConversionError("writing EVA-02's original layout is not supported (its code's persistent RoPE buffers "
+                          "are not reproduced); write timm's layout, which EVA-02's timm port loads")
+
+
 # ---------------------------------------------------------------- Perception Encoder's release layout
 
 _PE_SWAPS = [('conv1', 'patch_embed.proj'), ('positional_embedding', 'pos_embed'),
@@ -213,12 +254,15 @@ class EvaFamily(Family):
     name = 'eva'
     module_cls = Eva
     ignore_torch = ('attn.k_bias',)
-    layouts = {'dinov3': (dinov3_to_timm, timm_to_dinov3), 'pe': (pe_to_timm, timm_to_pe)}
-    layout_models = ('dinov3', 'pe')
+    layouts = {'dinov3': (dinov3_to_timm, timm_to_dinov3), 'pe': (pe_to_timm, timm_to_pe),
+               'eva02': (eva02_to_timm, timm_to_eva02)}
+    layout_models = ('dinov3', 'pe', 'eva02')
     layout_config = {'dinov3': (dict(global_pool='token'),
                                 "DINOv3's code returns the normed class token; mask_token, rope_embed.periods, "
                                 'bias_mask and the k third of qkv.bias (masked to zero) dropped, periods recomputed '
                                 'in float32'),
+                     'eva02': ({}, "baaivision/EVA's EVA-02: RoPE buffers dropped (recomputed), ffn_ln/inner_attn_ln/"
+                                   'w12/w1-w3 renamed; a MIM file loses mask_token and lm_head, its norm read as fc_norm'),
                      'pe': ({}, "perception_models' vision tower: CLIP's key names, proj read as the head with a "
                                 'zero bias, the text tower (if any) left out')}
     # DINOv3's releases: 64-wide heads (its fused qkv does not record the count)
@@ -248,6 +292,8 @@ class EvaFamily(Family):
         'timm'."""
         if is_pe(state):
             return 'pe'
+        if is_eva02(state):
+            return 'eva02'
         return 'dinov3' if 'storage_tokens' in state or 'rope_embed.periods' in state else 'timm'
 
     def detect_flax(self, flat) -> bool:

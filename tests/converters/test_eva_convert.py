@@ -157,3 +157,39 @@ def test_pe_files_read_and_write_as_timms_convert_pe_reads_them(tmp_path, name):
 def _save(path, state):
     torch.save(state, path)
     return str(path)
+
+
+# ---------------------------------------------------------------- EVA-02's own files (baaivision/EVA)
+
+def _eva02_original(state, mim=False):
+    """timm's keys spelled as EVA-02's release spells them (the inverse of timm's checkpoint_filter_fn), with the
+    release's persistent RoPE buffers; a MIM file adds mask_token and lm_head and names fc_norm `norm`."""
+    out = {}
+    for k, v in state.items():
+        k = (k.replace('attn.q_proj.bias', 'attn.q_bias').replace('attn.v_proj.bias', 'attn.v_bias')
+             .replace('mlp.norm', 'mlp.ffn_ln').replace('attn.norm', 'attn.inner_attn_ln')
+             .replace('mlp.fc1_g', 'mlp.w1').replace('mlp.fc1_x', 'mlp.w2').replace('mlp.fc2', 'mlp.w3')
+             .replace('mlp.fc1', 'mlp.w12'))
+        if mim and k.startswith('fc_norm.'):
+            k = k[len('fc_'):]
+        out[k] = v
+    out['rope.freqs_cos'] = out['rope.freqs_sin'] = torch.ones(12, 16)
+    if mim:
+        out['mask_token'] = torch.zeros(1, 1, 64)
+        out['lm_head.weight'], out['lm_head.bias'] = torch.zeros(8, 64), torch.zeros(8)
+    return out
+
+
+@pytest.mark.parametrize('name,mim', [('eva02_base_patch14_448', False), ('eva02_tiny_patch14_224', True)])
+def test_eva02_release_files_read_as_timms_filter_reads_them(tmp_path, name, mim):
+    """An EVA-02 release file (separate q/k/v and SwiGLU with sub-LN; packed SwiGLU and a MIM head): read by the
+    converters, the logits of timm's model loaded through timm's own checkpoint_filter_fn."""
+    from timm.models.eva import checkpoint_filter_fn
+    model, tm = timm_reduced(name, num_classes=0 if mim else 5)
+    original = _eva02_original(tm.state_dict(), mim)
+    tm.load_state_dict(checkpoint_filter_fn(dict(original), tm), strict=True)
+    torch.save(original, tmp_path / 'eva02.pth')
+    got, params, ck = pipeline.load_model(str(tmp_path / 'eva02.pth'), name, **dict(SMALL, num_classes=model.num_classes))
+    assert ck.layout == 'eva02'
+    x = images((2,) + tuple(model.input_shape))
+    assert rel_err(run_flax(got, params, x), run_timm(tm.eval(), x)) <= TOL

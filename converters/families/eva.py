@@ -288,13 +288,13 @@ class EvaFamily(Family):
             'relative_position_bias_table' in k for k in state)
 
     def detect_layout(self, state) -> str:
-        """'dinov3' (facebookresearch/dinov3: `storage_tokens`, or `rope_embed.periods`), 'pe' (`is_pe`), else
-        'timm'."""
+        """'pe' (`is_pe`), 'dinov3' (facebookresearch/dinov3: `storage_tokens`, or `rope_embed.periods`),
+        'eva02' (`is_eva02`), else 'timm'."""
         if is_pe(state):
             return 'pe'
-        if is_eva02(state):
-            return 'eva02'
-        return 'dinov3' if 'storage_tokens' in state or 'rope_embed.periods' in state else 'timm'
+        if 'storage_tokens' in state or 'rope_embed.periods' in state:   # before EVA-02's: DINOv3 has w1/w2/w3 too
+            return 'dinov3'
+        return 'eva02' if is_eva02(state) else 'timm'
 
     def detect_flax(self, flat) -> bool:
         return 'patch_embed/kernel' in flat and 'blocks_0/attn/proj/kernel' in flat

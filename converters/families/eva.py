@@ -150,6 +150,50 @@ def timm_to_eva02(state, model) -> dict:
                           "are not reproduced); write timm's layout, which EVA-02's timm port loads")
 
 
+# ---------------------------------------------------------------- Sapiens2's release layout (Meta)
+
+_SAPIENS2 = [('storage_tokens', 'reg_token'), ('patch_embed.projection.', 'patch_embed.proj.'),
+             ('attn.wq.', 'attn.q_proj.'), ('attn.wk.', 'attn.k_proj.'), ('attn.wv.', 'attn.v_proj.'),
+             ('attn.gamma.weight', 'gamma_1'), ('.ffn.w12.', '.mlp.fc1.'), ('.ffn.w3.', '.mlp.fc2.'),
+             ('.ln1.', '.norm1.'), ('.ln2.', '.norm2.')]
+
+
+def is_sapiens2(state) -> bool:
+    return 'blocks.0.attn.wq.weight' in state and 'blocks.0.ffn.w12.weight' in state
+
+
+def sapiens2_to_timm(state) -> dict:
+    """Sapiens2's own keys -> timm's, as timm's `checkpoint_filter_fn` reads them (`storage_tokens`, `projection`,
+    `wq/wk/wv`, the attention's `gamma`, `ffn.w12/w3`, `ln1/ln2`, the final `ln1` -> `norm`); `mask_token`
+    (pre-training only) dropped."""
+    out = {}
+    for k, v in state.items():
+        if k == 'mask_token':
+            continue
+        for a, b in _SAPIENS2:
+            k = k.replace(a, b)
+        if k.startswith('ln1.'):
+            k = 'norm.' + k[len('ln1.'):]
+        out[k] = v
+    return out
+
+
+def timm_to_sapiens2(state, model) -> dict:
+    """timm's keys -> Sapiens2's (the inverse renames; no mask_token)."""
+    if model.norm_layer != 'rmsnorm' or model.attn_type != 'rope' or model.qkv_fused or not model.attn_only_layer_scale \
+            or model.mlp_layer != 'swiglu_packed' or not model.use_final_norm:
+        raise ConversionError("Sapiens2's layout holds its own architecture: RMSNorm, separate q/k/v, packed SwiGLU, "
+                              'attention-only LayerScale and the final norm')
+    out = {}
+    for k, v in state.items():
+        if k.startswith('norm.'):
+            k = 'ln1.' + k[len('norm.'):]
+        for a, b in _SAPIENS2:
+            k = k.replace(b, a) if b != 'gamma_1' else re.sub(r'\.gamma_1$', '.attn.gamma.weight', k)
+        out[k] = v
+    return out
+
+
 # ---------------------------------------------------------------- Perception Encoder's release layout
 
 _PE_SWAPS = [('conv1', 'patch_embed.proj'), ('positional_embedding', 'pos_embed'),
@@ -255,14 +299,15 @@ class EvaFamily(Family):
     module_cls = Eva
     ignore_torch = ('attn.k_bias',)
     layouts = {'dinov3': (dinov3_to_timm, timm_to_dinov3), 'pe': (pe_to_timm, timm_to_pe),
-               'eva02': (eva02_to_timm, timm_to_eva02)}
-    layout_models = ('dinov3', 'pe', 'eva02')
+               'eva02': (eva02_to_timm, timm_to_eva02), 'sapiens2': (sapiens2_to_timm, timm_to_sapiens2)}
+    layout_models = ('dinov3', 'pe', 'eva02', 'sapiens2')
     layout_config = {'dinov3': (dict(global_pool='token'),
                                 "DINOv3's code returns the normed class token; mask_token, rope_embed.periods, "
                                 'bias_mask and the k third of qkv.bias (masked to zero) dropped, periods recomputed '
                                 'in float32'),
                      'eva02': ({}, "baaivision/EVA's EVA-02: RoPE buffers dropped (recomputed), ffn_ln/inner_attn_ln/"
                                    'w12/w1-w3 renamed; a MIM file loses mask_token and lm_head, its norm read as fc_norm'),
+                     'sapiens2': ({}, "Sapiens2's own keys; mask_token (pre-training only) dropped"),
                      'pe': ({}, "perception_models' vision tower: CLIP's key names, proj read as the head with a "
                                 'zero bias, the text tower (if any) left out')}
     # DINOv3's releases: 64-wide heads (its fused qkv does not record the count)
@@ -289,9 +334,11 @@ class EvaFamily(Family):
 
     def detect_layout(self, state) -> str:
         """'pe' (`is_pe`), 'dinov3' (facebookresearch/dinov3: `storage_tokens`, or `rope_embed.periods`),
-        'eva02' (`is_eva02`), else 'timm'."""
+        'eva02' (`is_eva02`), 'sapiens2' (`is_sapiens2`, before DINOv3: both have storage tokens), else 'timm'."""
         if is_pe(state):
             return 'pe'
+        if is_sapiens2(state):
+            return 'sapiens2'
         if 'storage_tokens' in state or 'rope_embed.periods' in state:   # before EVA-02's: DINOv3 has w1/w2/w3 too
             return 'dinov3'
         return 'eva02' if is_eva02(state) else 'timm'

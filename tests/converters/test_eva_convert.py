@@ -195,3 +195,27 @@ def test_eva02_release_files_read_as_timms_filter_reads_them(tmp_path, name, mim
     assert ck.layout == 'eva02'
     x = images((2,) + tuple(model.input_shape))
     assert rel_err(run_flax(got, params, x), run_timm(tm.eval(), x)) <= TOL
+
+
+def test_sapiens2_files_read_and_write_as_timms_filter_reads_them(tmp_path):
+    """Sapiens2's own keys (storage_tokens, wq/wk/wv, attn.gamma, ffn.w12/w3, ln1/ln2): written with
+    --layout sapiens2, timm's checkpoint_filter_fn gives back timm's state_dict bit for bit; read back (with a
+    mask_token, dropped), logits as timm's."""
+    from timm.models.eva import checkpoint_filter_fn
+    name = 'vit_base_patch16_sapiens2'
+    model, tm = timm_reduced(name, num_kv_heads=(4, 2), num_classes=0)
+    ref = tm.state_dict()
+    sizes = dict(SMALL, num_kv_heads=(4, 2), num_classes=0)
+    torch.save(ref, tmp_path / 'timm.pth')
+    params = pipeline.load_model(str(tmp_path / 'timm.pth'), name, **sizes)[1]
+    pipeline.save_params(params, str(tmp_path / 'sap.pth'), name, layout='sapiens2', **sizes)
+    sap = torch.load(tmp_path / 'sap.pth', map_location='cpu', weights_only=True)
+    assert 'storage_tokens' in sap and 'blocks.0.attn.wq.weight' in sap and 'blocks.0.attn.gamma.weight' in sap
+    got = checkpoint_filter_fn(dict(sap), tm)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    sap['mask_token'] = torch.zeros(1, 64)
+    torch.save(sap, tmp_path / 'sap_mask.pth')
+    got_model, got_params, ck = pipeline.load_model(str(tmp_path / 'sap_mask.pth'), name, **sizes)
+    assert ck.layout == 'sapiens2'
+    x = images((2,) + tuple(model.input_shape))
+    assert rel_err(run_flax(got_model, got_params, x), run_timm(tm, x)) <= TOL

@@ -45,10 +45,17 @@ def dinov3_to_timm(state) -> dict:
     `storage_tokens` -> `reg_token`, `ls{1,2}.gamma` -> `gamma_{1,2}`, `attn.qkv.bias` split into `q_bias`,
     `v_bias` (the k third is masked to zero by `bias_mask` in DINOv3's code: dropped), `mlp.w1/w2/w3` ->
     `mlp.fc1_g/fc1_x/fc2`; dropped: `rope_embed.periods` (recomputed in float32), `bias_mask`, `mask_token`
-    (training only), `local_cls_norm` (training only: the local crops' class-token norm). Arrays pass
-    untouched."""
+    (training only), `local_cls_norm` (training only: the local crops' class-token norm), and q/v biases that are
+    all zero in every block. Arrays pass untouched."""
     out = {}
+    # the distilled B/L/H releases hold all-zero q/v biases: dropped (adding zero is exact), so that the file is
+    # the architecture without them, as timm registers those models (`vit_*_dinov3`, not `_qkvb`)
+    biases = [np.asarray(v) for k, v in state.items() if k.endswith('attn.qkv.bias')]
+    zero_bias = bool(biases) and all(not np.any(np.concatenate([b[:len(b) // 3], b[2 * len(b) // 3:]]))
+                                     for b in biases)
     for k, v in state.items():
+        if zero_bias and k.endswith('attn.qkv.bias'):
+            continue
         if k.endswith(('periods', 'bias_mask')) or k == 'mask_token' or k.startswith('local_cls_norm'):
             continue
         if k.startswith('cls_norm'):
@@ -303,8 +310,8 @@ class EvaFamily(Family):
     layout_models = ('dinov3', 'pe', 'eva02', 'sapiens2')
     layout_config = {'dinov3': (dict(global_pool='token'),
                                 "DINOv3's code returns the normed class token; mask_token, rope_embed.periods, "
-                                'bias_mask and the k third of qkv.bias (masked to zero) dropped, periods recomputed '
-                                'in float32'),
+                                'bias_mask and the k third of qkv.bias (masked to zero) dropped, q/v biases too where '
+                                'all are zero (the distilled releases), periods recomputed in float32'),
                      'eva02': ({}, "baaivision/EVA's EVA-02: RoPE buffers dropped (recomputed), ffn_ln/inner_attn_ln/"
                                    'w12/w1-w3 renamed; a MIM file loses mask_token and lm_head, its norm read as fc_norm'),
                      'sapiens2': ({}, "Sapiens2's own keys; mask_token (pre-training only) dropped"),
@@ -475,9 +482,19 @@ class EvaFamily(Family):
         return self._config(lambda key: list(t) if key is None else key in t, lambda key: t[key])
 
     def resolve(self, cfg: dict, arch, layout: str, model_name, path: str):
-        """A DINOv3 file of no registered size: 64-wide heads (the release's convention), said out loud."""
+        """A DINOv3 file of no registered size: 64-wide heads (the release's convention), said out loud. The
+        layout is kept (`release`) so that a release's file takes that release's names (`preference`)."""
         note = self.heads_by_convention(cfg, arch, layout, model_name, path)
+        cfg = dict(cfg, release=layout)
         return cfg, arch, [note] if note else []
+
+    _RELEASE_TAG = {'dinov3': 'dinov3', 'pe': '_pe_', 'eva02': 'eva02', 'sapiens2': 'sapiens2'}
+
+    def preference(self, cfg: dict, name: str, model) -> tuple:
+        """As the base class's, after one rule: a release's own file prefers that release's names (a DINOv3 hub
+        file is a `vit_*_dinov3`, not the LingBot model of the same sizes)."""
+        tag = self._RELEASE_TAG.get(cfg.get('release'))
+        return (0 if tag is None or tag in name else 1,) + super().preference(cfg, name, model)
 
     _CORE = ('embed_dim', 'depth', 'patch_size', 'in_chans', 'pre_norm', 'class_token', 'reg_tokens',
              'use_abs_pos_emb', 'qkv_fused', 'attn_type', 'qkv_bias', 'mlp_layer', 'scale_mlp_norm',

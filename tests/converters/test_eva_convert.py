@@ -56,14 +56,14 @@ def test_a_pth_loads_with_its_name_and_writes_back_bit_exact(tmp_path):
 
 
 def test_a_dinov3_file_of_registered_sizes_is_read_without_a_name(tmp_path):
-    """A DINOv3 ViT-S/16 (q/v bias) at its registered sizes: detected from the keys alone, no --model."""
+    """A timm DINOv3 ViT-S/16 (q/v bias) at its registered sizes: detected from the keys alone, no --model."""
     name = 'vit_small_patch16_dinov3_qkvb'
     with torch.device('meta'):   # the keys and shapes are what detection reads: zeros, no init drawn
         tm = timm.create_model(name)
     src = tmp_path / 'dinov3.pth'
     torch.save({k: torch.zeros(v.shape) for k, v in tm.state_dict().items()}, src)
     model, params, ck = pipeline.load_model(str(src))
-    assert ck.family is FAMILY and ck.model_name in (name, 'vit_small_patch16_lingbot')
+    assert ck.family is FAMILY and ck.model_name == name
     assert (model.embed_dim, model.depth, model.reg_tokens, model.qkv_bias) == (384, 12, 4, True)
 
 
@@ -219,3 +219,26 @@ def test_sapiens2_files_read_and_write_as_timms_filter_reads_them(tmp_path):
     assert ck.layout == 'sapiens2'
     x = images((2,) + tuple(model.input_shape))
     assert rel_err(run_flax(got_model, got_params, x), run_timm(tm, x)) <= TOL
+
+
+def test_dinov3_release_files_without_a_name(tmp_path):
+    """Without --model: a DINOv3 ViT-S/16 hub file takes a DINOv3 name (not LingBot's of the same sizes) with the
+    class token pooled; one whose q/v biases are all zero (the distilled releases) the name without biases; one of
+    no registered size 64-wide heads, said on stderr."""
+    from reference import dinov3_vit
+    cases = [(dict(dim=384, depth=12, heads=6), False, 'vit_small_patch16_dinov3_qkvb'),
+             (dict(dim=384, depth=12, heads=6), True, 'vit_small_patch16_dinov3'),
+             (dict(dim=128, depth=2, heads=2), False, None)]
+    for kw, zero, want in cases:
+        with torch.device('meta'):
+            ref = dinov3_vit.DinoV3(**kw)
+        state = {k: torch.zeros(v.shape) if zero or 'qkv.bias' not in k else torch.ones(v.shape)
+                 for k, v in ref.state_dict().items()}
+        torch.save(state, tmp_path / 'd.pth')
+        notes = []
+        model, params, ck = pipeline.load_model(str(tmp_path / 'd.pth'), log=notes.append)
+        assert ck.layout == 'dinov3' and model.global_pool == 'token' and model.qkv_bias == (not zero)
+        if want:
+            assert ck.model_name == want
+        else:
+            assert model.num_heads == 2 and '64' in '\n'.join(notes), notes

@@ -58,6 +58,9 @@ CASES = [
     Case('swinv2_t_train_bf16', 'swinv2_tiny_window8_256', 'train', 'bfloat16', 8),
     Case('vit_s16_train_f32', 'vit_small_patch16_224', 'train', 'float32', 16),
     Case('vit_s16_train_bf16', 'vit_small_patch16_224', 'train', 'bfloat16', 16),
+    # DINOv3 ViT-B/16 (RoPE, 4 registers, 256 px): the issue-33 inference case
+    Case('dinov3_b16_infer_f32', 'vit_base_patch16_dinov3', 'infer', 'float32', 8),
+    Case('dinov3_b16_infer_bf16', 'vit_base_patch16_dinov3', 'infer', 'bfloat16', 8),
 ]
 # (model, mode, batch): Flax compile time with the blocks unrolled and under nn.scan
 COMPILE_CASES = [('vit_large_patch16_224', 'infer', 8), ('vit_large_patch16_224', 'train', 16),

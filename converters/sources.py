@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Tuple
 
 from vit_flax.models.layers import to_tuple
-from vit_flax.registry import split_tag
+from vit_flax.registry import UnknownModelError, model_config, split_tag
 
 from . import formats, hf_transformers, rules
 from .checkpoint import Checkpoint, ReadRequest, check_model_options, match_model, read_config
@@ -181,7 +181,11 @@ class File(Source):
                                       f'(first keys: {", ".join(list(flat)[:3])})')
             cfg = dict(read_config(family.config_from_flax, flat, path), img_size_hint=img_size)
         else:
-            family = torch_family(raw, path)
+            try:   # a named model's family reads the keys it shares with another family
+                named = model_config(request.model_name)[0] if request.model_name else None
+            except UnknownModelError:
+                named = None   # said below, by the match
+            family = torch_family(raw, path, prefer=named)
             state, layout = raw, family.detect_layout(raw)
             if layout != family.torch_layout:
                 try:

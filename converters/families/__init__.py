@@ -7,10 +7,13 @@ from typing import List, Optional
 
 from ..errors import ConversionError
 from .base import Family
-from . import mixer, swin, swinv2, vit, vit_pytorch
+from . import beit, eva, mixer, swin, swinv2, vit, vit_pytorch
 
-# mixer before vit: Facebook's ResMLP files hold `patch_embed.proj` and `blocks.*`, which vit would claim
-FAMILIES: List[Family] = [mixer.FAMILY, vit.FAMILY, swin.FAMILY, swinv2.FAMILY, vit_pytorch.FAMILY]
+# mixer, beit and eva before vit: Facebook's ResMLP files hold `patch_embed.proj` and `blocks.*`, which vit would
+# claim; beit's and eva's detection is strict (keys no timm ViT has; BEiT's tables with `blocks.`, not Swin's
+# `layers.`), the ViT family's takes any timm ViT-like file, Swin's any relative_position_bias_table
+FAMILIES: List[Family] = [mixer.FAMILY, beit.FAMILY, eva.FAMILY, vit.FAMILY, swin.FAMILY, swinv2.FAMILY,
+                          vit_pytorch.FAMILY]
 
 
 def register_family(family: Family) -> None:
@@ -30,12 +33,18 @@ def flax_family(flat) -> Optional[Family]:
     return next((fam for fam in FAMILIES if fam.detect_flax(flat)), None)
 
 
-def torch_family(state, path: str) -> Family:
-    """The family of a torch state_dict in any layout a family reads; a one-line error otherwise."""
+def torch_family(state, path: str, prefer: Optional[type] = None) -> Family:
+    """The family of a torch state_dict in any layout a family reads; a one-line error otherwise. `prefer` (the
+    module class of a model the caller named) wins where its family can read the keys (`Family.can_read`): a file
+    whose keys two families share (RoPE leaves no key: PE's timm files are a pre-norm ViT's) is read as named."""
+    if prefer is not None:
+        fam = next((f for f in FAMILIES if f.module_cls is prefer), None)
+        if fam is not None and (fam.can_read(state) or fam.detect_layout(state) != fam.torch_layout):
+            return fam
     for fam in FAMILIES:
         if fam.detect_torch(state) or fam.detect_layout(state) != fam.torch_layout:
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch/MLP-Mixer state_dict '
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch/Eva/BEiT/MLP-Mixer state_dict '
                           f'(first keys: {", ".join(list(state)[:3])})')
 
 

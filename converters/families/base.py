@@ -125,6 +125,11 @@ class Family:
         """A flat Flax tree of this family."""
         return False
 
+    def can_read(self, state) -> bool:
+        """Whether this family's table can read a state_dict whose keys another family claims as well (asked
+        when the caller names a model of this family): by default, only its own detection."""
+        return self.detect_torch(state)
+
     def detect_layout(self, state) -> str:
         """Which named torch layout a state_dict of this family is in."""
         return self.torch_layout

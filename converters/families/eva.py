@@ -123,9 +123,13 @@ _EVA02_RENAMES = [('mlp.ffn_ln', 'mlp.norm'), ('attn.inner_attn_ln', 'attn.norm'
 
 
 def is_eva02(state) -> bool:
-    """baaivision/EVA's EVA-02 keys: `mlp.w12` / `mlp.w1`, `mlp.ffn_ln`, `attn.inner_attn_ln` or `rope.freqs_cos`."""
-    return any(('.mlp.w1' in k or '.mlp.ffn_ln.' in k or '.attn.inner_attn_ln.' in k or 'rope.freqs_' in k)
-               for k in state)
+    """baaivision/EVA's EVA-02 keys: `mlp.ffn_ln`, `attn.inner_attn_ln` or `rope.freqs_cos`; or `mlp.w12` /
+    `mlp.w1` where no DINOv2 key stands beside them (facebookresearch/dinov2's SwiGLU files have `mlp.w12` too,
+    with `ls1.gamma` and `register_tokens`, which no EVA-02 release has: the ViT family reads those)."""
+    if any(('.mlp.ffn_ln.' in k or '.attn.inner_attn_ln.' in k or 'rope.freqs_' in k) for k in state):
+        return True
+    dinov2 = 'register_tokens' in state or any('.ls1.gamma' in k for k in state)
+    return not dinov2 and any('.mlp.w1' in k for k in state)
 
 
 def eva02_to_timm(state) -> dict:

@@ -840,10 +840,17 @@ def _check_outcome(name: str, fn, path: str, trace: bool):
     return result
 
 
+_flushed = [time.monotonic()]
+
+
 def charge(name: str, since: float) -> None:
     """Add the CPU time since `since` (time.process_time(), taken when the example began) to `name`'s: the
-    table's examples per CPU second, which a loaded machine's wall time hides."""
+    table's examples per CPU second, which a loaded machine's wall time hides. Every minute the counts so far
+    are written (write_counts), so that a run stopped early still says how far each reader got."""
     CPU[name] += time.process_time() - since
+    if time.monotonic() - _flushed[0] > 60:
+        write_counts()
+        _flushed[0] = time.monotonic()
 
 
 def write_counts(only=None) -> None:

@@ -26,7 +26,8 @@ pytest-xdist workers add to it under a lock) when that is set; `python tests/dur
 prints it as a table.
 
 Cost: a case is a mutation made in this process and a read in this process (a few ms for the file
-readers); the registry search that detection makes (~1 s) is shared between mutants that declare the same
+readers; each example's CPU time is charged to its reader, `charge`, and the table prints examples per CPU
+second); the registry search that detection makes (~0.1 s) is shared between mutants that declare the same
 architecture (`memo_match_model`); real processes are kept to the few cases that need one.
 """
 import io
@@ -745,7 +746,7 @@ _match_memo: Dict[str, tuple] = {}
 
 def memo_match_model(family, cfg, path, *args, **kwargs):
     """sources.match_model, memoised on everything but the path (its result is a pure function of the
-    architecture a file declares; the search over the registry costs ~1 s, the file's parsing, which is
+    architecture a file declares; the search over the registry costs ~0.1 s, the file's parsing, which is
     what is fuzzed, milliseconds): a mutant declaring an architecture seen before gets the same model, or the
     same refusal naming its own path."""
     key = repr((family.name, sorted(cfg.items(), key=str), args, sorted(kwargs.items())))

@@ -227,3 +227,21 @@ def _grain_restore(it):
 def close_iterator(it) -> None:
     if hasattr(it, 'close'):  # grain's multiprocess prefetch holds worker processes
         it.close()
+    drain_shared_memory_deletes()
+
+
+def drain_shared_memory_deletes() -> None:
+    """Wait for grain's pending unlinks of batches' shared memory. grain hands a dropped batch's segment to a
+    thread pool (`SharedMemoryArray.enable_async_del`); a run stopped by Ctrl-C exits before that pool has run,
+    and multiprocessing's resource tracker then unlinks the segments itself with a warning printed after the
+    run's one-line message ('There appear to be 16 leaked shared_memory objects'). Later drops unlink at once."""
+    import gc
+    import sys
+    shm = getattr(sys.modules.get('grain._src.python.ipc.shared_memory_array'), 'SharedMemoryArray', None)
+    pool = getattr(shm, '_del_thread_pool', None)
+    if pool is None:
+        return
+    gc.collect()   # batches held by reference cycles (a traceback's frames) are dropped now, into the pool
+    shm._del_thread_pool = None
+    pool.close()
+    pool.join()

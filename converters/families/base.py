@@ -19,6 +19,7 @@ A family module (`vit.py`, `swin.py`, `vit_pytorch.py`) defines one subclass and
 
 Defaults below are what a family without the feature does; a subclass overrides only what differs.
 """
+import functools
 import json
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -28,6 +29,40 @@ from ..errors import ConversionError
 from ..resample import resample_pos_embed
 
 Log = Callable[[str], None]
+
+
+@functools.total_ordering
+class Deferred:
+    """An element of a sort key computed on its first comparison. Tuples compare element by element and stop
+    at the first that differs, so in `min(names, key=...)` over the ~200 registered models a costly tie-breaker
+    (building the model a checkpoint needs: ~2 ms a name) is computed only for the names tied on the cheap
+    elements before it. The order is exactly that of the computed values."""
+    __slots__ = ('_fn', '_value')
+    _UNSET = object()
+
+    def __init__(self, fn: Callable[[], object]):
+        self._fn, self._value = fn, Deferred._UNSET
+
+    @property
+    def value(self):
+        if self._value is Deferred._UNSET:
+            self._value = self._fn()
+        return self._value
+
+    @staticmethod
+    def _of(other):
+        return other.value if isinstance(other, Deferred) else other
+
+    def __eq__(self, other):
+        return self.value == Deferred._of(other)
+
+    def __lt__(self, other):
+        return self.value < Deferred._of(other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f'Deferred({self.value!r})'
 
 
 def _plain(v):
@@ -187,14 +222,16 @@ class Family:
 
     def preference(self, cfg: dict, name: str, model) -> tuple:
         """Sort key of registered `name` (its `model`) for a checkpoint `cfg`: most core fields shared, then
-        fewest overrides, then the name."""
+        fewest overrides (`Deferred`: computed only for the names tied on what comes before it), then the name."""
         shared = sum(cfg.get(k) is None or cfg[k] == v for k, v in self.core(model).items())
-        try:
-            over = self.overrides(cfg, self.with_core(model, cfg))
-            changed = sum(getattr(model, k) != v for k, v in over.items())
-        except ValueError:
-            changed = len(cfg)
-        return -shared, changed, name
+
+        def changed():
+            try:
+                over = self.overrides(cfg, self.with_core(model, cfg))
+                return sum(getattr(model, k) != v for k, v in over.items())
+            except ValueError:
+                return len(cfg)
+        return -shared, Deferred(changed), name
 
     def check_target(self, src, target, path: str, model_name: str, overrides: dict) -> None:
         """Refuse (one line) a `load_params` target that would silently lose part of the checkpoint `src`."""

@@ -1,4 +1,6 @@
 """Print `make fuzz`'s counts (fuzzing.write_counts' JSON) as a table: per reader, examples run and failures,
+the CPU seconds its examples took in the test processes and examples per CPU second (what a loaded machine's
+wall time hides: a quiet machine of N cores runs about N times that many a second, the readers side by side),
 and whether each reached its target. Exit status 1 when a reader failed or fell short of its target.
 
     python tests/durability/fuzz_table.py fuzz-counts.json [--target 10000] [--dir-target 1000] [--seconds S]
@@ -13,6 +15,13 @@ DIRECTORY_READERS = ('orbax', 'training-checkpoint')
 PROCESS_SUFFIX = '(process)'
 
 
+def rate(n: int, seconds) -> tuple:
+    """('CPU s', 'ex/CPU s') cells; blank where no time was recorded (real processes: their CPU is theirs)."""
+    if not seconds:
+        return '', ''
+    return f'{seconds:,.0f}', f'{n / seconds:,.1f}'
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('counts')
@@ -22,7 +31,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     with open(a.counts) as f:
         data = json.load(f)
-    examples, failures = data.get('examples', {}), data.get('failures', {})
+    examples, failures, cpu = data.get('examples', {}), data.get('failures', {}), data.get('cpu_seconds', {})
     rows, bad = [], False
     for name in sorted(examples, key=lambda n: (n in DIRECTORY_READERS, n.startswith('vit-flax'), n)):
         n, fail = examples[name], failures.get(name, 0)
@@ -31,25 +40,26 @@ def main(argv=None) -> int:
             goal = None   # the in-process commands share one target (below)
         short = goal is not None and n < goal
         bad |= bool(fail) or short
-        rows.append((name, f'{n:,}', f'{fail:,}', '' if goal is None else f'{goal:,}', 'SHORT' if short else
-                     ('FAILED' if fail else 'ok')))
+        rows.append((name, f'{n:,}', f'{fail:,}', *rate(n, cpu.get(name)), '' if goal is None else f'{goal:,}',
+                     'SHORT' if short else ('FAILED' if fail else 'ok')))
     commands = sum(v for k, v in examples.items() if k.startswith('vit-flax') and not k.endswith(PROCESS_SUFFIX))
     if commands:
         short = commands < a.target
         bad |= short
+        seconds = sum(v for k, v in cpu.items() if k.startswith('vit-flax') and not k.endswith(PROCESS_SUFFIX))
         rows.append(('vit-flax (in-process, all)', f'{commands:,}',
-                     f'{sum(v for k, v in failures.items() if k.startswith("vit-flax")):,}', f'{a.target:,}',
-                     'SHORT' if short else 'ok'))
-    head = ('reader', 'examples', 'failures', 'target', '')
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+                     f'{sum(v for k, v in failures.items() if k.startswith("vit-flax")):,}',
+                     *rate(commands, seconds or None), f'{a.target:,}', 'SHORT' if short else 'ok'))
+    head = ('reader', 'examples', 'failures', 'CPU s', 'ex/CPU s', 'target', '')
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     print(line(head))
     print('  '.join('-' * w for w in widths))
     for r in rows:
         print(line(r))
     total = sum(examples.values())
-    print(f'total: {total:,} examples, {sum(failures.values()):,} failures'
-          + (f', {a.seconds:,.0f} s wall' if a.seconds else ''))
+    print(f'total: {total:,} examples, {sum(failures.values()):,} failures, {sum(cpu.values()):,.0f} CPU s in '
+          f'the fuzzed examples' + (f', {a.seconds:,.0f} s wall' if a.seconds else ''))
     return 1 if bad else 0
 
 

@@ -26,7 +26,8 @@ pytest-xdist workers add to it under a lock) when that is set; `python tests/dur
 prints it as a table.
 
 Cost: a case is a mutation made in this process and a read in this process (a few ms for the file
-readers); the registry search that detection makes (~1 s) is shared between mutants that declare the same
+readers; each example's CPU time is charged to its reader, `charge`, and the table prints examples per CPU
+second); the registry search that detection makes (~0.1 s) is shared between mutants that declare the same
 architecture (`memo_match_model`); real processes are kept to the few cases that need one.
 """
 import io
@@ -35,6 +36,7 @@ import os
 import pickle
 import struct
 import tempfile
+import time
 import tracemalloc
 import zipfile
 import zlib
@@ -48,7 +50,7 @@ import torch  # noqa: F401  (imported here, not inside a traced read: its import
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from converters import pipeline, formats
+from converters import pipeline, formats, sources
 from converters.errors import ConversionError
 
 PROFILE = os.environ.get('VIT_FLAX_FUZZ', 'ci')
@@ -60,6 +62,7 @@ settings.load_profile(PROFILE)
 
 COUNTS: Counter = Counter()
 FAILURES: Counter = Counter()
+CPU: Counter = Counter()   # this process' CPU seconds per reader: whole examples (mutation, read, checks)
 WORKDIR = tempfile.mkdtemp(prefix='vit-flax-fuzz-')
 MARKER = os.path.join(WORKDIR, 'PICKLE-CODE-RAN')
 ALLOC_SLACK = 32 << 20
@@ -742,8 +745,8 @@ _match_memo: Dict[str, tuple] = {}
 
 
 def memo_match_model(family, cfg, path, *args, **kwargs):
-    """pipeline.match_model, memoised on everything but the path (its result is a pure function of the
-    architecture a file declares; the search over the registry costs ~1 s, the file's parsing, which is
+    """sources.match_model, memoised on everything but the path (its result is a pure function of the
+    architecture a file declares; the search over the registry costs ~0.1 s, the file's parsing, which is
     what is fuzzed, milliseconds): a mutant declaring an architecture seen before gets the same model, or the
     same refusal naming its own path."""
     key = repr((family.name, sorted(cfg.items(), key=str), args, sorted(kwargs.items())))
@@ -758,18 +761,18 @@ def memo_match_model(family, cfg, path, *args, **kwargs):
     return value
 
 
-_match_model = pipeline.match_model
+_match_model = sources.match_model
 
 
 def decode(path):
     """The whole read path of `inspect`/`convert`: read, detect the layout and model, map to Flax."""
     model_name, arch = (TINY_NAME, {k: v for k, v in TINY.items() if k != 'num_classes'}) \
         if formats.file_format(path) in ('torch', 'safetensors') else (None, None)
-    pipeline.match_model = memo_match_model
+    sources.match_model = memo_match_model   # (the name sources.read calls; pipeline's was never called)
     try:
         return pipeline.read_checkpoint(path, model_name, arch)
     finally:
-        pipeline.match_model = _match_model
+        sources.match_model = _match_model
 
 
 READERS: Dict[str, Reader] = {
@@ -838,9 +841,22 @@ def _check_outcome(name: str, fn, path: str, trace: bool):
     return result
 
 
+_flushed = [time.monotonic()]
+
+
+def charge(name: str, since: float) -> None:
+    """Add the CPU time since `since` (time.process_time(), taken when the example began) to `name`'s: the
+    table's examples per CPU second, which a loaded machine's wall time hides. Every minute the counts so far
+    are written (write_counts), so that a run stopped early still says how far each reader got."""
+    CPU[name] += time.process_time() - since
+    if time.monotonic() - _flushed[0] > 60:
+        write_counts()
+        _flushed[0] = time.monotonic()
+
+
 def write_counts(only=None) -> None:
     """Add COUNTS and FAILURES (or their keys in `only`) to the JSON file named by $VIT_FLAX_FUZZ_COUNTS,
-    {"examples": {reader: n}, "failures": {reader: n}}, under an exclusive lock (pytest-xdist's workers each
+    {"examples": {reader: n}, "failures": {reader: n}, "cpu_seconds": {reader: s}}, under an exclusive lock (pytest-xdist's workers each
     add theirs)."""
     import fcntl
     out = os.environ.get('VIT_FLAX_FUZZ_COUNTS')
@@ -853,14 +869,15 @@ def write_counts(only=None) -> None:
         old = json.loads(text) if text.strip() else {}
         if not isinstance(old.get('examples'), dict):   # (an older file of plain counts)
             old = {'examples': {}, 'failures': {}}
-        for table, counter in (('examples', COUNTS), ('failures', FAILURES)):
+        for table, counter in (('examples', COUNTS), ('failures', FAILURES), ('cpu_seconds', CPU)):
+            old.setdefault(table, {})
             for k, v in counter.items():
                 if only is None or k in only:
                     old[table][k] = old[table].get(k, 0) + v
         f.seek(0)
         f.truncate()
         json.dump(old, f, indent=1, sort_keys=True)
-    for counter in (COUNTS, FAILURES):   # written: a second call must not add them again
+    for counter in (COUNTS, FAILURES, CPU):   # written: a second call must not add them again
         for k in list(counter):
             if only is None or k in only:
                 del counter[k]

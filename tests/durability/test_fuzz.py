@@ -7,8 +7,10 @@ A reader added to fuzzing.READERS is fuzzed here with no change to this file. A 
 COMMANDS below (argv from the mutant's path and an output stem): it then runs in-process over mutants
 of every file reader, and SUBPROCESS_CASES can name it for a check in a real process.
 """
+import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -63,6 +65,7 @@ def test_reader_refuses_or_reads(reader, mutation):
     @settings(max_examples=fz.target() if fz.LONG else fz.examples(r.examples))
     @given(st.data())
     def run(data):
+        t0 = time.process_time()
         m = mutation or data.draw(st.sampled_from(r.mutations))
         path = write(fresh(r.ext), fz.MUTATIONS[m](data.draw, valid))
         result = fz.check_outcome(reader, r.read, path)
@@ -73,6 +76,7 @@ def test_reader_refuses_or_reads(reader, mutation):
             for k, t in expected.items():
                 np.testing.assert_array_equal(result[k], _as_numpy(t), err_msg=k)
         os.remove(path)
+        fz.charge(reader, t0)
     run()
 
 
@@ -86,11 +90,13 @@ def orbax_dir():
 @settings(max_examples=fz.dir_target() if fz.LONG else fz.ORBAX_EXAMPLES)
 @given(st.data())
 def test_orbax_dir_refused_or_read(orbax_dir, data):
+    t0 = time.process_time()
     path = fresh('')
     shutil.copytree(orbax_dir, path)
     fz.mutate_dir(data.draw, path)
     fz.check_outcome('orbax', fz.decode, path, trace=False)
     shutil.rmtree(path)
+    fz.charge('orbax', t0)
 
 
 @pytest.fixture(scope='module')
@@ -101,16 +107,29 @@ def model_folder():
 
 
 def read_folder_and_preprocessing(path):
-    """What `predict` reads of a model folder: the checkpoint, its preprocessing and class names."""
+    """What `predict` reads of a model folder: the model, its preprocessing and class names."""
     from vit_flax_cli import predict
     ck = pipeline.read_checkpoint(path)
-    return predict.data_config(ck, ck.model), predict.class_names(ck, ck.model)
+    return ck.model, predict.data_config(ck, ck.model), predict.class_names(ck, ck.model)
+
+
+def check_folder_read(model, pre, names):
+    """A read folder is consistent: the weights' 2x2 patch grid (8 px, patches of 4), three classes, and
+    preprocessing at the model's input size, which is timm's: `timm.create_model(architecture, **model_args)`
+    takes `model_args.img_size` over `pretrained_cfg.input_size` (`kwargs.setdefault`), so a config.json
+    saying img_size=9 over 8-px weights (the same 2x2 grid: 9 // 4 = 2) is a 9-px model in timm too, on which
+    timm's own data config (8 px, from pretrained_cfg) then fails; ours preprocesses at 9 and says so."""
+    from vit_flax.models.layers import to_tuple
+    assert len(names) == 3
+    assert tuple(model.grid_size) == (2, 2), model.grid_size
+    assert pre['input_size'] == [3, *to_tuple(model.img_size, 2)], (pre, model.img_size)
 
 
 @settings(max_examples=fz.target() if fz.LONG else 40)
 @given(st.data())
 def test_model_folder_config_refused_or_read(model_folder, data):
     """config.json that lies (and mangled bytes): one line naming the folder, or a consistent read."""
+    t0 = time.process_time()
     path = fresh('')
     shutil.copytree(model_folder, path)
     cfg = os.path.join(path, 'config.json')
@@ -120,9 +139,10 @@ def test_model_folder_config_refused_or_read(model_folder, data):
     write(cfg, fz.MUTATIONS[mutation](data.draw, valid))
     result = fz.check_outcome('timm-folder', read_folder_and_preprocessing, path)
     if not isinstance(result, ConversionError):
-        (pre, _), (names, _) = result
-        assert len(names) == 3 and pre['input_size'] == [3, 8, 8]
+        model, (pre, _), (names, _) = result
+        check_folder_read(model, pre, names)
     shutil.rmtree(path)
+    fz.charge('timm-folder', t0)
 
 
 @pytest.mark.parametrize('fmt', ['PNG', 'JPEG', 'GIF'])
@@ -135,12 +155,14 @@ def test_image_refused_or_read(fmt):
     @settings(max_examples=fz.target() if fz.LONG else 25)
     @given(st.data())
     def run(data):
+        t0 = time.process_time()
         path = write(fresh('.' + fmt.lower()), fz.MUTATIONS[data.draw(st.sampled_from(fz.GENERIC))](data.draw, valid))
         # (no allocation bound: a few bytes may declare a large image; Pillow's own limit applies)
         result = fz.check_outcome(f'image-{fmt}', lambda p: preprocess.load_image(p, cfg), path, trace=False)
         if not isinstance(result, ConversionError):
             assert result.shape == (8, 8, 3) and result.dtype == np.float32
         os.remove(path)
+        fz.charge(f'image-{fmt}', t0)
     run()
 
 
@@ -218,6 +240,7 @@ def mutant_command(data, reader, mutation, command):
 @settings(max_examples=fz.target() if fz.LONG else 60)
 @given(st.data())
 def test_command_in_process(data):
+    t0 = time.process_time()
     reader = data.draw(st.sampled_from(FILE_READERS))
     mutation = data.draw(st.sampled_from(fz.READERS[reader].mutations))
     argv, src, out = mutant_command(data, reader, mutation, data.draw(st.sampled_from(sorted(COMMANDS))))
@@ -226,6 +249,7 @@ def test_command_in_process(data):
     check_command_result(r.returncode, r.stderr, argv, src, out)
     assert not os.path.exists(fz.MARKER)
     shutil.rmtree(os.path.dirname(out))
+    fz.charge(f'vit-flax {argv[0]}', t0)
 
 
 # One real process per reader in `make test` (each costs an interpreter start); `make fuzz` runs more.
@@ -325,3 +349,30 @@ def test_fixed_failures_stay_fixed(reader, blob):
     or refused in one line naming it, within the allocation bound."""
     r = fz.READERS[reader]
     fz.check_outcome(reader, r.read, write(fresh(r.ext), blob))
+
+
+def _folder_config(**model_args) -> bytes:
+    """The fuzzer's valid timm folder's config.json with `model_args` changed."""
+    path = fresh('')
+    fz.model_folder_valid(path)
+    with open(os.path.join(path, 'config.json')) as f:
+        cfg = json.load(f)
+    shutil.rmtree(path)
+    cfg['model_args'].update(model_args)
+    return json.dumps(cfg).encode()
+
+
+@settings(phases=[Phase.explicit], deadline=None)
+@given(config=st.binary())
+@example(config=_folder_config(img_size=9))    # make fuzz (issue 40): read as timm builds it, a 9-px model
+@example(config=_folder_config(img_size=10))
+@example(config=_folder_config(img_size=12))   # a 3x3 grid over the weights' 2x2: refused
+def test_fixed_folder_failures_stay_fixed(model_folder, config):
+    """config.json files found by `make fuzz`: refused in one line naming the folder, or read consistently."""
+    path = fresh('')
+    shutil.copytree(model_folder, path)
+    write(os.path.join(path, 'config.json'), config)
+    result = fz.check_outcome('timm-folder', read_folder_and_preprocessing, path)
+    if not isinstance(result, ConversionError):
+        model, (pre, _), (names, _) = result
+        check_folder_read(model, pre, names)

@@ -154,6 +154,7 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
     mutations, `make fuzz` for more): the reader returns that step's exact params or the step before's,
     or says in one line that nothing is readable; never other values."""
     import tempfile
+    import time
     import numpy as np
     from durability import fuzzing as fz
     from hypothesis import given, settings, strategies as st
@@ -175,6 +176,7 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
     @settings(max_examples=fz.dir_target() if fz.LONG else 12)
     @given(st.data())
     def case(data):
+        t0 = time.process_time()
         with tempfile.TemporaryDirectory() as tmp:  # (test_fuzz.py removes fz.WORKDIR when it ends)
             workdir = os.path.join(tmp, 'w')
             shutil.copytree(reference, workdir, ignore=needed)
@@ -185,6 +187,7 @@ def test_fuzzed_latest_step_is_skipped_or_read_exactly(reference):
             except BaseException:
                 fz.FAILURES['training-checkpoint'] += 1
                 raise
+        fz.charge('training-checkpoint', t0)
     try:
         case()
     finally:

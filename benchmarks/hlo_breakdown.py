@@ -1,7 +1,7 @@
 """What XLA compiled for a step, grouped by kind: the optimized HLO's top-level operations counted and sized.
 
     python benchmarks/hlo_breakdown.py [--model vit_small_patch16_224] [--dtype bfloat16] [--batch 16]
-        [--forward] [--param-dtype bfloat16] [--by where] [--hlo optimized_hlo.txt] [--json FILE]
+        [--forward] [--by where] [--hlo optimized_hlo.txt] [--json FILE]
 
 The step is the one train_flax.py runs (AdamW, 1000 classes, one CPU device): vit_train.plan compiles it with
 the run's own builders (loop.build_model, loop.state_spec, loop.jit_steps), so this is exactly what a
@@ -139,6 +139,8 @@ def classify(ins: Instr, comps: dict, scope: dict):
     real = kinds - SHAPE_ONLY
     if not real and 'broadcast' in kinds:
         return 'broadcast', _dims(ins.shape)[0], 0
+    if not real:
+        return 'transpose', 'copy (bitcasts/reshapes only)', 0
     out_dt = _dims(ins.shape)[0]
     if real and real <= {'convert'}:
         src = sorted({_dims(table[i.operands[0]].shape)[0] for i in ops if i.op == 'convert' and i.operands
@@ -153,28 +155,26 @@ def classify(ins: Instr, comps: dict, scope: dict):
     return 'elementwise', out_dt, 0
 
 
-PARTS = (('optimizer', ('optax', 'adam', 'scale_by', 'apply_updates')),
-         ('attention', ('...qk', '...qd', '...kd', 'softmax', 'attention')),
-         ('qkv', ('MultiHeadDotProductAttention_0/me,de', 'MultiHeadDotProductAttention_0/md,de',
-                  'MultiHeadDotProductAttention_0/concatenate', 'MultiHeadDotProductAttention_0/transpose',
-                  'MultiHeadDotProductAttention_0/reshape', 'MultiHeadDotProductAttention_0/mul',
-                  'MultiHeadDotProductAttention_0/add', 'MultiHeadDotProductAttention_0/convert')),
-         ('attn-out', ('/out/',)), ('mlp-fc1', ('Dense_0',)), ('mlp-fc2', ('Dense_1',)),
-         ('gelu', ('gelu', 'erf', 'MlpBlock_0/checkpoint', 'MlpBlock_0/jvp', 'MlpBlock_0/mul', 'MlpBlock_0/exp')),
-         ('layernorm', ('LayerNorm', 'encoder_norm')), ('patch-embed', ('embedding',)), ('head', ('head',)),
-         ('posemb', ('posembed',)), ('loss', ('log_softmax', 'softmax_cross', 'logsumexp')))
+PARTS = (('attention', ('MultiHeadDotProductAttention', '/attn/', 'Attention')),
+         ('mlp', ('MlpBlock', '/mlp/')), ('layernorm', ('LayerNorm', 'encoder_norm', '/norm')),
+         ('patch-embed', ('embedding', 'patch_embed')), ('head', ('head',)), ('posemb', ('posembed',)))
 
 
 def where(ins: Instr):
-    """(phase, part) from the instruction's metadata op_name."""
+    """(phase, part) from the instruction's metadata op_name: the phase fwd (the forward), bwd (its
+    transpose: the backward) or other (no model in the name: the optimizer update, the input, the loss); the
+    part the innermost model module named (an attention, an MLP, a norm, ...), 'block' for the residual adds
+    between them. Instructions XLA made itself (the copies it inserts) carry no name: 'unnamed'."""
     name = ins.op_name
-    phase = 'bwd' if 'transpose(' in name else ('fwd' if 'VisionTransformer' in name or 'jvp(' in name else 'other')
-    for part, keys in PARTS:
-        if any(k in name for k in keys):
-            return phase, part
-    if 'encoderblock' in name:
-        return phase, 'block other'
-    return phase, 'other' if name else 'unnamed'
+    if not name:
+        return 'other', 'unnamed'
+    phase = 'bwd' if 'transpose(' in name else ('fwd' if 'VisionTransformer' in name or 'Swin' in name else 'other')
+    hits = [(name.rfind(k), part) for part, keys in PARTS for k in keys if k in name]
+    if hits:
+        return phase, max(hits)[1]
+    if phase != 'other':
+        return phase, 'block'
+    return phase, 'optimizer/loss/input'
 
 
 def breakdown(text: str, by_where: bool = False) -> dict:
@@ -251,12 +251,10 @@ def render(b: dict, head: str = '', details: bool = True) -> str:
     return '\n'.join(lines)
 
 
-def compile_step(model, dtype, batch, forward, param_dtype=None, extra=None):
+def compile_step(model, dtype, batch, forward, extra=None):
     """(optimized HLO text, the plan dict) of the step vit_train would run."""
     from vit_train import config, plan
     fields = dict(model=model, batch_size=batch, dtype=dtype, workdir=os.path.join(tempfile.gettempdir(), 'hlo-wd'))
-    if param_dtype:
-        fields['param_dtype'] = param_dtype
     args = config.resolve(config.from_python(fields))
     with tempfile.TemporaryDirectory() as d:
         p = plan.plan(args, 'cpu', 1000, train=not forward, dump=d, extra=extra or {})
@@ -268,8 +266,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--model', default='vit_small_patch16_224')
     ap.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16'))
-    ap.add_argument('--param-dtype', default=None, choices=('float32', 'bfloat16'),
-                    help='the training option --param-dtype (default: the run\'s default)')
     ap.add_argument('--batch', type=int, default=16)
     ap.add_argument('--forward', action='store_true', help='the eval step (forward) instead of the training step')
     ap.add_argument('--hlo', help='read this optimized HLO text instead of compiling')
@@ -283,10 +279,9 @@ def main(argv=None):
             text = f.read()
         head = a.hlo
     else:
-        text, p = compile_step(a.model, a.dtype, a.batch, a.forward, a.param_dtype)
+        text, p = compile_step(a.model, a.dtype, a.batch, a.forward)
         what = 'forward (eval step)' if a.forward else 'AdamW training step'
-        head = (f'{a.model} {what}, compute {a.dtype}' + (f', params {a.param_dtype}' if a.param_dtype else '')
-                + f', batch {a.batch}, XLA:CPU')
+        head = f'{a.model} {what}, compute {a.dtype}, batch {a.batch}, XLA:CPU'
     b = breakdown(text, by_where=a.by == 'where')
     print(render(b, head, details=not a.no_details))
     if p:

@@ -1,12 +1,12 @@
 """Time the training step train_flax.py runs, in this process: compile it, run it, print the step times.
 
     python benchmarks/train_step_time.py [--model vit_small_patch16_224] [--dtype bfloat16] [--batch 16]
-        [--param-dtype bfloat16] [--steps 5] [--cache DIR]
+        [--steps 5] [--cache DIR]
 
 The step is vit_train's own (loop.build_model, loop.state_spec, loop.jit_steps: AdamW, 1000 classes, one
 CPU device, the run's defaults), on random parameters (drawn from their shapes, no init to compile) and a
 random uint8 batch, the state donated step to step as in a run. Prints one line per step and a last line
-of JSON: {'dtype', 'param_dtype', 'batch', 'compile_s', 'step_ms' (each), 'median_ms', 'img_per_s',
+of JSON: {'model', 'dtype', 'batch', 'compile_s', 'step_ms' (each), 'median_ms', 'img_per_s',
 'load_avg' (the 1-minute load average before and after)}. `--cache DIR` keeps XLA's compiled programs there
 (jax's persistent compilation cache), so that a process timed from the outside spends its time stepping,
 not compiling. On a shared machine pair it with the other dtype in the same window and compare ratios.
@@ -24,7 +24,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--model', default='vit_small_patch16_224')
     ap.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16'))
-    ap.add_argument('--param-dtype', default=None, choices=('float32', 'bfloat16'))
     ap.add_argument('--batch', type=int, default=16)
     ap.add_argument('--steps', type=int, default=5)
     ap.add_argument('--cache', help='jax persistent compilation cache folder')
@@ -38,8 +37,6 @@ def main(argv=None):
     from vit_train import config, loop, sharding, weights
     load0 = os.getloadavg()[0]
     fields = dict(model=a.model, batch_size=a.batch, dtype=a.dtype, workdir='/tmp/train-step-time-unused')
-    if a.param_dtype:
-        fields['param_dtype'] = a.param_dtype
     args = config.resolve(config.from_python(fields))
     mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, 1), devices=jax.devices()[:1])
     model, _, size = loop.build_model(args, 1000, None)
@@ -70,8 +67,7 @@ def main(argv=None):
         times.append(1e3 * (time.perf_counter() - t))
         print(f'step {i}: {times[-1]:.0f} ms, loss {float(m["loss"]):.4f}', flush=True)
     med = float(np.median(times))
-    print(json.dumps(dict(model=a.model, dtype=a.dtype, param_dtype=args.param_dtype if hasattr(args, 'param_dtype')
-                          else 'float32', batch=a.batch, compile_s=round(compile_s, 2),
+    print(json.dumps(dict(model=a.model, dtype=a.dtype, batch=a.batch, compile_s=round(compile_s, 2),
                           step_ms=[round(x, 1) for x in times], median_ms=round(med, 1),
                           img_per_s=round(a.batch / med * 1e3, 3), load_avg=[load0, os.getloadavg()[0]])))
     return 0

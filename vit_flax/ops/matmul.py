@@ -136,7 +136,7 @@ def _lhs_ready(s: str, batch: str, contract: str) -> bool:
     return set(s[:len(batch)]) == set(batch) and set(s[len(s) - len(contract):]) == set(contract)
 
 
-def _materialized(t):
+def row_major(t):
     """`t` (a transpose) as a row-major copy that XLA cannot fold back into the dot that reads it: a
     transpose is converted to HLO as a layout change (a column-major view), and XLA:CPU widens a bf16 dot
     whose operand is column-major; flattened, it must be written out row-major, and the barrier keeps the
@@ -166,7 +166,7 @@ def _gemm_einsum(spec: str, a, b):
     else:
         (sl, lhs), (sr, rhs) = ((sa, a), (sb, b)) if a.size <= b.size else ((sb, b), (sa, a))
         order = batch + ''.join(c for c in sl if c not in batch and c not in contract) + contract
-        lhs, sl = _materialized(jnp.transpose(lhs, [sl.index(c) for c in order])), order
+        lhs, sl = row_major(jnp.transpose(lhs, [sl.index(c) for c in order])), order
     free_l = ''.join(c for c in sl if c not in batch and c not in contract)
     free_r = ''.join(c for c in sr if c not in batch and c not in contract)
     dims = (([sl.index(c) for c in contract], [sr.index(c) for c in contract]),

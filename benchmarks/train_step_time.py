@@ -6,7 +6,9 @@
 The step is vit_train's own (loop.build_model, loop.state_spec, loop.jit_steps: AdamW, 1000 classes, one
 CPU device, the run's defaults), on random parameters (drawn from their shapes, no init to compile) and a
 random uint8 batch, the state donated step to step as in a run. Prints one line per step and a last line
-of JSON: {'model', 'dtype', 'batch', 'compile_s', 'step_ms' (each), 'median_ms', 'img_per_s',
+of JSON: {'model', 'dtype', 'batch', 'compile_s', 'step_ms' (each, wall), 'median_ms', 'cpu_ms'
+(each: the process's CPU seconds over the step, all threads: less sensitive to other jobs on the cores than
+the wall clock), 'median_cpu_ms', 'img_per_s',
 'load_avg' (the 1-minute load average before and after)}. `--cache DIR` keeps XLA's compiled programs there
 (jax's persistent compilation cache), so that a process timed from the outside spends its time stepping,
 not compiling. On a shared machine pair it with the other dtype in the same window and compare ratios.
@@ -59,16 +61,18 @@ def main(argv=None):
     compile_s = time.perf_counter() - t
     state, m = compiled(state, batch, lr, ema)   # warm-up
     jax.block_until_ready(m)
-    times = []
+    times, cpu = [], []
     for i in range(a.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state, m = compiled(state, batch, lr, ema)
         jax.block_until_ready(m)
         times.append(1e3 * (time.perf_counter() - t))
-        print(f'step {i}: {times[-1]:.0f} ms, loss {float(m["loss"]):.4f}', flush=True)
+        cpu.append(1e3 * (time.process_time() - c))
+        print(f'step {i}: {times[-1]:.0f} ms wall, {cpu[-1]:.0f} ms cpu, loss {float(m["loss"]):.4f}', flush=True)
     med = float(np.median(times))
     print(json.dumps(dict(model=a.model, dtype=a.dtype, batch=a.batch, compile_s=round(compile_s, 2),
                           step_ms=[round(x, 1) for x in times], median_ms=round(med, 1),
+                          cpu_ms=[round(x, 1) for x in cpu], median_cpu_ms=round(float(np.median(cpu)), 1),
                           img_per_s=round(a.batch / med * 1e3, 3), load_avg=[load0, os.getloadavg()[0]])))
     return 0
 

@@ -157,7 +157,8 @@ def _gemm_einsum(spec: str, a, b):
     sa, sb, out = _expand(spec, a, b)
     batch = ''.join(c for c in sa if c in sb and c in out)
     contract = ''.join(c for c in sa if c in sb and c not in out)
-    if not contract:
+    if not contract or any(a.shape[sa.index(c)] != b.shape[sb.index(c)] for c in batch):
+        # an outer product, or batch axes broadcast against each other: einsum's own lowering
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
     if _lhs_ready(sa, batch, contract):
         (sl, lhs), (sr, rhs) = (sa, a), (sb, b)

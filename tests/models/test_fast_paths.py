@@ -318,23 +318,49 @@ def test_unknown_remat_policy_is_a_clear_error():
 
 
 
-def test_vit_train_bf16_step_stays_on_one_matmul_path():
-    """vit_train's step (forward, backward, AdamW) of a bf16 model: every matmul, the backward's included,
-    takes operands of one dtype (bf16 on the native path, float32 widened on the other), never a mixed
-    f32 x bf16 dot that XLA would run as a float32 GEMM on converted copies."""
+def bf16_train_step_and_specs():
+    """(make_step() -> vit_train's train step of a bf16 TINY ViT, (state, batch, lr) ShapeDtypeStructs)."""
     from vit_train import optim, step as train_step
     model = vit_flax.VisionTransformer(dtype=jnp.bfloat16, **TINY)
     params = vit_flax.summary.param_shapes(model)
     flat = flatten_dict(params, sep='/')
     tx = optim.make('adamw', 0.05, {k: optim.decays(k) for k in flat})
-    state = dict(params=params, opt_state=jax.eval_shape(tx.init, flat), step=jnp.zeros((), jnp.int32))
+    state = dict(params=params, opt_state=jax.eval_shape(tx.init, flat), step=jax.ShapeDtypeStruct((), jnp.int32))
     batch = dict(image=jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8), label=jax.ShapeDtypeStruct((4,), jnp.int32),
                  weight=jax.ShapeDtypeStruct((4,), jnp.float32), unreadable=jax.ShapeDtypeStruct((4,), jnp.int32))
+    make = lambda: train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
+    return make, (state, batch, jax.ShapeDtypeStruct((), jnp.float32))
+
+
+def test_vit_train_bf16_step_stays_on_one_matmul_path():
+    """vit_train's step (forward, backward, AdamW) of a bf16 model: every matmul, the backward's included,
+    takes operands of one dtype (bf16 on the native path, float32 widened on the other), never a mixed
+    f32 x bf16 dot that XLA would run as a float32 GEMM on converted copies."""
+    make, specs = bf16_train_step_and_specs()
     for path, want in (('native', 'bfloat16'), ('float32', 'float32')):
         with mm.using_policy(path):  # (read at trace time: a fresh step function each)
-            fn = train_step.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3)
-            jaxpr = jax.make_jaxpr(fn)(state, batch, 1e-3)
+            jaxpr = jax.make_jaxpr(make())(*specs)
         dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr)
                 if e.primitive.name == 'dot_general']
         # (3 blocks x (qkv, logits, weights x v, out, 2 MLP) + patch embedding + head) x (forward, 2 gradients)
         assert len(dots) == (3 * 6 + 2) * 3 and set(dots) == {(want, want)}, (path, sorted(set(dots)))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu' or not mm._cpu_has_bf16(),
+                    reason='XLA:CPU runs bf16 GEMMs only on a CPU with bf16 dot instructions')
+def test_vit_train_bf16_step_compiles_to_bf16_gemms_only():
+    """What XLA:CPU compiles, not only what JAX traces: on the native path every dot of the bf16 training step
+    (forward, weight and input gradients, attention's four products) multiplies bf16 by bf16. XLA widens
+    to float32 any bf16 dot whose lhs is not contracted on its last axis or whose operand is a transposed
+    view (a weight gradient md,me->de, attention's dV and dK, the dP product on the merged heads'
+    cotangent), converting both operands and running the float32 GEMM: ViT-S/16's step had 86 such dots."""
+    import re
+    make, specs = bf16_train_step_and_specs()
+    with mm.using_policy('native'):
+        hlo = jax.jit(make()).lower(*specs).compile().as_text()
+    dtype = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))   # instruction names are unique in a module
+    dots = re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo)
+    pairs = [(dtype[a], dtype[b]) for a, b in dots]
+    # 3 blocks x 6 products x 3 (forward, 2 gradients), the patch embedding's forward and weight gradient, the
+    # head's 3: XLA may fold or split a few, but every one it keeps is bf16
+    assert len(pairs) >= 50 and set(pairs) == {('bf16', 'bf16')}, sorted(set(pairs))

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ModelConfigError
-from .matmul import matmul
+from .matmul import matmul, row_major
 
 ATTN_IMPLS = ('auto', 'manual_grad', 'autodiff', 'xla', 'cudnn', 'pallas', 'splash')
 # old names (module docstring): accepted, with a DeprecationWarning, for one release
@@ -408,7 +408,9 @@ def _attention_bwd(res, do):
     """What autodiff would give for the forward above, `matmul`'s low-precision VJP included (each
     cotangent rounded to its operand's dtype before the product, accumulated in float32)."""
     q, k, v, p, bias = res
-    pc, do = p.astype(v.dtype), do.astype(v.dtype)
+    # `do` usually arrives as a transposed view (the models' head merge): written out row-major here, or
+    # XLA:CPU would run the dp product as a float32 GEMM on widened copies (see matmul.row_major)
+    pc, do = p.astype(v.dtype), row_major(do.astype(v.dtype))
     dv = matmul('...qk,...qd->...kd', pc, do, out_dtype=v.dtype)
     dp = matmul('...qd,...kd->...qk', do, v, out_dtype=pc.dtype).astype(jnp.float32)
     ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))

@@ -8,7 +8,10 @@ accumulated in float32 (its reference: JAX's autodiff of the same forward). The 
 default where the hardware has bf16 dot instructions (GPU, TPU, x86 with AMX or AVX512_BF16, ARM with
 BF16); 'float32' widens them to float32 first (the same products and float32 accumulation, on XLA:CPU's
 faster float32 GEMM), the default on a CPU without them (AVX2 only: XLA's bf16 GEMM converts tile by
-tile and runs slower than its float32 GEMM).
+tile and runs slower than its float32 GEMM). On the native path every product is written as a dot that
+XLA:CPU keeps in bf16 (`_gemm_einsum`: the lhs contracted on its last axes, a row-major copy where a
+transpose is needed): any other bf16 dot XLA:CPU widens to float32 on converted copies of both operands,
+which is what the weight gradients and attention's backward products did (benchmarks/README.md).
 
 The bf16 policy per backend, in one table (`BF16_POLICY`; `bf16_policy(backend)` gives a row, the bench
 prints it). Everything not named a matmul operand is what timm keeps under torch.autocast(bfloat16):
@@ -114,11 +117,75 @@ def using_policy(value: Optional[str]):
         set_policy(previous)
 
 
+def _expand(spec: str, a, b):
+    """(lhs, rhs, out) index strings of a two-operand einsum, '...' replaced by letters of their own."""
+    ins, out = spec.split('->')
+    sa, sb = ins.split(',')
+    if '...' in spec:
+        spare = [c for c in 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' if c not in spec]
+        n = max(a.ndim - len(sa.replace('...', '')), b.ndim - len(sb.replace('...', '')))
+        lead = ''.join(spare[:n])
+        fill = lambda s, nd: s.replace('...', lead[n - (nd - len(s.replace('...', ''))):])
+        sa, sb, out = fill(sa, a.ndim), fill(sb, b.ndim), out.replace('...', lead)
+    return sa, sb, out
+
+
+def _lhs_ready(s: str, batch: str, contract: str) -> bool:
+    """An operand whose batch axes lead and whose contracted axes trail: the lhs a GEMM library reads as
+    (batch, rows, k) without a transposed copy."""
+    return set(s[:len(batch)]) == set(batch) and set(s[len(s) - len(contract):]) == set(contract)
+
+
+def row_major(t):
+    """`t` (a transpose) as a row-major copy that XLA cannot fold back into the dot that reads it: a
+    transpose is converted to HLO as a layout change (a column-major view), and XLA:CPU widens a bf16 dot
+    whose operand is column-major; flattened, it must be written out row-major, and the barrier keeps the
+    flatten and the reshape back from cancelling."""
+    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
+def _gemm_einsum(spec: str, a, b):
+    """jnp.einsum(spec, a, b) accumulated in float32 as ONE dot whose lhs has its contracted axes last
+    (jnp.einsum picks its own operand order, so the dot is written out here).
+
+    A weight gradient (md,me->de) or attention's dV and dK (...qk,...qd->...kd) contract the leading axis of
+    both operands. XLA:CPU hands bf16 dots to its bf16 GEMM (YNNPACK) only with the lhs contracted on its
+    last axes (the rhs may be either way round); any other bf16 dot it widens: both operands converted to
+    float32 and multiplied at the float32 rate. Here the operand that already has that layout is the lhs;
+    if neither has, the smaller one is transposed (one bf16 copy, half the bytes of one widening) and
+    becomes the lhs. The same products, each exact in float32, accumulated in float32."""
+    sa, sb, out = _expand(spec, a, b)
+    batch = ''.join(c for c in sa if c in sb and c in out)
+    contract = ''.join(c for c in sa if c in sb and c not in out)
+    if not contract or any(a.shape[sa.index(c)] != b.shape[sb.index(c)] for c in batch):
+        # an outer product, or batch axes broadcast against each other: einsum's own lowering
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    if _lhs_ready(sa, batch, contract):
+        (sl, lhs), (sr, rhs) = (sa, a), (sb, b)
+    elif _lhs_ready(sb, batch, contract):
+        (sl, lhs), (sr, rhs) = (sb, b), (sa, a)
+    else:
+        (sl, lhs), (sr, rhs) = ((sa, a), (sb, b)) if a.size <= b.size else ((sb, b), (sa, a))
+        order = batch + ''.join(c for c in sl if c not in batch and c not in contract) + contract
+        lhs, sl = row_major(jnp.transpose(lhs, [sl.index(c) for c in order])), order
+    free_l = ''.join(c for c in sl if c not in batch and c not in contract)
+    free_r = ''.join(c for c in sr if c not in batch and c not in contract)
+    dims = (([sl.index(c) for c in contract], [sr.index(c) for c in contract]),
+            ([sl.index(c) for c in batch], [sr.index(c) for c in batch]))
+    y = jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+    got = batch + free_l + free_r
+    if got == out:
+        return y
+    # (the barrier keeps XLA from turning transpose(dot(l, r)) back into dot(r, l) with r non-canonical)
+    return jnp.transpose(jax.lax.optimization_barrier(y), [got.index(c) for c in out])
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
 def _low_precision_einsum(spec, a, b, out_dtype, widen):
     if widen:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+    return _gemm_einsum(spec, a, b).astype(out_dtype)
 
 
 def _low_precision_einsum_fwd(spec, a, b, out_dtype, widen):

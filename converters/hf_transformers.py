@@ -3,7 +3,7 @@
 The files (config.json, single, sharded and .bin weights, which class a file's keys are) are
 formats/transformers_folder.py; the key tables (timm's keys <-> each class's, per key spelling) are the
 families' `transformers` layouts (`Family.transformers_classes`, `transformers_table`: families/vit/transformers.py,
-swin.py, swinv2.py). Here: what config.json means for a model and back, and the refusals.
+swin.py, swinv2.py, eva.py: DINOv3ViTModel). Here: what config.json means for a model and back, and the refusals.
 
 Reading: config.json alone decides the architecture (`arch_from_config`); the class's key table of the family
 (run both ways by `converters.rules`, whose "flax" side holds timm's keys there and whose "torch" side holds

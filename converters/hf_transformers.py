@@ -96,6 +96,8 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
                     always_partition=False)
     if mt == 'dinov3_vit':
         return _dinov3_arch(cfg, where, g, size)
+    if mt == 'beit':
+        return _beit_arch(cfg, where, g, size, num_classes)
     dim = g('hidden_size', 768)
     defaults = {'vit': 1e-12, 'deit': 1e-12, 'dinov2': 1e-6, 'dinov2_with_registers': 1e-6,
                 'siglip_vision_model': 1e-6, 'siglip': 1e-6, 'clip_vision_model': 1e-5, 'clip': 1e-5}
@@ -190,12 +192,44 @@ def _dinov3_arch(cfg, where, g, size) -> dict:
     return out
 
 
+def _beit_arch(cfg, where, g, size, num_classes) -> dict:
+    """Beit fields of a `beit` config.json (transformers' BeitConfig defaults): q/v biases, relative position bias
+    per block or shared, absolute positions if asked, LayerScale when layer_scale_init_value > 0, mean pooling
+    with its norm (our fc_norm) or the class token after the final norm."""
+    def flag(key, default):
+        x = cfg.get(key, default)
+        if not isinstance(x, bool):
+            raise ConversionError(f'{where}: {key}={x!r} is not true or false')
+        return x
+
+    if cfg.get('hidden_act', 'gelu') != 'gelu':
+        raise ConversionError(f'{where}: hidden_act={cfg.get("hidden_act")!r}: vit-flax\'s Beit has exact GELU only')
+    dim, hidden = g('hidden_size', 768), g('intermediate_size', 3072)
+    ls = cfg.get('layer_scale_init_value', 0.1)
+    if isinstance(ls, bool) or not isinstance(ls, (int, float)) or ls < 0:
+        raise ConversionError(f'{where}: layer_scale_init_value={ls!r} is not a valid value')
+    mean = flag('use_mean_pooling', True)
+    out = dict(embed_dim=dim, depth=g('num_hidden_layers', 12), num_heads=g('num_attention_heads', 12),
+               img_size=size('image_size', 224), patch_size=size('patch_size', 16), in_chans=g('num_channels', 3),
+               norm_eps=float(g('layer_norm_eps', 1e-12, (float,))), num_classes=num_classes, qkv_bias=True,
+               mlp_ratio=hidden / dim, mlp_layer='mlp', init_values=float(ls) if ls > 0 else None,
+               use_abs_pos_emb=flag('use_absolute_position_embeddings', False),
+               use_rel_pos_bias=flag('use_relative_position_bias', False),
+               use_shared_rel_pos_bias=flag('use_shared_relative_position_bias', False),
+               global_pool='avg' if mean else 'token', fc_norm=mean)
+    if int(dim * out['mlp_ratio']) != hidden:
+        raise ConversionError(f'{where}: intermediate_size={hidden} is not a width vit-flax\'s Beit builds from '
+                              f'hidden_size={dim}')
+    return out
+
+
 # what a config field is called in config.json, for the vit-flax fields read off the weights
 _HF_FIELD = {'embed_dim': 'hidden_size', 'depth': 'num_hidden_layers', 'mlp_dim': 'intermediate_size',
              'patch_size': 'patch_size', 'in_chans': 'num_channels', 'num_patches': 'image_size',
              'depths': 'depths', 'num_heads': 'num_heads', 'window_size': 'window_size', 'mlp_ratio': 'mlp_ratio',
              'reg_tokens': 'num_register_tokens', 'qkv_bias': 'qkv_bias', 'num_classes': 'id2label',
-             'stage_windows': 'window_size', 'mlp_hidden': 'intermediate_size'}
+             'stage_windows': 'window_size', 'mlp_hidden': 'intermediate_size',
+             'use_abs_pos_emb': 'use_absolute_position_embeddings'}
 
 
 def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
@@ -207,6 +241,10 @@ def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
         expect = dict(embed_dim=model.embed_dim, depths=tuple(model.depths), num_heads=tuple(model.num_heads),
                       in_chans=model.in_chans, qkv_bias=model.qkv_bias, patch_size=to_tuple(model.patch_size, 2),
                       mlp_ratio=model.mlp_ratio, stage_windows=tuple(w[0] for w, _ in model.stage_windows()))
+    elif mt == 'beit':
+        expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_hidden=model.mlp_hidden,
+                      patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, qkv_bias=model.qkv_bias,
+                      use_abs_pos_emb=model.use_abs_pos_emb)
     elif mt == 'dinov3_vit':   # (an Eva's config_from_torch names the MLP width mlp_hidden, and has no positions)
         expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_hidden=model.mlp_hidden,
                       patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, reg_tokens=model.reg_tokens,
@@ -327,6 +365,8 @@ def target_class(model) -> str:
     refuses what the class cannot hold."""
     if type(model).__name__ == 'Eva':   # `check_holds` refuses what DINOv3's backbone cannot hold
         return 'DINOv3ViTModel'
+    if type(model).__name__ == 'Beit':
+        return 'BeitForImageClassification' if model.num_classes else 'BeitModel'
     if not hasattr(model, 'depths') and not hasattr(model, 'pre_norm'):   # vit-pytorch's ViT, MLP-Mixer: no class
         raise ConversionError(f'transformers has no class for a {type(model).__name__}; write .pth, .safetensors '
                               f'or .npz instead')
@@ -356,6 +396,8 @@ def config_for(model, cls: str, class_names=None) -> dict:
     kind = _kind(cls)
     if kind == 'dinov3':
         cfg = _dinov3_config(model, cls)
+    elif kind == 'beit':
+        cfg = _beit_config(model, cls)
     elif kind == 'swin':
         patch, img = to_tuple(model.patch_size, 2), to_tuple(model.img_size, 2)
         win = to_tuple(model.window_size, 2)
@@ -432,6 +474,24 @@ def _dinov3_config(model, cls: str) -> dict:
                 attention_dropout=0.0, drop_path_rate=0.0)
 
 
+def _beit_config(model, cls: str) -> dict:
+    """config.json of transformers' BeitConfig for a Beit (`check_holds` refuses what it cannot hold)."""
+    from vit_flax.models.layers import to_tuple
+    patch, img = to_tuple(model.patch_size, 2), to_tuple(model.img_size, 2)
+    if patch[0] != patch[1] or img[0] != img[1]:
+        raise ConversionError(f'transformers\' {cls} takes square images and patches; this model has '
+                              f'img_size={model.img_size}, patch_size={model.patch_size}')
+    return dict(model_type='beit', hidden_size=model.embed_dim, intermediate_size=model.mlp_hidden,
+                num_hidden_layers=model.depth, num_attention_heads=model.num_heads, hidden_act='gelu',
+                image_size=img[0], patch_size=patch[0], num_channels=model.in_chans, layer_norm_eps=model.norm_eps,
+                use_mask_token=False, use_absolute_position_embeddings=model.use_abs_pos_emb,
+                use_relative_position_bias=model.use_rel_pos_bias,
+                use_shared_relative_position_bias=model.use_shared_rel_pos_bias,
+                layer_scale_init_value=float(model.init_values) if model.init_values else 0.0,
+                use_mean_pooling=model.use_fc_norm, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                drop_path_rate=0.0)
+
+
 def _swiglu_ratio(model) -> float:
     """An mlp_ratio that transformers' Dinov2SwiGLUFFN turns into this model's hidden width (half of fc1's)."""
     hidden = model.mlp_hidden // 2
@@ -470,6 +530,14 @@ _HELD = {'VisionTransformer': [
         ('rope_rotate_half', 'interleaved RoPE'), ('rope_grid_offset', 'a RoPE grid offset'),
         ('rope_grid_indexing', 'this RoPE grid indexing'), ('use_fc_norm', 'a norm after pooling (fc_norm)'),
         ('use_final_norm', 'no final norm'), ('num_classes', 'a classifier head')],
+    'Beit': [
+        ('embed_dim', 'the width'), ('depth', 'the depth'), ('num_heads', 'the heads'), ('mlp_layer', 'this MLP'),
+        ('mlp_hidden', 'the MLP width'), ('scale_mlp_norm', 'an MLP sub-norm'), ('patch_size', 'the patch'),
+        ('in_chans', 'the input channels'), ('qkv_bias', 'qkv_bias'), ('norm_eps', 'this norm eps'),
+        ('init_values', 'LayerScale'), ('use_abs_pos_emb', 'absolute positions'),
+        ('use_rel_pos_bias', 'a relative position bias per block'),
+        ('use_shared_rel_pos_bias', 'a shared relative position bias'), ('global_pool', 'this pooling'),
+        ('use_fc_norm', 'this pooling norm'), ('num_classes', 'a classifier head')],
     'SwinTransformer': [('embed_dim', 'the width'), ('depths', 'the depths'), ('num_heads', 'the heads'),
                         ('window_size', 'the window'), ('mlp_ratio', 'the MLP ratio'), ('qkv_bias', 'qkv_bias'),
                         ('qk_scale', 'a custom attention scale'), ('in_chans', 'the input channels'),
@@ -481,7 +549,7 @@ def _value(model, k):
     v = getattr(model, k)
     if k == 'init_values':
         return bool(v)
-    if k == 'window_size' and not isinstance(v, (tuple, list)):
+    if k in ('window_size', 'patch_size') and not isinstance(v, (tuple, list)):
         return (v, v)
     return tuple(v) if isinstance(v, list) else v
 

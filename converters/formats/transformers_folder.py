@@ -21,7 +21,7 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
 VIT_TYPES = ('vit', 'deit', 'dinov2', 'dinov2_with_registers', 'siglip_vision_model', 'siglip',
              'clip_vision_model', 'clip')
-MODEL_TYPES = VIT_TYPES + ('swin', 'dinov3_vit')
+MODEL_TYPES = VIT_TYPES + ('swin', 'dinov3_vit', 'beit')
 
 
 def is_transformers_folder(path: str) -> bool:
@@ -138,6 +138,8 @@ def class_of(mt: str, state, cfg_path: str) -> str:
         return 'CLIPVisionModelWithProjection' if has('visual_projection.weight') else 'CLIPVisionModel'
     if mt == 'dinov3_vit':
         return 'DINOv3ViTModel'
+    if mt == 'beit':
+        return 'BeitForImageClassification' if any(k.startswith('beit.') for k in state) else 'BeitModel'
     return 'SwinForImageClassification' if any(k.startswith('swin.') for k in state) else 'SwinModel'
 
 

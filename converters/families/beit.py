@@ -76,7 +76,10 @@ def transformers_beit_table(model, cls: str, spelling: str, prefix: str) -> List
         rules += renamed_rules(f'{t}norm2', f'{h}layernorm_after')
         rules += renamed_rules(f'{t}mlp.fc1', f'{h}intermediate.dense')
         rules += renamed_rules(f'{t}mlp.fc2', f'{h}output.dense')
-    rules += renamed_rules('fc_norm', f'{p}pooler.layernorm') if model.use_fc_norm else renamed_rules('norm', f'{p}layernorm')
+    if model.use_fc_norm:   # use_mean_pooling: the pooler's norm after the mean; else the final norm
+        rules += renamed_rules('fc_norm', f'{p}pooler.layernorm')
+    else:
+        rules += renamed_rules('norm', f'{p}layernorm')
     if model.num_classes > 0:
         rules += renamed_rules('head', 'classifier')
     return rules

@@ -329,7 +329,8 @@ def dinov3_vit_table(model, spelling: str, prefix: str = '') -> List[Rule]:
         rules += [rule(f'{t}gamma_1', f'{h}layer_scale1.lambda1'), rule(f'{t}gamma_2', f'{h}layer_scale2.lambda1')]
         rules += renamed_rules(f'{t}norm2', f'{h}norm2')
         if model.mlp_layer == 'swiglu':
-            rules += renamed_rules(f'{t}mlp.fc1_g', f'{h}mlp.gate_proj') + renamed_rules(f'{t}mlp.fc1_x', f'{h}mlp.up_proj')
+            rules += renamed_rules(f'{t}mlp.fc1_g', f'{h}mlp.gate_proj')
+            rules += renamed_rules(f'{t}mlp.fc1_x', f'{h}mlp.up_proj')
         else:
             rules += renamed_rules(f'{t}mlp.fc1', f'{h}mlp.up_proj')
         rules += renamed_rules(f'{t}mlp.fc2', f'{h}mlp.down_proj')

@@ -3,7 +3,7 @@
 The files (config.json, single, sharded and .bin weights, which class a file's keys are) are
 formats/transformers_folder.py; the key tables (timm's keys <-> each class's, per key spelling) are the
 families' `transformers` layouts (`Family.transformers_classes`, `transformers_table`: families/vit/transformers.py,
-swin.py, swinv2.py). Here: what config.json means for a model and back, and the refusals.
+swin.py, swinv2.py, eva.py: DINOv3ViTModel). Here: what config.json means for a model and back, and the refusals.
 
 Reading: config.json alone decides the architecture (`arch_from_config`); the class's key table of the family
 (run both ways by `converters.rules`, whose "flax" side holds timm's keys there and whose "torch" side holds
@@ -94,6 +94,10 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
                     patch_size=size('patch_size', 4), img_size=size('image_size', 224), in_chans=g('num_channels', 3),
                     norm_eps=float(g('layer_norm_eps', 1e-5, (float,))), gelu=act, num_classes=num_classes,
                     always_partition=False)
+    if mt == 'dinov3_vit':
+        return _dinov3_arch(cfg, where, g, size)
+    if mt == 'beit':
+        return _beit_arch(cfg, where, g, size, num_classes)
     dim = g('hidden_size', 768)
     defaults = {'vit': 1e-12, 'deit': 1e-12, 'dinov2': 1e-6, 'dinov2_with_registers': 1e-6,
                 'siglip_vision_model': 1e-6, 'siglip': 1e-6, 'clip_vision_model': 1e-5, 'clip': 1e-5}
@@ -137,12 +141,95 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
     return out
 
 
+def _dinov3_arch(cfg, where, g, size) -> dict:
+    """Eva fields of a `dinov3_vit` config.json (transformers' DINOv3ViTConfig defaults): RoPE of DINOv3's form
+    (`rope_theta` its temperature, rotate-half layout, patch tokens only), q/v biases without a k bias, LayerScale,
+    a GELU MLP or (use_gated_mlp) a SwiGLU with separate gate weights, the final norm, the class token as the pooled
+    output (its pooler_output), any input size (the RoPE is computed for the image's grid)."""
+    def flag(key, default):
+        x = cfg.get(key, default)
+        if not isinstance(x, bool):
+            raise ConversionError(f'{where}: {key}={x!r} is not true or false')
+        return x
+
+    regs = cfg.get('num_register_tokens', 0)
+    if type(regs) is not int or regs < 0:
+        raise ConversionError(f'{where}: num_register_tokens={regs!r} is not a valid value')
+    q, k, v = flag('query_bias', True), flag('key_bias', False), flag('value_bias', True)
+    if k or q != v:
+        raise ConversionError(f'{where}: query_bias={str(q).lower()}, key_bias={str(k).lower()}, value_bias='
+                              f'{str(v).lower()}: vit-flax\'s Eva holds q and v biases together and no k bias')
+    for f in ('proj_bias', 'mlp_bias'):
+        if not flag(f, True):
+            raise ConversionError(f'{where}: {f}=false: vit-flax\'s Eva has these biases')
+    gated = flag('use_gated_mlp', False)
+    act = cfg.get('hidden_act', 'gelu')
+    if act != ('silu' if gated else 'gelu') and not (gated and act == 'swish'):
+        raise ConversionError(f'{where}: hidden_act={act!r}: vit-flax\'s Eva builds ' +
+                              ("a SiLU-gated MLP (hidden_act 'silu')" if gated else "a GELU MLP (hidden_act 'gelu')"))
+    dim, hidden = g('hidden_size', 384), g('intermediate_size', 1536)
+    aug = {}
+    for ours, theirs, d in (('rope_shift_coords', 'pos_embed_shift', None),
+                            ('rope_jitter_coords', 'pos_embed_jitter', None),
+                            ('rope_rescale_coords', 'pos_embed_rescale', 2.0)):
+        x = cfg.get(theirs, d)
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
+            raise ConversionError(f'{where}: {theirs}={x!r} is not a number or null')
+        aug[ours] = None if x is None else float(x)
+    out = dict(embed_dim=dim, depth=g('num_hidden_layers', 12), num_heads=g('num_attention_heads', 6),
+               img_size=size('image_size', 224), patch_size=size('patch_size', 16), in_chans=g('num_channels', 3),
+               norm_eps=float(g('layer_norm_eps', 1e-5, (float,))), num_classes=0, class_token=True,
+               reg_tokens=regs, global_pool='token', qkv_bias=q, qkv_fused=True,
+               attn_type='eva', init_values=float(g('layerscale_value', 1.0, (float,))), use_abs_pos_emb=False,
+               use_rot_pos_emb=True, rope_type='dinov3', rope_temperature=float(g('rope_theta', 100.0, (float,))),
+               rope_rotate_half=True, rope_grid_offset=0.0, rope_grid_indexing='ij', dynamic_img_size=True,
+               mlp_layer='swiglu' if gated else 'mlp', mlp_ratio=hidden / dim, **aug)
+    if gated:   # timm's separate-gate SwiGLU is built with an alignment; 1 keeps the width as it is
+        out['swiglu_align_to'] = 8 if hidden % 8 == 0 else 1
+    if hidden < 1 or int(dim * out['mlp_ratio']) != hidden:
+        raise ConversionError(f'{where}: intermediate_size={hidden} is not a width vit-flax\'s Eva builds from '
+                              f'hidden_size={dim}')
+    return out
+
+
+def _beit_arch(cfg, where, g, size, num_classes) -> dict:
+    """Beit fields of a `beit` config.json (transformers' BeitConfig defaults): q/v biases, relative position bias
+    per block or shared, absolute positions if asked, LayerScale when layer_scale_init_value > 0, mean pooling
+    with its norm (our fc_norm) or the class token after the final norm."""
+    def flag(key, default):
+        x = cfg.get(key, default)
+        if not isinstance(x, bool):
+            raise ConversionError(f'{where}: {key}={x!r} is not true or false')
+        return x
+
+    if cfg.get('hidden_act', 'gelu') != 'gelu':
+        raise ConversionError(f'{where}: hidden_act={cfg.get("hidden_act")!r}: vit-flax\'s Beit has exact GELU only')
+    dim, hidden = g('hidden_size', 768), g('intermediate_size', 3072)
+    ls = cfg.get('layer_scale_init_value', 0.1)
+    if isinstance(ls, bool) or not isinstance(ls, (int, float)) or ls < 0:
+        raise ConversionError(f'{where}: layer_scale_init_value={ls!r} is not a valid value')
+    mean = flag('use_mean_pooling', True)
+    out = dict(embed_dim=dim, depth=g('num_hidden_layers', 12), num_heads=g('num_attention_heads', 12),
+               img_size=size('image_size', 224), patch_size=size('patch_size', 16), in_chans=g('num_channels', 3),
+               norm_eps=float(g('layer_norm_eps', 1e-12, (float,))), num_classes=num_classes, qkv_bias=True,
+               mlp_ratio=hidden / dim, mlp_layer='mlp', init_values=float(ls) if ls > 0 else None,
+               use_abs_pos_emb=flag('use_absolute_position_embeddings', False),
+               use_rel_pos_bias=flag('use_relative_position_bias', False),
+               use_shared_rel_pos_bias=flag('use_shared_relative_position_bias', False),
+               global_pool='avg' if mean else 'token', fc_norm=mean)
+    if int(dim * out['mlp_ratio']) != hidden:
+        raise ConversionError(f'{where}: intermediate_size={hidden} is not a width vit-flax\'s Beit builds from '
+                              f'hidden_size={dim}')
+    return out
+
+
 # what a config field is called in config.json, for the vit-flax fields read off the weights
 _HF_FIELD = {'embed_dim': 'hidden_size', 'depth': 'num_hidden_layers', 'mlp_dim': 'intermediate_size',
              'patch_size': 'patch_size', 'in_chans': 'num_channels', 'num_patches': 'image_size',
              'depths': 'depths', 'num_heads': 'num_heads', 'window_size': 'window_size', 'mlp_ratio': 'mlp_ratio',
              'reg_tokens': 'num_register_tokens', 'qkv_bias': 'qkv_bias', 'num_classes': 'id2label',
-             'stage_windows': 'window_size'}
+             'stage_windows': 'window_size', 'mlp_hidden': 'intermediate_size',
+             'use_abs_pos_emb': 'use_absolute_position_embeddings'}
 
 
 def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
@@ -154,6 +241,14 @@ def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
         expect = dict(embed_dim=model.embed_dim, depths=tuple(model.depths), num_heads=tuple(model.num_heads),
                       in_chans=model.in_chans, qkv_bias=model.qkv_bias, patch_size=to_tuple(model.patch_size, 2),
                       mlp_ratio=model.mlp_ratio, stage_windows=tuple(w[0] for w, _ in model.stage_windows()))
+    elif mt == 'beit':
+        expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_hidden=model.mlp_hidden,
+                      patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, qkv_bias=model.qkv_bias,
+                      use_abs_pos_emb=model.use_abs_pos_emb)
+    elif mt == 'dinov3_vit':   # (an Eva's config_from_torch names the MLP width mlp_hidden, and has no positions)
+        expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_hidden=model.mlp_hidden,
+                      patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, reg_tokens=model.reg_tokens,
+                      qkv_bias=model.qkv_bias)
     else:
         expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_dim=model.mlp_hidden,
                       patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans,
@@ -219,7 +314,8 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     plain = family.module_cls()
     described = plain.clone(**field_overrides(plain, want))   # the model config.json describes: its key table's
     dropped = [k for k in raw if not k.startswith(prefix) and not files.is_head_key(k, cls)]
-    state = {k: v for k, v in raw.items() if k not in dropped}
+    state = {k: v for k, v in raw.items() if k not in dropped
+             and not (k.endswith('embeddings.register_tokens') and 0 in np.shape(v))}   # DINOv3's, with none
     timm_state, spelling, err = None, None, None
     for sp in SPELLINGS:
         try:
@@ -267,6 +363,10 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
 def target_class(model) -> str:
     """The transformers class that holds `model` (its head, tokens and norms decide); `check_holds` then
     refuses what the class cannot hold."""
+    if type(model).__name__ == 'Eva':   # `check_holds` refuses what DINOv3's backbone cannot hold
+        return 'DINOv3ViTModel'
+    if type(model).__name__ == 'Beit':
+        return 'BeitForImageClassification' if model.num_classes else 'BeitModel'
     if not hasattr(model, 'depths') and not hasattr(model, 'pre_norm'):   # vit-pytorch's ViT, MLP-Mixer: no class
         raise ConversionError(f'transformers has no class for a {type(model).__name__}; write .pth, .safetensors '
                               f'or .npz instead')
@@ -294,7 +394,11 @@ def config_for(model, cls: str, class_names=None) -> dict:
     """config.json of class `cls` for `model` (keys both transformers 4.4x and 5.x read)."""
     from vit_flax.models.layers import to_tuple
     kind = _kind(cls)
-    if kind == 'swin':
+    if kind == 'dinov3':
+        cfg = _dinov3_config(model, cls)
+    elif kind == 'beit':
+        cfg = _beit_config(model, cls)
+    elif kind == 'swin':
         patch, img = to_tuple(model.patch_size, 2), to_tuple(model.img_size, 2)
         win = to_tuple(model.window_size, 2)
         if patch[0] != patch[1] or img[0] != img[1] or win[0] != win[1]:
@@ -351,6 +455,43 @@ def config_for(model, cls: str, class_names=None) -> dict:
     return cfg
 
 
+def _dinov3_config(model, cls: str) -> dict:
+    """config.json of transformers' DINOv3ViTConfig for an Eva (`check_holds` refuses what it cannot hold)."""
+    from vit_flax.models.layers import to_tuple
+    patch, img = to_tuple(model.patch_size, 2), to_tuple(model.img_size, 2)
+    if patch[0] != patch[1] or img[0] != img[1]:
+        raise ConversionError(f'transformers\' {cls} takes square images and patches; this model has '
+                              f'img_size={model.img_size}, patch_size={model.patch_size}')
+    gated = model.mlp_layer == 'swiglu'
+    return dict(model_type='dinov3_vit', hidden_size=model.embed_dim, intermediate_size=model.mlp_hidden,
+                num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
+                hidden_act='silu' if gated else 'gelu', use_gated_mlp=gated, image_size=img[0], patch_size=patch[0],
+                num_channels=model.in_chans, layer_norm_eps=model.norm_eps, rope_theta=model.rope_temperature,
+                query_bias=model.qkv_bias, key_bias=False, value_bias=model.qkv_bias, proj_bias=True, mlp_bias=True,
+                layerscale_value=float(model.init_values) if model.init_values is not None else 1.0,
+                num_register_tokens=model.reg_tokens, pos_embed_shift=model.rope_shift_coords,
+                pos_embed_jitter=model.rope_jitter_coords, pos_embed_rescale=model.rope_rescale_coords,
+                attention_dropout=0.0, drop_path_rate=0.0)
+
+
+def _beit_config(model, cls: str) -> dict:
+    """config.json of transformers' BeitConfig for a Beit (`check_holds` refuses what it cannot hold)."""
+    from vit_flax.models.layers import to_tuple
+    patch, img = to_tuple(model.patch_size, 2), to_tuple(model.img_size, 2)
+    if patch[0] != patch[1] or img[0] != img[1]:
+        raise ConversionError(f'transformers\' {cls} takes square images and patches; this model has '
+                              f'img_size={model.img_size}, patch_size={model.patch_size}')
+    return dict(model_type='beit', hidden_size=model.embed_dim, intermediate_size=model.mlp_hidden,
+                num_hidden_layers=model.depth, num_attention_heads=model.num_heads, hidden_act='gelu',
+                image_size=img[0], patch_size=patch[0], num_channels=model.in_chans, layer_norm_eps=model.norm_eps,
+                use_mask_token=False, use_absolute_position_embeddings=model.use_abs_pos_emb,
+                use_relative_position_bias=model.use_rel_pos_bias,
+                use_shared_relative_position_bias=model.use_shared_rel_pos_bias,
+                layer_scale_init_value=float(model.init_values) if model.init_values else 0.0,
+                use_mean_pooling=model.use_fc_norm, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                drop_path_rate=0.0)
+
+
 def _swiglu_ratio(model) -> float:
     """An mlp_ratio that transformers' Dinov2SwiGLUFFN turns into this model's hidden width (half of fc1's)."""
     hidden = model.mlp_hidden // 2
@@ -376,6 +517,27 @@ _HELD = {'VisionTransformer': [
     ('qk_norm', 'q/k norms'), ('scale_attn_norm', 'an attention scale norm'), ('scale_mlp_norm', 'an MLP norm'),
     ('mlp_layer', 'this MLP'), ('block_fn', 'this block'), ('num_classes', 'a classifier head'),
     ('dynamic_img_size', 'dynamic image sizes')],
+    'Eva': [
+        ('embed_dim', 'the width'), ('depth', 'the depth'), ('num_heads', 'the heads'), ('num_kv_heads', 'GQA'),
+        ('mlp_layer', 'this MLP'), ('mlp_hidden', 'the MLP width'), ('patch_size_tuple', 'the patch'),
+        ('in_chans', 'the input channels'), ('qkv_bias', 'qkv_bias'), ('qkv_fused', 'separate q/k/v weights'),
+        ('attn_type', 'this attention'), ('qk_norm', 'q/k norms'), ('scale_attn_norm', 'an attention sub-norm'),
+        ('scale_mlp_norm', 'an MLP sub-norm'), ('norm_layer', 'RmsNorm'), ('norm_eps', 'this norm eps'),
+        ('init_values', 'no LayerScale'), ('attn_only_layer_scale', 'attention-only LayerScale'),
+        ('block_fn', 'post-norm blocks'), ('pre_norm', 'a pre-norm'), ('class_token', 'no class token'),
+        ('reg_tokens', 'this many register tokens'), ('use_abs_pos_emb', 'absolute positions'),
+        ('use_rot_pos_emb', 'no RoPE'), ('rope_type', 'this RoPE'), ('rope_temperature', 'this RoPE temperature'),
+        ('rope_rotate_half', 'interleaved RoPE'), ('rope_grid_offset', 'a RoPE grid offset'),
+        ('rope_grid_indexing', 'this RoPE grid indexing'), ('use_fc_norm', 'a norm after pooling (fc_norm)'),
+        ('use_final_norm', 'no final norm'), ('num_classes', 'a classifier head')],
+    'Beit': [
+        ('embed_dim', 'the width'), ('depth', 'the depth'), ('num_heads', 'the heads'), ('mlp_layer', 'this MLP'),
+        ('mlp_hidden', 'the MLP width'), ('scale_mlp_norm', 'an MLP sub-norm'), ('patch_size', 'the patch'),
+        ('in_chans', 'the input channels'), ('qkv_bias', 'qkv_bias'), ('norm_eps', 'this norm eps'),
+        ('init_values', 'LayerScale'), ('use_abs_pos_emb', 'absolute positions'),
+        ('use_rel_pos_bias', 'a relative position bias per block'),
+        ('use_shared_rel_pos_bias', 'a shared relative position bias'), ('global_pool', 'this pooling'),
+        ('use_fc_norm', 'this pooling norm'), ('num_classes', 'a classifier head')],
     'SwinTransformer': [('embed_dim', 'the width'), ('depths', 'the depths'), ('num_heads', 'the heads'),
                         ('window_size', 'the window'), ('mlp_ratio', 'the MLP ratio'), ('qkv_bias', 'qkv_bias'),
                         ('qk_scale', 'a custom attention scale'), ('in_chans', 'the input channels'),
@@ -387,7 +549,7 @@ def _value(model, k):
     v = getattr(model, k)
     if k == 'init_values':
         return bool(v)
-    if k == 'window_size' and not isinstance(v, (tuple, list)):
+    if k in ('window_size', 'patch_size') and not isinstance(v, (tuple, list)):
         return (v, v)
     return tuple(v) if isinstance(v, list) else v
 
@@ -415,8 +577,11 @@ def hf_state(timm_state: Dict[str, np.ndarray], model, cls: str) -> Dict[str, np
         raise ConversionError(f'transformers\' {cls} cannot hold a head bias (visual_projection has none); '
                               f'this head\'s bias is nonzero')
     state = rules.flax_to_torch(timm_state, table(model, cls, 'hub'))
-    if _kind(cls) == 'dinov2':
-        state['embeddings.mask_token'] = np.zeros((1, model.embed_dim), state['embeddings.cls_token'].dtype)
+    if _kind(cls) in ('dinov2', 'dinov3'):   # DINOv2's is (1, D), DINOv3's (1, 1, D)
+        shape = (1, model.embed_dim) if _kind(cls) == 'dinov2' else (1, 1, model.embed_dim)
+        state['embeddings.mask_token'] = np.zeros(shape, state['embeddings.cls_token'].dtype)
+    if _kind(cls) == 'dinov3' and not model.reg_tokens:   # DINOv3ViTModel holds an empty (1, 0, D) parameter
+        state['embeddings.register_tokens'] = np.zeros((1, 0, model.embed_dim), state['embeddings.cls_token'].dtype)
     return state
 
 
@@ -426,6 +591,9 @@ def write_folder(timm_state, model, path: str, class_names=None, force: bool = F
     cls = target_class(model)
     cfg = config_for(model, cls, class_names)
     check_holds(model, cls, cfg)
+    if cls == 'DINOv3ViTModel' and model.global_pool != 'token':
+        log(f'transformers: {cls}\'s pooler_output is the normed class token; this model pools '
+            f'{model.global_pool!r} (its last_hidden_state holds the same tokens); read back, it pools the token')
     state = hf_state(timm_state, model, cls)
     dtypes = {str(np.asarray(v).dtype) for v in state.values()}
     cfg['torch_dtype'] = cfg['dtype'] = next(iter(dtypes)) if len(dtypes) == 1 else 'float32'   # --dtype bfloat16

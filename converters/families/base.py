@@ -82,11 +82,11 @@ def holds_field(model, k: str, v) -> bool:
         return model.mlp_hidden == v
     if k in ('patch_size', 'img_size', 'window_size'):
         return tuple(to_tuple(getattr(model, k), 2)) == tuple(to_tuple(v, 2))
-    if k == 'class_token':
+    if k == 'class_token' and hasattr(model, 'has_class_token'):
         return model.has_class_token == v
     if k in ('act_layer', 'gelu') and hasattr(model, 'activation'):
         return True
-    if k == 'global_pool':
+    if k == 'global_pool' and hasattr(model, 'pool_type'):
         return model.pool_type == {'gap': 'avg'}.get(v, v) and model.use_fc_norm == (v == 'avg')
     if k == 'init_values':
         return bool(model.init_values) == bool(v)

@@ -14,7 +14,7 @@ from vit_flax.models.eva import relative_table_size
 from vit_flax.models.layers import to_tuple
 
 from ..errors import ConversionError
-from ..rules import CONV, Rule, dense_rules, norm_rules, rule
+from ..rules import CONV, Rule, dense_rules, norm_rules, qkv_rules, renamed_rules, rule
 from .base import Family
 
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
@@ -43,6 +43,48 @@ def timm_to_unilm(state, model) -> dict:
     return out
 
 
+def transformers_beit_table(model, cls: str, spelling: str, prefix: str) -> List[Rule]:
+    """timm's Beit keys (the rules' flax side) <-> transformers' `BeitModel` / `BeitForImageClassification` (prefix
+    `beit.`), Hub spelling only (what `save_pretrained` writes and the Hub holds): `embeddings.{cls_token,
+    position_embeddings, patch_embeddings.projection}`, `encoder.relative_position_bias.relative_position_bias_table`
+    (shared), `encoder.layer.i.{layernorm_before, attention.attention.{query, key (no bias), value,
+    relative_position_bias.relative_position_bias_table}, attention.output.dense, lambda_1, lambda_2,
+    layernorm_after, intermediate.dense, output.dense}`, `layernorm` (class token pooled) or `pooler.layernorm`
+    (use_mean_pooling: our fc_norm), `classifier`. `mask_token` (masked training only) is dropped on read."""
+    if spelling != 'hub':
+        raise ConversionError("transformers 5's own Beit key spelling is not read; save with the Hub's")
+    e, p = f'{prefix}embeddings.', prefix
+    rules = renamed_rules('patch_embed.proj', f'{e}patch_embeddings.projection') + [rule('cls_token', f'{e}cls_token')]
+    if model.use_abs_pos_emb:
+        rules.append(rule('pos_embed', f'{e}position_embeddings'))
+    if model.use_shared_rel_pos_bias:
+        rules.append(rule('rel_pos_bias.relative_position_bias_table',
+                          f'{p}encoder.relative_position_bias.relative_position_bias_table'))
+    for i in range(model.depth):
+        t, h = f'blocks.{i}.', f'{p}encoder.layer.{i}.'
+        a = f'{h}attention.attention.'
+        rules += renamed_rules(f'{t}norm1', f'{h}layernorm_before')
+        rules += qkv_rules(f'{t}attn.qkv', [f'{a}query', f'{a}key', f'{a}value'], False)
+        if model.qkv_bias:
+            rules += [rule(f'{t}attn.q_bias', f'{a}query.bias'), rule(f'{t}attn.v_bias', f'{a}value.bias')]
+        if model.use_rel_pos_bias:
+            rules.append(rule(f'{t}attn.relative_position_bias_table',
+                              f'{a}relative_position_bias.relative_position_bias_table'))
+        rules += renamed_rules(f'{t}attn.proj', f'{h}attention.output.dense')
+        if model.init_values:
+            rules += [rule(f'{t}gamma_1', f'{h}lambda_1'), rule(f'{t}gamma_2', f'{h}lambda_2')]
+        rules += renamed_rules(f'{t}norm2', f'{h}layernorm_after')
+        rules += renamed_rules(f'{t}mlp.fc1', f'{h}intermediate.dense')
+        rules += renamed_rules(f'{t}mlp.fc2', f'{h}output.dense')
+    if model.use_fc_norm:   # use_mean_pooling: the pooler's norm after the mean; else the final norm
+        rules += renamed_rules('fc_norm', f'{p}pooler.layernorm')
+    else:
+        rules += renamed_rules('norm', f'{p}layernorm')
+    if model.num_classes > 0:
+        rules += renamed_rules('head', 'classifier')
+    return rules
+
+
 class BeitFamily(Family):
     name = 'beit'
     module_cls = Beit
@@ -52,6 +94,13 @@ class BeitFamily(Family):
     torch_wrap = {'unilm': 'model'}
     pos_key = 'pos_embed'
     timm_default_pool = 'avg'
+    # transformers' BEiT (config.json: converters/hf_transformers.py)
+    transformers_classes = {'BeitModel': ('beit', ''), 'BeitForImageClassification': ('beit', 'beit.')}
+
+    def transformers_table(self, model, cls: str, spelling: str, prefix: str) -> list:
+        if cls not in self.transformers_classes:
+            return super().transformers_table(model, cls, spelling, prefix)
+        return transformers_beit_table(model, cls, spelling, prefix)
 
     def detect_torch(self, state) -> bool:
         return 'blocks.0.attn.qkv.weight' in state and 'cls_token' in state and (

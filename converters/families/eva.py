@@ -22,7 +22,7 @@ from vit_flax.models.eva import Eva
 from vit_flax.models.layers import to_tuple
 
 from ..errors import ConversionError
-from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, norm_rules, rule
+from ..rules import CONV, Rule, dense_rules, heads_in, heads_out, norm_rules, qkv_rules, renamed_rules, rule
 from .base import Family
 
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
@@ -305,6 +305,42 @@ def timm_to_pe(state, model) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- transformers' DINOv3ViTModel
+
+def dinov3_vit_table(model, spelling: str, prefix: str = '') -> List[Rule]:
+    """timm's Eva keys (the rules' flax side) <-> transformers' `DINOv3ViTModel` (its torch side), run both ways by
+    `converters.rules`; arrays unchanged but the fused qkv split into rows. Hub spelling (what `save_pretrained`
+    writes and the Hub holds): `embeddings.{cls_token, mask_token (1, 1, D), register_tokens,
+    patch_embeddings.{weight,bias}}`, `layer.i.{norm1, attention.{q_proj, k_proj (no bias), v_proj, o_proj},
+    layer_scale1.lambda1, norm2, mlp.{up_proj, down_proj} | mlp.{gate_proj, up_proj, down_proj},
+    layer_scale2.lambda1}`, `norm`; transformers 5's own spelling has `model.layer.i.`. timm's `gamma_1/2` are
+    `layer_scale{1,2}.lambda1`, `q_bias`/`v_bias` the q/v projections' biases, `mlp.fc1_g`/`fc1_x` (SwiGLU)
+    `gate_proj`/`up_proj` (transformers' gated MLP: down(act(gate(x)) * up(x))). `mask_token` serves masked
+    training only (dropped on read, written as zeros); RoPE periods are not stored (`rope_theta`)."""
+    e, p = f'{prefix}embeddings.', prefix + ('layer.{i}.' if spelling == 'hub' else 'model.layer.{i}.')
+    rules = [rule('cls_token', f'{e}cls_token')]
+    if model.reg_tokens:
+        rules.append(rule('reg_token', f'{e}register_tokens'))
+    rules += renamed_rules('patch_embed.proj', f'{e}patch_embeddings')
+    for i in range(model.depth):
+        t, h = f'blocks.{i}.', p.format(i=i)
+        rules += renamed_rules(f'{t}norm1', f'{h}norm1')
+        a = f'{h}attention.'
+        rules += qkv_rules(f'{t}attn.qkv', [f'{a}q_proj', f'{a}k_proj', f'{a}v_proj'], False)
+        if model.qkv_bias:
+            rules += [rule(f'{t}attn.q_bias', f'{a}q_proj.bias'), rule(f'{t}attn.v_bias', f'{a}v_proj.bias')]
+        rules += renamed_rules(f'{t}attn.proj', f'{a}o_proj')
+        rules += [rule(f'{t}gamma_1', f'{h}layer_scale1.lambda1'), rule(f'{t}gamma_2', f'{h}layer_scale2.lambda1')]
+        rules += renamed_rules(f'{t}norm2', f'{h}norm2')
+        if model.mlp_layer == 'swiglu':
+            rules += renamed_rules(f'{t}mlp.fc1_g', f'{h}mlp.gate_proj')
+            rules += renamed_rules(f'{t}mlp.fc1_x', f'{h}mlp.up_proj')
+        else:
+            rules += renamed_rules(f'{t}mlp.fc1', f'{h}mlp.up_proj')
+        rules += renamed_rules(f'{t}mlp.fc2', f'{h}mlp.down_proj')
+    return rules + renamed_rules('norm', f'{prefix}norm')
+
+
 class EvaFamily(Family):
     name = 'eva'
     module_cls = Eva
@@ -323,8 +359,15 @@ class EvaFamily(Family):
                                 'zero bias, the text tower (if any) left out')}
     # DINOv3's releases: 64-wide heads (its fused qkv does not record the count)
     head_width = {'dinov3': 64}
+    # transformers' DINOv3 backbone (config.json: converters/hf_transformers.py)
+    transformers_classes = {'DINOv3ViTModel': ('dinov3', '')}
     pos_key = 'pos_embed'
     timm_default_pool = 'avg'
+
+    def transformers_table(self, model, cls: str, spelling: str, prefix: str) -> list:
+        if cls != 'DINOv3ViTModel':
+            return super().transformers_table(model, cls, spelling, prefix)
+        return dinov3_vit_table(model, spelling, prefix)
 
     # ------------------------------------------------------------ detection
 

@@ -21,7 +21,7 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
 VIT_TYPES = ('vit', 'deit', 'dinov2', 'dinov2_with_registers', 'siglip_vision_model', 'siglip',
              'clip_vision_model', 'clip')
-MODEL_TYPES = VIT_TYPES + ('swin',)
+MODEL_TYPES = VIT_TYPES + ('swin', 'dinov3_vit', 'beit')
 
 
 def is_transformers_folder(path: str) -> bool:
@@ -136,6 +136,10 @@ def class_of(mt: str, state, cfg_path: str) -> str:
         if any(k.startswith('text_model.') for k in state):
             return 'CLIPModel'
         return 'CLIPVisionModelWithProjection' if has('visual_projection.weight') else 'CLIPVisionModel'
+    if mt == 'dinov3_vit':
+        return 'DINOv3ViTModel'
+    if mt == 'beit':
+        return 'BeitForImageClassification' if any(k.startswith('beit.') for k in state) else 'BeitModel'
     return 'SwinForImageClassification' if any(k.startswith('swin.') for k in state) else 'SwinModel'
 
 
@@ -177,7 +181,7 @@ def labels(cfg: dict, n: int) -> Optional[List[str]]:
 
 def blocks_held(state, prefix: str) -> int:
     """Blocks (ViTs) or stages (Swin) the backbone's keys under `prefix` hold."""
-    rx = re.compile(r'^(?:encoder\.layers?|layers)\.(\d+)\.')
+    rx = re.compile(r'^(?:encoder\.layers?|layers|(?:model\.)?layer)\.(\d+)\.')   # the last: DINOv3ViTModel
     return len({m.group(1) for k in state if k.startswith(prefix) for m in [rx.match(k[len(prefix):])] if m})
 
 

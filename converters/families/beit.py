@@ -108,8 +108,10 @@ class BeitFamily(Family):
             in state)
 
     def detect_layout(self, state) -> str:
-        """'unilm' (microsoft/unilm's files: `relative_position_index` buffers), else 'timm'."""
-        return 'unilm' if any(k.endswith('relative_position_index') for k in state) else 'timm'
+        """'unilm' (microsoft/unilm's files: `relative_position_index` buffers beside BEiT's `cls_token` and
+        top-level `blocks.`; Microsoft's Swin files have the buffers too, under `layers.N.blocks.`), else 'timm'."""
+        beit = 'cls_token' in state and any(k.startswith('blocks.') for k in state)
+        return 'unilm' if beit and any(k.endswith('relative_position_index') for k in state) else 'timm'
 
     def detect_flax(self, flat) -> bool:
         return 'patch_embed/kernel' in flat and any(k.endswith('relative_position_bias_table') for k in flat)

@@ -7,7 +7,8 @@ Every row is vit_train.plan.plan(...) for an AdamW bf16 training step (1000 clas
 slice), appended (and flushed) as soon as it is done, with the load average it was compiled under, so a partial
 run still fills the doc. Parts (PARTS, the default order: the most wanted rows first): `v5e`, `v5p`, `v6e`
 (ViT-B/16, ViT-L/16, Swin-B at 256 images per chip, remat off/on), `dinov2` (DINOv2-L/14 at 518 on the three),
-`maxbatch` (largest batch per chip on v5e:2x2, remat off/on, by vit_train.plan.max_batch; every probe is logged as
+`published` (ViT-S/16 on v5p:2x2x1 at 256 per chip: big_vision's published
+v3-8 run, docs/XLA.md), `maxbatch` (largest batch per chip on v5e:2x2, remat off/on, by vit_train.plan.max_batch; every probe is logged as
 a `maxbatch-probe` row; `maxbatch-off` / `maxbatch-full` split it), `scan` (ViT-B/16 and ViT-L/16 under nn.scan,
 against the unrolled v5e remat rows). `--skip` names CSVs and docs/XLA.md: settings already measured there are
 not compiled again. `--markdown` renders the rows as docs/XLA.md's table and, with `--write`, replaces the table
@@ -27,7 +28,7 @@ FIELDS = ('part', 'model', 'target', 'devices', 'batch_per_chip', 'remat', 'scan
           'opt_state_bytes', 'argument_bytes', 'output_bytes', 'alias_bytes', 'temp_bytes', 'peak_bytes',
           'memory_bytes', 'flops', 'model_flops', 'bytes_accessed', 'roofline_seconds', 'optimal_seconds',
           'images_per_sec_per_chip', 'mfu_bound', 'fusions', 'collectives', 'compile_seconds', 'loadavg', 'error', 'note')
-MODELS = {'vit_b16': ('vit_base_patch16_224', {}), 'vit_l16': ('vit_large_patch16_224', {}),
+MODELS = {'vit_s16': ('vit_small_patch16_224', {}), 'vit_b16': ('vit_base_patch16_224', {}), 'vit_l16': ('vit_large_patch16_224', {}),
           'swin_b': ('swin_base_patch4_window7_224', {}), 'dinov2_l14': ('vit_large_patch14_dinov2', {})}
 TARGETS = ('tpu:v5e:2x2', 'tpu:v5p:2x2x1', 'tpu:v6e:2x2')
 
@@ -41,7 +42,7 @@ def one(model, target, per_chip, remat=None, extra=None):
         return dict(target=target, fits=None, error=f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
 
 
-PARTS = ('v5e', 'v5p', 'v6e', 'dinov2', 'maxbatch', 'scan')   # the default order: the most wanted rows first
+PARTS = ('v5e', 'v5p', 'v6e', 'dinov2', 'maxbatch', 'scan', 'published')   # the default order: the most wanted rows first
 
 
 def jobs(part):
@@ -57,6 +58,10 @@ def jobs(part):
         return [('maxbatch', key, 'tpu:v5e:2x2', None, remat, False, True) for key in ('vit_b16', 'vit_l16') for remat in rs]
     if part == 'scan':   # against the matrix's unrolled v5e remat rows: the same step, blocks under nn.scan
         return [('scan', key, 'tpu:v5e:2x2', 256, 'full', True, False) for key in ('vit_b16', 'vit_l16')]
+    if part == 'published':   # big_vision's ViT-S/16 i1k run (batch 1024 on a v3-8, 256 per chip): libtpu compiles for no
+        # v3 and its v4 topologies come as one device per core, which jax's meshes refuse; the step's FLOPs and bytes
+        # from a v5p (megacore, one device per chip, room without remat) are then held against v3's specs
+        return [('published', 'vit_s16', 'tpu:v5p:2x2x1', 256, None, False, False)]
     raise SystemExit(f'unknown part {part!r}: one of {", ".join(PARTS)}, maxbatch-off, maxbatch-full')
 
 
@@ -132,7 +137,7 @@ def doc_rows(doc):
 
 HEADER = ('| part | model | target | batch/chip | remat | scan | fits | params+opt GiB | temp GiB | peak (or needed) GiB '
           '| TFLOP/step/chip | XLA/analytic | GB accessed | roofline img/s/chip | bound | compile s | load |')
-ORDER = dict(part=('matrix', 'dinov2', 'maxbatch', 'scan'), model=tuple(MODELS), target=('v5e', 'v5p', 'v6e'),
+ORDER = dict(part=('matrix', 'dinov2', 'maxbatch', 'maxbatch-probe', 'scan', 'published'), model=tuple(MODELS), target=('v5e', 'v5p', 'v6e'),
              remat=('off', 'full'))
 
 
@@ -165,14 +170,14 @@ def _key(cells):
 
 def _rank(cells):
     pos = lambda seq, v: seq.index(v) if v in seq else len(seq)  # noqa: E731
-    part, model, target, _, remat, scan = cells[:6]
+    part, model, target, batch, remat, scan = cells[:6]
     return (pos(ORDER['part'], part), pos(ORDER['model'], model), pos(ORDER['target'], target.split(':')[0]),
-            pos(ORDER['remat'], remat), scan)
+            pos(ORDER['remat'], remat), scan, int(batch) if batch.isdigit() else 0)
 
 
 def markdown(paths, doc=None) -> str:
     """docs/XLA.md's table: the rows of `doc`'s table (measured before, kept) updated by the rows of the CSVs
-    (the last row per setting wins; max-batch probes left out), in a fixed order. With `doc`, the table
+    (the last row per setting wins; every max-batch probe kept), in a fixed order. With `doc`, the table
     between its BEGIN and END markers is replaced. Returns the table's text."""
     rows = {}
     if doc:
@@ -180,9 +185,8 @@ def markdown(paths, doc=None) -> str:
             rows[_key(cells)] = cells + ['-'] * (HEADER.count('|') - 1 - len(cells))   # older tables had no load column
     for path in paths:
         for r in csv.DictReader(open(path)):
-            if r['part'] != 'maxbatch-probe':
-                cells = _cells(r)
-                rows[_key(cells)] = cells
+            cells = _cells(r)
+            rows[_key(cells)] = cells
     lines = [HEADER, '|' + '---|' * (HEADER.count('|') - 1)]
     lines += ['| ' + ' | '.join(c) + ' |' for c in sorted(rows.values(), key=_rank)]
     table = '\n'.join(lines)

@@ -191,7 +191,10 @@ def plan(args, target: str, num_classes: int, *, train: bool = True, extra: Opti
                                                           platform)
         else:
             compiled, lowered, seconds, oom = compile_for(eval_step, (st.abstract['params'], batch_spec), platform)
-    macs = summary.count_macs(model)   # per image, the eval forward (fvcore's rule), with the 'manual_grad' attention
+    # per image, the eval forward (fvcore's rule), counted with the 'manual_grad' attention (plain matmuls: a Pallas
+    # kernel is opaque to the count, and an explicit 'splash' or 'pallas' refuses to trace for this CPU host)
+    counted = model.clone(attn_impl='manual_grad') if hasattr(model, 'attn_impl') else model
+    macs = summary.count_macs(counted)
     opt_bytes = _shard_bytes(st.abstract['opt_state']) if train else 0
     out = dict(target=target, platform=platform, devices=ndev, device_kind=devices[0].device_kind,
                model=args.model, overrides=overrides, train=train, batch=batch, batch_per_device=batch // ndev,

@@ -85,18 +85,26 @@ def batch_mesh(mesh):
 
 
 def _per_device(fn, *args):
-    """fn(*args), under shard_map over the batch (dim 0 of every arg and of the output) when a `batch_mesh`
-    with more than one device is set and divides the batch; else as is."""
+    """fn(*args), under shard_map over the batch (dim 0 of every array in args, pytrees and None included, and of
+    the output) when a `batch_mesh` with more than one device is set and divides the batch; else as is."""
     mesh = _BATCH_MESH.get()
     if mesh is None or mesh.size == 1 or args[0].shape[0] % mesh.size:
         return fn(*args)
     from jax.sharding import PartitionSpec as P
     spec = P(tuple(mesh.axis_names))
+    given = [i for i, a in enumerate(args) if a is not None]   # a None (no bias) travels outside the map
+
+    def body(*arrays):
+        full = list(args)
+        for i, a in zip(given, arrays):
+            full[i] = a
+        return fn(*full)
+    specs = tuple(spec for _ in given)
     try:
-        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)
+        mapped = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)
     except TypeError:   # jax before check_vma
-        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_rep=False)
-    return mapped(*args)
+        mapped = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec, check_rep=False)
+    return mapped(*[args[i] for i in given])
 
 
 @contextlib.contextmanager
@@ -313,7 +321,9 @@ def pallas_attention(q, k, v, bias=None, mask=None, scale=None, block: int = PAL
     sizes = fa.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
                           block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
                           block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
-    out = fa.flash_attention(qp, kp, vp, ab, segments, sm_scale=1.0 if scale is None else scale, block_sizes=sizes)
+    kernel = lambda q_, k_, v_, ab_, seg_: fa.flash_attention(  # noqa: E731
+        q_, k_, v_, ab_, seg_, sm_scale=1.0 if scale is None else scale, block_sizes=sizes)
+    out = _per_device(kernel, qp, kp, vp, ab, segments)   # per device: XLA cannot partition a Mosaic kernel
     return out[:, :, :nq].reshape(q.shape[:-1] + v.shape[-1:]).astype(v.dtype)
 
 

@@ -15,6 +15,13 @@ import sys
 import tempfile
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+# XLA's optimisation passes off for the tests and the processes they start (as the training tests' runs had it
+# already): compiling is most of a test's cost here (a file of model tests: 86 s -> 73 s), and every comparison
+# is between programs compiled the same way or against another library's numbers at a stated tolerance. The files
+# of OPTIMIZED look at what XLA makes of a program (its dots, its memory) and compile with the passes on.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+OPTIMIZED = ('tests/xla/', 'tests/test_hlo_breakdown.py', 'tests/models/test_fast_paths.py',
+             'tests/models/test_splash.py')
 
 import jax
 import pytest
@@ -37,6 +44,7 @@ if HAVE_TORCH:
 # the controller removes it at the end). Subprocesses (killed writers, two-process training, the CLI's own
 # process) compile for themselves, so no process is killed half-way through writing an entry; a worker that
 # reads an entry the other is still writing is warned by jax and compiles instead (filtered in pyproject.toml).
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 JAX_CACHE = None
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     _run = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
@@ -51,6 +59,24 @@ def pytest_unconfigure(config):
     if JAX_CACHE and not os.environ.get('PYTEST_XDIST_WORKER'):   # the controller, or a run without workers
         import shutil
         shutil.rmtree(JAX_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _xla_passes_as_the_file_needs(request):
+    """The files of OPTIMIZED compile with XLA's passes on (and so do the processes they start)."""
+    rel = os.path.relpath(str(request.path), os.path.dirname(TESTS_DIR)).replace(os.sep, '/')
+    if not rel.startswith(OPTIMIZED):
+        yield
+        return
+    before = os.environ.get('JAX_DISABLE_MOST_OPTIMIZATIONS')
+    os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '0'
+    jax.config.update('jax_disable_most_optimizations', False)
+    yield
+    jax.config.update('jax_disable_most_optimizations', before == '1')
+    if before is None:
+        os.environ.pop('JAX_DISABLE_MOST_OPTIMIZATIONS')
+    else:
+        os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = before
 
 
 @pytest.fixture

@@ -18,10 +18,13 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 # XLA's optimisation passes off for the tests and the processes they start (as the training tests' runs had it
 # already): compiling is most of a test's cost here (a file of model tests: 86 s -> 73 s), and every comparison
 # is between programs compiled the same way or against another library's numbers at a stated tolerance. The files
-# of OPTIMIZED look at what XLA makes of a program (its dots, its memory) and compile with the passes on.
+# of OPTIMIZED look at what XLA makes of a program (its dots, its memory), or compare with torch bit for bit, and
+# compile with the passes on.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# (and the two files that hold our arithmetic to torch's bit for bit: the EMA update, the erasing fill)
 OPTIMIZED = ('tests/xla/', 'tests/test_hlo_breakdown.py', 'tests/models/test_fast_paths.py',
-             'tests/models/test_splash.py')
+             'tests/models/test_splash.py', 'tests/training/test_recipe_ema.py',
+             'tests/training/test_augment_pipeline.py')
 
 import jax
 import pytest

@@ -22,7 +22,7 @@ from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl
 from ..registry import register
 from .eva import EvaBlock, relative_bias, relative_table_size
-from .layers import PatchConv, dense, drop_path_rates, remat_block, to_tuple
+from .layers import PatchConv, PatchGrid, dense, drop_path_rates, remat_block, to_tuple
 from .layers import norm_layer as make_norm
 
 Dtype = Any
@@ -40,7 +40,7 @@ class SharedRelPosBias(nn.Module):
         return relative_bias(table, self.window)
 
 
-class Beit(nn.Module):
+class Beit(PatchGrid, nn.Module):
     """timm's `Beit` (module docstring). Input NHWC images; output logits (pooled features with
     `num_classes=0` or `pre_logits=True`)."""
     num_classes: int = 1000
@@ -69,18 +69,6 @@ class Beit(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attn_impl: AttnImpl = 'auto'
-
-    @property
-    def patch_size_tuple(self):
-        return to_tuple(self.patch_size, 2)
-
-    @property
-    def grid_size(self):
-        return tuple(i // p for i, p in zip(to_tuple(self.img_size, 2), self.patch_size_tuple))
-
-    @property
-    def input_shape(self):
-        return to_tuple(self.img_size, 2) + (self.in_chans,)
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -40,6 +40,7 @@ from ..ops import rope as rope_ops
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..ops.resize import resize_grid
 from ..registry import register
+from .layers import PatchGrid
 from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, drop_path_rates,
                      fused_projection, merge_heads, remat_block, to_tuple)
 from .layers import norm_layer as make_norm
@@ -211,7 +212,7 @@ class EvaBlock(nn.Module):
         return x + drop_path(y)
 
 
-class Eva(nn.Module):
+class Eva(PatchGrid, nn.Module):
     """timm's `Eva` (module docstring). Input NHWC images; output logits (pooled features with
     `num_classes=0`; every token with `global_pool=''`)."""
     num_classes: int = 1000
@@ -268,18 +269,6 @@ class Eva(nn.Module):
     attn_impl: AttnImpl = 'auto'
 
     # -- derived configuration
-    @property
-    def patch_size_tuple(self):
-        return to_tuple(self.patch_size, 2)
-
-    @property
-    def grid_size(self):
-        return tuple(i // p for i, p in zip(to_tuple(self.img_size, 2), self.patch_size_tuple))
-
-    @property
-    def input_shape(self):
-        return to_tuple(self.img_size, 2) + (self.in_chans,)
-
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + int(self.reg_tokens)

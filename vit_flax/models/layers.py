@@ -261,3 +261,21 @@ def drop_path_rates(rate: float, depth: int):
 
 def to_tuple(v, n: int):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+class PatchGrid:
+    """The 2-D patch geometry a model with `img_size`, `patch_size` and `in_chans` fields derives (a mixin of
+    plain properties, so they work on unbound modules too): the patch as a pair, the token grid, the NHWC input
+    shape without the batch."""
+
+    @property
+    def patch_size_tuple(self):
+        return to_tuple(self.patch_size, 2)
+
+    @property
+    def grid_size(self):
+        return tuple(i // p for i, p in zip(to_tuple(self.img_size, 2), self.patch_size_tuple))
+
+    @property
+    def input_shape(self):
+        return to_tuple(self.img_size, 2) + (self.in_chans,)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
+from .layers import PatchGrid
 from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, fused_projection, merge_heads,
                      split_heads, to_tuple)
 
@@ -155,7 +156,7 @@ class Transformer(nn.Module):
         return x
 
 
-class LucidViT(nn.Module):
+class LucidViT(PatchGrid, nn.Module):
     """vit-pytorch's `ViT` (any release from 0.6 on; see the module docstring for what changed)."""
     num_classes: int = 1000
     img_size: Union[int, Sequence[int]] = 224
@@ -176,18 +177,6 @@ class LucidViT(nn.Module):
     attn_impl: AttnImpl = 'auto'  # the attention kernel (module docstring)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
-    @property
-    def patch_size_tuple(self):
-        return to_tuple(self.patch_size, 2)
-
-    @property
-    def grid_size(self):
-        return tuple(i // p for i, p in zip(to_tuple(self.img_size, 2), self.patch_size_tuple))
-
-    @property
-    def input_shape(self):
-        return to_tuple(self.img_size, 2) + (self.in_chans,)
-
     @property
     def has_class_token(self) -> bool:
         return self.pool == 'cls' if self.class_token is None else self.class_token

@@ -16,6 +16,7 @@ from vit_flax.models.layers import to_tuple
 from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, norm_rules, qkv_rules, renamed_rules, rule
 from .base import Family
+from .eva import torch_shapes_of_flax
 
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 
@@ -166,19 +167,7 @@ class BeitFamily(Family):
                     num_classes=np.shape(state['head.weight'])[0] if 'head.weight' in state else 0)
 
     def config_from_flax(self, flat) -> dict:
-        state = {}
-        for k, v in flat.items():
-            name = re.sub(r'^blocks_(\d+)/', lambda m: f'blocks.{m.group(1)}.', k).replace('/', '.')
-            name = (name.replace('patch_embed.kernel', 'patch_embed.proj.weight').replace('.scale', '.weight')
-                    .replace('.kernel', '.weight').replace('mlp.Dense_gate', 'mlp.fc1_g'))
-            if 'mlp.Dense_0' in name:
-                name = name.replace('mlp.Dense_0', 'mlp.fc1_x' if any('Dense_gate' in x for x in flat) else 'mlp.fc1')
-            shape = tuple(np.shape(v))
-            if name.endswith('.weight') and len(shape) == 2 and 'table' not in name:
-                shape = shape[::-1]
-            if name == 'patch_embed.proj.weight':
-                shape = (shape[3], shape[2]) + shape[:2]
-            state[name] = np.empty(shape, np.int8)
+        state = {k: np.empty(shape, np.int8) for k, shape in torch_shapes_of_flax(flat).items()}
         return self.config_from_torch(state)
 
     _CORE = ('embed_dim', 'depth', 'num_heads', 'patch_size', 'in_chans', 'qkv_bias', 'use_abs_pos_emb',

@@ -29,6 +29,29 @@ _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _FLAX_BLOCK = re.compile(r'^blocks_(\d+)/')
 
 
+def torch_shapes_of_flax(flat) -> dict:
+    """timm's key -> torch's shape for each array of a flat Eva/BEiT Flax tree (`blocks_{i}/...` spelled
+    `blocks.{i}....`, kernels transposed, the patch kernel HWIO -> OIHW; RoPE frequencies and relative position
+    tables keep their shape): what `config_from_torch` reads, without building a state_dict."""
+    gated = any('Dense_gate' in k for k in flat)
+    t = {}
+    for key, v in flat.items():
+        name = _FLAX_BLOCK.sub(lambda m: f'blocks.{m.group(1)}.', key).replace('/', '.')
+        name = (name.replace('patch_embed.kernel', 'patch_embed.proj.weight')
+                .replace('patch_embed.bias', 'patch_embed.proj.bias').replace('.scale', '.weight')
+                .replace('.kernel', '.weight').replace('mlp.Dense_gate', 'mlp.fc1_g')
+                .replace('rope_freqs', 'rope.freqs').replace('attn_pool.probe', 'attn_pool.latent'))
+        if 'mlp.Dense_0' in name:
+            name = name.replace('mlp.Dense_0', 'mlp.fc1_x' if gated else 'mlp.fc1')
+        shape = tuple(np.shape(v))
+        if name.endswith('.weight') and len(shape) == 2 and 'rope' not in name and 'table' not in name:
+            shape = shape[::-1]
+        if name == 'patch_embed.proj.weight':
+            shape = (shape[3], shape[2]) + shape[:2]
+        t[name] = shape
+    return t
+
+
 def _norm(model, flax: str, torch: str) -> List[Rule]:
     if model.norm_layer == 'rmsnorm':
         return [rule(f'{flax}/scale', f'{torch}.weight')]
@@ -511,21 +534,7 @@ class EvaFamily(Family):
 
     def config_from_flax(self, flat) -> dict:
         """The same fields off a flat Flax tree: its names spelled as timm's, its shapes as torch's."""
-        t = {}
-        for key, v in flat.items():
-            name = _FLAX_BLOCK.sub(lambda m: f'blocks.{m.group(1)}.', key).replace('/', '.')
-            name = (name.replace('patch_embed.kernel', 'patch_embed.proj.weight')
-                    .replace('patch_embed.bias', 'patch_embed.proj.bias').replace('.scale', '.weight')
-                    .replace('.kernel', '.weight').replace('mlp.Dense_gate', 'mlp.fc1_g').replace('rope_freqs', 'rope.freqs')
-                    .replace('attn_pool.probe', 'attn_pool.latent'))
-            if 'mlp.Dense_0' in name:
-                name = name.replace('mlp.Dense_0', 'mlp.fc1_x' if any('Dense_gate' in x for x in flat) else 'mlp.fc1')
-            shape = tuple(np.shape(v))
-            if name.endswith('.weight') and len(shape) == 2 and 'rope' not in name:
-                shape = shape[::-1]
-            if name == 'patch_embed.proj.weight':
-                shape = (shape[3], shape[2]) + shape[:2]
-            t[name] = shape
+        t = torch_shapes_of_flax(flat)
         return self._config(lambda key: list(t) if key is None else key in t, lambda key: t[key])
 
     def resolve(self, cfg: dict, arch, layout: str, model_name, path: str):

@@ -101,3 +101,18 @@ def test_unilm_files_with_index_buffers_read_and_write_back(tmp_path):
     pipeline.save_params(params, str(tmp_path / 'back.pth'), name, layout='unilm', **SMALL)
     back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)['model']
     assert set(back) == set(unilm) and all(torch.equal(back[k], unilm[k]) for k in unilm)
+
+
+@pytest.mark.parametrize('shared', [False, True])
+def test_a_flax_npz_reads_back_as_its_model_off_the_flax_shapes(tmp_path, shared):
+    """The Flax tree's shapes alone give the model (config_from_flax): heads off the relative position tables,
+    which keep their (entries, heads) shape, per block or shared."""
+    from converters import pipeline, save_params
+    from helpers import perturb
+    over = dict(SMALL, img_size=32, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared)
+    model = vit_flax.create_model('beit_base_patch16_224', **over)
+    path = tmp_path / 'b.npz'
+    save_params(perturb(model), str(path), 'beit_base_patch16_224', **over)
+    got, _, ck = pipeline.load_model(path, log=lambda s: None)
+    assert ck.layout == 'flax'
+    assert (got.num_heads, got.embed_dim, got.depth, got.use_shared_rel_pos_bias) == (4, 64, 2, shared)

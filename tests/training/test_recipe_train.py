@@ -71,6 +71,7 @@ def test_recipe_run_keeps_an_ema_and_says_what_it_does(reference):
     assert all(x['grad_norm'] > 0 and 0 <= x['data_wait'] <= 1 and x['images_per_sec'] > 0 for x in lines)
 
 
+@pytest.mark.slow  # make test's kill -9 with the whole DeiT recipe (test_train_augment.py) checks the same, metrics.jsonl too
 def test_kill_9_then_resume_is_bit_identical_with_the_recipe_on(env, reference, tmp_path):
     workdir = tmp_path / 'killed'
     kill_9_after_checkpoint([sys.executable, TRAIN, '--workdir', str(workdir), *BASE], env, workdir, 16,

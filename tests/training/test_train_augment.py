@@ -1,8 +1,9 @@
 """train_flax.py with the whole DeiT recipe: the host side (RandAugment rand-m9-mstd0.5-inc1, random erasing
 0.25 in pixel mode, 3 repeats) and the device side (erasing, then mixup 0.8 / cutmix 1.0 with smoothing 0.1, a
 weight EMA, layer decay 0.65): killed with SIGKILL after its first checkpoint, the rerun resumes and ends
-bit-identical to the uninterrupted run (the same pixels, boxes, noise and mixing draws after the resume; params
-and EMA), as tests/training/test_train.py shows for the plain pipeline."""
+bit-identical to the uninterrupted run (the same pixels, boxes, noise and mixing draws after the resume; params,
+EMA and the step log of metrics.jsonl), as tests/training/test_train.py shows for the plain pipeline."""
+import json
 import os
 import re
 import sys
@@ -17,7 +18,7 @@ from test_train import ROOT, TRAIN, assert_same_params, latest, run
 AUG = ('--depth', '1', '--batch-size', '66', '--epochs', '1', '--save-every', '8', '--keep', '2',
        '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--aug-repeats', '3',
        '--mixup', '0.8', '--cutmix', '1.0', '--smoothing', '0.1', '--model-ema', '--model-ema-decay', '0.9',
-       '--layer-decay', '0.65')
+       '--layer-decay', '0.65', '--log-every', '5')
 
 
 @pytest.fixture(scope='module')
@@ -40,6 +41,15 @@ def test_kill_9_with_the_deit_recipe_then_rerun_resumes_bit_identical(env, tmp_p
     assert m and 8 <= int(m.group(1)) < 21, r.stdout
     assert_same_params(latest(tmp_path / 'reference'), latest(workdir))
     assert_same_params(ema(tmp_path / 'reference'), ema(workdir))
+    # the resumed run's step log continues the killed one's: the same steps, losses and gradient norms
+    ref, got = (metrics(tmp_path / 'reference'), metrics(workdir))
+    assert [x['step'] for x in ref] == [5, 10, 15, 20]
+    key = lambda x: (x['step'], x['loss'], x['grad_norm'])  # noqa: E731
+    assert [key(x) for x in got] == [key(x) for x in ref]
+
+
+def metrics(workdir):
+    return [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
 def ema(workdir):

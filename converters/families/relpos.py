@@ -30,7 +30,7 @@ from vit_flax.models.relpos import VisionTransformerRelPos, bias_table_size
 from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule
 from .base import Family
-from .mixer import _timm_class
+from .vit import TimmRef
 
 _TORCH_BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _FLAX_BLOCK = re.compile(r'^blocks_(\d+)/')
@@ -42,6 +42,17 @@ def _rel_pos_rules(f: str, t: str, kind: str) -> List[Rule]:
         return [rule(f'{f}/relative_position_bias_table', f'{t}.relative_position_bias_table')]
     return dense_rules(f'{f}/mlp/Dense_0', f'{t}.mlp.fc1') + dense_rules(f'{f}/mlp/Dense_1', f'{t}.mlp.fc2',
                                                                         bias=kind != 'mlp_swin')
+
+
+def _timm_class(module: str, name: str, **kwargs):
+    """timm's (or torch's) `module.name` (a functools.partial with `kwargs`), or a `TimmRef` where timm is absent."""
+    import importlib
+    from functools import partial
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError:
+        return TimmRef(name, tuple(sorted(kwargs.items())))
+    return partial(cls, **kwargs) if kwargs else cls
 
 
 def torch_shapes_of_flax(flat) -> dict:

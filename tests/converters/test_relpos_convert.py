@@ -175,3 +175,20 @@ def test_an_mlp_bias_loads_at_another_size_and_a_bias_table_is_refused():
         with pytest.raises(ConversionError, match=r'relative position tables are sized for a \(4, 4\) patch grid'):
             converters.load_params(os.path.join(d, 'b.pth'), 'vit_relpos_small_patch16_224', log=lambda s: None,
                                    **dict(REDUCED, img_size=48, rel_pos_type='bias'))
+
+
+def test_a_timm_folder_we_write_loads_in_timm_local_dir_bit_exact(tmp_path):
+    """A file timm's registrations do not describe (a learned table with BEiT's class-token rows, 40 px: the rows
+    give the grid) written as a timm folder: config.json's model_args rebuild it in timm (`local-dir:`), which
+    loads the weights strictly, bit for bit, at the file's input size."""
+    from safetensors.torch import save_file
+    _, tm = timm_twin('vit_relpos_base_patch16_cls_224', rel_pos_type='bias', img_size=40)
+    save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, tmp_path / 'b.safetensors')
+    r = cli('convert', tmp_path / 'b.safetensors', tmp_path / 'folder', '--format', 'timm-folder')
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / 'folder' / 'config.json').read_text())
+    assert cfg['model_args']['rel_pos_type'] == 'bias' and cfg['pretrained_cfg']['input_size'] == [3, 40, 40]
+    again = timm.create_model(f'local-dir:{tmp_path / "folder"}', pretrained=True)
+    a, b = state_np(tm), state_np(again)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert again.global_pool == 'token' and again.patch_embed.grid_size == (5, 5)

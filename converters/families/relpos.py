@@ -136,7 +136,8 @@ class RelPosFamily(Family):
             kind, heads, hidden, rows = 'bias', table[1], None, table[0]
         else:
             kind = 'mlp' if r + 'mlp.fc2.bias' in state else 'mlp_swin'
-            heads, hidden, rows = np.shape(state[r + 'mlp.fc2.weight'])[0], np.shape(state[r + 'mlp.fc1.weight'])[0], None
+            heads, hidden = np.shape(state[r + 'mlp.fc2.weight'])[0], np.shape(state[r + 'mlp.fc1.weight'])[0]
+            rows = None
         dim = w[0]
         return dict(embed_dim=dim, in_chans=w[1], patch_size=tuple(w[2:]),
                     depth=1 + max(int(m.group(1)) for m in map(_TORCH_BLOCK.match, state) if m),

@@ -163,7 +163,8 @@ def test_a_training_step_lowers_the_loss_and_reaches_every_parameter_with_the_bi
     """One SGD step in training mode (timm's RelPosMlp drops 12.5% of its hidden units after the ReLU): every
     parameter of a class token + avg-pool model gets a gradient (the class token and the bias MLP too; with one
     block and token pooling the MLP gets none, the class token's row of its bias being 0), the step lowers the
-    loss on the same batch and masks; two dropout keys give two losses (that dropout the only one here); `--depth` sets `depth`."""
+    loss on the same batch and masks; two dropout keys give two losses (that dropout the only one here);
+    `vit-flax train --depth` sets `depth`."""
     import optax
     from types import SimpleNamespace
     from vit_train.loop import build_model

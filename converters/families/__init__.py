@@ -7,13 +7,14 @@ from typing import List, Optional
 
 from ..errors import ConversionError
 from .base import Family
-from . import beit, eva, mixer, swin, swinv2, vit, vit_pytorch
+from . import beit, eva, mixer, relpos, swin, swinv2, vit, vit_pytorch
 
 # mixer, beit and eva before vit: Facebook's ResMLP files hold `patch_embed.proj` and `blocks.*`, which vit would
 # claim; beit's and eva's detection is strict (keys no timm ViT has; BEiT's tables with `blocks.`, not Swin's
-# `layers.`), the ViT family's takes any timm ViT-like file, Swin's any relative_position_bias_table
-FAMILIES: List[Family] = [mixer.FAMILY, beit.FAMILY, eva.FAMILY, vit.FAMILY, swin.FAMILY, swinv2.FAMILY,
-                          vit_pytorch.FAMILY]
+# `layers.`), the ViT family's takes any timm ViT-like file, Swin's any relative_position_bias_table; relpos (strict:
+# `blocks.0.attn.rel_pos.` / `shared_rel_pos.`) before all of those, whose detection would take its files
+FAMILIES: List[Family] = [mixer.FAMILY, relpos.FAMILY, beit.FAMILY, eva.FAMILY, vit.FAMILY, swin.FAMILY,
+                          swinv2.FAMILY, vit_pytorch.FAMILY]
 
 
 def register_family(family: Family) -> None:
@@ -44,8 +45,8 @@ def torch_family(state, path: str, prefer: Optional[type] = None) -> Family:
     for fam in FAMILIES:
         if fam.detect_torch(state) or fam.detect_layout(state) != fam.torch_layout:
             return fam
-    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch/Eva/BEiT/MLP-Mixer state_dict '
-                          f'(first keys: {", ".join(list(state)[:3])})')
+    raise ConversionError(f'{path}: not a ViT/DeiT/Swin/Swin V2/vit-pytorch/Eva/BEiT/MLP-Mixer/ViT-RelPos '
+                          f'state_dict (first keys: {", ".join(list(state)[:3])})')
 
 
 __all__ = ['FAMILIES', 'Family', 'family_of', 'flax_family', 'register_family', 'torch_family']

@@ -19,7 +19,8 @@ from helpers import images, perturb
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny members of the families: ViT (Google's tree), a DINOv2 with registers (LayerScale, registers, no class
 # position), Swin (timm's names), vit-pytorch (its own), ResMLP (the MLP-Mixer family: Affine, LayerScale), a
-# DINOv3 (the Eva family: RoPE, storage tokens) and a BEiT (relative position bias per block)
+# DINOv3 (the Eva family: RoPE, storage tokens), a BEiT (relative position bias per block) and a ViT-RelPos
+# (a class token, the relative position MLP)
 TINY = [
     ('vit_tiny_patch16_224', dict(img_size=32, depth=1, num_classes=5)),
     ('vit_small_patch14_reg4_dinov2', dict(img_size=28, depth=1, num_classes=5)),
@@ -28,6 +29,7 @@ TINY = [
     ('resmlp_12_224', dict(img_size=32, patch_size=8, num_blocks=1, embed_dim=32, num_classes=5)),
     ('vit_small_patch16_dinov3', dict(img_size=32, depth=1, num_classes=5)),
     ('beit_base_patch16_224', dict(img_size=32, depth=1, embed_dim=64, num_heads=2, num_classes=5)),
+    ('vit_relpos_base_patch16_clsgap_224', dict(img_size=32, depth=1, embed_dim=32, num_heads=2, num_classes=5)),
 ]
 
 
@@ -41,7 +43,8 @@ def nnx_logits(model, x):
     return model(x, train=False)
 
 
-@pytest.mark.parametrize('name,over', TINY, ids=[n.split('_')[0] + ('-' + n.split('_')[-1] if 'dino' in n else '') for n, _ in TINY])
+@pytest.mark.parametrize('name,over', TINY, ids=[n.split('_')[0] + ('-' + n.split('_')[-1] if 'dino' in n else '')
+                                                    + ('-relpos' if 'relpos' in n else '') for n, _ in TINY])
 def test_nnx_model_holds_the_linen_tree_and_computes_the_linen_logits(name, over):
     params = perturb(vit_flax.create_model(name, **over), seed=1)
     model = vnnx.create_model(name, rngs=nnx.Rngs(0), **over)

@@ -146,3 +146,31 @@ def test_train_depth_flag_sets_a_caits_self_attention_depth():
                            dtype='float32')
     model, over, size = build_model(args, 10)
     assert (model.depth, model.depth_token_only, model.drop_path_rate, size) == (2, 2, 0.1, 32)
+
+
+@pytest.mark.slow   # a CaiT train step compiled (~30 s on the shared 2-core machine)
+def test_a_training_step_with_drop_path_and_dropout_lowers_the_loss_and_updates_every_parameter():
+    """vit_train's step on a one-block CaiT with stochastic depth and every dropout on (their draws from the step's
+    rng): four SGD steps on one batch lower the loss, every parameter (class token, position table, talking heads'
+    mixers, class attention, LayerScale: started at 0.5, so that the blocks' gradients are not 1e-5 of the
+    head's) is updated, finite."""
+    from flax.traverse_util import flatten_dict
+    import jax.numpy as jnp
+    from vit_train import optim, step as steps
+    model = vit_flax.create_model('cait_xxs24_224', **dict(REDUCED, depth=1, depth_token_only=1), init_values=0.5,
+                                  drop_path_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1, pos_drop_rate=0.1, drop_rate=0.1)
+    params = vit_flax.init_params(model, jax.random.PRNGKey(0))
+    flat = flatten_dict(params, sep='/')
+    tx = optim.make('sgd', 0.0, {k: False for k in flat}, momentum=0.0)
+    fn = jax.jit(steps.make_train_step(model, tx, list(flat), mean=(0.5,) * 3, std=(0.5,) * 3))
+    rng = np.random.default_rng(0)
+    batch = dict(image=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), label=rng.integers(0, 10, 8),
+                 weight=np.ones(8, np.float32), unreadable=np.zeros(8, np.int32))
+    state = dict(params=params, opt_state=tx.init(flat), step=jnp.int32(0))
+    losses = []
+    for _ in range(4):
+        state, metrics = fn(state, batch, 0.1)
+        losses.append(float(metrics['loss']))
+    assert losses[-1] < losses[0] and bool(metrics['params_finite']), losses
+    new = flatten_dict(state['params'], sep='/')
+    assert [k for k in flat if np.array_equal(np.asarray(new[k]), np.asarray(flat[k]))] == []

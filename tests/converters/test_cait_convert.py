@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 from timm.models.cait import checkpoint_filter_fn
 

@@ -15,7 +15,7 @@ from converters.families.cait import FAMILY
 from vit_flax.errors import ModelConfigError
 from vit_flax.models.cait import Cait
 
-from helpers import images, perturb_timm, rel_err, run_flax, run_timm, state_np
+from helpers import images, perturb_timm, rel_err, run_timm, state_np
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 

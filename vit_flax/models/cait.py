@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from ..errors import ModelConfigError
 from ..registry import register
 from .layers import (DropPath, LayerScale, MlpBlock, PatchConv, PatchGrid, ProjectionParams, dense, dense_general,
-                     fused_projection, remat_block, split_heads, to_tuple)
+                     fused_projection, remat_block, split_heads)
 
 Dtype = Any
 
@@ -111,7 +111,8 @@ class ClassAttention(nn.Module):
 
 class CaitBlock(nn.Module):
     """timm's `LayerScaleBlock` (self-attention over the tokens) or, with `class_attention`, its
-    `LayerScaleBlockClassAttn` (called as block(x, cls): the class token updated from [cls, x])."""
+    `LayerScaleBlockClassAttn` (called as block(x, deterministic, cls): the class token updated from [cls, x]).
+    `deterministic` is the second argument, as `remat_block` expects (static under nn.remat)."""
     num_heads: int
     mlp_dim: int
     class_attention: bool = False
@@ -124,7 +125,7 @@ class CaitBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cls=None, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, cls=None):
         norm = lambda i: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=f'LayerNorm_{i}')
         drop_path = lambda y: DropPath()(y, rate=self.drop_path_rate, deterministic=deterministic)
         proj_drop = nn.Dropout(rate=self.proj_drop_rate)
@@ -219,12 +220,12 @@ class Cait(PatchGrid, nn.Module):
                   init_values=self.init_values, dtype=self.dtype)
         for i in range(self.depth):
             x = block(mlp_dim=self.mlp_hidden, proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
-                      drop_path_rate=self.drop_path_rate, name=f'encoderblock_{i}', **kw)(x, None, not train)
+                      drop_path_rate=self.drop_path_rate, name=f'encoderblock_{i}', **kw)(x, not train)
             self.sow('intermediates', f'block_{i}', x)
         cls = jnp.broadcast_to(self.param('cls', _trunc, (1, 1, d)).astype(self.dtype), (b, 1, d))
         for j in range(self.depth_token_only):
             cls = CaitBlock(mlp_dim=self.mlp_hidden_token_only, class_attention=True, name=f'classblock_{j}',
-                            **kw)(x, cls, not train)
+                            **kw)(x, not train, cls)
             self.sow('intermediates', f'class_block_{j}', cls)
         x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='encoder_norm')(jnp.concatenate([cls, x], 1))
         self.sow('intermediates', 'encoded', x)

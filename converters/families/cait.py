@@ -190,7 +190,7 @@ class CaitFamily(Family):
         """(label, flax intermediate, timm module) pairs, in forward order."""
         pts = [('patch_embed', 'embed', 'patch_embed')]
         pts += [(f'block {i}', f'block_{i}', f'blocks.{i}') for i in range(model.depth)]
-        pts += [(f'class block {j}', f'class_block_{j}', f'blocks_token_only.{j}') for j in range(model.depth_token_only)]
+        pts += [(f'cls block {j}', f'class_block_{j}', f'blocks_token_only.{j}') for j in range(model.depth_token_only)]
         return pts + [('norm', 'encoded', 'norm')]
 
     def describe(self, ck) -> str:

@@ -152,3 +152,15 @@ def test_a_cait_file_loaded_at_another_size_resamples_its_position_table_and_say
     params = converters.load_params(path, 'cait_xxs24_224', log=notes.append, **dict(OURS, img_size=48))
     assert params['pos_embedding'].shape == (1, 36, 48)
     assert any('pos_embedding: grid (4, 4) -> (6, 6)' in n for n in notes), notes
+
+
+def test_a_timm_folder_of_a_cait_loads_in_timm_local_dir_with_the_files_weights(release, tmp_path):
+    """`--format timm-folder`: config.json's model_args hold what differs from the detected name (timm's entrypoints let
+    them override its sizes), and timm's `local-dir:` builds the file's model holding its arrays bit for bit."""
+    path, _, state = release
+    r = cli('convert', path, tmp_path / 'folder', '--format', 'timm-folder')
+    assert r.returncode == 0, r.stderr
+    tm = timm.create_model(f'local-dir:{tmp_path / "folder"}', pretrained=True)
+    got = state_np(tm)
+    assert type(tm).__name__ == 'Cait' and tm.pretrained_cfg['first_conv'] == 'patch_embed.proj'
+    assert set(got) == set(state) and all(np.array_equal(got[k], state[k]) for k in state)

@@ -33,7 +33,7 @@ PIL_FILTERS = {0: 'nearest', 1: 'lanczos', 2: 'bilinear', 3: 'bicubic', 4: 'box'
 
 def family_default(model_name: str) -> Tuple[tuple, tuple, str]:
     """(mean, std, why): the normalisation of timm's default pretrained weights for the model's family."""
-    if model_name.startswith(('deit', 'swin', 'resmlp', 'gmixer')):
+    if model_name.startswith(('deit', 'swin', 'resmlp', 'gmixer', 'cait')):
         return IMAGENET + (f"timm's default for {model_name.split('_')[0]} weights (ImageNet mean/std)",)
     if model_name.startswith(('mixer', 'gmlp')):
         return HALF + (f"timm's default for {model_name.split('_')[0]} weights (0.5/0.5, i.e. [-1, 1])",)

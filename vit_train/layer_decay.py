@@ -8,6 +8,8 @@ family: `Transformer/encoderblock_3/...` is `blocks.3....`), and the timm name i
 - Swin (V1, V2): `patch_embed` (and V2's `absolute_pos_embed`) id 0, blocks numbered across stages,
   `layers.i.downsample` with block 0 of stage i, the final `norm` with the last block, the head last.
 - MLP-Mixer, ResMLP, gMLP: `stem` id 0, `blocks.i` id i+1, the final `norm` with the last block, the head last.
+- CaiT (timm's function matcher): `cls_token|pos_embed|patch_embed` 0, `blocks.i` i+1, `blocks_token_only.j`
+  j + depth - depth_token_only + 1 (with the last blocks), the final `norm` with the last block, the head last.
 With n ids, id i gets lr x decay^(n-1-i). Weight decay as timm: none for 1-d tensors and for the model's
 `no_weight_decay` names (positions, tokens, Swin's relative-position tables), which is exactly our rule of
 decaying Dense/Conv kernels only (`optim.decays`); param_groups.json records both so that is checked.
@@ -29,22 +31,44 @@ SWIN_MATCHER = dict(stem=r'^absolute_pos_embed|patch_embed',
                     blocks=[(r'^layers\.(\d+).downsample', (0,)), (r'^layers\.(\d+)\.\w+\.(\d+)', None),
                             (r'^norm', (99999,))])
 MIXER_MATCHER = dict(stem=r'^stem', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+
+def cait_matcher(model):
+    """timm's `Cait.group_matcher` (a function there): patch embedding, positions and class token 0, `blocks.i` i+1,
+    the class-attention blocks overlapping the last self-attention blocks (`blocks_token_only.j` j + depth -
+    depth_token_only + 1), the final norm with the last block, the head last."""
+    offset = model.depth - model.depth_token_only + 1
+
+    def match(name):
+        if name.startswith(('cls_token', 'pos_embed', 'patch_embed')):
+            return (0.0,)
+        if name.startswith(('blocks.', 'blocks_token_only.')):
+            return (float(int(name.split('.')[1]) + (1 if name.startswith('blocks.') else offset)),)
+        return (float(model.depth),) if name.startswith('norm.') else (float('inf'),)
+    return match
+
+
 # timm's model.no_weight_decay() (fnmatch patterns, as create_optimizer_v2 passes them)
 NO_WEIGHT_DECAY = {'vit': ('pos_embed', 'cls_token', 'dist_token', 'reg_token'),
                    'swin': ('*relative_position_bias_table*',),
                    'swinv2': ('absolute_pos_embed', '*relative_position_bias_table*', '*cpb_mlp*', '*logit_scale*'),
-                   'mixer': ()}
-MATCHERS = {'vit': VIT_MATCHER, 'swin': SWIN_MATCHER, 'swinv2': SWIN_MATCHER, 'mixer': MIXER_MATCHER}
+                   'mixer': (), 'cait': ('pos_embed', 'cls_token')}
+# a regex spec as timm's dict matchers, or a function of the model giving timm's function matcher
+MATCHERS = {'vit': VIT_MATCHER, 'swin': SWIN_MATCHER, 'swinv2': SWIN_MATCHER, 'mixer': MIXER_MATCHER,
+            'cait': cait_matcher}
 
 
 def layer_ids(names, matcher) -> Dict[str, int]:
-    """timm's `group_with_matcher(names, matcher, reverse=True)`: name -> dense layer id."""
+    """timm's `group_with_matcher(names, matcher, reverse=True)`: name -> dense layer id. `matcher`: a dict of
+    regex specs, or a function name -> ordinal tuple."""
     compiled = []
-    for ordinal, spec in enumerate(matcher.values()):
+    for ordinal, spec in enumerate(matcher.values() if isinstance(matcher, dict) else ()):
         for regex, suffix in (spec if isinstance(spec, (list, tuple)) else [(spec, None)]):
             compiled.append((re.compile(regex), (ordinal,), suffix))
 
     def grouping(name):
+        if not isinstance(matcher, dict):
+            return matcher(name)
         for regex, prefix, suffix in compiled:
             m = regex.match(name)
             if m:
@@ -77,13 +101,14 @@ def param_groups(model, flat_shapes: Dict[str, tuple], layer_decay: float, decay
     every parameter; `flat_shapes` our flat key -> shape, `decays(key)` our weight-decay rule."""
     fam = family_of(model)
     if fam.name not in MATCHERS:
-        raise TrainError(f'--layer-decay: no timm layer grouping for the {fam.name} family (ViT, DeiT, Swin, Mixer only)')
+        raise TrainError(f'--layer-decay: no timm layer grouping for the {fam.name} family (ViT, DeiT, Swin, Mixer, CaiT only)')
     names = timm_names(model)
     covered = {k for ks in names.values() for k in ks}
     missing = sorted(set(flat_shapes) - covered)
     if missing:
         raise TrainError(f'--layer-decay: parameter {missing[0]} has no timm name in the {fam.name} rule table')
-    ids = layer_ids(list(names), MATCHERS[fam.name])
+    matcher = MATCHERS[fam.name]
+    ids = layer_ids(list(names), matcher if isinstance(matcher, dict) else matcher(model))
     last = max(ids.values())
     no_wd = NO_WEIGHT_DECAY[fam.name]
     out = {}

@@ -19,8 +19,8 @@ from helpers import images, perturb
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny members of the families: ViT (Google's tree), a DINOv2 with registers (LayerScale, registers, no class
 # position), Swin (timm's names), vit-pytorch (its own), ResMLP (the MLP-Mixer family: Affine, LayerScale), a
-# DINOv3 (the Eva family: RoPE, storage tokens), a BEiT (relative position bias per block) and a ViT-RelPos
-# (a class token, the relative position MLP)
+# DINOv3 (the Eva family: RoPE, storage tokens), a BEiT (relative position bias per block), a ViT-RelPos
+# (a class token, the relative position MLP) and a CaiT (talking heads, class attention)
 TINY = [
     ('vit_tiny_patch16_224', dict(img_size=32, depth=1, num_classes=5)),
     ('vit_small_patch14_reg4_dinov2', dict(img_size=28, depth=1, num_classes=5)),
@@ -30,6 +30,7 @@ TINY = [
     ('vit_small_patch16_dinov3', dict(img_size=32, depth=1, num_classes=5)),
     ('beit_base_patch16_224', dict(img_size=32, depth=1, embed_dim=64, num_heads=2, num_classes=5)),
     ('vit_relpos_base_patch16_clsgap_224', dict(img_size=32, depth=1, embed_dim=32, num_heads=2, num_classes=5)),
+    ('cait_xxs24_224', dict(img_size=32, depth=1, depth_token_only=1, num_classes=5)),   # talking heads, class attention
 ]
 
 

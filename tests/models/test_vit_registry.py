@@ -66,7 +66,7 @@ def test_every_timm_vit_registration_is_built_or_named_as_not_built():
     assert set(NOT_BUILT) <= set(TIMM_NAMES)
     missing = [n for n in TIMM_NAMES if n not in registered and n not in NOT_BUILT]
     assert not missing, f'timm names neither built nor listed in NOT_BUILT: {missing}'
-    assert (len(TIMM_NAMES), len(BUILT)) == (189, 181)
+    assert (len(TIMM_NAMES), len(BUILT)) == (189, 184)
 
 
 def check_sizes_and_counts(names, count):

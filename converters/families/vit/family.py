@@ -74,6 +74,29 @@ def _fc1_and_heads(num_heads: int, dim: int, kernel: bool = True) -> Transform:
     return Transform(f'fc1_and_heads(h={num_heads},{"kernel" if kernel else "bias"})', to_torch, to_flax)
 
 
+def _heads_and_fc2(num_heads: int) -> Transform:
+    """DiffParallelScalingBlock's `out_proj` (timm): attention's output projection and the MLP's second Linear
+    fused, in that order, as one Linear (D, D + hidden) <-> attention's `out` (H, Dh, D) and `Dense_1` (hidden, D)."""
+    out = heads_out(num_heads)
+
+    def to_torch(arrays):
+        return [np.concatenate(out.to_torch(arrays[:1]) + [arrays[1].T], axis=1)]
+
+    def to_flax(arrays):
+        (w,) = arrays
+        dim = w.shape[0]
+        return out.to_flax([w[:, :dim]]) + [np.ascontiguousarray(w[:, dim:].T)]
+
+    return Transform(f'heads_and_fc2(h={num_heads})', to_torch, to_flax)
+
+
+def _diff_rules(mha: str, torch: str) -> List[Rule]:
+    """Differential attention's own params (timm DiffAttention, DiffParallelScalingBlock): the four lambda
+    vectors and `sub_norm` (an RmsNorm)."""
+    return [rule(f'{mha}/{n}', f'{torch}.{n}') for n in ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')] + \
+        [rule(f'{mha}/sub_norm/scale', f'{torch}.sub_norm.weight')]
+
+
 def _mlp(flax: str, torch: str, kind: str, bias: bool) -> List[Rule]:
     """timm's Mlp and SwiGLUPacked (fc1, fc2) or SwiGLU (fc1_g, fc1_x, fc2) <-> MlpBlock's Dense_0, Dense_1
     (and Dense_gate)."""
@@ -109,8 +132,14 @@ def _as_standard_block(state):
         view = {f'{t}attn.qkv.weight': w[-3 * dim:], f'{t}mlp.fc1.weight': w[:-3 * dim]}
         if f'{t}in_proj.bias' in state:
             view[f'{t}attn.qkv.bias'] = state[f'{t}in_proj.bias'][-3 * dim:]
+        if f'{t}out_proj.weight' in state:   # DiffParallelScalingBlock: one out_proj over [attention, MLP]
+            w = state[f'{t}out_proj.weight']
+            view.update({f'{t}attn.proj.weight': w[:, :dim], f'{t}mlp.fc2.weight': w[:, dim:]})
+            if f'{t}out_proj.bias' in state:
+                view[f'{t}attn.proj.bias'] = state[f'{t}out_proj.bias']
         pairs = [('in_norm.', 'norm1.'), ('in_norm.', 'norm2.'), ('attn_out_proj.', 'attn.proj.'),
-                 ('mlp_out_proj.', 'mlp.fc2.'), ('q_norm.', 'attn.q_norm.'), ('ls.', 'ls1.')]
+                 ('mlp_out_proj.', 'mlp.fc2.'), ('q_norm.', 'attn.q_norm.'), ('ls.', 'ls1.'),
+                 ('lambda_q1', 'attn.lambda_q1')]
         state = {**state, **view}
         kind = 'parallel_scaling'
     else:
@@ -307,6 +336,8 @@ class ViTFamily(Family):
                 out += norm(f'{mha}/query_norm', f'{t}.q_norm') + norm(f'{mha}/key_norm', f'{t}.k_norm')
             if model.scale_attn_norm:
                 out += norm(f'{mha}/out_norm', f'{t}.norm')
+            if model.attn_layer == 'diff':
+                out += _diff_rules(mha, t)
             return out
 
         for i in range(model.depth):
@@ -335,8 +366,13 @@ class ViTFamily(Family):
                                       f'{t}.in_proj.bias', _fc1_and_heads(h, model.embed_dim, kernel=False)))
                 else:
                     rules.append(rule(f'{mlp0}/Dense_0/bias', f'{t}.mlp_bias'))
-                rules += _attention_out(mha0, f'{t}.attn_out_proj', h, bias=model.proj_bias)
-                rules += dense_rules(f'{mlp0}/Dense_1', f'{t}.mlp_out_proj', model.proj_bias)
+                if model.attn_layer == 'diff':   # DiffParallelScalingBlock: out_proj = [attention out; fc2], one bias
+                    rules.append(rule((f'{mha0}/out/kernel', f'{mlp0}/Dense_1/kernel'), f'{t}.out_proj.weight',
+                                      _heads_and_fc2(h)))
+                    rules += [rule(f'{mha0}/out/bias', f'{t}.out_proj.bias')] if model.proj_bias else []
+                else:
+                    rules += _attention_out(mha0, f'{t}.attn_out_proj', h, bias=model.proj_bias)
+                    rules += dense_rules(f'{mlp0}/Dense_1', f'{t}.mlp_out_proj', model.proj_bias)
                 if layer_scale:
                     rules.append(rule(f'{f}/LayerScale_0/scale', f'{t}.ls.gamma'))
                 continue
@@ -390,10 +426,13 @@ class ViTFamily(Family):
                   scale_mlp_norm=model.scale_mlp_norm, dynamic_img_size=model.dynamic_img_size)
         if model.mlp_layer != 'mlp':
             kw['mlp_layer'] = _timm_ref('timm.layers', {'swiglu': 'SwiGLU', 'swiglu_packed': 'SwiGLUPacked'}[model.mlp_layer])
+        diff = model.attn_layer == 'diff'
         if model.block_fn != 'block':
             kw['block_fn'] = _timm_ref('timm.models.vision_transformer', {
                 'res_post': 'ResPostBlock', 'parallel_things': 'ParallelThingsBlock',
-                'parallel_scaling': 'ParallelScalingBlock'}[model.block_fn])
+                'parallel_scaling': 'DiffParallelScalingBlock' if diff else 'ParallelScalingBlock'}[model.block_fn])
+        elif diff:
+            kw['attn_layer'] = 'diff'
         if model.embed_norm:
             kw['embed_norm_layer'] = norm
         if model.resnet is not None:
@@ -435,6 +474,7 @@ class ViTFamily(Family):
                    norm_layer='layernorm' if f'{b0}/LayerNorm_0/bias' in flat else 'rmsnorm',
                    mlp_layer='swiglu' if swiglu else _packed(hidden, flat[f'{mlp}/Dense_1/kernel'].shape[0]))
         cfg['block_fn'] = block_fn
+        cfg['attn_layer'] = 'diff' if f'{mha}/lambda_q1' in flat else 'attn'
         return _pooling(_positions(cfg, flat.get(POS_KEY)), map_head='MAPHead_0/probe' in flat,
                         encoder_norm='Transformer/encoder_norm/scale' in flat, fc_norm='pool_norm/scale' in flat)
 
@@ -461,6 +501,7 @@ class ViTFamily(Family):
                    norm_layer='layernorm' if f'{b0}.norm1.bias' in state else 'rmsnorm',
                    mlp_layer='swiglu' if swiglu else _packed(hidden, state[f'{b0}.mlp.fc2.weight'].shape[1]))
         cfg['block_fn'] = block_fn
+        cfg['attn_layer'] = 'diff' if f'{b0}.attn.lambda_q1' in state else 'attn'
         return _pooling(_positions(cfg, state['pos_embed']), map_head='attn_pool.latent' in state,
                         encoder_norm='norm.weight' in state, fc_norm='fc_norm.weight' in state)
 
@@ -492,7 +533,7 @@ class ViTFamily(Family):
                        no_embed_class=model.no_embed_class and model.num_prefix_tokens > 0, pre_norm=model.pre_norm,
                        proj_bias=model.proj_bias, qk_norm=model.qk_norm, scale_attn_norm=model.scale_attn_norm,
                        scale_mlp_norm=model.scale_mlp_norm, norm_layer=model.norm_layer, mlp_layer=model.mlp_layer,
-                       final_norm=model.final_norm)
+                       final_norm=model.final_norm, attn_layer=model.attn_layer)
         kw = {k: cfg[k] for k, v in current.items() if k in cfg and cfg[k] != v}
         # what a config.json records beside the shapes (a transformers folder): eps, activation, input size
         kw.update(field_overrides(model, {k: cfg[k] for k in ('norm_eps', 'act_layer', 'gelu', 'img_size') if k in cfg}))
@@ -542,9 +583,11 @@ class ViTFamily(Family):
         return flax_to_npz(flat if layout == 'big_vision' else self.store(flat, model, log), layout)
 
     def npz_layouts_for(self, model) -> Tuple[str, ...]:
-        """vit_jax's released numbering has no LayerScale in a block: such models offer linen (the default, the
-        tree itself) and big_vision."""
-        return ('linen', 'big_vision') if model.init_values and model.block_fn == 'block' else LAYOUTS
+        """vit_jax's released numbering has no LayerScale in a block and one attention and MLP per block in
+        sequence: other models (LayerScale, the parallel blocks) offer linen (the default, the tree itself) and
+        big_vision."""
+        plain = model.block_fn == 'res_post' or model.block_fn == 'block' and not model.init_values
+        return LAYOUTS if plain else ('linen', 'big_vision')
 
     # ------------------------------------------------------------ matching and adapting
 

@@ -7,7 +7,10 @@ own state. DeiT's distillation token and head add `dist` and `head_dist`; `embed
 `embed_norm_layer`, torch `patch_embed.norm`; no Google model has one) adds `embedding_norm`.
 
 R+ViT hybrids (`resnet=...`) put vit_jax's ResNet stem (`conv_root`, `gn_root`, `block{i}/unit{j}/...`, see
-resnet.py) at the same top level, before `embedding`. `posemb='sincos2d'` replaces the learned table by
+resnet.py) at the same top level, before `embedding`. timm's other hybrids, which Google has no tree for, hold
+their stem as the `backbone` sub-module (stems.py): timm's ResNet-D (`resnet_d=...`, `vit_*_resnet{26,50}d*`)
+and MobileCLIP's MCI stem (`mci_stem=True`, `vit_base_mci_224`, whose last stem conv is `embedding`).
+`posemb='sincos2d'` replaces the learned table by
 big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to the patch tokens only.
 
 `attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'manual_grad' (the
@@ -37,6 +40,7 @@ from .layers import (DropPath, LayerScale, MlpBlock, PatchConv, ProjectionParams
 from .layers import norm_layer as make_norm
 from .posemb import sincos2d
 from .resnet import ResNetStem, stem_output_size, stem_stride
+from .stems import MCIStem, ResNetD, mci_output_size, resnet_d_output_size, resnet_d_stride
 
 Dtype = Any
 
@@ -411,6 +415,9 @@ class VisionTransformer(nn.Module):
     block_fn: Literal['block', 'res_post', 'parallel_things', 'parallel_scaling'] = 'block'
     attn_layer: Literal['attn', 'diff'] = 'attn'   # 'diff': differential attention (timm DiffAttention)
     dynamic_img_size: bool = False             # any input size: the position table resized in the forward
+    # ---- timm's other hybrids (stems.py), the stem as the `backbone` sub-module before `embedding`
+    resnet_d: Optional[Tuple[int, ...]] = None  # timm's ResNet-D: units per stage ((2,2,2,2) 26d, (3,4,6,3) 50d)
+    mci_stem: bool = False                     # MobileCLIP's MCI stem (embed_dim / 4 wide, stride 8)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -418,16 +425,26 @@ class VisionTransformer(nn.Module):
         return to_tuple(self.patch_size, self.spatial_dims)
 
     @property
+    def has_stem(self) -> bool:
+        """A convolutional stem before the patch embedding (a hybrid)."""
+        return self.resnet is not None or self.resnet_d is not None or self.mci_stem
+
+    @property
     def grid_size(self):
         img = to_tuple(self.img_size, self.spatial_dims)
         if self.resnet is not None:
             img = tuple(stem_output_size(i, self.resnet) for i in img)
+        elif self.resnet_d is not None:
+            img = tuple(resnet_d_output_size(i, self.resnet_d) for i in img)
+        elif self.mci_stem:
+            img = tuple(mci_output_size(i) for i in img)
         return tuple(i // p for i, p in zip(img, self.patch_size_tuple))
 
     @property
     def token_stride(self):
-        """Input pixels per token along each axis: the patch, times the ResNet stem's stride in a hybrid."""
-        s = 1 if self.resnet is None else stem_stride(self.resnet)
+        """Input pixels per token along each axis: the patch, times the stem's stride in a hybrid."""
+        s = stem_stride(self.resnet) if self.resnet is not None else resnet_d_stride(self.resnet_d) \
+            if self.resnet_d is not None else 8 if self.mci_stem else 1
         return tuple(p * s for p in self.patch_size_tuple)
 
     @property
@@ -473,17 +490,27 @@ class VisionTransformer(nn.Module):
             raise ModelConfigError('a distilled model reads the class and distillation tokens: global_pool must be token')
         if self.posemb not in ('learn', 'sincos2d'):
             raise ModelConfigError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
-        if (self.resnet is not None or self.posemb == 'sincos2d') and self.spatial_dims != 2:
-            raise ModelConfigError('a ResNet stem and sincos2d positions need 2-D images')
+        if (self.has_stem or self.posemb == 'sincos2d') and self.spatial_dims != 2:
+            raise ModelConfigError('a convolutional stem and sincos2d positions need 2-D images')
+        if (self.resnet is not None) + (self.resnet_d is not None) + bool(self.mci_stem) > 1:
+            raise ModelConfigError('one stem at most: resnet, resnet_d or mci_stem')
+        if self.resnet_d is not None and not (1 <= len(self.resnet_d) <= 4 and all(u >= 1 for u in self.resnet_d)):
+            raise ModelConfigError(f'resnet_d takes 1 to 4 stages of at least one unit, got {self.resnet_d}')
+        if self.mci_stem and self.embed_dim % 4:
+            raise ModelConfigError(f'the MCI stem is embed_dim / 4 wide: embed_dim {self.embed_dim} is not a multiple of 4')
         check_impl(self.attn_impl)
         patch = self.patch_size_tuple
-        if self.resnet is None and not all(self.grid_size):
+        if not self.has_stem and not all(self.grid_size):
             raise ModelConfigError(f'img_size {self.img_size} is smaller than the patch {self.patch_size}: '
                                    f'no patch fits')
         mlp_dim = self.mlp_hidden
         if self.resnet is not None:
             self.stem = ResNetStem(layers=tuple(self.resnet), numerics=self.resnet_numerics, dtype=self.dtype)
             nn.share_scope(self, self.stem)   # Google's tree: conv_root, gn_root, block1... at the top level
+        elif self.resnet_d is not None:
+            self.backbone = ResNetD(layers=tuple(self.resnet_d), dtype=self.dtype)
+        elif self.mci_stem:
+            self.backbone = MCIStem(width=self.embed_dim // 4, dtype=self.dtype)
         self.embedding = PatchConv(features=self.embed_dim, patch_size=patch, dtype=self.dtype,
                                    use_bias=not self.pre_norm)
         if self.embed_norm:  # float32 output: the residual stream's dtype (see forward_features)
@@ -525,8 +552,8 @@ class VisionTransformer(nn.Module):
         """Images -> normed tokens (B, prefix + patches, D)."""
         expected = self.input_shape
         if self.dynamic_img_size:
-            if self.resnet is not None or self.spatial_dims != 2 or self.posemb != 'learn':
-                raise ModelConfigError('dynamic_img_size needs a 2-D ViT with learned positions and no ResNet stem')
+            if self.has_stem or self.spatial_dims != 2 or self.posemb != 'learn':
+                raise ModelConfigError('dynamic_img_size needs a 2-D ViT with learned positions and no stem')
             if x.ndim != 4 or x.shape[-1] != self.in_chans or any(s < p for s, p in zip(x.shape[1:3], self.patch_size_tuple)):
                 raise ModelConfigError(f'input shape {tuple(x.shape[1:])}: this model takes (H, W, {self.in_chans}) '
                                        f'images of at least one patch {self.patch_size_tuple}')
@@ -536,6 +563,8 @@ class VisionTransformer(nn.Module):
         x = x.astype(self.dtype)
         if self.resnet is not None:
             x = self.stem(x)
+        elif self.has_stem:
+            x = self.backbone(x)
         x = self.embedding(x)
         tokens_grid = x.shape[1:-1]
         # The residual stream stays float32 under a bf16 compute dtype (as timm's under autocast, where the
@@ -651,6 +680,19 @@ _HYBRIDS = [  # (name, size, ResNet units per stage, patch on the stem's output,
 ]
 for _name, _size, _layers, _patch, _classes in _HYBRIDS:
     _vit(_name, img_size=int(_name[-3:]), patch_size=_patch, resnet=_layers, num_classes=_classes, **_SIZES[_size])
+
+# ---- timm's own hybrids (`vision_transformer_hybrid.py`, untrained in timm): a ResNet-D `features_only`
+# backbone (resnet26d / resnet50d to stage 4, resnet50d to stage 3 for s16), then a 1x1 patch projection.
+for _name, _layers, _cfg in [
+        ('vit_small_resnet26d_224', (2, 2, 2, 2), dict(embed_dim=768, depth=8, num_heads=8, mlp_ratio=3)),
+        ('vit_small_resnet50d_s16_224', (3, 4, 6), dict(embed_dim=768, depth=8, num_heads=8, mlp_ratio=3)),
+        ('vit_base_resnet26d_224', (2, 2, 2, 2), _SIZES['base']),
+        ('vit_base_resnet50d_224', (3, 4, 6, 3), _SIZES['base'])]:
+    _vit(_name, img_size=224, patch_size=1, resnet_d=_layers, num_classes=1000, **_cfg)
+# MobileCLIP's image encoder (MCI, `vit_base_mci_224`): the MCI stem (stride 8), timm's last stem conv as a 2x2
+# patch embedding, positions for the patches only; the default (apple_mclip) weights end in a 512-wide projection.
+_vit('vit_base_mci_224', img_size=224, patch_size=2, mci_stem=True, no_embed_class=True, num_classes=512,
+     **_SIZES['base'])
 
 # ---- SigLIP / SigLIP 2 image towers: no class token, MAP head (or GAP on the `_gap` names), final norm,
 # headless. big_vision itself always uses the tanh GELU; timm (and so these names) uses it only where listed.

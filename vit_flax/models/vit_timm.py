@@ -132,14 +132,9 @@ TIMM_VITS = {
     'vit_small_patch16_18x2_224': dict(img_size=224, patch_size=16, embed_dim=384, depth=18, num_heads=6, num_classes=1000, init_values=1e-05, block_fn='parallel_things', class_token=True),
 }
 
-# timm registrations of these modules that need a block or stem no option covers (the closing note lists them).
-NOT_BUILT = {
-    'vit_base_mci_224': 'the MobileCLIP (MCI) convolutional stem as the patch embedding',
-    'vit_base_resnet26d_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-    'vit_base_resnet50d_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-    'vit_small_resnet26d_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-    'vit_small_resnet50d_s16_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-}
+# timm registrations of these modules that need a block or stem no option covers, each with why (none left:
+# the differential-attention models are options here, the ResNet-D and MCI hybrids are vit.py's).
+NOT_BUILT = {}
 
 for _name, _cfg in TIMM_VITS.items():
     register(_name, VisionTransformer, **_cfg)

@@ -511,6 +511,7 @@ _HELD = {'VisionTransformer': [
     ('pool_type', 'this pooling'), ('has_class_token', 'the class token'), ('distilled', 'a distillation head'),
     ('embed_norm', 'a patch-embedding norm'), ('activation', 'this activation'), ('norm_eps', 'this norm eps'),
     ('spatial_dims', '1-D patches'), ('resnet', 'a ResNet stem'), ('posemb', 'fixed sincos2d positions'),
+    ('resnet_d', 'a ResNet-D stem'), ('mci_stem', 'an MCI stem'), ('attn_layer', 'differential attention'),
     ('norm_layer', 'RmsNorm'), ('init_values', 'LayerScale'), ('reg_tokens', 'register tokens'),
     ('no_embed_class', 'positions for the patches only'), ('pre_norm', 'a pre-norm'), ('final_norm', 'no final norm'),
     ('use_fc_norm', 'a norm after pooling (fc_norm)'), ('proj_bias', 'no projection biases'),

@@ -142,7 +142,7 @@ def _run(src, rules, from_side, to_side, fn_name, ignore=()):
             shapes = ', '.join(f'{k} {tuple(a.shape)}' for k, a in zip(getattr(r, from_side), arrays))
             raise ConversionError(f'cannot map {shapes} through {r.transform.name}: {e}') from None
         for k, v in zip(getattr(r, to_side), results):
-            out[k] = np.ascontiguousarray(v)
+            out[k] = np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)   # (ascontiguousarray makes 0-d 1-d)
         release(*arrays)   # a memory-mapped source's pages are not needed again: keep memory near one copy
     extra = [k for k in src if k not in used and not any(k.endswith(s) for s in ignore)]
     if extra:

@@ -30,8 +30,8 @@ def count_table() -> str:
     table, (built, of) = counts()
     rows = ['| module | registered names | of them timm\'s names |', '|---|---|---|']
     for cls, (n, in_timm) in table.items():
-        note = (f' ({built} of the {of} in {TIMM_MODULES}; `vit_flax.models.vit_timm.NOT_BUILT` names the '
-                f'{of - built} others)' if cls == 'VisionTransformer' else '')
+        rest = f'`vit_flax.models.vit_timm.NOT_BUILT` names the {of - built} others' if of > built else 'every one built'
+        note = f' ({built} of the {of} in {TIMM_MODULES}; {rest})' if cls == 'VisionTransformer' else ''
         rows.append(f'| `vit_flax.{cls}` | {n} | {in_timm}{note} |')
     rows.append(f'| all | {sum(n for n, _ in table.values())} | {sum(t for _, t in table.values())} |')
     return '\n'.join(rows)

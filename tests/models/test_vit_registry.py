@@ -54,9 +54,12 @@ def timm_meta(name, **kw):
 def timm_param_count(name, shallow=None, depth=None) -> int:
     """timm's parameter count for `name` from builds of depth 1 (`shallow`, if built already) and 2 on the meta
     device: blocks are identical, so the count is linear in depth (exact, and far cheaper than building the
-    whole model)."""
-    one = sum(p.numel() for p in (shallow or timm_meta(name, depth=1)).parameters())
-    two = sum(p.numel() for p in timm_meta(name, depth=2).parameters())
+    whole model). BatchNorm's running statistics count: they are params here (the hybrids' frozen BatchNorm)."""
+    def count(m):
+        stats = (b for n, b in m.named_buffers() if n.endswith(('running_mean', 'running_var')))
+        return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in stats)
+    one = count(shallow or timm_meta(name, depth=1))
+    two = count(timm_meta(name, depth=2))
     return one + (two - one) * ((depth or timm_model_args(name)['depth']) - 1)
 
 
@@ -66,7 +69,7 @@ def test_every_timm_vit_registration_is_built_or_named_as_not_built():
     assert set(NOT_BUILT) <= set(TIMM_NAMES)
     missing = [n for n in TIMM_NAMES if n not in registered and n not in NOT_BUILT]
     assert not missing, f'timm names neither built nor listed in NOT_BUILT: {missing}'
-    assert (len(TIMM_NAMES), len(BUILT)) == (189, 181)
+    assert (len(TIMM_NAMES), len(BUILT)) == (189, 189)
 
 
 def check_sizes_and_counts(names, count):
@@ -117,9 +120,12 @@ def _architectures():
 
 
 ARCHITECTURES = [n for n in _architectures() if model_config(n)[1].get("resnet") is None]  # hybrids: test_google_families
+# the ResNet-D hybrids' reduced copies compile a whole ResNet (~6 s each on a quiet machine): one of them, with its
+# BatchNorm statistics moved too, is tests/converters/test_vit_diff_and_stems.py's in `make test`
+REDUCED = [pytest.param(n, marks=pytest.mark.slow) if model_config(n)[1].get('resnet_d') else n for n in ARCHITECTURES]
 
 
-@pytest.mark.parametrize('name', ARCHITECTURES)
+@pytest.mark.parametrize('name', REDUCED)
 def test_reduced_copy_of_each_architecture_equals_timm_both_ways(name):
     """Depth 1 at a small input, weights moved off their init: timm's state_dict read through the rule table
     gives timm's logits, and written back it loads into timm strictly, bit for bit."""
@@ -133,7 +139,7 @@ def test_reduced_copy_of_each_architecture_equals_timm_both_ways(name):
     assert rel_err(run_flax(model, flax.traverse_util.unflatten_dict(flat, sep='/'), x), run_timm(tm, x)) < 1e-5
     back = rules.flax_to_torch(flat, FAMILY.rules(model))
     assert set(back) == set(state)
-    assert all((back[k] == state[k]).all() for k in state)
+    assert all(back[k].shape == state[k].shape and (back[k] == state[k]).all() for k in state)
 
 
 @pytest.mark.parametrize('name', ARCHITECTURES)

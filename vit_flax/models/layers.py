@@ -191,6 +191,7 @@ class MlpBlock(nn.Module):
     kind: str = 'mlp'
     use_bias: bool = True
     in_bias: Optional[bool] = None   # the first layer's bias when it differs from `use_bias`
+    out_bias: Optional[bool] = None  # the second layer's, likewise
     norm: Optional[str] = None
     norm_eps: float = 1e-6
 
@@ -216,7 +217,7 @@ class MlpBlock(nn.Module):
         h = nn.Dropout(rate=self.drop_rate)(h, deterministic=deterministic)
         if self.norm:
             h = norm_layer(self.norm, self.norm_eps, self.dtype, name='norm')(h)
-        h = fc(out_dim, name='Dense_1')(h)
+        h = fc(out_dim, name='Dense_1', use_bias=self.use_bias if self.out_bias is None else self.out_bias)(h)
         return nn.Dropout(rate=self.drop_rate)(h, deterministic=deterministic)
 
 

@@ -7,7 +7,10 @@ own state. DeiT's distillation token and head add `dist` and `head_dist`; `embed
 `embed_norm_layer`, torch `patch_embed.norm`; no Google model has one) adds `embedding_norm`.
 
 R+ViT hybrids (`resnet=...`) put vit_jax's ResNet stem (`conv_root`, `gn_root`, `block{i}/unit{j}/...`, see
-resnet.py) at the same top level, before `embedding`. `posemb='sincos2d'` replaces the learned table by
+resnet.py) at the same top level, before `embedding`. timm's other hybrids, which Google has no tree for, hold
+their stem as the `backbone` sub-module (stems.py): timm's ResNet-D (`resnet_d=...`, `vit_*_resnet{26,50}d*`)
+and MobileCLIP's MCI stem (`mci_stem=True`, `vit_base_mci_224`, whose last stem conv is `embedding`).
+`posemb='sincos2d'` replaces the learned table by
 big_vision's fixed one (posemb.py): no `pos_embedding` param, positions added to the patch tokens only.
 
 `attn_impl` (default 'auto') selects the attention implementation (ops/attention.py): 'manual_grad' (the
@@ -21,10 +24,12 @@ every block's output (`Transformer/block_{i}`) and the normed tokens (`Transform
 Registered here: timm's ViT and DeiT names, the 1-D ViTs, and timm's names for Google's other ViT
 checkpoint families, the R+ViT hybrids and the SigLIP / SigLIP 2 image towers.
 """
+import math
 from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
@@ -35,6 +40,7 @@ from .layers import (DropPath, LayerScale, MlpBlock, PatchConv, ProjectionParams
 from .layers import norm_layer as make_norm
 from .posemb import sincos2d
 from .resnet import ResNetStem, stem_output_size, stem_stride
+from .stems import MCIStem, ResNetD, mci_output_size, resnet_d_output_size, resnet_d_stride
 
 Dtype = Any
 
@@ -50,6 +56,14 @@ class MultiHeadDotProductAttention(nn.Module):
     timm's options: `qk_norm` normalises q and k per head (`query_norm`, `key_norm`, over Dh) before the
     scaling; `scale_norm` normalises the merged heads before `out` (`out_norm`, timm `attn.norm`);
     `out_bias=False` is timm's `proj_bias=False`. Norms are `norm` ('layernorm' | 'rmsnorm') with `norm_eps`.
+
+    `diff=True` is timm's DiffAttention (Differential Transformer, arXiv 2410.05258): the same query/key/value/out
+    kernels, each head's q and k split into halves (q1 | q2 along Dh: timm's 2H sub-heads of Dh/2, in its order),
+    softmax(q1 k1^T) v - lambda softmax(q2 k2^T) v with the scale (Dh/2)^-0.5 and v of the full Dh, then
+    `sub_norm` (an RMSNorm over Dh, eps 1e-5, shared by the heads) times (1 - lambda_init). lambda =
+    exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init (params `lambda_q1`, `lambda_k1`,
+    `lambda_q2`, `lambda_k2`, each (Dh/2,)); `lambda_init` (0.8 - 0.6 exp(-0.3 * block index), timm's) and
+    `lambda_scale` (1 - lambda_init) are call arguments: Python floats, or float32 scalars under nn.scan.
     """
     num_heads: int
     qkv_bias: bool = True
@@ -63,18 +77,23 @@ class MultiHeadDotProductAttention(nn.Module):
     out_bias: bool = True
     norm: str = 'layernorm'
     norm_eps: float = 1e-6
+    diff: bool = False
 
     @nn.compact
-    def __call__(self, x, inputs_kv=None, deterministic: bool = True):
+    def __call__(self, x, inputs_kv=None, deterministic: bool = True, lambda_init=None, lambda_scale=None):
         dim, heads = x.shape[-1], self.num_heads
         if dim % heads:
             raise ModelConfigError(f'embed dim {dim} is not divisible by {heads} heads')
         head_dim = dim // heads
+        if self.diff and (head_dim % 2 or inputs_kv is not None or lambda_init is None):
+            raise ModelConfigError(f'differential attention is self-attention with an even head dim (got {head_dim}) '
+                                   f'and a lambda_init')
+        qk_dim = head_dim // 2 if self.diff else head_dim   # the width q and k are scaled and normed over
         kv = x if inputs_kv is None else inputs_kv
         q_p, k_p, v_p = (ProjectionParams(features=(heads, head_dim), use_bias=self.qkv_bias,
                                           kernel_init=self.kernel_init, name=n)(t.shape[-1])
                          for n, t in (('query', x), ('key', kv), ('value', kv)))
-        scale = self.qk_scale if self.qk_scale is not None else head_dim ** -0.5
+        scale = self.qk_scale if self.qk_scale is not None else qk_dim ** -0.5
         # with qk_norm the scaling follows the norms: the projections stay float32 until then
         split_dtype, q_scale = (jnp.float32, None) if self.qk_norm else (self.dtype, scale)
         if inputs_kv is None:
@@ -82,12 +101,23 @@ class MultiHeadDotProductAttention(nn.Module):
         else:
             (q,) = split_heads(fused_projection(x, [q_p], self.dtype), 1, heads, split_dtype, q_scale)
             k, v = split_heads(fused_projection(kv, [k_p, v_p], self.dtype), 2, heads, split_dtype)
-        if self.qk_norm:
-            q = make_norm(self.norm, self.norm_eps, jnp.float32, name='query_norm')(q) * scale
-            k = make_norm(self.norm, self.norm_eps, jnp.float32, name='key_norm')(k)
+        if self.qk_norm:   # per (sub-)head: over Dh, or Dh/2 for differential attention
+            sub = lambda t: t.reshape(t.shape[:-1] + (head_dim // qk_dim, qk_dim))
+            q = make_norm(self.norm, self.norm_eps, jnp.float32, name='query_norm')(sub(q)).reshape(q.shape) * scale
+            k = make_norm(self.norm, self.norm_eps, jnp.float32, name='key_norm')(sub(k)).reshape(k.shape)
             q, k, v = (t.astype(self.dtype) for t in (q, k, v))
         drop = nn.Dropout(rate=self.attn_drop_rate)
-        out = dot_product_attention(q, k, v, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
+        if self.diff:
+            lam = [self.param(n, nn.initializers.normal(stddev=0.1), (qk_dim,), jnp.float32)
+                   for n in ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')]
+            lam = jnp.exp(jnp.sum(lam[0] * lam[1])) - jnp.exp(jnp.sum(lam[2] * lam[3])) + lambda_init
+            a1, a2 = (dot_product_attention(q[..., s], k[..., s], v, impl=self.attn_impl,
+                                            dropout=active_dropout(drop, deterministic))
+                      for s in (slice(0, qk_dim), slice(qk_dim, None)))
+            out = a1 - lam.astype(a1.dtype) * a2
+            out = (nn.RMSNorm(epsilon=1e-5, dtype=self.dtype, name='sub_norm')(out) * lambda_scale).astype(self.dtype)
+        else:
+            out = dot_product_attention(q, k, v, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
         out = out.transpose(0, 2, 1, 3)   # (B, N, H, Dh)
         if self.scale_norm:
             b, n = out.shape[:2]
@@ -133,6 +163,10 @@ class Encoder1DBlock(nn.Module):
     MultiHeadDotProductAttention_{0,1}, MlpBlock_{0,1}, LayerScale_{0..3}.
     `block_fn='parallel_scaling'` (timm ParallelScalingBlock, ViT-22B): y = LN(x), x + ls(attn(y) + mlp(y)); the
     MLP's first layer always has a bias (timm's in_proj bias or its `mlp_bias`). Each branch has drop path.
+    `attn_layer='diff'` makes every attention differential (MultiHeadDotProductAttention's `diff`, timm's
+    `attn_layer='diff'`); with 'parallel_scaling' it is timm's DiffParallelScalingBlock, whose one output
+    projection over [attention, MLP] has one bias: attention's `out/bias`, the MLP's `Dense_1` has none.
+    `lambda_init`, `lambda_scale`: the differential attention's call arguments (this block's index sets them).
     """
     num_heads: int
     mlp_dim: int
@@ -153,10 +187,16 @@ class Encoder1DBlock(nn.Module):
     scale_mlp_norm: bool = False
     mlp_layer: str = 'mlp'
     block_fn: str = 'block'
+    attn_layer: str = 'attn'
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
+    def __call__(self, x, deterministic: bool = True, drop_path_rate=None, lambda_init=None, lambda_scale=None):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        if self.attn_layer not in ('attn', 'diff'):
+            raise ModelConfigError(f"attn_layer must be 'attn' or 'diff', got {self.attn_layer!r}")
+        diff = self.attn_layer == 'diff'
+        if diff and self.block_fn not in ('block', 'parallel_scaling'):
+            raise ModelConfigError(f"attn_layer='diff' needs block_fn 'block' or 'parallel_scaling', got {self.block_fn!r}")
         if self.block_fn not in ('block', 'res_post', 'parallel_things', 'parallel_scaling'):
             raise ModelConfigError(f"block_fn must be 'block', 'res_post', 'parallel_things' or 'parallel_scaling', "
                                    f"got {self.block_fn!r}")
@@ -171,15 +211,17 @@ class Encoder1DBlock(nn.Module):
             num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
             attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl, qk_norm=self.qk_norm,
             scale_norm=self.scale_attn_norm, out_bias=self.proj_bias, norm=self.norm, norm_eps=self.norm_eps,
-            name=f'MultiHeadDotProductAttention_{i}')(y, deterministic=deterministic)
-        mlp = lambda i, y, in_bias=self.proj_bias: MlpBlock(
+            diff=diff, name=f'MultiHeadDotProductAttention_{i}')(y, deterministic=deterministic,
+                                                                 lambda_init=lambda_init, lambda_scale=lambda_scale)
+        mlp = lambda i, y, in_bias=self.proj_bias, out_bias=None: MlpBlock(
             mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,
-            kind=self.mlp_layer, use_bias=self.proj_bias, in_bias=in_bias,
+            kind=self.mlp_layer, use_bias=self.proj_bias, in_bias=in_bias, out_bias=out_bias,
             norm=self.norm if self.scale_mlp_norm else None, norm_eps=self.norm_eps, name=f'MlpBlock_{i}')(y, deterministic)
         proj_drop = lambda y: nn.Dropout(rate=self.proj_drop_rate)(y, deterministic=deterministic)
         if self.block_fn == 'parallel_scaling':   # one norm, attention and MLP side by side, one LayerScale
             y = norm('LayerNorm_0')(x)
-            return x + drop_path(scale('LayerScale_0', attn(0, y) + mlp(0, y, in_bias=True)))
+            return x + drop_path(scale('LayerScale_0', attn(0, y) + mlp(0, y, in_bias=True,
+                                                                    out_bias=False if diff else None)))
         if self.block_fn == 'parallel_things':    # two attentions side by side, then two MLPs
             n = 2
             x = x + sum(drop_path(scale(f'LayerScale_{i}', proj_drop(attn(i, norm(f'LayerNorm_{i}')(x)))))
@@ -200,15 +242,15 @@ class ScanStep(Encoder1DBlock):
     """One step of nn.scan over the blocks: carry in, (carry, the block's output when `collect`) out."""
     collect: bool = False
 
-    def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
-        x = super().__call__(x, deterministic, drop_path_rate)
+    def __call__(self, x, deterministic: bool = True, drop_path_rate=None, lambda_init=None, lambda_scale=None):
+        x = super().__call__(x, deterministic, drop_path_rate, lambda_init, lambda_scale)
         return x, (x if self.collect else None)
 
 
 # The block options an Encoder passes on to every block, unchanged (Encoder1DBlock's fields of the same names).
 BLOCK_OPTIONS = ('num_heads', 'mlp_dim', 'qkv_bias', 'qk_scale', 'attn_drop_rate', 'gelu', 'norm_eps', 'dtype',
                  'attn_impl', 'norm', 'init_values', 'proj_bias', 'qk_norm', 'scale_attn_norm', 'scale_mlp_norm',
-                 'mlp_layer', 'block_fn')
+                 'mlp_layer', 'block_fn', 'attn_layer')
 
 
 class Encoder(nn.Module):
@@ -243,6 +285,7 @@ class Encoder(nn.Module):
     scale_mlp_norm: bool = False
     mlp_layer: str = 'mlp'
     block_fn: str = 'block'
+    attn_layer: str = 'attn'
     pos_skip: int = 0
     pre_norm: bool = False
     final_norm: bool = True
@@ -261,9 +304,14 @@ class Encoder(nn.Module):
         kw = {k: getattr(self, k) for k in BLOCK_OPTIONS}
         kw['proj_drop_rate'] = self.drop_rate
         rates = drop_path_rates(self.drop_path_rate, self.depth)
+        # differential attention's lambda_init per block index, and 1 - lambda_init (Python floats, as timm's)
+        lambdas = [0.8 - 0.6 * math.exp(-0.3 * i) for i in range(self.depth)]
+        lambdas = [(lam, 1 - lam) for lam in lambdas] if self.attn_layer == 'diff' else [(None, None)] * self.depth
         if self.scan:
             collect = self.is_mutable_collection('intermediates')
-            per_block = (jnp.asarray(rates, jnp.float32),) if self.drop_path_rate else ()
+            per_block = (jnp.asarray(rates, jnp.float32),) if self.drop_path_rate or self.attn_layer == 'diff' else ()
+            if self.attn_layer == 'diff':
+                per_block += tuple(jnp.asarray(np.array(col, np.float64), jnp.float32) for col in zip(*lambdas))
             blocks = nn.scan(remat_block(ScanStep, self.remat, self.remat_policy, scanned=True),
                              variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                              in_axes=(nn.broadcast,) + (0,) * len(per_block), length=self.depth)
@@ -273,7 +321,7 @@ class Encoder(nn.Module):
         else:
             block_cls = remat_block(Encoder1DBlock, self.remat, self.remat_policy)
             for i, rate in enumerate(rates):
-                x = block_cls(drop_path_rate=rate, name=f'encoderblock_{i}', **kw)(x, deterministic)
+                x = block_cls(drop_path_rate=rate, name=f'encoderblock_{i}', **kw)(x, deterministic, None, *lambdas[i])
                 self.sow('intermediates', f'block_{i}', x)
         if self.final_norm:
             x = make_norm(self.norm, self.norm_eps, self.dtype, name='encoder_norm')(x)
@@ -315,7 +363,7 @@ class VisionTransformer(nn.Module):
     `fc_norm`, `global_pool` ('token', 'avg', 'avgmax', 'max' over the patch tokens, 'map' (attention pooling
     over the patch tokens), '' (every token to the head); 'gap' is big_vision's name for 'avg' with the final
     norm before the pooling, i.e. timm's `global_pool='avg', fc_norm=False`), `qkv_bias`, `proj_bias`,
-    `qk_norm`, `scale_attn_norm`, `scale_mlp_norm`, `mlp_layer`, `block_fn`. Prefix tokens in order: cls,
+    `qk_norm`, `scale_attn_norm`, `scale_mlp_norm`, `mlp_layer`, `block_fn`, `attn_layer`. Prefix tokens in order: cls,
     dist, registers. The tree grows by `reg`, `pool_norm` (timm `fc_norm`), `Transformer/pre_norm`, and per block
     `LayerScale_{0,1}/scale`, `MultiHeadDotProductAttention_0/{query_norm, key_norm, out_norm}`,
     `MlpBlock_0/{Dense_gate, norm}`; options that remove parts remove their params.
@@ -365,7 +413,11 @@ class VisionTransformer(nn.Module):
     scale_mlp_norm: bool = False
     mlp_layer: Literal['mlp', 'swiglu', 'swiglu_packed'] = 'mlp'
     block_fn: Literal['block', 'res_post', 'parallel_things', 'parallel_scaling'] = 'block'
+    attn_layer: Literal['attn', 'diff'] = 'attn'   # 'diff': differential attention (timm DiffAttention)
     dynamic_img_size: bool = False             # any input size: the position table resized in the forward
+    # ---- timm's other hybrids (stems.py), the stem as the `backbone` sub-module before `embedding`
+    resnet_d: Optional[Tuple[int, ...]] = None  # timm's ResNet-D: units per stage ((2,2,2,2) 26d, (3,4,6,3) 50d)
+    mci_stem: bool = False                     # MobileCLIP's MCI stem (embed_dim / 4 wide, stride 8)
 
     # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
@@ -373,16 +425,26 @@ class VisionTransformer(nn.Module):
         return to_tuple(self.patch_size, self.spatial_dims)
 
     @property
+    def has_stem(self) -> bool:
+        """A convolutional stem before the patch embedding (a hybrid)."""
+        return self.resnet is not None or self.resnet_d is not None or self.mci_stem
+
+    @property
     def grid_size(self):
         img = to_tuple(self.img_size, self.spatial_dims)
         if self.resnet is not None:
             img = tuple(stem_output_size(i, self.resnet) for i in img)
+        elif self.resnet_d is not None:
+            img = tuple(resnet_d_output_size(i, self.resnet_d) for i in img)
+        elif self.mci_stem:
+            img = tuple(mci_output_size(i) for i in img)
         return tuple(i // p for i, p in zip(img, self.patch_size_tuple))
 
     @property
     def token_stride(self):
-        """Input pixels per token along each axis: the patch, times the ResNet stem's stride in a hybrid."""
-        s = 1 if self.resnet is None else stem_stride(self.resnet)
+        """Input pixels per token along each axis: the patch, times the stem's stride in a hybrid."""
+        s = stem_stride(self.resnet) if self.resnet is not None else resnet_d_stride(self.resnet_d) \
+            if self.resnet_d is not None else 8 if self.mci_stem else 1
         return tuple(p * s for p in self.patch_size_tuple)
 
     @property
@@ -428,17 +490,27 @@ class VisionTransformer(nn.Module):
             raise ModelConfigError('a distilled model reads the class and distillation tokens: global_pool must be token')
         if self.posemb not in ('learn', 'sincos2d'):
             raise ModelConfigError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
-        if (self.resnet is not None or self.posemb == 'sincos2d') and self.spatial_dims != 2:
-            raise ModelConfigError('a ResNet stem and sincos2d positions need 2-D images')
+        if (self.has_stem or self.posemb == 'sincos2d') and self.spatial_dims != 2:
+            raise ModelConfigError('a convolutional stem and sincos2d positions need 2-D images')
+        if (self.resnet is not None) + (self.resnet_d is not None) + bool(self.mci_stem) > 1:
+            raise ModelConfigError('one stem at most: resnet, resnet_d or mci_stem')
+        if self.resnet_d is not None and not (1 <= len(self.resnet_d) <= 4 and all(u >= 1 for u in self.resnet_d)):
+            raise ModelConfigError(f'resnet_d takes 1 to 4 stages of at least one unit, got {self.resnet_d}')
+        if self.mci_stem and self.embed_dim % 4:
+            raise ModelConfigError(f'the MCI stem is embed_dim / 4 wide: embed_dim {self.embed_dim} is not a multiple of 4')
         check_impl(self.attn_impl)
         patch = self.patch_size_tuple
-        if self.resnet is None and not all(self.grid_size):
+        if not self.has_stem and not all(self.grid_size):
             raise ModelConfigError(f'img_size {self.img_size} is smaller than the patch {self.patch_size}: '
                                    f'no patch fits')
         mlp_dim = self.mlp_hidden
         if self.resnet is not None:
             self.stem = ResNetStem(layers=tuple(self.resnet), numerics=self.resnet_numerics, dtype=self.dtype)
             nn.share_scope(self, self.stem)   # Google's tree: conv_root, gn_root, block1... at the top level
+        elif self.resnet_d is not None:
+            self.backbone = ResNetD(layers=tuple(self.resnet_d), dtype=self.dtype)
+        elif self.mci_stem:
+            self.backbone = MCIStem(width=self.embed_dim // 4, dtype=self.dtype)
         self.embedding = PatchConv(features=self.embed_dim, patch_size=patch, dtype=self.dtype,
                                    use_bias=not self.pre_norm)
         if self.embed_norm:  # float32 output: the residual stream's dtype (see forward_features)
@@ -457,7 +529,7 @@ class VisionTransformer(nn.Module):
                                    remat_policy=self.remat_policy, attn_impl=self.attn_impl, norm=self.norm_layer,
                                    init_values=self.init_values, proj_bias=self.proj_bias, qk_norm=self.qk_norm,
                                    scale_attn_norm=self.scale_attn_norm, scale_mlp_norm=self.scale_mlp_norm,
-                                   mlp_layer=self.mlp_layer, block_fn=self.block_fn,
+                                   mlp_layer=self.mlp_layer, block_fn=self.block_fn, attn_layer=self.attn_layer,
                                    pos_skip=self.num_prefix_tokens if self.no_embed_class else 0,
                                    pre_norm=self.pre_norm, final_norm=self.final_norm and not self.use_fc_norm,
                                    pos_grid=tuple(self.grid_size) if self.dynamic_img_size else None,
@@ -480,8 +552,8 @@ class VisionTransformer(nn.Module):
         """Images -> normed tokens (B, prefix + patches, D)."""
         expected = self.input_shape
         if self.dynamic_img_size:
-            if self.resnet is not None or self.spatial_dims != 2 or self.posemb != 'learn':
-                raise ModelConfigError('dynamic_img_size needs a 2-D ViT with learned positions and no ResNet stem')
+            if self.has_stem or self.spatial_dims != 2 or self.posemb != 'learn':
+                raise ModelConfigError('dynamic_img_size needs a 2-D ViT with learned positions and no stem')
             if x.ndim != 4 or x.shape[-1] != self.in_chans or any(s < p for s, p in zip(x.shape[1:3], self.patch_size_tuple)):
                 raise ModelConfigError(f'input shape {tuple(x.shape[1:])}: this model takes (H, W, {self.in_chans}) '
                                        f'images of at least one patch {self.patch_size_tuple}')
@@ -491,6 +563,8 @@ class VisionTransformer(nn.Module):
         x = x.astype(self.dtype)
         if self.resnet is not None:
             x = self.stem(x)
+        elif self.has_stem:
+            x = self.backbone(x)
         x = self.embedding(x)
         tokens_grid = x.shape[1:-1]
         # The residual stream stays float32 under a bf16 compute dtype (as timm's under autocast, where the
@@ -606,6 +680,19 @@ _HYBRIDS = [  # (name, size, ResNet units per stage, patch on the stem's output,
 ]
 for _name, _size, _layers, _patch, _classes in _HYBRIDS:
     _vit(_name, img_size=int(_name[-3:]), patch_size=_patch, resnet=_layers, num_classes=_classes, **_SIZES[_size])
+
+# ---- timm's own hybrids (`vision_transformer_hybrid.py`, untrained in timm): a ResNet-D `features_only`
+# backbone (resnet26d / resnet50d to stage 4, resnet50d to stage 3 for s16), then a 1x1 patch projection.
+for _name, _layers, _cfg in [
+        ('vit_small_resnet26d_224', (2, 2, 2, 2), dict(embed_dim=768, depth=8, num_heads=8, mlp_ratio=3)),
+        ('vit_small_resnet50d_s16_224', (3, 4, 6), dict(embed_dim=768, depth=8, num_heads=8, mlp_ratio=3)),
+        ('vit_base_resnet26d_224', (2, 2, 2, 2), _SIZES['base']),
+        ('vit_base_resnet50d_224', (3, 4, 6, 3), _SIZES['base'])]:
+    _vit(_name, img_size=224, patch_size=1, resnet_d=_layers, num_classes=1000, **_cfg)
+# MobileCLIP's image encoder (MCI, `vit_base_mci_224`): the MCI stem (stride 8), timm's last stem conv as a 2x2
+# patch embedding, positions for the patches only; the default (apple_mclip) weights end in a 512-wide projection.
+_vit('vit_base_mci_224', img_size=224, patch_size=2, mci_stem=True, no_embed_class=True, num_classes=512,
+     **_SIZES['base'])
 
 # ---- SigLIP / SigLIP 2 image towers: no class token, MAP head (or GAP on the `_gap` names), final norm,
 # headless. big_vision itself always uses the tanh GELU; timm (and so these names) uses it only where listed.

@@ -1,6 +1,7 @@
 """timm 1.0.31's ViT registrations (`vision_transformer.py`, `deit.py`) beyond the ones vit.py writes out by
 family: DINOv2 (and registers), DeiT III, CLIP / OpenCLIP (and QuickGELU), FlexiViT, AIMv2, BEiT3 as a ViT,
-RADIO, TIPSv2, EVA-L, InternViT, the xp (ParallelScalingBlock) and 18x2 (ParallelThingsBlock) models, the gap / reg /
+RADIO, TIPSv2, EVA-L, InternViT, the xp (ParallelScalingBlock) and 18x2 (ParallelThingsBlock) models, the differential-attention d* models
+(DiffAttention, DiffParallelScalingBlock), the gap / reg /
 so150m / betwixt / medium / little / wee / pwee / rpn / 36x1
 models and the rest.
 
@@ -97,6 +98,7 @@ TIMM_VITS = {
     'vit_large_patch14_reg4_dinov2': dict(img_size=518, patch_size=14, embed_dim=1024, depth=24, num_heads=16, num_classes=0, init_values=1e-05, reg_tokens=4, no_embed_class=True, class_token=True),
     'vit_large_patch16_radio_v3': dict(img_size=512, patch_size=16, embed_dim=1024, depth=24, num_heads=16, num_classes=0, init_values=1e-05, reg_tokens=7, no_embed_class=True, final_norm=False, class_token=True),
     'vit_little_patch16_reg1_gap_256': dict(img_size=256, patch_size=16, embed_dim=320, depth=14, num_heads=5, mlp_ratio=5.6, num_classes=1000, init_values=1e-05, class_token=False, no_embed_class=True, reg_tokens=1, global_pool='avg'),
+    'vit_dlittle_patch16_reg1_gap_256': dict(img_size=256, patch_size=16, embed_dim=320, depth=14, num_heads=5, mlp_ratio=5.6, num_classes=1000, init_values=1e-05, class_token=False, no_embed_class=True, reg_tokens=1, global_pool='avg', attn_layer='diff'),
     'vit_little_patch16_reg4_gap_256': dict(img_size=256, patch_size=16, embed_dim=320, depth=14, num_heads=5, mlp_ratio=5.6, num_classes=1000, init_values=1e-05, class_token=False, no_embed_class=True, reg_tokens=4, global_pool='avg'),
     'vit_medium_patch16_clip_224': dict(img_size=224, patch_size=16, embed_dim=512, depth=12, num_heads=8, num_classes=512, pre_norm=True, norm_layer='layernorm', norm_eps=1e-05, class_token=True),
     'vit_medium_patch16_gap_240': dict(img_size=240, patch_size=16, embed_dim=512, depth=12, num_heads=8, num_classes=11821, class_token=False, global_pool='avg', qkv_bias=False, init_values=1e-06, fc_norm=False),
@@ -119,26 +121,20 @@ TIMM_VITS = {
     'vit_so400m_patch14_reg1_tipsv2': dict(img_size=448, patch_size=14, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, num_classes=0, init_values=1.0, reg_tokens=1, no_embed_class=True, class_token=True),
     'vit_so400m_patch16_radio_v4': dict(img_size=512, patch_size=16, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, num_classes=0, reg_tokens=9, no_embed_class=True, final_norm=False, class_token=True),
     'vit_wee_patch16_reg1_gap_256': dict(img_size=256, patch_size=16, embed_dim=256, depth=14, num_heads=4, mlp_ratio=5, num_classes=1000, init_values=1e-05, class_token=False, no_embed_class=True, reg_tokens=1, global_pool='avg'),
+    'vit_dwee_patch16_reg1_gap_256': dict(img_size=256, patch_size=16, embed_dim=256, depth=14, num_heads=4, mlp_ratio=5, num_classes=1000, init_values=1e-05, class_token=False, no_embed_class=True, reg_tokens=1, global_pool='avg', attn_layer='diff'),
     'vit_xsmall_patch16_clip_224': dict(img_size=224, patch_size=16, embed_dim=256, depth=10, num_heads=4, num_classes=512, pre_norm=True, norm_layer='layernorm', norm_eps=1e-05, class_token=True),
     'vit_base_patch16_18x2_224': dict(img_size=224, patch_size=16, embed_dim=768, depth=18, num_heads=12, num_classes=1000, init_values=1e-05, block_fn='parallel_things', class_token=True),
     'vit_base_patch16_xp_224': dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000, pre_norm=True, no_embed_class=True, norm_layer='rmsnorm', norm_eps=1e-06, block_fn='parallel_scaling', qkv_bias=False, qk_norm=True, class_token=True),
     'vit_huge_patch14_xp_224': dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=1000, pre_norm=True, no_embed_class=True, norm_layer='rmsnorm', norm_eps=1e-06, block_fn='parallel_scaling', qkv_bias=False, qk_norm=True, class_token=True),
     'vit_large_patch14_xp_224': dict(img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16, num_classes=1000, pre_norm=True, no_embed_class=True, norm_layer='rmsnorm', norm_eps=1e-06, block_fn='parallel_scaling', qkv_bias=False, qk_norm=True, class_token=True),
     'vit_pwee_patch16_reg1_gap_256': dict(img_size=256, patch_size=16, embed_dim=256, depth=16, num_heads=4, mlp_ratio=5, num_classes=1000, init_values=1e-05, class_token=False, no_embed_class=True, reg_tokens=1, global_pool='avg', block_fn='parallel_scaling'),
+    'vit_dpwee_patch16_reg1_gap_256': dict(img_size=256, patch_size=16, embed_dim=256, depth=16, num_heads=4, mlp_ratio=5, num_classes=1000, init_values=1e-05, class_token=False, no_embed_class=True, reg_tokens=1, global_pool='avg', block_fn='parallel_scaling', attn_layer='diff'),
     'vit_small_patch16_18x2_224': dict(img_size=224, patch_size=16, embed_dim=384, depth=18, num_heads=6, num_classes=1000, init_values=1e-05, block_fn='parallel_things', class_token=True),
 }
 
-# timm registrations of these modules that need a block or stem no option covers (the closing note lists them).
-NOT_BUILT = {
-    'vit_base_mci_224': 'the MobileCLIP (MCI) convolutional stem as the patch embedding',
-    'vit_base_resnet26d_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-    'vit_base_resnet50d_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-    'vit_dlittle_patch16_reg1_gap_256': 'DiffAttention (differential attention)',
-    'vit_dpwee_patch16_reg1_gap_256': 'DiffParallelScalingBlock (differential attention)',
-    'vit_dwee_patch16_reg1_gap_256': 'DiffAttention (differential attention)',
-    'vit_small_resnet26d_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-    'vit_small_resnet50d_s16_224': 'a ResNet-D backbone (timm resnet26d/50d) as the patch embedding',
-}
+# timm registrations of these modules that need a block or stem no option covers, each with why (none left:
+# the differential-attention models are options here, the ResNet-D and MCI hybrids are vit.py's).
+NOT_BUILT = {}
 
 for _name, _cfg in TIMM_VITS.items():
     register(_name, VisionTransformer, **_cfg)

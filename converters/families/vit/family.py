@@ -18,7 +18,8 @@ from ...scan import SCANNED, is_scanned
 from ..base import Family, field_overrides
 from . import transformers
 from .npz import LAYOUTS, detect_prefix, flax_to_npz, npz_to_flax
-from .hybrid import resnet_from_flax, resnet_from_torch, resnet_label, resnet_rules, timm_backbone
+from .hybrid import (TORCH_PREFIX, mci_rules, resnet_d_rules, resnet_from_flax, resnet_from_torch, resnet_label,
+                     resnet_rules, stem_from_flax, stem_from_torch, timm_backbone, timm_resnet_d)
 from .releases import (deit3_to_timm, dinov2_to_timm, is_open_clip, open_clip_to_timm, timm_to_deit3,
                        timm_to_dinov2, timm_to_open_clip)
 
@@ -44,7 +45,9 @@ class TimmRef:
 
 def _timm_ref(module: str, name: str, **kwargs):
     """timm's `module.name` (a functools.partial with `kwargs`), or a `TimmRef` where timm is absent. A
-    hybrid's `backbone=('resnet', layers, in_chans)` is built as timm's own ResNetV2 for those layers."""
+    hybrid's `backbone=('resnet', layers, in_chans)` is built as timm's own ResNetV2 for those layers,
+    `('resnet_d', layers, in_chans)` as its features_only ResNet-D, `('mci', width, in_chans)` as MobileCLIP's
+    ConvStem."""
     import importlib
     from functools import partial
     try:
@@ -52,7 +55,15 @@ def _timm_ref(module: str, name: str, **kwargs):
     except ImportError:
         return TimmRef(name, tuple(sorted(kwargs.items())))
     if 'backbone' in kwargs:
-        kwargs = dict(kwargs, backbone=timm_backbone(*kwargs['backbone'][1:]))
+        kind, arg, in_chans = kwargs['backbone']
+        if kind == 'mci':
+            import torch.nn
+            from timm.models.vision_transformer_hybrid import ConvStem
+            backbone = ConvStem(channels=(arg // 4, arg // 4, arg), stride=(4, 2, 2), kernel_size=(4, 2, 2),
+                                padding=0, in_chans=in_chans, act_layer=torch.nn.GELU)
+        else:
+            backbone = (timm_resnet_d if kind == 'resnet_d' else timm_backbone)(arg, in_chans)
+        kwargs = dict(kwargs, backbone=backbone)
     return partial(cls, **kwargs) if kwargs else cls
 
 
@@ -72,6 +83,29 @@ def _fc1_and_heads(num_heads: int, dim: int, kernel: bool = True) -> Transform:
         return [np.ascontiguousarray(fc1)] + qkv.to_flax([w[hidden:]])
 
     return Transform(f'fc1_and_heads(h={num_heads},{"kernel" if kernel else "bias"})', to_torch, to_flax)
+
+
+def _heads_and_fc2(num_heads: int) -> Transform:
+    """DiffParallelScalingBlock's `out_proj` (timm): attention's output projection and the MLP's second Linear
+    fused, in that order, as one Linear (D, D + hidden) <-> attention's `out` (H, Dh, D) and `Dense_1` (hidden, D)."""
+    out = heads_out(num_heads)
+
+    def to_torch(arrays):
+        return [np.concatenate(out.to_torch(arrays[:1]) + [arrays[1].T], axis=1)]
+
+    def to_flax(arrays):
+        (w,) = arrays
+        dim = w.shape[0]
+        return out.to_flax([w[:, :dim]]) + [np.ascontiguousarray(w[:, dim:].T)]
+
+    return Transform(f'heads_and_fc2(h={num_heads})', to_torch, to_flax)
+
+
+def _diff_rules(mha: str, torch: str) -> List[Rule]:
+    """Differential attention's own params (timm DiffAttention, DiffParallelScalingBlock): the four lambda
+    vectors and `sub_norm` (an RmsNorm)."""
+    return [rule(f'{mha}/{n}', f'{torch}.{n}') for n in ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')] + \
+        [rule(f'{mha}/sub_norm/scale', f'{torch}.sub_norm.weight')]
 
 
 def _mlp(flax: str, torch: str, kind: str, bias: bool) -> List[Rule]:
@@ -109,8 +143,14 @@ def _as_standard_block(state):
         view = {f'{t}attn.qkv.weight': w[-3 * dim:], f'{t}mlp.fc1.weight': w[:-3 * dim]}
         if f'{t}in_proj.bias' in state:
             view[f'{t}attn.qkv.bias'] = state[f'{t}in_proj.bias'][-3 * dim:]
+        if f'{t}out_proj.weight' in state:   # DiffParallelScalingBlock: one out_proj over [attention, MLP]
+            w = state[f'{t}out_proj.weight']
+            view.update({f'{t}attn.proj.weight': w[:, :dim], f'{t}mlp.fc2.weight': w[:, dim:]})
+            if f'{t}out_proj.bias' in state:
+                view[f'{t}attn.proj.bias'] = state[f'{t}out_proj.bias']
         pairs = [('in_norm.', 'norm1.'), ('in_norm.', 'norm2.'), ('attn_out_proj.', 'attn.proj.'),
-                 ('mlp_out_proj.', 'mlp.fc2.'), ('q_norm.', 'attn.q_norm.'), ('ls.', 'ls1.')]
+                 ('mlp_out_proj.', 'mlp.fc2.'), ('q_norm.', 'attn.q_norm.'), ('ls.', 'ls1.'),
+                 ('lambda_q1', 'attn.lambda_q1')]
         state = {**state, **view}
         kind = 'parallel_scaling'
     else:
@@ -280,10 +320,12 @@ class ViTFamily(Family):
         h = model.num_heads
         norm = (lambda f, t: norm_rules(f, t)) if model.norm_layer == 'layernorm' else \
             (lambda f, t: [rule(f'{f}/scale', f'{t}.weight')])   # RmsNorm: a weight, no bias
-        rules = resnet_rules(model.resnet) if model.resnet is not None else []
-        rules.append(rule('embedding/kernel', 'patch_embed.proj.weight', CONV))
-        if not model.pre_norm:   # timm's pre_norm models have no patch-embedding bias
-            rules.append(rule('embedding/bias', 'patch_embed.proj.bias'))
+        rules = resnet_rules(model.resnet) if model.resnet is not None else \
+            resnet_d_rules(model.resnet_d) if model.resnet_d is not None else mci_rules() if model.mci_stem else []
+        if not model.mci_stem:   # MCI: timm's last stem conv is the embedding (mci_rules)
+            rules.append(rule('embedding/kernel', 'patch_embed.proj.weight', CONV))
+            if not model.pre_norm:   # timm's pre_norm models have no patch-embedding bias
+                rules.append(rule('embedding/bias', 'patch_embed.proj.bias'))
         rules.append(rule(POS_KEY, 'pos_embed'))
         if model.embed_norm:
             rules += norm('embedding_norm', 'patch_embed.norm')
@@ -307,6 +349,8 @@ class ViTFamily(Family):
                 out += norm(f'{mha}/query_norm', f'{t}.q_norm') + norm(f'{mha}/key_norm', f'{t}.k_norm')
             if model.scale_attn_norm:
                 out += norm(f'{mha}/out_norm', f'{t}.norm')
+            if model.attn_layer == 'diff':
+                out += _diff_rules(mha, t)
             return out
 
         for i in range(model.depth):
@@ -335,8 +379,13 @@ class ViTFamily(Family):
                                       f'{t}.in_proj.bias', _fc1_and_heads(h, model.embed_dim, kernel=False)))
                 else:
                     rules.append(rule(f'{mlp0}/Dense_0/bias', f'{t}.mlp_bias'))
-                rules += _attention_out(mha0, f'{t}.attn_out_proj', h, bias=model.proj_bias)
-                rules += dense_rules(f'{mlp0}/Dense_1', f'{t}.mlp_out_proj', model.proj_bias)
+                if model.attn_layer == 'diff':   # DiffParallelScalingBlock: out_proj = [attention out; fc2], one bias
+                    rules.append(rule((f'{mha0}/out/kernel', f'{mlp0}/Dense_1/kernel'), f'{t}.out_proj.weight',
+                                      _heads_and_fc2(h)))
+                    rules += [rule(f'{mha0}/out/bias', f'{t}.out_proj.bias')] if model.proj_bias else []
+                else:
+                    rules += _attention_out(mha0, f'{t}.attn_out_proj', h, bias=model.proj_bias)
+                    rules += dense_rules(f'{mlp0}/Dense_1', f'{t}.mlp_out_proj', model.proj_bias)
                 if layer_scale:
                     rules.append(rule(f'{f}/LayerScale_0/scale', f'{t}.ls.gamma'))
                 continue
@@ -390,15 +439,25 @@ class ViTFamily(Family):
                   scale_mlp_norm=model.scale_mlp_norm, dynamic_img_size=model.dynamic_img_size)
         if model.mlp_layer != 'mlp':
             kw['mlp_layer'] = _timm_ref('timm.layers', {'swiglu': 'SwiGLU', 'swiglu_packed': 'SwiGLUPacked'}[model.mlp_layer])
+        diff = model.attn_layer == 'diff'
         if model.block_fn != 'block':
             kw['block_fn'] = _timm_ref('timm.models.vision_transformer', {
                 'res_post': 'ResPostBlock', 'parallel_things': 'ParallelThingsBlock',
-                'parallel_scaling': 'ParallelScalingBlock'}[model.block_fn])
+                'parallel_scaling': 'DiffParallelScalingBlock' if diff else 'ParallelScalingBlock'}[model.block_fn])
+        elif diff:
+            kw['attn_layer'] = 'diff'
         if model.embed_norm:
             kw['embed_norm_layer'] = norm
         if model.resnet is not None:
             kw['embed_layer'] = _timm_ref('timm.layers', 'HybridEmbed', backbone=('resnet', tuple(model.resnet),
                                                                                  model.in_chans))
+        elif model.resnet_d is not None:
+            kw['embed_layer'] = _timm_ref('timm.layers', 'HybridEmbed', backbone=('resnet_d', tuple(model.resnet_d),
+                                                                                 model.in_chans))
+        elif model.mci_stem:   # timm: the stem's last conv embeds (patch 1, no projection)
+            kw['embed_layer'] = _timm_ref('timm.layers', 'HybridEmbed', backbone=('mci', model.embed_dim, model.in_chans),
+                                          proj=False)
+            kw['patch_size'] = 1
         return kw
 
     def parity_points(self, model):
@@ -419,6 +478,9 @@ class ViTFamily(Family):
         b0 = 'Transformer/encoderblock_0'
         mha, mlp = f'{b0}/MultiHeadDotProductAttention_0', f'{b0}/MlpBlock_0'
         resnet, stem_in = resnet_from_flax(flat)
+        stem = stem_from_flax(flat)
+        if stem:
+            stem_in = flat['backbone/stem_conv0/kernel' if 'resnet_d' in stem else 'backbone/conv0/kernel'].shape[-2]
         swiglu = f'{mlp}/Dense_gate/kernel' in flat
         hidden = flat[f'{mlp}/Dense_0/kernel'].shape[1]
         cfg = dict(embed_dim=kernel.shape[-1], in_chans=stem_in or kernel.shape[-2],
@@ -435,15 +497,21 @@ class ViTFamily(Family):
                    norm_layer='layernorm' if f'{b0}/LayerNorm_0/bias' in flat else 'rmsnorm',
                    mlp_layer='swiglu' if swiglu else _packed(hidden, flat[f'{mlp}/Dense_1/kernel'].shape[0]))
         cfg['block_fn'] = block_fn
+        cfg['attn_layer'] = 'diff' if f'{mha}/lambda_q1' in flat else 'attn'
+        cfg.update(dict(resnet_d=None, mci_stem=False), **stem)
         return _pooling(_positions(cfg, flat.get(POS_KEY)), map_head='MAPHead_0/probe' in flat,
                         encoder_norm='Transformer/encoder_norm/scale' in flat, fc_norm='pool_norm/scale' in flat)
 
     def config_from_torch(self, state) -> dict:
         """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
         state, block_fn = _as_standard_block(state)
-        w = state['patch_embed.proj.weight']
-        _check_kernel(w, 'patch_embed.proj.weight')
+        stem = stem_from_torch(state)
+        proj = f'{TORCH_PREFIX}.2.conv.weight' if stem.get('mci_stem') else 'patch_embed.proj.weight'
+        w = state[proj]
+        _check_kernel(w, proj)
         resnet, stem_in = resnet_from_torch(state)
+        if stem:
+            stem_in = state[f'{TORCH_PREFIX}.conv1.0.weight' if 'resnet_d' in stem else f'{TORCH_PREFIX}.0.conv.weight'].shape[1]
         b0 = 'blocks.0'
         swiglu = f'{b0}.mlp.fc1_g.weight' in state
         hidden = state[f'{b0}.mlp.fc1_x.weight' if swiglu else f'{b0}.mlp.fc1.weight'].shape[0]
@@ -461,6 +529,8 @@ class ViTFamily(Family):
                    norm_layer='layernorm' if f'{b0}.norm1.bias' in state else 'rmsnorm',
                    mlp_layer='swiglu' if swiglu else _packed(hidden, state[f'{b0}.mlp.fc2.weight'].shape[1]))
         cfg['block_fn'] = block_fn
+        cfg['attn_layer'] = 'diff' if f'{b0}.attn.lambda_q1' in state else 'attn'
+        cfg.update(dict(resnet_d=None, mci_stem=False), **stem)
         return _pooling(_positions(cfg, state['pos_embed']), map_head='attn_pool.latent' in state,
                         encoder_norm='norm.weight' in state, fc_norm='fc_norm.weight' in state)
 
@@ -492,7 +562,8 @@ class ViTFamily(Family):
                        no_embed_class=model.no_embed_class and model.num_prefix_tokens > 0, pre_norm=model.pre_norm,
                        proj_bias=model.proj_bias, qk_norm=model.qk_norm, scale_attn_norm=model.scale_attn_norm,
                        scale_mlp_norm=model.scale_mlp_norm, norm_layer=model.norm_layer, mlp_layer=model.mlp_layer,
-                       final_norm=model.final_norm)
+                       final_norm=model.final_norm, attn_layer=model.attn_layer, resnet_d=model.resnet_d,
+                       mci_stem=model.mci_stem)
         kw = {k: cfg[k] for k, v in current.items() if k in cfg and cfg[k] != v}
         # what a config.json records beside the shapes (a transformers folder): eps, activation, input size
         kw.update(field_overrides(model, {k: cfg[k] for k in ('norm_eps', 'act_layer', 'gelu', 'img_size') if k in cfg}))
@@ -504,16 +575,17 @@ class ViTFamily(Family):
         if 'layer_scale' in cfg and kw.get('block_fn', model.block_fn) != 'res_post' \
                 and cfg['layer_scale'] != bool(model.init_values):
             kw['init_values'] = 1e-5 if cfg['layer_scale'] else None   # the value only seeds training
-        if 'resnet' in kw:  # the stem decides how many tokens an image makes
-            model = model.clone(resnet=kw['resnet'])
+        stems = {k: kw[k] for k in ('resnet', 'resnet_d', 'mci_stem') if k in kw}
+        if stems:  # the stem decides how many tokens an image makes
+            model = model.clone(**stems)
         img = img_size_override(cfg, model.clone(**{k: v for k, v in kw.items() if k in ('reg_tokens', 'class_token', 'distilled')}))
         return {**kw, **({'img_size': img} if img is not None else {})}
 
     # ------------------------------------------------------------ detection, files
 
     def detect_torch(self, state) -> bool:
-        return ('patch_embed.proj.weight' in state and any(k.startswith('blocks.') for k in state)) \
-            or is_open_clip(state)
+        return (('patch_embed.proj.weight' in state or f'{TORCH_PREFIX}.2.conv.weight' in state)
+                and any(k.startswith('blocks.') for k in state)) or is_open_clip(state)
 
     def detect_flax(self, flat) -> bool:
         return 'embedding/kernel' in flat
@@ -542,16 +614,21 @@ class ViTFamily(Family):
         return flax_to_npz(flat if layout == 'big_vision' else self.store(flat, model, log), layout)
 
     def npz_layouts_for(self, model) -> Tuple[str, ...]:
-        """vit_jax's released numbering has no LayerScale in a block: such models offer linen (the default, the
-        tree itself) and big_vision."""
-        return ('linen', 'big_vision') if model.init_values and model.block_fn == 'block' else LAYOUTS
+        """vit_jax's released numbering has no LayerScale in a block, one attention and MLP per block in
+        sequence and no stem but Google's: other models (LayerScale, the parallel blocks, timm's ResNet-D and
+        MobileCLIP's stems) offer linen (the default, the tree itself) and big_vision."""
+        plain = (model.block_fn == 'res_post' or model.block_fn == 'block' and not model.init_values) \
+            and model.resnet_d is None and not model.mci_stem
+        return LAYOUTS if plain else ('linen', 'big_vision')
 
     # ------------------------------------------------------------ matching and adapting
 
     def preference(self, cfg: dict, name: str, model) -> tuple:
         """A ResNet stem exactly when the file has one first, then the generic order, with ViT before DeiT for
         undistilled files just before the name."""
-        stem = (model.resnet is None) != (cfg.get('resnet') is None)   # () is a stem without stages
+        stem = (model.resnet is None) != (cfg.get('resnet') is None) \
+            or (model.resnet_d is None) != (cfg.get('resnet_d') is None) \
+            or bool(model.mci_stem) != bool(cfg.get('mci_stem'))          # () is a stem without stages
         fewest_unshared, changed, _ = super().preference(cfg, name, model)
         return stem, fewest_unshared, changed, name.startswith('deit') != bool(cfg.get('distilled')), name
 
@@ -620,8 +697,8 @@ class ViTFamily(Family):
         `dst` has no representation layer."""
         old, new = tuple(src.patch_size_tuple), tuple(dst.patch_size_tuple)
         if old != new:
-            if src.spatial_dims != 2 or src.resnet is not None:
-                raise ConversionError(f'patch {old} -> {new}: only a 2-D ViT without a ResNet stem resizes its patches')
+            if src.spatial_dims != 2 or src.has_stem:
+                raise ConversionError(f'patch {old} -> {new}: only a 2-D ViT without a stem resizes its patches')
             method = resample if resample in ('bicubic', 'bilinear') else 'bicubic'
             flat['embedding/kernel'] = resample_patch_kernel(flat['embedding/kernel'], new, method)
             log(f'embedding/kernel: patch {"x".join(map(str, old))} -> {"x".join(map(str, new))} by FlexiViT\'s '
@@ -651,6 +728,8 @@ class ViTFamily(Family):
         by its file (a two-tower big_vision file's `params/img/`), not by the timm name that fits it."""
         model = ck.model
         arch = f'{resnet_label(model.resnet)}+ViT hybrid' if model.resnet is not None else \
+            f'ResNet-D ({len(model.resnet_d)} stages)+ViT hybrid' if model.resnet_d is not None else \
+            'MCI+ViT hybrid' if model.mci_stem else \
             ('DeiT' if model.distilled else 'ViT')
         notes = []
         if ck.format == 'npz':
@@ -663,7 +742,7 @@ class ViTFamily(Family):
             else:   # a tree Google's own models do not have (LayerScale, registers, ...) is not "Google's"
                 google = not (model.init_values or model.reg_tokens or model.pre_norm or model.qk_norm
                               or model.mlp_layer != 'mlp' or model.norm_layer != 'layernorm' or model.no_embed_class)
-                source = arch if model.resnet is not None else f'{"Google" if google else "Flax"} {arch}'
+                source = arch if model.has_stem else f'{"Google" if google else "Flax"} {arch}'
                 notes.append(ck.layout)
             if prefix == 'opt/target/':
                 notes.append('opt/target/ prefix')

@@ -48,7 +48,7 @@ def timm_to_dinov2(state, model):
         (model.norm_layer != 'layernorm', 'RmsNorm'), (model.embed_norm, 'a patch-embedding norm'),
         (model.qk_norm or model.scale_attn_norm or model.scale_mlp_norm, 'extra attention/MLP norms'),
         (model.mlp_layer == 'swiglu', "timm's unpacked SwiGLU"), (model.block_fn != 'block', 'ResPostBlock'),
-        (model.resnet is not None, 'a ResNet stem'), (model.representation_size, 'a pre_logits layer'),
+        (model.has_stem, 'a ResNet stem'), (model.representation_size, 'a pre_logits layer'),
         (model.spatial_dims != 2, '1-D patches')] if bad]
     if what:
         raise ConversionError(f'the dinov2 layout (DinoVisionTransformer) cannot hold {what[0]}')
@@ -130,7 +130,7 @@ def timm_to_open_clip(state, model):
         (model.norm_layer != 'layernorm' or model.qk_norm or model.scale_attn_norm or model.scale_mlp_norm,
          'norms other than LayerNorm'), (model.mlp_layer != 'mlp', 'a gated MLP'),
         (not model.qkv_bias or not model.proj_bias, 'projections without bias'), (model.block_fn != 'block', 'ResPostBlock'),
-        (model.resnet is not None or model.embed_norm or model.spatial_dims != 2, 'another patch embedding')] if bad]
+        (model.has_stem or model.embed_norm or model.spatial_dims != 2, 'another patch embedding')] if bad]
     if not what and model.num_classes == 0:
         what = ['a model without a head (open_clip\'s tower ends in its projection `proj`: pass --num-classes E)']
     if what:
@@ -172,7 +172,7 @@ def timm_to_deit3(state, model):
         (model.pre_norm or model.use_fc_norm or not model.final_norm or model.norm_layer != 'layernorm'
          or model.qk_norm or model.scale_attn_norm or model.scale_mlp_norm, 'other norms'),
         (model.mlp_layer != 'mlp' or not model.proj_bias, 'another MLP'),
-        (model.resnet is not None or model.embed_norm or model.spatial_dims != 2, 'another patch embedding'),
+        (model.has_stem or model.embed_norm or model.spatial_dims != 2, 'another patch embedding'),
         (model.representation_size, 'a pre_logits layer')] if bad]
     if what:
         raise ConversionError(f'the deit3 layout (DeiT III vit_models) cannot hold {what[0]}')

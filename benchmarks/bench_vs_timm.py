@@ -562,11 +562,17 @@ def main():
     peak_runs = dict(before=measure_peaks(cores, a.load_every))
     print(peak_line('before', peak_runs['before'], cores), flush=True)
     rows = []
+    before = peak_of(dict(before=peak_runs['before']))
+    print('as measured (shares of the peak before; the table after the cases uses the larger of both):\n' + HEAD,
+          flush=True)
     for case in cases:
-        rows.append(dict(case=case.__dict__, rounds=[measure_round(case, a, ['flax', 'timm'] + peers, r, cores,
-                                                                   a.load_every) for r in range(a.rounds)]))
+        row = dict(case=case.__dict__, rounds=[measure_round(case, a, ['flax', 'timm'] + peers, r, cores,
+                                                             a.load_every) for r in range(a.rounds)])
+        rows.append(row)
+        print(summarise(dict(row, summary=case_summary(row, before, cores)), before, cores, peers), flush=True)
     peak_runs['after'] = measure_peaks(cores, a.load_every)
     peak = peak_of(peak_runs)
+    print('\n' + peak_line('before', peak_runs['before'], cores))
     print(peak_line('after', peak_runs['after'], cores))
     print(f'peak (the larger of the above): float32 {peak["float32"]:.1f}, bf16 {peak["bfloat16"]:.1f} GFLOP/s\n')
     print(machine_line(mach))

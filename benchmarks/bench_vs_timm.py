@@ -20,8 +20,23 @@ the float32 rate is the better of the two float32 GEMMs; the bf16 rate the best 
 multiplies bf16 matrices with float32 accumulation (its bf16 GEMM, or its float32 GEMM on the exactly
 widened operands, which is what vit-flax does on a CPU without bf16 instructions).
 
+The peak is measured twice in the same run, before and after the cases (each GEMM in a process of its own);
+a dtype's peak is the larger of all its measurements. Every table is printed with the machine it came from
+(/proc/cpuinfo's model name and its avx512f, avx512_bf16 and amx_* flags) and the cores.
+
+Load: the 1-minute load average (os.getloadavg) is sampled every --load-every seconds while a round runs (its
+processes included). A round whose highest sample is above the core count gives no ratio: the ratio column
+then prints "loaded (L/N)" (L: the lowest of the refused rounds' highest samples, N: the cores) unless other
+rounds of the case were quiet enough, and the images/s and shares are printed as measured. Each case prints
+GFLOP/s (model FLOPs per second) and its share of its dtype's peak for both frameworks.
+
 Compile: Flax's trace+lower+compile time (AOT); for eager timm the extra time of its first call.
 Peak memory: the peak RSS of the worker process (framework runtime included).
+
+`--json FILE` writes ONE object: {'machine': {model, flags, cores}, 'settings', 'peak': {'before', 'after':
+{'jax/float32': GFLOP/s, ...}, 'gflops': {dtype: peak}}, 'cases': [{case, rounds: [{flax, timm, ...: the
+worker's measurements, 'load': {max, samples: [[seconds, load], ...]}, 'ratio', 'refused'}], summary}],
+'compile': [...]}.
 """
 import argparse
 import json
@@ -30,6 +45,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -240,7 +256,7 @@ def worker(a) -> dict:
     return run_timm(case, a.iters, a.warmup, a.budget, compiled=a.worker == 'timm-compile')
 
 
-# ---------------------------------------------------------------- orchestration
+# ---------------------------------------------------------------- processes
 
 def spawn(args, timeout: float, script: str = __file__) -> dict:
     """Run `script` (this file, or another benchmark's worker) with `args` in a process of its own; its
@@ -273,36 +289,224 @@ def fmt_spread(rates) -> str:
     return f'{statistics.median(good):7.2f} ({min(good):.2f}-{max(good):.2f})'.rjust(17)
 
 
-def measure_case(case: Case, a, kinds) -> dict:
-    runs = {k: [] for k in kinds}
-    for r in range(a.rounds):
-        order = kinds if r % 2 == 0 else [kinds[1], kinds[0]] + kinds[2:]
+# ---------------------------------------------------------------- the machine and its load (pure, unit-tested)
+
+CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16')   # and every amx_* flag the CPU reports
+
+
+def cpu_info(text: str) -> dict:
+    """{'model': the first 'model name' (x86), else 'Model' or 'CPU part' (ARM) of /proc/cpuinfo's text,
+    'flags': those of CPU_FLAGS and every amx_* among its first 'flags' / 'Features' line, in that order}."""
+    names, flags = {}, None
+    for line in text.splitlines():
+        key, _, value = line.partition(':')
+        key, value = key.strip().lower(), value.strip()
+        if key in ('model name', 'model', 'cpu part') and value and not value.isdigit():
+            names.setdefault(key, value)   # x86's 'model' is a number: not a name
+        if flags is None and key in ('flags', 'features'):
+            flags = value.split()
+    have = set(flags or ())
+    model = next((names[k] for k in ('model name', 'model', 'cpu part') if k in names), 'unknown')
+    return dict(model=model, flags=[f for f in CPU_FLAGS if f in have]
+                + sorted(f for f in have if f.startswith('amx')))
+
+
+def machine(cpuinfo_path: str = '/proc/cpuinfo', cores=None) -> dict:
+    try:
+        with open(cpuinfo_path) as f:
+            info = cpu_info(f.read())
+    except OSError:
+        info = dict(model='unknown (no /proc/cpuinfo)', flags=[])
+    return dict(info, cores=cores or os.cpu_count())
+
+
+def machine_line(m: dict) -> str:
+    flags = ' '.join(m['flags']) or 'none of avx2/avx512f/avx512_bf16/amx'
+    if not any(f.startswith('amx') for f in m['flags']):
+        flags += ', no amx'
+    return f'machine: {m["model"]}, {m["cores"]} cores; flags: {flags}'
+
+
+class LoadMonitor:
+    """The 1-minute load average sampled while a `with` block runs: once on entry, every `every` seconds in a
+    thread, once on exit. `samples` is [(seconds since entry, load)]; `loadavg` and `clock` are injectable."""
+
+    def __init__(self, every: float = 2.0, loadavg=os.getloadavg, clock=time.monotonic):
+        self.every, self.loadavg, self.clock = every, loadavg, clock
+        self.samples, self._t0 = [], None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def sample(self):
+        now = self.clock()
+        if self._t0 is None:
+            self._t0 = now
+        self.samples.append((round(now - self._t0, 3), float(self.loadavg()[0])))
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        if self.every and self.every > 0:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        return False
+
+    @property
+    def max(self) -> float:
+        return max((l for _, l in self.samples), default=float('nan'))
+
+    def record(self) -> dict:
+        return dict(max=self.max, samples=[list(s) for s in self.samples])
+
+
+def too_loaded(load_max: float, cores: int) -> bool:
+    """A round counts only if its load average stayed at or below the core count (and was sampled)."""
+    return not (load_max == load_max) or load_max > cores
+
+
+def round_ratio(flax_rate: float, timm_rate: float, load_max: float, cores: int):
+    """(ratio flax/timm or None, refused): None when either side failed or the round was too loaded."""
+    if too_loaded(load_max, cores):
+        return None, True
+    if not (flax_rate == flax_rate and timm_rate == timm_rate) or not timm_rate:
+        return None, False
+    return flax_rate / timm_rate, False
+
+
+def ratio_cell(rounds: list, cores: int) -> str:
+    """The ratio column from the rounds' {'ratio', 'refused', 'load': {'max'}}: median (min-max) of the
+    counted rounds, '+k loaded' when some were refused; 'loaded (L/N)' when every measured round was refused
+    (L: the lowest of their highest load samples), 'n/a' when none measured."""
+    good = [r['ratio'] for r in rounds if r['ratio'] is not None]
+    refused = [r['load']['max'] for r in rounds if r['refused']]
+    if good:
+        cell = f'{statistics.median(good):.2f} ({min(good):.2f}-{max(good):.2f})'
+        return cell + (f' +{len(refused)} loaded' if refused else '')
+    if refused:
+        return f'loaded ({min(refused):.1f}/{cores})'
+    return 'n/a'
+
+
+def peak_of(runs: dict) -> dict:
+    """{dtype: peak GFLOP/s} from {'before'/'after': {'jax/float32': x, 'torch/bfloat16': y, ...}}: per dtype the
+    larger of every framework's and every time's measurement. bf16 also counts the float32 peak: on a CPU
+    without bf16 instructions the fastest way to multiply bf16 matrices is the float32 GEMM on the exactly
+    widened operands (what vit-flax does there)."""
+    best = lambda xs: max((x for x in xs if x == x), default=float('nan'))
+    got = {dt: best(v for when in runs.values() for k, v in when.items() if k.endswith('/' + dt))
+           for dt in ('float32', 'bfloat16')}
+    got['bfloat16'] = best([got['bfloat16'], got['float32']])
+    return got
+
+
+def share(flops_per_image: float, img_s: float, peak_gflops: float) -> tuple:
+    """(GFLOP/s, share of the peak) of a case run at img_s images/s."""
+    if not flops_per_image or not (img_s == img_s):
+        return float('nan'), float('nan')
+    gf = flops_per_image * img_s / 1e9
+    return gf, gf / peak_gflops if peak_gflops == peak_gflops and peak_gflops else float('nan')
+
+
+def case_summary(row: dict, peak: dict, cores: int, kinds=('flax', 'timm')) -> dict:
+    """The table's figures for one case from its rounds: per framework the median images/s with its spread,
+    GFLOP/s and share of the dtype's peak; the ratio cell and the counted ratios."""
+    case = row['case']
+    flops = next((r[k]['flops'] for r in row['rounds'] for k in kinds if 'flops' in r.get(k, {})), None)
+    out = dict(flops_per_image=flops / case['batch'] if flops else None, ratio=ratio_cell(row['rounds'], cores),
+               ratios=[r['ratio'] for r in row['rounds'] if r['ratio'] is not None])
+    for k in kinds:
+        rates = [r['rates'][k] for r in row['rounds'] if r['rates'].get(k) == r['rates'].get(k)]
+        med = statistics.median(rates) if rates else float('nan')
+        gf, sh = share(out['flops_per_image'], med, peak.get(case['dtype'], float('nan')))
+        out[k] = dict(img_s=med, spread=[min(rates), max(rates)] if rates else None, gflops=gf, share=sh)
+    return out
+
+
+def _strict(x):
+    """x with NaN and infinities as None, tuples as lists (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, float) and not (x == x and abs(x) != float('inf')):
+        return None
+    return x
+
+
+def report(mach: dict, settings: dict, peak_runs: dict, rows: list, compiles: list) -> dict:
+    """The --json object: everything measured, as one strict-JSON dict (a NaN, a failed measurement: null)."""
+    return _strict(dict(machine=mach, settings=settings, peak=dict(peak_runs, gflops=peak_of(peak_runs)),
+                        cases=rows, compile=compiles))
+
+
+# ---------------------------------------------------------------- orchestration
+
+def measure_round(case: Case, a, kinds, r: int, cores: int, load_every: float = 2.0) -> dict:
+    """One round of a case: each framework in its own process (Flax first in even rounds), the load sampled
+    throughout; the round's images/s per framework and its ratio (None when refused for load)."""
+    order = kinds if r % 2 == 0 else [kinds[1], kinds[0]] + kinds[2:]
+    out = {}
+    with LoadMonitor(load_every) as mon:
         for kind in order:
             res = spawn(case_args(kind, case, a), a.timeout)
-            runs[kind].append(res)
+            out[kind] = res
             if 'error' in res:
                 print(f'  {case.name} {kind} round {r}: {res["error"]}', file=sys.stderr)
-    rates = {k: [median_rate(res, case.batch) for res in v] for k, v in runs.items()}
-    return dict(case=case.__dict__, runs=runs, rates=rates)
+    out['rates'] = {k: median_rate(out[k], case.batch) for k in kinds}
+    out['load'] = mon.record()
+    out['ratio'], out['refused'] = round_ratio(out['rates']['flax'], out['rates']['timm'], mon.max, cores)
+    return out
 
 
-def summarise(row: dict, matmul: dict, peers) -> str:
+def measure_peaks(cores: int, load_every: float) -> dict:
+    """{'jax/float32': GFLOP/s, ..., 'load': {...}}: the four GEMMs, each in its own process."""
+    runs = {}
+    with LoadMonitor(load_every) as mon:
+        for dt in ('float32', 'bfloat16'):
+            for fw in ('jax', 'torch'):
+                res = spawn(['--worker', 'gemm', '--framework', fw, '--dtype', dt, '--budget', 20], 900)
+                runs[f'{fw}/{dt}'] = res.get('gflops', float('nan'))
+                if 'error' in res:
+                    print(f'  matmul {fw} {dt}: {res["error"]}', file=sys.stderr)
+    return dict(runs, load=mon.record())
+
+
+def peak_line(when: str, g: dict, cores: int) -> str:
+    return (f'matmul peak {when} (GFLOP/s, f32 accumulation): float32 jax {g["jax/float32"]:.1f}, torch '
+            f'{g["torch/float32"]:.1f}; bf16 jax {g["jax/bfloat16"]:.1f}, torch {g["torch/bfloat16"]:.1f} '
+            f'(load {g["load"]["max"]:.1f}/{cores})')
+
+
+HEAD = (f'{"model":<30} {"mode":<5} {"dtype":<8} {"bs":>3} {"flax img/s (spread)":>17} {"timm img/s (spread)":>17} '
+        f'{"GFLOP/s fx":>10} {"peak% fx":>8} {"GFLOP/s tm":>10} {"peak% tm":>8} {"flax/timm (spread)":>24} '
+        f'{"load":>5} {"compile":>7} {"first":>6} {"MiB fx":>6} {"MiB tm":>6}')
+
+
+def summarise(row: dict, peak: dict, cores: int, peers) -> str:
     case = Case(**row['case'])
-    rates, runs = row['rates'], row['runs']
-    ratios = [f / t for f, t in zip(rates['flax'], rates['timm']) if f == f and t == t]
-    ratio = f'{statistics.median(ratios):5.2f} ({min(ratios):.2f}-{max(ratios):.2f})' if ratios else 'n/a'
-    ok = lambda kind: [r for r in runs[kind] if 'error' not in r]
-    flops = next((r['flops'] for r in ok('flax')), None)
-    peak = rate_of = lambda kind, key: statistics.median([r[key] for r in ok(kind)]) if ok(kind) else float('nan')
-    mfu = lambda kind: (flops / case.batch * statistics.median([x for x in rates[kind] if x == x])
-                        / (matmul[case.dtype] * 1e9)) if flops and ok(kind) else float('nan')
-    line = (f'{case.model:<30} {case.mode:<5} {case.dtype:<8} {case.batch:>3} {fmt_spread(rates["flax"])} '
-            f'{fmt_spread(rates["timm"])} {ratio:>18} {rate_of("flax", "compile_s"):7.1f} '
-            f'{rate_of("timm", "compile_s"):6.1f} {peak("flax", "peak_mib"):6.0f} {peak("timm", "peak_mib"):6.0f} '
-            f'{mfu("flax"):6.1%} {mfu("timm"):6.1%}')
+    s = row['summary']
+    ok = lambda kind: [r[kind] for r in row['rounds'] if kind in r and 'error' not in r[kind]]
+    med = lambda kind, key: statistics.median([r[key] for r in ok(kind)]) if ok(kind) else float('nan')
+    spread = lambda k: fmt_spread([r['rates'][k] for r in row['rounds']])
+    load = max((r['load']['max'] for r in row['rounds']), default=float('nan'))
+    line = (f'{case.model:<30} {case.mode:<5} {case.dtype:<8} {case.batch:>3} {spread("flax")} {spread("timm")} '
+            f'{s["flax"]["gflops"]:10.1f} {s["flax"]["share"]:8.1%} {s["timm"]["gflops"]:10.1f} '
+            f'{s["timm"]["share"]:8.1%} {s["ratio"]:>24} {load:5.1f} {med("flax", "compile_s"):7.1f} '
+            f'{med("timm", "compile_s"):6.1f} {med("flax", "peak_mib"):6.0f} {med("timm", "peak_mib"):6.0f}')
     for kind in peers:
-        pr = [f / p for f, p in zip(rates['flax'], rates[kind]) if f == f and p == p]
-        line += f' {fmt_spread(rates[kind])} {statistics.median(pr) if pr else float("nan"):6.2f}x'
+        pr = [r['rates']['flax'] / r['rates'][kind] for r in row['rounds']
+              if r['rates']['flax'] == r['rates']['flax'] and r['rates'][kind] == r['rates'][kind] and not r['refused']]
+        line += f' {spread(kind)} {statistics.median(pr) if pr else float("nan"):6.2f}x'
     return line
 
 
@@ -316,11 +520,12 @@ def main():
     p.add_argument('--warmup', type=int, default=1, help='untimed steps after the first call')
     p.add_argument('--budget', type=float, default=60.0, help='seconds of timed steps per process')
     p.add_argument('--timeout', type=float, default=1800.0, help='seconds before a worker is abandoned')
+    p.add_argument('--load-every', type=float, default=2.0, help='seconds between load-average samples in a round')
     p.add_argument('--peers', action='store_true', help='also timm under torch.compile and, when installed, '
                    "keras-hub's ViT on the JAX backend (columns: img/s and Flax/peer)")
     p.add_argument('--no-compile-cases', dest='compile_cases', action='store_false',
                    help='skip the ViT-L/H compile-time table')
-    p.add_argument('--json', help='also write every measurement to this file')
+    p.add_argument('--json', help='also write every measurement to this file (one JSON object)')
     # worker mode
     p.add_argument('--worker', choices=('flax', 'timm', 'timm-compile', 'keras', 'gemm', 'compile'),
                    help=argparse.SUPPRESS)
@@ -346,44 +551,53 @@ def main():
             peers.append('keras')
         else:
             print('keras-hub is not installed: no keras-hub column', file=sys.stderr)
-    print(f'{os.cpu_count()} CPU cores; {a.rounds} round(s), each framework in its own process, alternated; '
-          f'per process: first call, {a.warmup} warm-up, up to {a.iters} timed steps ({a.budget:.0f}s budget)',
-          flush=True)
+    mach = machine()
+    cores = mach['cores']
+    settings = dict(quick=a.quick, rounds=a.rounds, iters=a.iters, warmup=a.warmup, budget=a.budget,
+                    load_every=a.load_every, peers=peers, started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    print(f'{machine_line(mach)}\n{a.rounds} round(s), each framework in its own process, alternated; per process: '
+          f'first call, {a.warmup} warm-up, up to {a.iters} timed steps ({a.budget:.0f}s budget); a round whose '
+          f'load average passed {cores} gives no ratio', flush=True)
 
-    matmul_runs = {(fw, dt): spawn(['--worker', 'gemm', '--framework', fw, '--dtype', dt, '--budget', 20], 900)
-                   for dt in ('float32', 'bfloat16') for fw in ('jax', 'torch')}
-    g = {k: v.get('gflops', float('nan')) for k, v in matmul_runs.items()}
-    best = lambda *xs: max((x for x in xs if x == x), default=float('nan'))
-    matmul = {'float32': best(g['jax', 'float32'], g['torch', 'float32'])}
-    matmul['bfloat16'] = best(g['jax', 'bfloat16'], g['torch', 'bfloat16'], matmul['float32'])
-    print(f'matmul rate (GFLOP/s, f32 accumulation): float32 jax {g["jax", "float32"]:.1f}, torch '
-          f'{g["torch", "float32"]:.1f}; bf16 operands jax {g["jax", "bfloat16"]:.1f}, torch {g["torch", "bfloat16"]:.1f}'
-          f' -> MFU denominators float32 {matmul["float32"]:.1f}, bf16 {matmul["bfloat16"]:.1f}', flush=True)
-
-    head = (f'{"model":<30} {"mode":<5} {"dtype":<8} {"bs":>3} {"flax img/s (spread)":>17} {"timm img/s (spread)":>17} '
-            f'{"flax/timm (spread)":>18} {"compile":>7} {"first":>6} {"MiB fx":>6} {"MiB tm":>6} {"MFU fx":>6} '
-            f'{"MFU tm":>6}')
-    head += ''.join(f' {p + " img/s":>17} {"fx/" + p[:4]:>7}' for p in peers)
+    peak_runs = dict(before=measure_peaks(cores, a.load_every))
+    print(peak_line('before', peak_runs['before'], cores), flush=True)
     rows = []
-    print(head, flush=True)
+    before = peak_of(dict(before=peak_runs['before']))
+    print('as measured (shares of the peak before; the table after the cases uses the larger of both):\n' + HEAD,
+          flush=True)
     for case in cases:
-        row = measure_case(case, a, ['flax', 'timm'] + peers)
+        row = dict(case=case.__dict__, rounds=[measure_round(case, a, ['flax', 'timm'] + peers, r, cores,
+                                                             a.load_every) for r in range(a.rounds)])
         rows.append(row)
-        print(summarise(row, matmul, peers), flush=True)
+        print(summarise(dict(row, summary=case_summary(row, before, cores)), before, cores, peers), flush=True)
+    peak_runs['after'] = measure_peaks(cores, a.load_every)
+    peak = peak_of(peak_runs)
+    print('\n' + peak_line('before', peak_runs['before'], cores))
+    print(peak_line('after', peak_runs['after'], cores))
+    print(f'peak (the larger of the above): float32 {peak["float32"]:.1f}, bf16 {peak["bfloat16"]:.1f} GFLOP/s\n')
+    print(machine_line(mach))
+    head = HEAD + ''.join(f' {p + " img/s":>17} {"fx/" + p[:4]:>7}' for p in peers)
+    print(head)
+    for row in rows:
+        row['summary'] = case_summary(row, peak, cores)
+        print(summarise(row, peak, cores, peers), flush=True)
 
     compiles = []
     if a.compile_cases:
-        print('\nFlax compile time (s, trace+lower+compile, float32), blocks unrolled -> nn.scan (scan_blocks=True)')
+        print(f'\n{machine_line(mach)}\nFlax compile time (s, trace+lower+compile, float32), blocks unrolled -> '
+              f'nn.scan (scan_blocks=True)')
         for model, mode, batch in compile_cases:
-            res = {scan: spawn(['--worker', 'compile', '--model', model, '--mode', mode, '--batch', batch]
-                               + (['--scan'] if scan else []), a.timeout) for scan in (False, True)}
-            compiles.append(dict(model=model, mode=mode, batch=batch, unrolled=res[False], scanned=res[True]))
+            with LoadMonitor(a.load_every) as mon:
+                res = {scan: spawn(['--worker', 'compile', '--model', model, '--mode', mode, '--batch', batch]
+                                   + (['--scan'] if scan else []), a.timeout) for scan in (False, True)}
+            compiles.append(dict(model=model, mode=mode, batch=batch, unrolled=res[False], scanned=res[True],
+                                 load=mon.record()))
             show = lambda r: f'{r["compile_s"]:7.1f}' if 'compile_s' in r else f'{"n/a":>7}'
-            print(f'{model:<30} {mode:<5} bs {batch:<3} {show(res[False])} -> {show(res[True])}', flush=True)
+            print(f'{model:<30} {mode:<5} bs {batch:<3} {show(res[False])} -> {show(res[True])}  '
+                  f'(load {mon.max:.1f}/{cores})', flush=True)
     if a.json:
         with open(a.json, 'w') as f:
-            json.dump(dict(matmul_gflops={f'{k[0]}/{k[1]}': v for k, v in g.items()}, mfu_denominator=matmul,
-                           rounds=a.rounds, cases=rows, compile=compiles), f, indent=1, default=str)
+            json.dump(report(mach, settings, peak_runs, rows, compiles), f, indent=1, allow_nan=False)
 
 
 if __name__ == '__main__':

@@ -21,10 +21,10 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 # of OPTIMIZED look at what XLA makes of a program (its dots, its memory), or compare with torch bit for bit, and
 # compile with the passes on.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-# (and the two files that hold our arithmetic to torch's bit for bit: the EMA update, the erasing fill)
-OPTIMIZED = ('tests/xla/', 'tests/test_hlo_breakdown.py', 'tests/models/test_fast_paths.py',
-             'tests/models/test_splash.py', 'tests/training/test_recipe_ema.py',
-             'tests/training/test_augment_pipeline.py')
+# (and the two files that hold our arithmetic to torch's bit for bit: the EMA update, the erasing fill); a test
+# elsewhere that needs them carries the `xla_passes` marker.
+OPTIMIZED = ('tests/xla/', 'tests/test_hlo_breakdown.py', 'tests/models/test_splash.py',
+             'tests/training/test_recipe_ema.py', 'tests/training/test_augment_pipeline.py')
 
 import jax
 import pytest
@@ -71,6 +71,19 @@ def _xla_passes_as_the_file_needs(request):
     if not rel.startswith(OPTIMIZED):
         yield
         return
+    yield from _passes_on()
+
+
+@pytest.fixture(autouse=True)
+def _xla_passes_as_the_test_needs(request):
+    """A test marked `xla_passes` compiles with XLA's passes on (it looks at the optimised program)."""
+    if request.node.get_closest_marker('xla_passes') is None:
+        yield
+        return
+    yield from _passes_on()
+
+
+def _passes_on():
     before = os.environ.get('JAX_DISABLE_MOST_OPTIMIZATIONS')
     os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '0'
     jax.config.update('jax_disable_most_optimizations', False)

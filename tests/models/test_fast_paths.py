@@ -236,6 +236,7 @@ def bf16_errors(name, kw, tm, x, path):
     return rel_err(ours, f32), rel_err(yt, run_timm(tm, x))
 
 
+@pytest.mark.xla_passes  # the error of the program a user runs (fused, each op's rounding as XLA leaves it)
 @pytest.mark.parametrize('name,kw,bound', [
     ('vit_small_patch16_224', dict(img_size=64, depth=3), 3e-2),
     ('swin_tiny_patch4_window7_224', dict(img_size=56, depths=(2, 2), num_heads=(3, 6)), 3e-2),
@@ -346,6 +347,7 @@ def test_vit_train_bf16_step_stays_on_one_matmul_path():
         assert len(dots) == (3 * 6 + 2) * 3 and set(dots) == {(want, want)}, (path, sorted(set(dots)))
 
 
+@pytest.mark.xla_passes  # the widening of bf16 dots happens in XLA's passes
 @pytest.mark.skipif(jax.default_backend() != 'cpu' or not mm._cpu_has_bf16(),
                     reason='XLA:CPU runs bf16 GEMMs only on a CPU with bf16 dot instructions')
 def test_vit_train_bf16_step_compiles_to_bf16_gemms_only():

@@ -12,11 +12,12 @@ from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch Vi
 from .models.mixer import MlpMixer  # registers timm's mlp_mixer names: MLP-Mixer, gMixer, ResMLP, gMLP
 from .models.eva import Eva  # registers timm's eva.py: EVA/EVA-02, DINOv3, PE, RoPE-ViT, LingBot, Sapiens2
 from .models.beit import Beit  # registers timm's beit.py: BEiT, BEiT v2
+from .models.naflex import NaFlexVit  # registers timm's naflexvit names (SigLIP 2 NaFlex, C-RADIO)
 from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConfigError', 'UnknownModelError',
            'UnknownOptionError', 'VisionTransformer', 'SwinTransformer', 'SwinTransformerV2',
-           'LucidViT', 'Eva', 'Beit', 'MlpMixer', 'count_params', 'count_macs', 'init_params', 'summarize']
+           'LucidViT', 'Eva', 'Beit', 'MlpMixer', 'NaFlexVit', 'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'
 
 

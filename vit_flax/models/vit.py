@@ -65,7 +65,7 @@ class MultiHeadDotProductAttention(nn.Module):
     norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x, inputs_kv=None, deterministic: bool = True):
+    def __call__(self, x, inputs_kv=None, deterministic: bool = True, mask=None):
         dim, heads = x.shape[-1], self.num_heads
         if dim % heads:
             raise ModelConfigError(f'embed dim {dim} is not divisible by {heads} heads')
@@ -87,7 +87,8 @@ class MultiHeadDotProductAttention(nn.Module):
             k = make_norm(self.norm, self.norm_eps, jnp.float32, name='key_norm')(k)
             q, k, v = (t.astype(self.dtype) for t in (q, k, v))
         drop = nn.Dropout(rate=self.attn_drop_rate)
-        out = dot_product_attention(q, k, v, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
+        out = dot_product_attention(q, k, v, mask=mask, impl=self.attn_impl,
+                                    dropout=active_dropout(drop, deterministic))
         out = out.transpose(0, 2, 1, 3)   # (B, N, H, Dh)
         if self.scale_norm:
             b, n = out.shape[:2]
@@ -155,7 +156,7 @@ class Encoder1DBlock(nn.Module):
     block_fn: str = 'block'
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, drop_path_rate=None):
+    def __call__(self, x, deterministic: bool = True, drop_path_rate=None, mask=None):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         if self.block_fn not in ('block', 'res_post', 'parallel_things', 'parallel_scaling'):
             raise ModelConfigError(f"block_fn must be 'block', 'res_post', 'parallel_things' or 'parallel_scaling', "
@@ -171,7 +172,7 @@ class Encoder1DBlock(nn.Module):
             num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
             attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl, qk_norm=self.qk_norm,
             scale_norm=self.scale_attn_norm, out_bias=self.proj_bias, norm=self.norm, norm_eps=self.norm_eps,
-            name=f'MultiHeadDotProductAttention_{i}')(y, deterministic=deterministic)
+            name=f'MultiHeadDotProductAttention_{i}')(y, deterministic=deterministic, mask=mask)
         mlp = lambda i, y, in_bias=self.proj_bias: MlpBlock(
             mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,
             kind=self.mlp_layer, use_bias=self.proj_bias, in_bias=in_bias,
@@ -293,12 +294,12 @@ class MAPHead(nn.Module):
     norm: str = 'layernorm'
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, mask=None):
         probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
         probe = jnp.tile(probe.astype(x.dtype), (x.shape[0], 1, 1))
         x = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, attn_impl=self.attn_impl,
                                          name='MultiHeadDotProductAttention_0')(probe, inputs_kv=x,
-                                                                                deterministic=deterministic)
+                                                                                deterministic=deterministic, mask=mask)
         y = make_norm(self.norm, self.norm_eps, self.dtype, name='LayerNorm_0')(x)
         x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu=self.gelu, dtype=self.dtype, name='MlpBlock_0')(y, deterministic)
         return x[:, 0]

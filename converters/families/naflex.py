@@ -116,7 +116,7 @@ class NaFlexFamily(Family):
         p = round((patch_in // in_chans) ** 0.5)
         cfg = dict(embed_dim=dim, patch_size=(p, p), in_chans=in_chans, depth=depth, mlp_dim=hidden, pos_embed=pos,
                    pos_embed_grid_size=grid, class_token=cls, reg_tokens=reg, qkv_bias=qkv_bias,
-                   init_values=1e-5 if ls else None, map_head=map_head, final_norm=encoder_norm or pool_norm,
+                   layer_scale=bool(ls), map_head=map_head, final_norm=encoder_norm or pool_norm,
                    fc_norm=pool_norm, num_heads=heads,
                    num_classes=int(head_bias.shape[0]) if head_bias is not None else 0)
         return cfg
@@ -129,7 +129,7 @@ class NaFlexFamily(Family):
         elif 'pos_embedding_y' in flat:
             pos, grid = 'factorized', (int(flat['pos_embedding_y'].shape[0]), int(flat['pos_embedding_x'].shape[0]))
         else:
-            pos, grid = 'none', None
+            pos, grid = 'none', ()
         k = flat['embedding/kernel']
         return self._config(int(k.shape[1]), int(k.shape[0]), depth, int(flat[f'{b}/MlpBlock_0/Dense_0/kernel'].shape[1]),
                             pos, grid, 'cls' in flat, int(flat['reg'].shape[1]) if 'reg' in flat else 0,
@@ -146,7 +146,7 @@ class NaFlexFamily(Family):
             pos, grid = 'factorized', (int(state['embeds.pos_embed_y'].shape[1]),
                                        int(state['embeds.pos_embed_x'].shape[1]))
         else:
-            pos, grid = 'none', None
+            pos, grid = 'none', ()
         w = state['embeds.proj.weight']
         return self._config(int(w.shape[0]), int(w.shape[1]), depth, int(state['blocks.0.mlp.fc1.weight'].shape[0]),
                             pos, grid, 'embeds.cls_token' in state,
@@ -158,16 +158,18 @@ class NaFlexFamily(Family):
     def core(self, model) -> dict:
         return dict(embed_dim=model.embed_dim, patch_size=tuple(to_tuple(model.patch_size, 2)), depth=model.depth,
                     mlp_dim=model.mlp_hidden, pos_embed=model.pos_embed,
-                    pos_embed_grid_size=tuple(model.pos_embed_grid_size) if model.pos_embed != 'none' else None,
+                    pos_embed_grid_size=tuple(model.pos_embed_grid_size) if model.pos_embed != 'none' else (),
                     class_token=model.class_token, reg_tokens=model.reg_tokens, qkv_bias=model.qkv_bias,
-                    init_values=1e-5 if model.init_values else None, map_head=model.global_pool == 'map',
+                    layer_scale=bool(model.init_values), map_head=model.global_pool == 'map',
                     final_norm=model.final_norm, fc_norm=model.final_norm and model.use_fc_norm)
 
     def with_core(self, model, cfg: dict):
         core = self.core(model)
         kw = {k: cfg[k] for k in core if cfg.get(k) is not None and cfg[k] != core[k]}
-        if 'init_values' in kw and model.init_values:
-            kw.pop('init_values')
+        if 'layer_scale' in kw:   # LayerScale's presence (its init value seeds training only)
+            kw['init_values'] = 1e-5 if kw.pop('layer_scale') else None
+        if kw.get('pos_embed_grid_size') == ():
+            kw.pop('pos_embed_grid_size')
         if 'map_head' in kw:
             kw.pop('map_head')
             kw['global_pool'] = 'map' if cfg['map_head'] else ('token' if cfg.get('class_token') else 'avg')

@@ -23,9 +23,10 @@ import numpy as np
 from vit_flax.models.layers import to_tuple
 from vit_flax.models.naflex import NaFlexVit
 
-from ..rules import LINEAR, Rule, Transform, dense_rules, heads_in, mlp_rules, norm_rules, rule
+from ..rules import LINEAR, Rule, Transform, dense_rules, heads_in, mlp_rules, norm_rules, qkv_rules, renamed_rules, rule
 from .base import Family
 from .vit.family import _attention_out
+from .vit.transformers import _CLIP_BLOCK, Q_KV
 
 # timm's tables carry a leading batch axis: (1, gh, gw, D) / (1, L, D) there, (gh, gw, D) / (L, D) here
 BATCH = Transform('batch_axis', lambda a: [a[0][None]], lambda a: [a[0][0]])
@@ -34,12 +35,54 @@ _TORCH_BLOCK = re.compile(r'^blocks\.(\d+)\.')
 SIGLIP2_PREFIXES = ('params/img/', 'img/', 'params/')
 
 
+def _grid_rows(grid):
+    """timm's (1, gh, gw, D) table <-> transformers' Siglip2 `position_embedding.weight` (gh*gw, D), row-major."""
+    gh, gw = grid
+    return Transform(f'grid_rows({gh}x{gw})', lambda a: [a[0].reshape(gh * gw, -1)],
+                     lambda a: [a[0].reshape(1, gh, gw, -1)])
+
+
+def transformers_siglip2_table(model, cls: str, spelling: str, prefix: str) -> List[Rule]:
+    """timm's naflexvit keys <-> transformers' Siglip2VisionModel / Siglip2Model (its vision half) keys under
+    `prefix` (Hub spelling `vision_model.`; transformers 5's Siglip2VisionModel state_dict has none):
+    `embeddings.patch_embedding` (a Linear over (ph, pw, C)-flattened patches: timm's `embeds.proj` as it is),
+    `embeddings.position_embedding.weight` (gh*gw, D) (timm (1, gh, gw, D)), `encoder.layers.{i}` (SigLIP's
+    blocks), `post_layernorm`, `head` (SigLIP's MAP head)."""
+    p, e = prefix, f'{prefix}embeddings.'
+    rules = renamed_rules('embeds.proj', f'{e}patch_embedding')
+    rules.append(rule('embeds.pos_embed', f'{e}position_embedding.weight', _grid_rows(model.pos_embed_grid_size)))
+    block = _CLIP_BLOCK
+    for i in range(model.depth):
+        t, h = f'blocks.{i}.', p + block['layer'].format(i=i)
+        rules += renamed_rules(f'{t}norm1', h + block['norm1'])
+        rules += qkv_rules(f'{t}attn.qkv', [h + k for k in block['qkv']], True)
+        rules += renamed_rules(f'{t}attn.proj', h + block['proj'])
+        rules += renamed_rules(f'{t}norm2', h + block['norm2'])
+        rules += renamed_rules(f'{t}mlp.fc1', h + block['fc1']) + renamed_rules(f'{t}mlp.fc2', h + block['fc2'])
+    rules += renamed_rules('norm', f'{p}post_layernorm')
+    if model.global_pool == 'map':
+        hd = f'{p}head.'
+        rules += [rule('attn_pool.latent', f'{hd}probe'),
+                  rule(('attn_pool.q.weight', 'attn_pool.kv.weight'), f'{hd}attention.in_proj_weight', Q_KV),
+                  rule(('attn_pool.q.bias', 'attn_pool.kv.bias'), f'{hd}attention.in_proj_bias', Q_KV)]
+        rules += renamed_rules('attn_pool.proj', f'{hd}attention.out_proj') + renamed_rules('attn_pool.norm', f'{hd}layernorm')
+        rules += renamed_rules('attn_pool.mlp.fc1', f'{hd}mlp.fc1') + renamed_rules('attn_pool.mlp.fc2', f'{hd}mlp.fc2')
+    return rules
+
+
 class NaFlexFamily(Family):
     """`vit_flax.NaFlexVit`: timm's naflexvit files, big_vision's NaFlex `.npz` (the tree itself)."""
     name = 'naflex'
     module_cls = NaFlexVit
     timm_classifier = 'head'
     timm_default_pool = 'map'
+    # transformers' SigLIP 2 NaFlex tower (config.json: converters/hf_transformers.py)
+    transformers_classes = {'Siglip2VisionModel': ('siglip2', 'vision_model.'), 'Siglip2Model': ('siglip2', 'vision_model.')}
+
+    def transformers_table(self, model, cls: str, spelling: str, prefix: str) -> list:
+        if cls not in self.transformers_classes:
+            return super().transformers_table(model, cls, spelling, prefix)
+        return transformers_siglip2_table(model, cls, spelling, prefix)
 
     # ------------------------------------------------------------ detection
 

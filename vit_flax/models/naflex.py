@@ -208,6 +208,12 @@ class NaFlexVit(nn.Module):
 
     @property
     def activation(self) -> str:
+        """timm's name of the MLP activation ('gelu' exact, 'gelu_tanh')."""
+        return self.act_layer
+
+    @property
+    def gelu(self) -> str:
+        """The GELU's form as ViT's `gelu` field names it: 'exact' or 'tanh'."""
         return {'gelu': 'exact', 'gelu_tanh': 'tanh'}[self.act_layer]
 
     @property

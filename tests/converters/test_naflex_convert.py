@@ -100,3 +100,80 @@ def test_a_file_of_another_naflex_shape_is_refused_in_one_line(tmp_path):
     path, _, _ = timm_file(tmp_path, 'naflexvit_base_patch16_siglip')
     with pytest.raises(ConversionError, match='depth'):
         converters.load_params(path, 'naflexvit_base_patch16_siglip', **dict(REDUCED, depth=3))
+
+
+# ---------------------------------------------------------------- big_vision's own NaFlex ViT as the client
+
+from reference import big_vision_naflex_vit as big_vision   # noqa: E402
+
+# big_vision's NaFlex config, reduced: width 32, two blocks, 4 heads, MLP 64, a 4x4 table gathered on a 16x16 grid
+# (`learn_2d(16)`), the MAP head, 10 classes; patches of 8 px
+BV = dict(width=32, depth=2, num_heads=4, mlp_dim=64, pool_type='map', posemb='learn_2d(16)', nposemb=4)
+SIZES = [(24, 64), (64, 24), (40, 40)]
+
+
+@pytest.fixture(scope='module')
+def bv_batch():
+    from vit_flax.models.naflex import naflex_inputs
+    rng = np.random.default_rng(3)
+    return naflex_inputs([rng.standard_normal(s + (3,)).astype(np.float32) for s in SIZES], 8, 40)
+
+
+def bv_image(b):
+    """big_vision's model input: (patches, ptype (1 patch, 0 padding), yabs, xabs)."""
+    return (b['patches'], b['patch_valid'].astype(np.int32), b['patch_coord'][..., 0], b['patch_coord'][..., 1])
+
+
+_BV_APPLY = jax.jit(lambda p, image: big_vision.Model(10, **BV).apply({'params': p}, image)[0])
+
+
+def bv_params(seed=0):
+    """Params of big_vision's model drawn on its own tree's shapes (jax.eval_shape of its init)."""
+    b = dict(patches=np.zeros((1, 4, 192), np.float32), patch_valid=np.ones((1, 4), bool),
+             patch_coord=np.zeros((1, 4, 2), np.int32))
+    shapes = jax.eval_shape(lambda: big_vision.Model(10, **BV).init(jax.random.PRNGKey(0), bv_image(b)))['params']
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: (rng.standard_normal(s.shape) * 0.3).astype(np.float32), shapes)
+
+
+def test_big_visions_npz_is_the_models_own_tree_and_computes_big_visions_logits(tmp_path, bv_batch):
+    """A file as big_vision writes its params (the tree flattened, '/'-joined keys), read with no model named: the
+    SigLIP 2 NaFlex architecture (tanh GELU, bilinear antialiased resize) off its shapes, the tree bit for bit, and
+    big_vision's logits on three aspect ratios in one batch. Under big_vision's `params/img/` (a SigLIP 2 two-tower
+    checkpoint) it is read the same."""
+    params = bv_params()
+    flat = flatten_dict(params, sep='/')
+    np.savez(tmp_path / 'bv.npz', **flat)
+    model, ours, ck = converters.load_model(tmp_path / 'bv.npz', num_heads=4)
+    assert (ck.family.name, ck.model_name, ck.layout) == ('naflex', 'naflexvit_base_patch16_siglip', 'flax')
+    got = flatten_dict(ours, sep='/')
+    assert set(got) == set(flat) and all(np.array_equal(got[k], flat[k]) for k in flat)
+    want = np.asarray(_BV_APPLY(params, bv_image(bv_batch)))
+    fn = jax.jit(lambda p, a, c, v: model.apply({'params': p}, a, patch_coord=c, patch_valid=v))
+    err = rel_err(np.asarray(fn(ours, bv_batch['patches'], bv_batch['patch_coord'], bv_batch['patch_valid'])), want)
+    assert err < 1e-5, err
+    np.savez(tmp_path / 'two_tower.npz', **{f'params/img/{k}': v for k, v in flat.items()},
+             **{'params/txt/Embed_0/embedding': np.zeros((8, 4), np.float32)})
+    _, again, ck = converters.load_model(tmp_path / 'two_tower.npz', num_heads=4)
+    assert ck.layout == 'big_vision' and set(flatten_dict(again, sep='/')) == set(flat)
+    print(f'\nBIG_VISION naflex: ours on its file {err:.2e}')
+
+
+def test_what_we_write_big_visions_loader_reads_into_our_logits(tmp_path, bv_batch):
+    """Our SigLIP 2 NaFlex params (timm's, perturbed, read through the rule table) saved as .npz: big_vision's
+    `load_params` and its model compute our logits on the mixed-aspect batch."""
+    kw = dict(depth=2, embed_dim=32, num_heads=4, mlp_dim=64, patch_size=8, pos_embed_grid_size=(4, 4),
+              num_classes=10, img_size=32)
+    name = 'naflexvit_base_patch16_siglip'
+    model = vit_flax.create_model(name, **kw)
+    from converters import rules
+    from flax.traverse_util import unflatten_dict
+    tm = perturb_timm(FAMILY.torch_model(model, name), scale=0.3)
+    params = unflatten_dict(rules.torch_to_flax(state_np(tm), FAMILY.rules(model)), sep='/')
+    converters.save_params(params, tmp_path / 'ours.npz', name, **kw)
+    theirs = np.asarray(_BV_APPLY(big_vision.load_params(str(tmp_path / 'ours.npz')), bv_image(bv_batch)))
+    fn = jax.jit(lambda p, a, c, v: model.apply({'params': p}, a, patch_coord=c, patch_valid=v))
+    ours = np.asarray(fn(params, bv_batch['patches'], bv_batch['patch_coord'], bv_batch['patch_valid']))
+    err = rel_err(theirs, ours)
+    assert err < 1e-5, err
+    print(f'\nBIG_VISION naflex: big_vision on our file {err:.2e}')

@@ -177,3 +177,38 @@ def test_what_we_write_big_visions_loader_reads_into_our_logits(tmp_path, bv_bat
     err = rel_err(theirs, ours)
     assert err < 1e-5, err
     print(f'\nBIG_VISION naflex: big_vision on our file {err:.2e}')
+
+
+def test_cli_predict_takes_each_image_at_its_aspect_ratio(tmp_path):
+    """`vit-flax predict` on a wide and a tall image with a NaFlex .pth: each resized (no crop) to the largest
+    patch multiple within the model's budget at its aspect ratio and predicted in one padded batch; the
+    probabilities are timm's softmax on the same resized, normalised image (standard mode, its own grid)."""
+    import json
+    from PIL import Image
+    from converters import preprocess
+    from vit_flax.models.naflex import size_for_sequence
+    path, model, tm = timm_file(tmp_path, 'naflexvit_base_patch16_siglip')
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, (h, w) in enumerate([(40, 120), (100, 30)]):
+        p = tmp_path / f'im{i}.png'
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    sets = [a for k, v in REDUCED.items() for a in ('--set', f'{k}={",".join(map(str, v)) if isinstance(v, tuple) else v}')]
+    r = cli('predict', path, *paths, '--json', '--top-k', '10', '--model', 'naflexvit_base_patch16_siglip', *sets,
+            '--set', 'max_seq_len=24')
+    assert r.returncode == 0, r.stderr
+    assert 'aspect ratio in at most 24 patches' in r.stderr
+    got = json.loads(r.stdout)['predictions']
+    cfg = json.loads(r.stdout)['preprocessing']
+    for p, pred in zip(paths, got):
+        img = Image.open(p).convert('RGB')
+        h, w = size_for_sequence(img.size[1], img.size[0], 8, 24)
+        assert (h // 8) * (w // 8) <= 24 and (h > w) == (img.size[1] > img.size[0])
+        x = np.asarray(img.resize((w, h), preprocess._filter(cfg['interpolation'])), np.uint8).astype(np.float32) / 255
+        x = (x - np.asarray(cfg['mean'], np.float32)) / np.asarray(cfg['std'], np.float32)
+        want = torch.softmax(torch.from_numpy(run_timm(tm, x[None])), -1).numpy()[0]
+        probs = np.zeros(10)
+        for t in pred['top_k']:
+            probs[t['index']] = t['prob']
+        assert np.abs(probs - want).max() < 1e-5, np.abs(probs - want).max()

@@ -76,13 +76,8 @@ def load_native(path: str, cfg: dict, model) -> np.ndarray:
     multiple of the patch filling at most `model.max_seq_len` patches (big_vision's and transformers' search),
     then `cfg`'s mean/std; nothing cropped."""
     from vit_flax.models.naflex import size_for_sequence
-
-    def use(img):
-        img = img.convert('RGB')
-        h, w = size_for_sequence(img.size[1], img.size[0], model.patch_size, model.max_seq_len)
-        x = np.asarray(img.resize((w, h), preprocess._filter(cfg['interpolation'])), np.uint8).astype(np.float32) / 255
-        return (x - np.asarray(cfg['mean'], np.float32)) / np.asarray(cfg['std'], np.float32)
-    return preprocess._read_image(path, use)
+    return preprocess.load_image_resized(
+        path, cfg, lambda h, w: size_for_sequence(h, w, model.patch_size, model.max_seq_len))
 
 
 def predict_naflex(model, params, images: List[np.ndarray], batch: int = 32) -> np.ndarray:

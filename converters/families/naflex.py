@@ -23,10 +23,20 @@ import numpy as np
 from vit_flax.models.layers import to_tuple
 from vit_flax.models.naflex import NaFlexVit
 
-from ..rules import LINEAR, Rule, Transform, dense_rules, heads_in, mlp_rules, norm_rules, qkv_rules, renamed_rules, rule
+from ..rules import (LINEAR, Rule, Transform, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, qkv_rules,
+                     renamed_rules, rule)
 from .base import Family
-from .vit.family import _attention_out
-from .vit.transformers import _CLIP_BLOCK, Q_KV
+from .vit.transformers import Q_KV
+
+# transformers' SigLIP block keys (Siglip2's are SigLIP's)
+SIGLIP_BLOCK = dict(layer='encoder.layers.{i}.', norm1='layer_norm1', norm2='layer_norm2',
+                    qkv=('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), proj='self_attn.out_proj',
+                    fc1='mlp.fc1', fc2='mlp.fc2')
+
+
+def attention_out(flax: str, torch: str, heads: int) -> List[Rule]:
+    """DenseGeneral `out` (H, Dh, D) <-> timm's `proj` Linear."""
+    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads)), rule(f'{flax}/out/bias', f'{torch}.bias')]
 
 # timm's tables carry a leading batch axis: (1, gh, gw, D) / (1, L, D) there, (gh, gw, D) / (L, D) here
 BATCH = Transform('batch_axis', lambda a: [a[0][None]], lambda a: [a[0][0]])
@@ -51,7 +61,7 @@ def transformers_siglip2_table(model, cls: str, spelling: str, prefix: str) -> L
     p, e = prefix, f'{prefix}embeddings.'
     rules = renamed_rules('embeds.proj', f'{e}patch_embedding')
     rules.append(rule('embeds.pos_embed', f'{e}position_embedding.weight', _grid_rows(model.pos_embed_grid_size)))
-    block = _CLIP_BLOCK
+    block = SIGLIP_BLOCK
     for i in range(model.depth):
         t, h = f'blocks.{i}.', p + block['layer'].format(i=i)
         rules += renamed_rules(f'{t}norm1', h + block['norm1'])
@@ -126,7 +136,7 @@ class NaFlexFamily(Family):
             if model.qkv_bias:
                 rules.append(rule(tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value')), f'{t}.attn.qkv.bias',
                                   heads_in(h, 3, kernel=False)))
-            rules += _attention_out(mha, f'{t}.attn.proj', h)
+            rules += attention_out(mha, f'{t}.attn.proj', h)
             if model.init_values:
                 rules += [rule(f'{f}/LayerScale_0/scale', f'{t}.ls1.gamma'),
                           rule(f'{f}/LayerScale_1/scale', f'{t}.ls2.gamma')]
@@ -141,7 +151,7 @@ class NaFlexFamily(Family):
                       rule(f'{mha}/query/bias', f'{t}.q.bias', heads_in(h, 1, kernel=False)),
                       rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
                       rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False))]
-            rules += _attention_out(mha, f'{t}.proj', h)
+            rules += attention_out(mha, f'{t}.proj', h)
             rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm') + mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
         if model.final_norm and model.use_fc_norm:
             rules += norm_rules('pool_norm', 'fc_norm')

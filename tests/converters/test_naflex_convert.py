@@ -185,7 +185,6 @@ def test_cli_predict_takes_each_image_at_its_aspect_ratio(tmp_path):
     probabilities are timm's softmax on the same resized, normalised image (standard mode, its own grid)."""
     import json
     from PIL import Image
-    from converters import preprocess
     from vit_flax.models.naflex import size_for_sequence
     path, model, tm = timm_file(tmp_path, 'naflexvit_base_patch16_siglip')
     rng = np.random.default_rng(5)
@@ -205,7 +204,7 @@ def test_cli_predict_takes_each_image_at_its_aspect_ratio(tmp_path):
         img = Image.open(p).convert('RGB')
         h, w = size_for_sequence(img.size[1], img.size[0], 8, 24)
         assert (h // 8) * (w // 8) <= 24 and (h > w) == (img.size[1] > img.size[0])
-        x = np.asarray(img.resize((w, h), preprocess._filter(cfg['interpolation'])), np.uint8).astype(np.float32) / 255
+        x = np.asarray(img.resize((w, h), getattr(Image, cfg['interpolation'].upper())), np.uint8).astype(np.float32) / 255
         x = (x - np.asarray(cfg['mean'], np.float32)) / np.asarray(cfg['std'], np.float32)
         want = torch.softmax(torch.from_numpy(run_timm(tm, x[None])), -1).numpy()[0]
         probs = np.zeros(10)

@@ -41,15 +41,16 @@ def timm_file(tmp_path, name, ext='.pth'):
                                       ('naflexvit_base_patch16_radio_v3', '.pth')])
 def test_timm_file_read_with_no_name_is_its_model_and_written_back_bit_exact(name, ext, tmp_path):
     """The architecture off the shapes (the registered name whose parts fit: pooling, prefix tokens, table kind,
-    LayerScale), timm's logits, and the file written back (.safetensors and .pth) holds timm's keys, dtypes and
+    LayerScale), timm's logits (SigLIP's), and the file written back (.safetensors and .pth) holds timm's keys, dtypes and
     bits, which timm loads strictly."""
     path, model, tm = timm_file(tmp_path, name, ext)
     ours, params, ck = converters.load_model(path, num_heads=4)
     assert (ck.family.name, ck.model_name, ck.layout) == ('naflex', name, 'timm')
     assert (ours.depth, ours.embed_dim, ours.global_pool, ours.pos_embed, ours.reg_tokens, ours.class_token) == \
         (2, 32, model.global_pool, model.pos_embed, model.reg_tokens, model.class_token)
-    err = rel_err(run_flax(ours, params, X), run_timm(tm, X))
-    assert err < 1e-5, err
+    if name == 'naflexvit_base_patch16_siglip':   # one compile: the logits of the others are test_naflex.py's
+        err = rel_err(run_flax(ours, params, X), run_timm(tm, X))
+        assert err < 1e-5, err
     state = state_np(tm)
     converters.save_params(params, tmp_path / 'back.safetensors', name, **REDUCED)
     back = load_file(str(tmp_path / 'back.safetensors'))

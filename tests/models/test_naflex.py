@@ -136,14 +136,15 @@ def FAMILY_PARAMS(model):
                                               FAMILY.rules(model)), sep='/')
 
 
-@pytest.mark.parametrize('mode,antialias,align', [('bilinear', True, False), ('bicubic', True, False),
+@pytest.mark.parametrize('mode,antialias,align', [pytest.param('bilinear', True, False, marks=pytest.mark.slow),
+                                                  ('bicubic', True, False),
                                                   ('bilinear', False, False), ('bilinear', False, True)])
 def test_position_resize_weights_are_torchs_interpolate(mode, antialias, align):
-    """Table lengths 1, 2, 3, 4, 7, 16 x output lengths 1..20: the weights reproduce F.interpolate of an identity
+    """Table lengths 1, 2, 3, 4, 7, 16 x output lengths 1, 2, 3, 5, 8, 13, 20 (shrinking, equal, growing): the weights reproduce F.interpolate of an identity
     table (channel c = input position c; a width of 3 kept as it is: torch's antialiased kernels mis-handle a
     width of 1)."""
     worst = 0.0
-    outs = np.arange(1, 21)
+    outs = np.asarray([1, 2, 3, 5, 8, 13, 20])
     index = np.concatenate([np.arange(o) for o in outs])
     size = np.concatenate([np.full(o, o) for o in outs])
     for n in (1, 2, 3, 4, 7, 16):

@@ -58,7 +58,7 @@ def prefix_of(cls: str, state) -> str:
     """The backbone prefix `state` uses: the class's, or none where transformers 5 saved a CLIPVisionModel or
     SiglipVisionModel (its `vision_model.` removed; the Hub's files and what we write keep it)."""
     p = family_of_class(cls)[2]
-    if cls in ('CLIPVisionModel', 'SiglipVisionModel') and not any(k.startswith(p) for k in state):
+    if cls in ('CLIPVisionModel', 'SiglipVisionModel', 'Siglip2VisionModel') and not any(k.startswith(p) for k in state):
         return ''
     return p
 
@@ -98,6 +98,8 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
         return _dinov3_arch(cfg, where, g, size)
     if mt == 'beit':
         return _beit_arch(cfg, where, g, size, num_classes)
+    if mt in ('siglip2_vision_model', 'siglip2'):
+        return _siglip2_arch(cfg, where, g, size)
     dim = g('hidden_size', 768)
     defaults = {'vit': 1e-12, 'deit': 1e-12, 'dinov2': 1e-6, 'dinov2_with_registers': 1e-6,
                 'siglip_vision_model': 1e-6, 'siglip': 1e-6, 'clip_vision_model': 1e-5, 'clip': 1e-5}
@@ -192,6 +194,29 @@ def _dinov3_arch(cfg, where, g, size) -> dict:
     return out
 
 
+def _siglip2_arch(cfg, where, g, size) -> dict:
+    """NaFlexVit fields of a `siglip2_vision_model` config.json (transformers' Siglip2VisionConfig defaults): a
+    square table of `num_patches` rows resized bilinearly with antialias per image, no prefix tokens, the MAP head
+    (`vision_use_head`; without it the mean of the valid patches after the final norm), headless."""
+    n = g('num_patches', 256)
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ConversionError(f'{where}: num_patches={n} is not a square grid')
+    patch = g('patch_size', 16)
+    act = _act(cfg, where)
+    if act not in ('exact', 'tanh'):
+        raise ConversionError(f'{where}: hidden_act={cfg.get("hidden_act")!r}: vit-flax\'s NaFlex ViT has GELU only')
+    head = cfg.get('vision_use_head', True)
+    return dict(embed_dim=g('hidden_size', 768), depth=g('num_hidden_layers', 12),
+                num_heads=g('num_attention_heads', 12), mlp_dim=g('intermediate_size', 3072), patch_size=(patch, patch),
+                in_chans=g('num_channels', 3), norm_eps=float(g('layer_norm_eps', 1e-6, (float,))),
+                act_layer={'exact': 'gelu', 'tanh': 'gelu_tanh'}[act], pos_embed='learned',
+                pos_embed_grid_size=(side, side), pos_embed_interp_mode='bilinear', pos_embed_antialias=True,
+                pos_embed_ar_preserving=False, pos_embed_align_corners=False, class_token=False, reg_tokens=0,
+                init_values=None, qkv_bias=True, global_pool='map' if head else 'avg', fc_norm=False,
+                final_norm=True, num_classes=0, img_size=side * patch)
+
+
 def _beit_arch(cfg, where, g, size, num_classes) -> dict:
     """Beit fields of a `beit` config.json (transformers' BeitConfig defaults): q/v biases, relative position bias
     per block or shared, absolute positions if asked, LayerScale when layer_scale_init_value > 0, mean pooling
@@ -229,7 +254,7 @@ _HF_FIELD = {'embed_dim': 'hidden_size', 'depth': 'num_hidden_layers', 'mlp_dim'
              'depths': 'depths', 'num_heads': 'num_heads', 'window_size': 'window_size', 'mlp_ratio': 'mlp_ratio',
              'reg_tokens': 'num_register_tokens', 'qkv_bias': 'qkv_bias', 'num_classes': 'id2label',
              'stage_windows': 'window_size', 'mlp_hidden': 'intermediate_size',
-             'use_abs_pos_emb': 'use_absolute_position_embeddings'}
+             'use_abs_pos_emb': 'use_absolute_position_embeddings', 'pos_embed_grid_size': 'num_patches'}
 
 
 def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
@@ -245,6 +270,10 @@ def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
         expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_hidden=model.mlp_hidden,
                       patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, qkv_bias=model.qkv_bias,
                       use_abs_pos_emb=model.use_abs_pos_emb)
+    elif mt in ('siglip2_vision_model', 'siglip2'):
+        expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_dim=model.mlp_hidden,
+                      patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans,
+                      pos_embed_grid_size=tuple(model.pos_embed_grid_size))
     elif mt == 'dinov3_vit':   # (an Eva's config_from_torch names the MLP width mlp_hidden, and has no positions)
         expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_hidden=model.mlp_hidden,
                       patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, reg_tokens=model.reg_tokens,
@@ -367,6 +396,8 @@ def target_class(model) -> str:
         return 'DINOv3ViTModel'
     if type(model).__name__ == 'Beit':
         return 'BeitForImageClassification' if model.num_classes else 'BeitModel'
+    if type(model).__name__ == 'NaFlexVit':   # `check_holds` refuses what SigLIP 2's tower cannot hold
+        return 'Siglip2VisionModel'
     if not hasattr(model, 'depths') and not hasattr(model, 'pre_norm'):   # vit-pytorch's ViT, MLP-Mixer: no class
         raise ConversionError(f'transformers has no class for a {type(model).__name__}; write .pth, .safetensors '
                               f'or .npz instead')
@@ -396,6 +427,17 @@ def config_for(model, cls: str, class_names=None) -> dict:
     kind = _kind(cls)
     if kind == 'dinov3':
         cfg = _dinov3_config(model, cls)
+    elif kind == 'siglip2':
+        patch = to_tuple(model.patch_size, 2)
+        gh, gw = model.pos_embed_grid_size
+        if patch[0] != patch[1] or gh != gw:
+            raise ConversionError(f'transformers\' {cls} takes square patches and a square position table; this '
+                                  f'model has patch_size={model.patch_size}, pos_embed_grid_size={(gh, gw)}')
+        cfg = dict(model_type='siglip2_vision_model', hidden_size=model.embed_dim, intermediate_size=model.mlp_hidden,
+                   num_hidden_layers=model.depth, num_attention_heads=model.num_heads, num_channels=model.in_chans,
+                   patch_size=patch[0], num_patches=gh * gw, layer_norm_eps=model.norm_eps,
+                   hidden_act=_ACT_OUT[model.gelu], attention_dropout=0.0,
+                   vision_use_head=model.global_pool == 'map')
     elif kind == 'beit':
         cfg = _beit_config(model, cls)
     elif kind == 'swin':
@@ -504,7 +546,16 @@ def _swiglu_ratio(model) -> float:
 
 
 # the model's fields that a transformers class must reproduce, with what to call each in a refusal
-_HELD = {'VisionTransformer': [
+_HELD = {'NaFlexVit': [
+    ('embed_dim', 'the width'), ('depth', 'the depth'), ('num_heads', 'the heads'), ('mlp_hidden', 'the MLP width'),
+    ('patch_size_tuple', 'the patch'), ('in_chans', 'the input channels'), ('qkv_bias', 'qkv_bias'),
+    ('norm_eps', 'this norm eps'), ('act_layer', 'this activation'), ('pos_embed', 'this position embedding'),
+    ('pos_embed_grid_size', 'this position table'), ('pos_embed_interp_mode', 'this position resize'),
+    ('pos_embed_antialias', 'this position resize'), ('pos_embed_ar_preserving', 'an aspect-preserving resize'),
+    ('pos_embed_align_corners', 'align_corners'), ('class_token', 'a class token'), ('reg_tokens', 'register tokens'),
+    ('init_values', 'LayerScale'), ('global_pool', 'this pooling'), ('use_fc_norm', 'this pooling norm'),
+    ('final_norm', 'no final norm'), ('num_classes', 'a classifier head')],
+    'VisionTransformer': [
     ('embed_dim', 'the width'), ('depth', 'the depth'), ('num_heads', 'the heads'), ('mlp_hidden', 'the MLP width'),
     ('patch_size_tuple', 'the patch'), ('in_chans', 'the input channels'), ('qkv_bias', 'qkv_bias'),
     ('qk_scale', 'a custom attention scale'), ('representation_size', 'a pre_logits layer'),

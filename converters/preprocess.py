@@ -173,6 +173,17 @@ def load_image(path: str, cfg: dict) -> np.ndarray:
     return _read_image(path, lambda img: (img.load(), transform(img, cfg))[1])
 
 
+def load_image_resized(path: str, cfg: dict, size_of) -> np.ndarray:
+    """Read one image and resize it, no crop, to `size_of(height, width)` -> (H, W) with `cfg`'s interpolation,
+    then `cfg`'s mean/std: (H, W, 3) float32 (a NaFlex model's input at the image's own aspect ratio)."""
+    def use(img):
+        img = img.convert('RGB')
+        h, w = size_of(img.size[1], img.size[0])
+        x = np.asarray(img.resize((w, h), _filter(cfg['interpolation'])), dtype=np.uint8).astype(np.float32) / np.float32(255)
+        return (x - np.asarray(cfg['mean'], np.float32)) / np.asarray(cfg['std'], np.float32)
+    return _read_image(path, use)
+
+
 def check_image(path: str) -> None:
     """What can be known of an image file without decoding it (it exists, is a file, Pillow recognises its
     header): a one-line ConversionError naming it, before anything slow is loaded. Damage inside the image

@@ -14,12 +14,13 @@ from .models.eva import Eva  # registers timm's eva.py: EVA/EVA-02, DINOv3, PE, 
 from .models.beit import Beit  # registers timm's beit.py: BEiT, BEiT v2
 from .models.relpos import VisionTransformerRelPos  # registers timm's vision_transformer_relpos names
 from .models.cait import Cait  # registers timm's cait.py: CaiT
+from .models.naflex import NaFlexVit  # registers timm's naflexvit names (SigLIP 2 NaFlex, C-RADIO)
 from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConfigError', 'UnknownModelError',
            'UnknownOptionError', 'VisionTransformer', 'SwinTransformer', 'SwinTransformerV2',
-           'LucidViT', 'Eva', 'Beit', 'Cait', 'MlpMixer', 'VisionTransformerRelPos', 'count_params', 'count_macs',
-           'init_params', 'summarize']
+           'LucidViT', 'Eva', 'Beit', 'Cait', 'MlpMixer', 'NaFlexVit', 'VisionTransformerRelPos', 'count_params',
+           'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'
 
 

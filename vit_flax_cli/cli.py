@@ -193,18 +193,22 @@ def cmd_predict(a):
     cfg, why = pr.data_config(ck, model)
     names, names_from = pr.class_names(ck, model, a.classes)
     _say(f'model: {ck.model_name} ({model.num_classes} classes) from {a.ckpt}')
-    _say(f'preprocessing: {preprocess.describe(cfg)} ({why})' + (f'; {cfg["note"]}' if 'note' in cfg else ''))
+    native = pr.native_aspect(model)
+    shown = (f'each image at its aspect ratio in at most {model.max_seq_len} patches, {cfg["interpolation"]}, '
+             f'mean {cfg["mean"]} std {cfg["std"]}') if native else preprocess.describe(cfg)
+    _say(f'preprocessing: {shown} ({why})' + (f'; {cfg["note"]}' if 'note' in cfg else ''))
     _say(f'class names: {names_from}')
     loaded = {}
     for p in a.images:
         if p not in errors:
             try:
-                loaded[p] = preprocess.load_image(p, cfg)
+                loaded[p] = pr.load_native(p, cfg, model) if native else preprocess.load_image(p, cfg)
             except ConversionError as e:   # damage a header check cannot see
                 errors[p] = str(e)
     good = [p for p in a.images if p in loaded]
-    top = dict(zip(good, pr.top_k(pr.predict(model, params, np.stack([loaded[p] for p in good]), a.batch),
-                                  a.top_k, names))) if good else {}
+    run = (lambda xs: pr.predict_naflex(model, params, xs, a.batch)) if native else \
+        (lambda xs: pr.predict(model, params, np.stack(xs), a.batch))
+    top = dict(zip(good, pr.top_k(run([loaded[p] for p in good]), a.top_k, names))) if good else {}
     if a.json:
         print(json.dumps(dict(model=ck.model_name, checkpoint=a.ckpt, preprocessing=preprocess.config_for_json(cfg),
                               predictions=[dict(image=p, top_k=[dict(index=i, label=n, prob=v) for i, n, v in top[p]])

@@ -5,6 +5,10 @@
     x = np.stack([preprocess.load_image(p, cfg) for p in paths])
     probs = predict(model, params, x)                  # softmax, float32
     top = top_k(probs, 5, class_names(ck, model, classes_json))
+
+A NaFlex model (`native_aspect(model)`) takes each image at its own aspect ratio instead: `load_native` resizes
+it (the recorded interpolation and mean/std, no crop) to the largest size of patches that fits the model's
+`max_seq_len`, and `predict_naflex` pads every batch to that budget (one compiled shape).
 """
 import os
 from typing import List, Optional, Tuple
@@ -59,6 +63,39 @@ def predict(model, params, x: np.ndarray, batch: int = 32) -> np.ndarray:
         pad = batch - len(chunk) if len(x) > batch else 0
         y = fn(params, np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk)
         out.append(np.asarray(y)[:len(chunk)])
+    return np.concatenate(out)
+
+
+def native_aspect(model) -> bool:
+    """Whether `model` takes images at their own aspect ratio (a NaFlex ViT: patches, coordinates, a mask)."""
+    return type(model).__name__ == 'NaFlexVit'
+
+
+def load_native(path: str, cfg: dict, model) -> np.ndarray:
+    """One image as (H, W, 3) float32 at its aspect ratio: resized with `cfg`'s interpolation to the largest
+    multiple of the patch filling at most `model.max_seq_len` patches (big_vision's and transformers' search),
+    then `cfg`'s mean/std; nothing cropped."""
+    from vit_flax.models.naflex import size_for_sequence
+    return preprocess.load_image_resized(
+        path, cfg, lambda h, w: size_for_sequence(h, w, model.patch_size, model.max_seq_len))
+
+
+def predict_naflex(model, params, images: List[np.ndarray], batch: int = 32) -> np.ndarray:
+    """Softmax probabilities (float32) of images of any sizes (multiples of the patch), in batches of `batch`
+    each padded to `model.max_seq_len` patches: one compiled shape for all."""
+    import jax
+    import jax.numpy as jnp
+    from vit_flax.models.naflex import naflex_inputs
+    fn = jax.jit(lambda p, a, c, v: jax.nn.softmax(
+        model.apply({'params': p}, a, patch_coord=c, patch_valid=v).astype(jnp.float32), -1))
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = list(images[i:i + batch])
+        n = len(chunk)
+        if len(images) > batch:   # every batch the same shape: pad with copies of the first image
+            chunk += [chunk[0]] * (batch - n)
+        b = naflex_inputs(chunk, model.patch_size, model.max_seq_len)
+        out.append(np.asarray(fn(params, b['patches'], b['patch_coord'], b['patch_valid']))[:n])
     return np.concatenate(out)
 
 

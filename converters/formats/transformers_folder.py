@@ -21,7 +21,7 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
 VIT_TYPES = ('vit', 'deit', 'dinov2', 'dinov2_with_registers', 'siglip_vision_model', 'siglip',
              'clip_vision_model', 'clip')
-MODEL_TYPES = VIT_TYPES + ('swin', 'dinov3_vit', 'beit')
+MODEL_TYPES = VIT_TYPES + ('swin', 'dinov3_vit', 'beit', 'siglip2_vision_model', 'siglip2')
 
 
 def is_transformers_folder(path: str) -> bool:
@@ -51,7 +51,7 @@ def vision_config(cfg: dict, where: str) -> Tuple[str, dict]:
     if mt not in MODEL_TYPES:
         raise ConversionError(f'{where}: model_type {mt!r} is not a vision model vit-flax reads '
                               f'({", ".join(MODEL_TYPES)})')
-    if mt in ('clip', 'siglip'):
+    if mt in ('clip', 'siglip', 'siglip2'):
         vc = cfg.get('vision_config')
         if not isinstance(vc, dict):
             raise ConversionError(f'{where}: model_type {mt} without a vision_config object')
@@ -130,6 +130,8 @@ def class_of(mt: str, state, cfg_path: str) -> str:
             raise ConversionError(f'{cfg_path}: Dinov2ForImageClassification\'s classifier reads [class token, mean of '
                                   f'the patches]: no vit-flax model holds it; save its Dinov2Model (.dinov2)')
         return 'Dinov2Model' if mt == 'dinov2' else 'Dinov2WithRegistersModel'
+    if mt in ('siglip2', 'siglip2_vision_model'):
+        return 'Siglip2Model' if any(k.startswith('text_model.') for k in state) else 'Siglip2VisionModel'
     if mt in ('siglip', 'siglip_vision_model'):
         return 'SiglipModel' if any(k.startswith('text_model.') for k in state) else 'SiglipVisionModel'
     if mt in ('clip', 'clip_vision_model'):

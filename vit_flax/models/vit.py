@@ -80,7 +80,8 @@ class MultiHeadDotProductAttention(nn.Module):
     diff: bool = False
 
     @nn.compact
-    def __call__(self, x, inputs_kv=None, deterministic: bool = True, lambda_init=None, lambda_scale=None):
+    def __call__(self, x, inputs_kv=None, deterministic: bool = True, lambda_init=None, lambda_scale=None,
+                 mask=None):
         dim, heads = x.shape[-1], self.num_heads
         if dim % heads:
             raise ModelConfigError(f'embed dim {dim} is not divisible by {heads} heads')
@@ -111,13 +112,14 @@ class MultiHeadDotProductAttention(nn.Module):
             lam = [self.param(n, nn.initializers.normal(stddev=0.1), (qk_dim,), jnp.float32)
                    for n in ('lambda_q1', 'lambda_k1', 'lambda_q2', 'lambda_k2')]
             lam = jnp.exp(jnp.sum(lam[0] * lam[1])) - jnp.exp(jnp.sum(lam[2] * lam[3])) + lambda_init
-            a1, a2 = (dot_product_attention(q[..., s], k[..., s], v, impl=self.attn_impl,
+            a1, a2 = (dot_product_attention(q[..., s], k[..., s], v, mask=mask, impl=self.attn_impl,
                                             dropout=active_dropout(drop, deterministic))
                       for s in (slice(0, qk_dim), slice(qk_dim, None)))
             out = a1 - lam.astype(a1.dtype) * a2
             out = (nn.RMSNorm(epsilon=1e-5, dtype=self.dtype, name='sub_norm')(out) * lambda_scale).astype(self.dtype)
         else:
-            out = dot_product_attention(q, k, v, impl=self.attn_impl, dropout=active_dropout(drop, deterministic))
+            out = dot_product_attention(q, k, v, mask=mask, impl=self.attn_impl,
+                                        dropout=active_dropout(drop, deterministic))
         out = out.transpose(0, 2, 1, 3)   # (B, N, H, Dh)
         if self.scale_norm:
             b, n = out.shape[:2]
@@ -190,7 +192,8 @@ class Encoder1DBlock(nn.Module):
     attn_layer: str = 'attn'
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, drop_path_rate=None, lambda_init=None, lambda_scale=None):
+    def __call__(self, x, deterministic: bool = True, drop_path_rate=None, lambda_init=None, lambda_scale=None,
+                 mask=None):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         if self.attn_layer not in ('attn', 'diff'):
             raise ModelConfigError(f"attn_layer must be 'attn' or 'diff', got {self.attn_layer!r}")
@@ -212,7 +215,8 @@ class Encoder1DBlock(nn.Module):
             attn_drop_rate=self.attn_drop_rate, dtype=self.dtype, attn_impl=self.attn_impl, qk_norm=self.qk_norm,
             scale_norm=self.scale_attn_norm, out_bias=self.proj_bias, norm=self.norm, norm_eps=self.norm_eps,
             diff=diff, name=f'MultiHeadDotProductAttention_{i}')(y, deterministic=deterministic,
-                                                                 lambda_init=lambda_init, lambda_scale=lambda_scale)
+                                                                 lambda_init=lambda_init, lambda_scale=lambda_scale,
+                                                                 mask=mask)
         mlp = lambda i, y, in_bias=self.proj_bias, out_bias=None: MlpBlock(
             mlp_dim=self.mlp_dim, drop_rate=self.proj_drop_rate, gelu=self.gelu, dtype=self.dtype,
             kind=self.mlp_layer, use_bias=self.proj_bias, in_bias=in_bias, out_bias=out_bias,
@@ -341,12 +345,12 @@ class MAPHead(nn.Module):
     norm: str = 'layernorm'
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, mask=None):
         probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
         probe = jnp.tile(probe.astype(x.dtype), (x.shape[0], 1, 1))
         x = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, attn_impl=self.attn_impl,
                                          name='MultiHeadDotProductAttention_0')(probe, inputs_kv=x,
-                                                                                deterministic=deterministic)
+                                                                                deterministic=deterministic, mask=mask)
         y = make_norm(self.norm, self.norm_eps, self.dtype, name='LayerNorm_0')(x)
         x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu=self.gelu, dtype=self.dtype, name='MlpBlock_0')(y, deterministic)
         return x[:, 0]

@@ -588,7 +588,8 @@ class ViTFamily(Family):
                 and any(k.startswith('blocks.') for k in state)) or is_open_clip(state)
 
     def detect_flax(self, flat) -> bool:
-        return 'embedding/kernel' in flat
+        # a 2-D embedding kernel is a Dense over flattened patches: NaFlex's (naflex.py), not a ViT's convolution
+        return 'embedding/kernel' in flat and np.ndim(flat['embedding/kernel']) != 2
 
     def from_npz(self, arrays, path: str):
         """Google's own layouts (released, linen, big_vision; prefixed, scanned): any file with an

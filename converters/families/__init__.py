@@ -7,13 +7,13 @@ from typing import List, Optional
 
 from ..errors import ConversionError
 from .base import Family
-from . import beit, eva, mixer, swin, swinv2, vit, vit_pytorch
+from . import beit, eva, mixer, swin, swinv2, swinv2_cr, vit, vit_pytorch
 
 # mixer, beit and eva before vit: Facebook's ResMLP files hold `patch_embed.proj` and `blocks.*`, which vit would
 # claim; beit's and eva's detection is strict (keys no timm ViT has; BEiT's tables with `blocks.`, not Swin's
 # `layers.`), the ViT family's takes any timm ViT-like file, Swin's any relative_position_bias_table
 FAMILIES: List[Family] = [mixer.FAMILY, beit.FAMILY, eva.FAMILY, vit.FAMILY, swin.FAMILY, swinv2.FAMILY,
-                          vit_pytorch.FAMILY]
+                          swinv2_cr.FAMILY, vit_pytorch.FAMILY]
 
 
 def register_family(family: Family) -> None:

@@ -112,3 +112,33 @@ def test_predict_a_folder_timm_saved_matches_timm_on_its_own_transform(source):
         assert [t['label'] for t in r['top_k']] == [LABELS[t['index']] for t in r['top_k']]
         assert_ranks_as([t['index'] for t in r['top_k']], w, ties=2e-5, what=r['image'])
         np.testing.assert_allclose([t['prob'] for t in r['top_k']], np.sort(w)[::-1], atol=1e-5)
+
+
+@pytest.mark.slow   # a full-depth swinv2_cr_tiny_224 trained an epoch on 32 px digits: ~2-5 min on 2 shared cores
+def test_train_flax_then_predict_and_convert_to_a_file_timm_loads(tmp_path):
+    """train_flax.py --model swinv2_cr_tiny_224 learns (bf16), `vit-flax predict` reads its workdir, and the .pth
+    `convert` writes loads strictly in timm with the Flax model's logits (measured 1.2e-6)."""
+    import os
+    import subprocess
+    import sys
+    import timm
+    from helpers import images, rel_err, run_flax, run_timm
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    workdir = tmp_path / 'run'
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    r = subprocess.run([sys.executable, 'train_flax.py', '--model', 'swinv2_cr_tiny_224', '--img-size', '32',
+                        '--epochs', '1', '--batch-size', '128', '--val-split', '0.5', '--dtype', 'bfloat16',
+                        '--workdir', str(workdir)], cwd=root, capture_output=True, text=True, env=env, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(workdir / 'summary.json') as f:
+        assert json.load(f)['best_val_acc'] > 0.3   # digits, 10 classes: it learned (0.88 here)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / 'i.png')
+    p = cli('predict', workdir, tmp_path / 'i.png', '--json')
+    assert p.returncode == 0, p.stderr
+    p = cli('convert', workdir, tmp_path / 'cr.pth')
+    assert p.returncode == 0, p.stderr
+    model, params, _ = pipeline.load_model(str(workdir), log=lambda m: None)
+    tm = timm.create_model('swinv2_cr_tiny_224', img_size=32, num_classes=10)
+    tm.load_state_dict(torch.load(tmp_path / 'cr.pth', weights_only=True), strict=True)
+    x = images((2, 32, 32, 3))
+    assert rel_err(run_timm(tm.eval(), x), run_flax(model, params, x)) < 1e-4

@@ -8,12 +8,18 @@ mlp.{fc1, fc2}, norm3}` (norm3 only on the blocks that carry one), `head.fc`. No
 size (the meta MLP is the same for any window); those come from the registered name (`--model`), said on stderr.
 The extra norms are recorded (which blocks have a `norm3`), and read back as `extra_norm_period`/`extra_norm_stage`.
 
+Layout `tau`: the files of timm's first release (rwightman's v0.1-weights-swinv2 GitHub assets) hold `attn.tau`
+= 1 / exp(logit_scale) and the classifier as `head`; read as timm's `checkpoint_filter_fn` reads them, written
+back with `--layout tau`.
+
 Detection: `stages.*` keys with `attn.meta_mlp` (Flax: `stages_*/.../attn/meta_mlp`): neither timm's nor
 Microsoft's Swin V1/V2 files (`layers.*`, `relative_position_bias_table` / `cpb_mlp`) have them, nor these files
 their keys.
 """
 import re
 from typing import List, Optional, Tuple
+
+import numpy as np
 
 from vit_flax.models.layers import to_tuple
 from vit_flax.models.swinv2_cr import SwinTransformerV2Cr, extra_norm_blocks
@@ -51,12 +57,50 @@ def norm_fields(layout, depths) -> Optional[dict]:
     return None
 
 
+# ---------------------------------------------------------------- timm's first release files
+
+def tau_to_timm(state):
+    """timm's v0.1-weights-swinv2 release layout (`attn.tau`, classifier `head`) -> today's, as timm's own
+    `checkpoint_filter_fn`: `logit_scale = log(1 / tau)` (float32, as torch computes it up to an ulp of the log),
+    `head.*` -> `head.fc.*`; every other array passes through untouched."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith('attn.tau'):
+            v = np.log(np.float32(1.0) / np.asarray(v, np.float32)).astype(np.float32)
+            k = k[:-len('tau')] + 'logit_scale'
+        if k.startswith('head.') and not k.startswith('head.fc.'):
+            k = 'head.fc.' + k[len('head.'):]
+        out[k] = v
+    return out
+
+
+def timm_to_tau(state):
+    """The inverse, for that release's code: `tau = 1 / exp(logit_scale)`, `head.fc.*` -> `head.*` (a tau read
+    back is within float32 rounding of the one written, not bit for bit)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith('attn.logit_scale'):
+            v = (np.float32(1.0) / np.exp(np.asarray(v, np.float32))).astype(np.float32)
+            k = k[:-len('logit_scale')] + 'tau'
+        if k.startswith('head.fc.'):
+            k = 'head.' + k[len('head.fc.'):]
+        out[k] = v
+    return out
+
+
 class SwinV2CrFamily(Family):
     """`vit_flax.SwinTransformerV2Cr`: timm's `swinv2_cr_*` files (.pth / .safetensors) and our .npz."""
     name = 'swinv2_cr'
     module_cls = SwinTransformerV2Cr
     timm_classifier = 'head.fc'
     timm_default_pool = 'avg'
+    layouts = {'tau': (tau_to_timm, timm_to_tau)}
+
+    def detect_layout(self, state) -> str:
+        """'tau' for timm's first release files (`attn.tau` for the logit scale, classifier `head`)."""
+        if self.detect_torch(state) and any(k.endswith('attn.tau') for k in state):
+            return 'tau'
+        return self.torch_layout
 
     def detect_torch(self, state) -> bool:
         return 'patch_embed.proj.weight' in state and any(

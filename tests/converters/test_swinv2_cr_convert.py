@@ -80,6 +80,45 @@ def test_a_timm_folder_we_write_loads_in_timm_strictly_with_the_same_weights(sou
     assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
 
 
+def test_timms_first_release_layout_reads_as_its_checkpoint_filter_fn_and_writes_back(source):
+    """timm's first release files (`attn.tau` = 1 / exp(logit_scale), classifier `head`): read as timm's own
+    checkpoint_filter_fn reads them (logit_scale = log(1 / tau) to a float32 ulp of torch's log, the rest
+    bit-exact); `--layout tau` writes that layout back (tau within float32 rounding), which timm's filter reads
+    into a model that loads it strictly."""
+    import timm
+    from timm.models.swin_transformer_v2_cr import checkpoint_filter_fn
+    tm, state, tmp = source
+    old = {}
+    for k, v in state.items():
+        if k.endswith('attn.logit_scale'):
+            k, v = k[:-len('logit_scale')] + 'tau', torch.exp(-v)
+        old[k.replace('head.fc.', 'head.')] = v
+    torch.save(old, tmp / 'release.pth')
+    r = cli('convert', tmp / 'release.pth', tmp / 'from_release.pth')
+    assert r.returncode == 0, r.stderr
+    got = torch.load(tmp / 'from_release.pth', weights_only=True)
+    want = checkpoint_filter_fn({k: v.clone() for k, v in old.items()}, tm)
+    assert list(got) == list(want)
+    for k in want:
+        if k.endswith('logit_scale'):
+            np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=2 * np.finfo(np.float32).eps, atol=0)
+        else:
+            assert torch.equal(got[k], want[k]), k
+    r = cli('inspect', tmp / 'release.pth')
+    assert 'Swin V2 CR (tau)' in r.stdout, r.stdout + r.stderr
+    r = cli('convert', tmp / 'from_release.pth', tmp / 'again.pth', '--layout', 'tau')
+    assert r.returncode == 0, r.stderr
+    again = torch.load(tmp / 'again.pth', weights_only=True)
+    assert list(again) == list(old)
+    for k in old:
+        if k.endswith('tau'):
+            np.testing.assert_allclose(again[k].numpy(), old[k].numpy(), rtol=4 * np.finfo(np.float32).eps, atol=0)
+        else:
+            assert torch.equal(again[k], old[k]), k
+    fresh = timm.create_model('swinv2_cr_tiny_ns_224', **SMALL)
+    fresh.load_state_dict(checkpoint_filter_fn(again, fresh), strict=True)
+
+
 def test_the_wrong_model_named_is_one_line(source):
     tm, state, tmp = source
     r = cli('convert', tmp / 'timm.pth', tmp / 'x.npz', '--model', 'swinv2_tiny_window8_256')

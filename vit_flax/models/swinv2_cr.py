@@ -42,7 +42,7 @@ from ..registry import register
 from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
                      merge_heads, remat_block, to_tuple)
 from .swin import PatchEmbed, PatchMerging, attend_in_windows, stage_window_shift, stage_window_sizes
-from .swinv2 import LOGIT_SCALE_MAX, _l2_normalize
+from .swinv2 import LOGIT_SCALE_MAX, l2_normalize
 
 Dtype = Any
 Pair = Tuple[int, int]
@@ -96,8 +96,8 @@ class WindowMultiHeadAttention(nn.Module):
         y = fused_projection(x, [qkv], self.dtype)   # float32, not yet rounded
         q, k, v = y.reshape(bw, n, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
         scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), LOGIT_SCALE_MAX)).reshape(heads, 1, 1)
-        q = (_l2_normalize(q) * scale).astype(self.dtype)      # the logit scale folded into q
-        k = _l2_normalize(k).astype(self.dtype)
+        q = (l2_normalize(q) * scale).astype(self.dtype)      # the logit scale folded into q
+        k = l2_normalize(k).astype(self.dtype)
         v = v.astype(self.dtype)
 
         coords = jnp.asarray(relative_coordinates_log(self.window_size))

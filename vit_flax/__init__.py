@@ -8,6 +8,7 @@ from .models.vit import VisionTransformer  # registers ViT/DeiT, R+ViT hybrids, 
 from .models import vit_timm  # registers timm's other ViTs: DINOv2, DeiT III, CLIP, FlexiViT, AIMv2, ...
 from .models.swin import SwinTransformer  # registers the Swin family (V1, Swin-S3)
 from .models.swinv2 import SwinTransformerV2  # registers timm's swinv2_* names
+from .models.swinv2_cr import SwinTransformerV2Cr  # registers timm's swinv2_cr_* names
 from .models.vit_pytorch import LucidViT  # registers lucidrains' vit-pytorch ViT
 from .models.mixer import MlpMixer  # registers timm's mlp_mixer names: MLP-Mixer, gMixer, ResMLP, gMLP
 from .models.eva import Eva  # registers timm's eva.py: EVA/EVA-02, DINOv3, PE, RoPE-ViT, LingBot, Sapiens2
@@ -19,8 +20,8 @@ from .summary import count_params, count_macs, init_params, summarize
 
 __all__ = ['create_model', 'list_models', 'model_config', 'register', 'ModelConfigError', 'UnknownModelError',
            'UnknownOptionError', 'VisionTransformer', 'SwinTransformer', 'SwinTransformerV2',
-           'LucidViT', 'Eva', 'Beit', 'Cait', 'MlpMixer', 'NaFlexVit', 'VisionTransformerRelPos', 'count_params',
-           'count_macs', 'init_params', 'summarize']
+           'SwinTransformerV2Cr', 'LucidViT', 'Eva', 'Beit', 'Cait', 'MlpMixer', 'NaFlexVit', 'VisionTransformerRelPos',
+           'count_params', 'count_macs', 'init_params', 'summarize']
 __version__ = '0.1.0'
 
 

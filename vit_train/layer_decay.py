@@ -7,6 +7,7 @@ family: `Transformer/encoderblock_3/...` is `blocks.3....`), and the timm name i
   final `norm` merged with the last block, everything else (head, head_dist, fc_norm, attn_pool) the last id;
 - Swin (V1, V2): `patch_embed` (and V2's `absolute_pos_embed`) id 0, blocks numbered across stages,
   `layers.i.downsample` with block 0 of stage i, the final `norm` with the last block, the head last.
+- Swin V2 CR: the same over `stages.i` (no final `norm`: the last block's `norm3` is that block's).
 - MLP-Mixer, ResMLP, gMLP: `stem` id 0, `blocks.i` id i+1, the final `norm` with the last block, the head last.
 - CaiT (timm's function matcher): `cls_token|pos_embed|patch_embed` 0, `blocks.i` i+1, `blocks_token_only.j`
   j + depth - depth_token_only + 1 (with the last blocks), the final `norm` with the last block, the head last.
@@ -31,6 +32,9 @@ SWIN_MATCHER = dict(stem=r'^absolute_pos_embed|patch_embed',
                     blocks=[(r'^layers\.(\d+).downsample', (0,)), (r'^layers\.(\d+)\.\w+\.(\d+)', None),
                             (r'^norm', (99999,))])
 MIXER_MATCHER = dict(stem=r'^stem', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+# Swin V2 CR: timm's SwinTransformerV2Cr.group_matcher (no final norm: the last block's norm3 is in its block)
+SWIN_CR_MATCHER = dict(stem=r'^patch_embed',
+                       blocks=[(r'^stages\.(\d+).downsample', (0,)), (r'^stages\.(\d+)\.\w+\.(\d+)', None)])
 
 
 def cait_matcher(model):
@@ -52,10 +56,10 @@ def cait_matcher(model):
 NO_WEIGHT_DECAY = {'vit': ('pos_embed', 'cls_token', 'dist_token', 'reg_token'),
                    'swin': ('*relative_position_bias_table*',),
                    'swinv2': ('absolute_pos_embed', '*relative_position_bias_table*', '*cpb_mlp*', '*logit_scale*'),
-                   'mixer': (), 'cait': ('pos_embed', 'cls_token')}
+                   'mixer': (), 'cait': ('pos_embed', 'cls_token'), 'swinv2_cr': ()}
 # a regex spec as timm's dict matchers, or a function of the model giving timm's function matcher
 MATCHERS = {'vit': VIT_MATCHER, 'swin': SWIN_MATCHER, 'swinv2': SWIN_MATCHER, 'mixer': MIXER_MATCHER,
-            'cait': cait_matcher}
+            'cait': cait_matcher, 'swinv2_cr': SWIN_CR_MATCHER}
 
 
 def layer_ids(names, matcher) -> Dict[str, int]:
@@ -101,7 +105,8 @@ def param_groups(model, flat_shapes: Dict[str, tuple], layer_decay: float, decay
     every parameter; `flat_shapes` our flat key -> shape, `decays(key)` our weight-decay rule."""
     fam = family_of(model)
     if fam.name not in MATCHERS:
-        raise TrainError(f'--layer-decay: no timm layer grouping for the {fam.name} family (ViT, DeiT, Swin, Mixer, CaiT only)')
+        raise TrainError(f'--layer-decay: no timm layer grouping for the {fam.name} family '
+                         f'(ViT, DeiT, Swin, Swin V2 CR, Mixer, CaiT only)')
     names = timm_names(model)
     covered = {k for ks in names.values() for k in ks}
     missing = sorted(set(flat_shapes) - covered)

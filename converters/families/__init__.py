@@ -7,15 +7,16 @@ from typing import List, Optional
 
 from ..errors import ConversionError
 from .base import Family
-from . import beit, cait, eva, mixer, naflex, relpos, swin, swinv2, vit, vit_pytorch
+from . import beit, cait, eva, mixer, naflex, relpos, swin, swinv2, swinv2_cr, vit, vit_pytorch
 
 # mixer, beit and eva before vit: Facebook's ResMLP files hold `patch_embed.proj` and `blocks.*`, which vit would
 # claim; beit's and eva's detection is strict (keys no timm ViT has; BEiT's tables with `blocks.`, not Swin's
 # `layers.`), the ViT family's takes any timm ViT-like file (a CaiT's too: cait's, strict, goes first), Swin's any
 # relative_position_bias_table; relpos (strict: `blocks.0.attn.rel_pos.` / `shared_rel_pos.`) before all of those,
-# whose detection would take its files; naflex (strict: `embeds.proj.weight`, a 2-D embedding kernel) before vit
+# whose detection would take its files; naflex (strict: `embeds.proj.weight`, a 2-D embedding kernel) before vit;
+# Swin V2 CR (`stages.*`) after Swin V2 (which needs `layers.*`)
 FAMILIES: List[Family] = [mixer.FAMILY, relpos.FAMILY, cait.FAMILY, beit.FAMILY, eva.FAMILY, naflex.FAMILY, vit.FAMILY,
-                          swin.FAMILY, swinv2.FAMILY, vit_pytorch.FAMILY]
+                          swin.FAMILY, swinv2.FAMILY, swinv2_cr.FAMILY, vit_pytorch.FAMILY]
 
 
 def register_family(family: Family) -> None:

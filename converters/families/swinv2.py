@@ -154,12 +154,13 @@ class SwinV2Family(SwinFamilyBase):
     transformers_classes = {'Swinv2Model': ('swinv2', ''), 'Swinv2ForImageClassification': ('swinv2', 'swinv2.')}
 
     def detect_torch(self, state) -> bool:
-        return 'patch_embed.proj.weight' in state and any(k.endswith(('attn.logit_scale', 'cpb_mlp.0.weight'))
-                                                          for k in state)
+        """`layers.*` keys with a logit scale or bias MLP (Swin V2 CR's files have `stages.*`: not this family's)."""
+        return 'patch_embed.proj.weight' in state and any(
+            k.startswith('layers.') and k.endswith(('attn.logit_scale', 'cpb_mlp.0.weight')) for k in state)
 
     def detect_flax(self, flat) -> bool:
-        return 'patch_embed/proj/kernel' in flat and any(k.endswith(('attn/logit_scale', 'cpb_mlp/Dense_0/kernel'))
-                                                         for k in flat)
+        return 'patch_embed/proj/kernel' in flat and any(
+            k.startswith('layers_') and k.endswith(('attn/logit_scale', 'cpb_mlp/Dense_0/kernel')) for k in flat)
 
     def detect_layout(self, state) -> str:
         """'microsoft' when stage 0 holds a patch merging (Microsoft's code puts it at the end of a stage)."""

@@ -18,13 +18,15 @@ from helpers import images, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny members of the families: ViT (Google's tree), a DINOv2 with registers (LayerScale, registers, no class
-# position), Swin (timm's names), vit-pytorch (its own), ResMLP (the MLP-Mixer family: Affine, LayerScale), a
-# DINOv3 (the Eva family: RoPE, storage tokens), a BEiT (relative position bias per block), a ViT-RelPos
-# (a class token, the relative position MLP) and a CaiT (talking heads, class attention)
+# position), Swin and Swin V2 CR (timm's names; CR's meta-MLP dropout), vit-pytorch (its own), ResMLP (the
+# MLP-Mixer family: Affine, LayerScale), a DINOv3 (the Eva family: RoPE, storage tokens), a BEiT (relative
+# position bias per block), a ViT-RelPos (a class token, the relative position MLP) and a CaiT (talking heads,
+# class attention)
 TINY = [
     ('vit_tiny_patch16_224', dict(img_size=32, depth=1, num_classes=5)),
     ('vit_small_patch14_reg4_dinov2', dict(img_size=28, depth=1, num_classes=5)),
     ('swin_tiny_patch4_window7_224', dict(img_size=32, depths=(2,), num_heads=(3,), window_size=4, num_classes=5)),
+    ('swinv2_cr_tiny_224', dict(img_size=32, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, num_classes=5)),
     ('lucid_vit_tiny_patch16_224', dict(img_size=32, depth=1, num_classes=5)),
     ('resmlp_12_224', dict(img_size=32, patch_size=8, num_blocks=1, embed_dim=32, num_classes=5)),
     ('vit_small_patch16_dinov3', dict(img_size=32, depth=1, num_classes=5)),

@@ -1,5 +1,6 @@
 """Layer-wise lr decay and weight-decay flags equal timm's param_groups_layer_decay (the real timm.optim code)
-for a small ViT, a distilled DeiT, a small Swin, a gMLP and a CaiT, parameter by parameter under timm's names."""
+for a small ViT, a distilled DeiT, small Swins (V1, V2, V2 CR), a gMLP and a CaiT, parameter by parameter under timm's
+names."""
 import jax
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ CASES = {
     'deit-distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=32, patch_size=8, depth=2, num_classes=10)),
     'swin': ('swin_tiny_patch4_window7_224', dict(img_size=32, window_size=2, depths=(1, 1, 2, 1), num_classes=10)),
     'swinv2': ('swinv2_tiny_window8_256', dict(img_size=32, window_size=2, depths=(1, 1, 2, 1), num_classes=10)),
+    'swinv2_cr': ('swinv2_cr_tiny_224', dict(img_size=32, window_size=2, depths=(1, 1, 2, 1), num_classes=10)),
     'gmlp': ('gmlp_ti16_224', dict(img_size=32, num_classes=10)),   # timm's entrypoint fixes its 30 blocks
     'cait': ('cait_xxs24_224', dict(img_size=32, depth=3, num_classes=10)),   # class blocks overlap the last blocks
 }

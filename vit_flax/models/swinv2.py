@@ -61,7 +61,7 @@ def relative_coords_table(window: Pair, pretrained_window: Pair = (0, 0)) -> np.
     return (np.sign(table) * np.log2(np.abs(table) + np.float32(1.0)) / np.float32(np.log2(8))).astype(np.float32)
 
 
-def _l2_normalize(x, eps: float = 1e-12):
+def l2_normalize(x, eps: float = 1e-12):
     """torch's F.normalize: x / max(||x||, eps) over the last axis."""
     return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), eps)
 
@@ -102,8 +102,8 @@ class WindowAttentionV2(nn.Module):
         y = fused_projection(x, [(kernel, bias)], self.dtype)   # float32, not yet rounded
         q, k, v = y.reshape(bw, n, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
         scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), LOGIT_SCALE_MAX))
-        q = (_l2_normalize(q) * scale).astype(self.dtype)      # the logit scale folded into q, as a "scaled q"
-        k = _l2_normalize(k).astype(self.dtype)
+        q = (l2_normalize(q) * scale).astype(self.dtype)      # the logit scale folded into q, as a "scaled q"
+        k = l2_normalize(k).astype(self.dtype)
         v = v.astype(self.dtype)
 
         coords = jnp.asarray(relative_coords_table(self.window_size, self.pretrained_window_size))

@@ -46,8 +46,17 @@ def nnx_logits(model, x):
     return model(x, train=False)
 
 
-@pytest.mark.parametrize('name,over', TINY, ids=[n.split('_')[0] + ('-' + n.split('_')[-1] if 'dino' in n else '')
-                                                    + ('-relpos' if 'relpos' in n else '') for n, _ in TINY])
+# The NNX face is one bridge over every linen model: make test takes the ViT (Google's tree), the DINOv2 and
+# DINOv3 (tokens without positions, RoPE) and a Swin; the other families' tiny members are `make test-slow`.
+IN_MAKE_TEST = ('vit_tiny_patch16_224', 'vit_small_patch14_reg4_dinov2', 'swin_tiny_patch4_window7_224',
+                'vit_small_patch16_dinov3')
+
+
+@pytest.mark.parametrize('name,over', [
+    pytest.param(n, o, marks=() if n in IN_MAKE_TEST else pytest.mark.slow,
+                 id=n.split('_')[0] + ('-' + n.split('_')[-1] if 'dino' in n else '') + ('-relpos' if 'relpos' in n else '')
+                 + ('-cr' if '_cr_' in n else ''))
+    for n, o in TINY])
 def test_nnx_model_holds_the_linen_tree_and_computes_the_linen_logits(name, over):
     params = perturb(vit_flax.create_model(name, **over), seed=1)
     model = vnnx.create_model(name, rngs=nnx.Rngs(0), **over)

@@ -220,16 +220,19 @@ def test_remat_matches():
     recomputed forward pass draws the dropout and drop-path masks of the first one."""
     p = perturb(tiny())
     x = images((2, 32, 32, 3))
-    np.testing.assert_allclose(tiny(remat=True).apply({'params': p}, x), tiny().apply({'params': p}, x), rtol=1e-6)
+    fwd = lambda m: jax.jit(lambda p: m.apply({'params': p}, x))(p)  # noqa: E731
+    np.testing.assert_allclose(fwd(tiny(remat=True)), fwd(tiny()), rtol=1e-6)
 
-    def grad(seed=0, **kw):
+    def grad(**kw):   # one compile per model, the dropout key an argument
         m = tiny(drop_rate=0.1, drop_path_rate=0.3, **kw)
-        loss = lambda p: (m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(seed)}) ** 2).sum()
-        return jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(loss))(p))
+        loss = lambda p, key: (m.apply({'params': p}, x, train=True, rngs={'dropout': key}) ** 2).sum()  # noqa: E731
+        g = jax.jit(jax.grad(loss))
+        return lambda seed=0: jax.tree_util.tree_leaves_with_path(g(p, jax.random.PRNGKey(seed)))
 
-    ref, other_masks = grad(), grad(seed=1)
+    plain = grad()
+    ref, other_masks = plain(), plain(seed=1)
     assert max(rel_err(a, b) for (_, a), (_, b) in zip(other_masks, ref)) > 1e-2   # the masks change the gradient
-    got = grad(remat=True)
+    got = grad(remat=True)()
     assert [k for k, _ in got] == [k for k, _ in ref]
     for (path, g), (_, r) in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=jax.tree_util.keystr(path))

@@ -147,6 +147,7 @@ class SwinV2Family(SwinFamilyBase):
     """`vit_flax.SwinTransformerV2`: timm's layout and Microsoft's V2 release."""
     name = 'swinv2'
     module_cls = SwinTransformerV2
+    recorded_fields = ('window_size', 'norm_eps', 'gelu', 'always_partition', 'img_size', 'pretrained_window_sizes')
     ignore_torch = IGNORE
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft)}
     layout_models = ('microsoft',)

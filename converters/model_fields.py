@@ -123,7 +123,28 @@ def read(path: str, fmt: str, family) -> Dict[str, object]:
 
 
 def differs(a, b) -> bool:
+    """Whether two values of a field differ as written (None against False counts: see `computes_otherwise`)."""
     return _plain(a) != _plain(b)
+
+
+# a field whose spellings compute alike (class_token None or False without a token pooling, act_layer None with
+# gelu 'exact' or act_layer 'gelu', 224 or (224, 224)) is compared through what the module derives from it
+_DERIVED = {'class_token': 'has_class_token', 'fc_norm': 'use_fc_norm', 'global_pool': 'pool_type',
+            'act_layer': 'activation', 'gelu': 'activation'}
+
+
+def _effective(model, k):
+    v = getattr(model, _DERIVED[k]) if k in _DERIVED and hasattr(model, _DERIVED[k]) else getattr(model, k)
+    if k in ('img_size', 'window_size', 'ref_feat_shape') and isinstance(v, int):
+        v = (v, v)
+    if k in ('act_layer', 'gelu') and hasattr(model, 'activation'):
+        v = {'gelu': 'exact', 'gelu_tanh': 'tanh'}.get(v, v)
+    return _plain(v)
+
+
+def computes_otherwise(a, b, k) -> bool:
+    """Whether models `a` and `b` (of one family) differ in field `k`, written and as they compute."""
+    return differs(getattr(a, k), getattr(b, k)) and _effective(a, k) != _effective(b, k)
 
 
 def set_flags(fields: Dict[str, object]) -> str:

@@ -255,7 +255,7 @@ def load_into(path: str, model_name: str, *, options: Optional[LoadOptions] = No
         family_of(target).check_target(ck.model, target, path, model_name, overrides)
         # what the file records and the named model computes otherwise (the caller's overrides are wanted)
         other = {k: v for k, v in ck.recorded.items() if k not in overrides and k not in TARGET_ONLY
-                 and hasattr(target, k) and model_fields.differs(getattr(target, k), v)}
+                 and hasattr(target, k) and model_fields.computes_otherwise(target, ck.model, k)}
         if other:
             opts.log(f'warning: {path}: the file\'s model has ' + ', '.join(f'{k}={v!r}' for k, v in other.items())
                 + f', {model_name} ' + ', '.join(f'{k}={getattr(target, k)!r}' for k in other)
@@ -346,7 +346,7 @@ def say_unrecorded(path: str, model, fmt: str, log: Callable[[str], None] = _std
             log(f'warning: {path}: {what} records no model fields, and read back alone it is refused ({refused}); '
                 f'read it with --model naming its architecture and {model_fields.set_flags(want)}{rest}')
             return want
-    wrong = {k: v for k, v in want.items() if k in given or model_fields.differs(getattr(back, k), v)}
+    wrong = {k: v for k, v in want.items() if k in given or model_fields.computes_otherwise(back, model, k)}
     if wrong:
         said = [f'{k} unknown (this model: {v!r})' if k in given else f'{k}={getattr(back, k)!r} (this model: {v!r})'
                 for k, v in wrong.items()]

@@ -151,7 +151,7 @@ class SwinV2Family(SwinFamilyBase):
     ignore_torch = IGNORE
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft)}
     layout_models = ('microsoft',)
-    # keys only (config.json's swinv2 model_type is not read yet): judged against timm and transformers directly
+    # config.json's `swinv2` model_type: converters/hf_transformers.py
     transformers_classes = {'Swinv2Model': ('swinv2', ''), 'Swinv2ForImageClassification': ('swinv2', 'swinv2.')}
 
     def detect_torch(self, state) -> bool:

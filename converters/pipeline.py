@@ -334,6 +334,8 @@ def say_unrecorded(path: str, model, fmt: str, log: Callable[[str], None] = _std
     def read_back(arch):
         return sources.read_checkpoint(str(path), ReadRequest(str(path), arch=arch or None, log=lambda s: None,
                                                               model_only=True)).model
+    plain = type(model)()   # the module's defaults: what to name when the file cannot be read back as it is
+    named = {k: v for k, v in want.items() if model_fields.computes_otherwise(plain, model, k)}
     refused, given = None, {}
     try:
         back = read_back({})
@@ -344,8 +346,13 @@ def say_unrecorded(path: str, model, fmt: str, log: Callable[[str], None] = _std
             back = read_back(given)
         except ConversionError:
             log(f'warning: {path}: {what} records no model fields, and read back alone it is refused ({refused}); '
-                f'read it with --model naming its architecture and {model_fields.set_flags(want)}{rest}')
-            return want
+                f'read it with --model naming its architecture and {model_fields.set_flags(named)}{rest}')
+            return named
+    if type(back) is not type(model):   # the keys another family reads too (open_clip's LayerScale tower)
+        log(f'warning: {path}: {what} records no model fields, and read back alone it reads as a '
+            f'{type(back).__name__}; read it with --model naming a {type(model).__name__} and '
+            f'{model_fields.set_flags(named)}{rest}')
+        return named
     wrong = {k: v for k, v in want.items() if k in given or model_fields.computes_otherwise(back, model, k)}
     if wrong:
         said = [f'{k} unknown (this model: {v!r})' if k in given else f'{k}={getattr(back, k)!r} (this model: {v!r})'

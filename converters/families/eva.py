@@ -368,7 +368,7 @@ class EvaFamily(Family):
     name = 'eva'
     module_cls = Eva
     recorded_fields = ('num_heads', 'num_kv_heads', 'norm_eps', 'norm_layer', 'global_pool', 'fc_norm',
-                       'use_post_transformer_norm', 'no_embed_class', 'attn_type', 'block_fn', 'use_rot_pos_emb',
+                       'use_post_transformer_norm', 'attn_type', 'block_fn', 'use_rot_pos_emb',
                        'rope_type', 'rope_grid_offset', 'rope_grid_indexing', 'rope_temperature', 'rope_rotate_half',
                        'ref_feat_shape', 'attn_pool_num_heads', 'dynamic_img_size', 'img_size')
     ignore_torch = ('attn.k_bias',)

@@ -220,9 +220,10 @@ class ViTFamily(Family):
     `--layout dinov2|open_clip|deit3`."""
     name = 'vit'
     module_cls = VisionTransformer
+    # (not no_embed_class: the table's rows say it, and Google's layouts store it as zero prefix rows)
     recorded_fields = ('num_heads', 'qk_scale', 'norm_eps', 'norm_layer', 'gelu', 'act_layer', 'global_pool',
-                       'fc_norm', 'class_token', 'no_embed_class', 'posemb', 'resnet_numerics', 'block_fn',
-                       'dynamic_img_size', 'img_size')
+                       'fc_norm', 'class_token', 'posemb', 'resnet_numerics', 'block_fn', 'dynamic_img_size',
+                       'img_size')
     pos_key = POS_KEY
     npz_layouts = LAYOUTS
     layouts = {'dinov2': (dinov2_to_timm, timm_to_dinov2), 'open_clip': (open_clip_to_timm, timm_to_open_clip),

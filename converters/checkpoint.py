@@ -34,6 +34,7 @@ class Checkpoint:
     source: Optional[str] = None            # the path or hf-hub name given (path: the weights read)
     pretrained_cfg: Optional[dict] = None   # preprocessing, timm's vocabulary
     class_names: Optional[List[str]] = None
+    recorded: Dict[str, object] = field(default_factory=dict)   # model fields the file records (model_fields.py)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ class ReadRequest:
     taken as the checkpoint's own when its positions fit it (a position table does not say whether 280
     patches are 14x20 or 20x14). `step`: a training workdir's step ('best' by default, 'latest' or a number);
     refused by every other source. `adapt_core`: see `match_model`. `ema`: a training workdir's weight EMA
-    instead of its params; refused by every other source.
+    instead of its params; refused by every other source. `model_only`: a file's model, its arrays left as
+    stored (Checkpoint.flat empty where the family's table would build them): what a writer asks to see what a
+    reader will take.
     """
     given: str
     model_name: Optional[str] = None
@@ -56,6 +59,7 @@ class ReadRequest:
     log: Callable[[str], None] = stderr
     adapt_core: bool = False
     ema: bool = False
+    model_only: bool = False
 
 
 # ---------------------------------------------------------------- model detection

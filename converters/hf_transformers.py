@@ -81,7 +81,7 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
     """vit-flax fields of the model config.json describes, for class `cls` (its head of `num_classes`)."""
     g = lambda k, d, kind=(int,): files.config_value(cfg, k, d, where, kind)   # noqa: E731
     size = lambda k, d: files.config_size(cfg, k, d, where)   # noqa: E731
-    if mt == 'swin':
+    if mt in ('swin', 'swinv2'):
         depths = files.config_int_list(cfg, 'depths', [2, 2, 6, 2], where)
         heads = files.config_int_list(cfg, 'num_heads', [3, 6, 12, 24], where)
         if cfg.get('use_absolute_embeddings'):
@@ -89,11 +89,20 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
         act = _act(cfg, where)
         if act not in ('exact', 'tanh'):
             raise ConversionError(f'{where}: hidden_act={cfg.get("hidden_act")!r}: vit-flax\'s Swin has GELU only')
-        return dict(embed_dim=g('embed_dim', 96), depths=depths, num_heads=heads, window_size=g('window_size', 7),
-                    mlp_ratio=float(g('mlp_ratio', 4.0, (float,))), qkv_bias=bool(cfg.get('qkv_bias', True)),
-                    patch_size=size('patch_size', 4), img_size=size('image_size', 224), in_chans=g('num_channels', 3),
-                    norm_eps=float(g('layer_norm_eps', 1e-5, (float,))), gelu=act, num_classes=num_classes,
-                    always_partition=False)
+        out = dict(embed_dim=g('embed_dim', 96), depths=depths, num_heads=heads, window_size=g('window_size', 7),
+                   mlp_ratio=float(g('mlp_ratio', 4.0, (float,))), qkv_bias=bool(cfg.get('qkv_bias', True)),
+                   patch_size=size('patch_size', 4), img_size=size('image_size', 224), in_chans=g('num_channels', 3),
+                   norm_eps=float(g('layer_norm_eps', 1e-5, (float,))), gelu=act, num_classes=num_classes,
+                   always_partition=False)
+        if mt == 'swinv2':   # Swinv2Config: 0 is a stage's own window (the continuous bias is scaled by it)
+            # (its default is four zeros whatever the depths: stage i reads entry i, the rest go unread)
+            trained = cfg.get('pretrained_window_sizes', [0] * len(depths))
+            if not isinstance(trained, list) or len(trained) < len(depths) or \
+                    any(type(w) is not int or w < 0 for w in trained):
+                raise ConversionError(f'{where}: pretrained_window_sizes={trained!r} is not a window (>= 0) for '
+                                      f'each stage of depths={list(depths)}')
+            out['pretrained_window_sizes'] = tuple(trained[:len(depths)])
+        return out
     if mt == 'dinov3_vit':
         return _dinov3_arch(cfg, where, g, size)
     if mt == 'beit':
@@ -130,6 +139,8 @@ def arch_from_config(mt: str, cfg: dict, cls: str, where: str, num_classes: int)
         else:
             out['mlp_dim'] = hidden
         out.update(qkv_bias=bool(cfg.get('qkv_bias', True)), init_values=float(g('layerscale_value', 1.0, (float,))))
+        if cls.endswith('ForImageClassification'):   # classifier([class token, mean of the patch tokens])
+            out['global_pool'] = 'token_avg'
         if mt == 'dinov2_with_registers':
             r = cfg.get('num_register_tokens', 4)
             if type(r) is not int or r < 0:
@@ -262,10 +273,12 @@ def _check_shapes(family, timm_state, model, mt, cfg_path) -> dict:
     import math
     from vit_flax.models.layers import to_tuple
     got = family.config_from_torch(timm_state)
-    if mt == 'swin':   # (a ViT's heads are not in its shapes: a wrong num_attention_heads cannot be seen)
+    if mt in ('swin', 'swinv2'):   # (a ViT's heads are not in its shapes: a wrong num_attention_heads cannot be seen)
         expect = dict(embed_dim=model.embed_dim, depths=tuple(model.depths), num_heads=tuple(model.num_heads),
                       in_chans=model.in_chans, qkv_bias=model.qkv_bias, patch_size=to_tuple(model.patch_size, 2),
-                      mlp_ratio=model.mlp_ratio, stage_windows=tuple(w[0] for w, _ in model.stage_windows()))
+                      mlp_ratio=model.mlp_ratio)
+        if mt == 'swin':   # (a V2's continuous bias holds no window)
+            expect['stage_windows'] = tuple(w[0] for w, _ in model.stage_windows())
     elif mt == 'beit':
         expect = dict(embed_dim=model.embed_dim, depth=model.depth, mlp_hidden=model.mlp_hidden,
                       patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, qkv_bias=model.qkv_bias,
@@ -303,8 +316,10 @@ def registered_model(family, shapes: dict, want: dict, where: str, model_name=No
     config.json records beside them (eps, activation, input size: a registered name that has them is preferred),
     then every field of `want` set on the model."""
     from .checkpoint import match_model
+    said = ('norm_eps', 'act_layer', 'gelu', 'img_size') + (('window_size', 'pretrained_window_sizes')
+                                                           if family.name == 'swinv2' else ())
     recorded = dict(shapes, num_heads=want['num_heads'], img_size_hint=want['img_size'],
-                    **{k: want[k] for k in ('norm_eps', 'act_layer', 'gelu', 'img_size') if k in want})
+                    **{k: want[k] for k in said if k in want})
     name, model = match_model(family, recorded, where, model_name, arch)
     return name, model.clone(**field_overrides(model, want))
 
@@ -333,9 +348,9 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
     want.update(arch or {})
     prefix = prefix_of(cls, raw)
     hf_depth = files.blocks_held(raw, prefix)
-    if kind != 'swin' and hf_depth != want['depth']:
+    if kind not in ('swin', 'swinv2') and hf_depth != want['depth']:
         raise ConversionError(f'{cfg_path}: num_hidden_layers={want["depth"]}, but the weights hold {hf_depth} blocks')
-    if kind == 'swin' and hf_depth != len(want['depths']):
+    if kind in ('swin', 'swinv2') and hf_depth != len(want['depths']):
         raise ConversionError(f'{cfg_path}: depths={list(want["depths"])} has {len(want["depths"])} stages, but the '
                               f'weights hold {hf_depth}')
     if model_name:
@@ -381,6 +396,10 @@ def read_folder(folder: str, model_name: Optional[str] = None, arch: Optional[di
                      f'({", ".join(sorted({k.split(".")[0] for k in dropped})[:4])})')
     if any(k.endswith('embeddings.mask_token') for k in state):
         notes.append('embeddings.mask_token dropped (used only by masked-image training; written back as zeros)')
+    if kind in ('swin', 'swinv2') and model.norm_eps != 1e-5:
+        notes.append(f'warning: {cfg_path}: layer_norm_eps={model.norm_eps}: transformers uses it in the blocks and '
+                     f'the final norm only (its patch embedding and merging norms keep 1e-5); vit-flax\'s Swin uses '
+                     f'it in every norm (outputs ~1e-4 relative apart)')
     flat = family.unstore(flat, model)
     return dict(raw=raw, format=fmt, weights=weights, family=family, name=name, model=model, flat=flat,
                 notes=notes, class_names=files.labels(cfg, n) if 'CLIP' not in cls else None, cls=cls,
@@ -401,12 +420,16 @@ def target_class(model) -> str:
     if not hasattr(model, 'depths') and not hasattr(model, 'pre_norm'):   # vit-pytorch's ViT, MLP-Mixer: no class
         raise ConversionError(f'transformers has no class for a {type(model).__name__}; write .pth, .safetensors '
                               f'or .npz instead')
+    if type(model).__name__ == 'SwinTransformerV2':
+        return 'Swinv2ForImageClassification' if model.num_classes else 'Swinv2Model'
     if hasattr(model, 'depths'):
         return 'SwinForImageClassification' if model.num_classes else 'SwinModel'
     if model.pre_norm:
         return 'CLIPVisionModelWithProjection' if model.num_classes else 'CLIPVisionModel'
     if not model.has_class_token or model.pool_type == 'map':
         return 'SiglipVisionModel'
+    if model.init_values and model.pool_type == 'token_avg' and not model.distilled:
+        return 'Dinov2WithRegistersForImageClassification' if model.reg_tokens else 'Dinov2ForImageClassification'
     if model.init_values and not model.num_classes and not model.distilled:   # with a head: ViT's, refused
         return 'Dinov2WithRegistersModel' if model.reg_tokens else 'Dinov2Model'
     if model.distilled:
@@ -418,7 +441,7 @@ def target_class(model) -> str:
 
 
 _MODEL_TYPE = {'vit': 'vit', 'deit': 'deit', 'siglip': 'siglip_vision_model', 'clip': 'clip_vision_model',
-               'swin': 'swin'}
+               'swin': 'swin', 'swinv2': 'swinv2'}
 
 
 def config_for(model, cls: str, class_names=None) -> dict:
@@ -440,18 +463,22 @@ def config_for(model, cls: str, class_names=None) -> dict:
                    vision_use_head=model.global_pool == 'map')
     elif kind == 'beit':
         cfg = _beit_config(model, cls)
-    elif kind == 'swin':
+    elif kind in ('swin', 'swinv2'):
         patch, img = to_tuple(model.patch_size, 2), to_tuple(model.img_size, 2)
-        win = to_tuple(model.window_size, 2)
-        if patch[0] != patch[1] or img[0] != img[1] or win[0] != win[1]:
-            raise ConversionError(f'transformers\' {cls} takes square images, patches and windows; this model has '
-                                  f'img_size={model.img_size}, patch_size={model.patch_size}, window={model.window_size}')
-        cfg = dict(model_type='swin', embed_dim=model.embed_dim, depths=list(model.depths),
+        win = model.window_size if isinstance(model.window_size, int) else tuple(model.window_size)
+        win = to_tuple(win, 2) if isinstance(win, int) or len(win) == 2 else win
+        if patch[0] != patch[1] or img[0] != img[1] or len(win) != 2 or win[0] != win[1]:
+            raise ConversionError(f'transformers\' {cls} takes square images, patches and one square window; this '
+                                  f'model has img_size={model.img_size}, patch_size={model.patch_size}, '
+                                  f'window_size={model.window_size}')
+        cfg = dict(model_type=kind, embed_dim=model.embed_dim, depths=list(model.depths),
                    num_heads=list(model.num_heads), window_size=win[0], mlp_ratio=float(model.mlp_ratio),
                    qkv_bias=model.qkv_bias, patch_size=patch[0], image_size=img[0], num_channels=model.in_chans,
                    layer_norm_eps=model.norm_eps, hidden_act=_ACT_OUT[model.gelu], use_absolute_embeddings=False,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.1,
                    num_layers=len(model.depths), hidden_size=int(model.embed_dim * 2 ** (len(model.depths) - 1)))
+        if kind == 'swinv2':
+            cfg['pretrained_window_sizes'] = [int(w) for w in model.pretrained_window_sizes]
     else:
         patch, img = to_tuple(model.patch_size, 2), to_tuple(model.img_size, 2)
         if patch[0] != patch[1] or img[0] != img[1]:
@@ -460,7 +487,7 @@ def config_for(model, cls: str, class_names=None) -> dict:
         act = model.activation
         if act not in _ACT_OUT:
             raise ConversionError(f'transformers\' {cls} cannot hold activation {act!r}')
-        mt = 'dinov2_with_registers' if cls == 'Dinov2WithRegistersModel' else 'dinov2' if kind == 'dinov2' \
+        mt = 'dinov2_with_registers' if cls.startswith('Dinov2WithRegisters') else 'dinov2' if kind == 'dinov2' \
             else _MODEL_TYPE[kind]
         cfg = dict(model_type=mt, hidden_size=model.embed_dim, num_hidden_layers=model.depth,
                    num_attention_heads=model.num_heads, image_size=img[0], patch_size=patch[0],
@@ -594,7 +621,12 @@ _HELD = {'NaFlexVit': [
                         ('window_size', 'the window'), ('mlp_ratio', 'the MLP ratio'), ('qkv_bias', 'qkv_bias'),
                         ('qk_scale', 'a custom attention scale'), ('in_chans', 'the input channels'),
                         ('norm_eps', 'this norm eps'), ('gelu', 'this GELU'), ('num_classes', 'a classifier head'),
-                        ('always_partition', 'always_partition')]}
+                        ('always_partition', 'always_partition')],
+    'SwinTransformerV2': [('embed_dim', 'the width'), ('depths', 'the depths'), ('num_heads', 'the heads'),
+                          ('window_size', 'the window'), ('pretrained_window_sizes', 'the pretrained windows'),
+                          ('mlp_ratio', 'the MLP ratio'), ('qkv_bias', 'qkv_bias'), ('in_chans', 'the input channels'),
+                          ('norm_eps', 'this norm eps'), ('gelu', 'this GELU'), ('num_classes', 'a classifier head'),
+                          ('always_partition', 'always_partition')]}
 
 
 def _value(model, k):
@@ -631,7 +663,8 @@ def hf_state(timm_state: Dict[str, np.ndarray], model, cls: str) -> Dict[str, np
     state = rules.flax_to_torch(timm_state, table(model, cls, 'hub'))
     if _kind(cls) in ('dinov2', 'dinov3'):   # DINOv2's is (1, D), DINOv3's (1, 1, D)
         shape = (1, model.embed_dim) if _kind(cls) == 'dinov2' else (1, 1, model.embed_dim)
-        state['embeddings.mask_token'] = np.zeros(shape, state['embeddings.cls_token'].dtype)
+        e = family_of_class(cls)[2] + 'embeddings.'
+        state[e + 'mask_token'] = np.zeros(shape, state[e + 'cls_token'].dtype)
     if _kind(cls) == 'dinov3' and not model.reg_tokens:   # DINOv3ViTModel holds an empty (1, 0, D) parameter
         state['embeddings.register_tokens'] = np.zeros((1, 0, model.embed_dim), state['embeddings.cls_token'].dtype)
     return state

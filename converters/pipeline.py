@@ -25,7 +25,7 @@ from vit_flax.errors import ModelConfigError
 from vit_flax.registry import split_tag
 from vit_flax.summary import param_shapes
 
-from . import formats, hf_transformers, rules, sources
+from . import formats, hf_transformers, model_fields, rules, sources
 from .checkpoint import Checkpoint, ReadRequest, check_model_options, stderr as _stderr
 from .checkpoint import match_model  # noqa: F401  (converters.pipeline.match_model, as before)
 from .errors import ConversionError
@@ -253,6 +253,13 @@ def load_into(path: str, model_name: str, *, options: Optional[LoadOptions] = No
     def target_of(ck):
         target = vit_flax.create_model(model_name, **overrides)
         family_of(target).check_target(ck.model, target, path, model_name, overrides)
+        # what the file records and the named model computes otherwise (the caller's overrides are wanted)
+        other = {k: v for k, v in ck.recorded.items() if k not in overrides and k not in TARGET_ONLY
+                 and hasattr(target, k) and model_fields.computes_otherwise(target, ck.model, k)}
+        if other:
+            opts.log(f'warning: {path}: the file\'s model has ' + ', '.join(f'{k}={v!r}' for k, v in other.items())
+                + f', {model_name} ' + ', '.join(f'{k}={getattr(target, k)!r}' for k in other)
+                + '; pass ' + ', '.join(f'{k}={v!r}' for k, v in other.items()) + ' to compute as the file\'s model')
         return target
     _, params, ck = _load(path, model_name, overrides, target_of, opts, adapt_core=True)
     return params, ck
@@ -300,14 +307,60 @@ def write_flat(flat: Dict[str, np.ndarray], model, path: str, *, layout: Optiona
         raise ConversionError(f'{path}: layout {layout!r} cannot be written as {fmt}; choose {", ".join(allowed)}')
     family = family_of(model)
     if fmt == 'npz':
-        formats.write_npz(family.to_npz(flat, model, layout, log), path, force)
+        formats.write_npz(family.to_npz(flat, model, layout, log), path, force, comment=model_fields.zip_comment(model))
     elif fmt == 'torch':
         formats.write_torch(to_torch_state(flat, model, layout, log), path, force, wrap=family.torch_wrap.get(layout))
     elif fmt == 'safetensors':
-        formats.write_safetensors(to_torch_state(flat, model, layout, log), path, force)
+        formats.write_safetensors(to_torch_state(flat, model, layout, log), path, force,
+                                  metadata=model_fields.safetensors_metadata(model))
     else:
         formats.write_orbax(flat, path, force)
+    if fmt in ('torch', 'orbax'):
+        say_unrecorded(path, model, fmt, log)
     return layout
+
+
+def say_unrecorded(path: str, model, fmt: str, log: Callable[[str], None] = _stderr) -> Dict[str, object]:
+    """A file written where the format has no room for model fields (a torch state_dict, a bare orbax tree):
+    read back as a reader reads it (the model only), each field of `model_fields` that comes back otherwise (or
+    without which the file is refused: a torch qkv's heads) is said through `log`, with both values and the
+    `--set` flags that read it as `model`. Returns those {field: value}."""
+    want = model_fields.record(model)
+    if not want:
+        return {}
+    what = {'torch': 'a torch state_dict', 'orbax': 'an orbax tree'}[fmt]
+    rest = ' (or write .npz / .safetensors, which record them)'
+
+    def read_back(arch):
+        return sources.read_checkpoint(str(path), ReadRequest(str(path), arch=arch or None, log=lambda s: None,
+                                                              model_only=True)).model
+    plain = type(model)()   # the module's defaults: what to name when the file cannot be read back as it is
+    named = {k: v for k, v in want.items() if model_fields.computes_otherwise(plain, model, k)}
+    refused, given = None, {}
+    try:
+        back = read_back({})
+    except ConversionError as e:
+        refused = str(e).split(': ', 1)[-1]
+        given = {k: v for k, v in want.items() if f'{k}=None' in refused}   # what the match found unknown
+        try:
+            back = read_back(given)
+        except ConversionError:
+            log(f'warning: {path}: {what} records no model fields, and read back alone it is refused ({refused}); '
+                f'read it with --model naming its architecture and {model_fields.set_flags(named)}{rest}')
+            return named
+    if type(back) is not type(model):   # the keys another family reads too (open_clip's LayerScale tower)
+        log(f'warning: {path}: {what} records no model fields, and read back alone it reads as a '
+            f'{type(back).__name__}; read it with --model naming a {type(model).__name__} and '
+            f'{model_fields.set_flags(named)}{rest}')
+        return named
+    wrong = {k: v for k, v in want.items() if k in given or model_fields.computes_otherwise(back, model, k)}
+    if wrong:
+        said = [f'{k} unknown (this model: {v!r})' if k in given else f'{k}={getattr(back, k)!r} (this model: {v!r})'
+                for k, v in wrong.items()]
+        log(f'warning: {path}: {what} records no model fields' +
+            (f' (read back alone it is refused: {refused})' if refused else '') +
+            f': a reader will take {", ".join(said)}; read it with {model_fields.set_flags(wrong)}{rest}')
+    return wrong
 
 
 def write_transformers(flat: Dict[str, np.ndarray], model, path: str, *, class_names: Optional[List[str]] = None,

@@ -29,7 +29,7 @@ from typing import Tuple
 from vit_flax.models.layers import to_tuple
 from vit_flax.registry import UnknownModelError, model_config, split_tag
 
-from . import formats, hf_transformers, rules
+from . import formats, hf_transformers, model_fields, rules
 from .checkpoint import Checkpoint, ReadRequest, check_model_options, match_model, read_config
 from .errors import ConversionError
 from .families import FAMILIES, family_of, flax_family, torch_family
@@ -197,28 +197,71 @@ class File(Source):
                 fields, why = family.layout_config[layout]
                 cfg.update(fields)
                 notes.append(f'{layout} layout ({why}): {", ".join(f"{k}={v}" for k, v in fields.items())}')
+        # the model fields the file records beside its arrays (model_fields.py): every one is set on the model
+        # matched below, unless the caller set it; with the caller's, they count in the match where the arrays
+        # say nothing (a torch qkv's heads)
+        recorded = model_fields.read(path, fmt, family) if fmt in ('npz', 'safetensors') else {}
+        if request.img_size is not None:   # a size asked for: the positions are resampled to it, or taken as it
+            recorded.pop('img_size', None)
+        elif recorded.get('img_size') is not None:
+            img_size = cfg['img_size_hint'] = recorded['img_size']
         model_name, arch_in = request.model_name, request.arch
         check_model_options(family.module_cls, {**(arch_in or {}),
                                                 **({} if img_size is None else {'img_size': img_size})},
                             path, model_name)
-        cfg, arch, resolved = family.resolve(cfg, arch_in, layout, model_name, path)
+        # what the keys leave unknown (a torch qkv's heads) comes from the caller or the record; the rest of the
+        # record is set on the model the arrays give (set_recorded), so that what it changed can be said
+        described = {**{k: v for k, v in recorded.items() if k != 'img_size'}, **(arch_in or {})}
+        unknown = {k for k, v in cfg.items() if v is None}
+        cfg, arch, resolved = family.resolve(cfg, described or None, layout, model_name, path)
         notes += resolved
+        for k, v in (arch or {}).items():
+            if k in cfg and cfg[k] is None:
+                cfg[k] = v
+        told = {k: recorded[k] for k in unknown
+                if k in recorded and k not in (arch_in or {}) and cfg.get(k) is not None}
+        arch = {k: v for k, v in (arch or {}).items() if k not in recorded or k in (arch_in or {}) or k in told} or None
         name, model = match_model(family, cfg, path, model_name, arch, request.adapt_core)
         if scanned:  # a file written from nn.scan'd blocks describes a model that scans them
             model = model.clone(scan_blocks=True)
         if hf is not None:   # what config.json says beyond the shapes (eps, activation), unless the caller said
             model = model.clone(**{k: v for k, v in hf.arch.items() if k not in (arch_in or {})})
+        model, said = self.set_recorded(model, recorded, arch_in, path, fmt, told)
+        notes += said
+        if request.model_only:
+            return Checkpoint(path, fmt, layout, raw, flat or {}, family, name, model, detected=model_name is None,
+                              notes=notes)
         if flat is None:
             try:
                 flat = rules.torch_to_flax(state, family.rules(model), ignore=family.ignore_torch)
-            except ConversionError as e:
-                raise ConversionError(f'{path}: {e}') from None
+            except ConversionError as e:   # a model the module refuses (heads that do not divide the width) says so
+                raise ConversionError(f'{path}: {model_fault(model) or e}') from None
         flat = family.unstore(flat, model)
-        ck = Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes)
+        ck = Checkpoint(path, fmt, layout, raw, flat, family, name, model, detected=model_name is None, notes=notes,
+                        recorded=recorded)
         if hf is not None:
             ck.kind, ck.source, ck.class_names, ck.pretrained_cfg = ('transformers', path, hf.class_names,
                                                                      hf.pretrained_cfg)
         return ck
+
+    @staticmethod
+    def set_recorded(model, recorded: dict, arch_in, path: str, fmt: str, told: dict):
+        """(model, notes): `model` (what the arrays give, with `told`: the recorded fields the keys left
+        unknown) with the other fields the file records that differ and the caller did not set, each said with
+        the value the arrays alone would have given."""
+        over = {k: v for k, v in recorded.items()
+                if k not in (arch_in or {}) and k not in told and model_fields.differs(getattr(model, k), v)}
+        changed = model
+        if over:
+            try:
+                changed = model.clone(**over)
+            except ValueError as e:
+                raise ConversionError(f'{path}: the model fields it records: {e}') from None
+        said = [f'{k}={v!r} (the arrays alone: unknown)' for k, v in told.items()]
+        said += [f'{k}={v!r} (the arrays alone: {getattr(model, k)!r})' for k, v in over.items()
+                 if model_fields.computes_otherwise(model, changed, k)]
+        where = 'zip comment' if fmt == 'npz' else '__metadata__'
+        return changed, [f'{path}: model fields recorded in its {where}: ' + ', '.join(said)] if said else []
 
     @staticmethod
     def flax_tree(fmt: str, raw, path: str) -> Tuple:
@@ -232,6 +275,17 @@ class File(Source):
             scanned = is_scanned(raw)
             flat, layout = unstack_blocks(dict(raw), path), 'flax'
         return flat, layout, scanned
+
+
+def model_fault(model):
+    """What the module refuses in `model`'s configuration (its setup's ModelConfigError), or None."""
+    from vit_flax.errors import ModelConfigError
+    from vit_flax.summary import param_shapes
+    try:
+        param_shapes(model)
+    except ModelConfigError as e:
+        return str(e)
+    return None
 
 
 FILE = File()

@@ -146,6 +146,10 @@ class Family:
     # the `transformers` layout: the Hugging Face transformers classes holding this family's models,
     # {class: (kind, the prefix of its backbone's keys)}, each read and written by `transformers_table`
     transformers_classes: Dict[str, Tuple[str, str]] = {}
+    # model fields that change the outputs and that some file of the family holds no array for (a norm eps, an
+    # activation, a fused qkv's head count, a pooling with the same parameters, an input size): recorded in
+    # the files that have room (.npz zip comment, .safetensors __metadata__; converters/model_fields.py)
+    recorded_fields: Tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f'<{self.name} family>'

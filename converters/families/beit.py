@@ -89,6 +89,7 @@ def transformers_beit_table(model, cls: str, spelling: str, prefix: str) -> List
 class BeitFamily(Family):
     name = 'beit'
     module_cls = Beit
+    recorded_fields = ('num_heads', 'norm_eps', 'global_pool', 'fc_norm', 'img_size')
     ignore_torch = ('relative_position_index', 'attn.k_bias')
     layouts = {'unilm': (unilm_to_timm, timm_to_unilm)}
     layout_models = ('unilm',)

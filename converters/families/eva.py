@@ -367,6 +367,10 @@ def dinov3_vit_table(model, spelling: str, prefix: str = '') -> List[Rule]:
 class EvaFamily(Family):
     name = 'eva'
     module_cls = Eva
+    recorded_fields = ('num_heads', 'num_kv_heads', 'norm_eps', 'norm_layer', 'global_pool', 'fc_norm',
+                       'use_post_transformer_norm', 'attn_type', 'block_fn', 'use_rot_pos_emb',
+                       'rope_type', 'rope_grid_offset', 'rope_grid_indexing', 'rope_temperature', 'rope_rotate_half',
+                       'ref_feat_shape', 'attn_pool_num_heads', 'dynamic_img_size', 'img_size')
     ignore_torch = ('attn.k_bias',)
     layouts = {'dinov3': (dinov3_to_timm, timm_to_dinov3), 'pe': (pe_to_timm, timm_to_pe),
                'eva02': (eva02_to_timm, timm_to_eva02), 'sapiens2': (sapiens2_to_timm, timm_to_sapiens2)}

@@ -98,6 +98,7 @@ class MixerFamily(Family):
     """`vit_flax.MlpMixer`: Google's Mixer `.npz` (the tree itself), timm's layout, Facebook's ResMLP files."""
     name = 'mixer'
     module_cls = MlpMixer
+    recorded_fields = ('act_layer', 'norm_eps', 'global_pool')
     layouts = {'facebook': (facebook_to_timm, timm_to_facebook)}
     timm_classifier = 'head'
     timm_default_pool = 'avg'

@@ -184,6 +184,7 @@ class SwinFamily(SwinFamilyBase):
     """`vit_flax.SwinTransformer` (Swin V1): timm's layout, Microsoft's release and WZMIAOMIAO's code."""
     name = 'swin'
     module_cls = SwinTransformer
+    recorded_fields = ('qk_scale', 'norm_eps', 'gelu', 'always_partition', 'img_size')
     ignore_torch = IGNORE
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft),
                'wzmiaomiao': (microsoft_to_timm, timm_to_wzmiaomiao)}

@@ -147,10 +147,11 @@ class SwinV2Family(SwinFamilyBase):
     """`vit_flax.SwinTransformerV2`: timm's layout and Microsoft's V2 release."""
     name = 'swinv2'
     module_cls = SwinTransformerV2
+    recorded_fields = ('window_size', 'norm_eps', 'gelu', 'always_partition', 'img_size', 'pretrained_window_sizes')
     ignore_torch = IGNORE
     layouts = {'microsoft': (microsoft_to_timm, timm_to_microsoft)}
     layout_models = ('microsoft',)
-    # keys only (config.json's swinv2 model_type is not read yet): judged against timm and transformers directly
+    # config.json's `swinv2` model_type: converters/hf_transformers.py
     transformers_classes = {'Swinv2Model': ('swinv2', ''), 'Swinv2ForImageClassification': ('swinv2', 'swinv2.')}
 
     def detect_torch(self, state) -> bool:

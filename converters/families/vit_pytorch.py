@@ -168,6 +168,7 @@ class ViTPytorchFamily(Family):
     """`vit_flax.LucidViT`: lucidrains' vit-pytorch `ViT`, in the layouts of its releases."""
     name = 'vit-pytorch'
     module_cls = LucidViT
+    recorded_fields = ('heads', 'dim_head', 'pool', 'class_token', 'final_norm', 'img_size')
     layouts = LAYOUTS
     torch_layout = CURRENT
     pos_key = 'pos_embedding'

@@ -1,7 +1,7 @@
 """`.safetensors`: a JSON header and raw little-endian tensors, read as memory-mapped views, written streamed."""
 import json
 import struct
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -19,9 +19,11 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 _SAFETENSORS_CODES = {v: k for k, v in mapped.SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(state: Dict[str, np.ndarray], path: str, force: bool = False) -> None:
-    """The safetensors format, streamed (the library's writers first copy every tensor into one buffer)."""
-    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+def write_safetensors(state: Dict[str, np.ndarray], path: str, force: bool = False,
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    """The safetensors format, streamed (the library's writers first copy every tensor into one buffer);
+    `metadata`: strings added to the header's `__metadata__` beside {'format': 'pt'}."""
+    header, offset = {'__metadata__': {'format': 'pt', **(metadata or {})}}, 0
     names = sorted(state, key=lambda k: (-np.dtype(state[k].dtype).itemsize, k))   # keeps every tensor aligned
     for k in names:
         dtype = np.dtype(state[k].dtype).newbyteorder('=')

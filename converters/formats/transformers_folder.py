@@ -21,7 +21,7 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
 VIT_TYPES = ('vit', 'deit', 'dinov2', 'dinov2_with_registers', 'siglip_vision_model', 'siglip',
              'clip_vision_model', 'clip')
-MODEL_TYPES = VIT_TYPES + ('swin', 'dinov3_vit', 'beit', 'siglip2_vision_model', 'siglip2')
+MODEL_TYPES = VIT_TYPES + ('swin', 'swinv2', 'dinov3_vit', 'beit', 'siglip2_vision_model', 'siglip2')
 
 
 def is_transformers_folder(path: str) -> bool:
@@ -126,10 +126,10 @@ def class_of(mt: str, state, cfg_path: str) -> str:
             return f'{base}ForImageClassification'
         return f'{base}Model'
     if mt in ('dinov2', 'dinov2_with_registers'):
-        if any(k.startswith('dinov2.') or k.startswith('dinov2_with_registers.') for k in state) or has('classifier.weight'):
-            raise ConversionError(f'{cfg_path}: Dinov2ForImageClassification\'s classifier reads [class token, mean of '
-                                  f'the patches]: no vit-flax model holds it; save its Dinov2Model (.dinov2)')
-        return 'Dinov2Model' if mt == 'dinov2' else 'Dinov2WithRegistersModel'
+        base = 'Dinov2' if mt == 'dinov2' else 'Dinov2WithRegisters'
+        if any(k.startswith(mt + '.') for k in state) or has('classifier.weight'):
+            return f'{base}ForImageClassification'   # its classifier reads [class token, mean of the patches]
+        return f'{base}Model'
     if mt in ('siglip2', 'siglip2_vision_model'):
         return 'Siglip2Model' if any(k.startswith('text_model.') for k in state) else 'Siglip2VisionModel'
     if mt in ('siglip', 'siglip_vision_model'):
@@ -142,6 +142,8 @@ def class_of(mt: str, state, cfg_path: str) -> str:
         return 'DINOv3ViTModel'
     if mt == 'beit':
         return 'BeitForImageClassification' if any(k.startswith('beit.') for k in state) else 'BeitModel'
+    if mt == 'swinv2':
+        return 'Swinv2ForImageClassification' if any(k.startswith('swinv2.') for k in state) else 'Swinv2Model'
     return 'SwinForImageClassification' if any(k.startswith('swin.') for k in state) else 'SwinModel'
 
 

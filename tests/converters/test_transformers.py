@@ -41,6 +41,13 @@ CASES = {
                            None, None, None),
     'Dinov2WithRegistersModel': ('Dinov2WithRegistersModel', 'Dinov2WithRegistersConfig',
                                  dict(DINO, num_register_tokens=2), 'last_hidden_state', None, None, 'features'),
+    # the classifier reads [class token, mean of the patch tokens] (registers left out): global_pool='token_avg'
+    'Dinov2ForImageClassification': ('Dinov2ForImageClassification', 'Dinov2Config', dict(DINO, num_labels=3),
+                                     'logits', None, None, None),
+    'Dinov2WithRegistersForImageClassification': ('Dinov2WithRegistersForImageClassification',
+                                                  'Dinov2WithRegistersConfig',
+                                                  dict(DINO, num_labels=3, num_register_tokens=2), 'logits', None,
+                                                  None, None),
     'SiglipVisionModel': ('SiglipVisionModel', 'SiglipVisionConfig', TINY, 'pooler_output', None, None, None),
     'SiglipVisionModel-nohead': ('SiglipVisionModel', 'SiglipVisionConfig', dict(TINY, vision_use_head=False),
                                  'last_hidden_state', None, None, 'features'),
@@ -54,6 +61,11 @@ CASES = {
     'SwinForImageClassification': ('SwinForImageClassification', 'SwinConfig', dict(SWIN, num_labels=3), 'logits',
                                    None, None, None),
     'SwinModel': ('SwinModel', 'SwinConfig', SWIN, 'pooler_output', None, None, None),
+    'Swinv2ForImageClassification': ('Swinv2ForImageClassification', 'Swinv2Config', dict(SWIN, num_labels=3),
+                                     'logits', None, None, None),
+    # the continuous bias scaled by the windows the weights were trained at, not each stage's own
+    'Swinv2Model-pretrained-windows': ('Swinv2Model', 'Swinv2Config', dict(SWIN, pretrained_window_sizes=[3, 2]),
+                                       'pooler_output', None, None, None),
     # the last stage no larger than the window: transformers and timm both take the whole stage, unshifted
     'SwinModel-stage-is-window': ('SwinModel', 'SwinConfig', dict(SWIN, patch_size=4), 'pooler_output', None, None,
                                   None),

@@ -243,6 +243,15 @@ def test_a_swin_config_json_with_another_window_is_refused_naming_window_size(tm
     _refused(cli('convert', folder, tmp_path / 'out.npz'), 'config.json', 'window_size')
 
 
+def test_a_swinv2_config_json_without_a_pretrained_window_per_stage_is_refused_naming_them(tmp_path):
+    folder = _saved(tmp_path, 'swinv2', 'Swinv2Model', 'Swinv2Config', image_size=32, patch_size=2, embed_dim=16,
+                    depths=[2, 2], num_heads=[2, 4], window_size=4)
+    cfg = json.loads((folder / 'config.json').read_text())
+    for value in ([4], [1, -1], 'x'):
+        (folder / 'config.json').write_text(json.dumps({**cfg, 'pretrained_window_sizes': value}))
+        _refused(cli('convert', folder, tmp_path / 'out.npz'), 'config.json', f'pretrained_window_sizes={value!r}')
+
+
 def test_any_config_field_of_any_json_type_is_read_or_refused_in_one_line(tmp_path):
     """Every field of a ViT's config.json set to values of other JSON types: read (the field is unused or the
     value fits) or refused with one ConversionError line, never another exception."""

@@ -1,6 +1,7 @@
 """ViT/DeiT weight interop: Google npz layouts <-> Flax <-> PyTorch, judged against timm."""
 import os
 import pickle
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -320,6 +321,10 @@ def test_non_square_grid_written_and_read_back(tmp_path, layout):
     assert tuple(m2.grid_size) == (5, 10)
     x = images((1, 80, 160, 3))
     assert rel_err(run_flax(m2, p2, x), run_timm(tm, x)) < 1e-4
+    # the file records its size (converters/model_fields.py): no img_size needed to read it as 5x10
+    assert tuple(pipeline.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', depth=2)[0].grid_size) == (5, 10)
+    with zipfile.ZipFile(tmp_path / 'w.npz', 'a') as z:   # as another writer's file: no record
+        z.comment = b''
     with pytest.raises(ConversionError, match='not a square grid; pass img_size'):
         pipeline.load_model(tmp_path / 'w.npz', 'vit_tiny_patch16_224', depth=2)
 

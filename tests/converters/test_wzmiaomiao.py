@@ -181,11 +181,12 @@ def test_swin_writing_a_layout_whose_code_computes_otherwise_warns(wzmiaomiao_sw
                                       **SWIN_FLAX)
     flat = flatten_dict(params, sep='/')
     logs = []
+    layout_notes = lambda: [s for s in logs if 'records no model fields' not in s]   # noqa: E731 (model_fields')
     for layout in ('microsoft', 'timm'):
         pipeline.write_flat(flat, model, tmp_path / f'{layout}.pth', layout=layout, log=logs.append)
-        assert len(logs) == 1 and 'always_partition=True' in logs[0]
+        assert len(layout_notes()) == 1 and 'always_partition=True' in layout_notes()[0]
         logs.clear()
     pipeline.write_flat(flat, model, tmp_path / 'w.pth', layout='wzmiaomiao', log=logs.append)
-    assert not logs
+    assert not layout_notes()
     pipeline.write_flat(flat, model.clone(always_partition=False), tmp_path / 's.pth', layout='wzmiaomiao', log=logs.append)
-    assert len(logs) == 1 and 'always_partition=False' in logs[0]
+    assert len(layout_notes()) == 1 and 'always_partition=False' in layout_notes()[0]

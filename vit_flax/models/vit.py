@@ -364,7 +364,9 @@ class VisionTransformer(nn.Module):
 
     timm's options, each with timm's meaning and default: `act_layer`, `norm_layer` (+ `norm_eps`),
     `init_values` (LayerScale), `reg_tokens`, `no_embed_class`, `class_token`, `pre_norm`, `final_norm`,
-    `fc_norm`, `global_pool` ('token', 'avg', 'avgmax', 'max' over the patch tokens, 'map' (attention pooling
+    `fc_norm`, `global_pool` ('token', 'avg', 'avgmax', 'max' over the patch tokens, 'token_avg' (the class
+    token beside the mean of the patch tokens, 2 * embed_dim wide: transformers' Dinov2ForImageClassification
+    head; not timm's), 'map' (attention pooling
     over the patch tokens), '' (every token to the head); 'gap' is big_vision's name for 'avg' with the final
     norm before the pooling, i.e. timm's `global_pool='avg', fc_norm=False`), `qkv_bias`, `proj_bias`,
     `qk_norm`, `scale_attn_norm`, `scale_mlp_norm`, `mlp_layer`, `block_fn`, `attn_layer`. Prefix tokens in order: cls,
@@ -384,7 +386,7 @@ class VisionTransformer(nn.Module):
     qkv_bias: bool = True
     qk_scale: Optional[float] = None
     representation_size: Optional[int] = None
-    global_pool: Literal['token', 'avg', 'gap', 'avgmax', 'max', 'map', ''] = 'token'
+    global_pool: Literal['token', 'avg', 'gap', 'avgmax', 'max', 'map', 'token_avg', ''] = 'token'
     class_token: Optional[bool] = None
     distilled: bool = False
     embed_norm: bool = False  # LayerNorm on the patch tokens, as the seeds' 1-D ViT passes norm_layer to its PatchEmbed
@@ -453,7 +455,8 @@ class VisionTransformer(nn.Module):
 
     @property
     def has_class_token(self) -> bool:
-        return self.global_pool == 'token' or self.distilled if self.class_token is None else self.class_token
+        return self.global_pool in ('token', 'token_avg') or self.distilled if self.class_token is None \
+            else self.class_token
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -485,11 +488,11 @@ class VisionTransformer(nn.Module):
         return to_tuple(self.img_size, self.spatial_dims) + (self.in_chans,)
 
     def setup(self):
-        if self.global_pool not in ('token', 'avg', 'gap', 'avgmax', 'max', 'map', ''):
-            raise ModelConfigError(f"global_pool must be one of 'token', 'avg', 'avgmax', 'max', 'map', '' "
+        if self.global_pool not in ('token', 'avg', 'gap', 'avgmax', 'max', 'map', 'token_avg', ''):
+            raise ModelConfigError(f"global_pool must be one of 'token', 'avg', 'avgmax', 'max', 'map', 'token_avg', '' "
                                    f"(or 'gap'), got {self.global_pool!r}")
-        if self.global_pool == 'token' and not self.has_class_token:
-            raise ModelConfigError("global_pool='token' reads the class token: it needs class_token=True")
+        if self.global_pool in ('token', 'token_avg') and not self.has_class_token:
+            raise ModelConfigError(f"global_pool={self.global_pool!r} reads the class token: it needs class_token=True")
         if self.distilled and self.global_pool != 'token':
             raise ModelConfigError('a distilled model reads the class and distillation tokens: global_pool must be token')
         if self.posemb not in ('learn', 'sincos2d'):
@@ -603,6 +606,8 @@ class VisionTransformer(nn.Module):
         patches = x[:, self.num_prefix_tokens:]
         if kind == 'avg':
             return patches.mean(axis=1)
+        if kind == 'token_avg':   # transformers' Dinov2(WithRegisters)ForImageClassification: registers left out
+            return jnp.concatenate([x[:, 0], patches.mean(axis=1)], axis=-1)
         if kind == 'max':
             return patches.max(axis=1)
         if kind == 'avgmax':

@@ -198,13 +198,17 @@ def _same_pooling(cfg: dict, model) -> bool:
     return read == pool or (read == 'token' and pool == '')
 
 
-def _pooling(cfg: dict, map_head: bool, encoder_norm: bool, fc_norm: bool) -> dict:
+def _pooling(cfg: dict, map_head: bool, encoder_norm: bool, fc_norm: bool, head_in=None) -> dict:
     """`global_pool` and `final_norm` from the heads and norms a file holds: a MAP head is 'map'; a norm after
     pooling (timm `fc_norm`) is 'avg'; no class token (and no such norm) is 'gap' (timm's avg with
-    fc_norm=False); else 'token'. The file cannot tell avg from max or avgmax, nor a class token read by
+    fc_norm=False); a head `head_in` = 2 * embed_dim wide over a class token is 'token_avg' (DINOv2's linear
+    classifier); else 'token'. The file cannot tell avg from max or avgmax, nor a class token read by
     'token' from one left out by '' (the registered name or --set decides those)."""
     cfg['final_norm'] = encoder_norm or fc_norm
     cfg['global_pool'] = 'map' if map_head else 'avg' if fc_norm else 'gap' if not cfg['class_token'] else 'token'
+    if cfg['global_pool'] == 'token' and not cfg.get('representation_size') and head_in == 2 * cfg['embed_dim'] \
+            and not cfg.get('distilled'):
+        cfg['global_pool'] = 'token_avg'
     return cfg
 
 
@@ -256,6 +260,10 @@ class ViTFamily(Family):
     `--layout dinov2|open_clip|deit3`."""
     name = 'vit'
     module_cls = VisionTransformer
+    # (not no_embed_class: the table's rows say it, and Google's layouts store it as zero prefix rows)
+    recorded_fields = ('num_heads', 'qk_scale', 'norm_eps', 'norm_layer', 'gelu', 'act_layer', 'global_pool',
+                       'fc_norm', 'class_token', 'posemb', 'resnet_numerics', 'block_fn', 'dynamic_img_size',
+                       'img_size')
     pos_key = POS_KEY
     npz_layouts = LAYOUTS
     layouts = {'dinov2': (dinov2_to_timm, timm_to_dinov2), 'open_clip': (open_clip_to_timm, timm_to_open_clip),
@@ -422,6 +430,9 @@ class ViTFamily(Family):
 
     def timm_kwargs(self, model) -> dict:
         """Arguments that make `timm.create_model(name, **kw)` build the same architecture as `model`."""
+        if model.pool_type == 'token_avg':
+            raise ConversionError("timm has no global_pool='token_avg' (the class token beside the mean of the "
+                                  "patches: transformers' Dinov2ForImageClassification head)")
         act = {'exact': 'gelu', 'tanh': 'gelu_tanh'}.get(model.activation, model.activation)
         # timm's names where its default eps (1e-6) is the model's (they fit in a timm folder's config.json)
         norm = model.norm_layer if model.norm_eps == 1e-6 else \
@@ -500,7 +511,8 @@ class ViTFamily(Family):
         cfg['attn_layer'] = 'diff' if f'{mha}/lambda_q1' in flat else 'attn'
         cfg.update(dict(resnet_d=None, mci_stem=False), **stem)
         return _pooling(_positions(cfg, flat.get(POS_KEY)), map_head='MAPHead_0/probe' in flat,
-                        encoder_norm='Transformer/encoder_norm/scale' in flat, fc_norm='pool_norm/scale' in flat)
+                        encoder_norm='Transformer/encoder_norm/scale' in flat, fc_norm='pool_norm/scale' in flat,
+                        head_in=flat['head/kernel'].shape[0] if 'head/kernel' in flat else None)
 
     def config_from_torch(self, state) -> dict:
         """The same fields read off a timm state_dict; `num_heads` is None (a fused qkv does not record it)."""
@@ -532,7 +544,8 @@ class ViTFamily(Family):
         cfg['attn_layer'] = 'diff' if f'{b0}.attn.lambda_q1' in state else 'attn'
         cfg.update(dict(resnet_d=None, mci_stem=False), **stem)
         return _pooling(_positions(cfg, state['pos_embed']), map_head='attn_pool.latent' in state,
-                        encoder_norm='norm.weight' in state, fc_norm='fc_norm.weight' in state)
+                        encoder_norm='norm.weight' in state, fc_norm='fc_norm.weight' in state,
+                        head_in=state['head.weight'].shape[-1] if 'head.weight' in state else None)
 
     def store(self, flat, model, log: Callable[[str], None] = lambda s: None):
         """The tree as a file with a position table holds it: fixed sincos2d positions written out."""
@@ -646,10 +659,10 @@ class ViTFamily(Family):
                                   f'representation_size={rep} to keep it or representation_size=None to drop it')
 
     def num_features(self, model) -> int:
-        return int(model.embed_dim)
+        return int(model.embed_dim) * (2 if model.pool_type == 'token_avg' else 1)
 
     def head_features(self, model) -> int:
-        return int(model.representation_size or model.embed_dim)
+        return int(model.representation_size or self.num_features(model))
 
     def adapt_positions(self, flat, src, dst, resample: str, log):
         """Fixed sincos2d positions replace a learned table (or are written out as one), else the table is

@@ -14,7 +14,9 @@ own spelling, `save_original_format=False`, differs in the block names only, not
   (token 0), DeiT WithTeacher `cls_classifier` + `distillation_classifier` (logits their mean = our
   `distilled=True`). DeiT's distillation token in the one-head classes is a register token of ours
   (`reg_tokens=1`, positions over every token, as timm's `no_embed_class=False`).
-- dinov2 / dinov2_with_registers (no prefix in Dinov2Model): `embeddings.{cls_token, mask_token (1, D),
+- dinov2 / dinov2_with_registers (no prefix in Dinov2Model, `dinov2.` / `dinov2_with_registers.` in the
+  *ForImageClassification classes, whose `classifier` (2D in) reads [class token, mean of the patch tokens]
+  after `layernorm`: our `global_pool='token_avg'`): `embeddings.{cls_token, mask_token (1, D),
   register_tokens, position_embeddings, patch_embeddings.projection}`, `encoder.layer.i.{norm1,
   attention.attention.{query,key,value} (5.x: attention.{q,k,v,o}_proj), attention.output.dense,
   layer_scale1.lambda1, norm2, mlp.fc1/fc2 | mlp.weights_in/weights_out (SwiGLU; 5.x: mlp.gate_proj, up_proj =
@@ -42,6 +44,8 @@ from ...rules import Rule, Transform, qkv_rules, renamed_rules, rule, split_rows
 CLASSES = {'ViTModel': ('vit', ''), 'ViTForImageClassification': ('vit', 'vit.'), 'DeiTModel': ('deit', ''),
            'DeiTForImageClassification': ('deit', 'deit.'), 'DeiTForImageClassificationWithTeacher': ('deit', 'deit.'),
            'Dinov2Model': ('dinov2', ''), 'Dinov2WithRegistersModel': ('dinov2', ''),
+           'Dinov2ForImageClassification': ('dinov2', 'dinov2.'),
+           'Dinov2WithRegistersForImageClassification': ('dinov2', 'dinov2_with_registers.'),
            'SiglipVisionModel': ('siglip', 'vision_model.'), 'SiglipModel': ('siglip', 'vision_model.'),
            'CLIPVisionModel': ('clip', 'vision_model.'), 'CLIPVisionModelWithProjection': ('clip', 'vision_model.'),
            'CLIPModel': ('clip', 'vision_model.')}

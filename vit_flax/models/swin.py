@@ -284,30 +284,6 @@ class SwinStage(nn.Module):
         return x
 
 
-def swin_features(model, x, train: bool):
-    """Swin V1's and V2's `forward_features` (both models hold `patch_embed`, `layers`, `norm`): images
-    (B, H, W, C) -> the normed feature map, sowing 'embed', 'stage_i' and 'encoded' intermediates."""
-    if x.ndim != 4 or x.shape[-1] != model.in_chans:
-        raise ModelConfigError(f'expected NHWC images with {model.in_chans} channels, got shape {tuple(x.shape)}')
-    x = model.patch_embed(x.astype(model.dtype))
-    model.sow('intermediates', 'embed', x)
-    for i, stage in enumerate(model.layers):
-        x = stage(x, not train)
-        model.sow('intermediates', f'stage_{i}', x)
-    x = model.norm(x)
-    model.sow('intermediates', 'encoded', x)
-    return x
-
-
-def swin_head(model, x, train: bool, pre_logits: bool):
-    """Swin V1's and V2's `forward_head`: global average pool, then dropout and `head` unless `pre_logits` or
-    `num_classes=0`."""
-    x = x.mean(axis=(1, 2))
-    if pre_logits or model.num_classes == 0:
-        return x
-    return model.head(model.head_dropout(x, deterministic=not train))
-
-
 class SwinGrid:
     """The stage geometry every Swin (V1, V2, V2 CR) derives from its `img_size`, `patch_size`, `in_chans`,
     `embed_dim`, `depths`, `window_size` and `always_partition` fields (a mixin of plain properties, so they work
@@ -343,6 +319,30 @@ class SwinGrid:
         """(window, shift) of each stage's shifted blocks, fixed by the configured img_size as in timm."""
         windows = stage_window_sizes(self.window_size, self.num_layers)
         return [stage_window_shift(r, w, self.always_partition) for r, w in zip(self.stage_resolutions(), windows)]
+
+
+def swin_features(model, x, train: bool):
+    """Swin V1's and V2's `forward_features` (both models hold `patch_embed`, `layers`, `norm`): images
+    (B, H, W, C) -> the normed feature map, sowing 'embed', 'stage_i' and 'encoded' intermediates."""
+    if x.ndim != 4 or x.shape[-1] != model.in_chans:
+        raise ModelConfigError(f'expected NHWC images with {model.in_chans} channels, got shape {tuple(x.shape)}')
+    x = model.patch_embed(x.astype(model.dtype))
+    model.sow('intermediates', 'embed', x)
+    for i, stage in enumerate(model.layers):
+        x = stage(x, not train)
+        model.sow('intermediates', f'stage_{i}', x)
+    x = model.norm(x)
+    model.sow('intermediates', 'encoded', x)
+    return x
+
+
+def swin_head(model, x, train: bool, pre_logits: bool):
+    """Swin V1's and V2's `forward_head`: global average pool, then dropout and `head` unless `pre_logits` or
+    `num_classes=0`."""
+    x = x.mean(axis=(1, 2))
+    if pre_logits or model.num_classes == 0:
+        return x
+    return model.head(model.head_dropout(x, deterministic=not train))
 
 
 class SwinTransformer(SwinGrid, nn.Module):

@@ -95,6 +95,35 @@ def holds_field(model, k: str, v) -> bool:
     return getattr(model, k) == v
 
 
+def timm_class(module: str, name: str, **kwargs):
+    """timm's (or torch's) `module.name`, as a functools.partial with `kwargs`; a named stand-in (`TimmRef`)
+    where timm is absent (it compares by name and arguments, as a timm folder's config needs)."""
+    import importlib
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError:
+        from .vit import TimmRef
+        return TimmRef(name, tuple(sorted(kwargs.items())))
+    return functools.partial(cls, **kwargs) if kwargs else cls
+
+
+def square_img_size(cfg: dict, model):
+    """The img_size that gives `model` (one with `num_patches`) the checkpoint's `cfg['num_patches']` tokens
+    (None: its own does, or the file records none): the caller's `img_size_hint` when it fits, else a square grid
+    of `model.patch_size` patches. ValueError for a count that is no square."""
+    from vit_flax.models.layers import to_tuple
+    n, hint = cfg.get('num_patches'), cfg.get('img_size_hint')
+    if n is None or n == model.num_patches:
+        return None
+    if hint is not None and model.clone(img_size=hint).num_patches == n:
+        return hint
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f'{n} tokens are not a square grid; pass img_size (HxW)')
+    patch = to_tuple(model.patch_size, 2)
+    return side * patch[0] if patch[0] == patch[1] else (side * patch[0], side * patch[1])
+
+
 def field_overrides(model, fields: dict) -> dict:
     """The overrides that make `model` the one `fields` (model fields, as a transformers config.json gives them:
     `act_layer` None with `gelu` for a GELU) describes; {} when it is already."""

@@ -27,7 +27,7 @@ from vit_flax.models.layers import to_tuple
 
 from ..errors import ConversionError
 from ..rules import CONV, LINEAR, Rule, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
-from .base import Family
+from .base import Family, square_img_size
 
 POS_KEY = 'pos_embedding'
 _FLAX_BLOCK = re.compile(r'^encoderblock_(\d+)/')
@@ -142,16 +142,9 @@ class CaitFamily(Family):
     def overrides(self, cfg: dict, model) -> dict:
         """Classes, channels, qkv bias, and the image size whose grid has the file's token count."""
         kw = {k: cfg[k] for k in ('num_classes', 'in_chans', 'qkv_bias') if k in cfg and cfg[k] != getattr(model, k)}
-        n, hint = cfg.get('num_patches'), cfg.get('img_size_hint')
-        if n is not None and n != model.num_patches:
-            patch = to_tuple(model.patch_size, 2)
-            if hint is not None and model.clone(img_size=hint).num_patches == n:
-                kw['img_size'] = hint
-            else:
-                side = int(round(n ** 0.5))
-                if side * side != n:
-                    raise ValueError(f'{n} tokens are not a square grid; pass img_size (HxW)')
-                kw['img_size'] = side * patch[0] if patch[0] == patch[1] else (side * patch[0], side * patch[1])
+        size = square_img_size(cfg, model)
+        if size is not None:
+            kw['img_size'] = size
         return kw
 
     def adapt_positions(self, flat, src, dst, resample: str, log):

@@ -23,7 +23,6 @@ the shapes says it), ResMLP's `init_values` (an init only), the image size beyon
 grid of the file's tokens unless the size asked for fits).
 """
 import re
-from functools import partial
 from typing import List
 
 import numpy as np
@@ -33,7 +32,7 @@ from vit_flax.models.mixer import MlpMixer
 
 from ..errors import ConversionError
 from ..rules import CONV, Rule, Transform, dense_rules, mlp_rules, norm_rules, rule
-from .base import Family
+from .base import Family, square_img_size, timm_class
 
 # Affine alpha/beta: (D,) here, (1, 1, D) in timm
 AFFINE = Transform('affine', lambda a: [a[0].reshape(1, 1, -1)], lambda a: [a[0].reshape(-1)])
@@ -50,18 +49,6 @@ def _norm(flax: str, torch: str, kind: str) -> List[Rule]:
 
 def _norm_name(kind: str, index: int) -> str:
     return f'Affine_{index}' if kind == 'affine' else f'LayerNorm_{index}'
-
-
-def _timm_class(module: str, name: str, **kwargs):
-    """timm's (or torch's) class, as a functools.partial with `kwargs`; a named stand-in where timm is absent (it
-    compares by name and arguments, as a timm folder's config needs)."""
-    import importlib
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except ImportError:
-        from .vit import TimmRef
-        return TimmRef(name, tuple(sorted(kwargs.items())))
-    return partial(cls, **kwargs) if kwargs else cls
 
 
 # ---------------------------------------------------------------- Facebook's ResMLP layout
@@ -229,16 +216,9 @@ class MixerFamily(Family):
         """Overrides that make `model` (holding the file's core fields) hold exactly the checkpoint: classes,
         channels, and the image size whose grid has the file's token count."""
         kw = {k: cfg[k] for k in ('num_classes', 'in_chans', 'stem_norm') if k in cfg and cfg[k] != getattr(model, k)}
-        n, hint = cfg.get('num_patches'), cfg.get('img_size_hint')
-        if n is not None and n != model.num_patches:
-            patch = to_tuple(model.patch_size, 2)
-            if hint is not None and model.clone(img_size=hint).num_patches == n:
-                kw['img_size'] = hint
-            else:
-                side = int(round(n ** 0.5))
-                if side * side != n:
-                    raise ValueError(f'{n} tokens are not a square grid; pass img_size (HxW)')
-                kw['img_size'] = side * patch[0] if patch[0] == patch[1] else (side * patch[0], side * patch[1])
+        size = square_img_size(cfg, model)
+        if size is not None:
+            kw['img_size'] = size
         return kw
 
     def resolve(self, cfg: dict, arch, layout: str, model_name, path: str):
@@ -266,14 +246,14 @@ class MixerFamily(Family):
         """Arguments of timm's `MlpMixer` class that build the same architecture as `model` (`torch_model`). timm's
         registered functions fix their sizes and blocks themselves, so `timm.create_model(name, **kw)` takes only
         what differs from the registration (a timm folder's model_args are exactly that)."""
-        block = {'mixer': _timm_class('timm.models.mlp_mixer', 'MixerBlock'),
-                 'resmlp': _timm_class('timm.models.mlp_mixer', 'ResBlock', init_values=model.init_values),
-                 'gmlp': _timm_class('timm.models.mlp_mixer', 'SpatialGatingBlock')}[model.block_layer]
-        mlp = _timm_class('timm.layers', {'mlp': 'Mlp', 'glu': 'GluMlp', 'gated': 'GatedMlp'}[model.mlp_layer])
-        norm = _timm_class('timm.models.mlp_mixer', 'Affine') if model.norm_layer == 'affine' else \
-            _timm_class('torch.nn', 'LayerNorm', eps=model.norm_eps)
-        act = {'gelu': _timm_class('torch.nn', 'GELU'), 'silu': _timm_class('torch.nn', 'SiLU'),
-               'gelu_tanh': _timm_class('torch.nn', 'GELU', approximate='tanh')}[model.act_layer]
+        block = {'mixer': timm_class('timm.models.mlp_mixer', 'MixerBlock'),
+                 'resmlp': timm_class('timm.models.mlp_mixer', 'ResBlock', init_values=model.init_values),
+                 'gmlp': timm_class('timm.models.mlp_mixer', 'SpatialGatingBlock')}[model.block_layer]
+        mlp = timm_class('timm.layers', {'mlp': 'Mlp', 'glu': 'GluMlp', 'gated': 'GatedMlp'}[model.mlp_layer])
+        norm = timm_class('timm.models.mlp_mixer', 'Affine') if model.norm_layer == 'affine' else \
+            timm_class('torch.nn', 'LayerNorm', eps=model.norm_eps)
+        act = {'gelu': timm_class('torch.nn', 'GELU'), 'silu': timm_class('torch.nn', 'SiLU'),
+               'gelu_tanh': timm_class('torch.nn', 'GELU', approximate='tanh')}[model.act_layer]
         ratio = to_tuple(model.mlp_ratio, 2) if model.block_layer == 'mixer' else to_tuple(model.mlp_ratio, 2)[1]
         return dict(num_classes=model.num_classes, img_size=model.img_size, in_chans=model.in_chans,
                     patch_size=model.patch_size, num_blocks=model.num_blocks, embed_dim=model.embed_dim,

@@ -29,8 +29,7 @@ from vit_flax.models.relpos import VisionTransformerRelPos, bias_table_size
 
 from ..errors import ConversionError
 from ..rules import CONV, Rule, dense_rules, mlp_rules, norm_rules, rule
-from .base import Family
-from .vit import TimmRef
+from .base import Family, timm_class
 
 _TORCH_BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _FLAX_BLOCK = re.compile(r'^blocks_(\d+)/')
@@ -42,17 +41,6 @@ def _rel_pos_rules(f: str, t: str, kind: str) -> List[Rule]:
         return [rule(f'{f}/relative_position_bias_table', f'{t}.relative_position_bias_table')]
     return dense_rules(f'{f}/mlp/Dense_0', f'{t}.mlp.fc1') + dense_rules(f'{f}/mlp/Dense_1', f'{t}.mlp.fc2',
                                                                         bias=kind != 'mlp_swin')
-
-
-def _timm_class(module: str, name: str, **kwargs):
-    """timm's (or torch's) `module.name` (a functools.partial with `kwargs`), or a `TimmRef` where timm is absent."""
-    import importlib
-    from functools import partial
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except ImportError:
-        return TimmRef(name, tuple(sorted(kwargs.items())))
-    return partial(cls, **kwargs) if kwargs else cls
 
 
 def torch_shapes_of_flax(flat) -> dict:
@@ -220,8 +208,8 @@ class RelPosFamily(Family):
     def timm_kwargs(self, model) -> dict:
         """Arguments of timm's `VisionTransformerRelPos` that build `model`'s architecture (timm's registered
         functions take these as overrides of their own)."""
-        block = _timm_class('timm.models.vision_transformer_relpos',
-                            'ResPostRelPosBlock' if model.block_fn == 'res_post' else 'RelPosBlock')
+        block = timm_class('timm.models.vision_transformer_relpos',
+                           'ResPostRelPosBlock' if model.block_fn == 'res_post' else 'RelPosBlock')
         kw = dict(num_classes=model.num_classes, img_size=to_tuple(model.img_size, 2),
                   patch_size=to_tuple(model.patch_size, 2), in_chans=model.in_chans, global_pool=model.global_pool,
                   embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
@@ -232,7 +220,7 @@ class RelPosFamily(Family):
                   proj_drop_rate=model.proj_drop_rate, attn_drop_rate=model.attn_drop_rate,
                   drop_path_rate=model.drop_path_rate, block_fn=block)
         if model.norm_eps != 1e-6:
-            kw['norm_layer'] = _timm_class('torch.nn', 'LayerNorm', eps=model.norm_eps)
+            kw['norm_layer'] = timm_class('torch.nn', 'LayerNorm', eps=model.norm_eps)
         return kw
 
     def torch_model(self, model, model_name: str):

@@ -284,56 +284,11 @@ class SwinStage(nn.Module):
         return x
 
 
-def swin_features(model, x, train: bool):
-    """Swin V1's and V2's `forward_features` (both models hold `patch_embed`, `layers`, `norm`): images
-    (B, H, W, C) -> the normed feature map, sowing 'embed', 'stage_i' and 'encoded' intermediates."""
-    if x.ndim != 4 or x.shape[-1] != model.in_chans:
-        raise ModelConfigError(f'expected NHWC images with {model.in_chans} channels, got shape {tuple(x.shape)}')
-    x = model.patch_embed(x.astype(model.dtype))
-    model.sow('intermediates', 'embed', x)
-    for i, stage in enumerate(model.layers):
-        x = stage(x, not train)
-        model.sow('intermediates', f'stage_{i}', x)
-    x = model.norm(x)
-    model.sow('intermediates', 'encoded', x)
-    return x
+class SwinGrid:
+    """The stage geometry every Swin (V1, V2, V2 CR) derives from its `img_size`, `patch_size`, `in_chans`,
+    `embed_dim`, `depths`, `window_size` and `always_partition` fields (a mixin of plain properties, so they work
+    on unbound modules too). Unlike `layers.PatchGrid` the token grid rounds up: Swin's patch embedding pads."""
 
-
-def swin_head(model, x, train: bool, pre_logits: bool):
-    """Swin V1's and V2's `forward_head`: global average pool, then dropout and `head` unless `pre_logits` or
-    `num_classes=0`."""
-    x = x.mean(axis=(1, 2))
-    if pre_logits or model.num_classes == 0:
-        return x
-    return model.head(model.head_dropout(x, deterministic=not train))
-
-
-class SwinTransformer(nn.Module):
-    """Swin Transformer V1. Input NHWC images; output logits (pooled features with `num_classes=0`)."""
-    num_classes: int = 1000
-    img_size: Union[int, Sequence[int]] = 224
-    patch_size: Union[int, Sequence[int]] = 4
-    in_chans: int = 3
-    embed_dim: int = 96
-    depths: Sequence[int] = (2, 2, 6, 2)
-    num_heads: Sequence[int] = (3, 6, 12, 24)
-    window_size: Union[int, Sequence[int]] = 7   # one for every stage, an (h, w) pair, or one per stage (S3)
-    always_partition: bool = False
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    qk_scale: Optional[float] = None  # Microsoft's option; timm has none (its scale is head_dim ** -0.5)
-    drop_rate: float = 0.0        # before the head (timm's drop_rate)
-    proj_drop_rate: float = 0.0   # after attention's proj and in the MLP (Microsoft's drop_rate)
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1   # timm's and Microsoft's default; only acts with train=True
-    gelu: Literal['exact', 'tanh'] = 'exact'
-    norm_eps: float = 1e-5
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    remat_policy: Optional[str] = None  # jax.checkpoint_policies name used with remat (None: save nothing)
-    attn_impl: AttnImpl = 'auto'  # the attention kernel (module docstring)
-
-    # -- derived configuration (plain properties so they work on unbound modules too) --
     @property
     def input_shape(self):
         return to_tuple(self.img_size, 2) + (self.in_chans,)
@@ -364,6 +319,56 @@ class SwinTransformer(nn.Module):
         """(window, shift) of each stage's shifted blocks, fixed by the configured img_size as in timm."""
         windows = stage_window_sizes(self.window_size, self.num_layers)
         return [stage_window_shift(r, w, self.always_partition) for r, w in zip(self.stage_resolutions(), windows)]
+
+
+def swin_features(model, x, train: bool):
+    """Swin V1's and V2's `forward_features` (both models hold `patch_embed`, `layers`, `norm`): images
+    (B, H, W, C) -> the normed feature map, sowing 'embed', 'stage_i' and 'encoded' intermediates."""
+    if x.ndim != 4 or x.shape[-1] != model.in_chans:
+        raise ModelConfigError(f'expected NHWC images with {model.in_chans} channels, got shape {tuple(x.shape)}')
+    x = model.patch_embed(x.astype(model.dtype))
+    model.sow('intermediates', 'embed', x)
+    for i, stage in enumerate(model.layers):
+        x = stage(x, not train)
+        model.sow('intermediates', f'stage_{i}', x)
+    x = model.norm(x)
+    model.sow('intermediates', 'encoded', x)
+    return x
+
+
+def swin_head(model, x, train: bool, pre_logits: bool):
+    """Swin V1's and V2's `forward_head`: global average pool, then dropout and `head` unless `pre_logits` or
+    `num_classes=0`."""
+    x = x.mean(axis=(1, 2))
+    if pre_logits or model.num_classes == 0:
+        return x
+    return model.head(model.head_dropout(x, deterministic=not train))
+
+
+class SwinTransformer(SwinGrid, nn.Module):
+    """Swin Transformer V1. Input NHWC images; output logits (pooled features with `num_classes=0`)."""
+    num_classes: int = 1000
+    img_size: Union[int, Sequence[int]] = 224
+    patch_size: Union[int, Sequence[int]] = 4
+    in_chans: int = 3
+    embed_dim: int = 96
+    depths: Sequence[int] = (2, 2, 6, 2)
+    num_heads: Sequence[int] = (3, 6, 12, 24)
+    window_size: Union[int, Sequence[int]] = 7   # one for every stage, an (h, w) pair, or one per stage (S3)
+    always_partition: bool = False
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: Optional[float] = None  # Microsoft's option; timm has none (its scale is head_dim ** -0.5)
+    drop_rate: float = 0.0        # before the head (timm's drop_rate)
+    proj_drop_rate: float = 0.0   # after attention's proj and in the MLP (Microsoft's drop_rate)
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1   # timm's and Microsoft's default; only acts with train=True
+    gelu: Literal['exact', 'tanh'] = 'exact'
+    norm_eps: float = 1e-5
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    remat_policy: Optional[str] = None  # jax.checkpoint_policies name used with remat (None: save nothing)
+    attn_impl: AttnImpl = 'auto'  # the attention kernel (module docstring)
 
     def setup(self):
         if len(self.num_heads) != self.num_layers:

@@ -36,8 +36,8 @@ from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
                      merge_heads, remat_block, to_tuple)
-from .swin import SIZES, PatchEmbed, PatchMerging, attend_in_windows, relative_position_index, stage_window_shift, \
-    stage_window_sizes, swin_features, swin_head
+from .swin import (SIZES, PatchEmbed, PatchMerging, SwinGrid, attend_in_windows, relative_position_index,
+                   swin_features, swin_head)
 
 Dtype = Any
 Pair = Tuple[int, int]
@@ -200,7 +200,7 @@ class SwinTransformerV2Stage(nn.Module):
         return x
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(SwinGrid, nn.Module):
     """Swin Transformer V2. Input NHWC images; output logits (pooled features with `num_classes=0`).
 
     `pretrained_window_sizes`: per stage, the window the weights were pretrained with (0: the window itself);
@@ -227,37 +227,6 @@ class SwinTransformerV2(nn.Module):
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
     attn_impl: AttnImpl = 'auto'  # the attention kernel (ops/attention.py)
-
-    @property
-    def input_shape(self):
-        return to_tuple(self.img_size, 2) + (self.in_chans,)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.depths)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.embed_dim * 2 ** (self.num_layers - 1))
-
-    @property
-    def grid_size(self) -> Pair:
-        img, patch = to_tuple(self.img_size, 2), to_tuple(self.patch_size, 2)
-        return tuple(math.ceil(i / p) for i, p in zip(img, patch))
-
-    def stage_resolutions(self):
-        """Block resolution of each stage at the configured img_size (ceil halving, as padded merging gives)."""
-        res, out = self.grid_size, []
-        for i in range(self.num_layers):
-            if i > 0:
-                res = tuple((r + 1) // 2 for r in res)
-            out.append(res)
-        return out
-
-    def stage_windows(self):
-        """(window, shift) of each stage's shifted blocks, fixed by the configured img_size as in timm."""
-        windows = stage_window_sizes(self.window_size, self.num_layers)
-        return [stage_window_shift(r, w, self.always_partition) for r, w in zip(self.stage_resolutions(), windows)]
 
     def stage_pretrained_windows(self) -> Tuple[Pair, ...]:
         if len(self.pretrained_window_sizes) != self.num_layers:

@@ -41,7 +41,7 @@ from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
                      merge_heads, remat_block, to_tuple)
-from .swin import PatchEmbed, PatchMerging, attend_in_windows, stage_window_shift, stage_window_sizes
+from .swin import PatchEmbed, PatchMerging, SwinGrid, attend_in_windows, stage_window_shift, stage_window_sizes
 from .swinv2 import LOGIT_SCALE_MAX, l2_normalize
 
 Dtype = Any
@@ -194,7 +194,7 @@ class SwinTransformerV2CrStage(nn.Module):
         return x
 
 
-class SwinTransformerV2Cr(nn.Module):
+class SwinTransformerV2Cr(SwinGrid, nn.Module):
     """Swin Transformer V2 CR. Input NHWC images; output logits (pooled features with `num_classes=0`).
 
     `window_size` None: each stage's window is `grid // window_ratio` per axis (timm's default, ratio 8: 7 at 224,
@@ -225,32 +225,6 @@ class SwinTransformerV2Cr(nn.Module):
     dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
     attn_impl: AttnImpl = 'auto'
-
-    @property
-    def input_shape(self):
-        return to_tuple(self.img_size, 2) + (self.in_chans,)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.depths)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.embed_dim * 2 ** (self.num_layers - 1))
-
-    @property
-    def grid_size(self) -> Pair:
-        img, patch = to_tuple(self.img_size, 2), to_tuple(self.patch_size, 2)
-        return tuple(math.ceil(i / p) for i, p in zip(img, patch))
-
-    def stage_resolutions(self):
-        """Block resolution of each stage at the configured img_size (ceil halving, as padded merging gives)."""
-        res, out = self.grid_size, []
-        for i in range(self.num_layers):
-            if i > 0:
-                res = tuple((r + 1) // 2 for r in res)
-            out.append(res)
-        return out
 
     def stage_target_windows(self) -> Tuple[Pair, ...]:
         """Each stage's window before clamping: `window_size` (timm's `resolve_stage_window_sizes`), else

@@ -158,7 +158,8 @@ def _cells(r) -> list:
     if r['roofline_seconds'] and fl:
         spec = plan.TPU_SPECS[r['target'].split(':')[1]]
         bound = 'compute' if float(fl) / spec['peak_flops'] >= float(r['bytes_accessed']) / spec['hbm_bw'] else 'memory'
-    need = ('>= ' if r['fits'] == 'False' and r['peak_bytes'] else '') + g(r['peak_bytes'])
+    # '>=': XLA refused the step (no temporaries, its "needed" figure); a compiled step over the HBM keeps its peak
+    need = ('>= ' if r['fits'] == 'False' and r['peak_bytes'] and not r['temp_bytes'] else '') + g(r['peak_bytes'])
     ips = 'n/a (loop body counted once)' if r['scan'] == 'True' else f(r['images_per_sec_per_chip'])
     fits = r['fits'] or ('error: ' + r['error'][:60] if r.get('error') else '-')
     if r['part'] == 'maxbatch' and r.get('note'):   # 'next tried: N per chip does not fit'

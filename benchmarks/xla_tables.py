@@ -7,6 +7,7 @@ Every row is vit_train.plan.plan(...) for an AdamW bf16 training step (1000 clas
 slice), appended (and flushed) as soon as it is done, with the load average it was compiled under, so a partial
 run still fills the doc. Parts (PARTS, the default order: the most wanted rows first): `v5e`, `v5p`, `v6e`
 (ViT-B/16, ViT-L/16, Swin-B at 256 images per chip, remat off/on), `dinov2` (DINOv2-L/14 at 518 on the three),
+`dinov2-fit` (DINOv2-L/14 at 518 on v5e:2x2 with remat at 64 and 16 per chip: a row that fits),
 `published` (ViT-S/16 on v5p:2x2x1 at 256 per chip: big_vision's published
 v3-8 run, docs/XLA.md), `maxbatch` (largest batch per chip on v5e:2x2, remat off/on, by vit_train.plan.max_batch; every probe is logged as
 a `maxbatch-probe` row; `maxbatch-off` / `maxbatch-full` split it), `scan` (ViT-B/16 and ViT-L/16 under nn.scan,
@@ -42,7 +43,7 @@ def one(model, target, per_chip, remat=None, extra=None):
         return dict(target=target, fits=None, error=f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
 
 
-PARTS = ('v5e', 'v5p', 'v6e', 'dinov2', 'maxbatch', 'scan', 'published')   # the default order: the most wanted rows first
+PARTS = ('v5e', 'v5p', 'v6e', 'dinov2', 'dinov2-fit', 'maxbatch', 'scan', 'published')   # the default order: the most wanted rows first
 
 
 def jobs(part):
@@ -53,6 +54,9 @@ def jobs(part):
                 for key in ('vit_b16', 'vit_l16', 'swin_b') for remat in remats]
     if part == 'dinov2':
         return [('dinov2', 'dinov2_l14', target, 256, remat, False, False) for target in TARGETS for remat in remats]
+    if part == 'dinov2-fit':   # 256 images of 518 px per chip cannot fit a v5e even with remat (the 24 block inputs
+        # alone are ~17 GB), nor could 64 (refused needing 37.14 GiB of temporaries): 16 per chip
+        return [('dinov2', 'dinov2_l14', 'tpu:v5e:2x2', n, 'full', False, False) for n in (64, 16)]
     if part.startswith('maxbatch'):   # maxbatch, maxbatch-off, maxbatch-full (to split the work)
         rs = {'maxbatch': remats, 'maxbatch-off': (None,), 'maxbatch-full': ('full',)}[part]
         return [('maxbatch', key, 'tpu:v5e:2x2', None, remat, False, True) for key in ('vit_b16', 'vit_l16') for remat in rs]
@@ -69,16 +73,18 @@ TARGET_OF = {t.split(':')[1]: t for t in TARGETS}
 
 
 def done_keys(paths):
-    """The settings already measured: rows of these CSVs, and of docs/XLA.md's table (a run that only adds)."""
+    """The settings already measured (part, model, target, batch per chip or '' for a max-batch search, remat,
+    scan): rows of these CSVs, and of docs/XLA.md's table (a run that only adds)."""
     keys = set()
     for path in paths:
         if path.endswith('.md'):
             for _, r in doc_rows(path):
-                keys.add((r[0], r[1], 'tpu:' + r[2], r[4], r[5] == 'True'))
+                keys.add((r[0], r[1], 'tpu:' + r[2], '' if r[0] == 'maxbatch' else r[3], r[4], r[5] == 'True'))
         elif os.path.exists(path):
             for r in csv.DictReader(open(path)):
                 if r.get('fits') in ('True', 'False'):
-                    keys.add((r['part'], r['model'], r['target'], r['remat'], r['scan'] == 'True'))
+                    keys.add((r['part'], r['model'], r['target'], '' if r['part'] == 'maxbatch' else r['batch_per_chip'],
+                              r['remat'], r['scan'] == 'True'))
     return keys
 
 
@@ -102,7 +108,7 @@ def main(path, only=None, skip=()):
 
     for part in only or PARTS:
         for kind, key, target, per_chip, remat, scan, search in jobs(part):
-            if (kind, key, target, remat or 'off', scan) in done:
+            if (kind, key, target, '' if search else str(per_chip), remat or 'off', scan) in done:
                 print('already measured:', kind, key, target, remat or 'off', 'scan' if scan else '', flush=True)
                 continue
             extra = dict(scan_blocks=True) if scan else None
@@ -152,7 +158,8 @@ def _cells(r) -> list:
     if r['roofline_seconds'] and fl:
         spec = plan.TPU_SPECS[r['target'].split(':')[1]]
         bound = 'compute' if float(fl) / spec['peak_flops'] >= float(r['bytes_accessed']) / spec['hbm_bw'] else 'memory'
-    need = ('>= ' if r['fits'] == 'False' and r['peak_bytes'] else '') + g(r['peak_bytes'])
+    # '>=': XLA refused the step (no temporaries, its "needed" figure); a compiled step over the HBM keeps its peak
+    need = ('>= ' if r['fits'] == 'False' and r['peak_bytes'] and not r['temp_bytes'] else '') + g(r['peak_bytes'])
     ips = 'n/a (loop body counted once)' if r['scan'] == 'True' else f(r['images_per_sec_per_chip'])
     fits = r['fits'] or ('error: ' + r['error'][:60] if r.get('error') else '-')
     if r['part'] == 'maxbatch' and r.get('note'):   # 'next tried: N per chip does not fit'

@@ -89,13 +89,16 @@ def target_devices(target: str):
     if not have_libtpu():
         raise TrainError(f'--target {target}: compiling for a TPU needs libtpu, which is not installed: {TPU_EXTRA}')
     from jax.experimental import topologies
+    gen = topo.split(':')[0]
     try:
-        desc = topologies.get_topology_desc(topo, 'tpu')
+        # libtpu describes a v4 slice as one device per TensorCore unless asked for its "megacore" chip config,
+        # one device per chip as a v4 VM runs JAX (jax's meshes refuse per-core v4 devices); v5p is megacore already
+        desc = topologies.get_topology_desc(topo, 'tpu', **(dict(chip_config_name='megacore') if gen == 'v4' else {}))
     except Exception as e:  # noqa: BLE001 - libtpu raises JaxRuntimeError / RuntimeError for a bad name
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainError(f'--target {target}: libtpu does not know topology {topo!r} ({first}); known: '
                          f'{", ".join(KNOWN_TOPOLOGIES)}') from None
-    return 'tpu', list(desc.devices), TPU_SPECS[topo.split(':')[0]]
+    return 'tpu', list(desc.devices), TPU_SPECS[gen]
 
 
 def host_memory_bytes() -> int:

@@ -178,3 +178,22 @@ def test_bad_inputs_and_options_fail_in_one_line():
     with pytest.raises(vit_flax.UnknownOptionError):
         vit_flax.create_model('naflexvit_base_patch16_gap', pos_embed='rope')
     assert params is not None
+
+
+@pytest.mark.parametrize('name', ['naflexvit_base_patch16_parfac_gap', 'naflexvit_base_patch16_siglip',
+                                  'naflexvit_base_patch16_radio_v3'])
+def test_macs_are_torch_flop_counters_plus_the_position_resize(name):
+    """`vit-flax summary`'s MACs against torch's FLOP counter on timm's model (FLOPs = 2 x MACs), one block at the
+    registered widths and input size. The one difference is the position resize: timm calls F.interpolate, which
+    the counter does not count; ours weighs the table per patch, counted as the two contractions it is: a learned
+    (gh, gw, D) table N x gh x gw x D + N x gw x D, a factorized one N x (gh + gw) x D, for N patches."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = vit_flax.create_model(name, depth=1)
+    with torch.device('meta'):
+        tm = timm.create_model(name, pretrained=False, depth=1).eval()
+    h, w, c = model.input_shape
+    with FlopCounterMode(display=False) as counter:
+        tm(torch.empty(1, c, h, w, device='meta'))
+    n, (gh, gw), d = (h // model.patch_size) * (w // model.patch_size), model.pos_embed_grid_size, model.embed_dim
+    resize = n * (gh + gw) * d if model.pos_embed == 'factorized' else n * gh * gw * d + n * gw * d
+    assert vit_flax.count_macs(model) - resize == counter.get_total_flops() // 2

@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # tiny members of the families: ViT (Google's tree), a DINOv2 with registers (LayerScale, registers, no class
 # position), Swin and Swin V2 CR (timm's names; CR's meta-MLP dropout), vit-pytorch (its own), ResMLP (the
 # MLP-Mixer family: Affine, LayerScale), a DINOv3 (the Eva family: RoPE, storage tokens), a BEiT (relative
-# position bias per block), a ViT-RelPos (a class token, the relative position MLP) and a CaiT (talking heads,
-# class attention)
+# position bias per block), a ViT-RelPos (a class token, the relative position MLP), a CaiT (talking heads,
+# class attention) and a NaFlex ViT (its position table resized per image)
 TINY = [
     ('vit_tiny_patch16_224', dict(img_size=32, depth=1, num_classes=5)),
     ('vit_small_patch14_reg4_dinov2', dict(img_size=28, depth=1, num_classes=5)),
@@ -33,6 +33,8 @@ TINY = [
     ('beit_base_patch16_224', dict(img_size=32, depth=1, embed_dim=64, num_heads=2, num_classes=5)),
     ('vit_relpos_base_patch16_clsgap_224', dict(img_size=32, depth=1, embed_dim=32, num_heads=2, num_classes=5)),
     ('cait_xxs24_224', dict(img_size=32, depth=1, depth_token_only=1, num_classes=5)),   # talking heads, class attention
+    ('naflexvit_base_patch16_gap', dict(img_size=32, depth=1, embed_dim=32, num_heads=2, patch_size=8,
+                                        pos_embed_grid_size=(4, 4), num_classes=5)),   # an image in, patches inside
 ]
 
 

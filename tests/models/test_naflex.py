@@ -105,7 +105,9 @@ def test_reduced_copy_equals_timm_on_one_size_and_on_three_aspect_ratios_in_one_
     wide, a tall and a square image padded to 40 patches (each its own resize, the padding masked), and written
     back it is timm's state_dict bit for bit."""
     model = vit_flax.create_model(name, **REDUCED)
-    tm = perturb_timm(FAMILY.torch_model(model, name))
+    torch.manual_seed(0)   # timm's init draws from the global generator (whatever tests ran before in this worker)
+    # moved well off the init (0.1): C-RADIO's class token otherwise outweighs what the images add to it
+    tm = perturb_timm(FAMILY.torch_model(model, name), scale=0.1)
     state = state_np(tm)
     flat = rules.torch_to_flax(state, FAMILY.rules(model))
     back = rules.flax_to_torch(flat, FAMILY.rules(model))

@@ -67,6 +67,7 @@ def _block(f: str, t: str, attn: List[Rule]) -> List[Rule]:
 class CaitFamily(Family):
     """`vit_flax.Cait`: timm's and Facebook's deit CaiT files (the same keys), the tree as `.npz`."""
     name = 'cait'
+    recorded_fields = ('num_heads', 'norm_eps')
     module_cls = Cait
     pos_key = POS_KEY
     layouts = {'facebook': IDENTITY_LAYOUT}

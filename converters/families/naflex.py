@@ -83,6 +83,9 @@ def transformers_siglip2_table(model, cls: str, spelling: str, prefix: str) -> L
 class NaFlexFamily(Family):
     """`vit_flax.NaFlexVit`: timm's naflexvit files, big_vision's NaFlex `.npz` (the tree itself)."""
     name = 'naflex'
+    recorded_fields = ('num_heads', 'act_layer', 'norm_eps', 'global_pool', 'pos_embed_interp_mode',
+                       'pos_embed_ar_preserving', 'pos_embed_antialias', 'pos_embed_align_corners', 'max_seq_len',
+                       'img_size')
     module_cls = NaFlexVit
     timm_classifier = 'head'
     timm_default_pool = 'map'

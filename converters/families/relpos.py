@@ -64,6 +64,7 @@ def torch_shapes_of_flax(flat) -> dict:
 class RelPosFamily(Family):
     """`vit_flax.VisionTransformerRelPos`: timm's layout (.pth/.safetensors), our tree (.npz)."""
     name = 'relpos'
+    recorded_fields = ('num_heads', 'norm_eps', 'global_pool', 'rel_pos_type', 'block_fn', 'img_size')
     module_cls = VisionTransformerRelPos
     ignore_torch = ('relative_position_index', 'rel_coords_log')
     timm_default_pool = 'avg'

@@ -91,6 +91,7 @@ def timm_to_tau(state):
 class SwinV2CrFamily(Family):
     """`vit_flax.SwinTransformerV2Cr`: timm's `swinv2_cr_*` files (.pth / .safetensors) and our .npz."""
     name = 'swinv2_cr'
+    recorded_fields = ('window_size', 'norm_eps', 'gelu', 'always_partition', 'img_size')
     module_cls = SwinTransformerV2Cr
     timm_classifier = 'head.fc'
     timm_default_pool = 'avg'

@@ -21,7 +21,7 @@ from converters import model_fields, pipeline
 from converters.errors import ConversionError
 from vit_flax.summary import param_shapes
 
-from helpers import cli, hf_model, hf_output, hf_strict_load, images
+from helpers import cli, hf_model, hf_output, hf_strict_load, images, init_like
 
 pytest.importorskip('transformers')
 
@@ -189,3 +189,27 @@ def test_load_params_into_a_named_model_that_computes_otherwise_says_which_recor
     pipeline.load_params(tmp_path / 'm.npz', 'vit_tiny_patch16_224', img_size=32, depth=1, num_classes=3,
                          norm_eps=1e-12, log=said.append)
     assert not any(s.startswith('warning: ') for s in said), said
+
+
+# the newest families: one reduced model each with fields away from the name's defaults that no array shows
+NEW_FAMILIES = {
+    'relpos': ('vit_relpos_small_patch16_224', dict(depth=1, img_size=48), dict(norm_eps=1e-5)),
+    'cait': ('cait_xxs24_224', dict(depth=1, depth_token_only=1, img_size=32), dict(norm_eps=1e-5)),
+    'swinv2_cr': ('swinv2_cr_tiny_224', dict(depths=(1,), num_heads=(3,), img_size=32, window_size=4),
+                  dict(norm_eps=1e-6, gelu='tanh')),
+    'naflex': ('naflexvit_base_patch16_siglip', dict(depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8,
+                                                     pos_embed_grid_size=(4, 4)),
+               dict(norm_eps=1e-5, act_layer='gelu', max_seq_len=12)),
+}
+
+
+@pytest.mark.parametrize('ext', ['npz', 'safetensors'])
+@pytest.mark.parametrize('family', list(NEW_FAMILIES))
+def test_the_newest_families_record_their_fields_and_read_them_back(tmp_path, family, ext):
+    name, size, fields = NEW_FAMILIES[family]
+    model = vit_flax.create_model(name, **size, **fields)
+    path = tmp_path / f'm.{ext}'
+    pipeline.save_params(init_like(model), str(path), name, **size, **fields)
+    got, _, _ = pipeline.load_model(str(path), log=lambda m: None)
+    assert {k: getattr(got, k) for k in fields} == fields
+    assert {k: getattr(got, k) for k in fields} != {k: getattr(vit_flax.create_model(name), k) for k in fields}

@@ -103,6 +103,26 @@ def mlp_rules(flax: str, torch: str) -> List[Rule]:
     return dense_rules(f'{flax}/Dense_0', f'{torch}.fc1') + dense_rules(f'{flax}/Dense_1', f'{torch}.fc2')
 
 
+def attention_out_rules(flax: str, torch: str, heads: int, bias: bool = True) -> List[Rule]:
+    """DenseGeneral `out` (H, Dh, D) <-> timm's `proj` Linear."""
+    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads))] + \
+        ([rule(f'{flax}/out/bias', f'{torch}.bias')] if bias else [])
+
+
+def map_head_rules(heads: int, norm=norm_rules) -> List[Rule]:
+    """Google's `MAPHead_0` (probe, attention, LayerNorm_0, MlpBlock_0) <-> timm's `attn_pool` (latent, q, kv, proj,
+    norm, mlp); `norm` the family's norm rules (a LayerNorm's by default)."""
+    f, t = 'MAPHead_0', 'attn_pool'
+    mha = f'{f}/MultiHeadDotProductAttention_0'
+    return [rule(f'{f}/probe', f'{t}.latent'),
+            rule(f'{mha}/query/kernel', f'{t}.q.weight', heads_in(heads, 1)),
+            rule(f'{mha}/query/bias', f'{t}.q.bias', heads_in(heads, 1, kernel=False)),
+            rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(heads, 2)),
+            rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(heads, 2, kernel=False))] + \
+        attention_out_rules(mha, f'{t}.proj', heads) + norm(f'{f}/LayerNorm_0', f'{t}.norm') + \
+        mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+
+
 def split_rows(n: int, name: str) -> Transform:
     """One array fused along axis 0 (the flax side) <-> `n` equal arrays (the torch side): timm's fused qkv <->
     transformers' query, key, value."""

@@ -23,8 +23,8 @@ import numpy as np
 from vit_flax.models.layers import to_tuple
 from vit_flax.models.naflex import NaFlexVit
 
-from ..rules import (LINEAR, Rule, Transform, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, qkv_rules,
-                     renamed_rules, rule)
+from ..rules import (LINEAR, Rule, Transform, attention_out_rules, dense_rules, heads_in, map_head_rules, mlp_rules,
+                     norm_rules, qkv_rules, renamed_rules, rule)
 from .base import Family
 from .vit.transformers import Q_KV
 
@@ -34,9 +34,6 @@ SIGLIP_BLOCK = dict(layer='encoder.layers.{i}.', norm1='layer_norm1', norm2='lay
                     fc1='mlp.fc1', fc2='mlp.fc2')
 
 
-def attention_out(flax: str, torch: str, heads: int) -> List[Rule]:
-    """DenseGeneral `out` (H, Dh, D) <-> timm's `proj` Linear."""
-    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads)), rule(f'{flax}/out/bias', f'{torch}.bias')]
 
 # timm's tables carry a leading batch axis: (1, gh, gw, D) / (1, L, D) there, (gh, gw, D) / (L, D) here
 BATCH = Transform('batch_axis', lambda a: [a[0][None]], lambda a: [a[0][0]])
@@ -139,7 +136,7 @@ class NaFlexFamily(Family):
             if model.qkv_bias:
                 rules.append(rule(tuple(f'{mha}/{n}/bias' for n in ('query', 'key', 'value')), f'{t}.attn.qkv.bias',
                                   heads_in(h, 3, kernel=False)))
-            rules += attention_out(mha, f'{t}.attn.proj', h)
+            rules += attention_out_rules(mha, f'{t}.attn.proj', h)
             if model.init_values:
                 rules += [rule(f'{f}/LayerScale_0/scale', f'{t}.ls1.gamma'),
                           rule(f'{f}/LayerScale_1/scale', f'{t}.ls2.gamma')]
@@ -147,15 +144,7 @@ class NaFlexFamily(Family):
         if model.final_norm and not model.use_fc_norm:
             rules += norm_rules('Transformer/encoder_norm', 'norm')
         if model.global_pool == 'map':
-            f, t = 'MAPHead_0', 'attn_pool'
-            mha = f'{f}/MultiHeadDotProductAttention_0'
-            rules += [rule(f'{f}/probe', f'{t}.latent'),
-                      rule(f'{mha}/query/kernel', f'{t}.q.weight', heads_in(h, 1)),
-                      rule(f'{mha}/query/bias', f'{t}.q.bias', heads_in(h, 1, kernel=False)),
-                      rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
-                      rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False))]
-            rules += attention_out(mha, f'{t}.proj', h)
-            rules += norm_rules(f'{f}/LayerNorm_0', f'{t}.norm') + mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+            rules += map_head_rules(h)
         if model.final_norm and model.use_fc_norm:
             rules += norm_rules('pool_norm', 'fc_norm')
         if model.num_classes > 0:

@@ -13,7 +13,8 @@ from vit_flax.models.vit import VisionTransformer
 
 from ...errors import ConversionError
 from ...resample import resample_patch_kernel, resample_pos_embed
-from ...rules import CONV, Rule, Transform, dense_rules, heads_in, heads_out, mlp_rules, norm_rules, rule
+from ...rules import (CONV, Rule, Transform, attention_out_rules, dense_rules, heads_in, heads_out, map_head_rules,
+                      mlp_rules, norm_rules, rule)
 from ...scan import SCANNED, is_scanned
 from ..base import Family, field_overrides
 from . import transformers
@@ -27,11 +28,6 @@ from .releases import (deit3_to_timm, dinov2_to_timm, is_open_clip, open_clip_to
 # ---------------------------------------------------------------- the rule table and the architecture
 
 POS_KEY = 'Transformer/posembed_input/pos_embedding'
-
-
-def _attention_out(flax: str, torch: str, heads: int, bias: bool = True) -> List[Rule]:
-    return [rule(f'{flax}/out/kernel', f'{torch}.weight', heads_out(heads))] + \
-        ([rule(f'{flax}/out/bias', f'{torch}.bias')] if bias else [])
 
 
 @dataclass(frozen=True)
@@ -368,7 +364,7 @@ class ViTFamily(Family):
                 for j in range(2):
                     a, m = f'{t}.attns.{j}', f'{t}.ffns.{j}'
                     rules += norm(f'{f}/LayerNorm_{j}', f'{a}.norm') + attention(f, mha.format(j), f'{a}.attn')
-                    rules += _attention_out(mha.format(j), f'{a}.attn.proj', h, bias=model.proj_bias)
+                    rules += attention_out_rules(mha.format(j), f'{a}.attn.proj', h, bias=model.proj_bias)
                     rules += norm(f'{f}/LayerNorm_{2 + j}', f'{m}.norm')
                     rules += _mlp(f'{f}/MlpBlock_{j}', f'{m}.mlp', model.mlp_layer, model.proj_bias)
                     if model.scale_mlp_norm:
@@ -392,13 +388,13 @@ class ViTFamily(Family):
                                       _heads_and_fc2(h)))
                     rules += [rule(f'{mha0}/out/bias', f'{t}.out_proj.bias')] if model.proj_bias else []
                 else:
-                    rules += _attention_out(mha0, f'{t}.attn_out_proj', h, bias=model.proj_bias)
+                    rules += attention_out_rules(mha0, f'{t}.attn_out_proj', h, bias=model.proj_bias)
                     rules += dense_rules(f'{mlp0}/Dense_1', f'{t}.mlp_out_proj', model.proj_bias)
                 if layer_scale:
                     rules.append(rule(f'{f}/LayerScale_0/scale', f'{t}.ls.gamma'))
                 continue
             rules += norm(f'{f}/LayerNorm_0', f'{t}.norm1') + attention(f, mha.format(0), f'{t}.attn')
-            rules += _attention_out(mha.format(0), f'{t}.attn.proj', h, bias=model.proj_bias)
+            rules += attention_out_rules(mha.format(0), f'{t}.attn.proj', h, bias=model.proj_bias)
             if layer_scale:
                 rules += [rule(f'{f}/LayerScale_0/scale', f'{t}.ls1.gamma'),
                           rule(f'{f}/LayerScale_1/scale', f'{t}.ls2.gamma')]
@@ -409,15 +405,7 @@ class ViTFamily(Family):
         if model.final_norm and not model.use_fc_norm:
             rules += norm('Transformer/encoder_norm', 'norm')
         if model.global_pool == 'map':
-            f, t = 'MAPHead_0', 'attn_pool'
-            mha = f'{f}/MultiHeadDotProductAttention_0'
-            rules += [rule(f'{f}/probe', f'{t}.latent'),
-                      rule(f'{mha}/query/kernel', f'{t}.q.weight', heads_in(h, 1)),
-                      rule(f'{mha}/query/bias', f'{t}.q.bias', heads_in(h, 1, kernel=False)),
-                      rule((f'{mha}/key/kernel', f'{mha}/value/kernel'), f'{t}.kv.weight', heads_in(h, 2)),
-                      rule((f'{mha}/key/bias', f'{mha}/value/bias'), f'{t}.kv.bias', heads_in(h, 2, kernel=False))]
-            rules += _attention_out(mha, f'{t}.proj', h)
-            rules += norm(f'{f}/LayerNorm_0', f'{t}.norm') + mlp_rules(f'{f}/MlpBlock_0', f'{t}.mlp')
+            rules += map_head_rules(h, norm)
         if model.final_norm and model.use_fc_norm:
             rules += norm('pool_norm', 'fc_norm')
         if model.representation_size:

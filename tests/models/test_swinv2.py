@@ -262,6 +262,43 @@ def test_train_mode_drop_path_and_bfloat16_keeps_float32_parts():
     assert not np.allclose(train(1), ref) and not np.allclose(train(1), train(2))
 
 
+def test_bfloat16_fast_path_agrees_with_the_autodiff_reference():
+    """Under bf16 the fast path (cosine_qk's written-out derivative, the XLA:CPU fusion boundary after the MLP) and
+    attn_impl='autodiff' (JAX's derivatives of the same forward, no boundary) give the same logits to bf16
+    rounding and the same parameter gradients to bf16 rounding; cosine_qk's own gradients equal autodiff's of its
+    formula, and stay finite (torch's F.normalize: g / eps) where a vector is zero and autodiff's give NaN."""
+    from vit_flax.models.swinv2 import cosine_qk, cosine_qk_reference
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal((2, 3, 16, 8)), jnp.bfloat16) for _ in range(2))
+    scale = jnp.asarray(rng.uniform(1, 10, (3, 1, 1)), jnp.float32)
+    w = [jnp.asarray(rng.standard_normal(q.shape), jnp.float32) for _ in range(2)]
+    loss = lambda f: lambda *a: sum(jnp.sum(o.astype(jnp.float32) * wi) for o, wi in zip(f(*a), w))
+    fast, ref = (jax.jit(jax.value_and_grad(loss(f), (0, 1, 2))) for f in (cosine_qk, cosine_qk_reference))
+    (lf, gf), (lr, gr) = fast(q, k, scale), ref(q, k, scale)
+    assert lf == lr
+    for a, b in zip(gf, gr):
+        assert a.dtype == b.dtype and rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 1e-2
+    k0 = k.at[0, 0, 0].set(0)
+    dk_fast, dk_ref = fast(q, k0, scale)[1][1], ref(q, k0, scale)[1][1]
+    assert np.isfinite(np.asarray(dk_fast, np.float32)).all() and np.isnan(np.asarray(dk_ref, np.float32)).any()
+    g = np.asarray(w[1][0, 0, 0])   # the zero key's gradient is torch's: the cotangent over eps
+    np.testing.assert_allclose(np.asarray(dk_fast[0, 0, 0], np.float32), g / 1e-12, rtol=1e-2)
+
+    model = SwinTransformerV2(img_size=64, window_size=8, embed_dim=16, depths=(2,), num_heads=(2,),
+                              pretrained_window_sizes=(0,), num_classes=8, dtype=jnp.bfloat16)
+    params, x = perturb(model), jnp.asarray(images((2, 64, 64, 3)))
+    head = jnp.asarray(rng.standard_normal((2, 8)), jnp.float32)
+
+    def value_and_grads(m):
+        f = lambda p: jnp.sum(m.apply({'params': p}, x).astype(jnp.float32) * head)
+        return jax.jit(jax.value_and_grad(f))(params)
+    (vf, gf), (vr, gr) = value_and_grads(model), value_and_grads(model.clone(attn_impl='autodiff'))
+    assert abs(float(vf) - float(vr)) <= 1e-2 * abs(float(vr))
+    flat_f, flat_r = flatten_dict(gf), flatten_dict(gr)
+    errs = {k: rel_err(np.asarray(flat_f[k]), np.asarray(flat_r[k])) for k in flat_r}
+    assert max(errs.values()) < 5e-2, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
+
+
 def test_remat_keeps_the_tree_and_the_outputs():
     plain = SwinTransformerV2(img_size=32, window_size=8, embed_dim=16, depths=(2,), num_heads=(2,),
                               pretrained_window_sizes=(0,))

@@ -17,8 +17,17 @@ else the window itself), times 8, then `sign(x) * log2(|x| + 1) / log2(8)`. A wi
 table resampling: the MLP is evaluated on the new table (Microsoft's fine-tuning 8 -> 16, 12 -> 24).
 
 Under `dtype=bfloat16` the projections, the attention products and the MLP run in bf16, but the cosine
-normalisation (q, k, their norms, the logit scale) and the bias MLP stay in float32, as Microsoft's code does
-under autocast for the normalisation (F.normalize upcasts) and as the bias needs (16 * sigmoid amplifies error).
+normalisation (q, k, their norms, the logit scale) and the bias MLP stay in float32, as the bias needs (16 *
+sigmoid amplifies error). In autocast's order: the qkv projection is rounded to bf16 once (timm's bf16 linear
+output under torch.autocast) and its heads moved in bf16, then q and k are normalised in float32 from those
+values, the logit scale folded into q, and rounded again for the product; the logits stay float32 (timm's are
+the bf16 product times the scale). Float32 keeps its own path (the float32 projection sliced and normalised).
+
+Two paths, chosen by `attn_impl` (`fast_path`): 'autodiff' is the plain reference (the formula, JAX's
+derivatives); every other value takes the fast path, which evaluates the same forward formula: `cosine_qk`
+(q and k normalised with a written-out derivative) and, in the bf16 forward, `fusion_boundary` after the MLP
+(XLA:CPU otherwise fuses the post-norm block's second half into one YNNPACK fusion fed with full-size constant
+arrays). What each gave: benchmarks/README.md.
 
 Window geometry is V1's (vit_flax.models.swin, whose helpers this module imports): windows and shifts fixed per
 stage from the configured `img_size` (a stage no larger than its window uses the whole stage, unshifted), masks and
@@ -28,6 +37,7 @@ import math
 from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,7 +45,7 @@ from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
-                     merge_heads, remat_block, to_tuple)
+                     merge_heads, remat_block, split_heads, to_tuple)
 from .swin import (SIZES, PatchEmbed, PatchMerging, SwinGrid, attend_in_windows, relative_position_index,
                    swin_features, swin_head)
 
@@ -64,6 +74,66 @@ def relative_coords_table(window: Pair, pretrained_window: Pair = (0, 0)) -> np.
 def l2_normalize(x, eps: float = 1e-12):
     """torch's F.normalize: x / max(||x||, eps) over the last axis."""
     return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), eps)
+
+
+def fast_path(attn_impl: str) -> bool:
+    """Whether the block takes its fast path (`cosine_qk`, `fusion_boundary`): every `attn_impl` but 'autodiff',
+    which runs the plain reference (the same forward values, JAX's derivatives, no fusion hint)."""
+    return check_impl(attn_impl) != 'autodiff'
+
+
+def fusion_boundary(y):
+    """y (low precision) as float32 with the same values, through a `reduce_precision` to y's own format (a no-op
+    on these values, which XLA cannot prove): a fusion boundary for XLA:CPU. Without it, in the bf16 forward,
+    XLA:CPU's YNNPACK fusion takes a post-norm block's whole second half (norm1, the residual, fc1, GELU, fc2,
+    norm2, the residual) as one fusion and materialises every scalar constant inside it (GELU's 0.5, 1/sqrt 2,
+    1) as full-size float32 operands: 229 MB written and ~450 MB read per Swin V2-T forward at batch 8. With
+    it, fc1, GELU, fc2 and each LayerNorm are fusions of their own, as in pre-norm blocks (Swin V1, ViT)."""
+    f = jnp.finfo(y.dtype)
+    return jax.lax.reduce_precision(y.astype(jnp.float32), exponent_bits=f.nexp, mantissa_bits=f.nmant)
+
+
+def cosine_qk_reference(q, k, scale):
+    """(normalize(q) * scale, normalize(k)) computed in float32 from q, k (..., H, N, Dh) and rounded back to their
+    dtype; `scale` (H, 1, 1) float32. Differentiated by JAX: the reference of `cosine_qk`."""
+    qn = l2_normalize(q.astype(jnp.float32)) * scale
+    return qn.astype(q.dtype), l2_normalize(k.astype(jnp.float32)).astype(k.dtype)
+
+
+@jax.custom_vjp
+def cosine_qk(q, k, scale):
+    """`cosine_qk_reference` with its derivative written out: the backward reads q, k (low precision) and the
+    cotangents and recomputes the norms, one pass each in float32 (for y = x / max(|x|, eps):
+    dx = (g - y <g, y>) / max(|x|, eps), the projection term absent where |x| <= eps), where autodiff of the
+    formula saves and re-reads float32 intermediates of the size of q and k."""
+    return cosine_qk_reference(q, k, scale)
+
+
+def _cosine_qk_fwd(q, k, scale):
+    return cosine_qk_reference(q, k, scale), (q, k, scale)
+
+
+def _unit_vjp(x, g, eps: float = 1e-12):
+    """(y, dx) for y = x / max(|x|, eps) over the last axis, x and g float32."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    den = jnp.maximum(norm, eps)
+    y = x / den
+    inner = jnp.where(norm > eps, jnp.sum(g * y, axis=-1, keepdims=True), 0.0)
+    return y, (g - y * inner) / den
+
+
+def _cosine_qk_bwd(res, cts):
+    q, k, scale = res
+    dqn, dkn = (c.astype(jnp.float32) for c in cts)
+    yq, dq = _unit_vjp(q.astype(jnp.float32), dqn * scale)
+    _, dk = _unit_vjp(k.astype(jnp.float32), dkn)
+    lead = dqn.ndim - scale.ndim
+    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(scale.shape) if d == 1)
+    dscale = jnp.sum(dqn * yq, axis=axes, keepdims=True).reshape(scale.shape)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dscale.astype(scale.dtype)
+
+
+cosine_qk.defvjp(_cosine_qk_fwd, _cosine_qk_bwd)
 
 
 class CpbMlp(nn.Module):
@@ -100,11 +170,17 @@ class WindowAttentionV2(nn.Module):
             v_bias = self.param('v_bias', nn.initializers.zeros, (dim,))
             bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
         y = fused_projection(x, [(kernel, bias)], self.dtype)   # float32, not yet rounded
-        q, k, v = y.reshape(bw, n, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
         scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), LOGIT_SCALE_MAX))
-        q = (l2_normalize(q) * scale).astype(self.dtype)      # the logit scale folded into q, as a "scaled q"
-        k = l2_normalize(k).astype(self.dtype)
-        v = v.astype(self.dtype)
+        if jnp.finfo(self.dtype).bits < 32:
+            # autocast's order: the projection rounded once (timm's bf16 linear output), the heads moved in bf16,
+            # then normalised in float32 (module docstring)
+            q, k, v = split_heads(y, 3, heads, self.dtype)
+            q, k = (cosine_qk if fast_path(self.attn_impl) else cosine_qk_reference)(q, k, scale)
+        else:
+            q, k, v = y.reshape(bw, n, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+            q = (l2_normalize(q) * scale).astype(self.dtype)      # the logit scale folded into q, as a "scaled q"
+            k = l2_normalize(k).astype(self.dtype)
+            v = v.astype(self.dtype)
 
         coords = jnp.asarray(relative_coords_table(self.window_size, self.pretrained_window_size))
         table = CpbMlp(heads, name='cpb_mlp')(coords.reshape(-1, 2))
@@ -154,6 +230,8 @@ class SwinTransformerV2Block(nn.Module):
         y = MlpBlock(mlp_dim=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.proj_drop_rate, gelu=self.gelu,
                      dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
                      name='mlp')(x, deterministic)
+        if deterministic and jnp.finfo(self.dtype).bits < 32 and fast_path(self.attn_impl):
+            y = fusion_boundary(y)
         return x + DropPath()(norm('norm2')(y), rate=self.drop_path_rate, deterministic=deterministic)
 
 

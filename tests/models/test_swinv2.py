@@ -12,7 +12,7 @@ from converters import rules as table
 from converters.families import family_of
 from converters.families import swin as swin_family
 from converters.families import swinv2 as v2_family
-from vit_flax.models.swinv2 import SwinTransformerV2, relative_coords_table
+from vit_flax.models.swinv2 import SwinTransformerV2, SwinTransformerV2Block, relative_coords_table
 
 from helpers import images, perturb, perturb_timm, rel_err, run_flax, run_timm, state_np
 
@@ -264,8 +264,8 @@ def test_train_mode_drop_path_and_bfloat16_keeps_float32_parts():
 
 def test_bfloat16_fast_path_agrees_with_the_autodiff_reference():
     """Under bf16 the fast path (cosine_qk's written-out derivative, the XLA:CPU fusion boundary after the MLP) and
-    attn_impl='autodiff' (JAX's derivatives of the same forward, no boundary) give the same logits to bf16
-    rounding and the same parameter gradients to bf16 rounding; cosine_qk's own gradients equal autodiff's of its
+    attn_impl='autodiff' (JAX's derivatives of the same forward, no boundary) give a shifted block the same output
+    and the same parameter gradients to bf16 rounding; cosine_qk's own gradients equal autodiff's of its
     formula, and stay finite (torch's F.normalize: g / eps) where a vector is zero and autodiff's give NaN."""
     from vit_flax.models.swinv2 import cosine_qk, cosine_qk_reference
     rng = np.random.default_rng(0)
@@ -284,19 +284,21 @@ def test_bfloat16_fast_path_agrees_with_the_autodiff_reference():
     g = np.asarray(w[1][0, 0, 0])   # the zero key's gradient is torch's: the cotangent over eps
     np.testing.assert_allclose(np.asarray(dk_fast[0, 0, 0], np.float32), g / 1e-12, rtol=1e-2)
 
-    model = SwinTransformerV2(img_size=64, window_size=8, embed_dim=16, depths=(2,), num_heads=(2,),
-                              pretrained_window_sizes=(0,), num_classes=8, dtype=jnp.bfloat16)
-    params, x = perturb(model), jnp.asarray(images((2, 64, 64, 3)))
-    head = jnp.asarray(rng.standard_normal((2, 8)), jnp.float32)
+    # a shifted block (its mask) at bf16: the boundary sits in the block, cosine_qk in its attention
+    block = SwinTransformerV2Block(num_heads=2, window_size=(4, 4), shift_size=(2, 2), dtype=jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+    shapes = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)['params']
+    params = perturb(jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes), scale=0.3)
+    out_w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
     def value_and_grads(m):
-        f = lambda p: jnp.sum(m.apply({'params': p}, x).astype(jnp.float32) * head)
+        f = lambda p: jnp.sum(m.apply({'params': p}, x).astype(jnp.float32) * out_w)
         return jax.jit(jax.value_and_grad(f))(params)
-    (vf, gf), (vr, gr) = value_and_grads(model), value_and_grads(model.clone(attn_impl='autodiff'))
+    (vf, gf), (vr, gr) = value_and_grads(block), value_and_grads(block.clone(attn_impl='autodiff'))
     assert abs(float(vf) - float(vr)) <= 1e-2 * abs(float(vr))
     flat_f, flat_r = flatten_dict(gf), flatten_dict(gr)
     errs = {k: rel_err(np.asarray(flat_f[k]), np.asarray(flat_r[k])) for k in flat_r}
-    assert max(errs.values()) < 5e-2, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
+    assert len(errs) == 17 and max(errs.values()) < 5e-2, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_remat_keeps_the_tree_and_the_outputs():

@@ -88,9 +88,16 @@ def fusion_boundary(y):
     XLA:CPU's YNNPACK fusion takes a post-norm block's whole second half (norm1, the residual, fc1, GELU, fc2,
     norm2, the residual) as one fusion and materialises every scalar constant inside it (GELU's 0.5, 1/sqrt 2,
     1) as full-size float32 operands: 229 MB written and ~450 MB read per Swin V2-T forward at batch 8. With
-    it, fc1, GELU, fc2 and each LayerNorm are fusions of their own, as in pre-norm blocks (Swin V1, ViT)."""
+    it, fc1, GELU, fc2 and each LayerNorm are fusions of their own, as in pre-norm blocks (Swin V1, ViT).
+    Lowered for any other platform it is only the widening."""
     f = jnp.finfo(y.dtype)
-    return jax.lax.reduce_precision(y.astype(jnp.float32), exponent_bits=f.nexp, mantissa_bits=f.nmant)
+
+    def cpu(v):
+        return jax.lax.reduce_precision(v.astype(jnp.float32), exponent_bits=f.nexp, mantissa_bits=f.nmant)
+
+    # Only XLA:CPU needs the hint: other backends (and a deviceless TPU compile on this host) get the plain
+    # widening, chosen per lowering platform, so their fusions stay as their compilers make them.
+    return jax.lax.platform_dependent(y, cpu=cpu, default=lambda v: v.astype(jnp.float32))
 
 
 def cosine_qk_reference(q, k, scale):

@@ -29,6 +29,17 @@ OPTIMIZED = ('tests/xla/', 'tests/test_hlo_breakdown.py', 'tests/models/test_spl
 import jax
 import pytest
 
+# XLA:CPU's older (elemental IR) emitters instead of its fusion emitters, for the tests and the processes they
+# start (they inherit os.environ; tests/helpers.py's xla_flags keeps it where a test sets its own XLA_FLAGS).
+# With the passes off they compile 2-3x faster (a depth-1 ViT's AdamW step 8 -> 2.4 s, a tiny Swin's 12 -> 3-4.5 s
+# here) and run what they compiled up to ~20% slower: a gain where a program is compiled once and run a few times,
+# as in most tests. Every comparison is between programs compiled alike or with torch at a stated tolerance; the
+# bit-for-bit ones with torch (EMA, erasing) pass with them too. Read when the backend starts, not at `import jax`.
+# jaxlib 0.10 only: the flag is gone by 0.12 (the lean and TPU venvs), and XLA aborts on a flag it does not know.
+if (0, 10) <= jax.__version_info__[:2] < (0, 11) and \
+        'xla_cpu_use_fusion_emitters' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_use_fusion_emitters=false').strip()
+
 TORCH_PACKAGES = ('torch', 'timm', 'torchvision', 'vit_pytorch')
 HAVE_TORCH = importlib.util.find_spec('torch') is not None
 LEAN = os.environ.get('VIT_FLAX_LEAN') == '1'
@@ -48,9 +59,18 @@ if HAVE_TORCH:
 # process) compile for themselves, so no process is killed half-way through writing an entry; a worker that
 # reads an entry the other is still writing is warned by jax and compiles instead (filtered in pyproject.toml).
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# The run's id: the controller (or a run without workers) draws it and its workers inherit it (they start after
+# this file is imported), so that the controller removes what the workers made (xdist's own run id is the
+# workers' only: named by it, every `make test` left its cache behind in the temp folder).
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    _run = os.environ.get('VIT_FLAX_TEST_RUN') or os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
+else:
+    import uuid
+    _run = os.environ['VIT_FLAX_TEST_RUN'] = uuid.uuid4().hex
+# what a test file makes once for the whole run, shared by the workers (made_once below)
+SHARED = os.path.join(tempfile.gettempdir(), f'vit-flax-tests-shared-{_run}')
 JAX_CACHE = None
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    _run = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
     JAX_CACHE = os.path.join(tempfile.gettempdir(), f'vit-flax-tests-jax-cache-{_run}')
     os.makedirs(JAX_CACHE, exist_ok=True)
     jax.config.update('jax_compilation_cache_dir', JAX_CACHE)
@@ -59,9 +79,37 @@ if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
 
 
 def pytest_unconfigure(config):
-    if JAX_CACHE and not os.environ.get('PYTEST_XDIST_WORKER'):   # the controller, or a run without workers
+    if not os.environ.get('PYTEST_XDIST_WORKER'):   # the controller, or a run without workers
         import shutil
-        shutil.rmtree(JAX_CACHE, ignore_errors=True)
+        for d in (JAX_CACHE, SHARED):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def made_once():
+    """made_once(name, make) -> (folder, what make returned): `make(folder)` run once per `make test` run, by
+    whichever pytest-xdist worker asks first (the other waits for it, on a file lock), for what several test
+    files build the same way (test_train.py's and test_train_faults.py's reference run: one training process,
+    not one per worker). `make` returns a str (a process's output, say), kept beside the folder. A `make` that
+    fails leaves nothing made: the next to ask tries again."""
+    import fcntl
+    import pathlib
+    import shutil
+
+    def once(name, make):
+        folder = pathlib.Path(SHARED) / name
+        done = folder.with_name(name + '.made')
+        os.makedirs(SHARED, exist_ok=True)
+        with open(folder.with_name(name + '.lock'), 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                out = make(folder)
+                done.write_text(out if isinstance(out, str) else '')
+        return folder, done.read_text()
+    return once
 
 
 @pytest.fixture(autouse=True, scope='module')

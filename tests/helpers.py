@@ -289,6 +289,15 @@ def run_hf(model, x_nhwc, out):
         return getattr(model(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous()), out).numpy()
 
 
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for a process the test starts with `devices` CPU devices: this process's flags (those
+    tests/conftest.py sets, or the user's) with the device count replaced, so that it compiles as they do."""
+    import os
+    keep = [f for f in os.environ.get('XLA_FLAGS', '').split()
+            if not f.startswith('--xla_force_host_platform_device_count')]
+    return ' '.join(keep + [f'--xla_force_host_platform_device_count={devices}'])
+
+
 def kill_9_after_checkpoint(cmd, env, workdir, step: int, cwd=None, timeout: float = 600) -> None:
     """Start `cmd` (a training run writing to `workdir`), wait until its checkpoint of `step` is committed
     (orbax's _CHECKPOINT_METADATA), then SIGKILL it: the kill -9 of the resume tests. Fails when the run ends

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import cli, images, rel_err
+from helpers import cli, images, rel_err, xla_flags
 from PIL import Image
 
 from converters import preprocess
@@ -161,7 +161,7 @@ def test_train_fine_tunes_from_a_transformers_folder_with_its_normalisation(tmp_
                         str(tmp_path / 'vit'), '--img-size', '16', '--patch-size', '8', '--depth', '1',
                         '--epochs', '1', '--batch-size', '64', '--workdir', str(tmp_path / 'run')],
                        cwd=root, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONPATH=root, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+                       env=dict(os.environ, PYTHONPATH=root, XLA_FLAGS=xla_flags(1)))
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert 'head: 4 -> 10 classes' in out and 'pos_embedding: grid (4, 4) -> (2, 2)' in out, out[-3000:]

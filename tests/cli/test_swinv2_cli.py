@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import assert_ranks_as, cli, images, rel_err, run_flax, run_timm, timm_model
+from helpers import assert_ranks_as, cli, images, rel_err, run_flax, run_timm, timm_model, xla_flags
 from reference import ms_swin_transformer_v2 as ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,7 +86,7 @@ def test_export_a_swinv2_folder_to_a_timm_folder_and_to_microsofts_layout(folder
 @pytest.mark.slow   # a full-depth Swin V2-T trained for an epoch on 32 px digits: ~1-3 min on 2 shared cores
 def test_train_flax_swinv2_tiny_then_predict_and_export(tmp_path):
     workdir = tmp_path / 'run'
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS=xla_flags(1))
     r = subprocess.run([sys.executable, 'train_flax.py', '--model', NAME, '--img-size', '32', '--epochs', '1',
                         '--batch-size', '128', '--val-split', '0.5', '--dtype', 'bfloat16', '--workdir',
                         str(workdir)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from converters import pipeline
 
-from helpers import assert_ranks_as, cli, timm_model
+from helpers import assert_ranks_as, cli, timm_model, xla_flags
 
 # a small CR: width 16, a norm3 every 2nd block and one ending every stage, 64 px (window 2), 5 classes
 SMALL = dict(embed_dim=16, depths=(2, 1, 3, 1), num_heads=(1, 2, 2, 4), extra_norm_period=2, img_size=64,
@@ -164,7 +164,7 @@ def test_train_flax_then_predict_and_convert_to_a_file_timm_loads(tmp_path):
     from helpers import images, rel_err, run_flax, run_timm
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     workdir = tmp_path / 'run'
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS=xla_flags(1))
     r = subprocess.run([sys.executable, 'train_flax.py', '--model', 'swinv2_cr_tiny_224', '--img-size', '32',
                         '--epochs', '1', '--batch-size', '128', '--val-split', '0.5', '--dtype', 'bfloat16',
                         '--workdir', str(workdir)], cwd=root, capture_output=True, text=True, env=env, timeout=1500)

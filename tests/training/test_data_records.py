@@ -20,7 +20,7 @@ import vit_train
 from vit_train import data, feed, pack, records
 from vit_train.errors import TrainError
 
-from helpers import cli_process
+from helpers import cli_process, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLASSES = ('daisy', 'rose', 'tulip')
@@ -371,7 +371,7 @@ def test_two_processes_over_shards_match_one(packed, tmp_path):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     argv = [x for k, v in RUN.items() for x in (f'--{k.replace("_", "-")}', str(v))]
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     one = subprocess.run([sys.executable, 'train_flax.py', *argv, '--data-path', packed, '--workdir',
                           str(tmp_path / 'one')], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]

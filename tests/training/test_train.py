@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import cli_process, kill_9_after_checkpoint, perturb_timm
+from helpers import cli_process, kill_9_after_checkpoint, perturb_timm, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 TRAIN = os.path.join(ROOT, 'train_flax.py')
@@ -36,11 +36,11 @@ def env(tmp_path_factory):
     # One compilation cache for every run; XLA's optimisation passes off: compiling is most of a run's cost
     # here, and every comparison is between runs compiled the same way.
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
-                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS=xla_flags(1))
 
 
 def run(env, workdir, *args, devices=1, expect=0, cmd=(TRAIN,)):
-    e = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    e = dict(env, XLA_FLAGS=xla_flags(devices))
     r = subprocess.run([sys.executable, *cmd, '--workdir', str(workdir), *map(str, args)], capture_output=True,
                        text=True, env=e, cwd=ROOT, timeout=900)
     assert r.returncode == expect, f'exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
@@ -68,11 +68,11 @@ def summary(workdir):
 
 
 @pytest.fixture(scope='module')
-def reference(env, tmp_path_factory):
-    """The uninterrupted run every other run is compared with."""
-    workdir = tmp_path_factory.mktemp('reference')
-    r = run(env, workdir, *BASE)
-    return workdir, r
+def reference(env, made_once):
+    """(workdir, stdout) of the uninterrupted run every other run is compared with: one run per `make test`,
+    test_train_faults.py's reference too (whichever pytest-xdist worker asks first makes it). Never modified:
+    tests copy it."""
+    return made_once('train-reference', lambda workdir: run(env, workdir, *BASE).stdout)
 
 
 def read_scalars(workdir):
@@ -95,7 +95,7 @@ def read_scalars(workdir):
 
 
 def test_run_learns_and_writes_its_workdir(reference):
-    workdir, r = reference
+    workdir, stdout = reference
     s = summary(workdir)
     for k in ('epoch', 'step', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'best_val_acc', 'learning_rate',
               'images_per_sec', 'num_devices', 'num_processes', 'model'):
@@ -104,7 +104,7 @@ def test_run_learns_and_writes_its_workdir(reference):
     first, last = s['history']
     assert last['train_loss'] < first['train_loss'] - 0.3, s['history']
     assert s['val_acc'] > 0.5, s                                    # chance is 0.1
-    assert 'epoch 2/2' in r.stdout and 'a save blocked the loop' in r.stdout
+    assert 'epoch 2/2' in stdout and 'a save blocked the loop' in stdout
     with open(os.path.join(workdir, 'class_indices.json')) as f:
         assert json.load(f) == {str(i): str(i) for i in range(10)}
     scalars = read_scalars(workdir)
@@ -135,16 +135,18 @@ def test_run_learns_and_writes_its_workdir(reference):
     assert training_ckpt.select(workdir, 'best').step == STEPS
 
 
-def test_rerun_of_a_finished_run_does_nothing(env, reference):
-    workdir, _ = reference
+def test_rerun_of_a_finished_run_does_nothing(env, reference, tmp_path):
+    workdir = tmp_path / 'w'
+    shutil.copytree(reference[0], workdir)
     before = latest(workdir)
     r = run(env, workdir, *BASE)
     assert f'training already finished: epoch 2 of 2 (step {STEPS})' in r.stdout
     assert_same_params(before, latest(workdir))
 
 
-def test_resume_refuses_another_run(env, reference):
-    workdir, _ = reference
+def test_resume_refuses_another_run(env, reference, tmp_path):
+    workdir = tmp_path / 'w'
+    shutil.copytree(reference[0], workdir)
     r = run(env, workdir, *BASE[:2], '--batch-size', '32', *BASE[4:], expect=1)
     assert 'batch_size=64' in r.stderr and 'batch_size=32' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -160,7 +162,7 @@ def test_unreadable_weights_fail_in_one_line_and_write_nothing(env, tmp_path):
 
 def test_kill_9_then_rerun_resumes_and_ends_bit_identical(env, reference, tmp_path):
     workdir = tmp_path / 'killed'
-    e = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    e = dict(env, XLA_FLAGS=xla_flags(1))
     kill_9_after_checkpoint([sys.executable, TRAIN, '--workdir', str(workdir), *BASE], e, workdir, 16,
                             cwd=ROOT)
     r = run(env, workdir, *BASE)
@@ -275,7 +277,7 @@ def test_two_processes_match_one(env, reference, tmp_path, devices, mesh):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     workdir = tmp_path / 'two'
-    e = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    e = dict(env, XLA_FLAGS=xla_flags(devices))
     procs = [cli_process('train', '--workdir', workdir, *BASE, '--mesh', mesh, '--coordinator', f'127.0.0.1:{port}',
                          '--num-processes', '2', '--process-id', i, wait=False, cwd=ROOT, env=e)
              for i in range(2)]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import vit_train
+from helpers import xla_flags
 from vit_train import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +35,7 @@ def cli_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('cli')
     r = subprocess.run([sys.executable, 'train_flax.py', *as_argv(FLAGS), '--workdir', str(workdir)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+                       env=dict(os.environ, XLA_FLAGS=xla_flags(1)))
     assert r.returncode == 0, r.stderr[-2000:]
     with open(workdir / 'summary.json') as f:
         summary = json.load(f)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import kill_9_after_checkpoint
+from helpers import kill_9_after_checkpoint, xla_flags
 from test_train import ROOT, TRAIN, assert_same_params, latest, run
 
 # 1 epoch of 21 steps of 66 (even for the mixing pairs, a multiple of the 3 repeats), a checkpoint every 8
@@ -24,7 +24,7 @@ AUG = ('--depth', '1', '--batch-size', '66', '--epochs', '1', '--save-every', '8
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
-                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS=xla_flags(1))
 
 
 def test_kill_9_with_the_deit_recipe_then_rerun_resumes_bit_identical(env, tmp_path):

@@ -19,15 +19,15 @@ import time
 
 import pytest
 
-from helpers import cli_process
+from helpers import cli_process, xla_flags
 from test_train import BASE, ROOT, STEPS, TRAIN, assert_same_params, latest, summary
 
 SPE = 22  # steps per epoch
 
 
 def made_by_test_train(tmp_path_factory, name: str, ready: str):
-    """test_train.py's module fixture `name` of this session, when that file ran first (it does in a full run:
-    files run in name order) and finished it: one XLA cache and one reference run for both files."""
+    """test_train.py's module fixture `name` of this pytest process, when that file ran first in it and
+    finished it: one XLA cache for both files."""
     path = tmp_path_factory.getbasetemp() / f'{name}0'
     return path if (path / ready).exists() else None
 
@@ -36,7 +36,7 @@ def made_by_test_train(tmp_path_factory, name: str, ready: str):
 def env(tmp_path_factory):
     cache = made_by_test_train(tmp_path_factory, 'xla_cache', '') or tmp_path_factory.mktemp('xla_cache')
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+                JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS=xla_flags(1))
 
 
 def command(workdir, *args, patch=None):
@@ -71,13 +71,10 @@ def steps_of(workdir):
 
 
 @pytest.fixture(scope='module')
-def reference(env, tmp_path_factory):
-    """An uninterrupted run of BASE (never modified: tests copy it or compare with it)."""
-    workdir = made_by_test_train(tmp_path_factory, 'reference', 'summary.json')
-    if workdir is None:
-        workdir = tmp_path_factory.mktemp('reference')
-        run(env, workdir, *BASE)
-    return workdir
+def reference(env, made_once):
+    """An uninterrupted run of BASE (never modified: tests copy it or compare with it): test_train.py's, one
+    run per `make test` whichever pytest-xdist worker makes it."""
+    return made_once('train-reference', lambda workdir: run(env, workdir, *BASE).stdout)[0]
 
 
 def assert_same_state(reference, workdir):

@@ -122,6 +122,13 @@ def test_remat_lowers_the_temporaries_and_recomputes_the_forward(vit_train):
     assert r['flops'] > 1.15 * vit_train['flops']   # each block's forward runs again in the backward pass
 
 
+def test_a_data_parallel_bf16_step_all_reduces_the_gradients_and_gathers_nothing(vit_train):
+    # data=4: each chip keeps its own images; only the gradients cross chips. A CPU-only layout trick that
+    # leaked into the TPU lowering once made GSPMD all-gather every weight gradient's activations
+    assert vit_train['collectives'].get('all-gather', 0) == 0, vit_train['collectives']
+    assert vit_train['collectives'].get('all-reduce', 0) >= 1, vit_train['collectives']
+
+
 def test_fsdp_splits_the_parameters_and_optimizer_state_four_ways(vit_train):
     f = make(**VIT, mesh='fsdp=4')
     state = lambda p: p['param_bytes'] + p['opt_state_bytes']  # noqa: E731

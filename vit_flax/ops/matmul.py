@@ -140,8 +140,14 @@ def row_major(t):
     """`t` (a transpose) as a row-major copy that XLA cannot fold back into the dot that reads it: a
     transpose is converted to HLO as a layout change (a column-major view), and XLA:CPU widens a bf16 dot
     whose operand is column-major; flattened, it must be written out row-major, and the barrier keeps the
-    flatten and the reshape back from cancelling."""
-    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+    flatten and the reshape back from cancelling.
+
+    XLA:CPU only: lowered for any other platform (a TPU, deviceless here too, or a GPU) it is the identity.
+    There the flatten of a batch-sharded operand cannot keep its sharding through the barrier, so GSPMD
+    all-gathered every weight gradient's activation over the data axis (108 all-gathers in a ViT-B/16
+    step on v5e:2x2; the remat step at 256 per chip needed >= 16.5 GiB instead of 6.3, docs/XLA.md)."""
+    return jax.lax.platform_dependent(
+        t, cpu=lambda v: jax.lax.optimization_barrier(v.reshape(-1)).reshape(v.shape), default=lambda v: v)
 
 
 def _gemm_einsum(spec: str, a, b):

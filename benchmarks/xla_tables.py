@@ -1,6 +1,7 @@
 """The tables of docs/XLA.md: deviceless TPU compiles of real training steps, one CSV row per compile.
 
     JAX_PLATFORMS=cpu .venv-tpu/bin/python benchmarks/xla_tables.py runs/xla.csv [--only PART,...] [--skip FILES]
+    JAX_PLATFORMS=cpu .venv-tpu/bin/python benchmarks/xla_tables.py runs/xla.csv --row maxbatch-probe:vit_b16:v5e:2x2:320:full
     .venv-tpu/bin/python benchmarks/xla_tables.py --markdown runs/xla.csv ... [--write docs/XLA.md]
 
 Every row is vit_train.plan.plan(...) for an AdamW bf16 training step (1000 classes, mesh data=N over the
@@ -8,7 +9,8 @@ slice), appended (and flushed) as soon as it is done, with the load average it w
 run still fills the doc. Parts (PARTS, the default order: the most wanted rows first): `v5e`, `v5p`, `v6e`
 (ViT-B/16, ViT-L/16, Swin-B at 256 images per chip, remat off/on), `dinov2` (DINOv2-L/14 at 518 on the three),
 `dinov2-fit` (DINOv2-L/14 at 518 on v5e:2x2 with remat at 64 and 16 per chip: a row that fits),
-`published` (ViT-S/16 on v5p:2x2x1 at 256 per chip: big_vision's published
+`--row PART:MODEL:GEN:SHAPE:PER_CHIP:REMAT` (repeatable) compiles one setting instead of the parts (a
+max-batch probe picked by hand, a row a part does not list). `published` (ViT-S/16 on v5p:2x2x1 at 256 per chip: big_vision's published
 v3-8 run, docs/XLA.md), `maxbatch` (largest batch per chip on v5e:2x2, remat off/on, by vit_train.plan.max_batch; every probe is logged as
 a `maxbatch-probe` row; `maxbatch-off` / `maxbatch-full` split it), `scan` (ViT-B/16 and ViT-L/16 under nn.scan,
 against the unrolled v5e remat rows). `--skip` names CSVs and docs/XLA.md: settings already measured there are
@@ -55,8 +57,8 @@ def jobs(part):
     if part == 'dinov2':
         return [('dinov2', 'dinov2_l14', target, 256, remat, False, False) for target in TARGETS for remat in remats]
     if part == 'dinov2-fit':   # 256 images of 518 px per chip cannot fit a v5e even with remat (the 24 block inputs
-        # alone are ~17 GB), nor could 64 (refused needing 37.14 GiB of temporaries): 16 per chip
-        return [('dinov2', 'dinov2_l14', 'tpu:v5e:2x2', n, 'full', False, False) for n in (64, 16)]
+        # alone are ~17 GB); 64 and 16 per chip were refused too (>= 37.14 and 17.24 GiB of temporaries): 8 per chip
+        return [('dinov2', 'dinov2_l14', 'tpu:v5e:2x2', n, 'full', False, False) for n in (64, 16, 8)]
     if part.startswith('maxbatch'):   # maxbatch, maxbatch-off, maxbatch-full (to split the work)
         rs = {'maxbatch': remats, 'maxbatch-off': (None,), 'maxbatch-full': ('full',)}[part]
         return [('maxbatch', key, 'tpu:v5e:2x2', None, remat, False, True) for key in ('vit_b16', 'vit_l16') for remat in rs]
@@ -88,7 +90,16 @@ def done_keys(paths):
     return keys
 
 
-def main(path, only=None, skip=()):
+def parse_row(text):
+    """'PART:MODEL:GEN:SHAPE:PER_CHIP:REMAT' (--row) -> one jobs() entry; a bad one is a one-line exit."""
+    f = text.split(':')
+    if len(f) != 6 or f[1] not in MODELS or not f[4].isdigit() or f[5] not in ('off', 'full'):
+        raise SystemExit(f'--row {text!r}: PART:MODEL:GEN:SHAPE:PER_CHIP:REMAT, MODEL one of {", ".join(MODELS)}, '
+                         f'REMAT off or full (e.g. maxbatch-probe:vit_b16:v5e:2x2:320:full)')
+    return (f[0], f[1], f'tpu:{f[2]}:{f[3]}', int(f[4]), None if f[5] == 'off' else 'full', False, False)
+
+
+def main(path, only=None, skip=(), rows=()):
     plan.quiet_libtpu_env()
     new = not os.path.exists(path)
     f = open(path, 'a', newline='')
@@ -106,8 +117,8 @@ def main(path, only=None, skip=()):
         print(time.strftime('%H:%M:%S'), part, key, p.get('target'), per_chip, remat, scan, 'fits', p.get('fits'),
               p.get('compile_seconds'), p.get('error', ''), 'load', r['loadavg'], flush=True)
 
-    for part in only or PARTS:
-        for kind, key, target, per_chip, remat, scan, search in jobs(part):
+    for part in ([None] if rows else only or PARTS):
+        for kind, key, target, per_chip, remat, scan, search in (rows if part is None else jobs(part)):
             if (kind, key, target, '' if search else str(per_chip), remat or 'off', scan) in done:
                 print('already measured:', kind, key, target, remat or 'off', 'scan' if scan else '', flush=True)
                 continue
@@ -215,5 +226,6 @@ if __name__ == '__main__':
     if '--only' in sys.argv:
         only = sys.argv[sys.argv.index('--only') + 1].split(',')
     skip = sys.argv[sys.argv.index('--skip') + 1].split(',') if '--skip' in sys.argv else ()
-    sys.exit(main(sys.argv[1], only, skip))
+    rows = [parse_row(sys.argv[i + 1]) for i, a in enumerate(sys.argv) if a == '--row']
+    sys.exit(main(sys.argv[1], only, skip, rows))
 

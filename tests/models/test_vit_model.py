@@ -234,8 +234,11 @@ def test_remat_matches():
     assert max(rel_err(a, b) for (_, a), (_, b) in zip(other_masks, ref)) > 1e-2   # the masks change the gradient
     got = grad(remat=True)()
     assert [k for k, _ in got] == [k for k, _ in ref]
+    # atol at the whole gradient's scale: the key bias's gradient is zero in exact arithmetic (softmax ignores a
+    # shift along the keys), so that leaf holds rounding noise alone, which differs with the fusion order
+    scale = max(float(np.abs(r).max()) for _, r in ref)
     for (path, g), (_, r) in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max(), err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
 
 
 def test_intermediates_are_returned():

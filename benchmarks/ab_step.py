@@ -38,9 +38,6 @@ def main(argv=None):
     ap.add_argument('--iters', type=int, default=2, help='steps per variant per round (the fastest counts)')
     a = ap.parse_args(argv)
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
     import bench_vs_timm as bench
     variants = []
     for spec in a.variants:
@@ -52,12 +49,7 @@ def main(argv=None):
         t = time.perf_counter()
         compiled = fn.lower(*args).compile(compiler_options=json.loads(opts) if opts else None)
         compile_s = time.perf_counter() - t
-        rng = np.random.default_rng(0)
-        params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), args[0])
-        tx = optax.adamw(bench.LR, b1=bench.BETAS[0], b2=bench.BETAS[1], eps=bench.EPS, weight_decay=bench.WD)
-        state = [params, tx.init(params)]
-        x = jnp.asarray(rng.standard_normal(args[2].shape), jnp.float32)
-        y = jnp.asarray(rng.integers(0, model.num_classes, a.batch), jnp.int32)
+        state, x, y = bench.step_inputs_from_shapes(model, args, a.batch)
 
         def step(c=compiled, st=state, x=x, y=y):
             st[0], st[1], loss = c(st[0], st[1], x, y)

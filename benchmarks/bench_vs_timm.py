@@ -164,6 +164,21 @@ def run_flax(case: Case, iters: int, warmup: int, budget: float) -> dict:
                 threads=os.cpu_count())
 
 
+def step_inputs_from_shapes(model, args, batch: int, seed: int = 0):
+    """([params, AdamW state], images, labels) for `flax_step`'s compiled step, the parameters drawn from their
+    shapes (N(0, 0.02): no init compile) by one numpy generator: what the one-process A/B scripts
+    (ab_step.py, step_profile.py) feed the step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), args[0])
+    state = [params, optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD).init(params)]
+    x = jnp.asarray(rng.standard_normal(args[2].shape), jnp.float32)
+    y = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
+    return state, x, y
+
+
 def run_timm(case: Case, iters: int, warmup: int, budget: float, compiled: bool = False) -> dict:
     import timm
     import torch

@@ -64,9 +64,6 @@ def main(argv=None):
     ap.add_argument('--json', help='write the per-op times and groups here')
     a = ap.parse_args(argv)
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
     import bench_vs_timm as bench
     import hlo_breakdown as hb
     if a.setup:
@@ -74,12 +71,7 @@ def main(argv=None):
     model, fn, args = bench.flax_step(bench.Case('profile', a.model, 'train', a.dtype, a.batch))
     compiled = fn.lower(*args).compile()
     text = compiled.as_text()
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), args[0])
-    tx = optax.adamw(bench.LR, b1=bench.BETAS[0], b2=bench.BETAS[1], eps=bench.EPS, weight_decay=bench.WD)
-    state = [params, tx.init(params)]
-    x = jnp.asarray(rng.standard_normal(args[2].shape), jnp.float32)
-    y = jnp.asarray(rng.integers(0, model.num_classes, a.batch), jnp.int32)
+    state, x, y = bench.step_inputs_from_shapes(model, args, a.batch)
 
     def step():
         state[0], state[1], loss = compiled(state[0], state[1], x, y)

@@ -112,6 +112,35 @@ def made_once():
     return once
 
 
+# Disk: the suite writes ~6 GB of checkpoints (real ViT-S/B weights in every format), and a full disk fails the
+# run (CI did, at 328 s). A passed test's tmp_path goes at its teardown (pyproject.toml's
+# tmp_path_retention_policy); a test file's own folders (tmp_path_factory.mktemp in its module fixtures) go when the
+# file is done unless one of its tests failed, so the peak is one file's, not the run's. The XLA caches stay:
+# test_train_faults.py reuses test_train.py's on the same worker.
+_FAILED_MODULES = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _FAILED_MODULES.add(item.nodeid.split('::')[0])
+    return report
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _module_folders_removed_when_done(request, tmp_path_factory):
+    import shutil
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    yield
+    if request.node.nodeid in _FAILED_MODULES:
+        return
+    for name in set(os.listdir(base)) - before:
+        if not name.startswith('xla_cache'):
+            shutil.rmtree(base / name, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True, scope='module')
 def _xla_passes_as_the_file_needs(request):
     """The files of OPTIMIZED compile with XLA's passes on (and so do the processes they start)."""

@@ -30,10 +30,12 @@ readers; each example's CPU time is charged to its reader, `charge`, and the tab
 second); the registry search that detection makes (~0.1 s) is shared between mutants that declare the same
 architecture (`memo_match_model`); real processes are kept to the few cases that need one.
 """
+import atexit
 import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 import time
@@ -64,6 +66,7 @@ COUNTS: Counter = Counter()
 FAILURES: Counter = Counter()
 CPU: Counter = Counter()   # this process' CPU seconds per reader: whole examples (mutation, read, checks)
 WORKDIR = tempfile.mkdtemp(prefix='vit-flax-fuzz-')
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)   # every process that imports this file makes one
 MARKER = os.path.join(WORKDIR, 'PICKLE-CODE-RAN')
 ALLOC_SLACK = 32 << 20
 

@@ -47,11 +47,13 @@ test-lean: $(LEAN)/.installed-stamp
 # a third venv on Python 3.12 with the [tpu] extra. JAX_PLATFORMS=cpu: nothing runs on a TPU, libtpu only compiles.
 # Each TPU compile takes 10-40 s here; the files below take a few minutes.
 TPU := .venv-tpu
+# the versions docs/XLA.md's rows were compiled with (a newer libtpu compiles another program); TPU_PINS= for the newest
+TPU_PINS ?= 'jax[tpu]==0.12.0.1' 'libtpu==0.0.50.1'
 TPU_PY := $(TPU)/bin/python
 $(TPU)/.installed-stamp: pyproject.toml Makefile
 	@test -n "$(PYTHON312)" || { echo 'make test-tpu: no Python 3.12 found (pyenv versions); set PYTHON312=...'; exit 1; }
 	test -x $(TPU_PY) || $(PYTHON312) -m venv $(TPU)
-	$(TPU_PY) -m pip install -q -e '.[tpu]' optax orbax-checkpoint pytest hypothesis matplotlib
+	$(TPU_PY) -m pip install -q -e '.[tpu]' $(TPU_PINS) optax orbax-checkpoint pytest hypothesis matplotlib
 	touch $@
 
 test-tpu: $(TPU)/.installed-stamp

@@ -26,12 +26,52 @@ import time
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
+def parser(doc, variant_help, batch, rounds):
+    """The A/B scripts' command line: the variants, --batch, --rounds, --iters."""
+    ap = argparse.ArgumentParser(description=doc.split('\n')[0])
+    ap.add_argument('variants', nargs='+', help=variant_help)
+    ap.add_argument('--batch', type=int, default=batch)
+    ap.add_argument('--rounds', type=int, default=rounds)
+    ap.add_argument('--iters', type=int, default=2, help='calls per variant per round (the fastest counts)')
+    return ap
+
+
+def alternate(variants, rounds, iters, batch, per='call'):
+    """Time `variants` ((name, run, flops or None), `run()` one blocking call) alternated round by round, reversed
+    in odd rounds; print each round, then per variant the best and median wall and CPU times and the speed against
+    the first as the median (min-max) of the per-round ratios, with each round's load average."""
+    wall = {v[0]: [] for v in variants}
+    cpu = {v[0]: [] for v in variants}
+    loads = []
+    for r in range(rounds):
+        load0 = os.getloadavg()[0]
+        for name, run, _ in (variants if r % 2 == 0 else variants[::-1]):
+            ts = []
+            for _ in range(iters):
+                t, c = time.perf_counter(), time.process_time()
+                run()
+                ts.append((time.perf_counter() - t, time.process_time() - c))
+            w, c = min(ts)
+            wall[name].append(w)
+            cpu[name].append(c)
+        loads.append(max(load0, os.getloadavg()[0]))
+        print(f'round {r} (load {loads[-1]:.1f}): ' + ', '.join(f'{n} {wall[n][-1]:.3f} s wall {cpu[n][-1]:.3f} s cpu'
+                                                                for n in wall), flush=True)
+    base = variants[0][0]
+    for label, times in (('wall', wall), ('CPU', cpu)):
+        print(f'\n{label} time per {per} (s): best, median; speed against {base} (median, min-max of the rounds)')
+        for name, _, flops in variants:
+            ratios = [b / t for b, t in zip(times[base], times[name])]
+            best = min(times[name])
+            print(f'{name:<24} {best:7.3f} {statistics.median(times[name]):7.3f}   '
+                  f'{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})'
+                  + (f'   {batch / best:.2f} img/s' if label == 'wall' else '')
+                  + (f', {flops / best / 1e9:.1f} GFLOP/s' if label == 'wall' and flops else ''))
+    print(f'load average per round: {" ".join(f"{x:.1f}" for x in loads)} on {os.cpu_count()} cores')
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('variants', nargs='+', help="'name|model|json overrides|python'")
-    ap.add_argument('--batch', type=int, default=8)
-    ap.add_argument('--rounds', type=int, default=6)
-    ap.add_argument('--iters', type=int, default=2, help='calls per variant per round (the best one counts)')
+    ap = parser(__doc__, "'name|model|json overrides|python'", batch=8, rounds=6)
     a = ap.parse_args(argv)
     import jax
     import jax.numpy as jnp
@@ -54,34 +94,9 @@ def main(argv=None):
         flops = 2 * jaxpr_macs(jax.make_jaxpr(fn)(shapes, jax.ShapeDtypeStruct(x.shape, x.dtype)).jaxpr)
         call = fn.lower(params, x).compile()
         call(params, x).block_until_ready()
-        variants.append((name, call, params, x, flops))
+        variants.append((name, lambda c=call, p=params, x=x: c(p, x).block_until_ready(), flops))
         print(f'{name}: {flops / a.batch / 1e9:.2f} GFLOP/img', flush=True)
-    wall = {v[0]: [] for v in variants}
-    cpu = {v[0]: [] for v in variants}
-    loads = []
-    for r in range(a.rounds):
-        load0 = os.getloadavg()[0]
-        for name, call, params, x, _ in (variants if r % 2 == 0 else variants[::-1]):
-            ts = []
-            for _ in range(a.iters):
-                t, c = time.perf_counter(), time.process_time()
-                call(params, x).block_until_ready()
-                ts.append((time.perf_counter() - t, time.process_time() - c))
-            wall[name].append(min(w for w, _ in ts))
-            cpu[name].append(min(c for _, c in ts))
-        loads.append(max(load0, os.getloadavg()[0]))
-        print(f'round {r} (load {loads[-1]:.1f}): ' + ', '.join(f'{n} {a.batch / wall[n][-1]:.2f} img/s' for n in wall),
-              flush=True)
-    base = variants[0][0]
-    for label, times in (('wall', wall), ('CPU', cpu)):
-        print(f'\n{label} time per call (s): best, median; speed against {base} (median, min-max of the rounds)')
-        for name, *_, flops in variants:
-            ratios = [b / t for b, t in zip(times[base], times[name])]
-            print(f'{name:<24} {min(times[name]):7.3f} {statistics.median(times[name]):7.3f}   '
-                  f'{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})'
-                  + (f'   {a.batch / min(times[name]):.2f} img/s, {flops / min(times[name]) / 1e9:.1f} GFLOP/s'
-                     if label == 'wall' else ''))
-    print(f'load average per round: {" ".join(f"{x:.1f}" for x in loads)} on {os.cpu_count()} cores')
+    alternate(variants, a.rounds, a.iters, a.batch)
     return 0
 
 

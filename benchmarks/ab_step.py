@@ -18,26 +18,20 @@ moves much less, so both are printed: per variant the best and the median over r
 of --iters steps, by wall time), and the speed against the first variant as the median (min-max) of the
 per-round ratios, with the load average of each round.
 """
-import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ab_forward  # noqa: E402 - the command line and the alternation
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('variants', nargs='+', help="'name|dtype|compiler options json|python'")
+    ap = ab_forward.parser(__doc__, "'name|dtype|compiler options json|python'", batch=16, rounds=4)
     ap.add_argument('--model', default='vit_small_patch16_224')
-    ap.add_argument('--batch', type=int, default=16)
-    ap.add_argument('--rounds', type=int, default=4)
-    ap.add_argument('--iters', type=int, default=2, help='steps per variant per round (the fastest counts)')
     a = ap.parse_args(argv)
-    import jax
     import bench_vs_timm as bench
     variants = []
     for spec in a.variants:
@@ -56,33 +50,8 @@ def main(argv=None):
             return float(loss)
         losses = [step(), step()]
         print(f'{name}: compiled in {compile_s:.1f} s, loss {losses[0]:.6f} {losses[1]:.6f}', flush=True)
-        variants.append((name, step))
-    wall = {n: [] for n, _ in variants}
-    cpu = {n: [] for n, _ in variants}
-    loads = []
-    for r in range(a.rounds):
-        load0 = os.getloadavg()[0]
-        for name, step in (variants if r % 2 == 0 else variants[::-1]):
-            ts = []
-            for _ in range(a.iters):
-                t, c = time.perf_counter(), time.process_time()
-                step()
-                ts.append((time.perf_counter() - t, time.process_time() - c))
-            w, c = min(ts)
-            wall[name].append(w)
-            cpu[name].append(c)
-        loads.append(max(load0, os.getloadavg()[0]))
-        print(f'round {r} (load {loads[-1]:.1f}): ' + ', '.join(f'{n} {wall[n][-1]:.2f} s wall {cpu[n][-1]:.2f} s cpu'
-                                                                for n in wall), flush=True)
-    base = variants[0][0]
-    for label, times in (('wall', wall), ('CPU', cpu)):
-        print(f'\n{label} time per step (s): best, median; speed against {base} (median, min-max of the rounds)')
-        for name, _ in variants:
-            ratios = [b / t for b, t in zip(times[base], times[name])]
-            print(f'{name:<24} {min(times[name]):7.3f} {statistics.median(times[name]):7.3f}   '
-                  f'{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})'
-                  + (f'   {a.batch / min(times[name]):.2f} img/s' if label == 'wall' else ''))
-    print(f'load average per round: {" ".join(f"{x:.1f}" for x in loads)} on {os.cpu_count()} cores')
+        variants.append((name, step, None))
+    ab_forward.alternate(variants, a.rounds, a.iters, a.batch, per='step')
     return 0
 
 

@@ -65,6 +65,9 @@ def _jaxpr_macs(jaxpr) -> int:
             total += _dot_macs(eqn)
         elif name == 'conv_general_dilated':
             total += _conv_macs(eqn)
+        if name == 'cond':   # one branch runs: lax.platform_dependent's per-platform forms of the same matmul
+            total += max(_jaxpr_macs(b.jaxpr) for b in eqn.params['branches'])
+            continue
         mult = eqn.params.get('length', 1) if name == 'scan' else 1
         for p in eqn.params.values():
             for sub in (p if isinstance(p, (tuple, list)) else (p,)):
@@ -77,7 +80,8 @@ def _jaxpr_macs(jaxpr) -> int:
 
 def jaxpr_macs(jaxpr) -> int:
     """Multiply-adds of every matmul and convolution in a traced computation (`jax.make_jaxpr(fn)(...).jaxpr`),
-    loops and nested calls included: e.g. a whole training step, backward pass and all."""
+    loops and nested calls included: e.g. a whole training step, backward pass and all; of a `cond`, the
+    costliest branch (one runs)."""
     return _jaxpr_macs(jaxpr)
 
 

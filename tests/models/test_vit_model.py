@@ -58,6 +58,15 @@ def test_macs_rule_counts_matmuls_exactly():
     assert count_macs(vit_flax.create_model('vit_base_patch16_224')) == expected
 
 
+def test_macs_rule_counts_one_branch_of_a_platform_choice():
+    # lax.platform_dependent traces every platform's form into the jaxpr; one of them runs
+    from vit_flax.summary import jaxpr_macs
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((16, 4), jnp.float32)
+    f = lambda x, w: jax.lax.platform_dependent(x, w, cpu=lambda x, w: x @ w, default=lambda x, w: (x @ w) @ w.T @ w)
+    assert jaxpr_macs(jax.make_jaxpr(f)(x, w).jaxpr) == 8 * 16 * 4 + 8 * 4 * 16 + 8 * 16 * 4
+
+
 def test_unknown_model_and_option_errors():
     with pytest.raises(KeyError, match='unknown model'):
         vit_flax.create_model('vit_nonexistent')

@@ -2,8 +2,7 @@
 variant compiled first, then alternated round by round (reversed in odd rounds).
 
     python benchmarks/ab_step.py --rounds 6 \
-        'plain|float32||from vit_flax.ops import matmul; matmul.set_f32_grads("plain")' \
-        'gemm|float32||matmul.set_f32_grads("gemm")' \
+        'plain|float32' 'bf16|bfloat16' \
         'ynn dots only|float32|{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}'
 
 A variant is 'name|dtype|compiler options (json)|python run before it is traced' (dtype float32 or bfloat16;

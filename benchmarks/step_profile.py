@@ -60,7 +60,7 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, default=4, help='traced steps (the first is dropped)')
     ap.add_argument('--stat', choices=('median', 'min'), default='median')
     ap.add_argument('--top', type=int, default=30)
-    ap.add_argument('--setup', default='', help='python run before the trace (a switch: matmul.set_f32_grads(...))')
+    ap.add_argument('--setup', default='', help='python run before the trace (a switch: matmul.set_policy(...))')
     ap.add_argument('--json', help='write the per-op times and groups here')
     a = ap.parse_args(argv)
     import jax

@@ -192,35 +192,6 @@ def test_dense_layers_have_flax_params_and_init(ours, flax_ref, shape):
         np.testing.assert_allclose(ours.apply({'params': p}, x), flax_ref.apply({'params': p}, x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('d,e', [(24, 40), (40, 24)])   # x^T saved (D <= E), or ct^T made in the backward
-def test_float32_gemm_weight_gradients_are_the_plain_ones_in_both_modes(d, e):
-    """set_f32_grads('gemm') rewrites the dense layers' weight gradient as a GEMM on a row-major transposed
-    copy: values, reverse-mode gradients and forward-mode tangents are plain einsum's (float rounding), and its
-    compiled backward holds no dot contracting the leading axis of both operands (Eigen's transposed GEMM)."""
-    rng = np.random.default_rng(0)
-    x, dx = (jnp.asarray(rng.standard_normal((30, d)), jnp.float32) for _ in range(2))
-    w, dw = (jnp.asarray(rng.standard_normal((d, e)), jnp.float32) for _ in range(2))
-    loss = lambda x, w: jnp.sum(jnp.sin(mm.matmul('md,de->me', x, w)))
-    got = {}
-    for mode in ('plain', 'gemm'):
-        with mm.using_f32_grads(mode):
-            grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-            got[mode] = (grad(x, w), jax.jvp(lambda x, w: mm.matmul('md,de->me', x, w), (x, w), (dx, dw)))
-            hlo = grad.lower(x, w).compile().as_text()
-        if mode == 'gemm':
-            dots = [l for l in hlo.splitlines() if ' dot(' in l]
-            assert dots and not [l for l in dots if 'lhs_contracting_dims={0}' in l], dots
-    want = (x @ w, dx @ w + x @ dw)
-    for mode, (grads, (out, tangent)) in got.items():
-        np.testing.assert_allclose(out, want[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(tangent, want[1], rtol=1e-5, atol=1e-5)
-    for a, b in zip(got['gemm'][0], got['plain'][0]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got['plain'][0][1], x.T @ jnp.cos(x @ w), rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match='gemm or plain'):
-        mm.set_f32_grads('fast')
-
-
 # ---------------------------------------------------------------- bf16
 
 def test_bf16_matmul_gradients_are_bf16_products_accumulated_in_float32(path):

@@ -211,82 +211,14 @@ def _low_precision_einsum_bwd(spec, out_dtype, widen, res, ct):
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
-# ---------------------------------------------------------------- float32: the dense layers' weight gradient
-
-F32_GRADS = ('plain', 'gemm')
-_f32_grads = 'plain'
-
-
-def set_f32_grads(value: str) -> None:
-    """'plain' (the default: jnp.einsum and JAX's own transpose) or 'gemm' (the float32 dense layers' weight
-    gradients as row-major GEMMs on XLA:CPU's YNNPACK path, `_dense_f32`: the same values, bit for bit; opt-in
-    because no speed-up was measurable on a loaded 2-core machine, benchmarks/README.md). Read while tracing,
-    as `set_policy`."""
-    global _f32_grads
-    if value not in F32_GRADS:
-        raise ValueError(f'the float32 gradient layout must be gemm or plain, got {value!r}')
-    _f32_grads = value
-
-
-def f32_grads() -> str:
-    """The float32 gradient layout now set: 'gemm' or 'plain'."""
-    return _f32_grads
-
-
-@contextlib.contextmanager
-def using_f32_grads(value: str):
-    """`set_f32_grads(value)` for the duration of a `with` block, then the previous setting again."""
-    previous = _f32_grads
-    set_f32_grads(value)
-    try:
-        yield
-    finally:
-        set_f32_grads(previous)
-
-
-@jax.custom_jvp
-def _dense_f32(x, w):
-    """x (M, D) @ w (D, E) in float32: the plain dot, with a JVP whose transpose (the backward pass) computes
-    the weight gradient as a GEMM XLA:CPU runs on its fast path.
-
-    JAX's transpose of x @ w gives the weight gradient x^T ct as a dot contracting the leading (M) axis of
-    both operands; XLA:CPU runs that on Eigen (a transposed-operand GEMM, asynchronously, beside the
-    YNNPACK dots of the input gradients on the same cores) instead of YNNPACK. Here the tangent of the w
-    term is written so that its transpose multiplies a row-major transposed copy of the smaller of x and
-    ct (both (M, .), M the tokens): x^T (D, M), made in the forward pass and saved in place of x, or ct^T
-    (E, M) made in the backward, each contracted on its last axis. The barriers keep XLA from folding the
-    transposes back into the dot (as `row_major`). The same products, float32 accumulation; forward mode
-    (jax.jvp) keeps working: the tangent is the same sum, computed in another order."""
-    return jnp.einsum('md,de->me', x, w, preferred_element_type=jnp.float32)
-
-
-@_dense_f32.defjvp
-def _dense_f32_jvp(primals, tangents):
-    (x, w), (dx, dw) = primals, tangents
-    y = _dense_f32(x, w)
-    dy = jnp.einsum('md,de->me', dx, w, preferred_element_type=jnp.float32)
-    m, e = y.shape
-    if x.shape[1] <= e:   # x^T, from the forward pass: its transpose reads (x^T) ct, lhs contracted last
-        dyw = jnp.einsum('dm,de->me', row_major(x.T), dw, preferred_element_type=jnp.float32)
-    else:                 # ct^T in the backward: (ct^T) x, lhs contracted last, then the small (E, D) transpose
-        z = jnp.einsum('ed,md->em', jax.lax.optimization_barrier(dw.T), x, preferred_element_type=jnp.float32)
-        dyw = jax.lax.optimization_barrier(z.reshape(-1)).reshape(e, m).T
-    return y, dy + dyw
-
-
 def matmul(spec: str, a, b, out_dtype=None):
     """`jnp.einsum(spec, a, b)` accumulated in float32, returned in `out_dtype` (default: the operands').
 
     `spec` names every index of an operand in the other operand or in the output (no traces or sums
-    over one operand), so that its gradients are einsums of the same kind. With `set_f32_grads('gemm')` a
-    float32 2-D product of the dense layers ('md,de->me') takes `_dense_f32` (its weight gradient as a
-    row-major GEMM).
+    over one operand), so that its gradients are einsums of the same kind.
     """
     dtype = jnp.result_type(a, b)
     out_dtype = dtype if out_dtype is None else out_dtype
     if jnp.finfo(dtype).bits >= 32:
-        if (dtype == jnp.float32 and _f32_grads == 'gemm' and a.ndim == 2 and b.ndim == 2
-                and spec.replace(' ', '') in ('md,de->me', 'mk,kd->md')):
-            return _dense_f32(a.astype(dtype), b.astype(dtype)).astype(out_dtype)
         return jnp.einsum(spec, a, b, preferred_element_type=dtype).astype(out_dtype)
     return _low_precision_einsum(spec, a.astype(dtype), b.astype(dtype), out_dtype, policy() == 'float32')

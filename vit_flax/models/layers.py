@@ -5,6 +5,8 @@ Dropout rates use timm's spellings everywhere: `drop_rate` (the MLP's own dropou
 `proj_drop_rate` (after attention's output projection and in a block's MLP), `attn_drop_rate` (on the
 attention weights), `drop_path_rate` (stochastic depth), in that order.
 """
+import contextvars
+import functools
 import math
 from functools import partial
 from typing import Any, Callable, Optional, Sequence, Union
@@ -79,21 +81,24 @@ def fused_projection(x, params, dtype):
 
 def split_heads(y, parts: int, num_heads: int, dtype, scale: Optional[float] = None):
     """(B, N, parts*H*Dh) float32 projections -> `parts` arrays (B, H, N, Dh) in `dtype`; the first (the
-    query) multiplied by `scale` before the rounding.
+    query) multiplied by `scale` before the rounding. Both forms below give the same values.
 
-    On XLA:CPU a low-precision `dtype` rounds the whole projection once (the query's columns scaled first: the
-    same values) and moves the heads in that dtype, then splits: the backward is one concatenation and one
-    transpose of the bf16 cotangents. Split per part in float32 (float32 everywhere, and bf16 lowered for any
-    other platform), XLA:CPU builds the projection's cotangent by padding each part to the full width in float32
-    and adding, twice (ViT-S/16's bf16 step: ~0.1 GB a block). On a TPU the per-part split is the cheaper one:
-    the rounded-once form kept 0.18 GiB more temporaries per block in ViT-B/16's remat step (v5e, 256 per chip,
-    measured on a depth-2 model) and saved nothing without remat. Both give the same values."""
-    if jnp.finfo(dtype).bits < 32:
-        return jax.lax.platform_dependent(y, cpu=partial(_split_rounded_once, parts=parts, num_heads=num_heads,
-                                                         dtype=dtype, scale=scale),
-                                          default=partial(_split_per_part, parts=parts, num_heads=num_heads,
-                                                          dtype=dtype, scale=scale))
-    return _split_per_part(y, parts, num_heads, dtype, scale)
+    A low-precision `dtype` rounds the whole projection once (the query's columns scaled first) and moves the
+    heads in that dtype, then splits: the backward is one concatenation and one transpose of the bf16
+    cotangents. Split per part in float32 instead (float32's own path), XLA:CPU builds the projection's
+    cotangent by padding each part to the full width in float32 and adding, twice (ViT-S/16's bf16 step:
+    ~0.1 GB a block). Lowered for a TPU (or a GPU) inside a remat block, the per-part split is taken: the
+    rounded-once form kept 0.18 GiB more temporaries per block in ViT-B/16's remat step (v5e, 256 per chip, a
+    depth-2 model); without remat it is the other way round under memory pressure (0.6 GiB less for the
+    rounded-once form at 640 per chip, depth 2), and the full-depth step's largest batch per v5e chip fell from
+    200 to under 168 with the per-part split (docs/XLA.md)."""
+    if jnp.finfo(dtype).bits >= 32:
+        return _split_per_part(y, parts, num_heads, dtype, scale)
+    once = partial(_split_rounded_once, parts=parts, num_heads=num_heads, dtype=dtype, scale=scale)
+    if not _IN_REMAT.get():
+        return once(y)
+    return jax.lax.platform_dependent(
+        y, cpu=once, default=partial(_split_per_part, parts=parts, num_heads=num_heads, dtype=dtype, scale=scale))
 
 
 def _split_per_part(y, parts, num_heads, dtype, scale):
@@ -261,12 +266,29 @@ def checkpoint_policy(name: Optional[str]):
     return policy
 
 
+# True while a remat block is traced (remat_block): what a layer inside may do differently when its forward is
+# recomputed in the backward pass (split_heads)
+_IN_REMAT = contextvars.ContextVar('vit_flax_in_remat', default=False)
+
+
 def remat_block(cls, remat: bool, policy: Optional[str] = None, scanned: bool = False):
     """`cls` under nn.remat when asked (its `deterministic` argument static); prevent_cse is only needed
-    outside a scan (jax.checkpoint's own advice)."""
+    outside a scan (jax.checkpoint's own advice). The block's call is traced with `_IN_REMAT` set; the
+    subclass keeps `cls`'s name, so the parameter tree is the same."""
     if not remat:
         return cls
-    return nn.remat(cls, static_argnums=(2,), prevent_cse=not scanned, policy=checkpoint_policy(policy))
+    call = cls.__call__
+
+    @functools.wraps(call)
+    def traced_in_remat(self, *args, **kwargs):
+        token = _IN_REMAT.set(True)
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            _IN_REMAT.reset(token)
+    marked = type(cls.__name__, (cls,), {'__call__': traced_in_remat, '__module__': cls.__module__,
+                                         '__qualname__': cls.__qualname__})
+    return nn.remat(marked, static_argnums=(2,), prevent_cse=not scanned, policy=checkpoint_policy(policy))
 
 
 def drop_path_rates(rate: float, depth: int):

@@ -120,14 +120,6 @@ def made_once():
 _FAILED_MODULES = set()
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    if report.failed:
-        _FAILED_MODULES.add(item.nodeid.split('::')[0])
-    return report
-
-
 @pytest.fixture(autouse=True, scope='module')
 def _module_folders_removed_when_done(request, tmp_path_factory):
     import shutil
@@ -258,8 +250,11 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_runtest_logreport(report):
-    if report.when == 'call' and report.passed:
-        _passed_files.add(report.nodeid.split('::')[0])
+    path = report.nodeid.split('::')[0]
+    if report.failed:   # (its folders are kept: _module_folders_removed_when_done)
+        _FAILED_MODULES.add(path)
+    elif report.when == 'call' and report.passed:
+        _passed_files.add(path)
 
 
 def pytest_sessionfinish(session, exitstatus):

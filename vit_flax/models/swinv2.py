@@ -100,6 +100,14 @@ def fusion_boundary(y):
     return jax.lax.platform_dependent(y, cpu=cpu, default=lambda v: v.astype(jnp.float32))
 
 
+def mlp_output(y, dtype, attn_impl, deterministic: bool):
+    """A post-norm block's MLP output `y` as its norm2 takes it: through `fusion_boundary` in a low-precision
+    forward on the fast path, else as it is (Swin V2's and Swin V2 CR's blocks)."""
+    if deterministic and jnp.finfo(dtype).bits < 32 and fast_path(attn_impl):
+        return fusion_boundary(y)
+    return y
+
+
 def cosine_qk_reference(q, k, scale):
     """(normalize(q) * scale, normalize(k)) computed in float32 from q, k (..., H, N, Dh) and rounded back to their
     dtype; `scale` (H, 1, 1) float32. Differentiated by JAX: the reference of `cosine_qk`."""
@@ -237,8 +245,7 @@ class SwinTransformerV2Block(nn.Module):
         y = MlpBlock(mlp_dim=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.proj_drop_rate, gelu=self.gelu,
                      dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
                      name='mlp')(x, deterministic)
-        if deterministic and jnp.finfo(self.dtype).bits < 32 and fast_path(self.attn_impl):
-            y = fusion_boundary(y)
+        y = mlp_output(y, self.dtype, self.attn_impl, deterministic)
         return x + DropPath()(norm('norm2')(y), rate=self.drop_path_rate, deterministic=deterministic)
 
 

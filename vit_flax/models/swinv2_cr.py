@@ -42,7 +42,7 @@ from ..registry import register
 from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
                      merge_heads, remat_block, to_tuple)
 from .swin import PatchEmbed, PatchMerging, SwinGrid, attend_in_windows, stage_window_shift, stage_window_sizes
-from .swinv2 import LOGIT_SCALE_MAX, fast_path, fusion_boundary, l2_normalize
+from .swinv2 import LOGIT_SCALE_MAX, l2_normalize, mlp_output
 
 Dtype = Any
 Pair = Tuple[int, int]
@@ -143,8 +143,7 @@ class SwinTransformerV2CrBlock(nn.Module):
         y = MlpBlock(mlp_dim=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.proj_drop_rate, gelu=self.gelu,
                      dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
                      name='mlp')(x, deterministic)
-        if deterministic and jnp.finfo(self.dtype).bits < 32 and fast_path(self.attn_impl):
-            y = fusion_boundary(y)   # XLA:CPU's post-norm fusion: swinv2.fusion_boundary
+        y = mlp_output(y, self.dtype, self.attn_impl, deterministic)   # XLA:CPU's post-norm fusion: swinv2
         x = x + DropPath()(norm('norm2')(y), rate=self.drop_path_rate, deterministic=deterministic)
         return norm('norm3', nn.initializers.ones)(x) if self.extra_norm else x
 

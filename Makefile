@@ -21,9 +21,11 @@ demo: $(STAMP)
 	$(PY) -m vit_flax_cli.demo
 
 # Two worker processes (pytest-xdist), a test file each at a time: module fixtures are built once per file.
+# --no-loadscope-reorder: files go out in tests/conftest.py's order (the longest first), not xdist's (most tests first,
+# which left the one-test training files, 20-40 s each, for the end of the run while the other worker idled).
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=10 -n $(TEST_JOBS) --dist loadfile tests
+	$(PY) -m pytest -q -ra --durations=10 -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 # The lean install: a second venv on Python 3.12 with the project and no extras (+ pytest, pytest-xdist,
 # hypothesis), the newest jax the index has (LEAN_JAX); torch must be absent. It runs what needs no torch
@@ -35,13 +37,13 @@ PYTHON312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.1
 $(LEAN)/.installed-stamp: pyproject.toml Makefile
 	@test -n "$(PYTHON312)" || { echo 'make test-lean: no Python 3.12 found (pyenv versions); set PYTHON312=...'; exit 1; }
 	test -x $(LEAN_PY) || $(PYTHON312) -m venv $(LEAN)
-	$(LEAN_PY) -m pip install -q -e . '$(LEAN_JAX)' pytest pytest-xdist hypothesis
+	$(LEAN_PY) -m pip install -q -e . '$(LEAN_JAX)' pytest 'pytest-xdist>=3.8' hypothesis
 	touch $@
 
 test-lean: $(LEAN)/.installed-stamp
 	$(LEAN_PY) -c "import importlib.util as u, sys; sys.exit('torch is installed in $(LEAN)' if u.find_spec('torch') else 0)"
 	$(LEAN_PY) -c "import sys, jax, flax; print(f'lean venv: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, torch absent')"
-	VIT_FLAX_LEAN=1 $(LEAN_PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile tests
+	VIT_FLAX_LEAN=1 $(LEAN_PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 # Deviceless TPU compiles (`vit-flax xla`, `train_flax.py --plan`, splash attention): libtpu needs jax >= 0.11, so
 # a third venv on Python 3.12 with the [tpu] extra. JAX_PLATFORMS=cpu: nothing runs on a TPU, libtpu only compiles.

@@ -170,8 +170,10 @@ def tmp(tmp_path):
 
 
 # The files that run training and CLI processes (the longest, ~2-4 min each here) start first, so that pytest-xdist's
-# workers do not end on one of them while the other waits: `--dist loadfile` hands out files in collection
-# order. The order inside each group is kept (test_train.py before test_train_faults.py, whose fixtures it reuses).
+# workers do not end on one of them while the other waits: `--dist loadfile --no-loadscope-reorder` (the Makefile's)
+# hands out files in collection order; without the flag pytest-xdist >= 3.5 sorts files by their number of tests,
+# which leaves the one-test training files (20-40 s each) for last. The order inside each group is kept
+# (test_train.py before test_train_faults.py, whose fixtures it reuses).
 HEAVY_FIRST = ('tests/training/', 'tests/durability/')
 
 

@@ -27,6 +27,11 @@ instruction's metadata names (LayerNorm, attention, MLP dense layers, GELU, ...)
 
 Prints XLA's cost analysis (FLOPs, bytes accessed) and the memory analysis beside the groups. Nothing here
 depends on the machine's load: compiling twice gives the same figures.
+
+`--time-dots` (the one part that does depend on the machine) also runs every distinct dot of the program alone,
+as compiled (its operand shapes, dtypes and dimension numbers, float32 or bf16 x bf16 -> float32), and prints each
+one's median time and rate and their sum weighted by count: what the step's dots would take if each ran as fast
+as it does alone, i.e. the floor that no rewrite of the non-dot ops can go below.
 """
 import argparse
 import collections
@@ -262,6 +267,62 @@ def compile_step(model, dtype, batch, forward, extra=None):
             return f.read(), p
 
 
+def dot_shapes(text: str) -> collections.Counter:
+    """{(lhs dtype, lhs dims, rhs dtype, rhs dims, out dtype, dimension numbers): count} of every dot in the
+    program, fused or not."""
+    comps, _ = parse(text)
+    dots = collections.Counter()
+    for instrs in comps.values():
+        table = {i.name: i for i in instrs}
+        for i in instrs:
+            if i.op != 'dot' or not all(o in table for o in i.operands[:2]):
+                continue
+            (lt, ld), (rt, rd) = (_dims(table[o].shape) for o in i.operands[:2])
+
+            def dims(key):
+                m = re.search(key + r'=\{([\d,]*)\}', i.rest)
+                return tuple(int(x) for x in m.group(1).split(',') if x) if m else ()
+            dn = ((dims('lhs_contracting_dims'), dims('rhs_contracting_dims')),
+                  (dims('lhs_batch_dims'), dims('rhs_batch_dims')))
+            dots[(lt, tuple(ld), rt, tuple(rd), _dims(i.shape)[0], dn)] += 1
+    return dots
+
+
+def time_dots(text: str, repeats: int = 15) -> list:
+    """[(count, key, median ms, flops)] of every distinct dot of `text`, each jitted and run alone."""
+    import time
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    dtypes = {'bf16': jnp.bfloat16, 'f32': jnp.float32, 'f16': jnp.float16}
+    rows = []
+    for key, n in sorted(dot_shapes(text).items(), key=lambda kv: -kv[1]):
+        lt, ld, rt, rd, ot, dn = key
+        a = jax.random.normal(jax.random.PRNGKey(0), ld).astype(dtypes[lt])
+        b = jax.random.normal(jax.random.PRNGKey(1), rd).astype(dtypes[rt])
+        f = jax.jit(lambda a, b, dn=dn, ot=ot: jax.lax.dot_general(a, b, dn, preferred_element_type=dtypes[ot]))
+        f(a, b).block_until_ready()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        out = int(np.prod(jax.eval_shape(f, a, b).shape))
+        rows.append((n, key, float(np.median(ts)) * 1e3, 2 * out * int(np.prod([ld[d] for d in dn[0][0]]))))
+    return rows
+
+
+def render_dots(rows: list) -> str:
+    lines = ['every dot alone (count x lhs . rhs, contracting and batch dims -> out: median ms, GFLOP/s):']
+    for n, (lt, ld, rt, rd, ot, dn), ms, fl in rows:
+        lines.append(f'  {n:3d} x {lt}{list(ld)} . {rt}{list(rd)} c{dn[0]} b{dn[1]} -> {ot}: '
+                     f'{ms:7.2f} ms {fl / ms / 1e6:6.0f}')
+    ms, fl = sum(n * t for n, _, t, _ in rows), sum(n * f for n, _, _, f in rows)
+    lines.append(f'{sum(r[0] for r in rows)} dots, {fl / 1e9:.1f} GFLOP: {ms:.0f} ms a step if each ran as it does '
+                 f'alone ({fl / ms / 1e6:.0f} GFLOP/s)')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--model', default='vit_small_patch16_224')
@@ -272,6 +333,8 @@ def main(argv=None):
     ap.add_argument('--by', choices=('kind', 'where'), default='kind', help="'where': also by phase and model part")
     ap.add_argument('--no-details', action='store_true')
     ap.add_argument('--json', help='write the breakdown (and the plan figures) here')
+    ap.add_argument('--time-dots', action='store_true',
+                    help="also run every distinct dot alone and sum their times (depends on the machine's load)")
     a = ap.parse_args(argv)
     p = {}
     if a.hlo:
@@ -289,10 +352,14 @@ def main(argv=None):
               f"model FLOPs {p['model_flops'] / 1e9:.1f} G; temp {p['temp_bytes'] / 2 ** 20:.0f} MiB, "
               f"arguments {p['argument_bytes'] / 2 ** 20:.0f} MiB ({p['param_bytes'] / 2 ** 20:.0f} params, "
               f"{p['opt_state_bytes'] / 2 ** 20:.0f} optimizer state); {p['fusions']} fusions")
+    dots = time_dots(text) if a.time_dots else None
+    if dots:
+        print(render_dots(dots))
     if a.json:
         with open(a.json, 'w') as f:
             json.dump(dict(breakdown=b, plan={k: v for k, v in p.items() if isinstance(v, (int, float, str, type(None)))},
-                           head=head), f, indent=1, default=str)
+                           head=head, dots_alone=[dict(count=n, dot=str(k), ms=t, flops=fl) for n, k, t, fl in dots or []]),
+                      f, indent=1, default=str)
     return 0
 
 

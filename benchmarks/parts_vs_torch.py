@@ -2,6 +2,7 @@
 
     make bench-parts                                  # ViT-S/16 shapes, batch 16, 3 rounds
     python benchmarks/parts_vs_torch.py --dim 768 --heads 12 --batch 8 --rounds 5
+    python benchmarks/parts_vs_torch.py --dtype bfloat16       # the bf16 step's parts
 
 Each part is run forward + backward (the input's and the weights' gradients, as a training step needs
 them) on random float32 data: a whole pre-norm block, its attention half and its MLP half (LayerNorm
@@ -11,6 +12,12 @@ one LayerNorm. The rate columns are the parts' matmul FLOPs per second. As in be
 framework runs in its own process, alternated over rounds, and a round's time is the fastest of the
 timed calls (the parts are short, so the minimum is the least disturbed figure); the table gives the
 median over rounds. A ratio below 1 is where Flax loses.
+
+`--dtype bfloat16` runs each part as the bf16 training step does: Flax's modules with `dtype=bfloat16` (float32
+params, residual stream and LayerNorm; the project's bf16 GEMM path), the attention core and q k^T on bf16 heads;
+timm's modules under `torch.autocast('cpu', bfloat16)` (the forward; the backward follows autocast's casts), the
+attention core as scaled_dot_product_attention on bf16 heads. The linear layers are then each framework's dense
+layer (Flax: the project's `Dense`, bias included; torch: nn.Linear).
 """
 import argparse
 import json
@@ -47,28 +54,30 @@ def run_jax(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from vit_flax.models.layers import MlpBlock
+    from vit_flax.models.layers import Dense, MlpBlock
     from vit_flax.models.vit import Encoder1DBlock, MultiHeadDotProductAttention
     from vit_flax.ops.attention import dot_product_attention
 
     rng = np.random.default_rng(0)
     b, n, d, h = a.batch, a.tokens, a.dim, a.heads
+    dt = jnp.bfloat16 if a.dtype == 'bfloat16' else jnp.float32
     x = jnp.asarray(rng.standard_normal((b, n, d), np.float32))
 
     class AttnHalf(nn.Module):
         @nn.compact
         def __call__(self, x):
             y = nn.LayerNorm(epsilon=1e-6)(x)
-            return x + MultiHeadDotProductAttention(num_heads=h)(y)
+            return x + MultiHeadDotProductAttention(num_heads=h, dtype=dt)(y)
 
     class MlpHalf(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return x + MlpBlock(4 * d)(nn.LayerNorm(epsilon=1e-6)(x))
+            return x + MlpBlock(4 * d, dtype=dt)(nn.LayerNorm(epsilon=1e-6)(x))
 
     def module_part(module, inp):
         params = jax.tree.map(lambda t: t + 0.01, module.init(jax.random.PRNGKey(0), inp))
-        ct = jnp.asarray(rng.standard_normal(jax.eval_shape(module.apply, params, inp).shape, np.float32))
+        out = jax.eval_shape(module.apply, params, inp)
+        ct = jnp.asarray(rng.standard_normal(out.shape, np.float32)).astype(out.dtype)
 
         def fwd_bwd(p, x):
             y, pullback = jax.vjp(module.apply, p, x)
@@ -77,7 +86,8 @@ def run_jax(a) -> dict:
         return lambda: jax.block_until_ready(f(params, inp))
 
     def fn_part(fn, *args):
-        ct = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, *args).shape, np.float32))
+        out = jax.eval_shape(fn, *args)
+        ct = jnp.asarray(rng.standard_normal(out.shape, np.float32)).astype(out.dtype)
 
         def fwd_bwd(*args):
             y, pullback = jax.vjp(fn, *args)
@@ -85,19 +95,24 @@ def run_jax(a) -> dict:
         f = jax.jit(fwd_bwd)
         return lambda: jax.block_until_ready(f(*args))
 
-    heads = [jnp.asarray(rng.standard_normal((b, h, n, d // h), np.float32)) for _ in range(3)]
+    heads = [jnp.asarray(rng.standard_normal((b, h, n, d // h), np.float32)).astype(dt) for _ in range(3)]
     x2 = jnp.asarray(rng.standard_normal((b * n, d), np.float32))
     x4 = jnp.asarray(rng.standard_normal((b * n, 4 * d), np.float32))
     w = jnp.asarray(rng.standard_normal((d, 4 * d), np.float32) * 0.05)
-    qk = jax.jit(lambda q, k: jnp.einsum('bhqd,bhkd->bhqk', q, k))
+    qk = jax.jit(lambda q, k: jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32))
+    if dt == jnp.bfloat16:   # the model's dense layers (bias in float32, one rounding), inputs as a block hands them
+        linears = {'linear d->4d': module_part(Dense(4 * d, dtype=dt), x2.astype(dt)),
+                   'linear 4d->d': module_part(Dense(d, dtype=dt), x4.astype(dt))}
+    else:
+        linears = {'linear d->4d': fn_part(lambda x, w: x @ w, x2, w),
+                   'linear 4d->d': fn_part(lambda x, w: x @ w.T, x4, w)}
     parts = {
-        'block': module_part(Encoder1DBlock(num_heads=h, mlp_dim=4 * d), x),
+        'block': module_part(Encoder1DBlock(num_heads=h, mlp_dim=4 * d, dtype=dt), x),
         'attention half': module_part(AttnHalf(), x),
         'mlp half': module_part(MlpHalf(), x),
         'attention core': fn_part(lambda q, k, v: dot_product_attention(q, k, v), *heads),
         'q k^T (batched)': lambda: qk(heads[0], heads[1]).block_until_ready(),
-        'linear d->4d': fn_part(lambda x, w: x @ w, x2, w),
-        'linear 4d->d': fn_part(lambda x, w: x @ w.T, x4, w),
+        **linears,
         'layernorm': module_part(nn.LayerNorm(epsilon=1e-6), x),
     }
     return {k: fastest(fn, a.iters, a.budget) for k, fn in parts.items()}
@@ -110,6 +125,7 @@ def run_torch(a) -> dict:
 
     torch.manual_seed(0)
     b, n, d, h = a.batch, a.tokens, a.dim, a.heads
+    bf16 = a.dtype == 'bfloat16'
     x = torch.randn(b, n, d, requires_grad=True)
 
     class AttnHalf(torch.nn.Module):
@@ -129,18 +145,23 @@ def run_torch(a) -> dict:
             return x + self.mlp(self.norm(x))
 
     def part(fn, *args, params=()):
-        ct = torch.randn(fn(*args).shape)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            out = fn(*args)
+        ct = torch.randn(out.shape).to(out.dtype)
 
         def call():
             for t in (*args, *params):
                 t.grad = None  # as zero_grad(set_to_none=True): no accumulation into old gradients
-            fn(*args).backward(ct)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                y = fn(*args)
+            y.backward(ct)
         return call
 
     def module_part(module, inp):
         return part(module, inp, params=list(module.parameters()))
 
-    heads = [torch.randn(b, h, n, d // h, requires_grad=True) for _ in range(3)]
+    heads = [torch.randn(b, h, n, d // h).to(torch.bfloat16 if bf16 else torch.float32).requires_grad_()
+             for _ in range(3)]
     x2 = torch.randn(b * n, d, requires_grad=True)
     x4 = torch.randn(b * n, 4 * d, requires_grad=True)
     w = (torch.randn(d, 4 * d) * 0.05).requires_grad_()
@@ -148,14 +169,19 @@ def run_torch(a) -> dict:
     def qk():
         with torch.no_grad():
             torch.matmul(heads[0], heads[1].transpose(-1, -2))
+    if bf16:   # each framework's dense layer under its bf16 rules: nn.Linear under autocast
+        linears = {'linear d->4d': module_part(torch.nn.Linear(d, 4 * d), x2.detach().bfloat16().requires_grad_()),
+                   'linear 4d->d': module_part(torch.nn.Linear(4 * d, d), x4.detach().bfloat16().requires_grad_())}
+    else:
+        linears = {'linear d->4d': part(lambda x, w: x @ w, x2, w),
+                   'linear 4d->d': part(lambda x, w: x @ w.t(), x4, w)}
     parts = {
         'block': module_part(Block(d, h, qkv_bias=True), x),
         'attention half': module_part(AttnHalf(), x),
         'mlp half': module_part(MlpHalf(), x),
         'attention core': part(F.scaled_dot_product_attention, *heads),
         'q k^T (batched)': qk,
-        'linear d->4d': part(lambda x, w: x @ w, x2, w),
-        'linear 4d->d': part(lambda x, w: x @ w.t(), x4, w),
+        **linears,
         'layernorm': module_part(torch.nn.LayerNorm(d, eps=1e-6), x),
     }
     return {k: fastest(fn, a.iters, a.budget) for k, fn in parts.items()}
@@ -163,7 +189,7 @@ def run_torch(a) -> dict:
 
 def measure(framework: str, a) -> dict:
     result = spawn(['--worker', framework, '--batch', a.batch, '--dim', a.dim, '--heads', a.heads,
-                    '--tokens', a.tokens, '--iters', a.iters, '--budget', a.budget],
+                    '--tokens', a.tokens, '--iters', a.iters, '--budget', a.budget, '--dtype', a.dtype],
                    timeout=60 + 2 * len(PARTS) * a.budget, script=__file__)
     if 'error' in result:
         sys.exit(f'{framework} worker failed: {result["error"]}')
@@ -185,6 +211,8 @@ def main():
     ap.add_argument('--rounds', type=positive, default=3)
     ap.add_argument('--iters', type=positive, default=15)
     ap.add_argument('--budget', type=float, default=10.0, help='seconds per part per process')
+    ap.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32',
+                    help="bfloat16: Flax's dtype=bfloat16 against timm under autocast")
     ap.add_argument('--worker', choices=['jax', 'torch'], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.dim % a.heads:
@@ -197,7 +225,7 @@ def main():
         for fw in (('jax', 'torch') if r % 2 == 0 else ('torch', 'jax')):
             results[fw].append(measure(fw, a))
     fl = flops(a)
-    print(f'{os.cpu_count()} CPU cores; float32; x ({a.batch}, {a.tokens}, {a.dim}), {a.heads} heads; '
+    print(f'{os.cpu_count()} CPU cores; {a.dtype}; x ({a.batch}, {a.tokens}, {a.dim}), {a.heads} heads; '
           f'forward + backward; {a.rounds} round(s), each framework in its own process, alternated')
     print(f'{"part":18s} {"flax ms":>8s} {"torch ms":>9s} {"flax/torch speed":>17s} {"flax GFLOP/s":>13s} {"torch GFLOP/s":>14s}')
     for part in PARTS:

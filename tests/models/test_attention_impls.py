@@ -228,3 +228,33 @@ def test_whole_model_with_xla_attention_equals_reference(name, kw):
     assert rel_err(l2, l1) < 1e-5
     for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g1)):   # some leaves' are ~1e-9
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('bias_rows', [None, 1, 'all'])
+def test_more_than_256_queries_run_as_two_halves_on_cpu_with_the_same_values_and_gradients(monkeypatch, dtype,
+                                                                                            bias_rows):
+    # XLA:CPU runs the fused q k^T / softmax / p v of more than 256 queries on one thread at ~2.4x the CPU time;
+    # 'manual_grad' then attends over each half of the queries in inference. Values are the whole kernel's bit for
+    # bit, derivatives come from the whole kernel's rules (gradients and forward mode unchanged).
+    q, k, v = qkv((1, 2, 261, 8), dtype)
+    bias = None if bias_rows is None else jnp.asarray(
+        np.random.default_rng(3).standard_normal((2, 261 if bias_rows == 'all' else 1, 261)), jnp.float32)
+    def run():   # a new function each time: jit's trace cache does not see the module flag
+        attend = lambda q, k, v, bias=None: A.dot_product_attention(q, k, v, bias, impl='manual_grad')  # noqa: E731
+        dots = jax.jit(attend).lower(q, k, v, bias).as_text().count('stablehlo.dot_general')
+        return jax.jit(attend)(q, k, v, bias), loss_and_grads(attend, q, k, v, bias), dots, attend
+    monkeypatch.setattr(A, 'CPU_QUERY_SPLIT_ABOVE', None)
+    whole, whole_grads, whole_dots, _ = run()
+    monkeypatch.setattr(A, 'CPU_QUERY_SPLIT_ABOVE', 256)
+    got, got_grads, got_dots, attend = run()
+    assert (whole_dots, got_dots) == (2, 4)   # lowered for the CPU: one q k^T and p v, or two of each
+    assert got.dtype == dtype and np.array_equal(np.asarray(got, np.float32), np.asarray(whole, np.float32))
+    for a, b in zip(got_grads, whole_grads):
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    if dtype == jnp.float32:   # forward mode through the custom JVP still works
+        t = jax.jvp(lambda q: attend(q, k, v, bias), (q,), (jnp.ones_like(q),))[1]
+        assert t.shape == q.shape and bool(jnp.isfinite(t).all())
+    # 256 queries or fewer: one kernel, as before
+    q2, k2, v2 = qkv((1, 2, 256, 8), dtype)
+    assert jax.jit(attend).lower(q2, k2, v2, None).as_text().count('stablehlo.dot_general') == 2

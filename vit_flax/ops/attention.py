@@ -32,6 +32,10 @@ the case (a head dim cuDNN or the Pallas kernel does not take); an explicit 'cud
 take the case is a ModelConfigError naming why. With attention dropout active (training, nonzero rate) every
 impl runs 'autodiff' (warning once for 'xla', 'cudnn', 'pallas': their kernels apply no dropout).
 
+Lowered for XLA:CPU, 'manual_grad' attends over two halves of the queries when there are more than
+CPU_QUERY_SPLIT_ABOVE (256) of them and nothing differentiates it (inference): the same values, ~1.36x the
+speed of a bf16 DINOv3 ViT-B/16 forward (261 tokens); `_query_halves` says why.
+
 Shapes: q (..., Nq, Dh), k and v (..., Nk, Dh) with the same leading dims (batch, then heads or
 windows x heads: Swin passes (B, nW, heads, N, Dh)); `bias` float, broadcastable to (..., Nq, Nk), added
 to the float32 logits (Swin's relative position bias plus its -100 shift mask); `mask` bool, broadcastable
@@ -65,6 +69,11 @@ PALLAS_BLOCK = 128       # the TPU flash kernel's minimum block (its MIN_BLOCK_S
 PALLAS_MIN_SEQ = 512     # 'auto' on TPU: shorter sequences take 'xla' (one padded 128 block is mostly padding)
 CUDNN_HEAD_DIM_MAX = 128  # 256 on Hopper and later; 128 holds on every card cuDNN's flash kernel runs on
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)   # jax's and the Pallas kernel's large negative logit
+# 'manual_grad' lowered for XLA:CPU with more queries than this runs as two halves of the queries (None: never).
+# XLA:CPU gives q k^T, the softmax and p v one YNNPACK fusion; past 256 queries that fusion runs on one thread at
+# ~2.4x the CPU time (ViT-B/16 shapes, 8 x 12 heads, bf16: 256 queries 6.7 ms on 1.9 cores, 261 queries 29.7 ms
+# on 1.06; float32 likewise). Two halves are two fusions the runtime runs side by side: see `_query_halves`.
+CPU_QUERY_SPLIT_ABOVE: Optional[int] = 256
 _warned = set()
 _TARGET_BACKEND = contextvars.ContextVar('vit_flax_attention_target_backend', default=None)
 
@@ -240,6 +249,25 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] 
                          seq_multiple=2 if (choice.impl == 'cudnn' and bias is not None) else 1)
 
 
+def _query_halves(attend, q, k, v, bias):
+    """attend(q, k, v, bias), or on XLA:CPU with more than CPU_QUERY_SPLIT_ABOVE queries, attend over each half of
+    the queries (the bias's rows with them when it has a query axis) and the halves concatenated: every query row
+    is computed as before (softmax is per row), so the values are the same. Used only in the undifferentiated
+    primal of the 'manual_grad' kernels: their derivative rules stay whole, so gradients are unchanged (split,
+    k's and v's gradients would become sums of two partial products, each rounded in bf16). Other platforms lower
+    `attend` whole."""
+    nq = q.shape[-2]
+    if CPU_QUERY_SPLIT_ABOVE is None or nq <= CPU_QUERY_SPLIT_ABOVE:
+        return attend(q, k, v, bias)
+
+    def halves(q, k, v, bias):
+        cut = (nq + 1) // 2
+        rows = lambda t, a, b: t if t is None or t.ndim < 2 or t.shape[-2] == 1 else t[..., a:b, :]  # noqa: E731
+        return jnp.concatenate([attend(q[..., a:b, :], k, v, rows(bias, a, b)) for a, b in ((0, cut), (cut, nq))],
+                               axis=-2)
+    return jax.lax.platform_dependent(q, k, v, bias, cpu=halves, default=attend)
+
+
 def _mask_as_bias(bias, mask):
     """A bool mask folded into the additive bias (MASK_VALUE where False), as the kernels do it."""
     if mask is None:
@@ -387,9 +415,13 @@ def _attention_probs(q, k, bias):
 # products keep working; reverse mode is its transpose); low precision gets a VJP, as `matmul`'s own
 # low-precision path does.
 
+def _attention_f32_whole(q, k, v, bias):
+    return matmul('...qk,...kd->...qd', _attention_probs(q, k, bias), v)
+
+
 @jax.custom_jvp
 def _attention_f32(q, k, v, bias):
-    return matmul('...qk,...kd->...qd', _attention_probs(q, k, bias), v)
+    return _query_halves(_attention_f32_whole, q, k, v, bias)   # the JVP below (and so every derivative) is whole
 
 
 @_attention_f32.defjvp
@@ -405,8 +437,8 @@ def _attention_f32_jvp(primals, tangents):
 
 
 @jax.custom_vjp
-def _attention(q, k, v, bias):
-    return _attention_fwd(q, k, v, bias)[0]
+def _attention(q, k, v, bias):   # what runs undifferentiated (inference); the VJP's forward and backward are whole
+    return _query_halves(lambda q, k, v, bias: _attention_fwd(q, k, v, bias)[0], q, k, v, bias)
 
 
 def _attention_fwd(q, k, v, bias):

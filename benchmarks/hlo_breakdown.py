@@ -30,8 +30,10 @@ depends on the machine's load: compiling twice gives the same figures.
 
 `--time-dots` (the one part that does depend on the machine) also runs every distinct dot of the program alone,
 as compiled (its operand shapes, dtypes and dimension numbers, float32 or bf16 x bf16 -> float32), and prints each
-one's median time and rate and their sum weighted by count: what the step's dots would take if each ran as fast
-as it does alone, i.e. the floor that no rewrite of the non-dot ops can go below.
+one's median time and rate and their sum weighted by count: what the step's dots take when each runs as its own
+program, against which the step's own time says how much goes to everything else. A dot alone is not always as
+fast as inside the step: XLA:CPU runs a batched bf16 product that writes its whole float32 output on one thread
+(CPU time = wall time at ViT-S/16's attention shapes), where fused with its consumers it can take both cores.
 """
 import argparse
 import collections

@@ -85,6 +85,11 @@ class Instr:
         self.operands = re.findall(r'%([\w.\-]+)', args[:i - 1])
         self.rest = args[i:]
 
+    def int_list(self, key) -> tuple:
+        """`key={1,2}` of the instruction's attributes as (1, 2); () when absent or empty."""
+        m = re.search(key + r'=\{([\d,]*)\}', self.rest)
+        return tuple(int(x) for x in m.group(1).split(',') if x) if m else ()
+
     def attr(self, key):
         m = re.search(key + r'=%?([\w.\-]+)', self.rest)
         return m.group(1) if m else None
@@ -119,10 +124,9 @@ def _dot_info(ins: Instr, table: dict):
     """(key 'bf16 x bf16 -> f32', flops, batched) of a dot instruction; `table` names its operands' shapes."""
     lhs, rhs = (table[o].shape if o in table else '' for o in ins.operands[:2])
     (lt, ldims), (rt, _), (ot, odims) = _dims(lhs), _dims(rhs), _dims(ins.shape)
-    contract = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', ins.rest)
     k = 1
-    for d in (contract.group(1).split(',') if contract and contract.group(1) else []):
-        k *= ldims[int(d)] if int(d) < len(ldims) else 1
+    for d in ins.int_list('lhs_contracting_dims'):
+        k *= ldims[d] if d < len(ldims) else 1
     n = 1
     for d in odims:
         n *= d
@@ -280,22 +284,22 @@ def dot_shapes(text: str) -> collections.Counter:
             if i.op != 'dot' or not all(o in table for o in i.operands[:2]):
                 continue
             (lt, ld), (rt, rd) = (_dims(table[o].shape) for o in i.operands[:2])
-
-            def dims(key):
-                m = re.search(key + r'=\{([\d,]*)\}', i.rest)
-                return tuple(int(x) for x in m.group(1).split(',') if x) if m else ()
-            dn = ((dims('lhs_contracting_dims'), dims('rhs_contracting_dims')),
-                  (dims('lhs_batch_dims'), dims('rhs_batch_dims')))
+            dn = ((i.int_list('lhs_contracting_dims'), i.int_list('rhs_contracting_dims')),
+                  (i.int_list('lhs_batch_dims'), i.int_list('rhs_batch_dims')))
             dots[(lt, tuple(ld), rt, tuple(rd), _dims(i.shape)[0], dn)] += 1
     return dots
 
 
 def time_dots(text: str, repeats: int = 15) -> list:
-    """[(count, key, median ms, flops)] of every distinct dot of `text`, each jitted and run alone."""
-    import time
+    """[(count, key, median ms, flops)] of every distinct dot of `text`, each jitted and run alone (compiled by a
+    first call, then `repeats` timed calls: bench_vs_timm's timing)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from bench_vs_timm import timed_calls
     dtypes = {'bf16': jnp.bfloat16, 'f32': jnp.float32, 'f16': jnp.float16}
     rows = []
     for key, n in sorted(dot_shapes(text).items(), key=lambda kv: -kv[1]):
@@ -303,12 +307,7 @@ def time_dots(text: str, repeats: int = 15) -> list:
         a = jax.random.normal(jax.random.PRNGKey(0), ld).astype(dtypes[lt])
         b = jax.random.normal(jax.random.PRNGKey(1), rd).astype(dtypes[rt])
         f = jax.jit(lambda a, b, dn=dn, ot=ot: jax.lax.dot_general(a, b, dn, preferred_element_type=dtypes[ot]))
-        f(a, b).block_until_ready()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f(a, b).block_until_ready()
-            ts.append(time.perf_counter() - t0)
+        ts = timed_calls(lambda: f(a, b).block_until_ready(), repeats, warmup=0, budget=float('inf'))[1]
         out = int(np.prod(jax.eval_shape(f, a, b).shape))
         rows.append((n, key, float(np.median(ts)) * 1e3, 2 * out * int(np.prod([ld[d] for d in dn[0][0]]))))
     return rows

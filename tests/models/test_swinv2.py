@@ -326,17 +326,21 @@ def test_swin_s3_microsoft_layout_masks_are_for_224():
 
 @pytest.mark.parametrize('name,extra', [('swinv2_tiny_window8_256', dict(pretrained_window_sizes=(0, 0))),
                                         ('swinv2_cr_tiny_224', {})])
-def test_bfloat16_eval_forward_puts_the_fusion_boundary_after_each_mlp_on_the_fast_path_only(name, extra):
-    """The XLA:CPU hint (swinv2.mlp_output -> fusion_boundary, a reduce_precision) sits once per block in a
-    bf16 eval forward on the fast path, in Swin V2 and Swin V2 CR alike; 'autodiff' and float32 have none."""
+def test_eval_forward_puts_the_fusion_boundary_after_each_mlp_on_the_fast_path_only(name, extra):
+    """The XLA:CPU hint (swinv2.mlp_output -> fusion_boundary, a reduce_precision) sits once per block in an
+    eval forward on the fast path, bf16 and float32, in Swin V2 and Swin V2 CR alike; 'autodiff' and the training
+    forward have none."""
     kw = dict(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, **extra)
 
-    def boundaries(**options):
+    def boundaries(train=False, **options):
         model = vit_flax.create_model(name, **kw, **options)
         x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
-        jaxpr = jax.make_jaxpr(lambda p, x: model.apply({'params': p}, x, train=False))(
+        jaxpr = jax.make_jaxpr(lambda p, x: model.apply({'params': p}, x, train=train,
+                                                        rngs={'dropout': jax.random.PRNGKey(0)}))(
             vit_flax.summary.param_shapes(model), x)
         return str(jaxpr).count('reduce_precision')
     assert boundaries(dtype=jnp.bfloat16) == 2
+    assert boundaries() == 2
     assert boundaries(dtype=jnp.bfloat16, attn_impl='autodiff') == 0
-    assert boundaries() == 0
+    assert boundaries(attn_impl='autodiff') == 0
+    assert boundaries(train=True) == 0

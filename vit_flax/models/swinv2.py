@@ -25,7 +25,7 @@ the bf16 product times the scale). Float32 keeps its own path (the float32 proje
 
 Two paths, chosen by `attn_impl` (`fast_path`): 'autodiff' is the plain reference (the formula, JAX's
 derivatives); every other value takes the fast path, which evaluates the same forward formula: `cosine_qk`
-(q and k normalised with a written-out derivative) and, in the bf16 forward, `fusion_boundary` after the MLP
+(q and k normalised with a written-out derivative) and, in the forward (inference), `fusion_boundary` after the MLP
 (XLA:CPU otherwise fuses the post-norm block's second half into one YNNPACK fusion fed with full-size constant
 arrays). What each gave: benchmarks/README.md.
 
@@ -83,13 +83,13 @@ def fast_path(attn_impl: str) -> bool:
 
 
 def fusion_boundary(y):
-    """y (low precision) as float32 with the same values, through a `reduce_precision` to y's own format (a no-op
-    on these values, which XLA cannot prove): a fusion boundary for XLA:CPU. Without it, in the bf16 forward,
-    XLA:CPU's YNNPACK fusion takes a post-norm block's whole second half (norm1, the residual, fc1, GELU, fc2,
-    norm2, the residual) as one fusion and materialises every scalar constant inside it (GELU's 0.5, 1/sqrt 2,
-    1) as full-size float32 operands: 229 MB written and ~450 MB read per Swin V2-T forward at batch 8. With
-    it, fc1, GELU, fc2 and each LayerNorm are fusions of their own, as in pre-norm blocks (Swin V1, ViT).
-    Lowered for any other platform it is only the widening."""
+    """y as float32 with the same values, through a `reduce_precision` to y's own format (a no-op on these
+    values, which XLA neither proves nor removes): a fusion boundary for XLA:CPU. Without it XLA:CPU's YNNPACK
+    fusion takes a post-norm block's whole second half (norm1, the residual, fc1, GELU, fc2, norm2, the residual)
+    as one fusion and materialises every scalar constant inside it (GELU's 0.5, 1/sqrt 2, 1) as full-size
+    float32 operands: in Swin V2-T's forward at batch 8, 229 MB written and ~450 MB read, in bf16 and in float32
+    alike. With it, fc1, GELU, fc2 and each LayerNorm are fusions of their own, as in pre-norm blocks (Swin V1,
+    ViT). Lowered for any other platform it is only the widening."""
     f = jnp.finfo(y.dtype)
 
     def cpu(v):
@@ -101,9 +101,9 @@ def fusion_boundary(y):
 
 
 def mlp_output(y, dtype, attn_impl, deterministic: bool):
-    """A post-norm block's MLP output `y` as its norm2 takes it: through `fusion_boundary` in a low-precision
-    forward on the fast path, else as it is (Swin V2's and Swin V2 CR's blocks)."""
-    if deterministic and jnp.finfo(dtype).bits < 32 and fast_path(attn_impl):
+    """A post-norm block's MLP output `y` as its norm2 takes it: through `fusion_boundary` in the forward
+    (inference) on the fast path, else as it is (Swin V2's and Swin V2 CR's blocks)."""
+    if deterministic and fast_path(attn_impl):
         return fusion_boundary(y)
     return y
 

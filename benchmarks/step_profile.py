@@ -1,8 +1,8 @@
-"""Where the bench's training step spends its time, op by op: jax.profiler over a few steps, each op's time
+"""Where the bench's training step (or, `--forward`, its inference call) spends its time, op by op: jax.profiler over a few steps, each op's time
 joined to its optimized-HLO instruction and grouped as hlo_breakdown.py groups them.
 
     python benchmarks/step_profile.py [--model vit_small_patch16_224] [--dtype float32] [--batch 16]
-        [--steps 4] [--top 30] [--setup 'python run before the trace'] [--json FILE]
+        [--steps 4] [--top 30] [--setup 'python run before the trace'] [--json FILE] [--forward]
 
 The step is bench_vs_timm.flax_step's (AdamW, donated state), compiled with XLA:CPU's per-op trace events on
 (`--xla_cpu_enable_xprof_traceme`, which slows the step ~1.3x: read the shares, not the sums). The first
@@ -62,20 +62,32 @@ def main(argv=None):
     ap.add_argument('--top', type=int, default=30)
     ap.add_argument('--setup', default='', help='python run before the trace (a switch: matmul.set_policy(...))')
     ap.add_argument('--json', help='write the per-op times and groups here')
+    ap.add_argument('--forward', action='store_true', help="the bench's inference call instead of the AdamW step")
     a = ap.parse_args(argv)
     import jax
+    import jax.numpy as jnp
+    import numpy as np
     import bench_vs_timm as bench
     import hlo_breakdown as hb
     if a.setup:
         exec(a.setup, globals())
-    model, fn, args = bench.flax_step(bench.Case('profile', a.model, 'train', a.dtype, a.batch))
+    mode = 'infer' if a.forward else 'train'
+    model, fn, args = bench.flax_step(bench.Case('profile', a.model, mode, a.dtype, a.batch))
     compiled = fn.lower(*args).compile()
     text = compiled.as_text()
-    state, x, y = bench.step_inputs_from_shapes(model, args, a.batch)
+    if a.forward:
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), args[0])
+        images = jnp.asarray(rng.standard_normal(args[1].shape), jnp.float32)
 
-    def step():
-        state[0], state[1], loss = compiled(state[0], state[1], x, y)
-        loss.block_until_ready()
+        def step():
+            compiled(params, images).block_until_ready()
+    else:
+        state, x, y = bench.step_inputs_from_shapes(model, args, a.batch)
+
+        def step():
+            state[0], state[1], loss = compiled(state[0], state[1], x, y)
+            loss.block_until_ready()
     step()
     bounds = []
     with tempfile.TemporaryDirectory() as d:
@@ -87,7 +99,7 @@ def main(argv=None):
         events = json.load(gzip.open(glob.glob(os.path.join(d, '**', '*perfetto_trace.json.gz'), recursive=True)[0]))
     events = events['traceEvents'] if isinstance(events, dict) else events
     walls = [b - t for t, b in bounds]
-    print(f'{a.model} AdamW step, {a.dtype}, batch {a.batch}: traced steps {" ".join(f"{w:.2f}" for w in walls)} s '
+    print(f'{a.model} {"forward" if a.forward else "AdamW step"}, {a.dtype}, batch {a.batch}: traced steps {" ".join(f"{w:.2f}" for w in walls)} s '
           f'(load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)')
     comps, entry = hb.parse(text)
     info = {}

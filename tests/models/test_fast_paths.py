@@ -341,10 +341,13 @@ def test_vit_train_bf16_step_stays_on_one_matmul_path():
     for path, want in (('native', 'bfloat16'), ('float32', 'float32')):
         with mm.using_policy(path):  # (read at trace time: a fresh step function each)
             jaxpr = jax.make_jaxpr(make())(*specs)
-        dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(jaxpr.jaxpr)
-                if e.primitive.name == 'dot_general']
+        eqns = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == 'dot_general']
+        dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if min(v.aval.ndim for v in e.invars) > 1]
         # (3 blocks x (qkv, logits, weights x v, out, 2 MLP) + patch embedding + head) x (forward, 2 gradients)
         assert len(dots) == (3 * 6 + 2) * 3 and set(dots) == {(want, want)}, (path, sorted(set(dots)))
+        # and the LayerNorms' backward row sums against their float32 scale (ops.layernorm): 2 per norm, 7 norms
+        row_sums = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if min(v.aval.ndim for v in e.invars) == 1]
+        assert len(row_sums) == 2 * 7 and set(row_sums) == {('float32', 'float32')}, (path, sorted(set(row_sums)))
 
 
 @pytest.mark.xla_passes  # the widening of bf16 dots happens in XLA's passes
@@ -360,9 +363,13 @@ def test_vit_train_bf16_step_compiles_to_bf16_gemms_only():
     make, specs = bf16_train_step_and_specs()
     with mm.using_policy('native'):
         hlo = jax.jit(make()).lower(*specs).compile().as_text()
-    dtype = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))   # instruction names are unique in a module
+    # instruction names are unique in a module: (dtype, the number of axes longer than 1)
+    shape = {n: (t, sum(int(x) > 1 for x in d.split(',') if x))
+             for n, t, d in re.findall(r'%([\w.\-]+) = (\w+)\[([\d,]*)\]', hlo)}
     dots = re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo)
-    pairs = [(dtype[a], dtype[b]) for a, b in dots]
+    pairs = [(shape[a][0], shape[b][0]) for a, b in dots if min(shape[a][1], shape[b][1]) > 1]
     # 3 blocks x 6 products x 3 (forward, 2 gradients), the patch embedding's forward and weight gradient, the
     # head's 3: XLA may fold or split a few, but every one it keeps is bf16
     assert len(pairs) >= 50 and set(pairs) == {('bf16', 'bf16')}, sorted(set(pairs))
+    # the rest are the LayerNorms' float32 row sums against their scale (a vector): matrix-vector products
+    assert {(shape[a][0], shape[b][0]) for a, b in dots if min(shape[a][1], shape[b][1]) <= 1} <= {('f32', 'f32')}

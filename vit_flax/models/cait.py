@@ -44,8 +44,8 @@ import jax.numpy as jnp
 
 from ..errors import ModelConfigError
 from ..registry import register
-from .layers import (DropPath, LayerScale, MlpBlock, PatchConv, PatchGrid, ProjectionParams, dense, dense_general,
-                     fused_projection, remat_block, split_heads)
+from .layers import (DropPath, LayerNorm, LayerScale, MlpBlock, PatchConv, PatchGrid, ProjectionParams, dense,
+                     dense_general, fused_projection, remat_block, split_heads)
 
 Dtype = Any
 
@@ -126,7 +126,7 @@ class CaitBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, cls=None):
-        norm = lambda i: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=f'LayerNorm_{i}')
+        norm = lambda i: LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=f'LayerNorm_{i}')
         drop_path = lambda y: DropPath()(y, rate=self.drop_path_rate, deterministic=deterministic)
         proj_drop = nn.Dropout(rate=self.proj_drop_rate)
         if self.class_attention:
@@ -227,7 +227,7 @@ class Cait(PatchGrid, nn.Module):
             cls = CaitBlock(mlp_dim=self.mlp_hidden_token_only, class_attention=True, name=f'classblock_{j}',
                             **kw)(x, not train, cls)
             self.sow('intermediates', f'class_block_{j}', cls)
-        x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='encoder_norm')(jnp.concatenate([cls, x], 1))
+        x = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='encoder_norm')(jnp.concatenate([cls, x], 1))
         self.sow('intermediates', 'encoded', x)
         if self.global_pool == 'token':
             x = x[:, 0]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ..errors import ModelConfigError
+from ..ops import layernorm as _layernorm
 from ..ops.activations import gelu_fn
 from ..ops.matmul import matmul
 
@@ -170,11 +171,36 @@ def dense_general(features, axis, dtype, name=None, **kw) -> Dense:
     return Dense(features=features, dtype=dtype, name=name, in_axes=len(axis), **kw)
 
 
+class LayerNorm(nn.LayerNorm):
+    """flax's nn.LayerNorm (the same params, names, values), computed by `ops.layernorm.layer_norm` when the
+    compute `dtype` is low precision and the norm is the plain one (last axis, scale and bias, no mask, local
+    statistics): the same values bit for bit, a backward without the activation-sized broadcast of `scale` that
+    XLA:CPU otherwise writes for every norm. Float32 (and any other configuration) runs flax's own code, which
+    keeps forward-mode derivatives."""
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        last = lambda a: (a,) if isinstance(a, int) else tuple(a)   # noqa: E731
+        plain = (mask is None and self.use_scale and self.use_bias and self.use_fast_variance
+                 and self.force_float32_reductions and self.axis_name is None
+                 and last(self.reduction_axes) in ((-1,), (x.ndim - 1,))
+                 and last(self.feature_axes) in ((-1,), (x.ndim - 1,)))
+        if not (_layernorm.ENABLED and plain and self.dtype is not None
+                and jnp.issubdtype(self.dtype, jnp.floating) and jnp.finfo(self.dtype).bits < 32):
+            return super().__call__(x, mask=mask)
+        d = x.shape[-1]
+        scale = self.param('scale', self.scale_init, (d,), self.param_dtype)
+        bias = self.param('bias', self.bias_init, (d,), self.param_dtype)
+        f32 = jnp.promote_types(x.dtype, jnp.float32)
+        y = _layernorm.layer_norm(x.astype(f32), scale.astype(f32), bias.astype(f32), self.epsilon)
+        return y.astype(self.dtype)
+
+
 def norm_layer(kind: str, eps: float, dtype, name: Optional[str] = None, scale_init=nn.initializers.ones):
-    """timm's `norm_layer`: 'layernorm' (nn.LayerNorm: `scale`, `bias`) or 'rmsnorm' (nn.RMSNorm: `scale` only,
+    """timm's `norm_layer`: 'layernorm' (`LayerNorm`, flax's: `scale`, `bias`) or 'rmsnorm' (nn.RMSNorm: `scale` only,
     x * rsqrt(mean(x^2) + eps) * scale, as timm's RmsNorm), statistics in float32."""
     if kind == 'layernorm':
-        return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale_init)
+        return LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale_init)
     if kind == 'rmsnorm':
         return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale_init)
     raise ModelConfigError(f"norm_layer must be 'layernorm' or 'rmsnorm', got {kind!r}")

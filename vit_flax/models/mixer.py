@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from ..errors import ModelConfigError
 from ..ops.activations import gelu_fn
 from ..registry import register
-from .layers import DropPath, LayerScale, PatchConv, dense, remat_block, to_tuple
+from .layers import DropPath, LayerNorm, LayerScale, PatchConv, dense, remat_block, to_tuple
 
 Dtype = Any
 
@@ -75,7 +75,7 @@ def make_norm(kind: str, eps: float, dtype, index: int, prefix: str = ''):
     """`LayerNorm_{index}` or `Affine_{index}` (named as Flax numbers them), or `prefix` + its kind's suffix."""
     if kind == 'affine':
         return Affine(dtype=dtype, name=f'{prefix}affine' if prefix else f'Affine_{index}')
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, name=f'{prefix}layer_norm' if prefix else f'LayerNorm_{index}')
+    return LayerNorm(epsilon=eps, dtype=dtype, name=f'{prefix}layer_norm' if prefix else f'LayerNorm_{index}')
 
 
 class MixerMlp(nn.Module):
@@ -166,7 +166,7 @@ class SpatialGatingUnit(nn.Module):
     def __call__(self, x):
         n = x.shape[1]
         u, v = jnp.split(x, 2, axis=-1)
-        v = nn.LayerNorm(epsilon=SGU_NORM_EPS, dtype=self.dtype, name='LayerNorm_0')(v)
+        v = LayerNorm(epsilon=SGU_NORM_EPS, dtype=self.dtype, name='LayerNorm_0')(v)
         v = _tokens(dense(n, self.dtype, name='token_mixing', kernel_init=nn.initializers.normal(stddev=1e-6),
                           bias_init=nn.initializers.ones), v)
         return u * v

@@ -52,8 +52,8 @@ from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
 from .eva import relative_position_index
-from .layers import (DropPath, LayerScale, MlpBlock, PatchConv, PatchGrid, ProjectionParams, active_dropout, dense,
-                     drop_path_rates, fused_projection, merge_heads, remat_block, split_heads, to_tuple)
+from .layers import (DropPath, LayerNorm, LayerScale, MlpBlock, PatchConv, PatchGrid, ProjectionParams, active_dropout,
+                     dense, drop_path_rates, fused_projection, merge_heads, remat_block, split_heads, to_tuple)
 from .swinv2 import relative_coords_table
 
 Dtype = Any
@@ -165,8 +165,8 @@ class RelPosAttention(nn.Module):
         y = fused_projection(x, [(kernel, bias)], self.dtype)
         if self.qk_norm:
             q, k, v = split_heads(y, 3, self.num_heads, jnp.float32)
-            q = nn.LayerNorm(epsilon=self.norm_eps, dtype=jnp.float32, name='q_norm')(q)
-            k = nn.LayerNorm(epsilon=self.norm_eps, dtype=jnp.float32, name='k_norm')(k)
+            q = LayerNorm(epsilon=self.norm_eps, dtype=jnp.float32, name='q_norm')(q)
+            k = LayerNorm(epsilon=self.norm_eps, dtype=jnp.float32, name='k_norm')(k)
             q = (q * jnp.float32(hd ** -0.5)).astype(self.dtype)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
         else:
@@ -204,7 +204,7 @@ class RelPosBlock(nn.Module):
         post = self.block_fn == 'res_post'
         scale_init = nn.initializers.constant(self.init_values) if post and self.init_values is not None \
             else nn.initializers.ones
-        norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, scale_init=scale_init, name=name)
+        norm = lambda name: LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, scale_init=scale_init, name=name)
         drop_path = lambda y: DropPath()(y, rate=self.drop_path_rate, deterministic=deterministic)
         attn = RelPosAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
                                norm_eps=self.norm_eps, rel_pos=self.rel_pos, attn_drop_rate=self.attn_drop_rate,
@@ -314,14 +314,14 @@ class VisionTransformerRelPos(PatchGrid, nn.Module):
                           name=f'blocks_{i}')(x, shared, not train)
             self.sow('intermediates', f'block_{i}', x)
         if not self.fc_norm:
-            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
+            x = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
         self.sow('intermediates', 'encoded', x)
         if self.global_pool == 'avg':
             x = x[:, self.num_prefix_tokens:].mean(axis=1)
         elif self.global_pool == 'token':
             x = x[:, 0]
         if self.fc_norm:
-            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='fc_norm')(x)
+            x = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='fc_norm')(x)
         x = nn.Dropout(rate=self.drop_rate)(x, deterministic=not train)
         if pre_logits or self.num_classes == 0:
             return x

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
-from .layers import (DropPath, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, drop_path_rates,
+from .layers import (DropPath, LayerNorm, MlpBlock, PatchConv, ProjectionParams, active_dropout, dense, drop_path_rates,
                      fused_projection, merge_heads, remat_block, split_heads, to_tuple)
 
 Dtype = Any
@@ -196,9 +196,9 @@ class SwinTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm1')(x)
+        y = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm1')(x)
         x = x + DropPath()(self._attn(y, deterministic), rate=self.drop_path_rate, deterministic=deterministic)
-        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm2')(x)
+        y = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm2')(x)
         y = MlpBlock(mlp_dim=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.proj_drop_rate, gelu=self.gelu,
                      dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
                      name='mlp')(y, deterministic)
@@ -221,7 +221,7 @@ class PatchMerging(nn.Module):
             h, w = h + h % 2, w + w % 2
         # (B, H/2, dh, W/2, dw, C) -> (B, H/2, W/2, dw, dh, C): dh varies fastest among the four slices
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')
+        norm = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')
         reduction = dense(self.out_dim, self.dtype, name='reduction', use_bias=False, kernel_init=_trunc02)
         return norm(reduction(x)) if self.reduce_first else reduction(norm(x))
 
@@ -240,7 +240,7 @@ class PatchEmbed(nn.Module):
         if pad_h or pad_w:
             x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         x = PatchConv(features=self.embed_dim, patch_size=self.patch_size, dtype=self.dtype, name='proj')(x)
-        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
+        return LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
 
 
 class SwinStage(nn.Module):
@@ -388,7 +388,7 @@ class SwinTransformer(SwinGrid, nn.Module):
                 attn_impl=self.attn_impl))
             start += depth
         self.layers = stages
-        self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
+        self.norm = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
         self.head_dropout = nn.Dropout(rate=self.drop_rate)
         if self.num_classes > 0:
             self.head = dense(self.num_classes, self.dtype, kernel_init=_trunc02)

@@ -44,8 +44,8 @@ import numpy as np
 from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
-from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
-                     merge_heads, remat_block, split_heads, to_tuple)
+from .layers import (DropPath, LayerNorm, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates,
+                     fused_projection, merge_heads, remat_block, split_heads, to_tuple)
 from .swin import (SIZES, PatchEmbed, PatchMerging, SwinGrid, attend_in_windows, relative_position_index,
                    swin_features, swin_head)
 
@@ -240,7 +240,7 @@ class SwinTransformerV2Block(nn.Module):
                                  dtype=self.dtype, attn_impl=self.attn_impl, name='attn')
         y = attend_in_windows(x, self.window_size, self.shift_size, lambda w, m: attn(w, m, deterministic))
         zeros = nn.initializers.zeros
-        norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, scale_init=zeros, name=name)
+        norm = lambda name: LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, scale_init=zeros, name=name)
         x = x + DropPath()(norm('norm1')(y), rate=self.drop_path_rate, deterministic=deterministic)
         y = MlpBlock(mlp_dim=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.proj_drop_rate, gelu=self.gelu,
                      dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
@@ -345,7 +345,7 @@ class SwinTransformerV2(SwinGrid, nn.Module):
                 attn_impl=self.attn_impl))
             start += depth
         self.layers = stages
-        self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
+        self.norm = LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
         self.head_dropout = nn.Dropout(rate=self.drop_rate)
         if self.num_classes > 0:
             self.head = dense(self.num_classes, self.dtype, kernel_init=_trunc02)

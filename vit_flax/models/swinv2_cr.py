@@ -39,8 +39,8 @@ import numpy as np
 from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
-from .layers import (DropPath, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates, fused_projection,
-                     merge_heads, remat_block, to_tuple)
+from .layers import (DropPath, LayerNorm, MlpBlock, ProjectionParams, active_dropout, dense, drop_path_rates,
+                     fused_projection, merge_heads, remat_block, to_tuple)
 from .swin import PatchEmbed, PatchMerging, SwinGrid, attend_in_windows, stage_window_shift, stage_window_sizes
 from .swinv2 import LOGIT_SCALE_MAX, l2_normalize, mlp_output
 
@@ -137,7 +137,7 @@ class SwinTransformerV2CrBlock(nn.Module):
                                         dtype=self.dtype, attn_impl=self.attn_impl, name='attn')
         y = attend_in_windows(x, self.window_size, self.shift_size, lambda w, m: attn(w, m, deterministic))
         init = nn.initializers.ones if self.init_values is None else nn.initializers.constant(self.init_values)
-        norm = lambda name, scale_init=init: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
+        norm = lambda name, scale_init=init: LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
                                                           scale_init=scale_init, name=name)
         x = x + DropPath()(norm('norm1')(y), rate=self.drop_path_rate, deterministic=deterministic)
         y = MlpBlock(mlp_dim=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.proj_drop_rate, gelu=self.gelu,

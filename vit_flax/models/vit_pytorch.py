@@ -36,16 +36,15 @@ import jax.numpy as jnp
 from ..errors import ModelConfigError
 from ..ops.attention import AttnImpl, check_impl, dot_product_attention
 from ..registry import register
-from .layers import PatchGrid
-from .layers import (MlpBlock, ProjectionParams, active_dropout, dense, dense_general, fused_projection, merge_heads,
-                     split_heads, to_tuple)
+from .layers import (LayerNorm, MlpBlock, PatchGrid, ProjectionParams, active_dropout, dense, dense_general,
+                     fused_projection, merge_heads, split_heads, to_tuple)
 
 Dtype = Any
 EPS = 1e-5  # torch.nn.LayerNorm's default, used by every vit-pytorch norm
 
 
 def _norm(dtype, name=None):
-    return nn.LayerNorm(epsilon=EPS, dtype=dtype, name=name)
+    return LayerNorm(epsilon=EPS, dtype=dtype, name=name)
 
 
 class Attention(nn.Module):

@@ -62,7 +62,7 @@ def test_a_layernorm_other_than_the_plain_one_runs_flax_code():
         ref, ours = nn.LayerNorm(dtype=jnp.bfloat16, **kw), LayerNorm(dtype=jnp.bfloat16, **kw)
         params = _perturbed(ref, x)
         jaxpr = str(jax.make_jaxpr(lambda p, x: ours.apply(p, x))(params, x))
-        assert 'custom_vjp' not in jaxpr, kw
+        assert 'custom_vjp' not in jaxpr, kw   # (the plain one's forward shows its custom_vjp_call: the next test)
         np.testing.assert_array_equal(np.asarray(ours.apply(params, x), np.float32),
                                       np.asarray(ref.apply(params, x), np.float32))
 
@@ -93,3 +93,16 @@ def _scale_broadcasts(enabled: bool) -> int:
 def test_bf16_backward_writes_no_activation_sized_broadcast_of_the_scale():
     assert _scale_broadcasts(enabled=False) > 0    # JAX's derivative of flax's formula on XLA:CPU
     assert _scale_broadcasts(enabled=True) == 0
+
+
+def test_a_program_for_a_tpu_keeps_flax_layernorm():
+    """The fast path is for XLA:CPU only: traced for a TPU (a deviceless compile from this host sets the target),
+    a bf16 LayerNorm is flax's, whose derivative TPU fusions take without writing the broadcast."""
+    from vit_flax.ops.attention import target_backend
+    x = jnp.asarray(np.random.RandomState(0).standard_normal((2, 6, 16)), jnp.float32)
+    ours = LayerNorm(dtype=jnp.bfloat16)
+    params = _perturbed(nn.LayerNorm(dtype=jnp.bfloat16), x)
+    trace = lambda: str(jax.make_jaxpr(lambda p: ours.apply(p, x))(params))  # noqa: E731
+    with target_backend('tpu'):
+        assert 'custom_vjp' not in trace()
+    assert 'custom_vjp' in trace()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from ..errors import ModelConfigError
 from ..ops import layernorm as _layernorm
 from ..ops.activations import gelu_fn
+from ..ops.attention import lowering_backend
 from ..ops.matmul import matmul
 
 Dtype = Any
@@ -173,9 +174,9 @@ def dense_general(features, axis, dtype, name=None, **kw) -> Dense:
 
 class LayerNorm(nn.LayerNorm):
     """flax's nn.LayerNorm (the same params, names, values), computed by `ops.layernorm.layer_norm` when the
-    compute `dtype` is low precision and the norm is the plain one (last axis, scale and bias, no mask, local
-    statistics): the same values bit for bit, a backward without the activation-sized broadcast of `scale` that
-    XLA:CPU otherwise writes for every norm. Float32 (and any other configuration) runs flax's own code, which
+    compute `dtype` is low precision, the program is for XLA:CPU and the norm is the plain one (last axis, scale
+    and bias, no mask, local statistics): the same values bit for bit, a backward without the activation-sized
+    broadcast of `scale` that XLA:CPU otherwise writes for every norm. Float32 (and any other configuration) runs flax's own code, which
     keeps forward-mode derivatives."""
 
     @nn.compact
@@ -185,7 +186,7 @@ class LayerNorm(nn.LayerNorm):
                  and self.force_float32_reductions and self.axis_name is None
                  and last(self.reduction_axes) in ((-1,), (x.ndim - 1,))
                  and last(self.feature_axes) in ((-1,), (x.ndim - 1,)))
-        if not (_layernorm.ENABLED and plain and self.dtype is not None
+        if not (_layernorm.ENABLED and plain and self.dtype is not None and lowering_backend() == 'cpu'
                 and jnp.issubdtype(self.dtype, jnp.floating) and jnp.finfo(self.dtype).bits < 32):
             return super().__call__(x, mask=mask)
         d = x.shape[-1]

@@ -127,6 +127,12 @@ def target_backend(backend: Optional[str]):
         _TARGET_BACKEND.reset(token)
 
 
+def lowering_backend() -> str:
+    """The platform the program being traced is for: `target_backend`'s inside its block, else
+    jax.default_backend(). What a fast path chosen per platform at trace time reads (ops.layernorm's users)."""
+    return _TARGET_BACKEND.get() or jax.default_backend()
+
+
 def check_impl(impl: str) -> str:
     """`impl` with old names mapped (module docstring; a DeprecationWarning once per name and process); a
     ModelConfigError for a name that is none."""
@@ -229,7 +235,7 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale: Optional[float] 
     `dropout` (applied to the attention weights) is given only when it can drop something; `impl` as in the
     module docstring; `backend` (default: `target_backend`'s, else jax.default_backend()) only for what `choose_impl` decides.
     """
-    choice = choose_impl(backend or _TARGET_BACKEND.get() or jax.default_backend(), jnp.result_type(q, k, v), k.shape[-2], q.shape[-1],
+    choice = choose_impl(backend or lowering_backend(), jnp.result_type(q, k, v), k.shape[-2], q.shape[-1],
                          bias is not None, mask is not None, dropout is not None, impl)
     if choice.fallback:
         _warn_once(f'attention: {choice.fallback}; using {choice.impl!r}')

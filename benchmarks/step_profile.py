@@ -1,5 +1,6 @@
-"""Where the bench's training step (or, `--forward`, its inference call) spends its time, op by op: jax.profiler over a few steps, each op's time
-joined to its optimized-HLO instruction and grouped as hlo_breakdown.py groups them.
+"""Where the bench's training step (or, `--forward`, its inference call) spends its time, op by op: jax.profiler
+over a few steps, each op's time joined to its optimized-HLO instruction and grouped as hlo_breakdown.py groups
+them.
 
     python benchmarks/step_profile.py [--model vit_small_patch16_224] [--dtype float32] [--batch 16]
         [--steps 4] [--top 30] [--setup 'python run before the trace'] [--json FILE] [--forward]

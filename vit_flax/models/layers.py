@@ -176,8 +176,8 @@ class LayerNorm(nn.LayerNorm):
     """flax's nn.LayerNorm (the same params, names, values), computed by `ops.layernorm.layer_norm` when the
     compute `dtype` is low precision, the program is for XLA:CPU and the norm is the plain one (last axis, scale
     and bias, no mask, local statistics): the same values bit for bit, a backward without the activation-sized
-    broadcast of `scale` that XLA:CPU otherwise writes for every norm. Float32 (and any other configuration) runs flax's own code, which
-    keeps forward-mode derivatives."""
+    broadcast of `scale` that XLA:CPU otherwise writes for every norm. Float32 (and any other configuration or
+    platform) runs flax's own code, which keeps forward-mode derivatives."""
 
     @nn.compact
     def __call__(self, x, *, mask=None):
@@ -198,8 +198,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 def norm_layer(kind: str, eps: float, dtype, name: Optional[str] = None, scale_init=nn.initializers.ones):
-    """timm's `norm_layer`: 'layernorm' (`LayerNorm`, flax's: `scale`, `bias`) or 'rmsnorm' (nn.RMSNorm: `scale` only,
-    x * rsqrt(mean(x^2) + eps) * scale, as timm's RmsNorm), statistics in float32."""
+    """timm's `norm_layer`: 'layernorm' (`LayerNorm`, flax's params: `scale`, `bias`) or 'rmsnorm' (nn.RMSNorm:
+    `scale` only, x * rsqrt(mean(x^2) + eps) * scale, as timm's RmsNorm), statistics in float32."""
     if kind == 'layernorm':
         return LayerNorm(epsilon=eps, dtype=dtype, name=name, scale_init=scale_init)
     if kind == 'rmsnorm':

@@ -10,7 +10,7 @@ Why (XLA:CPU, jaxlib 0.10.2): in JAX's derivative of flax's formula those sums a
 scale broadcast to the activation's shape; XLA:CPU gives the multiply and the reduction to one YNNPACK fusion,
 which takes only full-size operands, so the scale is materialised at the activation's size for every norm
 (ViT-S/16's bf16 step at batch 16: 52 broadcasts, 243 MB; Swin V2-T's at batch 8: 5% of the op time). Written
-as dots, there is none. The bf16 ViT-S/16 step 1.03x, Swin V2-T's 1.05x (benchmarks/README.md).
+as dots, there is none. The bf16 ViT-S/16 step 1.03x, Swin V2-T's 1.03x (benchmarks/README.md).
 
 A custom VJP has no forward mode (jax.jvp): `models.layers.LayerNorm` takes this path only for a low-precision
 compute dtype (as attention's bf16 kernel, itself a custom VJP) and flax's own LayerNorm otherwise, so float32

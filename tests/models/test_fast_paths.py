@@ -345,9 +345,11 @@ def test_vit_train_bf16_step_stays_on_one_matmul_path():
         dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if min(v.aval.ndim for v in e.invars) > 1]
         # (3 blocks x (qkv, logits, weights x v, out, 2 MLP) + patch embedding + head) x (forward, 2 gradients)
         assert len(dots) == (3 * 6 + 2) * 3 and set(dots) == {(want, want)}, (path, sorted(set(dots)))
-        # and the LayerNorms' backward row sums against their float32 scale (ops.layernorm): 2 per norm, 7 norms
+        # and, in a program for XLA:CPU, the LayerNorms' backward row sums against their float32 scale
+        # (ops.layernorm): 2 per norm, 7 norms
         row_sums = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if min(v.aval.ndim for v in e.invars) == 1]
-        assert len(row_sums) == 2 * 7 and set(row_sums) == {('float32', 'float32')}, (path, sorted(set(row_sums)))
+        want_sums = 2 * 7 if jax.default_backend() == 'cpu' else 0
+        assert len(row_sums) == want_sums and set(row_sums) <= {('float32', 'float32')}, (path, sorted(set(row_sums)))
 
 
 @pytest.mark.xla_passes  # the widening of bf16 dots happens in XLA's passes

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import perturb
 from vit_flax.models.layers import LayerNorm
 from vit_flax.ops import layernorm as layernorm_op
 
 
 def _perturbed(module, x, seed=1):
-    params = module.init(jax.random.PRNGKey(0), x)
-    rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape) * 0.3, a.dtype), params)
+    """The module's init moved off it (scales off 1, biases off 0) by helpers.perturb."""
+    return perturb(module.init(jax.random.PRNGKey(0), x), seed=seed, scale=0.3)
 
 
 def _value_and_grads(module, params, x, w):

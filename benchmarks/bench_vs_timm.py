@@ -168,15 +168,27 @@ def step_inputs_from_shapes(model, args, batch: int, seed: int = 0):
     """([params, AdamW state], images, labels) for `flax_step`'s compiled step, the parameters drawn from their
     shapes (N(0, 0.02): no init compile) by one numpy generator: what the one-process A/B scripts
     (ab_step.py, step_profile.py) feed the step."""
-    import jax
     import jax.numpy as jnp
     import optax
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), args[0])
+    params, x = _draw(rng, args[0], args[2])
     state = [params, optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD).init(params)]
-    x = jnp.asarray(rng.standard_normal(args[2].shape), jnp.float32)
     y = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
     return state, x, y
+
+
+def forward_inputs_from_shapes(args, seed: int = 0):
+    """(params, images) for `flax_step`'s compiled inference call (args: param shapes, image shape), drawn as
+    `step_inputs_from_shapes` draws them."""
+    return _draw(np.random.default_rng(seed), args[0], args[1])
+
+
+def _draw(rng, param_shapes, image_shape):
+    """Params N(0, 0.02) on their shapes, then images N(0, 1), both from numpy's `rng`."""
+    import jax
+    import jax.numpy as jnp
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), param_shapes)
+    return params, jnp.asarray(rng.standard_normal(image_shape.shape), jnp.float32)
 
 
 def run_timm(case: Case, iters: int, warmup: int, budget: float, compiled: bool = False) -> dict:

@@ -66,8 +66,6 @@ def main(argv=None):
     ap.add_argument('--forward', action='store_true', help="the bench's inference call instead of the AdamW step")
     a = ap.parse_args(argv)
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import bench_vs_timm as bench
     import hlo_breakdown as hb
     if a.setup:
@@ -77,9 +75,7 @@ def main(argv=None):
     compiled = fn.lower(*args).compile()
     text = compiled.as_text()
     if a.forward:
-        rng = np.random.default_rng(0)
-        params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), args[0])
-        images = jnp.asarray(rng.standard_normal(args[1].shape), jnp.float32)
+        params, images = bench.forward_inputs_from_shapes(args)
 
         def step():
             compiled(params, images).block_until_ready()
@@ -100,7 +96,8 @@ def main(argv=None):
         events = json.load(gzip.open(glob.glob(os.path.join(d, '**', '*perfetto_trace.json.gz'), recursive=True)[0]))
     events = events['traceEvents'] if isinstance(events, dict) else events
     walls = [b - t for t, b in bounds]
-    print(f'{a.model} {"forward" if a.forward else "AdamW step"}, {a.dtype}, batch {a.batch}: traced steps {" ".join(f"{w:.2f}" for w in walls)} s '
+    what = 'forward' if a.forward else 'AdamW step'
+    print(f'{a.model} {what}, {a.dtype}, batch {a.batch}: traced steps {" ".join(f"{w:.2f}" for w in walls)} s '
           f'(load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)')
     comps, entry = hb.parse(text)
     info = {}
